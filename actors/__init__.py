@@ -1,0 +1,1 @@
+"""Model and I/O steps as plain Python classes; the job turns them into Ray actors. Never imports ray."""

@@ -1,0 +1,80 @@
+"""Shared helpers of the model actors: device and dtype choice, generator hand-off, worker names."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` if given, else CUDA when this process sees a GPU, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float16 on CUDA and float32 elsewhere; other names map to torch dtypes."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator for one output image (CPU so images do not depend on the GPU model)."""
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def generator_state(generator: torch.Generator) -> bytes:
+    """The generator's full state as bytes (5056 bytes for a CPU generator)."""
+    return generator.get_state().numpy().tobytes()
+
+
+def restore_generator(state: bytes) -> torch.Generator:
+    """A CPU generator continuing exactly where the one that produced ``state`` stopped."""
+    generator = torch.Generator("cpu")
+    generator.set_state(torch.from_numpy(np.frombuffer(state, dtype=np.uint8).copy()))
+    return generator
+
+
+def worker_name(extra: str = "") -> str:
+    """``host:pid`` plus ``extra`` (the job adds the Ray GPU ids); recorded in every results row."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{name} {extra}".strip()
+
+
+def with_errors(table: pa.Table, errors: dict[int, tuple[str, str]]) -> pa.Table:
+    """Return ``table`` with ``error``/``error_kind`` set at the given row positions."""
+    if not errors:
+        return table
+    error = table.column("error").to_pylist()
+    kind = table.column("error_kind").to_pylist()
+    for position, (error_kind, message) in errors.items():
+        error[position], kind[position] = message, error_kind
+    table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
+    return table.set_column(table.schema.get_field_index("error_kind"), "error_kind", pa.array(kind, pa.string()))
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line naming the exception type and message, for results rows."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:2000]
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and info logs of diffusers/transformers inside actors."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

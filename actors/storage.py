@@ -1,0 +1,85 @@
+"""Object storage through fsspec: one place that opens filesystems, lists, reads and writes atomically."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+_LOCAL_PROTOCOLS = frozenset({"file", "local"})
+
+
+class Storage:
+    """A folder on any fsspec filesystem (local path, file://, s3://, gs://, memory://...).
+
+    Keys are ``/``-separated paths relative to the folder. Writes are atomic where the filesystem
+    allows it: local files are written to a temporary name and renamed; object stores publish an
+    object only when its upload completes.
+    """
+
+    def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/") or url
+        self.fs, root = url_to_fs(self.url, **(storage_options or {}))
+        self.root = root.rstrip("/") if root not in ("/", "") else root
+        self.is_local = bool(set(_protocols(self.fs)) & _LOCAL_PROTOCOLS)
+
+    def path(self, key: str) -> str:
+        """Filesystem path of ``key``."""
+        return posixpath.join(self.root, key) if key else self.root
+
+    def uri(self, key: str) -> str:
+        """Full URI of ``key`` as users see it (protocol included for remote filesystems)."""
+        path = self.path(key)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        """Write ``data`` at ``key`` atomically; return its URI."""
+        path = self.path(key)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+        return self.uri(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        """Bytes of ``key``; raises FileNotFoundError when absent."""
+        return self.fs.cat_file(self.path(key))
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+        return self.fs.exists(self.path(key))
+
+    def list_files(self, prefix: str, *, suffix: str = "") -> list[str]:
+        """Sorted keys under ``prefix`` (recursive) ending with ``suffix``; [] when the prefix is absent."""
+        base = self.path(prefix)
+        if not self.fs.exists(base):
+            return []
+        self.fs.invalidate_cache(base)
+        found = self.fs.find(base)
+        keys = [posixpath.relpath(_strip(self.fs, p), self.root) for p in found]
+        return sorted(k for k in keys if k.endswith(suffix) and ".tmp-" not in k)
+
+    def delete(self, prefix: str) -> None:
+        """Remove ``prefix`` recursively if present."""
+        base = self.path(prefix)
+        if self.fs.exists(base):
+            self.fs.rm(base, recursive=True)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _strip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs._strip_protocol(path)

@@ -1,0 +1,1 @@
+"""The driver: CLI, planning, the Ray pipeline, results bookkeeping, reports, tiny models, benchmarks."""

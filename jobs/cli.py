@@ -1,0 +1,31 @@
+"""The ``kandinsky-render`` console script: ``render``, ``tiny-models``."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "render": "render manifests (see `kandinsky-render render --help`)",
+    "tiny-models": "write tiny random-weight checkpoints for tests and the example",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a sub-command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:12s} {text}" for name, text in COMMANDS.items()]
+        print("usage: kandinsky-render COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command == "render":
+        from jobs.render import main as render_main
+
+        return render_main(rest)
+    from jobs.tiny_models import main as tiny_main
+
+    return tiny_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The render job: plan, stream batches through the prior and decoder stages, record results.
+
+Two runners execute the same stage classes: ``ray`` (Ray Data actor pools pinned to GPUs, the
+production path) and ``local`` (in-process, one batch after another: for debugging and for tests
+that compare the two).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from actors.storage import Storage
+from cluster.resources import StagePlan, resolve_stages
+from jobs.plan import Plan, make_plan
+from jobs.results import ResultsWriter, final_results, read_results
+from jobs.stats import summarize, versions, write_stats
+from schemas.config import JobConfig
+from schemas.keys import IMAGES_DIR, RESULTS_DIR, STATS_FILE, SUCCESS_FILE
+from schemas.manifest import SUPPORTED_MODES
+from schemas.results import STATUS_OK, result_from_work, results_table
+from schemas.work import from_ipc, to_ipc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSummary:
+    """What `run_job` returns: the run id, the plan and the stats written to ``stats.json``."""
+
+    run_id: str
+    plan: Plan
+    stats: dict[str, Any]
+
+
+def new_run_id() -> str:
+    """Sortable, unique run id: UTC timestamp plus 8 random hex digits."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def decoder_models(config: JobConfig, plan: Plan) -> dict[str, str]:
+    """mode -> checkpoint path for the modes this run renders (only those load)."""
+    from schemas.config import DECODER_FOR_MODE
+
+    return {mode: config.models.for_checkpoint(DECODER_FOR_MODE[mode]) for mode in plan.modes}
+
+
+def run_job(config: JobConfig) -> JobSummary:
+    """Render every image of the manifests that is not final in the output yet; see README.md.
+
+    Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests and
+    ValueError for impossible settings. Results rows are published only after their images.
+    """
+    started = time.monotonic()
+    storage = Storage(config.output, storage_options=config.storage_options)
+    if config.overwrite:
+        for key in (SUCCESS_FILE, STATS_FILE, RESULTS_DIR, IMAGES_DIR):
+            storage.delete(key)
+    previous = final_results(read_results(storage, columns=["id", "image_index", "status", "finished_at"]))
+    done = previous.filter(pa.compute.equal(previous.column("status"), STATUS_OK)) if previous.num_rows else previous
+    plan = make_plan(config, done=done if config.retry_errors else previous, supported_modes=SUPPORTED_MODES)
+    run_id = new_run_id()
+    logger.info(
+        "run %s: %d rows in %d file(s), %d images, %d already final, %d to render in %d batches, %d refused",
+        run_id,
+        plan.num_rows,
+        len(plan.files),
+        plan.num_images,
+        plan.num_done,
+        plan.num_to_render,
+        len(plan.batches),
+        plan.refused.num_rows,
+    )
+    storage.delete(SUCCESS_FILE)
+    writer = ResultsWriter(
+        storage, run_id=run_id, flush_rows=config.results_flush_rows, flush_seconds=config.results_flush_seconds
+    )
+    if plan.refused.num_rows:
+        writer.add(
+            results_table(
+                [
+                    result_from_work(row, run_id=run_id, error=row["error"], error_kind=row["error_kind"])
+                    for row in plan.refused.to_pylist()
+                ]
+            )
+        )
+    stage_info: dict[str, Any] = {}
+    num_rendered = 0
+    render_started = time.monotonic()
+    if plan.batches:
+        runner = run_ray if config.runner == "ray" else run_local
+        for results in runner(plan, config, run_id=run_id, stage_info=stage_info):
+            writer.add(results)
+            num_rendered += results.num_rows
+    writer.close()
+    render_seconds = time.monotonic() - render_started
+
+    final = final_results(read_results(storage))
+    stats = {
+        "run_id": run_id,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "manifest_files": plan.files,
+        "num_rows": plan.num_rows,
+        "num_images_requested": plan.num_images,
+        "num_skipped_already_final": plan.num_done,
+        "num_refused": plan.refused.num_rows,
+        "num_rendered": num_rendered,
+        "render_seconds": round(render_seconds, 3),
+        "images_per_s": round(num_rendered / render_seconds, 3) if render_seconds > 0 and num_rendered else 0.0,
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "output": summarize(final),
+        "stages": stage_info,
+        "versions": versions(),
+        "config": config.to_dict(),
+    }
+    write_stats(storage, stats)
+    storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
+    return JobSummary(run_id=run_id, plan=plan, stats=stats)
+
+
+def run_local(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str, Any]) -> Iterator[pa.Table]:
+    """In-process runner: the same actor classes, one planned batch after another."""
+    from actors.decoder import DecoderActor
+    from actors.prior import PriorActor
+
+    prior = PriorActor(config.models.prior, dtype=config.dtype)
+    decoder = DecoderActor(
+        decoder_models(config, plan),
+        output=config.output,
+        run_id=run_id,
+        storage_options=config.storage_options,
+        dtype=config.dtype,
+    )
+    stage_info.update(runner="local", prior={"num_actors": 1}, decoder={"num_actors": 1})
+    for batch in plan.batches:
+        yield decoder(prior(batch))
+
+
+def connect_ray(address: str | None) -> bool:
+    """Connect to Ray unless already connected; returns True when this call started Ray.
+
+    ``address`` (or RAY_ADDRESS) joins a running cluster; otherwise a local Ray starts.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    return True
+
+
+def run_ray(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str, Any]) -> Iterator[pa.Table]:
+    """Ray Data runner: a prior actor pool feeding a decoder actor pool, each on its own GPUs."""
+    import ray
+
+    from jobs.stages import PAYLOAD, DecoderStage, PriorStage
+
+    started = connect_ray(config.address)
+    try:
+        cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        prior, decoder = resolve_stages(config.prior, config.decoder, cluster_gpus=cluster_gpus)
+        stage_info.update(runner="ray", cluster_gpus=cluster_gpus, prior=_describe(prior), decoder=_describe(decoder))
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        items = [{PAYLOAD: to_ipc(batch)} for batch in plan.batches]
+        # One planned batch per block, so each stage call sees exactly one planned batch: batch
+        # composition (and so the pixels, bit for bit) does not depend on scheduling.
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+        dataset = dataset.map_batches(
+            PriorStage,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=prior.num_actors),
+            num_gpus=prior.num_gpus,
+            num_cpus=prior.num_cpus,
+            fn_constructor_kwargs={"model": config.models.prior, "dtype": config.dtype},
+        )
+        dataset = dataset.map_batches(
+            DecoderStage,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=decoder.num_actors),
+            num_gpus=decoder.num_gpus,
+            num_cpus=decoder.num_cpus,
+            fn_constructor_kwargs={
+                "models": decoder_models(config, plan),
+                "output": config.output,
+                "run_id": run_id,
+                "storage_options": config.storage_options,
+                "dtype": config.dtype,
+            },
+        )
+        for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for payload in block.column(PAYLOAD).to_pylist():
+                yield from_ipc(payload)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _describe(stage: StagePlan) -> dict[str, Any]:
+    return {"num_actors": stage.num_actors, "num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}

@@ -1,0 +1,214 @@
+"""Planning: read and validate manifests, expand rows into per-image work, skip finished work, batch.
+
+Everything here runs in the driver before any model loads, so a malformed manifest costs nothing.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from schemas.config import DECODER_FOR_MODE, JobConfig
+from schemas.keys import MAX_SEED, image_key, image_seed
+from schemas.manifest import (
+    Limits,
+    ManifestError,
+    RenderDefaults,
+    check_unique_across,
+    fill_defaults,
+    normalize,
+    row_problems,
+)
+from schemas.results import ERROR_INVALID_ROW
+from schemas.work import CALL_KEY, WORK_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What a run will do: `batches` to render (each one pipeline call) and `refused` work rows."""
+
+    files: list[str]
+    num_rows: int
+    num_images: int  # every (id, image_index) the manifests ask for
+    num_done: int  # of those, already final in the output (skipped)
+    batches: list[pa.Table] = field(default_factory=list)
+    refused: pa.Table = field(default_factory=WORK_SCHEMA.empty_table)
+
+    @property
+    def num_to_render(self) -> int:
+        """Images sent to the model stages in this run."""
+        return sum(batch.num_rows for batch in self.batches)
+
+    @property
+    def modes(self) -> list[str]:
+        """Modes present in the batches (decides which decoder checkpoints load)."""
+        return sorted({mode for batch in self.batches for mode in batch.column("mode").unique().to_pylist()})
+
+    @property
+    def decoder_checkpoints(self) -> list[str]:
+        """Decoder checkpoint names the batches need."""
+        return sorted({DECODER_FOR_MODE[mode] for mode in self.modes})
+
+
+def list_manifest_files(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Parquet files named by ``uri``: one file, a folder or prefix (recursive), or a glob.
+
+    Returns full URIs, sorted. Files and folders whose name starts with ``_`` or ``.`` are skipped
+    in folders (Spark/Hive markers). Raises `ManifestError` when nothing is found.
+    """
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    if globlib.has_magic(path):
+        found = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isdir(path):
+        found = [
+            p
+            for p in fs.find(path)
+            if p.endswith(".parquet") and not any(part[:1] in "._" for part in p[len(path) :].split("/") if part)
+        ]
+    elif fs.isfile(path):
+        found = [path]
+    else:
+        raise ManifestError(f"{uri}: no such manifest file, folder or prefix")
+    if not found:
+        raise ManifestError(f"{uri}: no Parquet files found")
+    return sorted(fs.unstrip_protocol(p) if not _is_local(fs) else p for p in found)
+
+
+def _is_local(fs: Any) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+def read_manifest(uri: str, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Read one manifest file into a normalized table (see `schemas.manifest.normalize`)."""
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except Exception as exc:
+        raise ManifestError(f"{uri}: cannot read as Parquet: {type(exc).__name__}: {exc}") from exc
+    return normalize(table, file=uri)
+
+
+def expand(
+    table: pa.Table,
+    *,
+    file: str,
+    job_seed: int,
+    defaults: RenderDefaults,
+    limits: Limits,
+    supported_modes: frozenset[str],
+) -> tuple[pa.Table, pa.Table]:
+    """Expand manifest rows into `WORK_SCHEMA` rows, one per output image.
+
+    Returns ``(work, refused)``: renderable rows, and rows of invalid manifest rows with their
+    problem in ``error`` (one per image, or a single image 0 when ``num_images`` itself is bad).
+    """
+    filled = fill_defaults(table, defaults)
+    problems = row_problems(filled, limits=limits, supported_modes=supported_modes)
+    num_images = filled.column("num_images").to_numpy(zero_copy_only=False)
+    counts = np.where((num_images >= 1) & (num_images <= limits.max_num_images), num_images, 1).astype(np.int64)
+    positions = np.repeat(np.arange(filled.num_rows), counts)
+    starts = np.cumsum(counts) - counts
+    image_index = np.arange(len(positions)) - np.repeat(starts, counts)
+
+    rows = filled.take(pa.array(positions))
+    ids = rows.column("id").to_pylist()
+    raw_seeds = rows.column("seed").to_pylist()
+    errors = [problems[p] for p in positions.tolist()]
+    seeds = [
+        image_seed(s, job_seed=job_seed, row_id=i, image_index=int(k)) if s is None or 0 <= s <= MAX_SEED - n else None
+        for i, s, k, n in zip(ids, raw_seeds, image_index.tolist(), counts[positions].tolist())
+    ]
+    negative = rows.column("negative_prompt")
+    columns = {
+        "id": rows.column("id"),
+        "image_index": pa.array(image_index, pa.int32()),
+        "seed": pa.array(seeds, pa.int64()),
+        "key": pa.array([image_key(i, int(k)) for i, k in zip(ids, image_index.tolist())], pa.string()),
+        "mode": rows.column("mode"),
+        "prompt": rows.column("prompt"),
+        "negative_prompt": negative,
+        "has_negative_prompt": negative.is_valid(),
+        "manifest_file": pa.array([file] * len(positions), pa.string()),
+        "error": pa.array(errors, pa.string()),
+        "error_kind": pa.array([ERROR_INVALID_ROW if e else None for e in errors], pa.string()),
+    }
+    for name in WORK_SCHEMA.names:
+        if name not in columns:
+            columns[name] = rows.column(name)
+    work = pa.table(columns).select(WORK_SCHEMA.names).cast(WORK_SCHEMA)
+    bad = work.column("error").is_valid()
+    return work.filter(pc.invert(bad)), work.filter(bad)
+
+
+def batch(work: pa.Table, *, batch_size: int) -> list[pa.Table]:
+    """Cut work rows into batches a single pipeline call can serve.
+
+    Rows are grouped by `CALL_KEY` and ordered by (id, image_index) inside a group, so batch
+    composition depends only on the set of work, not on manifest order or file layout.
+    """
+    if work.num_rows == 0:
+        return []
+    order = work.sort_by(
+        [(name, "ascending") for name in CALL_KEY] + [("id", "ascending"), ("image_index", "ascending")]
+    )
+    keys = [order.column(name).to_pylist() for name in CALL_KEY]
+    batches: list[pa.Table] = []
+    start = 0
+    for i in range(1, order.num_rows + 1):
+        boundary = i == order.num_rows or any(column[i] != column[i - 1] for column in keys)
+        if boundary or i - start == batch_size:
+            batches.append(order.slice(start, i - start))
+            start = i
+    return batches
+
+
+def make_plan(config: JobConfig, *, done: pa.Table | None, supported_modes: frozenset[str]) -> Plan:
+    """Read every manifest file, validate, expand, drop finished (id, image_index) pairs, and batch.
+
+    ``done`` holds ``id`` and ``image_index`` of images that already have a final result in the
+    output. Raises `ManifestError` for malformed manifests.
+    """
+    files = list_manifest_files(config.manifest, storage_options=config.storage_options)
+    tables = [(file, read_manifest(file, storage_options=config.storage_options)) for file in files]
+    check_unique_across((file, table.column("id")) for file, table in tables)
+    works, refusals = [], []
+    for file, table in tables:
+        work, refused = expand(
+            table,
+            file=file,
+            job_seed=config.seed,
+            defaults=config.defaults,
+            limits=config.limits,
+            supported_modes=supported_modes,
+        )
+        works.append(work)
+        refusals.append(refused)
+    work = pa.concat_tables(works)
+    refused = pa.concat_tables(refusals)
+    num_images = work.num_rows + refused.num_rows
+    num_done = 0
+    if done is not None and done.num_rows:
+        done = done.select(["id", "image_index"]).cast(pa.schema([("id", pa.string()), ("image_index", pa.int32())]))
+        before = work.num_rows + refused.num_rows
+        work = work.join(done, keys=["id", "image_index"], join_type="left anti").select(WORK_SCHEMA.names)
+        refused = refused.join(done, keys=["id", "image_index"], join_type="left anti").select(WORK_SCHEMA.names)
+        num_done = before - work.num_rows - refused.num_rows
+    return Plan(
+        files=files,
+        num_rows=sum(table.num_rows for _, table in tables),
+        num_images=num_images,
+        num_done=num_done,
+        batches=batch(work.cast(WORK_SCHEMA), batch_size=config.batch_size),
+        refused=refused.cast(WORK_SCHEMA),
+    )

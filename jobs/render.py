@@ -1,0 +1,167 @@
+"""``kandinsky-render render`` / ``python -m jobs.render``: parse flags into a JobConfig and run it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any
+
+from schemas.config import DTYPES, RUNNERS, JobConfig, ModelPaths, StageResources
+from schemas.manifest import Limits, ManifestError, RenderDefaults
+
+logger = logging.getLogger("kandinsky_render")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentParser:
+    """The ``render`` command line; every option documents its default."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Render every row of Parquet manifests with Kandinsky 2.2 on Ray.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--manifest", help="Parquet file, folder/prefix of Parquet files, or glob; any fsspec URI")
+    io.add_argument("--output", help="output prefix (fsspec URI): images/, results/, stats.json, _SUCCESS")
+    io.add_argument(
+        "--example",
+        action="store_true",
+        help="render the bundled example manifest with tiny random models (built on first use); "
+        "--output defaults to ./kandinsky-example",
+    )
+    io.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option for every filesystem (repeatable; VALUE parsed as JSON when it can be)",
+    )
+    io.add_argument("--overwrite", action="store_true", help="delete previous outputs and start fresh")
+    io.add_argument("--retry-errors", action="store_true", help="render again images whose result is an error")
+
+    models = parser.add_argument_group("models (hub ids or save_pretrained directories)")
+    models.add_argument("--models", help="directory holding prior/, decoder/, decoder-inpaint/, controlnet-depth/")
+    defaults = ModelPaths()
+    models.add_argument("--prior", help=f"prior checkpoint (default: MODELS/prior or {defaults.prior})")
+    models.add_argument("--decoder", help=f"text2img/img2img decoder (default: MODELS/decoder or {defaults.decoder})")
+    models.add_argument("--inpaint-decoder", help=f"inpaint decoder (default: {defaults.decoder_inpaint})")
+    models.add_argument("--controlnet-decoder", help=f"ControlNet decoder (default: {defaults.controlnet_depth})")
+    models.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, float32 on CPU")
+
+    ray_group = parser.add_argument_group("execution")
+    ray_group.add_argument("--runner", choices=RUNNERS, default="ray", help="ray: actor pools; local: in-process")
+    ray_group.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
+    ray_group.add_argument("--num-prior-actors", type=int, help="prior actors (default: 1)")
+    ray_group.add_argument(
+        "--num-decoder-actors", type=int, help="decoder actors (default: fill the cluster's remaining GPUs; 1 on CPU)"
+    )
+    ray_group.add_argument("--prior-gpus", type=float, help="GPUs per prior actor (default: 1; 0.5 on a 1-GPU cluster)")
+    ray_group.add_argument("--decoder-gpus", type=float, help="GPUs per decoder actor (default: as --prior-gpus)")
+    ray_group.add_argument("--prior-cpus", type=float, default=1.0, help="CPUs per prior actor")
+    ray_group.add_argument("--decoder-cpus", type=float, default=1.0, help="CPUs per decoder actor")
+    ray_group.add_argument("--batch-size", type=int, default=JobConfig.batch_size, help="images per pipeline call")
+    ray_group.add_argument("--seed", type=int, default=0, help="job seed for rows whose seed is null")
+    ray_group.add_argument("--results-flush-rows", type=int, default=1000, help="results rows per results part")
+    ray_group.add_argument(
+        "--results-flush-seconds", type=float, default=30.0, help="publish results at least this often"
+    )
+
+    values = parser.add_argument_group("defaults for null manifest values (diffusers' defaults)")
+    for field in dataclasses.fields(RenderDefaults):
+        values.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    limits = parser.add_argument_group("limits (rows outside them become error rows)")
+    for field in dataclasses.fields(Limits):
+        limits.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    parser.add_argument("--log-level", default="INFO", help="driver log level")
+    return parser
+
+
+def _storage_options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--storage-option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    """Build a `JobConfig` from parsed flags (``--example`` fills manifest, models and output)."""
+    manifest, output, models_dir = args.manifest, args.output, args.models
+    if args.example:
+        from jobs.example import example_manifest_path
+        from jobs.tiny_models import build_tiny_models, default_tiny_models_dir
+
+        manifest = manifest or example_manifest_path()
+        output = output or "kandinsky-example"
+        if not (models_dir or args.prior or args.decoder):
+            models_dir = default_tiny_models_dir()
+            build_tiny_models(models_dir)
+    if not manifest or not output:
+        raise ValueError("--manifest and --output are required (or use --example)")
+    return JobConfig(
+        manifest=manifest,
+        output=output,
+        models=ModelPaths.resolve(
+            models_dir=models_dir,
+            prior=args.prior,
+            decoder=args.decoder,
+            decoder_inpaint=args.inpaint_decoder,
+            controlnet_depth=args.controlnet_decoder,
+        ),
+        dtype=args.dtype,
+        runner=args.runner,
+        address=args.address,
+        prior=StageResources(num_actors=args.num_prior_actors, num_gpus=args.prior_gpus, num_cpus=args.prior_cpus),
+        decoder=StageResources(
+            num_actors=args.num_decoder_actors, num_gpus=args.decoder_gpus, num_cpus=args.decoder_cpus
+        ),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        defaults=RenderDefaults(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RenderDefaults)}),
+        limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
+        storage_options=_storage_options(args.storage_option),
+        results_flush_rows=args.results_flush_rows,
+        results_flush_seconds=args.results_flush_seconds,
+        overwrite=args.overwrite,
+        retry_errors=args.retry_errors,
+    )
+
+
+def main(argv: list[str] | None = None, *, prog: str = "kandinsky-render render") -> int:
+    """Run a render job; exit 0 when it completed, 2 for bad input, 1 for any other failure."""
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from jobs.pipeline import run_job
+
+    try:
+        config = config_from_args(args)
+        summary = run_job(config)
+    except ManifestError as exc:
+        print(f"error: manifest refused: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    output = summary.stats["output"]
+    print(
+        f"run {summary.run_id}: rendered {summary.stats['num_rendered']} image(s) "
+        f"({summary.stats['images_per_s']} images/s), skipped {summary.plan.num_done} already final; "
+        f"output now holds {output['by_status'].get('ok', 0)} ok and {output['by_status'].get('error', 0)} error "
+        f"image(s) -> {config.output}"
+    )
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m jobs.render"))

@@ -1,0 +1,113 @@
+"""Job configuration: every knob of a render job, frozen; the CLI builds one, the pipeline reads it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.manifest import Limits, RenderDefaults
+
+HUB_MODELS = {
+    "prior": "kandinsky-community/kandinsky-2-2-prior",
+    "decoder": "kandinsky-community/kandinsky-2-2-decoder",
+    "decoder-inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
+    "controlnet-depth": "kandinsky-community/kandinsky-2-2-controlnet-depth",
+}
+# Which decoder checkpoint serves each mode.
+DECODER_FOR_MODE = {
+    "text2img": "decoder",
+    "img2img": "decoder",
+    "inpaint": "decoder-inpaint",
+    "controlnet": "controlnet-depth",
+    "controlnet_img2img": "controlnet-depth",
+}
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+RUNNERS = ("ray", "local")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelPaths:
+    """Where each checkpoint loads from: a hub id or a directory in diffusers' save_pretrained layout."""
+
+    prior: str = HUB_MODELS["prior"]
+    decoder: str = HUB_MODELS["decoder"]
+    decoder_inpaint: str = HUB_MODELS["decoder-inpaint"]
+    controlnet_depth: str = HUB_MODELS["controlnet-depth"]
+
+    def for_checkpoint(self, name: str) -> str:
+        """Path of checkpoint ``name`` (a key of `HUB_MODELS`)."""
+        return getattr(self, name.replace("-", "_"))
+
+    @classmethod
+    def resolve(cls, *, models_dir: str | None = None, **overrides: str | None) -> ModelPaths:
+        """Per component: an explicit override, else ``models_dir/<name>``, else the hub id."""
+        values = {}
+        for name, hub_id in HUB_MODELS.items():
+            attr = name.replace("-", "_")
+            override = overrides.pop(attr, None)
+            if override:
+                values[attr] = override
+            elif models_dir:
+                values[attr] = f"{models_dir.rstrip('/')}/{name}"
+            else:
+                values[attr] = hub_id
+        if overrides:
+            raise ValueError(f"unknown model components: {sorted(overrides)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageResources:
+    """Actors and Ray resources of one model stage. ``None`` means: decided from the cluster."""
+
+    num_actors: int | None = None
+    num_gpus: float | None = None
+    num_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """One render job. Paths are fsspec URIs; ``storage_options`` go to every fsspec filesystem."""
+
+    manifest: str
+    output: str
+    models: ModelPaths = field(default_factory=ModelPaths)
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    runner: str = "ray"
+    address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray
+    prior: StageResources = field(default_factory=StageResources)
+    decoder: StageResources = field(default_factory=StageResources)
+    batch_size: int = 4  # images per pipeline call
+    seed: int = 0  # job seed: rows with a null seed derive theirs from (seed, id)
+    defaults: RenderDefaults = field(default_factory=RenderDefaults)
+    limits: Limits = field(default_factory=Limits)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    results_flush_rows: int = 1000
+    results_flush_seconds: float = 30.0
+    overwrite: bool = False
+    retry_errors: bool = False  # rerender images whose final result is an error
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.results_flush_rows < 1:
+            raise ValueError(f"results_flush_rows must be >= 1, got {self.results_flush_rows}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy with storage options redacted (they may hold credentials)."""
+        data = dataclasses.asdict(self)
+        data["storage_options"] = {key: "<redacted>" for key in self.storage_options}
+        return data

@@ -1,0 +1,309 @@
+"""Manifest contract: the columns of a render request, their types, defaults, limits and validation.
+
+Two kinds of problems are told apart (STYLE.md, three lanes):
+- a malformed manifest (missing ``id``, a column of the wrong type, null or duplicate ids, unknown
+  modes, an unreadable file) raises `ManifestError` before any model work;
+- a well-formed row with a bad value (no prompt, a size over the limits, a mode not served yet)
+  becomes an ``error`` result row via `row_problems`, and every other row still renders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.keys import MAX_SEED
+
+MODES = ("text2img", "img2img", "inpaint", "controlnet", "controlnet_img2img")
+SUPPORTED_MODES = frozenset({"text2img"})
+DEFAULT_MODE = "text2img"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestColumn:
+    """One manifest column: its name, the kind of values it holds and what it means."""
+
+    name: str
+    kind: str  # "string" | "int" | "float" | "image" | "interpolate"
+    required: bool = False
+    description: str
+
+
+MANIFEST_COLUMNS: tuple[ManifestColumn, ...] = (
+    ManifestColumn(name="id", kind="string", required=True, description="unique row id; names the outputs"),
+    ManifestColumn(name="mode", kind="string", description=f"one of {', '.join(MODES)}; null means text2img"),
+    ManifestColumn(name="prompt", kind="string", description="text prompt for the prior"),
+    ManifestColumn(name="negative_prompt", kind="string", description="negative prompt; null: none"),
+    ManifestColumn(name="image", kind="image", description="source image (img2img, inpaint, controlnet*)"),
+    ManifestColumn(name="mask", kind="image", description="inpaint mask: white = repaint, black = keep"),
+    ManifestColumn(name="hint", kind="image", description="ControlNet depth hint; null: estimated"),
+    ManifestColumn(name="prior_image", kind="image", description="image guiding the prior (PriorEmb2Emb)"),
+    ManifestColumn(name="prior_strength", kind="float", description="PriorEmb2Emb strength"),
+    ManifestColumn(
+        name="interpolate", kind="interpolate", description="list of {prompt, image, weight} mixed by the prior"
+    ),
+    ManifestColumn(name="seed", kind="int", description="seed of image 0; image i uses seed + i"),
+    ManifestColumn(name="num_images", kind="int", description="images rendered for this row"),
+    ManifestColumn(name="height", kind="int", description="output height in pixels"),
+    ManifestColumn(name="width", kind="int", description="output width in pixels"),
+    ManifestColumn(name="num_inference_steps", kind="int", description="decoder denoising steps"),
+    ManifestColumn(name="guidance_scale", kind="float", description="decoder classifier-free guidance"),
+    ManifestColumn(name="prior_num_inference_steps", kind="int", description="prior denoising steps"),
+    ManifestColumn(name="prior_guidance_scale", kind="float", description="prior classifier-free guidance"),
+    ManifestColumn(name="strength", kind="float", description="img2img-family strength"),
+)
+COLUMNS_BY_NAME = {column.name: column for column in MANIFEST_COLUMNS}
+IMAGE_COLUMNS = tuple(c.name for c in MANIFEST_COLUMNS if c.kind == "image")
+
+_CANONICAL_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "image": pa.string()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderDefaults:
+    """Values that null manifest parameters take: diffusers' own defaults for Kandinsky 2.2."""
+
+    num_images: int = 1
+    height: int = 512
+    width: int = 512
+    num_inference_steps: int = 100
+    guidance_scale: float = 4.0
+    prior_num_inference_steps: int = 25
+    prior_guidance_scale: float = 4.0
+    strength: float = 0.3
+    prior_strength: float = 0.3
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Bounds on row values; a row outside them becomes an ``error`` result (documented in README)."""
+
+    max_num_images: int = 16
+    max_side: int = 2048
+    max_num_inference_steps: int = 1000
+    max_guidance_scale: float = 100.0
+    max_prompt_chars: int = 10_000
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be rendered at all; the message names file, column, row ids and values."""
+
+
+def _describe(values: Sequence[object], ids: Sequence[object], *, limit: int = 5) -> str:
+    shown = [f"id={row_id!r} value={value!r}" for row_id, value in list(zip(ids, values))[:limit]]
+    more = f" (and {len(values) - limit} more)" if len(values) > limit else ""
+    return "; ".join(shown) + more
+
+
+def _accepts(kind: str, arrow_type: pa.DataType) -> bool:
+    if pa.types.is_null(arrow_type):
+        return True
+    if kind == "string":
+        return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+    if kind == "int":
+        return pa.types.is_integer(arrow_type)
+    if kind == "float":
+        return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+    if kind == "image":
+        return any(
+            check(arrow_type)
+            for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+        )
+    if kind == "interpolate":
+        if not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)):
+            return False
+        item = arrow_type.value_type
+        if not pa.types.is_struct(item):
+            return False
+        fields = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
+        return (
+            "weight" in fields
+            and _accepts("float", fields["weight"])
+            and _accepts("string", fields.get("prompt", pa.null()))
+            and _accepts("image", fields.get("image", pa.null()))
+        )
+    raise AssertionError(f"unknown column kind {kind}")
+
+
+_KIND_WORDS = {
+    "string": "string",
+    "int": "integer",
+    "float": "float or integer",
+    "image": "string URI or binary image bytes",
+    "interpolate": "list<struct<prompt: string, image: string|binary, weight: float>>",
+}
+
+
+def check_schema(schema: pa.Schema, *, file: str) -> None:
+    """Raise `ManifestError` when ``id`` is missing or any known column has a type we cannot read."""
+    if "id" not in schema.names:
+        raise ManifestError(f"{file}: required column 'id' is missing (columns present: {schema.names})")
+    for name in schema.names:
+        if schema.names.count(name) > 1:
+            raise ManifestError(f"{file}: column {name!r} appears more than once")
+        column = COLUMNS_BY_NAME.get(name)
+        if column is not None and not _accepts(column.kind, schema.field(name).type):
+            raise ManifestError(
+                f"{file}: column {name!r} has type {schema.field(name).type}, expected {_KIND_WORDS[column.kind]}"
+            )
+
+
+def normalize(table: pa.Table, *, file: str) -> pa.Table:
+    """Return the manifest table with every known column present in its canonical type.
+
+    Unknown columns are dropped. Image columns keep string or binary type; every other column is
+    cast to string, int64 or float64. Raises `ManifestError` for what `check_schema` refuses, for
+    null or empty ids and for unknown modes.
+    """
+    check_schema(table.schema, file=file)
+    arrays: dict[str, pa.Array] = {}
+    for column in MANIFEST_COLUMNS:
+        if column.name in table.column_names:
+            array = table.column(column.name).combine_chunks()
+            if column.kind in ("string", "int", "float"):
+                array = _cast(array, _CANONICAL_TYPES[column.kind], file=file, name=column.name, table=table)
+            elif column.kind == "image" and pa.types.is_null(array.type):
+                array = array.cast(pa.string())
+            elif pa.types.is_large_string(array.type):
+                array = array.cast(pa.string())
+            elif pa.types.is_large_binary(array.type):
+                array = array.cast(pa.binary())
+        elif column.kind == "interpolate":
+            array = pa.nulls(table.num_rows)
+        else:
+            array = pa.nulls(table.num_rows, _CANONICAL_TYPES[column.kind])
+        arrays[column.name] = array
+    normalized = pa.table(arrays)
+    _check_ids(normalized, file=file)
+    _check_modes(normalized, file=file)
+    return normalized
+
+
+def _cast(array: pa.Array, target: pa.DataType, *, file: str, name: str, table: pa.Table) -> pa.Array:
+    if array.type == target:
+        return array
+    if pa.types.is_integer(target) and not pa.types.is_null(array.type):
+        ints = array.cast(pa.int64(), safe=False)
+        bad = pc.fill_null(pc.not_equal(ints.cast(array.type, safe=False), array), False)
+        if pc.any(bad).as_py():
+            ids = table.column("id").filter(bad).to_pylist()
+            raise ManifestError(
+                f"{file}: column {name!r} holds values out of int64 range: "
+                f"{_describe(array.filter(bad).to_pylist(), ids)}"
+            )
+        return ints
+    return array.cast(target)
+
+
+def _check_ids(table: pa.Table, *, file: str) -> None:
+    ids = table.column("id")
+    empty = pc.fill_null(pc.equal(pc.utf8_length(ids), 0), True)
+    if pc.any(empty).as_py():
+        rows = np.flatnonzero(empty.to_numpy(zero_copy_only=False))[:5].tolist()
+        raise ManifestError(f"{file}: column 'id' is null or empty at row numbers {rows}")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dupes = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
+        raise ManifestError(f"{file}: column 'id' has duplicate ids: {dupes[:5]}")
+
+
+def _check_modes(table: pa.Table, *, file: str) -> None:
+    modes = table.column("mode")
+    unknown = pc.invert(pc.fill_null(pc.is_in(modes, value_set=pa.array(MODES)), True))
+    if pc.any(unknown).as_py():
+        raise ManifestError(
+            f"{file}: column 'mode' has unknown modes (known: {', '.join(MODES)}): "
+            f"{_describe(modes.filter(unknown).to_pylist(), table.column('id').filter(unknown).to_pylist())}"
+        )
+
+
+def check_unique_across(ids_by_file: Iterable[tuple[str, pa.Array]]) -> None:
+    """Raise `ManifestError` naming both files when an id appears in two manifest files."""
+    seen: dict[str, str] = {}
+    for file, ids in ids_by_file:
+        for row_id in ids.to_pylist():
+            other = seen.setdefault(row_id, file)
+            if other != file:
+                raise ManifestError(f"column 'id': id {row_id!r} appears in both {other} and {file}")
+
+
+def fill_defaults(table: pa.Table, defaults: RenderDefaults) -> pa.Table:
+    """Return ``table`` (normalized) with null parameters replaced by ``defaults`` and null modes by text2img."""
+    columns = {name: table.column(name) for name in table.column_names}
+    columns["mode"] = pc.fill_null(columns["mode"], DEFAULT_MODE)
+    for field in dataclasses.fields(defaults):
+        columns[field.name] = pc.fill_null(columns[field.name], getattr(defaults, field.name))
+    return pa.table(columns)
+
+
+def row_problems(
+    table: pa.Table, *, limits: Limits, supported_modes: frozenset[str] = SUPPORTED_MODES
+) -> list[str | None]:
+    """Per row of a defaults-filled table: None when renderable, else the first problem, worded for users."""
+    n = table.num_rows
+    problems: list[str | None] = [None] * n
+
+    def flag(mask: object, message: str | None = None, *, column: str | None = None, fmt: str = "") -> None:
+        values = table.column(column).to_pylist() if column else None
+        for i in np.flatnonzero(np.asarray(mask, dtype=bool)):
+            if problems[i] is None:
+                problems[i] = message if values is None else fmt.format(column=column, value=values[i])
+
+    def np_col(name: str) -> np.ndarray:
+        return table.column(name).to_numpy(zero_copy_only=False)
+
+    modes = np.asarray(table.column("mode").to_pylist(), dtype=object)
+    for mode in sorted(set(modes.tolist()) - set(supported_modes)):
+        flag(modes == mode, f"mode {mode!r} is not supported yet")
+
+    prompt_len = pc.fill_null(pc.utf8_length(table.column("prompt")), 0).to_numpy(zero_copy_only=False)
+    has_interpolate = np.asarray(table.column("interpolate").is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    flag((prompt_len == 0) & ~has_interpolate, "prompt is null or empty; every row needs a prompt")
+    flag(prompt_len > limits.max_prompt_chars, f"prompt is longer than {limits.max_prompt_chars} characters")
+    neg_len = pc.fill_null(pc.utf8_length(table.column("negative_prompt")), 0).to_numpy(zero_copy_only=False)
+    flag(neg_len > limits.max_prompt_chars, f"negative_prompt is longer than {limits.max_prompt_chars} characters")
+
+    int_bounds = {
+        "num_images": (1, limits.max_num_images),
+        "height": (1, limits.max_side),
+        "width": (1, limits.max_side),
+        "num_inference_steps": (1, limits.max_num_inference_steps),
+        "prior_num_inference_steps": (1, limits.max_num_inference_steps),
+    }
+    for name, (low, high) in int_bounds.items():
+        values = np_col(name)
+        flag((values < low) | (values > high), column=name, fmt=f"{{column}}={{value}} is outside [{low}, {high}]")
+    for name, (low, high) in {
+        "guidance_scale": (0.0, limits.max_guidance_scale),
+        "prior_guidance_scale": (0.0, limits.max_guidance_scale),
+        "strength": (0.0, 1.0),
+        "prior_strength": (0.0, 1.0),
+    }.items():
+        values = np_col(name).astype(np.float64)
+        bad = ~np.isfinite(values) | (values < low) | (values > high)
+        flag(bad, column=name, fmt=f"{{column}}={{value}} is outside [{low}, {high}]")
+
+    seeds = table.column("seed")
+    seed_values = pc.fill_null(seeds, 0).to_numpy(zero_copy_only=False)
+    num_images = np_col("num_images")
+    flag(
+        (seed_values < 0) | (seed_values > MAX_SEED - np.clip(num_images, 0, None)),
+        column="seed",
+        fmt="{column}={value} is outside [0, 2**62 - num_images]",
+    )
+
+    unused_by_text2img = ("image", "mask", "hint")
+    for name in unused_by_text2img:
+        set_here = np.asarray(table.column(name).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        flag(
+            set_here & (modes == "text2img"),
+            f"column {name!r} is set but mode text2img does not use it (set 'mode' or clear {name!r})",
+        )
+    for name in ("prior_image", "interpolate"):
+        set_here = np.asarray(table.column(name).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        flag(set_here, f"column {name!r} (image-guided prior / interpolation) is not supported yet")
+    return problems

@@ -1,0 +1,121 @@
+"""Results contract: one row per (id, image_index), status ``ok`` or ``error``."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# error_kind values (stats.json counts errors by kind).
+ERROR_INVALID_ROW = "invalid_row"  # a value outside the manifest contract, found before model work
+ERROR_UNSUPPORTED_SIZE = "unsupported_size"  # a size the decoder would silently change
+ERROR_NON_FINITE = "non_finite_output"
+ERROR_RENDER = "render_failed"  # the pipeline raised for this image
+ERROR_WRITE = "write_failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultRow:
+    """One final outcome of one output image. ``uri`` is set iff ``status == "ok"``."""
+
+    id: str
+    image_index: int
+    status: str
+    error: str | None
+    error_kind: str | None
+    uri: str | None
+    seed: int | None
+    width: int | None
+    height: int | None
+    mode: str | None
+    prompt: str | None
+    negative_prompt: str | None
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    prior_num_inference_steps: int | None
+    prior_guidance_scale: float | None
+    strength: float | None
+    manifest_file: str | None
+    run_id: str
+    prior_worker: str | None
+    decoder_worker: str | None
+    finished_at: dt.datetime
+
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image_index", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("error_kind", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("mode", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("negative_prompt", pa.string()),
+        pa.field("num_inference_steps", pa.int32()),
+        pa.field("guidance_scale", pa.float64()),
+        pa.field("prior_num_inference_steps", pa.int32()),
+        pa.field("prior_guidance_scale", pa.float64()),
+        pa.field("strength", pa.float64()),
+        pa.field("manifest_file", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("prior_worker", pa.string()),
+        pa.field("decoder_worker", pa.string()),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+RESULT_FIELDS = tuple(field.name for field in dataclasses.fields(ResultRow))
+
+
+def result_from_work(
+    row: dict,
+    *,
+    run_id: str,
+    error: str | None = None,
+    error_kind: str | None = None,
+    uri: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    decoder_worker: str | None = None,
+) -> ResultRow:
+    """The final result of one work row (a `schemas.work` row as a dict); ``error`` set means failed."""
+    return ResultRow(
+        id=row["id"],
+        image_index=row["image_index"],
+        status=STATUS_ERROR if error else STATUS_OK,
+        error=error,
+        error_kind=error_kind if error else None,
+        uri=None if error else uri,
+        seed=row["seed"],
+        width=width,
+        height=height,
+        mode=row["mode"],
+        prompt=row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        prior_num_inference_steps=row["prior_num_inference_steps"],
+        prior_guidance_scale=row["prior_guidance_scale"],
+        strength=row["strength"],
+        manifest_file=row["manifest_file"],
+        run_id=run_id,
+        prior_worker=row.get("prior_worker"),
+        decoder_worker=decoder_worker,
+        finished_at=dt.datetime.now(dt.timezone.utc),
+    )
+
+
+def results_table(rows: list[ResultRow]) -> pa.Table:
+    """Build a `RESULTS_SCHEMA` table from result rows."""
+    columns = {name: [getattr(row, name) for row in rows] for name in RESULT_FIELDS}
+    return pa.table(columns, schema=RESULTS_SCHEMA)
