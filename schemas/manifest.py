@@ -213,7 +213,7 @@ def _check_ids(table: pa.Table, *, file: str) -> None:
 
 def _check_modes(table: pa.Table, *, file: str) -> None:
     modes = table.column("mode")
-    unknown = pc.invert(pc.fill_null(pc.is_in(modes, value_set=pa.array(MODES)), True))
+    unknown = pc.and_(modes.is_valid(), pc.invert(pc.is_in(modes, value_set=pa.array(MODES))))
     if pc.any(unknown).as_py():
         raise ManifestError(
             f"{file}: column 'mode' has unknown modes (known: {', '.join(MODES)}): "
