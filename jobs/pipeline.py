@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,12 +21,12 @@ from actors.storage import Storage
 from cluster.resources import StagePlan, resolve_stages
 from jobs.plan import Plan, make_plan
 from jobs.results import ResultsWriter, final_results, read_results
+from jobs.runners import StageSpec, connect_ray, run_local, run_ray
 from jobs.stats import summarize, versions, write_stats
 from schemas.config import JobConfig
 from schemas.keys import IMAGES_DIR, RESULTS_DIR, STATS_FILE, SUCCESS_FILE
 from schemas.manifest import SUPPORTED_MODES
 from schemas.results import STATUS_OK, result_from_work, results_table
-from schemas.work import from_ipc, to_ipc
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +95,7 @@ def run_job(config: JobConfig) -> JobSummary:
     num_rendered = 0
     render_started = time.monotonic()
     if plan.batches:
-        runner = run_ray if config.runner == "ray" else run_local
-        for results in runner(plan, config, run_id=run_id, stage_info=stage_info):
+        for results in execute(plan, config, run_id=run_id, stage_info=stage_info):
             writer.add(results)
             num_rendered += results.num_rows
     writer.close()
@@ -126,82 +124,51 @@ def run_job(config: JobConfig) -> JobSummary:
     return JobSummary(run_id=run_id, plan=plan, stats=stats)
 
 
-def run_local(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str, Any]) -> Iterator[pa.Table]:
-    """In-process runner: the same actor classes, one planned batch after another."""
+def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: float) -> list[StageSpec]:
+    """The stage chain this plan needs, with Ray resources resolved for ``cluster_gpus``."""
     from actors.decoder import DecoderActor
     from actors.prior import PriorActor
 
-    prior = PriorActor(config.models.prior, dtype=config.dtype)
-    decoder = DecoderActor(
-        decoder_models(config, plan),
-        output=config.output,
-        run_id=run_id,
-        storage_options=config.storage_options,
-        dtype=config.dtype,
-    )
-    stage_info.update(runner="local", prior={"num_actors": 1}, decoder={"num_actors": 1})
-    for batch in plan.batches:
-        yield decoder(prior(batch))
-
-
-def connect_ray(address: str | None) -> bool:
-    """Connect to Ray unless already connected; returns True when this call started Ray.
-
-    ``address`` (or RAY_ADDRESS) joins a running cluster; otherwise a local Ray starts.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
-    return True
-
-
-def run_ray(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str, Any]) -> Iterator[pa.Table]:
-    """Ray Data runner: a prior actor pool feeding a decoder actor pool, each on its own GPUs."""
-    import ray
-
-    from jobs.stages import PAYLOAD, DecoderStage, PriorStage
-
-    started = connect_ray(config.address)
-    try:
-        cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        prior, decoder = resolve_stages(config.prior, config.decoder, cluster_gpus=cluster_gpus)
-        stage_info.update(runner="ray", cluster_gpus=cluster_gpus, prior=_describe(prior), decoder=_describe(decoder))
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        items = [{PAYLOAD: to_ipc(batch)} for batch in plan.batches]
-        # One planned batch per block, so each stage call sees exactly one planned batch: batch
-        # composition (and so the pixels, bit for bit) does not depend on scheduling.
-        dataset = ray.data.from_items(items, override_num_blocks=len(items))
-        dataset = dataset.map_batches(
-            PriorStage,
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=prior.num_actors),
-            num_gpus=prior.num_gpus,
-            num_cpus=prior.num_cpus,
-            fn_constructor_kwargs={"model": config.models.prior, "dtype": config.dtype},
-        )
-        dataset = dataset.map_batches(
-            DecoderStage,
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=decoder.num_actors),
-            num_gpus=decoder.num_gpus,
-            num_cpus=decoder.num_cpus,
-            fn_constructor_kwargs={
+    prior, decoder = resolve_stages(config.prior, config.decoder, cluster_gpus=cluster_gpus)
+    return [
+        StageSpec(
+            name="prior",
+            cls=PriorActor,
+            kwargs={"model": config.models.prior, "dtype": config.dtype},
+            resources=prior,
+        ),
+        StageSpec(
+            name="decoder",
+            cls=DecoderActor,
+            kwargs={
                 "models": decoder_models(config, plan),
                 "output": config.output,
                 "run_id": run_id,
                 "storage_options": config.storage_options,
                 "dtype": config.dtype,
             },
+            resources=decoder,
+        ),
+    ]
+
+
+def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str, Any]) -> Iterator[pa.Table]:
+    """Run the plan's batches through the stages with the configured runner; yields results tables."""
+    if config.runner == "local":
+        stages = build_stages(config, plan, run_id=run_id, cluster_gpus=0.0)
+        stage_info.update(runner="local", stages={spec.name: _describe(spec.resources) for spec in stages})
+        yield from run_local(stages, plan.batches)
+        return
+    import ray
+
+    started = connect_ray(config.address)
+    try:
+        cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        stages = build_stages(config, plan, run_id=run_id, cluster_gpus=cluster_gpus)
+        stage_info.update(
+            runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: _describe(spec.resources) for spec in stages}
         )
-        for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for payload in block.column(PAYLOAD).to_pylist():
-                yield from_ipc(payload)
+        yield from run_ray(stages, plan.batches)
     finally:
         if started:
             ray.shutdown()

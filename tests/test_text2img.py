@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from actors.storage import Storage
 from jobs.pipeline import run_job
 from jobs.results import final_results, read_results
-from actors.storage import Storage
 from schemas.config import JobConfig, ModelPaths, StageResources
 from tests.conftest import write_manifest
 from tests.reference import load_png, max_level_difference, text2img_reference
