@@ -19,12 +19,26 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults only (not None/False) and never splits hub ids at hyphens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentParser:
     """The ``render`` command line; every option documents its default."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Render every row of Parquet manifests with Kandinsky 2.2 on Ray.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     io = parser.add_argument_group("input and output")
     io.add_argument("--manifest", help="Parquet file, folder/prefix of Parquet files, or glob; any fsspec URI")
@@ -74,10 +88,17 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
 
     values = parser.add_argument_group("defaults for null manifest values (diffusers' defaults)")
     for field in dataclasses.fields(RenderDefaults):
-        values.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        values.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=type(field.default),
+            default=field.default,
+            help=f"{field.name} of rows where it is null",
+        )
     limits = parser.add_argument_group("limits (rows outside them become error rows)")
     for field in dataclasses.fields(Limits):
-        limits.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        limits.add_argument(
+            f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default, help=field.name
+        )
     parser.add_argument("--log-level", default="INFO", help="driver log level")
     return parser
 

@@ -1,0 +1,115 @@
+"""The command line end to end: the bundled example on local Ray, exit codes, python -m, S3 in and out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from actors.storage import Storage
+from jobs.example import example_manifest_path, example_table
+from jobs.pipeline import run_job
+from jobs.results import final_results, read_results
+from schemas.config import JobConfig, ModelPaths
+from tests.conftest import REPO, write_manifest
+from tests.reference import load_png, max_level_difference, text2img_reference
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def test_bundled_example_manifest_is_up_to_date() -> None:
+    assert pq.read_table(example_manifest_path()).equals(example_table())
+
+
+def test_example_on_local_ray(tmp_path: Path) -> None:
+    """The README's first command: the bundled example, tiny models, a local Ray, a local folder."""
+    output = tmp_path / "example-out"
+    cache = tmp_path / "cache"
+    env = {"KANDINSKY_RENDER_CACHE": str(cache)}
+    proc = run_cli("jobs.cli", "render", "--example", "--output", str(output), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (cache / "tiny-models" / "prior" / "model_index.json").exists()
+    assert (output / "_SUCCESS").exists()
+    stats = json.loads((output / "stats.json").read_text())
+    expected = sum(row.get("num_images") or 1 for row in example_table().to_pylist())
+    assert stats["output"]["by_status"] == {"ok": expected}
+    assert stats["stages"]["runner"] == "ray"
+    final = final_results(read_results(Storage(str(output))))
+    assert final.num_rows == expected
+    for row in final.to_pylist():
+        assert Path(row["uri"]).is_file() and Path(row["uri"]).is_relative_to(output / "images")
+    assert "rendered" in proc.stdout
+
+    # A rerun renders nothing new and keeps every result.
+    again = run_cli("jobs.render", "--example", "--output", str(output), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["num_rendered"] == 0 and stats["num_skipped_already_final"] == expected
+
+
+def test_malformed_manifest_exits_2_before_model_work(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x", "mode": "paint"}])
+    proc = run_cli(
+        "jobs.render", "--manifest", manifest, "--output", str(tmp_path / "out"), "--models", "/does/not/exist"
+    )
+    assert proc.returncode == 2
+    assert "m.parquet" in proc.stderr and "'mode'" in proc.stderr and "paint" in proc.stderr
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_help_documents_defaults() -> None:
+    proc = run_cli("jobs.cli", "render", "--help")
+    assert proc.returncode == 0
+    for flag in ("--manifest", "--output", "--models", "--num-decoder-actors", "--prior-gpus", "--batch-size"):
+        assert flag in proc.stdout
+    assert "kandinsky-community/kandinsky-2-2-prior" in proc.stdout and "(default: 4)" in proc.stdout
+
+
+def test_tiny_models_command(tmp_path: Path) -> None:
+    proc = run_cli("jobs.cli", "tiny-models", str(tmp_path / "m"))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("prior", "decoder", "decoder-inpaint", "controlnet-depth"):
+        assert (tmp_path / "m" / name / "model_index.json").exists()
+
+
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_s3_manifest_and_output_on_loopback_endpoint(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
+    import s3fs
+
+    bucket, options = s3_options["bucket"], s3_options["options"]
+    fs = s3fs.S3FileSystem(**options)
+    rows = [
+        {"id": "s3/one", "prompt": "a boat", "height": 64, "width": 64, "seed": 1, "num_images": 2},
+        {"id": "s3-two", "prompt": "a tree", "negative_prompt": "fog", "height": 64, "width": 64, "seed": 2},
+    ]
+    for row in rows:
+        row.update(num_inference_steps=3, prior_num_inference_steps=3)
+    local = write_manifest(tmp_path / "part-0.parquet", rows)
+    fs.put(local, f"{bucket}/manifests/day=1/part-0.parquet")
+    config = JobConfig(
+        manifest=f"s3://{bucket}/manifests/",
+        output=f"s3://{bucket}/renders/run",
+        models=ModelPaths.resolve(models_dir=tiny_models),
+        storage_options=options,
+    )
+    run_job(config)
+    assert fs.exists(f"{bucket}/renders/run/_SUCCESS")
+    final = final_results(read_results(Storage(config.output, storage_options=options)))
+    assert sorted(final.column("status").to_pylist()) == ["ok"] * 3
+    for result in final.to_pylist():
+        assert result["uri"].startswith(f"s3://{bucket}/renders/run/images/")
+        fetched = tmp_path / "fetched.png"
+        fs.get(result["uri"], str(fetched))
+        row = next(r for r in rows if r["id"] == result["id"])
+        assert max_level_difference(load_png(str(fetched)), text2img_reference(tiny_models, row, result["seed"])) <= 1
