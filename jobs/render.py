@@ -23,7 +23,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows real defaults only (not None/False) and never splits hub ids at hyphens."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "(default" in (action.help or ""):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
