@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -110,6 +112,7 @@ class DecoderActor:
         key = lambda i: tuple(rows[i][name] for name in CALL_KEY)  # noqa: E731
         for _, group in itertools.groupby(sorted(pending, key=key), key=key):
             positions = list(group)
+            started = time.perf_counter()
             try:
                 images = self._decode([rows[i] for i in positions])
             except Exception as exc:  # isolate the failing row(s): retry one by one
@@ -120,8 +123,10 @@ class DecoderActor:
                         images.extend(self._decode([rows[i]]))
                     except Exception as row_exc:
                         images.append(row_exc)
-            for i, image in zip(positions, images):
-                results[i] = self._finish(rows[i], image)
+            finished = [self._finish(rows[i], image) for i, image in zip(positions, images)]
+            share = (time.perf_counter() - started) / len(positions)
+            for i, result in zip(positions, finished):
+                results[i] = dataclasses.replace(result, decoder_seconds=share)
         return results_table(results)
 
     @torch.inference_mode()

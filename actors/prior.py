@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -53,11 +54,13 @@ class PriorActor:
         embeds: list[np.ndarray | None] = [None] * n
         negatives: list[np.ndarray | None] = [None] * n
         states: list[bytes | None] = [None] * n
+        seconds: list[float | None] = [None] * n
         errors: dict[int, tuple[str, str]] = {}
         rows = work.to_pylist()
         pending = [i for i, row in enumerate(rows) if row["error"] is None]
         for _, group in itertools.groupby(sorted(pending, key=lambda i: _key(rows[i])), key=lambda i: _key(rows[i])):
             positions = list(group)
+            started = time.perf_counter()
             try:
                 outputs = self._embed([rows[i] for i in positions])
             except Exception as exc:  # isolate the failing row(s): retry one by one
@@ -69,7 +72,9 @@ class PriorActor:
                     except Exception as row_exc:
                         errors[i] = (ERROR_RENDER, f"prior failed: {describe_exception(row_exc)}")
                         outputs.append(None)
+            share = (time.perf_counter() - started) / len(positions)
             for i, output in zip(positions, outputs):
+                seconds[i] = share
                 if output is not None:
                     embeds[i], negatives[i], states[i] = output
         table = with_errors(work, errors)
@@ -78,6 +83,7 @@ class PriorActor:
             pa.array([None if e is None else e.tolist() for e in negatives], pa.list_(pa.float32())),
             pa.array(states, pa.binary()),
             pa.array([self.worker] * n, pa.string()),
+            pa.array(seconds, pa.float64()),
         ]
         for field, column in zip(EMBED_FIELDS, columns):
             table = table.append_column(field, column)

@@ -44,6 +44,8 @@ class ResultRow:
     run_id: str
     prior_worker: str | None
     decoder_worker: str | None
+    prior_seconds: float | None  # this image's share of its prior call's wall time
+    decoder_seconds: float | None  # this image's share of its decoder call's wall time (PNG + write included)
     finished_at: dt.datetime
 
 
@@ -70,6 +72,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("prior_worker", pa.string()),
         pa.field("decoder_worker", pa.string()),
+        pa.field("prior_seconds", pa.float64()),
+        pa.field("decoder_seconds", pa.float64()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
@@ -87,6 +91,7 @@ def result_from_work(
     width: int | None = None,
     height: int | None = None,
     decoder_worker: str | None = None,
+    decoder_seconds: float | None = None,
 ) -> ResultRow:
     """The final result of one work row (a `schemas.work` row as a dict); ``error`` set means failed."""
     return ResultRow(
@@ -111,6 +116,8 @@ def result_from_work(
         run_id=run_id,
         prior_worker=row.get("prior_worker"),
         decoder_worker=decoder_worker,
+        prior_seconds=row.get("prior_seconds"),
+        decoder_seconds=decoder_seconds,
         finished_at=dt.datetime.now(dt.timezone.utc),
     )
 

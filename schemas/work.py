@@ -51,6 +51,7 @@ EMBED_FIELDS = (
     pa.field("negative_image_embeds", pa.list_(pa.float32())),
     pa.field("generator_state", pa.binary()),  # torch CPU generator state after the prior
     pa.field("prior_worker", pa.string()),
+    pa.field("prior_seconds", pa.float64()),  # this image's share of its prior call's wall time
 )
 EMBED_SCHEMA = pa.schema(list(WORK_SCHEMA) + list(EMBED_FIELDS))
 
