@@ -125,18 +125,33 @@ def run_job(config: JobConfig) -> JobSummary:
 
 
 def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: float) -> list[StageSpec]:
-    """The stage chain this plan needs, with Ray resources resolved for ``cluster_gpus``."""
+    """The stage chain this plan needs ([depth] -> prior -> decoder), resources resolved for ``cluster_gpus``."""
     from actors.decoder import DecoderActor
+    from actors.depth import DepthActor
     from actors.prior import PriorActor
 
-    prior, decoder = resolve_stages(config.prior, config.decoder, cluster_gpus=cluster_gpus)
-    return [
+    prior, decoder, depth = resolve_stages(
+        config.prior, config.decoder, cluster_gpus=cluster_gpus, depth=config.depth if plan.needs_depth else None
+    )
+    inputs = {
+        "storage_options": config.storage_options,
+        "allowed_protocols": config.limits.allowed_protocols,
+        "max_input_pixels": config.limits.max_input_pixels,
+    }
+    stages = []
+    if depth is not None:
+        stages.append(
+            StageSpec(name="depth", cls=DepthActor, kwargs={"model": config.models.depth, **inputs}, resources=depth)
+        )
+    stages.append(
         StageSpec(
             name="prior",
             cls=PriorActor,
-            kwargs={"model": config.models.prior, "dtype": config.dtype},
+            kwargs={"model": config.models.prior, "dtype": config.dtype, **inputs},
             resources=prior,
-        ),
+        )
+    )
+    stages.append(
         StageSpec(
             name="decoder",
             cls=DecoderActor,
@@ -144,12 +159,13 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
                 "models": decoder_models(config, plan),
                 "output": config.output,
                 "run_id": run_id,
-                "storage_options": config.storage_options,
                 "dtype": config.dtype,
+                **inputs,
             },
             resources=decoder,
-        ),
-    ]
+        )
+    )
+    return stages
 
 
 def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str, Any]) -> Iterator[pa.Table]:

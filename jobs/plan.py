@@ -6,7 +6,9 @@ Everything here runs in the driver before any model loads, so a malformed manife
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import logging
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,13 @@ from fsspec.core import url_to_fs
 from schemas.config import DECODER_FOR_MODE, JobConfig
 from schemas.keys import MAX_SEED, image_key, image_seed
 from schemas.manifest import (
+    CONTROLNET_MODES,
+    IMAGE_COLUMNS,
+    IMAGE_REF,
+    INTERPOLATE_TYPE,
+    PRIOR_IMAGE,
+    PRIOR_INTERPOLATE,
+    PRIOR_TEXT,
     Limits,
     ManifestError,
     RenderDefaults,
@@ -53,6 +62,18 @@ class Plan:
     def modes(self) -> list[str]:
         """Modes present in the batches (decides which decoder checkpoints load)."""
         return sorted({mode for batch in self.batches for mode in batch.column("mode").unique().to_pylist()})
+
+    @property
+    def needs_depth(self) -> bool:
+        """Whether some ControlNet row has no hint, so the depth stage must run."""
+        return any(
+            pc.any(
+                pc.and_(
+                    pc.is_in(b.column("mode"), value_set=pa.array(sorted(CONTROLNET_MODES))), b.column("hint").is_null()
+                )
+            ).as_py()
+            for b in self.batches
+        )
 
     @property
     def decoder_checkpoints(self) -> list[str]:
@@ -113,7 +134,7 @@ def expand(
     Returns ``(work, refused)``: renderable rows, and rows of invalid manifest rows with their
     problem in ``error`` (one per image, or a single image 0 when ``num_images`` itself is bad).
     """
-    filled = fill_defaults(table, defaults)
+    filled = resolve_relative_uris(fill_defaults(table, defaults), base=file)
     problems = row_problems(filled, limits=limits, supported_modes=supported_modes)
     num_images = filled.column("num_images").to_numpy(zero_copy_only=False)
     counts = np.where((num_images >= 1) & (num_images <= limits.max_num_images), num_images, 1).astype(np.int64)
@@ -130,7 +151,14 @@ def expand(
         for i, s, k, n in zip(ids, raw_seeds, image_index.tolist(), counts[positions].tolist())
     ]
     negative = rows.column("negative_prompt")
+    prior_kind = pc.if_else(
+        rows.column("interpolate").is_valid(),
+        PRIOR_INTERPOLATE,
+        pc.if_else(rows.column("prior_image").is_valid(), PRIOR_IMAGE, PRIOR_TEXT),
+    )
     columns = {
+        "prior_kind": prior_kind,
+        "inputs_key": pa.array(_inputs_keys(rows), pa.string()),
         "id": rows.column("id"),
         "image_index": pa.array(image_index, pa.int32()),
         "seed": pa.array(seeds, pa.int64()),
@@ -149,6 +177,47 @@ def expand(
     work = pa.table(columns).select(WORK_SCHEMA.names).cast(WORK_SCHEMA)
     bad = work.column("error").is_valid()
     return work.filter(pc.invert(bad)), work.filter(bad)
+
+
+def _inputs_keys(rows: pa.Table) -> list[str]:
+    """Per work row: a digest of (image, mask) for inpaint rows, "" otherwise (see WORK_SCHEMA)."""
+    keys = []
+    modes = rows.column("mode").to_pylist()
+    images, masks = rows.column("image"), rows.column("mask")
+    for i, mode in enumerate(modes):
+        if mode != "inpaint":
+            keys.append("")
+            continue
+        digest = hashlib.sha256()
+        for ref in (images[i].as_py(), masks[i].as_py()):
+            digest.update(repr(ref and (ref["uri"], ref["data"])).encode())
+        keys.append(digest.hexdigest()[:32])
+    return keys
+
+
+def resolve_relative_uris(table: pa.Table, *, base: str) -> pa.Table:
+    """Relative image URIs (no protocol, not absolute) resolve against the folder of manifest ``base``."""
+    folder = base.rsplit("/", 1)[0] if "/" in base else "."
+
+    def resolve(ref: dict | None) -> dict | None:
+        if ref is None or ref["uri"] is None or "://" in ref["uri"] or ref["uri"].startswith("/") or not ref["uri"]:
+            return ref
+        protocol, sep, path = folder.rpartition("://")
+        joined = posixpath.normpath(posixpath.join(path, ref["uri"]))
+        return {"uri": f"{protocol}{sep}{joined}", "data": None}
+
+    columns = {name: table.column(name) for name in table.column_names}
+    for name in IMAGE_COLUMNS:
+        refs = table.column(name).to_pylist()
+        if any(ref is not None and ref["uri"] is not None for ref in refs):
+            columns[name] = pa.array([resolve(ref) for ref in refs], IMAGE_REF)
+    items = table.column("interpolate").to_pylist()
+    if any(items):
+        columns["interpolate"] = pa.array(
+            [None if row is None else [{**item, "image": resolve(item["image"])} for item in row] for row in items],
+            INTERPOLATE_TYPE,
+        )
+    return pa.table(columns)
 
 
 def batch(work: pa.Table, *, batch_size: int) -> list[pa.Table]:

@@ -66,6 +66,9 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
     models.add_argument("--decoder", help=f"text2img/img2img decoder (default: MODELS/decoder or {defaults.decoder})")
     models.add_argument("--inpaint-decoder", help=f"inpaint decoder (default: {defaults.decoder_inpaint})")
     models.add_argument("--controlnet-decoder", help=f"ControlNet decoder (default: {defaults.controlnet_depth})")
+    models.add_argument(
+        "--depth-model", help=f"depth estimator for ControlNet rows without a hint (default: {defaults.depth})"
+    )
     models.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, float32 on CPU")
 
     ray_group = parser.add_argument_group("execution")
@@ -79,6 +82,8 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
     ray_group.add_argument("--decoder-gpus", type=float, help="GPUs per decoder actor (default: as --prior-gpus)")
     ray_group.add_argument("--prior-cpus", type=float, default=1.0, help="CPUs per prior actor")
     ray_group.add_argument("--decoder-cpus", type=float, default=1.0, help="CPUs per decoder actor")
+    ray_group.add_argument("--num-depth-actors", type=int, default=1, help="depth-estimation actors")
+    ray_group.add_argument("--depth-gpus", type=float, default=0.0, help="GPUs per depth-estimation actor")
     ray_group.add_argument("--batch-size", type=int, default=JobConfig.batch_size, help="images per pipeline call")
     ray_group.add_argument("--seed", type=int, default=0, help="job seed for rows whose seed is null")
     ray_group.add_argument("--results-flush-rows", type=int, default=1000, help="results rows per results part")
@@ -96,6 +101,14 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
         )
     limits = parser.add_argument_group("limits (rows outside them become error rows)")
     for field in dataclasses.fields(Limits):
+        if isinstance(field.default, tuple):
+            limits.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                type=lambda text: tuple(p.strip().lower() for p in text.split(",") if p.strip()),
+                default=field.default,
+                help=f"{field.name}, comma-separated (default: {','.join(field.default)})",
+            )
+            continue
         limits.add_argument(
             f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default, help=field.name
         )
@@ -139,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
             decoder=args.decoder,
             decoder_inpaint=args.inpaint_decoder,
             controlnet_depth=args.controlnet_decoder,
+            depth=args.depth_model,
         ),
         dtype=args.dtype,
         runner=args.runner,
@@ -147,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         decoder=StageResources(
             num_actors=args.num_decoder_actors, num_gpus=args.decoder_gpus, num_cpus=args.decoder_cpus
         ),
+        depth=StageResources(num_actors=args.num_depth_actors, num_gpus=args.depth_gpus),
         batch_size=args.batch_size,
         seed=args.seed,
         defaults=RenderDefaults(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RenderDefaults)}),

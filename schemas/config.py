@@ -13,6 +13,7 @@ HUB_MODELS = {
     "decoder": "kandinsky-community/kandinsky-2-2-decoder",
     "decoder-inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
     "controlnet-depth": "kandinsky-community/kandinsky-2-2-controlnet-depth",
+    "depth": "Intel/dpt-hybrid-midas",  # the estimator diffusers' ControlNet docs use
 }
 # Which decoder checkpoint serves each mode.
 DECODER_FOR_MODE = {
@@ -34,6 +35,7 @@ class ModelPaths:
     decoder: str = HUB_MODELS["decoder"]
     decoder_inpaint: str = HUB_MODELS["decoder-inpaint"]
     controlnet_depth: str = HUB_MODELS["controlnet-depth"]
+    depth: str = HUB_MODELS["depth"]
 
     def for_checkpoint(self, name: str) -> str:
         """Path of checkpoint ``name`` (a key of `HUB_MODELS`)."""
@@ -86,6 +88,7 @@ class JobConfig:
     address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray
     prior: StageResources = field(default_factory=StageResources)
     decoder: StageResources = field(default_factory=StageResources)
+    depth: StageResources = field(default_factory=lambda: StageResources(num_actors=1, num_gpus=0.0))
     batch_size: int = 4  # images per pipeline call
     seed: int = 0  # job seed: rows with a null seed derive theirs from (seed, id)
     defaults: RenderDefaults = field(default_factory=RenderDefaults)

@@ -20,8 +20,25 @@ import pyarrow.compute as pc
 from schemas.keys import MAX_SEED
 
 MODES = ("text2img", "img2img", "inpaint", "controlnet", "controlnet_img2img")
-SUPPORTED_MODES = frozenset({"text2img"})
+SUPPORTED_MODES = frozenset(MODES)
 DEFAULT_MODE = "text2img"
+IMG2IMG_MODES = frozenset({"img2img", "controlnet_img2img"})
+CONTROLNET_MODES = frozenset({"controlnet", "controlnet_img2img"})
+# Which image columns each mode reads (hint is optional for ControlNet: estimated from image when null).
+MODE_INPUTS = {
+    "text2img": frozenset(),
+    "img2img": frozenset({"image"}),
+    "inpaint": frozenset({"image", "mask"}),
+    "controlnet": frozenset({"image", "hint"}),
+    "controlnet_img2img": frozenset({"image", "hint"}),
+}
+PRIOR_TEXT, PRIOR_IMAGE, PRIOR_INTERPOLATE = "text", "image", "interpolate"
+
+# An image input: a URI (any allowed fsspec protocol; relative paths resolve against the manifest's
+# folder) or the encoded bytes inline. Exactly one field is set.
+IMAGE_REF = pa.struct([("uri", pa.string()), ("data", pa.binary())])
+INTERPOLATE_TYPE = pa.list_(pa.struct([("prompt", pa.string()), ("image", IMAGE_REF), ("weight", pa.float64())]))
+DEFAULT_ALLOWED_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +104,9 @@ class Limits:
     max_num_inference_steps: int = 1000
     max_guidance_scale: float = 100.0
     max_prompt_chars: int = 10_000
+    max_input_pixels: int = 40_000_000  # decoded input images above this are refused (decompression bombs)
+    max_interpolate_items: int = 16
+    allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS  # of input URIs
 
 
 class ManifestError(ValueError):
@@ -166,14 +186,14 @@ def normalize(table: pa.Table, *, file: str) -> pa.Table:
             array = table.column(column.name).combine_chunks()
             if column.kind in ("string", "int", "float"):
                 array = _cast(array, _CANONICAL_TYPES[column.kind], file=file, name=column.name, table=table)
-            elif column.kind == "image" and pa.types.is_null(array.type):
-                array = array.cast(pa.string())
-            elif pa.types.is_large_string(array.type):
-                array = array.cast(pa.string())
-            elif pa.types.is_large_binary(array.type):
-                array = array.cast(pa.binary())
+            elif column.kind == "image":
+                array = image_refs(array)
+            elif column.kind == "interpolate":
+                array = _interpolate_items(array)
+        elif column.kind == "image":
+            array = pa.nulls(table.num_rows, IMAGE_REF)
         elif column.kind == "interpolate":
-            array = pa.nulls(table.num_rows)
+            array = pa.nulls(table.num_rows, INTERPOLATE_TYPE)
         else:
             array = pa.nulls(table.num_rows, _CANONICAL_TYPES[column.kind])
         arrays[column.name] = array
@@ -181,6 +201,41 @@ def normalize(table: pa.Table, *, file: str) -> pa.Table:
     _check_ids(normalized, file=file)
     _check_modes(normalized, file=file)
     return normalized
+
+
+def image_refs(array: pa.Array) -> pa.Array:
+    """String URIs or binary bytes (or nulls) -> `IMAGE_REF` structs; null stays null."""
+    if pa.types.is_null(array.type):
+        return pa.nulls(len(array), IMAGE_REF)
+    is_text = pa.types.is_string(array.type) or pa.types.is_large_string(array.type)
+    uri = array.cast(pa.string()) if is_text else pa.nulls(len(array), pa.string())
+    data = pa.nulls(len(array), pa.binary()) if is_text else array.cast(pa.binary())
+    return pa.StructArray.from_arrays([uri, data], fields=list(IMAGE_REF), mask=array.is_null())
+
+
+def _interpolate_items(array: pa.Array) -> pa.Array:
+    rows = []
+    for items in array.to_pylist():
+        if items is None:
+            rows.append(None)
+            continue
+        rows.append(
+            [
+                {
+                    "prompt": item.get("prompt"),
+                    "image": _image_ref(item.get("image")),
+                    "weight": None if item.get("weight") is None else float(item["weight"]),
+                }
+                for item in items
+            ]
+        )
+    return pa.array(rows, INTERPOLATE_TYPE)
+
+
+def _image_ref(value: str | bytes | None) -> dict | None:
+    if value is None:
+        return None
+    return {"uri": value, "data": None} if isinstance(value, str) else {"uri": None, "data": bytes(value)}
 
 
 def _cast(array: pa.Array, target: pa.DataType, *, file: str, name: str, table: pa.Table) -> pa.Array:
@@ -296,14 +351,83 @@ def row_problems(
         fmt="{column}={value} is outside [0, 2**62 - num_images]",
     )
 
-    unused_by_text2img = ("image", "mask", "hint")
-    for name in unused_by_text2img:
-        set_here = np.asarray(table.column(name).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    def is_set(name: str) -> np.ndarray:
+        return np.asarray(table.column(name).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+    for name in ("image", "mask", "hint"):
+        users = sorted(mode for mode, inputs in MODE_INPUTS.items() if name in inputs)
+        not_used = np.isin(modes, [m for m in MODES if name not in MODE_INPUTS[m]])
         flag(
-            set_here & (modes == "text2img"),
-            f"column {name!r} is set but mode text2img does not use it (set 'mode' or clear {name!r})",
+            is_set(name) & not_used,
+            column="mode",
+            fmt=f"column {name!r} is set but mode {{value}} does not use it (it is read by: {', '.join(users)})",
         )
-    for name in ("prior_image", "interpolate"):
-        set_here = np.asarray(table.column(name).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        flag(set_here, f"column {name!r} (image-guided prior / interpolation) is not supported yet")
+    flag(np.isin(modes, ["img2img", "inpaint", "controlnet_img2img"]) & ~is_set("image"), column="mode",
+         fmt="mode {value} needs an 'image'")  # fmt: skip
+    flag((modes == "inpaint") & ~is_set("mask"), "mode inpaint needs a 'mask' (white = repaint, black = keep)")
+    flag((modes == "controlnet") & ~is_set("hint") & ~is_set("image"),
+         "mode controlnet needs a 'hint' (depth map) or an 'image' to estimate one from")  # fmt: skip
+    # Img2img-family decoders and PriorEmb2Emb run int(steps * strength) steps and crash at 0.
+    steps_run = np.floor(np_col("num_inference_steps") * np_col("strength").astype(np.float64) + 1e-9)
+    flag(
+        np.isin(modes, list(IMG2IMG_MODES)) & (steps_run < 1),
+        "num_inference_steps * strength < 1: the img2img decoder would run no denoising step",
+    )
+    prior_steps_run = np.floor(np_col("prior_num_inference_steps") * np_col("prior_strength").astype(np.float64) + 1e-9)
+    flag(
+        is_set("prior_image") & (prior_steps_run < 1),
+        "prior_num_inference_steps * prior_strength < 1: the image-guided prior would run no step",
+    )
+    flag(is_set("prior_image") & has_interpolate, "set either 'prior_image' or 'interpolate', not both")
+    flag(has_interpolate & (prompt_len > 0), "set either 'prompt' or 'interpolate' (a weighted list of prompts and "
+         "images replaces the prompt)")  # fmt: skip
+    for i, items in enumerate(table.column("interpolate").to_pylist()):
+        if items is not None and problems[i] is None:
+            problems[i] = _interpolate_problem(items, limits=limits)
+    for name in IMAGE_COLUMNS:
+        for i, ref in enumerate(table.column(name).to_pylist()):
+            if ref is not None and problems[i] is None:
+                problems[i] = _ref_problem(ref, column=name, limits=limits)
     return problems
+
+
+def _interpolate_problem(items: list[dict], *, limits: Limits) -> str | None:
+    if not items:
+        return "interpolate is an empty list"
+    if len(items) > limits.max_interpolate_items:
+        return f"interpolate has {len(items)} items, more than {limits.max_interpolate_items}"
+    for k, item in enumerate(items):
+        has_prompt, has_image = bool(item["prompt"]), item["image"] is not None
+        if has_prompt == has_image:
+            return f"interpolate[{k}] must have exactly one of 'prompt' or 'image'"
+        weight = item["weight"]
+        if weight is None or not np.isfinite(weight):
+            return f"interpolate[{k}].weight={weight} is not a finite number"
+        if has_image:
+            problem = _ref_problem(item["image"], column=f"interpolate[{k}].image", limits=limits)
+            if problem:
+                return problem
+    return None
+
+
+def uri_protocol(uri: str) -> str:
+    """The fsspec protocol of ``uri`` (``file`` for plain paths); chained URIs give the outermost one."""
+    head, sep, _ = uri.partition("://")
+    return head.split("::")[0].lower() if sep else "file"
+
+
+def _ref_problem(ref: dict, *, column: str, limits: Limits) -> str | None:
+    if ref["data"] is not None:
+        return None if len(ref["data"]) else f"{column} holds empty bytes"
+    uri = ref["uri"]
+    if not uri or not uri.strip():
+        return f"{column} is an empty URI"
+    if any(ord(ch) < 32 for ch in uri):
+        return f"{column} URI {uri!r} contains control characters"
+    protocol = uri_protocol(uri)
+    if protocol not in limits.allowed_protocols:
+        return (
+            f"{column} URI {uri!r} uses protocol {protocol!r}, which is not allowed "
+            f"(allowed: {', '.join(limits.allowed_protocols)}; see --allowed-protocols)"
+        )
+    return None

@@ -13,6 +13,7 @@ STATUS_ERROR = "error"
 
 # error_kind values (stats.json counts errors by kind).
 ERROR_INVALID_ROW = "invalid_row"  # a value outside the manifest contract, found before model work
+ERROR_INPUT = "input_error"  # an input image missing, unreadable, not an image, too large or of the wrong size
 ERROR_UNSUPPORTED_SIZE = "unsupported_size"  # a size the decoder would silently change
 ERROR_NON_FINITE = "non_finite_output"
 ERROR_RENDER = "render_failed"  # the pipeline raised for this image

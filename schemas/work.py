@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from schemas.manifest import IMAGE_REF, INTERPOLATE_TYPE
+
 # Parameters that must be equal for every row of one pipeline call (the batch key).
 CALL_KEY = (
     "mode",
+    "prior_kind",
+    "inputs_key",
     "height",
     "width",
     "num_inference_steps",
@@ -19,6 +23,7 @@ CALL_KEY = (
     "prior_num_inference_steps",
     "prior_guidance_scale",
     "strength",
+    "prior_strength",
     "has_negative_prompt",
 )
 
@@ -40,6 +45,15 @@ WORK_SCHEMA = pa.schema(
         pa.field("prior_guidance_scale", pa.float64(), nullable=False),
         pa.field("strength", pa.float64(), nullable=False),
         pa.field("prior_strength", pa.float64(), nullable=False),
+        pa.field("prior_kind", pa.string(), nullable=False),  # text | image | interpolate
+        # "" except for inpaint, where diffusers 0.42.1 blends image[:1]/mask[:1] into every row of a
+        # call: only rows with the same image and mask may share one (KANDINSKY_NOTES.md).
+        pa.field("inputs_key", pa.string(), nullable=False),
+        pa.field("image", IMAGE_REF),
+        pa.field("mask", IMAGE_REF),
+        pa.field("hint", IMAGE_REF),  # given, or a depth map (PNG bytes) added by the depth stage
+        pa.field("prior_image", IMAGE_REF),
+        pa.field("interpolate", INTERPOLATE_TYPE),
         pa.field("manifest_file", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),

@@ -28,8 +28,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     )
 
 
-def test_bundled_example_manifest_is_up_to_date() -> None:
-    assert pq.read_table(example_manifest_path()).equals(example_table())
+def test_bundled_example_is_up_to_date_and_covers_every_mode() -> None:
+    from jobs.example import EXAMPLE_DIR, example_images
+    from schemas.manifest import MODES
+
+    table = pq.read_table(example_manifest_path())
+    assert table.equals(example_table())
+    for name, data in example_images().items():
+        assert (Path(EXAMPLE_DIR) / name).read_bytes() == data, name
+    rows = table.to_pylist()
+    assert {row["mode"] for row in rows} == set(MODES)
+    assert any(row["prior_image"] for row in rows) and any(row["interpolate"] for row in rows)
+    assert any(row["mode"] == "controlnet" and not row["hint"] for row in rows)  # depth estimated
 
 
 def test_example_on_local_ray(tmp_path: Path) -> None:

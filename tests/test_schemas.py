@@ -123,11 +123,12 @@ def test_bad_values_become_error_rows_not_refusals(tmp_path: Path) -> None:
         {"id": "neg-seed", "prompt": "x", "seed": -5},
         {"id": "steps", "prompt": "x", "num_inference_steps": 0},
         {"id": "later-mode", "prompt": "x", "mode": "img2img", "image": "s3://b/i.png"},
+        {"id": "ftp-image", "prompt": "x", "mode": "inpaint", "image": "ftp://host/i.png", "mask": "s3://b/m.png"},
         {"id": "stray-image", "prompt": "x", "image": "s3://b/i.png"},
         {"id": "nan-guidance", "prompt": "x", "guidance_scale": float("nan")},
     ]
     path = write_manifest(tmp_path / "m.parquet", rows)
-    plan = make_plan(_config(tmp_path, path), done=None, supported_modes=frozenset({"text2img"}))
+    plan = make_plan(_config(tmp_path, path), done=None, supported_modes=frozenset({"text2img", "inpaint"}))
     assert plan.num_to_render == 1
     errors = {row["id"]: row["error"] for row in plan.refused.to_pylist()}
     assert errors["no-prompt"].startswith("prompt is null or empty")
@@ -138,6 +139,7 @@ def test_bad_values_become_error_rows_not_refusals(tmp_path: Path) -> None:
     assert "'img2img' is not supported yet" in errors["later-mode"]
     assert "'image' is set but mode text2img" in errors["stray-image"]
     assert "guidance_scale=nan" in errors["nan-guidance"]
+    assert "protocol 'ftp', which is not allowed" in errors["ftp-image"]
     assert all(kind == "invalid_row" for kind in plan.refused.column("error_kind").to_pylist())
 
 
