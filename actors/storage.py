@@ -51,6 +51,32 @@ class Storage:
             self.fs.pipe_file(path, data)
         return self.uri(key)
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write ``data`` at ``key`` only if nothing is there; False when it already exists.
+
+        Local files use O_EXCL; object stores a conditional put (S3 ``If-None-Match: *``, fsspec
+        ``mode="create"``). Filesystems without conditional writes fall back to check-then-write.
+        """
+        path = self.path(key)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            return True
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, data)
+        return True
+
     def read_bytes(self, key: str) -> bytes:
         """Bytes of ``key``; raises FileNotFoundError when absent."""
         return self.fs.cat_file(self.path(key))
@@ -72,6 +98,7 @@ class Storage:
     def delete(self, prefix: str) -> None:
         """Remove ``prefix`` recursively if present."""
         base = self.path(prefix)
+        self.fs.invalidate_cache(base)
         if self.fs.exists(base):
             self.fs.rm(base, recursive=True)
 

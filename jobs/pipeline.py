@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from actors.storage import Storage
 from cluster.resources import StagePlan, resolve_stages
+from jobs.lease import Lease
 from jobs.plan import Plan, make_plan
 from jobs.results import ResultsWriter, final_results, read_results
 from jobs.runners import StageSpec, connect_ray, run_local, run_ray
@@ -55,73 +57,86 @@ def decoder_models(config: JobConfig, plan: Plan) -> dict[str, str]:
 def run_job(config: JobConfig) -> JobSummary:
     """Render every image of the manifests that is not final in the output yet; see README.md.
 
-    Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests and
-    ValueError for impossible settings. Results rows are published only after their images.
+    Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests,
+    ValueError for impossible settings and `jobs.lease.LeaseHeldError` when another run holds the
+    output. Results rows are published only after their images.
     """
     started = time.monotonic()
     storage = Storage(config.output, storage_options=config.storage_options)
-    if config.overwrite:
-        for key in (SUCCESS_FILE, STATS_FILE, RESULTS_DIR, IMAGES_DIR):
-            storage.delete(key)
-    previous = final_results(read_results(storage, columns=["id", "image_index", "status", "finished_at"]))
-    done = previous.filter(pa.compute.equal(previous.column("status"), STATUS_OK)) if previous.num_rows else previous
-    plan = make_plan(config, done=done if config.retry_errors else previous, supported_modes=SUPPORTED_MODES)
     run_id = new_run_id()
-    logger.info(
-        "run %s: %d rows in %d file(s), %d images, %d already final, %d to render in %d batches, %d refused",
-        run_id,
-        plan.num_rows,
-        len(plan.files),
-        plan.num_images,
-        plan.num_done,
-        plan.num_to_render,
-        len(plan.batches),
-        plan.refused.num_rows,
-    )
-    storage.delete(SUCCESS_FILE)
-    writer = ResultsWriter(
-        storage, run_id=run_id, flush_rows=config.results_flush_rows, flush_seconds=config.results_flush_seconds
-    )
-    if plan.refused.num_rows:
-        writer.add(
-            results_table(
-                [
-                    result_from_work(row, run_id=run_id, error=row["error"], error_kind=row["error_kind"])
-                    for row in plan.refused.to_pylist()
-                ]
-            )
+    with Lease(storage, run_id=run_id, ttl_s=config.lease_ttl_s, wait_s=config.lease_wait_s) as lease:
+        if config.overwrite:
+            for key in (SUCCESS_FILE, STATS_FILE, RESULTS_DIR, IMAGES_DIR):
+                storage.delete(key)
+        previous = final_results(read_results(storage, columns=["id", "image_index", "status", "finished_at"]))
+        done = previous.filter(pc.equal(previous.column("status"), STATUS_OK)) if previous.num_rows else previous
+        plan = make_plan(config, done=done if config.retry_errors else previous, supported_modes=SUPPORTED_MODES)
+        logger.info(
+            "run %s: %d rows in %d file(s), %d images, %d already final, %d to render in %d batches, %d refused",
+            run_id,
+            plan.num_rows,
+            len(plan.files),
+            plan.num_images,
+            plan.num_done,
+            plan.num_to_render,
+            len(plan.batches),
+            plan.refused.num_rows,
         )
-    stage_info: dict[str, Any] = {}
-    num_rendered = 0
-    render_started = time.monotonic()
-    if plan.batches:
-        for results in execute(plan, config, run_id=run_id, stage_info=stage_info):
-            writer.add(results)
-            num_rendered += results.num_rows
-    writer.close()
-    render_seconds = time.monotonic() - render_started
+        storage.delete(SUCCESS_FILE)
+        writer = ResultsWriter(
+            storage, run_id=run_id, flush_rows=config.results_flush_rows, flush_seconds=config.results_flush_seconds
+        )
+        num_errors = plan.refused.num_rows
+        if plan.refused.num_rows:
+            writer.add(
+                results_table(
+                    [
+                        result_from_work(row, run_id=run_id, error=row["error"], error_kind=row["error_kind"])
+                        for row in plan.refused.to_pylist()
+                    ]
+                )
+            )
+        stage_info: dict[str, Any] = {}
+        num_rendered = 0
+        render_started = time.monotonic()
+        if plan.batches:
+            for results in execute(plan, config, run_id=run_id, stage_info=stage_info):
+                if lease.lost.is_set():
+                    raise LeaseLostError(f"run {run_id} lost the lease on {config.output}; stopping")
+                writer.add(results)
+                num_rendered += results.num_rows
+                num_errors += pc.sum(pc.not_equal(results.column("status"), STATUS_OK)).as_py() or 0
+        writer.close()
+        render_seconds = time.monotonic() - render_started
 
-    final = final_results(read_results(storage))
-    stats = {
-        "run_id": run_id,
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "manifest_files": plan.files,
-        "num_rows": plan.num_rows,
-        "num_images_requested": plan.num_images,
-        "num_skipped_already_final": plan.num_done,
-        "num_refused": plan.refused.num_rows,
-        "num_rendered": num_rendered,
-        "render_seconds": round(render_seconds, 3),
-        "images_per_s": round(num_rendered / render_seconds, 3) if render_seconds > 0 and num_rendered else 0.0,
-        "wall_seconds": round(time.monotonic() - started, 3),
-        "output": summarize(final),
-        "stages": stage_info,
-        "versions": versions(),
-        "config": config.to_dict(),
-    }
-    write_stats(storage, stats)
-    storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
+        final = final_results(read_results(storage))
+        num_this_run = num_rendered + plan.refused.num_rows
+        stats = {
+            "run_id": run_id,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "manifest_files": plan.files,
+            "num_rows": plan.num_rows,
+            "num_images_requested": plan.num_images,
+            "num_skipped_already_final": plan.num_done,
+            "num_refused": plan.refused.num_rows,
+            "num_rendered": num_rendered,
+            "num_errors_this_run": num_errors,
+            "error_fraction_this_run": round(num_errors / num_this_run, 6) if num_this_run else 0.0,
+            "render_seconds": round(render_seconds, 3),
+            "images_per_s": round(num_rendered / render_seconds, 3) if render_seconds > 0 and num_rendered else 0.0,
+            "wall_seconds": round(time.monotonic() - started, 3),
+            "output": summarize(final),
+            "stages": stage_info,
+            "versions": versions(),
+            "config": config.to_dict(),
+        }
+        write_stats(storage, stats)
+        storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
     return JobSummary(run_id=run_id, plan=plan, stats=stats)
+
+
+class LeaseLostError(RuntimeError):
+    """This run's lease was taken by another run (it expired while this run could not renew it)."""
 
 
 def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: float) -> list[StageSpec]:

@@ -242,6 +242,16 @@ def batch(work: pa.Table, *, batch_size: int) -> list[pa.Table]:
     return batches
 
 
+def _without(work: pa.Table, done: pa.Table) -> pa.Table:
+    """Rows of ``work`` (in order) whose (id, image_index) is not in ``done``.
+
+    Joins only the key columns: Arrow cannot carry nested columns through a join.
+    """
+    keys = work.select(["id", "image_index"]).append_column("_row", pa.array(np.arange(work.num_rows)))
+    keep = keys.join(done, keys=["id", "image_index"], join_type="left anti").column("_row")
+    return work.take(pa.array(np.sort(keep.to_numpy()), pa.int64()))
+
+
 def make_plan(config: JobConfig, *, done: pa.Table | None, supported_modes: frozenset[str]) -> Plan:
     """Read every manifest file, validate, expand, drop finished (id, image_index) pairs, and batch.
 
@@ -270,8 +280,8 @@ def make_plan(config: JobConfig, *, done: pa.Table | None, supported_modes: froz
     if done is not None and done.num_rows:
         done = done.select(["id", "image_index"]).cast(pa.schema([("id", pa.string()), ("image_index", pa.int32())]))
         before = work.num_rows + refused.num_rows
-        work = work.join(done, keys=["id", "image_index"], join_type="left anti").select(WORK_SCHEMA.names)
-        refused = refused.join(done, keys=["id", "image_index"], join_type="left anti").select(WORK_SCHEMA.names)
+        work = _without(work, done)
+        refused = _without(refused, done)
         num_done = before - work.num_rows - refused.num_rows
     return Plan(
         files=files,

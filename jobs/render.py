@@ -17,6 +17,8 @@ logger = logging.getLogger("kandinsky_render")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_TOO_MANY_ERRORS = 3
+EXIT_OUTPUT_BUSY = 75  # EX_TEMPFAIL: another run holds the output's lease; try again later
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -58,6 +60,16 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
     )
     io.add_argument("--overwrite", action="store_true", help="delete previous outputs and start fresh")
     io.add_argument("--retry-errors", action="store_true", help="render again images whose result is an error")
+    io.add_argument(
+        "--max-error-fraction",
+        type=float,
+        default=1.0,
+        help="exit with status 3 when a larger fraction of this run's images end in error",
+    )
+    io.add_argument("--lease-ttl", type=float, default=120.0, help="seconds the output lease lasts between renewals")
+    io.add_argument(
+        "--lease-wait", type=float, default=0.0, help="seconds to wait when another run holds the output's lease"
+    )
 
     models = parser.add_argument_group("models (hub ids or save_pretrained directories)")
     models.add_argument("--models", help="directory holding prior/, decoder/, decoder-inpaint/, controlnet-depth/")
@@ -171,6 +183,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         results_flush_seconds=args.results_flush_seconds,
         overwrite=args.overwrite,
         retry_errors=args.retry_errors,
+        max_error_fraction=args.max_error_fraction,
+        lease_ttl_s=args.lease_ttl,
+        lease_wait_s=args.lease_wait,
     )
 
 
@@ -178,11 +193,15 @@ def main(argv: list[str] | None = None, *, prog: str = "kandinsky-render render"
     """Run a render job; exit 0 when it completed, 2 for bad input, 1 for any other failure."""
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from jobs.lease import LeaseHeldError
     from jobs.pipeline import run_job
 
     try:
         config = config_from_args(args)
         summary = run_job(config)
+    except LeaseHeldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT_BUSY
     except ManifestError as exc:
         print(f"error: manifest refused: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -196,6 +215,14 @@ def main(argv: list[str] | None = None, *, prog: str = "kandinsky-render render"
         f"output now holds {output['by_status'].get('ok', 0)} ok and {output['by_status'].get('error', 0)} error "
         f"image(s) -> {config.output}"
     )
+    fraction = summary.stats["error_fraction_this_run"]
+    if fraction > config.max_error_fraction:
+        print(
+            f"error: {summary.stats['num_errors_this_run']} of this run's images ended in error ({fraction:.1%}), "
+            f"above --max-error-fraction {config.max_error_fraction}; see {config.output}/results",
+            file=sys.stderr,
+        )
+        return EXIT_TOO_MANY_ERRORS
     return EXIT_OK
 
 

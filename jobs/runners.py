@@ -91,8 +91,10 @@ def run_ray(stages: Sequence[StageSpec], batches: Sequence[pa.Table]) -> Iterato
     items = [{PAYLOAD: to_ipc(batch)} for batch in batches]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     for spec in stages:
+        # A subclass per stage so Ray (dashboard, state API, logs) names actors after their stage.
+        stage_class = type(f"{spec.name.title()}Stage", (PayloadStage,), {})
         dataset = dataset.map_batches(
-            PayloadStage,
+            stage_class,
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=spec.resources.num_actors),

@@ -98,6 +98,9 @@ class JobConfig:
     results_flush_seconds: float = 30.0
     overwrite: bool = False
     retry_errors: bool = False  # rerender images whose final result is an error
+    lease_ttl_s: float = 120.0  # the output lease expires this long after its last renewal
+    lease_wait_s: float = 0.0  # how long to wait for another run's lease before giving up
+    max_error_fraction: float = 1.0  # exit status 3 when more of this run's images end in error
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -106,6 +109,10 @@ class JobConfig:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+        if self.lease_ttl_s <= 0 or self.lease_wait_s < 0:
+            raise ValueError("lease_ttl_s must be > 0 and lease_wait_s >= 0")
         if self.results_flush_rows < 1:
             raise ValueError(f"results_flush_rows must be >= 1, got {self.results_flush_rows}")
 

@@ -1,0 +1,349 @@
+"""Nothing lost: broken rows, failed writes, NaN models, killed drivers and actors, reruns, increments, leases."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from actors.storage import Storage
+from jobs.lease import LEASE_FILE, Lease, LeaseHeldError
+from jobs.pipeline import run_job
+from jobs.results import final_results, read_results
+from schemas.config import JobConfig, ModelPaths
+from schemas.keys import image_key
+from tests.conftest import REPO, write_manifest
+from tests.reference import load_png, max_level_difference
+
+STEPS = {"num_inference_steps": 3, "prior_num_inference_steps": 2, "height": 64, "width": 64}
+
+
+def rows_of(n: int, prefix: str = "r", **extra: object) -> list[dict]:
+    return [{"id": f"{prefix}{i}", "prompt": f"picture number {i}", "seed": i, **STEPS, **extra} for i in range(n)]
+
+
+def config_for(manifest: str, output: str, models: str, **kwargs: object) -> JobConfig:
+    return JobConfig(manifest=manifest, output=output, models=ModelPaths.resolve(models_dir=models), **kwargs)
+
+
+def raw_results(output: str, **options: object) -> list[dict]:
+    return read_results(Storage(output, storage_options=options or None)).to_pylist()
+
+
+def assert_exactly_one_ok(results: list[dict], expected: set[tuple[str, int]]) -> None:
+    ok = [(r["id"], r["image_index"]) for r in results if r["status"] == "ok"]
+    assert len(ok) == len(set(ok)), "duplicate ok results"
+    assert set(ok) == expected
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_a_dozen_kinds_of_broken_rows_among_good_ones(tmp_path: Path, tiny_models: str) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(_png(np.full((64, 64, 3), 120, np.uint8)))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (8000, 6000)).save(bomb)  # 48 MP of zeros: a tiny file, refused before decoding
+    (tmp_path / "mask-small.png").write_bytes(_png(np.zeros((32, 32), np.uint8)))
+    good = rows_of(5, "good") + [
+        {"id": "good-i2i", "mode": "img2img", "prompt": "p", "image": str(photo), "strength": 0.7, "seed": 9, **STEPS}
+    ]
+    broken = {
+        "no-prompt": ({"prompt": None}, "prompt is null or empty"),
+        "too-big": ({"height": 4096}, "height=4096 is outside"),
+        "too-many-images": ({"num_images": 99}, "num_images=99"),
+        "negative-seed": ({"seed": -1}, "seed=-1"),
+        "zero-steps": ({"num_inference_steps": 0}, "num_inference_steps=0"),
+        "missing-input": ({"mode": "img2img", "image": str(tmp_path / "absent.png")}, "does not exist"),
+        "corrupt-input": ({"mode": "img2img", "image": str(tmp_path / "corrupt.png")}, "not a decodable image"),
+        "bomb-input": ({"mode": "img2img", "image": str(bomb)}, "above the limit"),
+        "bad-protocol": ({"mode": "img2img", "image": "http://127.0.0.1:1/x.png"}, "protocol 'http'"),
+        "odd-size": ({"height": 66}, "height=66 is not a multiple of 4"),
+        "mask-mismatch": (
+            {"mode": "inpaint", "image": str(photo), "mask": str(tmp_path / "mask-small.png")},
+            "differs from its image",
+        ),  # fmt: skip
+        "no-denoising": ({"mode": "img2img", "image": str(photo), "strength": 0.2}, "strength < 1"),
+        "nan-guidance": ({"guidance_scale": float("nan")}, "guidance_scale=nan"),
+    }
+    rows = good + [
+        {"id": key, "prompt": "p", "seed": 1, "strength": 0.7, **STEPS, **row} for key, (row, _) in broken.items()
+    ]
+    random.Random(3).shuffle(rows)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    run_job(config_for(write_manifest(mixed / "m.parquet", rows), str(mixed / "out"), tiny_models, batch_size=3))
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    run_job(config_for(write_manifest(clean / "m.parquet", good), str(clean / "out"), tiny_models, batch_size=3))
+
+    results = {r["id"]: r for r in final_results(read_results(Storage(str(mixed / "out")))).to_pylist()}
+    reference = {r["id"]: r for r in final_results(read_results(Storage(str(clean / "out")))).to_pylist()}
+    for key, (_, phrase) in broken.items():
+        assert results[key]["status"] == "error" and phrase in results[key]["error"], (key, results[key]["error"])
+    for row in good:
+        assert results[row["id"]]["status"] == "ok"
+        got, expected = load_png(results[row["id"]]["uri"]), load_png(reference[row["id"]]["uri"])
+        assert max_level_difference(got, expected) <= 1
+    stats = json.loads((mixed / "out" / "stats.json").read_text())
+    kinds = stats["output"]["errors_by_kind"]
+    assert kinds == {"invalid_row": 8, "input_error": 4, "unsupported_size": 1}, kinds
+
+
+def test_failed_write_is_an_error_row_and_others_render(tmp_path: Path, tiny_models: str) -> None:
+    rows = rows_of(6)
+    output = tmp_path / "out"
+    blocked = image_key("r2", 0).rsplit("/", 1)[0]  # images/<shard> of r2
+    (output / blocked).parent.mkdir(parents=True)
+    (output / blocked).write_text("a file where a folder must go")
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    run_job(config_for(manifest, str(output), tiny_models, runner="local"))
+    results = {r["id"]: r for r in final_results(read_results(Storage(str(output)))).to_pylist()}
+    assert results["r2"]["status"] == "error" and results["r2"]["error_kind"] == "write_failed"
+    others = [r for key, r in results.items() if image_key(key, 0).rsplit("/", 1)[0] != blocked]
+    assert others and all(r["status"] == "ok" and Path(r["uri"]).is_file() for r in others)
+
+
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_non_finite_model_output_is_an_error_row(tmp_path: Path, tiny_models: str) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    weights = next((models / "decoder" / "movq").glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors = {name: t.fill_(float("nan")) if "conv_out" in name else t for name, t in tensors.items()}
+    save_file(tensors, weights)
+    manifest = write_manifest(tmp_path / "m.parquet", rows_of(3))
+    run_job(config_for(manifest, str(tmp_path / "out"), str(models)))
+    results = final_results(read_results(Storage(str(tmp_path / "out")))).to_pylist()
+    assert [r["error_kind"] for r in results] == ["non_finite_output"] * 3
+    assert not list((tmp_path / "out").glob("images/**/*.png"))
+
+
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_hostile_ids_never_write_outside_the_output(tmp_path: Path, tiny_models: str) -> None:
+    hostile = ["../../escape", "/etc/passwd", "a\x00b", "tab\tnew\nline\r", "x" * 3000, "..", ".", "a/b", "a_b",
+               "a b", "ünï/../../cødé", "C:\\windows\\system32", "~root", "$HOME", "%2e%2e%2f"]  # fmt: skip
+    rows = [{"id": row_id, "prompt": "p", "seed": i, **STEPS} for i, row_id in enumerate(hostile)]
+    work = tmp_path / "work"
+    work.mkdir()
+    manifest = write_manifest(work / "m.parquet", rows)
+    before = {p for p in Path("/tmp").glob("*")} | {p for p in tmp_path.rglob("*")}
+    output = work / "out"
+    run_job(config_for(manifest, str(output), tiny_models))
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert all(p == output or output in p.parents for p in created if p != work / "m.parquet")
+    assert not (Path("/tmp") / "escape").exists() and not Path("/etc/passwd.png").exists()
+    results = final_results(read_results(Storage(str(output)))).to_pylist()
+    assert sorted(r["id"] for r in results) == sorted(hostile) and all(r["status"] == "ok" for r in results)
+    uris = [r["uri"] for r in results]
+    assert len(set(uris)) == len(uris)
+    assert all(Path(u).resolve().is_relative_to((output / "images").resolve()) for u in uris)
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill_leftovers(pids: list[int]) -> None:
+    """Processes of a SIGKILLed driver's private Ray that outlive it, killed by their own pids."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
+    import s3fs
+
+    bucket, options = s3_options["bucket"], s3_options["options"]
+    fs = s3fs.S3FileSystem(**options)
+    rows = rows_of(16, num_images=2)
+    fs.put(write_manifest(tmp_path / "m.parquet", rows), f"{bucket}/in/m.parquet")
+    output = f"s3://{bucket}/out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "jobs.render", "--manifest", f"s3://{bucket}/in/", "--output", output,
+               "--models", tiny_models, "--batch-size", "2", "--results-flush-rows", "1", "--lease-ttl", "30",
+               "--storage-option", "key=testing", "--storage-option", "secret=testing",
+               "--storage-option", "client_kwargs=" + json.dumps(options["client_kwargs"])]  # fmt: skip
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    parts = []
+    target = random.Random().randint(1, 6)  # a random moment: after 1 to 6 result parts
+    while time.monotonic() < deadline and driver.poll() is None:
+        fs.invalidate_cache()
+        parts = fs.glob(f"{bucket}/out/results/*.parquet")
+        if len(parts) >= target:
+            break
+        time.sleep(0.2)
+    children = _descendants(driver.pid)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(1)
+    _kill_leftovers(children)
+    assert parts, driver.stderr.read().decode()[-2000:] if driver.stderr else "no results before the deadline"
+
+    first = raw_results(output, **options)
+    first_ok = {(r["id"], r["image_index"]) for r in first if r["status"] == "ok"}
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    everything = {(r["id"], i) for r in rows for i in range(2)}
+    results = raw_results(output, **options)
+    assert_exactly_one_ok(results, everything)
+    stats = json.loads(fs.cat_file(f"{bucket}/out/stats.json"))
+    assert stats["num_rendered"] == len(everything) - len(first_ok)  # only what the first run had not finished
+    assert stats["num_skipped_already_final"] == len(first_ok)
+    for r in results:  # every ok row points at a complete PNG
+        with Image.open(io.BytesIO(fs.cat_file(r["uri"]))) as image:
+            image.load()
+    assert not fs.exists(f"{bucket}/out/{LEASE_FILE}")
+
+
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_scheduled_increments_on_s3_render_each_row_once(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
+    import s3fs
+
+    bucket, options = s3_options["bucket"], s3_options["options"]
+    fs = s3fs.S3FileSystem(**options)
+    output = f"s3://{bucket}/renders"
+    config = config_for(f"s3://{bucket}/incoming/", output, tiny_models, storage_options=options)
+    fs.put(write_manifest(tmp_path / "day1.parquet", rows_of(4, "day1-")), f"{bucket}/incoming/day1.parquet")
+    first = run_job(config)
+    fs.put(write_manifest(tmp_path / "day2.parquet", rows_of(3, "day2-")), f"{bucket}/incoming/day2.parquet")
+    second = run_job(config)
+    third = run_job(config)
+    assert (first.stats["num_rendered"], second.stats["num_rendered"], third.stats["num_rendered"]) == (4, 3, 0)
+    results = raw_results(output, **options)
+    assert_exactly_one_ok(results, {(f"day1-{i}", 0) for i in range(4)} | {(f"day2-{i}", 0) for i in range(3)})
+    assert {r["run_id"] for r in results} == {first.run_id, second.run_id}
+
+
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_killed_decoder_actor_is_replaced_and_nothing_is_lost(tmp_path: Path, tiny_models: str) -> None:
+    import ray
+
+    rows = rows_of(12, num_inference_steps=12)
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    calm = run_job(config_for(manifest, str(tmp_path / "calm"), tiny_models, batch_size=2))
+    assert calm.stats["num_rendered"] == 12
+
+    outcome: dict = {}
+    job = threading.Thread(
+        target=lambda: outcome.update(
+            summary=run_job(
+                config_for(manifest, str(tmp_path / "hit"), tiny_models, batch_size=2, results_flush_rows=1)
+            )
+        ),  # fmt: skip
+    )
+    job.start()
+    killed = None
+    deadline = time.monotonic() + 180
+    while killed is None and time.monotonic() < deadline and job.is_alive():
+        parts = sorted((tmp_path / "hit" / "results").glob("*.parquet")) if (tmp_path / "hit").exists() else []
+        if parts:  # the decoder actor's pid is in every results row ("host:pid gpus=...")
+            worker = pq.read_table(parts[0], columns=["decoder_worker"]).column(0)[0].as_py()
+            killed = int(worker.split(":")[1].split()[0])
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.1)
+    job.join(timeout=300)
+    assert killed is not None, "the decoder actor was never seen alive mid-run"
+    assert ray.is_initialized()
+    summary = outcome["summary"]
+    results = raw_results(str(tmp_path / "hit"))
+    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
+    assert len(results) == 12  # no duplicate results rows, no error rows
+    assert killed not in {int(r["decoder_worker"].split(":")[1].split()[0]) for r in results[-2:]}
+    calm_results = {r["id"]: r for r in raw_results(str(tmp_path / "calm"))}
+    for r in results:
+        assert max_level_difference(load_png(r["uri"]), load_png(calm_results[r["id"]]["uri"])) <= 1
+    assert summary.stats["num_rendered"] == 12
+
+
+def test_lease_blocks_a_second_run_and_is_taken_over_when_stale(tmp_path: Path, tiny_models: str) -> None:
+    output = tmp_path / "out"
+    storage = Storage(str(output))
+    manifest = write_manifest(tmp_path / "m.parquet", rows_of(2))
+    config = config_for(manifest, str(output), tiny_models, runner="local")
+    holder = Lease(storage, run_id="someone-else", ttl_s=60)
+    holder.acquire()
+    try:
+        with pytest.raises(LeaseHeldError, match="someone-else"):
+            run_job(config)
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", str(output), "--models",
+             tiny_models, "--runner", "local"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 75 and "another run is rendering" in proc.stderr
+        assert not (output / "results").exists()
+        threading.Timer(1.5, holder.release).start()
+        waited = run_job(config_for(manifest, str(output), tiny_models, runner="local", lease_wait_s=60))
+        assert waited.stats["num_rendered"] == 2
+    finally:
+        holder.release()
+
+    # A lease left by a dead process on this host, or an expired one from elsewhere, is taken over.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for record in (
+        {"run_id": "crashed", "host": os.uname().nodename, "pid": int(dead.stdout), "expires_at": time.time() + 600},
+        {"run_id": "expired", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1},
+    ):
+        storage.write_bytes(LEASE_FILE, json.dumps(record).encode())
+        summary = run_job(config_for(manifest, str(output), tiny_models, runner="local", overwrite=True))
+        assert summary.stats["num_rendered"] == 2 and not (output / LEASE_FILE).exists()
+
+
+def test_retry_errors_overwrite_and_exit_status_policy(tmp_path: Path, tiny_models: str) -> None:
+    photo = tmp_path / "late.png"
+    rows = rows_of(2) + [{"id": "late-input", "mode": "img2img", "prompt": "p", "image": str(photo), "seed": 1,
+                          "strength": 0.7, **STEPS}]  # fmt: skip
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    output = str(tmp_path / "out")
+    base = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", output, "--models", tiny_models,
+            "--runner", "local"]  # fmt: skip
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    strict = cli("--max-error-fraction", "0.2")
+    assert strict.returncode == 3 and "above --max-error-fraction" in strict.stderr
+    assert (tmp_path / "out" / "_SUCCESS").exists()  # the run completed; the policy decides the status
+
+    photo.write_bytes(_png(np.full((64, 64, 3), 200, np.uint8)))
+    assert cli().returncode == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["num_rendered"] == 0  # error rows are final unless --retry-errors
+    assert cli("--retry-errors").returncode == 0
+    final = {r["id"]: r for r in final_results(read_results(Storage(output))).to_pylist()}
+    assert final["late-input"]["status"] == "ok"
+    assert len(raw_results(output)) == 4  # 3 first results + the retried one; earlier rows kept
+
+    assert cli("--overwrite").returncode == 0
+    results = raw_results(output)
+    assert len(results) == 3 and len({r["run_id"] for r in results}) == 1
+    assert pq.read_table(tmp_path / "m.parquet").num_rows == 3
