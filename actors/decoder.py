@@ -24,7 +24,7 @@ from actors.images import encode_png, to_uint8
 from actors.inputs import ImageLoader, InputError, hint_array
 from actors.storage import Storage
 from schemas.config import DECODER_FOR_MODE
-from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS
+from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
 from schemas.results import (
     ERROR_INPUT,
     ERROR_NON_FINITE,
@@ -69,7 +69,7 @@ class DecoderActor:
         run_id: str,
         storage_options: dict[str, Any] | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
-        max_input_pixels: int = 40_000_000,
+        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         dtype: str = "auto",
         device: str | None = None,
         worker: str = "",

@@ -17,7 +17,7 @@ from PIL import Image
 
 from actors.common import describe_exception, quiet_libraries, resolve_device, with_errors, worker_name
 from actors.inputs import ImageLoader, InputError
-from schemas.manifest import CONTROLNET_MODES, DEFAULT_ALLOWED_PROTOCOLS, IMAGE_REF
+from schemas.manifest import CONTROLNET_MODES, DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS, IMAGE_REF
 from schemas.results import ERROR_INPUT, ERROR_RENDER
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class DepthActor:
         device: str | None = None,
         storage_options: dict[str, Any] | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
-        max_input_pixels: int = 40_000_000,
+        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         worker: str = "",
     ) -> None:
         from transformers import pipeline

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, uri_protocol
+from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS, uri_protocol
 
 _CACHE_ENTRIES = 64
 
@@ -39,7 +39,7 @@ class ImageLoader:
         *,
         storage_options: dict[str, Any] | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
-        max_pixels: int = 40_000_000,
+        max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
     ) -> None:
         self.storage_options = storage_options or {}
         self.allowed_protocols = tuple(allowed_protocols)

@@ -22,7 +22,13 @@ from actors.common import (
     worker_name,
 )
 from actors.inputs import ImageLoader, InputError
-from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_TEXT
+from schemas.manifest import (
+    DEFAULT_ALLOWED_PROTOCOLS,
+    DEFAULT_MAX_INPUT_PIXELS,
+    PRIOR_IMAGE,
+    PRIOR_INTERPOLATE,
+    PRIOR_TEXT,
+)
 from schemas.results import ERROR_INPUT, ERROR_RENDER
 from schemas.work import EMBED_FIELDS, EMBED_SCHEMA
 
@@ -60,7 +66,7 @@ class PriorActor:
         device: str | None = None,
         storage_options: dict[str, Any] | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
-        max_input_pixels: int = 40_000_000,
+        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         worker: str = "",
     ) -> None:
         from diffusers import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline

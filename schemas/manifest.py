@@ -38,6 +38,7 @@ PRIOR_TEXT, PRIOR_IMAGE, PRIOR_INTERPOLATE = "text", "image", "interpolate"
 # folder) or the encoded bytes inline. Exactly one field is set.
 IMAGE_REF = pa.struct([("uri", pa.string()), ("data", pa.binary())])
 INTERPOLATE_TYPE = pa.list_(pa.struct([("prompt", pa.string()), ("image", IMAGE_REF), ("weight", pa.float64())]))
+DEFAULT_MAX_INPUT_PIXELS = 40_000_000
 DEFAULT_ALLOWED_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
 
 
@@ -104,7 +105,9 @@ class Limits:
     max_num_inference_steps: int = 1000
     max_guidance_scale: float = 100.0
     max_prompt_chars: int = 10_000
-    max_input_pixels: int = 40_000_000  # decoded input images above this are refused (decompression bombs)
+    max_input_pixels: int = (
+        DEFAULT_MAX_INPUT_PIXELS  # decoded input images above this are refused (decompression bombs)
+    )
     max_interpolate_items: int = 16
     allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS  # of input URIs
 
