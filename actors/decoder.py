@@ -108,9 +108,13 @@ class DecoderActor:
         multiple = scale if mode == "img2img" else scale**2
         for name, value in (("height", height), ("width", width)):
             if value % multiple:
+                down, up = value // multiple * multiple, -(-value // multiple) * multiple
+                would = f"silently crop it to {down}" if mode == "img2img" else f"silently render {up}"
+                if mode == "inpaint":
+                    would = "crash"
                 return (
-                    f"{name}={value} is not a multiple of {multiple}: the {DECODER_FOR_MODE[mode]} checkpoint "
-                    f"cannot render it exactly in mode {mode}; ask for a multiple of {multiple}"
+                    f"{name}={value} is not a multiple of {multiple}: in mode {mode} the "
+                    f"{DECODER_FOR_MODE[mode]} checkpoint would {would}; ask for a multiple of {multiple}"
                 )
         if mode == "controlnet_img2img" and height != width:
             # diffusers 0.42.1 passes (width, height) to preprocess(image, height, width): the image
