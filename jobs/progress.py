@@ -1,0 +1,188 @@
+"""Watching a run: a live progress line on terminals, structured progress log lines, a final summary table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.results import STATUS_ERROR
+
+logger = logging.getLogger("kandinsky_render.progress")
+
+LOG_FORMATS = ("text", "json")
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Progress:
+    """Counts results as they arrive and shows them.
+
+    On a terminal (``live``) it redraws one status line on ``stream``: images done / total,
+    images/s, ETA and errors. Elsewhere (cluster logs, ``ray job logs``) it stays off the stream
+    and emits a ``progress`` log record at the start, every ``log_every_s`` seconds and at the end,
+    carrying the same numbers as structured fields (``record.progress``). ``clock`` is injectable
+    so tests need no sleeping.
+    """
+
+    def __init__(
+        self,
+        *,
+        stream: TextIO | None = None,
+        live: bool | None = None,
+        log_every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = _isatty(self.stream) if live is None else live
+        self.log_every_s = log_every_s
+        self.clock = clock
+        self.run_id = ""
+        self.num_images = 0
+        self.num_done = 0
+        self.num_errors = 0
+        self._started = 0.0
+        self._last_log = 0.0
+        self._last_draw = float("-inf")
+
+    def start(self, *, run_id: str, num_images: int, num_refused: int = 0) -> None:
+        """Begin a run that renders ``num_images`` images; ``num_refused`` rows failed validation already."""
+        self.run_id, self.num_images = run_id, num_images
+        self.num_done, self.num_errors = 0, num_refused
+        self._started = self._last_log = self.clock()
+        self._log("started")
+        self._draw(force=True)
+
+    def update(self, results: pa.Table) -> None:
+        """Count a table of results rows (``status`` column) that the run just published."""
+        self.num_done += results.num_rows
+        if results.num_rows:
+            self.num_errors += pc.sum(pc.equal(results.column("status"), STATUS_ERROR)).as_py() or 0
+        now = self.clock()
+        if not self.live and now - self._last_log >= self.log_every_s:
+            self._last_log = now
+            self._log("running")
+        self._draw()
+
+    def finish(self) -> None:
+        """End the run: final line on terminals, a final structured record everywhere."""
+        self._draw(force=True)
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._log("finished")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The numbers shown: done/total images, errors, elapsed seconds, images/s, ETA seconds (None if unknown)."""
+        elapsed = max(self.clock() - self._started, 0.0)
+        rate = self.num_done / elapsed if elapsed > 0 and self.num_done else 0.0
+        remaining = max(self.num_images - self.num_done, 0)
+        eta = remaining / rate if rate > 0 else (0.0 if not remaining else None)
+        return {
+            "run_id": self.run_id,
+            "num_done": self.num_done,
+            "num_images": self.num_images,
+            "num_errors": self.num_errors,
+            "elapsed_s": round(elapsed, 1),
+            "images_per_s": round(rate, 3),
+            "eta_s": None if eta is None else round(eta, 1),
+        }
+
+    def line(self) -> str:
+        """One human line: ``12/40 images (30%)  1.80 images/s  ETA 0:00:15  1 error(s)``."""
+        snap = self.snapshot()
+        total = snap["num_images"]
+        percent = 100 * snap["num_done"] / total if total else 100.0
+        eta = "-" if snap["eta_s"] is None else str(dt.timedelta(seconds=round(snap["eta_s"])))
+        return (
+            f"{snap['num_done']}/{total} images ({percent:.0f}%)  {snap['images_per_s']:.2f} images/s  "
+            f"ETA {eta}  {snap['num_errors']} error(s)"
+        )
+
+    def _draw(self, *, force: bool = False) -> None:
+        if not self.live:
+            return
+        now = self.clock()
+        if not force and now - self._last_draw < 0.2:  # a redraw per batch can outpace any terminal
+            return
+        self._last_draw = now
+        self.stream.write(f"\r\x1b[Krendering {self.line()}")
+        self.stream.flush()
+
+    def _log(self, phase: str) -> None:
+        logger.info("%s: %s", phase, self.line(), extra={"progress": {"phase": phase, **self.snapshot()}})
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log record (``--log-format json``): time, level, logger, message, extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        progress = getattr(record, "progress", None)
+        if progress:
+            entry["progress"] = progress
+        if record.exc_info or record.exc_text:
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(*, level: str, log_format: str) -> None:
+    """Root logging for the driver: ``text`` (human) or ``json`` (one object per line, for log collectors)."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {LOG_FORMATS}, got {log_format!r}")
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    if root.handlers:  # like logging.basicConfig: an embedding program (or pytest) already decided
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT))
+    root.addHandler(handler)
+
+
+def summary_table(stats: dict[str, Any]) -> str:
+    """The end-of-run table printed by the CLI: this run and the whole output, side by side."""
+    run, output = stats.get("this_run", {}), stats.get("output", {})
+    rows: list[tuple[str, str, str]] = [("", "this run", "output (all runs)")]
+    for status in ("ok", "error"):
+        rows.append((f"images {status}", _count(run, "by_status", status), _count(output, "by_status", status)))
+    modes = sorted(set(run.get("by_mode", {})) | set(output.get("by_mode", {})))
+    for mode in modes:
+        run_mode, out_mode = run.get("by_mode", {}).get(mode, {}), output.get("by_mode", {}).get(mode, {})
+        rows.append((f"  {mode}", _mode_cell(run_mode), _mode_cell(out_mode)))
+    kinds = sorted(set(run.get("errors_by_kind", {})) | set(output.get("errors_by_kind", {})))
+    for kind in kinds:
+        rows.append((f"  error {kind}", _count(run, "errors_by_kind", kind), _count(output, "errors_by_kind", kind)))
+    rows.append(("skipped (already final)", str(stats.get("num_skipped_already_final", 0)), ""))
+    rows.append(("images/s", f"{stats.get('images_per_s', 0.0):g}", ""))
+    for stage, seconds in stats.get("busy_seconds", {}).items():
+        rows.append((f"busy seconds {stage}", f"{seconds:.1f}", ""))
+    rows.append(("wall seconds", f"{stats.get('wall_seconds', 0.0):.1f}", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"  {a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}".rstrip() for a, b, c in rows]
+    return f"run {stats.get('run_id', '?')} summary\n" + "\n".join(lines)
+
+
+def _count(section: dict[str, Any], group: str, key: str) -> str:
+    return str(section.get(group, {}).get(key, 0))
+
+
+def _mode_cell(counts: dict[str, int]) -> str:
+    return " ".join(f"{status} {counts[status]}" for status in sorted(counts)) or "-"
