@@ -1,11 +1,37 @@
-"""Mapping from the job's stage settings to Ray resources (actors, GPUs, CPUs per stage)."""
+"""Mapping from the job's stage settings to Ray resources (actors, GPUs, CPUs per stage) and node types."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from schemas.config import StageResources
+
+# Ray's default node label naming the GPU model (set on every accelerator node, KubeRay or not).
+ACCELERATOR_LABEL = "ray.io/accelerator-type"
+# The label our cluster configs put on each GPU node type, naming the stage it is for.
+STAGE_LABEL = "kandinsky-render/stage"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePlacement:
+    """Which nodes a stage's actors may run on; empty means any node with the resources.
+
+    ``accelerator_type`` is Ray's ``accelerator_type`` actor option (e.g. ``A100``, ``L4``);
+    ``label_selector`` is Ray's ``label_selector`` (Ray >= 2.49): ``{key: value}`` where value is
+    ``v``, ``!v``, ``in(a,b)`` or ``!in(a,b)``.
+    """
+
+    accelerator_type: str | None = None
+    label_selector: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_any(self) -> bool:
+        """True when the stage may run on any node."""
+        return not self.accelerator_type and not self.label_selector
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -15,6 +41,7 @@ class StagePlan:
     num_actors: int
     num_gpus: float
     num_cpus: float
+    placement: StagePlacement = field(default_factory=StagePlacement)
 
 
 def resolve_stages(
@@ -64,3 +91,55 @@ def resolve_stages(
         StagePlan(num_actors=num_decoders, num_gpus=decoder_gpus, num_cpus=decoder.num_cpus),
         depth_plan,
     )
+
+
+def place_stages(
+    prior: StagePlan, decoder: StagePlan, *, stage_placement: Mapping[str, Mapping[str, Any]]
+) -> tuple[StagePlan, StagePlan]:
+    """The two stages with the placement of ``JobConfig.stage_placement`` (missing stage: anywhere)."""
+    return (
+        dataclasses.replace(prior, placement=StagePlacement(**stage_placement.get("prior", {}))),
+        dataclasses.replace(decoder, placement=StagePlacement(**stage_placement.get("decoder", {}))),
+    )
+
+
+def ray_remote_args(stage: StagePlan) -> dict[str, Any]:
+    """The Ray actor options of one stage's actors (``map_batches(**ray_remote_args(stage))``).
+
+    ``num_gpus`` and ``num_cpus`` always; ``accelerator_type`` and ``label_selector`` only when the
+    stage is pinned to node types, so an unpinned job runs on any cluster.
+    """
+    args: dict[str, Any] = {"num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}
+    if stage.placement.accelerator_type:
+        args["accelerator_type"] = stage.placement.accelerator_type
+    if stage.placement.label_selector:
+        args["label_selector"] = dict(stage.placement.label_selector)
+    return args
+
+
+def node_accepts(placement: StagePlacement, *, labels: Mapping[str, str]) -> bool:
+    """Whether a node with these Ray labels may host the stage (accelerator type read from its label)."""
+    if placement.accelerator_type and labels.get(ACCELERATOR_LABEL) != placement.accelerator_type:
+        return False
+    return all(_selector_matches(value, labels.get(key)) for key, value in placement.label_selector.items())
+
+
+def _selector_matches(selector: str, value: str | None) -> bool:
+    negate = selector.startswith("!")
+    body = selector[1:] if negate else selector
+    if body.startswith("in(") and body.endswith(")"):
+        allowed = {item.strip() for item in body[3:-1].split(",")}
+    else:
+        allowed = {body}
+    return (value in allowed) != negate
+
+
+def parse_labels(pairs: list[str], *, flag: str) -> dict[str, str]:
+    """``["key=value", ...]`` -> ``{key: value}``; ValueError naming ``flag`` for a malformed pair."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{flag} expects KEY=VALUE (e.g. {STAGE_LABEL}=decoder), got {pair!r}")
+        labels[key.strip()] = value.strip()
+    return labels

@@ -101,6 +101,8 @@ class JobConfig:
     lease_ttl_s: float = 120.0  # the output lease expires this long after its last renewal
     lease_wait_s: float = 0.0  # how long to wait for another run's lease before giving up
     max_error_fraction: float = 1.0  # exit status 3 when more of this run's images end in error
+    # stage name -> {"accelerator_type": str, "label_selector": {key: value}}: the node types it may use
+    stage_placement: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -115,6 +117,9 @@ class JobConfig:
             raise ValueError("lease_ttl_s must be > 0 and lease_wait_s >= 0")
         if self.results_flush_rows < 1:
             raise ValueError(f"results_flush_rows must be >= 1, got {self.results_flush_rows}")
+        for stage, placement in self.stage_placement.items():
+            if stage not in ("prior", "decoder") or set(placement) - {"accelerator_type", "label_selector"}:
+                raise ValueError(f"stage_placement: unknown stage or field in {stage!r}: {sorted(placement)}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy with storage options redacted (they may hold credentials)."""
