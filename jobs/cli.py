@@ -1,4 +1,4 @@
-"""The ``kandinsky-render`` console script: ``render``, ``tiny-models``."""
+"""The ``kandinsky-render`` console script: ``render``, ``tiny-models``, ``calibrate``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "render": "render manifests (see `kandinsky-render render --help`)",
     "tiny-models": "write tiny random-weight checkpoints for tests and the example",
+    "calibrate": "fit a --dry-run GPU-seconds profile from a finished run's results",
 }
 
 
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.render import main as render_main
 
         return render_main(rest)
+    if command == "calibrate":
+        from jobs.calibration import main as calibrate_main
+
+        return calibrate_main(rest)
     from jobs.tiny_models import main as tiny_main
 
     return tiny_main(rest)

@@ -7,6 +7,7 @@ that compare the two).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -19,9 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.storage import Storage
-from cluster.resources import StagePlan, resolve_stages
+from cluster.resources import StagePlan, place_stages, resolve_stages
 from jobs.lease import Lease
 from jobs.plan import Plan, make_plan
+from jobs.progress import Progress
+from jobs.report import busy_seconds, write_report
 from jobs.results import ResultsWriter, final_results, read_results
 from jobs.runners import StageSpec, connect_ray, run_local, run_ray
 from jobs.stats import summarize, versions, write_stats
@@ -54,13 +57,22 @@ def decoder_models(config: JobConfig, plan: Plan) -> dict[str, str]:
     return {mode: config.models.for_checkpoint(DECODER_FOR_MODE[mode]) for mode in plan.modes}
 
 
-def run_job(config: JobConfig) -> JobSummary:
+def plan_job(config: JobConfig, storage: Storage) -> Plan:
+    """The plan of a run on ``storage`` as it is now: images already final there are skipped."""
+    previous = final_results(read_results(storage, columns=["id", "image_index", "status", "finished_at"]))
+    done = previous.filter(pc.equal(previous.column("status"), STATUS_OK)) if previous.num_rows else previous
+    return make_plan(config, done=done if config.retry_errors else previous, supported_modes=SUPPORTED_MODES)
+
+
+def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummary:
     """Render every image of the manifests that is not final in the output yet; see README.md.
 
     Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests,
     ValueError for impossible settings and `jobs.lease.LeaseHeldError` when another run holds the
     output. Results rows are published only after their images.
+    ``progress`` is told about every results table as it is published (default: a quiet one).
     """
+    progress = progress or Progress(live=False)
     started = time.monotonic()
     storage = Storage(config.output, storage_options=config.storage_options)
     run_id = new_run_id()
@@ -68,9 +80,7 @@ def run_job(config: JobConfig) -> JobSummary:
         if config.overwrite:
             for key in (SUCCESS_FILE, STATS_FILE, RESULTS_DIR, IMAGES_DIR):
                 storage.delete(key)
-        previous = final_results(read_results(storage, columns=["id", "image_index", "status", "finished_at"]))
-        done = previous.filter(pc.equal(previous.column("status"), STATUS_OK)) if previous.num_rows else previous
-        plan = make_plan(config, done=done if config.retry_errors else previous, supported_modes=SUPPORTED_MODES)
+        plan = plan_job(config, storage)
         logger.info(
             "run %s: %d rows in %d file(s), %d images, %d already final, %d to render in %d batches, %d refused",
             run_id,
@@ -87,6 +97,7 @@ def run_job(config: JobConfig) -> JobSummary:
             storage, run_id=run_id, flush_rows=config.results_flush_rows, flush_seconds=config.results_flush_seconds
         )
         num_errors = plan.refused.num_rows
+        progress.start(run_id=run_id, num_images=plan.num_to_render, num_refused=plan.refused.num_rows)
         if plan.refused.num_rows:
             writer.add(
                 results_table(
@@ -106,10 +117,14 @@ def run_job(config: JobConfig) -> JobSummary:
                 writer.add(results)
                 num_rendered += results.num_rows
                 num_errors += pc.sum(pc.not_equal(results.column("status"), STATUS_OK)).as_py() or 0
+                progress.update(results)
         writer.close()
+        progress.finish()
         render_seconds = time.monotonic() - render_started
 
-        final = final_results(read_results(storage))
+        every_run = read_results(storage)
+        this_run = every_run.filter(pc.equal(every_run.column("run_id"), run_id))
+        final = final_results(every_run)
         num_this_run = num_rendered + plan.refused.num_rows
         stats = {
             "run_id": run_id,
@@ -126,10 +141,13 @@ def run_job(config: JobConfig) -> JobSummary:
             "images_per_s": round(num_rendered / render_seconds, 3) if render_seconds > 0 and num_rendered else 0.0,
             "wall_seconds": round(time.monotonic() - started, 3),
             "output": summarize(final),
+            "this_run": summarize(final_results(this_run)),  # an image a retried batch wrote twice counts once
+            "busy_seconds": busy_seconds(this_run),
             "stages": stage_info,
             "versions": versions(),
             "config": config.to_dict(),
         }
+        stats["report"] = write_report(storage, final, stats=stats)
         write_stats(storage, stats)
         storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
     return JobSummary(run_id=run_id, plan=plan, stats=stats)
@@ -148,6 +166,7 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
     prior, decoder, depth = resolve_stages(
         config.prior, config.decoder, cluster_gpus=cluster_gpus, depth=config.depth if plan.needs_depth else None
     )
+    prior, decoder = place_stages(prior, decoder, stage_placement=config.stage_placement)
     inputs = {
         "storage_options": config.storage_options,
         "allowed_protocols": config.limits.allowed_protocols,
@@ -199,6 +218,9 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
         stage_info.update(
             runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: _describe(spec.resources) for spec in stages}
         )
+        if any(not spec.resources.placement.is_any for spec in stages):
+            # TODO(runners): pass cluster.resources.ray_remote_args(spec.resources) to map_batches.
+            logger.warning("stage placement (accelerator type, node labels) is recorded, not applied by the runner yet")
         yield from run_ray(stages, plan.batches)
     finally:
         if started:
@@ -206,4 +228,7 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
 
 
 def _describe(stage: StagePlan) -> dict[str, Any]:
-    return {"num_actors": stage.num_actors, "num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}
+    described = {"num_actors": stage.num_actors, "num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}
+    if not stage.placement.is_any:
+        described["placement"] = dataclasses.asdict(stage.placement)
+    return described

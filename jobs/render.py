@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
+import os
 import sys
-from typing import Any
 
+from cluster.resources import parse_labels
+from jobs import storage_options
+from jobs.config_file import parse_args
+from jobs.progress import LOG_FORMATS, configure_logging
 from schemas.config import DTYPES, RUNNERS, JobConfig, ModelPaths, StageResources
 from schemas.manifest import Limits, ManifestError, RenderDefaults
 
@@ -22,10 +25,15 @@ EXIT_OUTPUT_BUSY = 75  # EX_TEMPFAIL: another run holds the output's lease; try 
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows real defaults only (not None/False) and never splits hub ids at hyphens."""
+    """Shows real defaults only (not None/False/[]) and never splits hub ids at hyphens."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or "(default" in (action.help or ""):
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == []
+            or "(default" in (action.help or "")
+        ):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -42,6 +50,24 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
         description="Render every row of Parquet manifests with Kandinsky 2.2 on Ray.",
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML/JSON file of options (keys are these flag names, e.g. num-decoder-actors: 4); "
+        "flags given on the command line override it",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (rows and images per mode and size, batches per stage, estimated GPU-seconds) "
+        "and exit without loading any model or writing anything",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration YAML for --dry-run's GPU-seconds (default: cluster/calibration.yaml; "
+        "make a profile with `kandinsky-render calibrate OUTPUT`)",
+    )
     io = parser.add_argument_group("input and output")
     io.add_argument("--manifest", help="Parquet file, folder/prefix of Parquet files, or glob; any fsspec URI")
     io.add_argument("--output", help="output prefix (fsspec URI): images/, results/, stats.json, _SUCCESS")
@@ -56,8 +82,13 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="fsspec storage option for every filesystem (repeatable; VALUE parsed as JSON when it can be)",
+        help="fsspec storage option for every filesystem (repeatable; VALUE parsed as JSON when it can be); "
+        f"applied over ${storage_options.ENV_VAR} (a JSON object) and the --storage-* options below",
     )
+    io.add_argument("--storage-endpoint-url", help="object store endpoint (S3-compatible or GCS emulator)")
+    io.add_argument("--storage-region", help="S3 region")
+    io.add_argument("--storage-anon", action="store_true", help="anonymous access (public buckets)")
+    io.add_argument("--storage-profile", help="AWS profile (from ~/.aws/config) for s3://")
     io.add_argument("--overwrite", action="store_true", help="delete previous outputs and start fresh")
     io.add_argument("--retry-errors", action="store_true", help="render again images whose result is an error")
     io.add_argument(
@@ -96,6 +127,18 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
     ray_group.add_argument("--decoder-cpus", type=float, default=1.0, help="CPUs per decoder actor")
     ray_group.add_argument("--num-depth-actors", type=int, default=1, help="depth-estimation actors")
     ray_group.add_argument("--depth-gpus", type=float, default=0.0, help="GPUs per depth-estimation actor")
+    for stage in ("prior", "decoder"):
+        ray_group.add_argument(
+            f"--{stage}-accelerator-type", help=f"Ray accelerator type the {stage} actors need (e.g. L4, A100, H100)"
+        )
+        ray_group.add_argument(
+            f"--{stage}-node-label",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"Ray node label the {stage} actors' nodes must carry (repeatable; VALUE may be !v, in(a,b)); "
+            f"the configs in cluster/ label GPU node types kandinsky-render/stage={stage}",
+        )
     ray_group.add_argument("--batch-size", type=int, default=JobConfig.batch_size, help="images per pipeline call")
     ray_group.add_argument("--seed", type=int, default=0, help="job seed for rows whose seed is null")
     ray_group.add_argument("--results-flush-rows", type=int, default=1000, help="results rows per results part")
@@ -124,25 +167,27 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
         limits.add_argument(
             f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default, help=field.name
         )
-    parser.add_argument("--log-level", default="INFO", help="driver log level")
+    watch = parser.add_argument_group("watching")
+    watch.add_argument(
+        "--progress",
+        choices=("auto", "live", "log", "off"),
+        default="auto",
+        help="auto: a live line on terminals, progress log lines elsewhere; off: only the final summary",
+    )
+    watch.add_argument(
+        "--progress-every", type=float, default=30.0, help="seconds between progress log lines (cluster logs)"
+    )
+    watch.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="json: one JSON object per line")
+    watch.add_argument("--log-level", default="INFO", help="driver log level")
     return parser
 
 
-def _storage_options(pairs: list[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--storage-option expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+def config_from_args(args: argparse.Namespace, *, environ: dict[str, str] | None = None) -> JobConfig:
+    """Build a `JobConfig` from parsed flags (``--example`` fills manifest, models and output).
 
-
-def config_from_args(args: argparse.Namespace) -> JobConfig:
-    """Build a `JobConfig` from parsed flags (``--example`` fills manifest, models and output)."""
+    ``environ`` (default ``os.environ``) supplies ``$KANDINSKY_RENDER_STORAGE_OPTIONS``. With
+    ``--dry-run`` the example's tiny models are not built.
+    """
     manifest, output, models_dir = args.manifest, args.output, args.models
     if args.example:
         from jobs.example import example_manifest_path
@@ -152,9 +197,16 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         output = output or "kandinsky-example"
         if not (models_dir or args.prior or args.decoder):
             models_dir = default_tiny_models_dir()
-            build_tiny_models(models_dir)
+            if not args.dry_run:
+                build_tiny_models(models_dir)
     if not manifest or not output:
         raise ValueError("--manifest and --output are required (or use --example)")
+    placement = {}
+    for stage in ("prior", "decoder"):
+        accelerator_type = getattr(args, f"{stage}_accelerator_type")
+        labels = parse_labels(getattr(args, f"{stage}_node_label"), flag=f"--{stage}-node-label")
+        if accelerator_type or labels:
+            placement[stage] = {"accelerator_type": accelerator_type, "label_selector": labels}
     return JobConfig(
         manifest=manifest,
         output=output,
@@ -178,7 +230,15 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         seed=args.seed,
         defaults=RenderDefaults(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RenderDefaults)}),
         limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
-        storage_options=_storage_options(args.storage_option),
+        storage_options=storage_options.resolve(
+            environ=os.environ if environ is None else environ,
+            pairs=args.storage_option,
+            uris=[manifest, output],
+            endpoint_url=args.storage_endpoint_url,
+            region=args.storage_region,
+            anon=args.storage_anon,
+            profile=args.storage_profile,
+        ),
         results_flush_rows=args.results_flush_rows,
         results_flush_seconds=args.results_flush_seconds,
         overwrite=args.overwrite,
@@ -186,28 +246,50 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         max_error_fraction=args.max_error_fraction,
         lease_ttl_s=args.lease_ttl,
         lease_wait_s=args.lease_wait,
+        stage_placement=placement,
     )
 
 
 def main(argv: list[str] | None = None, *, prog: str = "kandinsky-render render") -> int:
     """Run a render job; exit 0 when it completed, 2 for bad input, 1 for any other failure."""
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser(prog)
+    secrets = storage_options.secret_env_values(os.environ)
+    try:
+        args = parse_args(parser, argv)
+    except ValueError as exc:  # a bad --config file
+        print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    configure_logging(level=args.log_level, log_format=args.log_format)
+    redactor = storage_options.install_redaction(secrets)
     from jobs.lease import LeaseHeldError
     from jobs.pipeline import run_job
+    from jobs.progress import Progress, summary_table
 
     try:
         config = config_from_args(args)
-        summary = run_job(config)
+        secrets += storage_options.secret_values(config.storage_options)
+        redactor.secrets = secrets
+        if args.dry_run:
+            from jobs.dry_run import dry_run
+
+            print(dry_run(config, calibration=args.calibration))
+            return EXIT_OK
+        live = {"auto": None, "live": True, "log": False, "off": False}[args.progress]
+        every = float("inf") if args.progress == "off" else args.progress_every
+        summary = run_job(config, progress=Progress(live=live, log_every_s=every))
     except LeaseHeldError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_OUTPUT_BUSY
     except ManifestError as exc:
-        print(f"error: manifest refused: {exc}", file=sys.stderr)
+        print(f"error: manifest refused: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as exc:  # anything else still must not print a credential
+        logging.getLogger("kandinsky_render").error("job failed", exc_info=exc)
+        print(f"error: {type(exc).__name__}: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+        return EXIT_FAILED
     output = summary.stats["output"]
     print(
         f"run {summary.run_id}: rendered {summary.stats['num_rendered']} image(s) "
@@ -215,6 +297,8 @@ def main(argv: list[str] | None = None, *, prog: str = "kandinsky-render render"
         f"output now holds {output['by_status'].get('ok', 0)} ok and {output['by_status'].get('error', 0)} error "
         f"image(s) -> {config.output}"
     )
+    print(summary_table(summary.stats))
+    print(f"gallery: {_joined(config.output, summary.stats['report']['gallery'])}")
     fraction = summary.stats["error_fraction_this_run"]
     if fraction > config.max_error_fraction:
         print(
@@ -224,6 +308,10 @@ def main(argv: list[str] | None = None, *, prog: str = "kandinsky-render render"
         )
         return EXIT_TOO_MANY_ERRORS
     return EXIT_OK
+
+
+def _joined(prefix: str, key: str) -> str:
+    return f"{prefix.rstrip('/')}/{key}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""Reports: the gallery and contact sheet, busy time per stage, calibration, and --dry-run without models."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from actors.images import encode_png
+from actors.storage import Storage
+from jobs.calibration import DEFAULT_CALIBRATION, Profile, estimate, fit_profile, load_calibration
+from jobs.report import CELL, SAMPLE_SIZE, busy_seconds, sample, write_report
+from schemas.keys import image_key
+from schemas.results import result_from_work, results_table
+from tests.conftest import REPO, write_manifest
+
+
+def work_row(row_id: str, image_index: int = 0, **overrides: object) -> dict:
+    row = {
+        "id": row_id,
+        "image_index": image_index,
+        "seed": 7 + image_index,
+        "mode": "text2img",
+        "prompt": f"prompt of {row_id}",
+        "negative_prompt": None,
+        "num_inference_steps": 10,
+        "guidance_scale": 4.0,
+        "prior_num_inference_steps": 5,
+        "prior_guidance_scale": 4.0,
+        "strength": 0.3,
+        "manifest_file": "m.parquet",
+        "prior_seconds": 0.25,
+        "height": 64,
+        "width": 64,
+    }
+    row.update(overrides)
+    return row
+
+
+def render_fake_output(root: Path, rows: list[dict], *, errors: dict[str, str] | None = None) -> pa.Table:
+    """Write a PNG per ok row at its real key and return the results table a run would have written."""
+    storage = Storage(str(root))
+    results = []
+    for n, row in enumerate(rows):
+        error = (errors or {}).get(row["id"])
+        if error:
+            results.append(result_from_work(row, run_id="run-1", error=error, error_kind="invalid_row"))
+            continue
+        pixels = np.full((row["height"], row["width"], 3), (n * 40) % 255, dtype=np.uint8)
+        uri = storage.write_bytes(image_key(row["id"], row["image_index"]), encode_png(pixels))
+        results.append(
+            result_from_work(
+                row, run_id="run-1", uri=uri, width=row["width"], height=row["height"], decoder_seconds=1.5
+            )
+        )
+    return results_table(results)
+
+
+class Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "img":
+            self.images.append(values["src"] or "")
+        if tag == "a":
+            self.links.append(values["href"] or "")
+
+
+def test_gallery_and_contact_sheet_work_from_the_output_folder(tmp_path: Path) -> None:
+    rows = [work_row("fox"), work_row("cats", 0), work_row("cats", 1), work_row("wide", width=128)]
+    rows.append(work_row("bad <script>alert(1)</script>", prompt="<b>not bold</b> & co"))
+    final = render_fake_output(tmp_path, rows, errors={"bad <script>alert(1)</script>": "height=7 is too small"})
+    keys = write_report(Storage(str(tmp_path)), final, stats={"run_id": "run-1", "output": {"by_status": {"ok": 4}}})
+    assert keys == {"gallery": "index.html", "contact_sheet": "contact_sheet.png"}
+
+    page = (tmp_path / "index.html").read_text()
+    links = Links()
+    links.feed(page)
+    assert len(links.images) == 4  # one per ok image; the error row gets a placeholder card
+    for src in links.images + links.links:
+        assert "://" not in src and not src.startswith("/"), src  # relative: opens from any prefix
+    for src in links.images:
+        assert (tmp_path / src).is_file()
+    assert set(links.links) == {"contact_sheet.png", "stats.json"}
+    assert "<script>alert" not in page and "&lt;b&gt;not bold&lt;/b&gt; &amp; co" in page
+    assert "height=7 is too small" in page and "invalid_row" in page
+    for text in ("prompt of fox", "seed 7", "seed 8", "128x64", "text2img", "status-ok", "status-error"):
+        assert text in page, text
+
+    sheet = Image.open(tmp_path / "contact_sheet.png")
+    assert sheet.format == "PNG" and sheet.width == 5 * CELL  # 5 sampled images, one row
+    # Each cell shows its own image (flat greys here) or, for the error row, a pink placeholder.
+    pixels = np.asarray(sheet.convert("RGB"))
+    centers = [tuple(int(v) for v in pixels[CELL // 2, CELL * i + CELL // 2]) for i in range(5)]
+    assert (243, 214, 214) in centers and len(set(centers)) == 5
+
+
+def test_sample_is_stable_bounded_and_shows_errors_first() -> None:
+    rows = [work_row(f"row-{i:03d}") for i in range(100)]
+    table = results_table(
+        [
+            result_from_work(row, run_id="r", error="boom" if i % 10 == 0 else None, error_kind="render_failed")
+            for i, row in enumerate(rows)
+        ]
+    )
+    chosen = sample(table)
+    assert len(chosen) == SAMPLE_SIZE
+    assert sum(r["status"] == "error" for r in chosen) == 10  # all 10 errors fit in a quarter of the sample
+    shuffled = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
+    assert sample(shuffled) == chosen  # same output, same sample, whatever the results order
+    assert [r["id"] for r in chosen] == sorted(r["id"] for r in chosen)
+
+
+def test_busy_seconds_sum_the_stage_columns() -> None:
+    table = results_table(
+        [
+            result_from_work(work_row("a", prior_seconds=0.5), run_id="r", decoder_seconds=2.0),
+            result_from_work(work_row("b", prior_seconds=None), run_id="r", error="x", error_kind="invalid_row"),
+            result_from_work(work_row("c", prior_seconds=0.25), run_id="r", decoder_seconds=1.0),
+        ]
+    )
+    assert busy_seconds(table) == {"prior": 0.75, "decoder": 3.0}
+    assert busy_seconds(table.slice(0, 0)) == {"prior": 0.0, "decoder": 0.0}
+
+
+def test_calibration_fit_recovers_known_costs_and_estimates_plans() -> None:
+    truth = Profile(
+        name="t",
+        prior_step_seconds=0.01,
+        decoder_step_seconds=0.05,
+        decoder_image_seconds=0.2,
+        measured=True,
+        source="",
+    )
+    rows = []
+    for i, (steps, side, guidance) in enumerate([(10, 512, 4.0), (50, 512, 4.0), (20, 1024, 1.0), (30, 768, 6.0)]):
+        scale = side * side / 512**2
+        decoder = (
+            steps * (1.0 if guidance > 1 else 0.5) * truth.decoder_step_seconds + truth.decoder_image_seconds
+        ) * scale
+        row = work_row(f"r{i}", num_inference_steps=steps, height=side, width=side, guidance_scale=guidance)
+        row["prior_seconds"] = row["prior_num_inference_steps"] * truth.prior_step_seconds
+        rows.append(result_from_work(row, run_id="r", uri="x", width=side, height=side, decoder_seconds=decoder))
+    fitted = fit_profile(results_table(rows), name="fit", source="synthetic")
+    assert fitted.prior_step_seconds == pytest.approx(0.01)
+    assert fitted.decoder_step_seconds == pytest.approx(0.05)
+    assert fitted.decoder_image_seconds == pytest.approx(0.2)
+
+    batch = pa.Table.from_pylist([work_row("x", num_inference_steps=100), work_row("y", num_inference_steps=100)])
+    seconds = estimate([batch], truth)
+    scale = 64 * 64 / 512**2
+    assert seconds["prior"] == pytest.approx(2 * 5 * 0.01)
+    assert seconds["decoder"] == pytest.approx(2 * (100 * 0.05 + 0.2) * scale)
+    with pytest.raises(ValueError, match="no ok results rows"):
+        fit_profile(results_table([]), name="x", source="")
+
+
+def test_stored_calibration_loads_and_says_what_was_measured(tmp_path: Path) -> None:
+    profiles = {profile.name: profile for profile in load_calibration(DEFAULT_CALIBRATION)}
+    assert profiles["cpu-tiny"].measured is True
+    assert all(not profiles[name].measured for name in ("A100", "H100"))
+    (tmp_path / "bad.yaml").write_text("profiles:\n  X: {prior_step_seconds: 1}\n")
+    with pytest.raises(ValueError, match="profile 'X'"):
+        load_calibration(str(tmp_path / "bad.yaml"))
+
+
+def test_dry_run_plans_without_models_or_writes(tmp_path: Path) -> None:
+    manifest = write_manifest(
+        tmp_path / "m.parquet",
+        [
+            {"id": "a", "prompt": "p", "height": 64, "width": 64, "num_images": 3},
+            {"id": "b", "prompt": "p", "height": 64, "width": 64},
+            {"id": "c", "prompt": "p", "height": 128, "width": 64},
+            {"id": "d", "prompt": "p", "mode": "inpaint"},  # not supported yet: refused
+            {"id": "e", "prompt": None},  # no prompt: refused
+        ],
+    )
+    output = tmp_path / "out"
+    script = (
+        "import sys; from jobs.render import main; "
+        f"code = main(['--manifest', {manifest!r}, '--output', {str(output)!r}, '--models', '/does/not/exist', "
+        "'--dry-run', '--batch-size', '2']); "
+        "loaded = sorted({'torch', 'diffusers', 'transformers'} & {m.split('.')[0] for m in sys.modules}); "
+        "print('LOADED', loaded); sys.exit(code)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED []" in proc.stdout
+    table = {
+        " ".join(match.group(1).split()): (int(match.group(2)), int(match.group(3)))
+        for match in re.finditer(
+            r"^\s+(text2img\s+\S+|refused \(invalid rows\)|to render)\s+(\d+)\s+(\d+)$", proc.stdout, re.M
+        )
+    }
+    assert table["text2img 64x64"] == (2, 4)
+    assert table["text2img 128x64"] == (1, 1)
+    assert table["refused (invalid rows)"] == (2, 2)
+    assert table["to render"] == (3, 5)
+    assert "batches per stage (batch size 2): prior 3, decoder 3" in proc.stdout
+    assert re.search(r"^\s+H100\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+NOT measured$", proc.stdout, re.M)
+    assert not output.exists()
+
+
+def test_report_png_decodes(tmp_path: Path) -> None:
+    final = render_fake_output(tmp_path, [work_row("only")])
+    write_report(Storage(str(tmp_path)), final, stats={})
+    data = (tmp_path / "contact_sheet.png").read_bytes()
+    assert Image.open(io.BytesIO(data)).size == (CELL, CELL + 14)
