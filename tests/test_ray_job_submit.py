@@ -1,0 +1,142 @@
+"""The README's cluster path: `ray start --head`, `ray job submit` of the example, watch it, open the gallery."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from jobs.example import example_table
+from tests.conftest import REPO, free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def browser() -> str | None:
+    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
+
+
+@pytest.fixture()
+def ray_head(tmp_path: Path) -> Iterator[dict]:
+    """A Ray head on loopback owned by this test (its own ports, temp dir and auth token), stopped by its pid."""
+    # A short temp dir: Ray's socket paths must fit in 107 characters. Its own dir also keeps
+    # drivers that look for "the local cluster" (ray.init() without an address) away from it.
+    temp_dir = tempfile.mkdtemp(prefix="krh-", dir="/tmp")
+    dashboard_port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray 2.60 turns token auth on when ~/.ray/auth_token exists; an explicit token makes the head and
+    # every client agree whatever the home directory holds.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # nothing to drain at the end: stop at once, not in 30 s
+    ports = {
+        flag: str(free_port())
+        for flag in (
+            "--port",
+            "--ray-client-server-port",
+            "--node-manager-port",
+            "--object-manager-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+        )
+    }
+    command = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1"]
+    command += ["--dashboard-port", str(dashboard_port), "--num-cpus", "4", "--num-gpus", "2", "--temp-dir", temp_dir]
+    command += [item for pair in ports.items() for item in pair]
+    log = open(tmp_path / "head.log", "w")  # closed after the head stops
+    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            probe = subprocess.run(
+                [RAY, "job", "list", "--address", address], capture_output=True, text=True, env=env, timeout=60
+            )
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray head did not come up: {(tmp_path / 'head.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"address": address, "env": env}
+    finally:
+        head.terminate()  # `ray start --block` drains and stops its own Ray processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # only the head's own session (start_new_session above)
+            head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_renders_the_example_and_the_gallery_opens(ray_head: dict, tmp_path: Path) -> None:
+    output = tmp_path / "example-out"
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"].update(KANDINSKY_RENDER_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    runtime_env_file = tmp_path / "runtime_env.yaml"
+    runtime_env_file.write_text(yaml.safe_dump(runtime_env))
+    submission_id = f"kandinsky-render-test-{uuid.uuid4().hex[:8]}"
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", submission_id]
+        + ["--working-dir", ".", "--runtime-env", str(runtime_env_file)]
+        + ["--", "python", "-m", "jobs.render", "--example", "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=ray_head["env"],
+        timeout=480,
+    )
+    logs = submit.stdout + submit.stderr
+    assert submit.returncode == 0, logs[-4000:]
+    assert f"Job '{submission_id}' succeeded" in logs
+    # Watching: progress lines (the driver is not on a terminal), then the summary table and gallery path.
+    expected = sum(row.get("num_images") or 1 for row in example_table().to_pylist())
+    assert f"finished: {expected}/{expected} images (100%)" in logs
+    assert "summary" in logs and f"gallery: {output}/index.html" in logs
+    status = subprocess.run(
+        [RAY, "job", "status", "--address", ray_head["address"], submission_id],
+        capture_output=True,
+        text=True,
+        env=ray_head["env"],
+        timeout=60,
+    )
+    assert f"Job '{submission_id}' succeeded" in status.stdout  # how `ray job status` shows SUCCEEDED
+
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["output"]["by_status"] == {"ok": expected}
+    assert stats["stages"]["runner"] == "ray" and stats["stages"]["cluster_gpus"] == 2.0
+    assert stats["busy_seconds"]["prior"] > 0 and stats["busy_seconds"]["decoder"] > 0
+    assert set(stats["versions"]) >= {"torch", "diffusers", "ray"}
+    assert (output / "_SUCCESS").read_text().strip() == stats["run_id"]
+
+    chrome = browser()
+    if chrome is None:
+        pytest.skip("no headless browser (chromium) installed: the gallery screenshot is not checked")
+    gallery = f"file://{output}/index.html"
+    flags = [chrome, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+    flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    flags += [f"--user-data-dir={tmp_path / 'browser'}", "--window-size=1280,1000"]
+    shot = tmp_path / "gallery.png"
+    subprocess.run([*flags, f"--screenshot={shot}", gallery], capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([*flags, "--dump-dom", gallery], capture_output=True, text=True, timeout=120, check=True)
+    assert dom.stdout.count("<img ") == expected and "card missing" not in dom.stdout
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 100  # the tiny models draw saturated noise
+    assert saturated.mean() > 0.05, "the screenshot shows no rendered images"
