@@ -7,6 +7,7 @@ they open straight from a local folder or an object store's web endpoint (no ser
 from __future__ import annotations
 
 import hashlib
+import heapq
 import html
 import io
 import logging
@@ -43,17 +44,19 @@ def busy_seconds(results: pa.Table) -> dict[str, float]:
 def sample(final: pa.Table, *, size: int = SAMPLE_SIZE) -> list[dict[str, Any]]:
     """A stable sample of final results rows: the same output always shows the same images.
 
-    Rows are ordered by a hash of (id, image_index), so the sample spreads over the whole manifest
-    instead of showing its first rows; errors come first (they are what a reader looks for).
+    Rows are ranked by a hash of (id, image_index), so the sample spreads over the whole manifest
+    instead of showing its first rows; error rows come first (up to a quarter of the sample), as
+    they are what a reader looks for. Only the chosen rows are materialised as dicts.
     """
-    rows = final.select(
-        ["id", "image_index", "status", "error", "error_kind", "seed", "width", "height", "mode", "prompt", "run_id"]
-    ).to_pylist()
-    rows.sort(key=lambda r: (r["status"] == STATUS_OK, _digest(r["id"], r["image_index"])))
-    num_errors = sum(r["status"] != STATUS_OK for r in rows)
-    errors = rows[: min(num_errors, size // 4 or 1)]
-    oks = rows[num_errors:][: size - len(errors)]
-    return sorted(errors + oks, key=lambda r: (r["id"], r["image_index"]))
+    ids = final.column("id").to_pylist()
+    indexes = final.column("image_index").to_pylist()
+    ok = [status == STATUS_OK for status in final.column("status").to_pylist()]
+    rank = lambda i: _digest(ids[i], indexes[i])  # noqa: E731
+    errors = heapq.nsmallest(max(size // 4, 1), (i for i in range(final.num_rows) if not ok[i]), key=rank)
+    oks = heapq.nsmallest(size - len(errors), (i for i in range(final.num_rows) if ok[i]), key=rank)
+    chosen = sorted(errors + oks, key=lambda i: (ids[i], indexes[i]))
+    columns = ["id", "image_index", "status", "error", "error_kind", "seed", "width", "height", "mode", "prompt"]
+    return final.select(columns).take(pa.array(chosen, pa.int64())).to_pylist()
 
 
 def _digest(row_id: str, image_index: int) -> str:
