@@ -8,7 +8,8 @@ A profile holds three numbers, each the busy seconds of one GPU (one actor) per 
 - ``decoder_image_seconds``: per 512x512 image, the rest of the decoder call (MoVQ decode, PNG,
   upload), proportional to the pixel count.
 
-Guidance doubles the batch the model sees, hence the halving when it is off (``guidance_scale <= 1``).
+Guidance doubles the batch the model sees, hence the halving when it is off (``guidance_scale <= 1``);
+img2img-family modes run ``int(num_inference_steps * strength)`` decoder steps.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 import cluster
 
 REFERENCE_PIXELS = 512 * 512
+_PARTIAL_SCHEDULE_MODES = frozenset({"img2img", "controlnet_img2img"})
 DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.abspath(cluster.__file__)), "calibration.yaml")
 
 
@@ -79,12 +81,15 @@ def work_units(table: pa.Table) -> dict[str, np.ndarray]:
         table.column("width").to_pylist(), dtype=float
     )
     scale = pixels / REFERENCE_PIXELS
+    steps = np.asarray(table.column("num_inference_steps").to_pylist(), dtype=float)
+    # img2img-family pipelines skip the first (1 - strength) of the schedule: int(steps * strength) run.
+    partial = np.isin(np.asarray(table.column("mode").to_pylist(), dtype=object), list(_PARTIAL_SCHEDULE_MODES))
+    strength = np.asarray(table.column("strength").to_pylist(), dtype=float)
+    steps = np.where(partial, np.floor(steps * strength), steps)
     return {
         "prior_steps": np.asarray(table.column("prior_num_inference_steps").to_pylist(), dtype=float)
         * _guidance_factor(table.column("prior_guidance_scale").to_pylist()),
-        "decoder_steps": np.asarray(table.column("num_inference_steps").to_pylist(), dtype=float)
-        * _guidance_factor(table.column("guidance_scale").to_pylist())
-        * scale,
+        "decoder_steps": steps * _guidance_factor(table.column("guidance_scale").to_pylist()) * scale,
         "decoder_images": scale,
     }
 

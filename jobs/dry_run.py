@@ -42,14 +42,16 @@ def breakdown(plan: Plan) -> list[dict[str, Any]]:
     ]
 
 
-def _stage_line(name: str, num_actors: int | None, num_gpus: float | None) -> str:
+def _stage_line(name: str, num_actors: int | None, num_gpus: float | None, placement: dict[str, Any]) -> str:
     # None fields are decided by cluster.resources.resolve_stages when the job starts.
     if num_actors:
         actors = f"{num_actors} actor(s)"
     else:
         actors = "1 actor" if name == "prior" else "one actor per GPU left after the prior (1 on CPU clusters)"
     gpus = f"{num_gpus:g} GPU each" if num_gpus is not None else "1 GPU each (0.5 on a 1-GPU cluster, 0 on CPU)"
-    return f"{name}: {actors}, {gpus}"
+    where = [f"accelerator type {placement['accelerator_type']}"] if placement.get("accelerator_type") else []
+    where += [f"{key}={value}" for key, value in placement.get("label_selector", {}).items()]
+    return f"{name}: {actors}, {gpus}" + (f", on nodes with {', '.join(where)}" if where else "")
 
 
 def describe(config: JobConfig, plan: Plan, *, profiles: list[Profile], calibration: str) -> str:
@@ -73,8 +75,12 @@ def describe(config: JobConfig, plan: Plan, *, profiles: list[Profile], calibrat
     lines += [
         "",
         f"batches per stage (batch size {config.batch_size}): prior {len(plan.batches)}, decoder {len(plan.batches)}",
-        "  " + _stage_line("prior", config.prior.num_actors, config.prior.num_gpus),
-        "  " + _stage_line("decoder", config.decoder.num_actors, config.decoder.num_gpus),
+        "  "
+        + _stage_line("prior", config.prior.num_actors, config.prior.num_gpus, config.stage_placement.get("prior", {})),
+        "  "
+        + _stage_line(
+            "decoder", config.decoder.num_actors, config.decoder.num_gpus, config.stage_placement.get("decoder", {})
+        ),
         "",
         f"estimated GPU-seconds (busy time of one GPU per actor), calibration {calibration}:",
     ]

@@ -164,6 +164,8 @@ def test_calibration_fit_recovers_known_costs_and_estimates_plans() -> None:
     scale = 64 * 64 / 512**2
     assert seconds["prior"] == pytest.approx(2 * 5 * 0.01)
     assert seconds["decoder"] == pytest.approx(2 * (100 * 0.05 + 0.2) * scale)
+    img2img = pa.Table.from_pylist([work_row("z", mode="img2img", num_inference_steps=100, strength=0.3)])
+    assert estimate([img2img], truth)["decoder"] == pytest.approx((30 * 0.05 + 0.2) * scale)  # 30 of 100 steps run
     with pytest.raises(ValueError, match="no ok results rows"):
         fit_profile(results_table([]), name="x", source="")
 
