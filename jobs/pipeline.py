@@ -1,6 +1,6 @@
 """The render job: plan, stream batches through the prior and decoder stages, record results.
 
-Two runners execute the same stage classes: ``ray`` (Ray Data actor pools pinned to GPUs, the
+Two runners execute the same stage classes: ``ray`` (Ray actor pools pinned to GPUs, the
 production path) and ``local`` (in-process, one batch after another: for debugging and for tests
 that compare the two).
 """
@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from actors.storage import Storage
 from cluster.resources import StagePlan, resolve_stages
 from jobs.lease import Lease
-from jobs.plan import Plan, make_plan
+from jobs.plan import Plan, group_batches, make_plan
 from jobs.results import ResultsWriter, final_results, read_results
 from jobs.runners import StageSpec, connect_ray, run_local, run_ray
 from jobs.stats import summarize, versions, write_stats
@@ -162,8 +162,9 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
         StageSpec(
             name="prior",
             cls=PriorActor,
-            kwargs={"model": config.models.prior, "dtype": config.dtype, **inputs},
+            kwargs={"model": config.models.prior, "dtype": config.dtype, "accel": config.accel, **inputs},
             resources=prior,
+            batch_size=prior_batch_size(config),
         )
     )
     stages.append(
@@ -175,12 +176,24 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
                 "output": config.output,
                 "run_id": run_id,
                 "dtype": config.dtype,
+                "accel": config.accel,
                 **inputs,
             },
             resources=decoder,
+            batch_size=config.batch_size,
         )
     )
     return stages
+
+
+def prior_batch_size(config: JobConfig) -> int:
+    """Images per prior call: ``prior_batch_size``, else the decoder's ``batch_size``."""
+    return config.prior_batch_size or config.batch_size
+
+
+def work_groups(plan: Plan, config: JobConfig) -> Iterator[list[pa.Table]]:
+    """The plan's decoder batches, grouped into prior calls (`jobs.plan.group_batches`), lazily."""
+    return group_batches(plan.batches, max_rows=prior_batch_size(config))
 
 
 def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str, Any]) -> Iterator[pa.Table]:
@@ -188,7 +201,7 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
     if config.runner == "local":
         stages = build_stages(config, plan, run_id=run_id, cluster_gpus=0.0)
         stage_info.update(runner="local", stages={spec.name: _describe(spec.resources) for spec in stages})
-        yield from run_local(stages, plan.batches)
+        yield from run_local(stages, work_groups(plan, config))
         return
     import ray
 
@@ -196,10 +209,12 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
     try:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
         stages = build_stages(config, plan, run_id=run_id, cluster_gpus=cluster_gpus)
+        timeline: dict[str, Any] = {}
         stage_info.update(
             runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: _describe(spec.resources) for spec in stages}
         )
-        yield from run_ray(stages, plan.batches)
+        yield from run_ray(stages, work_groups(plan, config), timeline=timeline)
+        stage_info.update(_timing(timeline, [spec.name for spec in stages]))
     finally:
         if started:
             ray.shutdown()
@@ -207,3 +222,18 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
 
 def _describe(stage: StagePlan) -> dict[str, Any]:
     return {"num_actors": stage.num_actors, "num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}
+
+
+def _timing(timeline: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """stats.json's view of a runner timeline: seconds since start, busy seconds and calls per stage."""
+    started = timeline["started"]
+    marks = {
+        f"{name}_s": round(timeline[name] - started, 3)
+        for name in ("actors_ready", "first_dispatch", "first_result")
+        if name in timeline
+    }
+    return {
+        "timeline": marks,
+        "busy_seconds": {name: round(s, 3) for name, s in zip(names, timeline["busy_seconds"])},
+        "calls": dict(zip(names, timeline["calls"])),
+    }
