@@ -207,7 +207,7 @@ class RayStagePipeline:
                     max_task_retries=0,  # ... and the driver re-runs its work, from the first stage
                 ).remote(cls=spec.cls, kwargs=spec.kwargs, name=spec.name, batch_size=spec.batch_size)
                 actor = _Actor(stage=number, handle=handle)
-                self.calls[handle.ready.remote()] = actor
+                self._probe(actor)
                 pool.append(actor)
             self.pools.append(pool)
         self.retry_groups: collections.deque[_Group] = collections.deque()
@@ -343,6 +343,10 @@ class RayStagePipeline:
         self.timeline.setdefault("first_result", time.monotonic())
         yield table
 
+    def _probe(self, actor: _Actor) -> None:
+        """Ask ``actor`` to answer once it is up; retried across restarts, so a crash loop ends in an error."""
+        self.calls[actor.handle.ready.options(max_task_retries=self.max_attempts).remote()] = actor
+
     def _actor_ready(self, actor: _Actor, ref: Any) -> None:
         import ray
 
@@ -351,6 +355,7 @@ class RayStagePipeline:
         except ray.exceptions.RayError as exc:
             pool = self.pools[actor.stage]
             pool.remove(actor)
+            ray.kill(actor.handle)
             logger.warning("stage %s: an actor failed to start: %s", self.stages[actor.stage].name, exc)
             if not pool:
                 raise RuntimeError(f"stage {self.stages[actor.stage].name}: no actor could start: {exc}") from exc
@@ -361,9 +366,15 @@ class RayStagePipeline:
 
     def _failed(self, call: _Call, exc: Exception) -> None:
         """Infrastructure failure of one call: re-run its work from the first stage, a bounded number of times."""
+        import ray
+
         self.num_failures += 1
         call.actor.failures += 1
         name = self.stages[call.actor.stage].name
+        if isinstance(exc, ray.exceptions.RayActorError) and call.actor.ready:
+            # The actor died or is restarting: give it no work until it answers again.
+            call.actor.ready = False
+            self._probe(call.actor)
         if call.group is not None:
             group, positions = call.group, set(call.group.wanted)
         else:
