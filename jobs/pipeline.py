@@ -7,6 +7,7 @@ that compare the two).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.storage import Storage
-from cluster.resources import StagePlan, resolve_stages
+from cluster.resources import StagePlan, resolve_stages, suggest_stages
 from jobs.lease import Lease
 from jobs.plan import Plan, group_batches, make_plan
 from jobs.results import ResultsWriter, final_results, read_results
@@ -98,6 +99,7 @@ def run_job(config: JobConfig) -> JobSummary:
             )
         stage_info: dict[str, Any] = {}
         num_rendered = 0
+        busy = {"prior_seconds": 0.0, "decoder_seconds": 0.0, "num_images": 0}
         render_started = time.monotonic()
         if plan.batches:
             for results in execute(plan, config, run_id=run_id, stage_info=stage_info):
@@ -106,6 +108,7 @@ def run_job(config: JobConfig) -> JobSummary:
                 writer.add(results)
                 num_rendered += results.num_rows
                 num_errors += pc.sum(pc.not_equal(results.column("status"), STATUS_OK)).as_py() or 0
+                _add_busy(busy, results)
         writer.close()
         render_seconds = time.monotonic() - render_started
 
@@ -127,6 +130,7 @@ def run_job(config: JobConfig) -> JobSummary:
             "wall_seconds": round(time.monotonic() - started, 3),
             "output": summarize(final),
             "stages": stage_info,
+            "suggested_stages": _suggest(busy, cluster_gpus=stage_info.get("cluster_gpus", 0.0)),
             "versions": versions(),
             "config": config.to_dict(),
         }
@@ -218,6 +222,38 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
     finally:
         if started:
             ray.shutdown()
+
+
+def _add_busy(busy: dict[str, float], results: pa.Table) -> None:
+    """Add the per-image stage seconds of the ok rows of ``results`` to the running sums in ``busy``."""
+    ok = results.filter(pc.equal(results.column("status"), STATUS_OK))
+    for name in ("prior_seconds", "decoder_seconds"):
+        busy[name] += pc.sum(ok.column(name)).as_py() or 0.0
+    busy["num_images"] += ok.num_rows
+
+
+def _suggest(busy: dict[str, float], *, cluster_gpus: float) -> dict[str, Any] | None:
+    """Stage layout suggested for this cluster from this run's measured per-image stage costs."""
+    if not busy["num_images"] or not busy["decoder_seconds"]:
+        return None
+    prior = busy["prior_seconds"] / busy["num_images"]
+    decoder = busy["decoder_seconds"] / busy["num_images"]
+    suggestion = suggest_stages(prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus)
+    logger.info(
+        "measured %.3g s/image prior, %.3g s/image decoder; for %g GPUs: %s (%s)",
+        prior,
+        decoder,
+        cluster_gpus,
+        suggestion.flags(),
+        suggestion.note,
+    )
+    return {
+        "prior_seconds_per_image": round(prior, 6),
+        "decoder_seconds_per_image": round(decoder, 6),
+        "cluster_gpus": cluster_gpus,
+        **dataclasses.asdict(suggestion),
+        "flags": suggestion.flags(),
+    }
 
 
 def _describe(stage: StagePlan) -> dict[str, Any]:
