@@ -1,4 +1,4 @@
-"""The ``kandinsky-render`` console script: ``render``, ``tiny-models``."""
+"""The ``kandinsky-render`` console script: ``render``, ``tiny-models``, ``benchmark``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "render": "render manifests (see `kandinsky-render render --help`)",
     "tiny-models": "write tiny random-weight checkpoints for tests and the example",
+    "benchmark": "throughput figures: cpu, simulated, plan, gpu (see BENCHMARKS.md)",
 }
 
 
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.render import main as render_main
 
         return render_main(rest)
+    if command == "benchmark":
+        from jobs.benchmark import main as benchmark_main
+
+        return benchmark_main(rest)
     from jobs.tiny_models import main as tiny_main
 
     return tiny_main(rest)
