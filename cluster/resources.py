@@ -119,7 +119,9 @@ def suggest_stages(
             decoder_gpus=share,
             images_per_s=rate,
             decoder_busy=decoder_seconds / (prior_seconds + decoder_seconds),
-            note="one device: prior and decoder share it and take turns",
+            note="one GPU: prior and decoder share it and take turns"
+            if cluster_gpus
+            else "no GPUs: prior and decoder share the CPUs",
         )
     gpus = int(cluster_gpus)
     best: tuple[float, int] | None = None
@@ -149,3 +151,21 @@ def suggest_stages(
         decoder_busy=decoder_busy,
         note=note,
     )
+
+
+def fit_cpus(stages: list[StagePlan], *, cluster_cpus: float) -> list[StagePlan]:
+    """Scale the stages' CPU reservations down to fit ``cluster_cpus`` when together they ask for more.
+
+    Ray's CPUs are a logical reservation: actors of a chain that cannot all be placed at once
+    would leave a stage without actors and the job waiting forever (e.g. depth + prior + decoder,
+    one CPU each, on a 2-CPU laptop). GPUs are never scaled (`resolve_stages` refuses those).
+    """
+    needed = sum(stage.num_actors * stage.num_cpus for stage in stages)
+    if needed <= cluster_cpus + 1e-9 or needed == 0:
+        return stages
+    factor = cluster_cpus / needed
+    # Round down to 1/100 CPU so that rounding never makes the sum exceed the cluster.
+    return [
+        StagePlan(num_actors=s.num_actors, num_gpus=s.num_gpus, num_cpus=math.floor(s.num_cpus * factor * 100) / 100)
+        for s in stages
+    ]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.storage import Storage
-from cluster.resources import StagePlan, resolve_stages, suggest_stages
+from cluster.resources import StagePlan, fit_cpus, resolve_stages, suggest_stages
 from jobs.lease import Lease
 from jobs.plan import Plan, group_batches, make_plan
 from jobs.results import ResultsWriter, final_results, read_results
@@ -205,7 +205,7 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
     if config.runner == "local":
         stages = build_stages(config, plan, run_id=run_id, cluster_gpus=0.0)
         stage_info.update(runner="local", stages={spec.name: _describe(spec.resources) for spec in stages})
-        yield from run_local(stages, work_groups(plan, config))
+        yield from run_local(stages, work_groups(plan, config), split_after=_prior_index(stages))
         return
     import ray
 
@@ -213,11 +213,20 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
     try:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
         stages = build_stages(config, plan, run_id=run_id, cluster_gpus=cluster_gpus)
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        fitted = fit_cpus([spec.resources for spec in stages], cluster_cpus=cluster_cpus)
+        if fitted != [spec.resources for spec in stages]:
+            logger.warning(
+                "the stages reserve more than the cluster's %g CPUs; CPU reservations scaled to %s",
+                cluster_cpus,
+                [fit.num_cpus for fit in fitted],
+            )
+            stages = [dataclasses.replace(spec, resources=fit) for spec, fit in zip(stages, fitted)]
         timeline: dict[str, Any] = {}
         stage_info.update(
             runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: _describe(spec.resources) for spec in stages}
         )
-        yield from run_ray(stages, work_groups(plan, config), timeline=timeline)
+        yield from run_ray(stages, work_groups(plan, config), split_after=_prior_index(stages), timeline=timeline)
         stage_info.update(_timing(timeline, [spec.name for spec in stages]))
     finally:
         if started:
@@ -254,6 +263,11 @@ def _suggest(busy: dict[str, float], *, cluster_gpus: float) -> dict[str, Any] |
         **dataclasses.asdict(suggestion),
         "flags": suggestion.flags(),
     }
+
+
+def _prior_index(stages: list[StageSpec]) -> int:
+    """Stages up to the prior see whole groups (one prior call serves several decoder batches)."""
+    return [spec.name for spec in stages].index("prior")
 
 
 def _describe(stage: StagePlan) -> dict[str, Any]:

@@ -47,7 +47,13 @@ logger = logging.getLogger(__name__)
 PLAN_CHUNK_ROWS = 65_536
 # Work rows that one prior call can serve together: mirrors `actors.prior.PRIOR_CALL_KEY`
 # (tests/test_runners.py checks they agree; a mismatch would only split prior calls, never change pixels).
-PRIOR_GROUP_KEY = ("prior_num_inference_steps", "prior_guidance_scale", "has_negative_prompt")
+PRIOR_GROUP_KEY = (
+    "prior_kind",
+    "prior_num_inference_steps",
+    "prior_guidance_scale",
+    "prior_strength",
+    "has_negative_prompt",
+)
 
 
 class Batches(Sequence[pa.Table]):

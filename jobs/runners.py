@@ -5,11 +5,12 @@ table to another; `StageSpec` says how to build it, what Ray resources its actor
 many rows one call may take. The runner knows nothing about Kandinsky: `jobs.pipeline` decides
 which stages exist.
 
-Work arrives as groups of planned batches. The first stage sees a group's batches in one call
-(concatenated; cut into calls of at most its ``batch_size`` rows) and must return its input rows
-in order; its output is cut back into the group's batches, and every later stage sees exactly one
-batch per call. So a prior call can serve several decoder batches, and the composition of every
-call is a pure function of the plan (the pixels do not depend on scheduling).
+Work arrives as groups of planned batches. The stages up to ``split_after`` see a group's
+batches in one call (concatenated; cut into calls of at most their ``batch_size`` rows) and must
+return their input rows in order; the output of stage ``split_after`` is cut back into the group's
+batches, and every later stage sees exactly one batch per call. So a prior call can serve several
+decoder batches, and the composition of every call is a pure function of the plan (the pixels do
+not depend on scheduling).
 """
 
 from __future__ import annotations
@@ -70,14 +71,25 @@ def split_rows(table: pa.Table, sizes: Sequence[int]) -> list[pa.Table]:
     return pieces
 
 
-def run_local(stages: Sequence[StageSpec], groups: Iterable[Sequence[pa.Table]]) -> Iterator[pa.Table]:
+def _check_split(stages: Sequence[StageSpec], split_after: int) -> None:
+    if not stages:
+        raise ValueError("at least one stage is needed")
+    if not 0 <= split_after < len(stages):
+        raise ValueError(f"split_after must name one of the {len(stages)} stages, got {split_after}")
+
+
+def run_local(
+    stages: Sequence[StageSpec], groups: Iterable[Sequence[pa.Table]], *, split_after: int = 0
+) -> Iterator[pa.Table]:
     """In-process: one instance per stage; each group goes through the chain, batches yielded in order."""
-    instances = [spec.cls(**spec.kwargs, worker="local") for spec in stages]
-    first, rest = stages[0], list(zip(stages[1:], instances[1:]))
+    _check_split(stages, split_after)
+    chain = [(spec, spec.cls(**spec.kwargs, worker="local")) for spec in stages]
     for group in groups:
-        output = call_stage(instances[0], pa.concat_tables(group), batch_size=first.batch_size, name=first.name)
-        for piece in split_rows(output, [table.num_rows for table in group]):
-            for spec, instance in rest:
+        table = pa.concat_tables(group)
+        for spec, instance in chain[: split_after + 1]:
+            table = call_stage(instance, table, batch_size=spec.batch_size, name=spec.name)
+        for piece in split_rows(table, [batch.num_rows for batch in group]):
+            for spec, instance in chain[split_after + 1 :]:
                 piece = call_stage(instance, piece, batch_size=spec.batch_size, name=spec.name)
             yield piece
 
@@ -135,8 +147,10 @@ class _Actor:
 @dataclass(eq=False, kw_only=True)
 class _Group:
     batches: Sequence[pa.Table]
-    wanted: set[int]  # positions whose first-stage output is still needed (all, unless re-run after a failure)
-    queued: bool = False  # waiting for, or running in, a first-stage call
+    wanted: set[int]  # positions whose split output is still needed (all, unless re-run after a failure)
+    queued: bool = False  # waiting for, or running in, a group-level call
+    stage: int = 0  # the next group-level stage
+    data: Any = None  # ObjectRef of the previous group-level stage's output
     failures: int = 0
 
 
@@ -151,8 +165,8 @@ class _Item:
 class _Call:
     actor: _Actor
     outputs: list[Any]
-    group: _Group | None = None  # a first-stage call
-    item: _Item | None = None  # a later-stage call
+    group: _Group | None = None  # a group-level call (stages up to split_after)
+    item: _Item | None = None  # a batch-level call
 
 
 class RayStagePipeline:
@@ -162,9 +176,10 @@ class RayStagePipeline:
     between stages stays in the object store. Scheduling, per stage:
     - an actor gets work only once it has answered ``ready`` (its model is loaded), and holds at
       most ``calls_per_actor`` calls (one running, the next already waiting: no idle round trip);
-    - a later-stage call is submitted only when its input exists, to the least busy actor, so no
-      actor queues behind an input that another actor could take instead;
-    - the first stage runs ahead of the others by at most ``max_buffered`` batches (bounded memory).
+    - a call is submitted only when its input exists, to the least busy actor, so no actor queues
+      behind an input that another actor could take instead; work further along goes first;
+    - new groups enter only while fewer than ``max_buffered`` batches are in the system (bounded
+      memory; groups are pulled lazily from the iterator).
     Failures: an exception raised by a stage is a bug and is raised at once. Infrastructure failures
     (an actor or node died, an object was lost) re-run the affected work from the first stage, with
     the same composition, up to ``max_attempts`` times per batch; outputs are written idempotently by
@@ -179,16 +194,20 @@ class RayStagePipeline:
         calls_per_actor: int = 2,
         max_buffered: int | None = None,
         max_attempts: int = 3,
+        split_after: int = 0,
         wait_for_actors: bool = False,
         timeline: dict[str, Any] | None = None,
+        stall_warning_s: float = 120.0,
     ) -> None:
         import ray
 
-        if not stages:
-            raise ValueError("at least one stage is needed")
+        _check_split(stages, split_after)
+        self.stall_warning_s = stall_warning_s
         self.stages = list(stages)
+        self.split_after = split_after
         self.calls_per_actor = calls_per_actor
-        later = sum(spec.resources.num_actors for spec in self.stages[1:]) or self.stages[0].resources.num_actors
+        later = sum(spec.resources.num_actors for spec in self.stages[split_after + 1 :])
+        later = later or self.stages[split_after].resources.num_actors
         self.max_buffered = max_buffered or 2 * calls_per_actor * later
         self.max_attempts = max_attempts
         self.wait_for_actors = wait_for_actors
@@ -196,8 +215,9 @@ class RayStagePipeline:
         self.timeline.update(started=time.monotonic(), busy_seconds=[0.0] * len(stages), calls=[0] * len(stages))
         self.pools: list[list[_Actor]] = []
         self.calls: dict[Any, _Call | _Actor] = {}  # info ref of a call, or ready ref of an actor
-        remote = ray.remote(StageWorker)
         for number, spec in enumerate(self.stages):
+            # A subclass per stage so Ray (dashboard, state API, logs) names actors after their stage.
+            remote = ray.remote(type(f"{spec.name.title()}Stage", (StageWorker,), {}))
             pool = []
             for _ in range(spec.resources.num_actors):
                 handle = remote.options(
@@ -211,7 +231,8 @@ class RayStagePipeline:
                 pool.append(actor)
             self.pools.append(pool)
         self.retry_groups: collections.deque[_Group] = collections.deque()
-        self.ready_items: list[collections.deque[_Item]] = [collections.deque() for _ in self.stages]
+        # Per stage, work whose input exists: groups for stages 1..split_after, batches after that.
+        self.ready: list[collections.deque[Any]] = [collections.deque() for _ in self.stages]
         self.num_buffered = 0
         self.num_failures = 0
 
@@ -227,11 +248,14 @@ class RayStagePipeline:
             else:
                 self._dispatch(iter(()))
             if not self.calls:
-                if exhausted and not self.retry_groups and not any(self.ready_items) and self.num_buffered == 0:
+                if exhausted and not self.retry_groups and not any(self.ready) and self.num_buffered == 0:
                     return
                 raise RuntimeError("runner stalled: work is left but no actor is working on it")  # pragma: no cover
             refs = list(self.calls)
-            done, _ = ray.wait(refs, num_returns=1, fetch_local=False)
+            done, _ = ray.wait(refs, num_returns=1, timeout=self.stall_warning_s, fetch_local=False)
+            if not done:
+                self._warn_stalled()
+                continue
             more, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
             for ref in dict.fromkeys(done + more):
                 yield from self._complete(ref)
@@ -246,6 +270,19 @@ class RayStagePipeline:
         self.pools = []
         self.calls = {}
 
+    def _warn_stalled(self) -> None:
+        waited = time.monotonic() - self.timeline["started"]
+        for spec, pool in zip(self.stages, self.pools):
+            if not any(actor.ready for actor in pool):
+                logger.warning(
+                    "stage %s: no actor has started after %.0f s (each asks for %g CPU, %g GPU); "
+                    "the cluster may lack the resources",
+                    spec.name,
+                    waited,
+                    spec.resources.num_cpus,
+                    spec.resources.num_gpus,
+                )
+
     def _free_actor(self, stage: int) -> _Actor | None:
         candidates = [a for a in self.pools[stage] if a.ready and a.inflight < self.calls_per_actor]
         return min(candidates, key=lambda a: a.inflight) if candidates else None
@@ -258,11 +295,15 @@ class RayStagePipeline:
         if self.wait_for_actors and not self._all_ready():
             return False
         for stage in reversed(range(1, len(self.stages))):  # drain work already in the system first
-            while self.ready_items[stage]:
+            while self.ready[stage]:
                 actor = self._free_actor(stage)
                 if actor is None:
                     break
-                self._submit_item(self.ready_items[stage].popleft(), actor)
+                work = self.ready[stage].popleft()
+                if isinstance(work, _Group):
+                    self._submit_group(work, actor)
+                else:
+                    self._submit_item(work, actor)
         while True:
             actor = self._free_actor(0)
             if actor is None:
@@ -280,16 +321,16 @@ class RayStagePipeline:
             self._submit_group(group, actor)
 
     def _submit_group(self, group: _Group, actor: _Actor) -> None:
-        sizes = [table.num_rows for table in group.batches]
-        payload = to_ipc(pa.concat_tables(group.batches))
+        stage = group.stage
+        payload = to_ipc(pa.concat_tables(group.batches)) if stage == 0 else group.data
+        rows = [table.num_rows for table in group.batches]
+        sizes = rows if stage == self.split_after else [sum(rows)]
         refs = actor.handle.run.options(num_returns=len(sizes) + 1).remote(payload, sizes)
-        refs = refs if isinstance(refs, list) else [refs]
         self._track(_Call(actor=actor, outputs=refs[:-1], group=group), refs[-1])
 
     def _submit_item(self, item: _Item, actor: _Actor) -> None:
-        data, info = actor.handle.run.options(num_returns=2).remote(
-            item.data, [item.group.batches[item.position].num_rows]
-        )
+        size = item.group.batches[item.position].num_rows
+        data, info = actor.handle.run.options(num_returns=2).remote(item.data, [size])
         self._track(_Call(actor=actor, outputs=[data], item=item), info)
 
     def _track(self, call: _Call, info: Any) -> None:
@@ -306,8 +347,6 @@ class RayStagePipeline:
             return
         call.actor.inflight -= 1
         stage = call.actor.stage
-        if call.group is not None:
-            call.group.queued = False
         try:
             info = ray.get(ref)
         except ray.exceptions.RayTaskError:
@@ -318,22 +357,23 @@ class RayStagePipeline:
         self.timeline["busy_seconds"][stage] += info["seconds"]
         self.timeline["calls"][stage] += 1
         last = stage == len(self.stages) - 1
-        if call.group is not None:
-            items = [(position, ref) for position, ref in enumerate(call.outputs) if position in call.group.wanted]
-            call.group.wanted.clear()
-            for position, data in items:
-                item = _Item(group=call.group, position=position, data=data)
-                if last:
-                    yield from self._finish(item)
-                else:
-                    self.ready_items[1].append(item)
+        group = call.group
+        if group is not None and stage < self.split_after:
+            group.stage, group.data = stage + 1, call.outputs[0]
+            self.ready[stage + 1].append(group)
             return
-        item = call.item
-        item.data = call.outputs[0]
-        if last:
-            yield from self._finish(item)
+        if group is not None:  # the split: one item per batch still wanted
+            items = [_Item(group=group, position=p, data=d) for p, d in enumerate(call.outputs) if p in group.wanted]
+            group.wanted.clear()
+            group.queued, group.stage, group.data = False, 0, None
         else:
-            self.ready_items[stage + 1].append(item)
+            call.item.data = call.outputs[0]
+            items = [call.item]
+        for item in items:
+            if last:
+                yield from self._finish(item)
+            else:
+                self.ready[stage + 1].append(item)
 
     def _finish(self, item: _Item) -> Iterator[pa.Table]:
         import ray
@@ -386,8 +426,8 @@ class RayStagePipeline:
             "stage %s: call failed (%s); re-running %d batch(es) from the first stage", name, exc, len(positions)
         )
         group.wanted.update(positions)
-        if not group.queued:
-            group.queued = True
+        if call.group is not None or not group.queued:  # a group already on its way re-runs once, for all
+            group.queued, group.stage, group.data = True, 0, None
             self.retry_groups.append(group)
 
 
@@ -395,6 +435,7 @@ def run_ray(
     stages: Sequence[StageSpec],
     groups: Iterable[Sequence[pa.Table]],
     *,
+    split_after: int = 0,
     wait_for_actors: bool = False,
     timeline: dict[str, Any] | None = None,
 ) -> Iterator[pa.Table]:
@@ -404,7 +445,7 @@ def run_ray(
     ``first_dispatch``, ``first_result``) and per-stage ``busy_seconds`` and ``calls``.
     ``wait_for_actors`` holds all work until every actor has loaded its model (benchmarks).
     """
-    pipeline = RayStagePipeline(stages, wait_for_actors=wait_for_actors, timeline=timeline)
+    pipeline = RayStagePipeline(stages, split_after=split_after, wait_for_actors=wait_for_actors, timeline=timeline)
     try:
         yield from pipeline.run(groups)
     finally:

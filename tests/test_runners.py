@@ -149,6 +149,29 @@ def test_ray_runner_equals_local_and_records_a_timeline() -> None:
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
+def test_stages_before_the_split_see_whole_groups() -> None:
+    """[depth] -> prior -> decoder: the split comes after the prior, the second of three stages."""
+    batches = batch(work_rows(MIXED), batch_size=2)
+    none = StagePlan(num_actors=1, num_gpus=0.0, num_cpus=0.0)
+    stages = [
+        StageSpec(name="zero", cls=Tag, kwargs={"column": "zero_rows"}, resources=none),
+        *_stages(),
+    ]
+    local = list(run_local(stages, group_batches(batches, max_rows=6), split_after=1))
+    remote = list(run_ray(stages, group_batches(batches, max_rows=6), split_after=1))
+    assert sorted(str(o.to_pylist()) for o in remote) == sorted(str(o.to_pylist()) for o in local)
+    for group in group_batches(batches, max_rows=6):
+        rows = sum(t.num_rows for t in group)
+        for table in group:
+            first = table.select(["id", "image_index"]).to_pylist()[0]
+            out = next(o for o in local if o.select(["id", "image_index"]).to_pylist()[0] == first)
+            assert set(out.column("zero_rows").to_pylist()) == set(out.column("first_rows").to_pylist()) == {rows}
+            assert set(out.column("last_rows").to_pylist()) == {table.num_rows}
+    with pytest.raises(ValueError, match="split_after"):
+        list(run_local(stages, [], split_after=3))
+
+
+@pytest.mark.usefixtures("ray_two_gpus")
 def test_ray_runner_pulls_work_lazily_within_its_buffer() -> None:
     batches = batch(work_rows(MIXED), batch_size=1)
     pulled = []
