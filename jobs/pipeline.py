@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -209,7 +210,12 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
         return
     import ray
 
+    # The stage classes import torch, diffusers and transformers (seconds of CPU); Ray's start-up
+    # mostly waits on its own processes, so the two overlap.
+    preload = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
+    preload.start()
     started = connect_ray(config.address)
+    preload.join()
     try:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
         stages = build_stages(config, plan, run_id=run_id, cluster_gpus=cluster_gpus)
@@ -231,6 +237,16 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
     finally:
         if started:
             ray.shutdown()
+
+
+def _import_stage_modules() -> None:
+    """What the driver imports anyway: the stage classes (torch) and, for stats.json, diffusers and transformers."""
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+
+    import actors.decoder  # noqa: F401
+    import actors.depth  # noqa: F401
+    import actors.prior  # noqa: F401
 
 
 def _add_busy(busy: dict[str, float], results: pa.Table) -> None:
