@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actors.accel import prepare_pipeline
 from actors.common import (
     describe_exception,
     quiet_libraries,
@@ -23,7 +24,7 @@ from actors.common import (
 from actors.images import encode_png, to_uint8
 from actors.inputs import ImageLoader, InputError, hint_array
 from actors.storage import Storage
-from schemas.config import DECODER_FOR_MODE
+from schemas.config import DECODER_FOR_MODE, AccelOptions
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
 from schemas.results import (
     ERROR_INPUT,
@@ -72,6 +73,7 @@ class DecoderActor:
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         dtype: str = "auto",
         device: str | None = None,
+        accel: AccelOptions | None = None,
         worker: str = "",
     ) -> None:
         import diffusers
@@ -87,7 +89,8 @@ class DecoderActor:
         for mode, path in sorted(models.items()):
             cls = getattr(diffusers, _PIPELINE_FOR_MODE[mode])
             if path not in loaded:
-                loaded[path] = cls.from_pretrained(path, dtype=self.dtype).to(self.device)
+                pipe = cls.from_pretrained(path, dtype=self.dtype)
+                loaded[path] = prepare_pipeline(pipe, device=self.device, options=accel)
                 pipe = loaded[path]
             else:
                 pipe = cls(**loaded[path].components)

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actors.accel import prepare_pipeline, share_prior_caches
 from actors.common import (
     describe_exception,
     generator_state,
@@ -22,6 +23,7 @@ from actors.common import (
     worker_name,
 )
 from actors.inputs import ImageLoader, InputError
+from schemas.config import AccelOptions
 from schemas.manifest import (
     DEFAULT_ALLOWED_PROTOCOLS,
     DEFAULT_MAX_INPUT_PIXELS,
@@ -67,6 +69,7 @@ class PriorActor:
         storage_options: dict[str, Any] | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        accel: AccelOptions | None = None,
         worker: str = "",
     ) -> None:
         from diffusers import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline
@@ -74,9 +77,10 @@ class PriorActor:
         quiet_libraries()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.pipe = KandinskyV22PriorPipeline.from_pretrained(model, dtype=self.dtype).to(self.device)
+        pipe = KandinskyV22PriorPipeline.from_pretrained(model, dtype=self.dtype)
+        self.pipe = prepare_pipeline(pipe, device=self.device, options=accel)
         self.pipe.set_progress_bar_config(disable=True)
-        self.emb2emb = KandinskyV22PriorEmb2EmbPipeline(**self.pipe.components)
+        self.emb2emb = share_prior_caches(self.pipe, KandinskyV22PriorEmb2EmbPipeline(**self.pipe.components))
         self.emb2emb.set_progress_bar_config(disable=True)
         self.loader = ImageLoader(
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels

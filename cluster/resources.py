@@ -143,3 +143,108 @@ def parse_labels(pairs: list[str], *, flag: str) -> dict[str, str]:
             raise ValueError(f"{flag} expects KEY=VALUE (e.g. {STAGE_LABEL}=decoder), got {pair!r}")
         labels[key.strip()] = value.strip()
     return labels
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSuggestion:
+    """Actors per stage suggested from measured per-image stage costs, with the throughput it predicts."""
+
+    num_prior_actors: int
+    num_decoder_actors: int
+    prior_gpus: float
+    decoder_gpus: float
+    images_per_s: float  # predicted, whole cluster
+    decoder_busy: float  # predicted fraction of decoder time spent rendering
+    note: str
+
+    def flags(self) -> str:
+        """The render flags that ask for this layout."""
+        return (
+            f"--num-prior-actors {self.num_prior_actors} --num-decoder-actors {self.num_decoder_actors} "
+            f"--prior-gpus {self.prior_gpus:g} --decoder-gpus {self.decoder_gpus:g}"
+        )
+
+
+def priors_needed(*, num_decoders: int, prior_seconds: float, decoder_seconds: float, headroom: float = 1.1) -> int:
+    """Prior actors that keep ``num_decoders`` decoders fed, with ``headroom`` spare prior capacity.
+
+    ``*_seconds`` are busy seconds per image of one actor of each stage (at its batch size).
+    """
+    if prior_seconds < 0 or decoder_seconds <= 0:
+        raise ValueError(f"stage costs must be positive, got prior {prior_seconds} s, decoder {decoder_seconds} s")
+    return max(1, math.ceil(num_decoders * prior_seconds * headroom / decoder_seconds - 1e-9))
+
+
+def suggest_stages(
+    *, prior_seconds: float, decoder_seconds: float, cluster_gpus: float, headroom: float = 1.1
+) -> StageSuggestion:
+    """Split ``cluster_gpus`` whole GPUs between prior and decoder actors for the most images per second.
+
+    With one GPU (or less) both stages share it (0.5 each) and take turns. With G >= 2 GPUs every
+    actor has a GPU of its own: P priors and G - P decoders, P as small as keeps the decoders fed
+    with ``headroom`` spare prior capacity, so that in steady state a decoder never waits. Costs are
+    busy seconds per image of one actor (e.g. the mean ``prior_seconds`` / ``decoder_seconds`` of a
+    previous run's results, which `measured_costs` reads). Raises ValueError for impossible inputs.
+    """
+    if prior_seconds < 0 or decoder_seconds <= 0:
+        raise ValueError(f"stage costs must be positive, got prior {prior_seconds} s, decoder {decoder_seconds} s")
+    if cluster_gpus < 2:
+        rate = (cluster_gpus or 1.0) / (prior_seconds + decoder_seconds)
+        share = 0.5 * cluster_gpus if cluster_gpus else 0.0
+        return StageSuggestion(
+            num_prior_actors=1,
+            num_decoder_actors=1,
+            prior_gpus=share,
+            decoder_gpus=share,
+            images_per_s=rate,
+            decoder_busy=decoder_seconds / (prior_seconds + decoder_seconds),
+            note="one GPU: prior and decoder share it and take turns"
+            if cluster_gpus
+            else "no GPUs: prior and decoder share the CPUs",
+        )
+    gpus = int(cluster_gpus)
+    best: tuple[float, int] | None = None
+    for num_priors in range(1, gpus):
+        num_decoders = gpus - num_priors
+        fed = num_priors / (prior_seconds * headroom) if prior_seconds else math.inf
+        rate = min(fed, num_decoders / decoder_seconds)
+        if best is None or rate > best[0] + 1e-12:
+            best = (rate, num_priors)
+    rate, num_priors = best
+    num_decoders = gpus - num_priors
+    decoder_busy = min(1.0, rate * decoder_seconds / num_decoders)
+    prior_busy = rate * prior_seconds / num_priors
+    shared = gpus / (prior_seconds + decoder_seconds)
+    note = f"{num_priors} prior GPU(s) {prior_busy:.0%} busy feed {num_decoders} decoder GPU(s) {decoder_busy:.0%} busy"
+    if shared > rate * 1.05:
+        note += (
+            f"; the prior is cheap: co-locating it (e.g. --prior-gpus 0.1 --decoder-gpus 0.9, {gpus} decoders) "
+            f"could reach ~{shared:.3g} images/s"
+        )
+    return StageSuggestion(
+        num_prior_actors=num_priors,
+        num_decoder_actors=num_decoders,
+        prior_gpus=1.0,
+        decoder_gpus=1.0,
+        images_per_s=rate,
+        decoder_busy=decoder_busy,
+        note=note,
+    )
+
+
+def fit_cpus(stages: list[StagePlan], *, cluster_cpus: float) -> list[StagePlan]:
+    """Scale the stages' CPU reservations down to fit ``cluster_cpus`` when together they ask for more.
+
+    Ray's CPUs are a logical reservation: actors of a chain that cannot all be placed at once
+    would leave a stage without actors and the job waiting forever (e.g. depth + prior + decoder,
+    one CPU each, on a 2-CPU laptop). GPUs are never scaled (`resolve_stages` refuses those).
+    """
+    needed = sum(stage.num_actors * stage.num_cpus for stage in stages)
+    if needed <= cluster_cpus + 1e-9 or needed == 0:
+        return stages
+    factor = cluster_cpus / needed
+    # Round down to 1/100 CPU so that rounding never makes the sum exceed the cluster.
+    return [
+        StagePlan(num_actors=s.num_actors, num_gpus=s.num_gpus, num_cpus=math.floor(s.num_cpus * factor * 100) / 100)
+        for s in stages
+    ]

@@ -1,4 +1,4 @@
-"""The ``kandinsky-render`` console script: ``render``, ``tiny-models``, ``calibrate``."""
+"""The ``kandinsky-render`` console script: ``render``, ``tiny-models``, ``calibrate``, ``benchmark``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ COMMANDS = {
     "render": "render manifests (see `kandinsky-render render --help`)",
     "tiny-models": "write tiny random-weight checkpoints for tests and the example",
     "calibrate": "fit a --dry-run GPU-seconds profile from a finished run's results",
+    "benchmark": "throughput figures: cpu, simulated, plan, gpu (see BENCHMARKS.md)",
 }
 
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.calibration import main as calibrate_main
 
         return calibrate_main(rest)
+    if command == "benchmark":
+        from jobs.benchmark import main as benchmark_main
+
+        return benchmark_main(rest)
     from jobs.tiny_models import main as tiny_main
 
     return tiny_main(rest)

@@ -1,6 +1,6 @@
 """The render job: plan, stream batches through the prior and decoder stages, record results.
 
-Two runners execute the same stage classes: ``ray`` (Ray Data actor pools pinned to GPUs, the
+Two runners execute the same stage classes: ``ray`` (Ray actor pools pinned to GPUs, the
 production path) and ``local`` (in-process, one batch after another: for debugging and for tests
 that compare the two).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,9 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.storage import Storage
-from cluster.resources import StagePlan, place_stages, resolve_stages
+from cluster.resources import StagePlan, fit_cpus, place_stages, resolve_stages, suggest_stages
 from jobs.lease import Lease
-from jobs.plan import Plan, make_plan
+from jobs.plan import Plan, group_batches, make_plan
 from jobs.progress import Progress
 from jobs.report import busy_seconds, write_report
 from jobs.results import ResultsWriter, final_results, read_results
@@ -109,6 +110,7 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
             )
         stage_info: dict[str, Any] = {}
         num_rendered = 0
+        busy = {"prior_seconds": 0.0, "decoder_seconds": 0.0, "num_images": 0}
         render_started = time.monotonic()
         if plan.batches:
             for results in execute(plan, config, run_id=run_id, stage_info=stage_info):
@@ -118,6 +120,7 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
                 num_rendered += results.num_rows
                 num_errors += pc.sum(pc.not_equal(results.column("status"), STATUS_OK)).as_py() or 0
                 progress.update(results)
+                _add_busy(busy, results)
         writer.close()
         progress.finish()
         render_seconds = time.monotonic() - render_started
@@ -144,6 +147,7 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
             "this_run": summarize(final_results(this_run)),  # an image a retried batch wrote twice counts once
             "busy_seconds": busy_seconds(this_run),
             "stages": stage_info,
+            "suggested_stages": _suggest(busy, cluster_gpus=stage_info.get("cluster_gpus", 0.0)),
             "versions": versions(),
             "config": config.to_dict(),
         }
@@ -181,8 +185,9 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
         StageSpec(
             name="prior",
             cls=PriorActor,
-            kwargs={"model": config.models.prior, "dtype": config.dtype, **inputs},
+            kwargs={"model": config.models.prior, "dtype": config.dtype, "accel": config.accel, **inputs},
             resources=prior,
+            batch_size=prior_batch_size(config),
         )
     )
     stages.append(
@@ -194,12 +199,24 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
                 "output": config.output,
                 "run_id": run_id,
                 "dtype": config.dtype,
+                "accel": config.accel,
                 **inputs,
             },
             resources=decoder,
+            batch_size=config.batch_size,
         )
     )
     return stages
+
+
+def prior_batch_size(config: JobConfig) -> int:
+    """Images per prior call: ``prior_batch_size``, else the decoder's ``batch_size``."""
+    return config.prior_batch_size or config.batch_size
+
+
+def work_groups(plan: Plan, config: JobConfig) -> Iterator[list[pa.Table]]:
+    """The plan's decoder batches, grouped into prior calls (`jobs.plan.group_batches`), lazily."""
+    return group_batches(plan.batches, max_rows=prior_batch_size(config))
 
 
 def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str, Any]) -> Iterator[pa.Table]:
@@ -207,24 +224,84 @@ def execute(plan: Plan, config: JobConfig, *, run_id: str, stage_info: dict[str,
     if config.runner == "local":
         stages = build_stages(config, plan, run_id=run_id, cluster_gpus=0.0)
         stage_info.update(runner="local", stages={spec.name: _describe(spec.resources) for spec in stages})
-        yield from run_local(stages, plan.batches)
+        yield from run_local(stages, work_groups(plan, config), split_after=_prior_index(stages))
         return
     import ray
 
+    # The stage classes import torch, diffusers and transformers (seconds of CPU); Ray's start-up
+    # mostly waits on its own processes, so the two overlap.
+    preload = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
+    preload.start()
     started = connect_ray(config.address)
+    preload.join()
     try:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
         stages = build_stages(config, plan, run_id=run_id, cluster_gpus=cluster_gpus)
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        fitted = fit_cpus([spec.resources for spec in stages], cluster_cpus=cluster_cpus)
+        if fitted != [spec.resources for spec in stages]:
+            logger.warning(
+                "the stages reserve more than the cluster's %g CPUs; CPU reservations scaled to %s",
+                cluster_cpus,
+                [fit.num_cpus for fit in fitted],
+            )
+            stages = [dataclasses.replace(spec, resources=fit) for spec, fit in zip(stages, fitted)]
+        timeline: dict[str, Any] = {}
         stage_info.update(
             runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: _describe(spec.resources) for spec in stages}
         )
-        if any(not spec.resources.placement.is_any for spec in stages):
-            # TODO(runners): pass cluster.resources.ray_remote_args(spec.resources) to map_batches.
-            logger.warning("stage placement (accelerator type, node labels) is recorded, not applied by the runner yet")
-        yield from run_ray(stages, plan.batches)
+        yield from run_ray(stages, work_groups(plan, config), split_after=_prior_index(stages), timeline=timeline)
+        stage_info.update(_timing(timeline, [spec.name for spec in stages]))
     finally:
         if started:
             ray.shutdown()
+
+
+def _import_stage_modules() -> None:
+    """What the driver imports anyway: the stage classes (torch) and, for stats.json, diffusers and transformers."""
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+
+    import actors.decoder  # noqa: F401
+    import actors.depth  # noqa: F401
+    import actors.prior  # noqa: F401
+
+
+def _add_busy(busy: dict[str, float], results: pa.Table) -> None:
+    """Add the per-image stage seconds of the ok rows of ``results`` to the running sums in ``busy``."""
+    ok = results.filter(pc.equal(results.column("status"), STATUS_OK))
+    for name in ("prior_seconds", "decoder_seconds"):
+        busy[name] += pc.sum(ok.column(name)).as_py() or 0.0
+    busy["num_images"] += ok.num_rows
+
+
+def _suggest(busy: dict[str, float], *, cluster_gpus: float) -> dict[str, Any] | None:
+    """Stage layout suggested for this cluster from this run's measured per-image stage costs."""
+    if not busy["num_images"] or not busy["decoder_seconds"]:
+        return None
+    prior = busy["prior_seconds"] / busy["num_images"]
+    decoder = busy["decoder_seconds"] / busy["num_images"]
+    suggestion = suggest_stages(prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus)
+    logger.info(
+        "measured %.3g s/image prior, %.3g s/image decoder; for %g GPUs: %s (%s)",
+        prior,
+        decoder,
+        cluster_gpus,
+        suggestion.flags(),
+        suggestion.note,
+    )
+    return {
+        "prior_seconds_per_image": round(prior, 6),
+        "decoder_seconds_per_image": round(decoder, 6),
+        "cluster_gpus": cluster_gpus,
+        **dataclasses.asdict(suggestion),
+        "flags": suggestion.flags(),
+    }
+
+
+def _prior_index(stages: list[StageSpec]) -> int:
+    """Stages up to the prior see whole groups (one prior call serves several decoder batches)."""
+    return [spec.name for spec in stages].index("prior")
 
 
 def _describe(stage: StagePlan) -> dict[str, Any]:
@@ -232,3 +309,18 @@ def _describe(stage: StagePlan) -> dict[str, Any]:
     if not stage.placement.is_any:
         described["placement"] = dataclasses.asdict(stage.placement)
     return described
+
+
+def _timing(timeline: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """stats.json's view of a runner timeline: seconds since start, busy seconds and calls per stage."""
+    started = timeline["started"]
+    marks = {
+        f"{name}_s": round(timeline[name] - started, 3)
+        for name in ("actors_ready", "first_dispatch", "first_result")
+        if name in timeline
+    }
+    return {
+        "timeline": marks,
+        "busy_seconds": {name: round(s, 3) for name, s in zip(names, timeline["busy_seconds"])},
+        "calls": dict(zip(names, timeline["calls"])),
+    }

@@ -9,8 +9,9 @@ import glob as globlib
 import hashlib
 import logging
 import posixpath
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
@@ -42,38 +43,81 @@ from schemas.work import CALL_KEY, WORK_SCHEMA
 logger = logging.getLogger(__name__)
 
 
+# Manifest rows expanded at a time: bounds the Python objects alive while planning huge manifests.
+PLAN_CHUNK_ROWS = 65_536
+# Work rows that one prior call can serve together: mirrors `actors.prior.PRIOR_CALL_KEY`
+# (tests/test_runners.py checks they agree; a mismatch would only split prior calls, never change pixels).
+PRIOR_GROUP_KEY = (
+    "prior_kind",
+    "prior_num_inference_steps",
+    "prior_guidance_scale",
+    "prior_strength",
+    "has_negative_prompt",
+)
+
+
+class Batches(Sequence[pa.Table]):
+    """Planned batches as views of one sorted work table: batch ``i`` is rows ``offsets[i]:offsets[i + 1]``.
+
+    A list of a million small tables would cost gigabytes of Arrow bookkeeping; views are made
+    only when a batch is asked for, so a plan costs little more than its rows.
+    """
+
+    def __init__(self, work: pa.Table, offsets: np.ndarray) -> None:
+        self.work = work
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return max(len(self.offsets) - 1, 0)
+
+    @overload
+    def __getitem__(self, index: int) -> pa.Table: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[pa.Table]: ...
+
+    def __getitem__(self, index: int | slice) -> pa.Table | list[pa.Table]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range ({len(self)} batches)")
+        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.work.slice(start, stop - start)
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        for i in range(len(self)):
+            yield self[i]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """What a run will do: `batches` to render (each one pipeline call) and `refused` work rows."""
+    """What a run will do: `batches` to render (each one decoder call) and `refused` work rows."""
 
     files: list[str]
     num_rows: int
     num_images: int  # every (id, image_index) the manifests ask for
     num_done: int  # of those, already final in the output (skipped)
-    batches: list[pa.Table] = field(default_factory=list)
+    batches: Batches = field(default_factory=lambda: Batches(WORK_SCHEMA.empty_table(), np.zeros(1, np.int64)))
     refused: pa.Table = field(default_factory=WORK_SCHEMA.empty_table)
 
     @property
     def num_to_render(self) -> int:
         """Images sent to the model stages in this run."""
-        return sum(batch.num_rows for batch in self.batches)
+        return self.batches.work.num_rows
 
     @property
     def modes(self) -> list[str]:
         """Modes present in the batches (decides which decoder checkpoints load)."""
-        return sorted({mode for batch in self.batches for mode in batch.column("mode").unique().to_pylist()})
+        return sorted(pc.unique(self.batches.work.column("mode")).to_pylist())
 
     @property
     def needs_depth(self) -> bool:
         """Whether some ControlNet row has no hint, so the depth stage must run."""
-        return any(
-            pc.any(
-                pc.and_(
-                    pc.is_in(b.column("mode"), value_set=pa.array(sorted(CONTROLNET_MODES))), b.column("hint").is_null()
-                )
-            ).as_py()
-            for b in self.batches
-        )
+        work = self.batches.work
+        controlnet = pc.is_in(work.column("mode"), value_set=pa.array(sorted(CONTROLNET_MODES)))
+        return bool(pc.any(pc.and_(controlnet, work.column("hint").is_null())).as_py())
 
     @property
     def decoder_checkpoints(self) -> list[str]:
@@ -220,26 +264,52 @@ def resolve_relative_uris(table: pa.Table, *, base: str) -> pa.Table:
     return pa.table(columns)
 
 
-def batch(work: pa.Table, *, batch_size: int) -> list[pa.Table]:
+def batch(work: pa.Table, *, batch_size: int) -> Batches:
     """Cut work rows into batches a single pipeline call can serve.
 
     Rows are grouped by `CALL_KEY` and ordered by (id, image_index) inside a group, so batch
-    composition depends only on the set of work, not on manifest order or file layout.
+    composition depends only on the set of work, not on manifest order or file layout. Every
+    batch holds ``batch_size`` rows except the last of each group.
     """
     if work.num_rows == 0:
-        return []
-    order = work.sort_by(
-        [(name, "ascending") for name in CALL_KEY] + [("id", "ascending"), ("image_index", "ascending")]
+        return Batches(work, np.zeros(1, np.int64))
+    order = pc.sort_indices(
+        work.select([*CALL_KEY, "id", "image_index"]),
+        sort_keys=[(name, "ascending") for name in CALL_KEY] + [("id", "ascending"), ("image_index", "ascending")],
     )
-    keys = [order.column(name).to_pylist() for name in CALL_KEY]
-    batches: list[pa.Table] = []
-    start = 0
-    for i in range(1, order.num_rows + 1):
-        boundary = i == order.num_rows or any(column[i] != column[i - 1] for column in keys)
-        if boundary or i - start == batch_size:
-            batches.append(order.slice(start, i - start))
-            start = i
-    return batches
+    work = work.take(order)
+    n = work.num_rows
+    group_start = np.zeros(n, dtype=bool)
+    group_start[0] = True
+    for name in CALL_KEY:
+        column = work.column(name).combine_chunks()
+        changed = pc.not_equal(column.slice(1), column.slice(0, n - 1))
+        group_start[1:] |= changed.to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(group_start)
+    position = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+    return Batches(work, np.append(np.flatnonzero(position % batch_size == 0), n).astype(np.int64))
+
+
+def group_batches(batches: Iterable[pa.Table], *, max_rows: int) -> Iterator[list[pa.Table]]:
+    """Consecutive batches that one prior call serves: equal `PRIOR_GROUP_KEY`, at most ``max_rows`` rows.
+
+    A group holds at least one whole batch, so a batch larger than ``max_rows`` is a group alone
+    (the runner cuts the prior's calls to its batch size). A pure function of the batch sequence,
+    so prior batch composition is as deterministic as the batches themselves.
+    """
+    group: list[pa.Table] = []
+    group_key: tuple | None = None
+    num_rows = 0
+    for table in batches:
+        key = tuple(table.column(name)[0].as_py() for name in PRIOR_GROUP_KEY)
+        if group and (key != group_key or num_rows + table.num_rows > max_rows):
+            yield group
+            group, num_rows = [], 0
+        group.append(table)
+        group_key = key
+        num_rows += table.num_rows
+    if group:
+        yield group
 
 
 def _without(work: pa.Table, done: pa.Table) -> pa.Table:
@@ -259,22 +329,32 @@ def make_plan(config: JobConfig, *, done: pa.Table | None, supported_modes: froz
     output. Raises `ManifestError` for malformed manifests.
     """
     files = list_manifest_files(config.manifest, storage_options=config.storage_options)
-    tables = [(file, read_manifest(file, storage_options=config.storage_options)) for file in files]
-    check_unique_across((file, table.column("id")) for file, table in tables)
+    ids_by_file: list[tuple[str, pa.ChunkedArray]] = []
     works, refusals = [], []
-    for file, table in tables:
-        work, refused = expand(
-            table,
-            file=file,
-            job_seed=config.seed,
-            defaults=config.defaults,
-            limits=config.limits,
-            supported_modes=supported_modes,
-        )
-        works.append(work)
-        refusals.append(refused)
-    work = pa.concat_tables(works)
-    refused = pa.concat_tables(refusals)
+    num_rows = 0
+    for file in files:
+        table = read_manifest(file, storage_options=config.storage_options)
+        ids_by_file.append((file, table.column("id")))
+        num_rows += table.num_rows
+        for start in range(0, table.num_rows, PLAN_CHUNK_ROWS):
+            work, refused = expand(
+                table.slice(start, PLAN_CHUNK_ROWS),
+                file=file,
+                job_seed=config.seed,
+                defaults=config.defaults,
+                limits=config.limits,
+                supported_modes=supported_modes,
+            )
+            works.append(work)
+            refusals.append(refused)
+        del table  # only the ids stay alive; the work rows hold their own copies
+    all_ids = pa.chunked_array([chunk for _, ids in ids_by_file for chunk in ids.chunks], pa.string())
+    if len(files) > 1 and pc.count_distinct(all_ids).as_py() != len(all_ids):
+        check_unique_across(ids_by_file)  # slow path: finds and names the duplicate and its files
+    del all_ids, ids_by_file
+    work = pa.concat_tables([WORK_SCHEMA.empty_table(), *works])
+    refused = pa.concat_tables([WORK_SCHEMA.empty_table(), *refusals])
+    del works, refusals
     num_images = work.num_rows + refused.num_rows
     num_done = 0
     if done is not None and done.num_rows:
@@ -285,9 +365,9 @@ def make_plan(config: JobConfig, *, done: pa.Table | None, supported_modes: froz
         num_done = before - work.num_rows - refused.num_rows
     return Plan(
         files=files,
-        num_rows=sum(table.num_rows for _, table in tables),
+        num_rows=num_rows,
         num_images=num_images,
         num_done=num_done,
-        batches=batch(work.cast(WORK_SCHEMA), batch_size=config.batch_size),
-        refused=refused.cast(WORK_SCHEMA),
+        batches=batch(work, batch_size=config.batch_size),
+        refused=refused,
     )

@@ -12,7 +12,7 @@ from cluster.resources import parse_labels
 from jobs import storage_options
 from jobs.config_file import parse_args
 from jobs.progress import LOG_FORMATS, configure_logging
-from schemas.config import DTYPES, RUNNERS, JobConfig, ModelPaths, StageResources
+from schemas.config import ATTENTIONS, DTYPES, RUNNERS, AccelOptions, JobConfig, ModelPaths, StageResources
 from schemas.manifest import Limits, ManifestError, RenderDefaults
 
 logger = logging.getLogger("kandinsky_render")
@@ -114,6 +114,21 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
     )
     models.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, float32 on CPU")
 
+    accel = parser.add_argument_group("speed (see README.md, Performance)")
+    accel.add_argument(
+        "--attention", choices=ATTENTIONS, default="sdpa", help="sdpa: torch scaled_dot_product_attention kernels"
+    )
+    accel.add_argument("--channels-last", action="store_true", help="NHWC conv weights (faster on recent GPUs)")
+    accel.add_argument("--compile", action="store_true", help="torch.compile the UNet and prior (slow first calls)")
+    accel.add_argument(
+        "--cpu-offload",
+        action="store_true",
+        help="keep weights in CPU memory, each model on the GPU only while it runs",
+    )
+    accel.add_argument(
+        "--prompt-cache-size", type=int, default=1024, help="text encodings cached per prior actor (0: off)"
+    )
+
     ray_group = parser.add_argument_group("execution")
     ray_group.add_argument("--runner", choices=RUNNERS, default="ray", help="ray: actor pools; local: in-process")
     ray_group.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
@@ -139,7 +154,12 @@ def build_parser(prog: str = "kandinsky-render render") -> argparse.ArgumentPars
             help=f"Ray node label the {stage} actors' nodes must carry (repeatable; VALUE may be !v, in(a,b)); "
             f"the configs in cluster/ label GPU node types kandinsky-render/stage={stage}",
         )
-    ray_group.add_argument("--batch-size", type=int, default=JobConfig.batch_size, help="images per pipeline call")
+    ray_group.add_argument("--batch-size", type=int, default=JobConfig.batch_size, help="images per decoder call")
+    ray_group.add_argument(
+        "--prior-batch-size",
+        type=int,
+        help="images per prior call; one call serves whole decoder batches (default: --batch-size)",
+    )
     ray_group.add_argument("--seed", type=int, default=0, help="job seed for rows whose seed is null")
     ray_group.add_argument("--results-flush-rows", type=int, default=1000, help="results rows per results part")
     ray_group.add_argument(
@@ -219,6 +239,13 @@ def config_from_args(args: argparse.Namespace, *, environ: dict[str, str] | None
             depth=args.depth_model,
         ),
         dtype=args.dtype,
+        accel=AccelOptions(
+            attention=args.attention,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            cpu_offload=args.cpu_offload,
+            prompt_cache_size=args.prompt_cache_size,
+        ),
         runner=args.runner,
         address=args.address,
         prior=StageResources(num_actors=args.num_prior_actors, num_gpus=args.prior_gpus, num_cpus=args.prior_cpus),
@@ -227,6 +254,7 @@ def config_from_args(args: argparse.Namespace, *, environ: dict[str, str] | None
         ),
         depth=StageResources(num_actors=args.num_depth_actors, num_gpus=args.depth_gpus),
         batch_size=args.batch_size,
+        prior_batch_size=args.prior_batch_size,
         seed=args.seed,
         defaults=RenderDefaults(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RenderDefaults)}),
         limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),

@@ -25,6 +25,7 @@ DECODER_FOR_MODE = {
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 RUNNERS = ("ray", "local")
+ATTENTIONS = ("sdpa", "default")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +78,32 @@ class StageResources:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AccelOptions:
+    """How each model actor runs its pipelines (actors/accel.py); none of these changes fp32 pixels by > 1 level.
+
+    ``attention``: ``sdpa`` makes every attention layer use torch's scaled_dot_product_attention
+    (diffusers' and transformers' default with torch 2); ``default`` is the plain matmul-softmax
+    path. ``channels_last`` stores conv weights NHWC (faster convolutions on recent GPUs).
+    ``compile`` wraps the decoder UNet and the prior transformer in ``torch.compile`` (slow first
+    calls; pays off on long runs). ``cpu_offload`` keeps weights in CPU memory and moves each model
+    to the GPU only while it runs (diffusers' model CPU offload, for GPUs too small for a stage).
+    ``prompt_cache_size``: text encodings kept per prior actor (0 disables the cache).
+    """
+
+    attention: str = "sdpa"
+    channels_last: bool = False
+    compile: bool = False
+    cpu_offload: bool = False
+    prompt_cache_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.prompt_cache_size < 0:
+            raise ValueError(f"prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """One render job. Paths are fsspec URIs; ``storage_options`` go to every fsspec filesystem."""
 
@@ -84,12 +111,14 @@ class JobConfig:
     output: str
     models: ModelPaths = field(default_factory=ModelPaths)
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    accel: AccelOptions = field(default_factory=AccelOptions)
     runner: str = "ray"
     address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray
     prior: StageResources = field(default_factory=StageResources)
     decoder: StageResources = field(default_factory=StageResources)
     depth: StageResources = field(default_factory=lambda: StageResources(num_actors=1, num_gpus=0.0))
-    batch_size: int = 4  # images per pipeline call
+    batch_size: int = 4  # images per decoder call
+    prior_batch_size: int | None = None  # images per prior call; None: batch_size
     seed: int = 0  # job seed: rows with a null seed derive theirs from (seed, id)
     defaults: RenderDefaults = field(default_factory=RenderDefaults)
     limits: Limits = field(default_factory=Limits)
@@ -111,6 +140,8 @@ class JobConfig:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.prior_batch_size is not None and self.prior_batch_size < 1:
+            raise ValueError(f"prior_batch_size must be >= 1, got {self.prior_batch_size}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.lease_ttl_s <= 0 or self.lease_wait_s < 0:

@@ -1,0 +1,126 @@
+"""Every benchmark mode runs end to end at tiny sizes and prints its figures as JSON (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.resources import priors_needed, suggest_stages
+from jobs.benchmark import build_real_size_modules, main
+from tests.conftest import REPO
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def run_benchmark(*args: str, timeout: int = 300) -> dict:
+    """``kandinsky-render benchmark ARGS`` in a fresh process, as a user runs it; its last line as JSON."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "benchmark", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return last_json(proc.stdout)
+
+
+def test_simulated_prints_efficiency_json(tmp_path: Path) -> None:
+    result = run_benchmark(
+        "simulated", "--num-decoders", "2", "--rows", "24", "--prior-ms", "2", "--decoder-ms", "10",
+        "--work-dir", str(tmp_path),
+    )  # fmt: skip
+    for key in ("images_per_s", "ideal_images_per_s", "efficiency", "first_image_s", "first_image_bound_s"):
+        assert isinstance(result[key], float), key
+    assert result["ideal_images_per_s"] == pytest.approx(200.0)
+    assert result["rows"] == 24 and result["num_decoders"] == 2 and len(result["runs"]) == 1
+    assert 0 < result["efficiency"] <= 1.05
+
+
+def test_plan_prints_memory_and_time(tmp_path: Path) -> None:
+    result = run_benchmark("plan", "--rows", "2000", "4000", "--work-dir", str(tmp_path))
+    assert [run["num_rows"] for run in result["runs"]] == [2000, 4000]
+    assert [run["num_to_render"] for run in result["runs"]] == [1000, 2000]  # half were already done
+    assert result["peak_rss_mb"] > 0 and result["seconds"] > 0 and result["rows_growth"] == 2
+
+
+def test_cpu_runs_job_and_diffusers_loop_with_equal_images(tmp_path: Path) -> None:
+    result = run_benchmark(
+        "cpu", "--rows", "4", "--steps", "2", "--work-dir", str(tmp_path),
+        "--render-args", "--batch-size 2 --prior-batch-size 4 --prior-cpus 0 --log-level WARNING",
+    )  # fmt: skip
+    assert result["ours_seconds"] > 0 and result["diffusers_loop_seconds"] > 0
+    assert result["ratio"] == pytest.approx(result["ours_seconds"] / result["diffusers_loop_seconds"], rel=1e-3)
+    assert result["max_level_difference"] <= 1
+    stats = json.loads((tmp_path / "ours" / "stats.json").read_text())
+    assert stats["stages"]["calls"] == {"prior": 1, "decoder": 2}  # one prior call served both decoder batches
+    assert stats["suggested_stages"]["num_decoder_actors"] >= 1
+
+
+def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "gpu", "--tiny", "--device", "cpu", "--size", "64", "--steps", "2", "--prior-steps", "2",
+            "--batch-sizes", "1", "2", "--timed-batches", "1", "--combined-rows", "1", "--check-rows", "2",
+            "--check-steps", "2", "--work-dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = last_json(capsys.readouterr().out)
+    assert [b["batch_size"] for b in result["batches"]] == [1, 2]
+    assert all(b["errors"] == 0 for b in result["batches"])
+    assert result["combined_images_per_s"] > 0 and result["speedup_vs_combined"] > 0
+    assert result["vs_combined_float32"]["float32"]["max_level_difference"] <= 1
+    assert "max_level_difference" in result["vs_combined_float32"]["float16"]
+
+
+def test_gpu_refuses_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["gpu"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_real_size_architectures_have_the_documented_sizes() -> None:
+    """KANDINSKY_NOTES.md: UNet 1.253 B, MoVQ 68 M, prior 1.03 B, image encoder 1.84 B, text encoder 0.69 B."""
+    modules = build_real_size_modules("meta")
+    billions = {name: sum(p.numel() for p in m.parameters()) / 1e9 for name, m in modules.items()}
+    assert billions["unet"] == pytest.approx(1.253, abs=0.001)
+    assert billions["movq"] == pytest.approx(0.068, abs=0.001)
+    assert billions["prior"] == pytest.approx(1.03, abs=0.01)
+    assert billions["image_encoder"] == pytest.approx(1.84, abs=0.01)
+    assert billions["text_encoder"] == pytest.approx(0.69, abs=0.01)
+
+
+def test_stage_suggestions() -> None:
+    assert [priors_needed(num_decoders=d, prior_seconds=0.02, decoder_seconds=0.1) for d in (1, 4, 8)] == [1, 1, 2]
+    one = suggest_stages(prior_seconds=0.05, decoder_seconds=1.0, cluster_gpus=1)
+    assert (one.num_prior_actors, one.num_decoder_actors, one.prior_gpus, one.decoder_gpus) == (1, 1, 0.5, 0.5)
+    eight = suggest_stages(prior_seconds=0.04, decoder_seconds=1.0, cluster_gpus=8)
+    assert (eight.num_prior_actors, eight.num_decoder_actors) == (1, 7)
+    assert eight.images_per_s == pytest.approx(7.0) and "--num-decoder-actors 7" in eight.flags()
+    heavy = suggest_stages(prior_seconds=0.5, decoder_seconds=1.0, cluster_gpus=8)
+    assert heavy.num_prior_actors == 3 and heavy.decoder_busy <= 1.0
+    with pytest.raises(ValueError):
+        suggest_stages(prior_seconds=0.1, decoder_seconds=0.0, cluster_gpus=4)
+
+
+def test_help_lists_every_mode() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "benchmark", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    for mode in ("cpu", "simulated", "plan", "gpu"):
+        assert mode in proc.stdout
