@@ -43,6 +43,14 @@ def prompt(i: int) -> str:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM where /proc has it (ru_maxrss keeps a forking parent's)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -237,6 +245,7 @@ def simulate_once(
         raise RuntimeError(f"simulated run returned {num_images} images for {plan.num_to_render}")
     ideal = num_decoders / decoder_seconds
     first_bound = min(prior_batch_size, rows) * prior_seconds + min(batch_size, rows) * decoder_seconds
+    from_call = first - called
     if wiring == "actors":
         start = timeline["first_dispatch"]
         seconds = last - start
@@ -265,6 +274,7 @@ def simulate_once(
         "decoder_busy": None if decoder_busy is None else round(decoder_busy, 4),
         "first_image_s": round(first - start, 3),
         "first_image_bound_s": round(first_bound, 3),
+        "first_image_from_call_s": round(from_call, 3),  # actor start-up included, either wiring
         "actors_start_s": None if actors_start is None else round(actors_start, 3),
     }
 
@@ -305,7 +315,7 @@ def run_simulated(args: argparse.Namespace) -> dict[str, Any]:
                 f"{run['wiring']:8s} {d} decoder(s) + {run['num_priors']} prior(s), {run['rows']} images: "
                 f"{run['images_per_s']:.2f} images/s of ideal {run['ideal_images_per_s']:.2f} -> "
                 f"efficiency {run['efficiency']:.3f}; first image {run['first_image_s']:.3f} s "
-                f"(bound {run['first_image_bound_s']:.3f} s)",
+                f"(bound {run['first_image_bound_s']:.3f} s; {run['first_image_from_call_s']:.2f} s from the call)",
                 flush=True,
             )
     finally:
@@ -350,10 +360,11 @@ def diffusers_loop(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": len(rows)}
 
 
-# One decoder actor owning both cores (2 threads) and a prior that reserves none: on 2 cores this
-# measured as fast as 2 one-thread decoders and starts one process fewer (BENCHMARKS.md).
+# Two one-thread decoder actors and a prior that reserves no CPU. One two-thread decoder was as fast
+# on a quiet machine but 7x slower when another process took a core (OpenMP threads wait for each
+# other); see BENCHMARKS.md.
 CPU_RENDER_ARGS = (
-    "--batch-size 16 --prior-batch-size 32 --num-decoder-actors 1 --decoder-cpus 2 --prior-cpus 0 "
+    "--batch-size 16 --prior-batch-size 32 --num-decoder-actors 2 --decoder-cpus 1 --prior-cpus 0 "
     "--channels-last --log-level WARNING"
 )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.resources import priors_needed, suggest_stages
+from cluster.resources import StagePlan, fit_cpus, priors_needed, suggest_stages
 from jobs.benchmark import build_real_size_modules, main
 from tests.conftest import REPO
 
@@ -115,6 +115,14 @@ def test_stage_suggestions() -> None:
     assert heavy.num_prior_actors == 3 and heavy.decoder_busy <= 1.0
     with pytest.raises(ValueError):
         suggest_stages(prior_seconds=0.1, decoder_seconds=0.0, cluster_gpus=4)
+
+
+def test_cpu_reservations_fit_the_cluster() -> None:
+    stages = [StagePlan(num_actors=1, num_gpus=0.0, num_cpus=1.0), StagePlan(num_actors=2, num_gpus=1.0, num_cpus=1.0)]
+    fitted = fit_cpus(stages, cluster_cpus=2)
+    assert sum(s.num_actors * s.num_cpus for s in fitted) <= 2 and all(s.num_cpus > 0 for s in fitted)
+    assert [s.num_gpus for s in fitted] == [0.0, 1.0]
+    assert fit_cpus(stages, cluster_cpus=3) == stages
 
 
 def test_help_lists_every_mode() -> None:
