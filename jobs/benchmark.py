@@ -731,13 +731,16 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("benchmark gpu needs a CUDA device (or --device cpu --tiny for a dry run)")
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-", dir=_fast_tmp()))
     started = time.perf_counter()
-    if args.tiny:
+    if args.models:
+        models = args.models
+    elif args.tiny:
         models = str(work_dir / "models")
         build_tiny_models(models)
     else:
         models = build_real_size_models(work_dir / "models", device=device)
     build_seconds = time.perf_counter() - started
-    print(f"models ready in {build_seconds:.1f} s ({'tiny' if args.tiny else 'real-size, random weights'})")
+    kind = args.models or ("tiny" if args.tiny else "real-size, random weights")
+    print(f"models ready in {build_seconds:.1f} s ({kind})")
     dtype_name = args.dtype
     dtype = getattr(torch, dtype_name)
     batch_sizes = sorted(args.batch_sizes)
@@ -820,7 +823,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "mode": "gpu",
         "machine": {**_machine(), "device": _device_name(device)},
-        "models": "tiny" if args.tiny else "real-size random weights",
+        "models": kind,
         "size": args.size,
         "steps": args.steps,
         "prior_steps": args.prior_steps,
@@ -963,6 +966,7 @@ def build_parser(prog: str = "kandinsky-render benchmark") -> argparse.ArgumentP
     gpu = modes.add_parser("gpu", help="decoder images/s per GPU vs the Combined pipeline", formatter_class=formatter)
     gpu.add_argument("--device", help="torch device (default: cuda)")
     gpu.add_argument("--tiny", action="store_true", help="tiny test models instead of real-size ones (dry run)")
+    gpu.add_argument("--models", help="checkpoints to use (DIR/prior, DIR/decoder), e.g. the real weights")
     gpu.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="timed dtype")
     gpu.add_argument("--size", type=int, default=768, help="height and width")
     gpu.add_argument("--steps", type=int, default=50, help="decoder steps")

@@ -119,3 +119,12 @@ def test_options_refuse_bad_values() -> None:
         AccelOptions(attention="flash")
     with pytest.raises(ValueError, match="prompt_cache_size"):
         AccelOptions(prompt_cache_size=-1)
+
+
+def test_prior_actor_pipelines_share_one_cache(tiny_models: str) -> None:
+    from actors.prior import PriorActor
+
+    actor = PriorActor(f"{tiny_models}/prior", device="cpu", accel=AccelOptions(channels_last=True))
+    assert isinstance(actor.pipe._encode_prompt, PromptEncodings)
+    assert actor.emb2emb._encode_prompt is actor.pipe._encode_prompt
+    assert actor.emb2emb.get_zero_embed is actor.pipe.get_zero_embed
