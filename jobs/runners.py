@@ -274,8 +274,8 @@ class RayStagePipeline:
         for spec, pool in zip(self.stages, self.pools):
             if not any(actor.ready for actor in pool):
                 logger.warning(
-                    "stage %s: no actor has started after %.0f s (each asks for %g CPU, %g GPU); "
-                    "the cluster may lack the resources",
+                    "stage %s: no actor is up after %.0f s (each asks for %g CPU, %g GPU): still loading its "
+                    "model, or the cluster lacks the resources",
                     spec.name,
                     waited,
                     spec.resources.num_cpus,
