@@ -244,7 +244,4 @@ def fit_cpus(stages: list[StagePlan], *, cluster_cpus: float) -> list[StagePlan]
         return stages
     factor = cluster_cpus / needed
     # Round down to 1/100 CPU so that rounding never makes the sum exceed the cluster.
-    return [
-        StagePlan(num_actors=s.num_actors, num_gpus=s.num_gpus, num_cpus=math.floor(s.num_cpus * factor * 100) / 100)
-        for s in stages
-    ]
+    return [dataclasses.replace(s, num_cpus=math.floor(s.num_cpus * factor * 100) / 100) for s in stages]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.resources import StagePlan, fit_cpus, priors_needed, suggest_stages
+from cluster.resources import StagePlacement, StagePlan, fit_cpus, priors_needed, suggest_stages
 from jobs.benchmark import build_real_size_modules, main
 from tests.conftest import REPO
 
@@ -123,6 +123,8 @@ def test_cpu_reservations_fit_the_cluster() -> None:
     assert sum(s.num_actors * s.num_cpus for s in fitted) <= 2 and all(s.num_cpus > 0 for s in fitted)
     assert [s.num_gpus for s in fitted] == [0.0, 1.0]
     assert fit_cpus(stages, cluster_cpus=3) == stages
+    placed = [StagePlan(num_actors=3, num_gpus=1.0, num_cpus=1.0, placement=StagePlacement(accelerator_type="L4"))]
+    assert fit_cpus(placed, cluster_cpus=1)[0].placement.accelerator_type == "L4"  # only CPUs change
 
 
 def test_help_lists_every_mode() -> None:
