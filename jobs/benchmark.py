@@ -329,22 +329,8 @@ def run_simulated(args: argparse.Namespace) -> dict[str, Any]:
 def diffusers_loop(args: argparse.Namespace) -> dict[str, Any]:
     """The plain baseline: one `KandinskyV22CombinedPipeline` call per manifest row, PNG saved per row."""
     import torch
-    from diffusers import KandinskyV22CombinedPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
-    prior = KandinskyV22PriorPipeline.from_pretrained(f"{args.models}/prior")
-    decoder = KandinskyV22Pipeline.from_pretrained(f"{args.models}/decoder")
-    pipe = KandinskyV22CombinedPipeline(
-        unet=decoder.unet,
-        scheduler=decoder.scheduler,
-        movq=decoder.movq,
-        prior_prior=prior.prior,
-        prior_image_encoder=prior.image_encoder,
-        prior_text_encoder=prior.text_encoder,
-        prior_tokenizer=prior.tokenizer,
-        prior_scheduler=prior.scheduler,
-        prior_image_processor=prior.image_processor,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = combined_pipeline(args.models, dtype=torch.float32, device="cpu")
     os.makedirs(args.output, exist_ok=True)
     rows = pq.read_table(args.manifest).to_pylist()
     for row in rows:
@@ -674,7 +660,8 @@ def build_real_size_models(out_dir: Path, *, device: str) -> str:
     return str(out_dir)
 
 
-def _combined(models: str, *, dtype: Any, device: str) -> Any:
+def combined_pipeline(models: str, *, dtype: Any, device: str) -> Any:
+    """diffusers' `KandinskyV22CombinedPipeline` assembled from ``models/prior`` and ``models/decoder``."""
     from diffusers import KandinskyV22CombinedPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
     prior = KandinskyV22PriorPipeline.from_pretrained(f"{models}/prior", dtype=dtype)
@@ -752,7 +739,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     extra = {"num_inference_steps": args.steps, "prior_num_inference_steps": args.prior_steps}
 
     # diffusers' Combined pipeline, one row per call, as a user would loop over a manifest
-    pipe = _combined(models, dtype=dtype, device=device)
+    pipe = combined_pipeline(models, dtype=dtype, device=device)
     combined_kwargs = {"height": args.size, "width": args.size, **extra}
     out_dir = work_dir / "combined"
     out_dir.mkdir(exist_ok=True)
@@ -860,7 +847,7 @@ def _precision_check(args: argparse.Namespace, *, models: str, device: str, work
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 on both sides
     try:
-        pipe = _combined(models, dtype=torch.float32, device=device)
+        pipe = combined_pipeline(models, dtype=torch.float32, device=device)
         reference = {}
         for row in rows:
             image = pipe(

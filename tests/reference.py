@@ -11,24 +11,10 @@ from PIL import Image
 
 @functools.lru_cache(maxsize=4)
 def combined_pipeline(models_dir: str) -> object:
-    """`KandinskyV22CombinedPipeline` assembled from ``models_dir/prior`` and ``models_dir/decoder``."""
-    from diffusers import KandinskyV22CombinedPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
+    """`KandinskyV22CombinedPipeline` assembled from ``models_dir/prior`` and ``models_dir/decoder`` (fp32, CPU)."""
+    from jobs.benchmark import combined_pipeline as assemble
 
-    prior = KandinskyV22PriorPipeline.from_pretrained(f"{models_dir}/prior")
-    decoder = KandinskyV22Pipeline.from_pretrained(f"{models_dir}/decoder")
-    pipe = KandinskyV22CombinedPipeline(
-        unet=decoder.unet,
-        scheduler=decoder.scheduler,
-        movq=decoder.movq,
-        prior_prior=prior.prior,
-        prior_image_encoder=prior.image_encoder,
-        prior_text_encoder=prior.text_encoder,
-        prior_tokenizer=prior.tokenizer,
-        prior_scheduler=prior.scheduler,
-        prior_image_processor=prior.image_processor,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble(models_dir, dtype=torch.float32, device="cpu")
 
 
 def text2img_reference(models_dir: str, row: dict, seed: int) -> np.ndarray:
