@@ -630,10 +630,10 @@ def build_real_size_modules(device: str) -> dict[str, Any]:
 def build_real_size_models(out_dir: Path, *, device: str) -> str:
     """Save real-size random-weight prior/ and decoder/ checkpoints (fp16) under ``out_dir``."""
     import torch
-    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline, UnCLIPScheduler
+    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
-    from jobs.tiny_models import _decoder_scheduler, write_clip_tokenizer
+    from jobs.tiny_models import _decoder_scheduler, prior_scheduler, write_clip_tokenizer
 
     modules = {name: m.to(torch.float16).eval() for name, m in build_real_size_modules(device).items()}
     write_clip_tokenizer(out_dir / "tokenizer")
@@ -642,13 +642,7 @@ def build_real_size_models(out_dir: Path, *, device: str) -> str:
         image_encoder=modules["image_encoder"],
         text_encoder=modules["text_encoder"],
         tokenizer=CLIPTokenizer.from_pretrained(str(out_dir / "tokenizer")),
-        scheduler=UnCLIPScheduler(
-            variance_type="fixed_small_log",
-            prediction_type="sample",
-            num_train_timesteps=1000,
-            clip_sample=True,
-            clip_sample_range=10.0,
-        ),
+        scheduler=prior_scheduler(),
         image_processor=CLIPImageProcessor(crop_size=224, size=224),
     )
     prior.save_pretrained(str(out_dir / "prior"))

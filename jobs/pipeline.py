@@ -110,7 +110,6 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
             )
         stage_info: dict[str, Any] = {}
         num_rendered = 0
-        busy = {"prior_seconds": 0.0, "decoder_seconds": 0.0, "num_images": 0}
         render_started = time.monotonic()
         if plan.batches:
             for results in execute(plan, config, run_id=run_id, stage_info=stage_info):
@@ -120,7 +119,6 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
                 num_rendered += results.num_rows
                 num_errors += pc.sum(pc.not_equal(results.column("status"), STATUS_OK)).as_py() or 0
                 progress.update(results)
-                _add_busy(busy, results)
         writer.close()
         progress.finish()
         render_seconds = time.monotonic() - render_started
@@ -147,7 +145,7 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
             "this_run": summarize(final_results(this_run)),  # an image a retried batch wrote twice counts once
             "busy_seconds": busy_seconds(this_run),
             "stages": stage_info,
-            "suggested_stages": _suggest(busy, cluster_gpus=stage_info.get("cluster_gpus", 0.0)),
+            "suggested_stages": _suggest(this_run, cluster_gpus=stage_info.get("cluster_gpus", 0.0)),
             "versions": versions(),
             "config": config.to_dict(),
         }
@@ -267,20 +265,14 @@ def _import_stage_modules() -> None:
     import actors.prior  # noqa: F401
 
 
-def _add_busy(busy: dict[str, float], results: pa.Table) -> None:
-    """Add the per-image stage seconds of the ok rows of ``results`` to the running sums in ``busy``."""
-    ok = results.filter(pc.equal(results.column("status"), STATUS_OK))
-    for name in ("prior_seconds", "decoder_seconds"):
-        busy[name] += pc.sum(ok.column(name)).as_py() or 0.0
-    busy["num_images"] += ok.num_rows
-
-
-def _suggest(busy: dict[str, float], *, cluster_gpus: float) -> dict[str, Any] | None:
-    """Stage layout suggested for this cluster from this run's measured per-image stage costs."""
-    if not busy["num_images"] or not busy["decoder_seconds"]:
+def _suggest(this_run: pa.Table, *, cluster_gpus: float) -> dict[str, Any] | None:
+    """Stage layout suggested for this cluster from this run's measured per-image stage costs (ok rows)."""
+    ok = this_run.filter(pc.equal(this_run.column("status"), STATUS_OK))
+    busy = busy_seconds(ok)
+    if not ok.num_rows or not busy["decoder"]:
         return None
-    prior = busy["prior_seconds"] / busy["num_images"]
-    decoder = busy["decoder_seconds"] / busy["num_images"]
+    prior = busy["prior"] / ok.num_rows
+    decoder = busy["decoder"] / ok.num_rows
     suggestion = suggest_stages(prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus)
     logger.info(
         "measured %.3g s/image prior, %.3g s/image decoder; for %g GPUs: %s (%s)",

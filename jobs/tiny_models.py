@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, UnCLIPScheduler
 
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
@@ -87,7 +87,7 @@ def _seeded(factory: Callable[[], ModelT], *, seed: int, key: str) -> ModelT:
 
 def _build_prior(dest: Path, *, seed: int, scratch: Path) -> None:
     """Save a KandinskyV22PriorPipeline (also loadable as KandinskyV22PriorEmb2EmbPipeline) to ``dest``."""
-    from diffusers import KandinskyV22PriorPipeline, PriorTransformer, UnCLIPScheduler
+    from diffusers import KandinskyV22PriorPipeline, PriorTransformer
     from transformers import (
         CLIPImageProcessor,
         CLIPTextConfig,
@@ -146,13 +146,7 @@ def _build_prior(dest: Path, *, seed: int, scratch: Path) -> None:
         image_encoder=_seeded(lambda: CLIPVisionModelWithProjection(vision_config), seed=seed, key="image_encoder"),
         text_encoder=_seeded(lambda: CLIPTextModelWithProjection(text_config), seed=seed, key="text_encoder"),
         tokenizer=tokenizer,
-        scheduler=UnCLIPScheduler(
-            variance_type="fixed_small_log",
-            prediction_type="sample",
-            num_train_timesteps=1000,
-            clip_sample=True,
-            clip_sample_range=10.0,
-        ),
+        scheduler=prior_scheduler(),
         image_processor=image_processor,
     )
     pipe.save_pretrained(str(dest), safe_serialization=True)
@@ -166,6 +160,19 @@ def _build_prior(dest: Path, *, seed: int, scratch: Path) -> None:
     index = json.loads(index_path.read_text(encoding="utf-8"))
     index["image_processor"] = ["transformers", "CLIPImageProcessor"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def prior_scheduler() -> UnCLIPScheduler:
+    """The prior's scheduler, configured like the real kandinsky-2-2-prior."""
+    from diffusers import UnCLIPScheduler
+
+    return UnCLIPScheduler(
+        variance_type="fixed_small_log",
+        prediction_type="sample",
+        num_train_timesteps=1000,
+        clip_sample=True,
+        clip_sample_range=10.0,
+    )
 
 
 def _decoder_scheduler() -> DDPMScheduler:
