@@ -181,9 +181,18 @@ def test_bad_rows_are_error_rows_naming_the_problem(mixed: dict) -> None:
         assert phrase in result["error"], (row["id"], result["error"])
 
 
-def test_inpaint_rows_with_different_masks_never_share_a_call(mixed: dict) -> None:
-    # diffusers blends image[:1]/mask[:1] into every row of a call; sharing would corrupt inpaint-b.
-    assert mixed[("inpaint-b", 0)]["status"] == "ok"  # and equal to its solo reference (test above)
+def test_inpaint_rows_with_different_masks_never_share_a_call(tmp_path: Path, tiny_models: str, inputs: Path) -> None:
+    # diffusers blends image[:1]/mask[:1] into every row of a call; sharing would corrupt later rows.
+    from jobs.plan import make_plan
+
+    rows = absolute([r for r in good_rows() if r.get("mode") == "inpaint"], inputs)
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = JobConfig(
+        manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models), batch_size=8
+    )
+    plan = make_plan(config, done=None, supported_modes=frozenset({"inpaint"}))
+    calls = [sorted(set(batch.column("id").to_pylist())) for batch in plan.batches]
+    assert sorted(calls) == [["inpaint-a"], ["inpaint-b"], ["inpaint-resized"]]  # inpaint-a's 2 images share one
 
 
 def test_only_needed_decoders_load(tmp_path: Path, tiny_models: str) -> None:
