@@ -25,14 +25,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return render_main(rest)
     if command == "calibrate":
-        from jobs.calibration import main as calibrate_main
+        from jobs.planning.calibration import main as calibrate_main
 
         return calibrate_main(rest)
     if command == "benchmark":
-        from jobs.benchmark import main as benchmark_main
+        from jobs.benchmarks import main as benchmark_main
 
         return benchmark_main(rest)
-    from jobs.tiny_models import main as tiny_main
+    from jobs.dev.tiny_models import main as tiny_main
 
     return tiny_main(rest)
 

@@ -9,9 +9,9 @@ import os
 import sys
 
 from cluster.resources import parse_labels
-from jobs import storage_options
-from jobs.config_file import parse_args
-from jobs.progress import LOG_FORMATS, configure_logging
+from jobs.options import storage as storage_options
+from jobs.options.config_file import parse_args
+from jobs.reporting.progress import LOG_FORMATS, configure_logging
 from schemas.config import ATTENTIONS, DTYPES, RUNNERS, AccelOptions, JobConfig, ModelPaths, StageResources
 from schemas.manifest import Limits, ManifestError, RenderDefaults
 
@@ -210,8 +210,8 @@ def config_from_args(args: argparse.Namespace, *, environ: dict[str, str] | None
     """
     manifest, output, models_dir = args.manifest, args.output, args.models
     if args.example:
-        from jobs.example import example_manifest_path
-        from jobs.tiny_models import build_tiny_models, default_tiny_models_dir
+        from jobs.dev.example import example_manifest_path
+        from jobs.dev.tiny_models import build_tiny_models, default_tiny_models_dir
 
         manifest = manifest or example_manifest_path()
         output = output or "kandinsky-example"
@@ -289,16 +289,16 @@ def main(argv: list[str] | None = None, *, prog: str = "kandinsky-render render"
         return EXIT_BAD_INPUT
     configure_logging(level=args.log_level, log_format=args.log_format)
     redactor = storage_options.install_redaction(secrets)
-    from jobs.lease import LeaseHeldError
-    from jobs.pipeline import run_job
-    from jobs.progress import Progress, summary_table
+    from jobs.execution.job import run_job
+    from jobs.output.lease import LeaseHeldError
+    from jobs.reporting.progress import Progress, summary_table
 
     try:
         config = config_from_args(args)
         secrets += storage_options.secret_values(config.storage_options)
         redactor.secrets = secrets
         if args.dry_run:
-            from jobs.dry_run import dry_run
+            from jobs.planning.dry_run import dry_run
 
             print(dry_run(config, calibration=args.calibration))
             return EXIT_OK

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.tiny_models import build_tiny_models
+from jobs.dev.tiny_models import build_tiny_models
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster.resources import StagePlacement, StagePlan, fit_cpus, priors_needed, suggest_stages
-from jobs.benchmark import build_real_size_modules, main
+from jobs.benchmarks import build_real_size_modules, main
 from tests.conftest import REPO
 
 

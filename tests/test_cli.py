@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.storage import Storage
-from jobs.example import example_manifest_path, example_table
-from jobs.pipeline import run_job
-from jobs.results import final_results, read_results
+from jobs.dev.example import example_manifest_path, example_table
+from jobs.execution.job import run_job
+from jobs.output.results import final_results, read_results
 from schemas.config import JobConfig, ModelPaths
 from tests.conftest import REPO, write_manifest
 from tests.reference import load_png, max_level_difference, text2img_reference
@@ -29,7 +29,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
 
 
 def test_bundled_example_is_up_to_date_and_covers_every_mode() -> None:
-    from jobs.example import EXAMPLE_DIR, example_images
+    from jobs.dev.example import EXAMPLE_DIR, example_images
     from schemas.manifest import MODES
 
     table = pq.read_table(example_manifest_path())

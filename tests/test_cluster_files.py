@@ -23,7 +23,7 @@ from cluster.resources import (
     ray_remote_args,
     resolve_stages,
 )
-from jobs.config_file import parse_args
+from jobs.options.config_file import parse_args
 from jobs.render import build_parser, config_from_args
 from schemas.config import JobConfig
 from tests.conftest import REPO
@@ -249,7 +249,7 @@ def test_rayignore_keeps_the_working_dir_small(tmp_path: Path) -> None:
     # .gitignore off: .rayignore alone must do the job (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 users).
     create_package(str(tree), package, include_gitignore=False)
     names = set(zipfile.ZipFile(package).namelist())
-    for needed in ("jobs/render.py", "jobs/examples/manifest.parquet", "schemas/config.py", "actors/prior.py"):
+    for needed in ("jobs/render.py", "jobs/dev/examples/manifest.parquet", "schemas/config.py", "actors/prior.py"):
         assert needed in names
     assert "cluster/runtime_env.yaml" in names and "pyproject.toml" in names
     for name in names:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config_file import flag_defaults, parse_args
+from jobs.options.config_file import flag_defaults, parse_args
 from jobs.render import build_parser, config_from_args
 from tests.conftest import REPO, write_manifest
 

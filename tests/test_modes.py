@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from actors.storage import Storage
-from jobs.pipeline import run_job
-from jobs.results import final_results, read_results
+from jobs.execution.job import run_job
+from jobs.output.results import final_results, read_results
 from schemas.config import JobConfig, ModelPaths
 from tests.conftest import write_manifest
 from tests.reference import load_png, max_level_difference, mode_reference
@@ -183,7 +183,7 @@ def test_bad_rows_are_error_rows_naming_the_problem(mixed: dict) -> None:
 
 def test_inpaint_rows_with_different_masks_never_share_a_call(tmp_path: Path, tiny_models: str, inputs: Path) -> None:
     # diffusers blends image[:1]/mask[:1] into every row of a call; sharing would corrupt later rows.
-    from jobs.plan import make_plan
+    from jobs.planning.plan import make_plan
 
     rows = absolute([r for r in good_rows() if r.get("mode") == "inpaint"], inputs)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
@@ -196,8 +196,8 @@ def test_inpaint_rows_with_different_masks_never_share_a_call(tmp_path: Path, ti
 
 
 def test_only_needed_decoders_load(tmp_path: Path, tiny_models: str) -> None:
-    from jobs.pipeline import build_stages
-    from jobs.plan import make_plan
+    from jobs.execution.job import build_stages
+    from jobs.planning.plan import make_plan
 
     rows = absolute([good_rows()[0], good_rows()[3]], tmp_path)
     manifest = write_manifest(tmp_path / "m.parquet", rows)

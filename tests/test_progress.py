@@ -9,7 +9,7 @@ import logging
 import pyarrow as pa
 import pytest
 
-from jobs.progress import JsonFormatter, Progress, summary_table
+from jobs.reporting.progress import JsonFormatter, Progress, summary_table
 
 
 class FakeClock:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from jobs.example import example_table
+from jobs.dev.example import example_table
 from tests.conftest import REPO, free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))

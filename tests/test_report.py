@@ -17,8 +17,8 @@ from PIL import Image
 
 from actors.images import encode_png
 from actors.storage import Storage
-from jobs.calibration import DEFAULT_CALIBRATION, Profile, estimate, fit_profile, load_calibration
-from jobs.report import CELL, SAMPLE_SIZE, busy_seconds, sample, write_report
+from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, fit_profile, load_calibration
+from jobs.reporting.gallery import CELL, SAMPLE_SIZE, busy_seconds, sample, write_report
 from schemas.keys import image_key
 from schemas.results import result_from_work, results_table
 from tests.conftest import REPO, write_manifest

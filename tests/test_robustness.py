@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from actors.storage import Storage
-from jobs.lease import LEASE_FILE, Lease, LeaseHeldError
-from jobs.pipeline import run_job
-from jobs.results import final_results, read_results
+from jobs.execution.job import run_job
+from jobs.output.lease import LEASE_FILE, Lease, LeaseHeldError
+from jobs.output.results import final_results, read_results
 from schemas.config import JobConfig, ModelPaths
 from schemas.keys import image_key
 from tests.conftest import REPO, write_manifest

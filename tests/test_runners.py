@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from cluster.resources import StagePlan
-from jobs.plan import PRIOR_GROUP_KEY, batch, group_batches, make_plan
-from jobs.runners import RayStagePipeline, StageSpec, run_local, run_ray
+from jobs.execution.runner import RayStagePipeline, StageSpec, run_local, run_ray
+from jobs.planning.plan import PRIOR_GROUP_KEY, batch, group_batches, make_plan
 from schemas.config import JobConfig
 from schemas.work import CALL_KEY
 from tests.conftest import write_manifest

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from jobs.plan import list_manifest_files, make_plan, read_manifest
+from jobs.planning.plan import list_manifest_files, make_plan, read_manifest
 from schemas.config import JobConfig, ModelPaths
 from schemas.keys import image_key, image_seed
 from schemas.manifest import MANIFEST_COLUMNS, ManifestError, RenderDefaults

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from jobs import storage_options as so
+from jobs.options import storage as so
 from schemas.config import JobConfig
 
 

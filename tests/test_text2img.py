@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.storage import Storage
-from jobs.pipeline import run_job
-from jobs.results import final_results, read_results
+from jobs.execution.job import run_job
+from jobs.output.results import final_results, read_results
 from schemas.config import JobConfig, ModelPaths, StageResources
 from tests.conftest import write_manifest
 from tests.reference import load_png, max_level_difference, text2img_reference
@@ -96,7 +96,7 @@ def test_null_seeds_are_stable_and_distinct(local_results: dict) -> None:
 
 def test_other_checkpoints_any_valid_directory(tmp_path: Path) -> None:
     """A different valid checkpoint (other weights, the real MoVQ scale factor 8) matches too."""
-    from jobs.tiny_models import build_tiny_models
+    from jobs.dev.tiny_models import build_tiny_models
 
     models = str(tmp_path / "models-sf8")
     build_tiny_models(models, seed=7, movq_scale_factor=8)

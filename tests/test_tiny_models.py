@@ -1,4 +1,4 @@
-"""Tests for jobs.tiny_models: offline tiny Kandinsky 2.2 checkpoints that load, run and are deterministic."""
+"""Tests for jobs.dev.tiny_models: offline tiny Kandinsky 2.2 checkpoints that load, run and are deterministic."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import PIL.Image
 import pytest
 import torch
 
-from jobs import tiny_models
-from jobs.tiny_models import COMPONENTS, build_tiny_models, main
+from jobs.dev import tiny_models
+from jobs.dev.tiny_models import COMPONENTS, build_tiny_models, main
 
 
 @pytest.fixture(scope="session")

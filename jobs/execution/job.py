@@ -22,13 +22,13 @@ import pyarrow.compute as pc
 
 from actors.storage import Storage
 from cluster.resources import StagePlan, fit_cpus, place_stages, resolve_stages, suggest_stages
-from jobs.lease import Lease
-from jobs.plan import Plan, group_batches, make_plan
-from jobs.progress import Progress
-from jobs.report import busy_seconds, write_report
-from jobs.results import ResultsWriter, final_results, read_results
-from jobs.runners import StageSpec, connect_ray, run_local, run_ray
-from jobs.stats import summarize, versions, write_stats
+from jobs.execution.runner import StageSpec, connect_ray, run_local, run_ray
+from jobs.output.lease import Lease
+from jobs.output.results import ResultsWriter, final_results, read_results
+from jobs.planning.plan import Plan, group_batches, make_plan
+from jobs.reporting.gallery import busy_seconds, write_report
+from jobs.reporting.progress import Progress
+from jobs.reporting.stats import summarize, versions, write_stats
 from schemas.config import JobConfig
 from schemas.keys import IMAGES_DIR, RESULTS_DIR, STATS_FILE, SUCCESS_FILE
 from schemas.manifest import SUPPORTED_MODES
@@ -69,7 +69,7 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
     """Render every image of the manifests that is not final in the output yet; see README.md.
 
     Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests,
-    ValueError for impossible settings and `jobs.lease.LeaseHeldError` when another run holds the
+    ValueError for impossible settings and `jobs.output.lease.LeaseHeldError` when another run holds the
     output. Results rows are published only after their images.
     ``progress`` is told about every results table as it is published (default: a quiet one).
     """
@@ -213,7 +213,7 @@ def prior_batch_size(config: JobConfig) -> int:
 
 
 def work_groups(plan: Plan, config: JobConfig) -> Iterator[list[pa.Table]]:
-    """The plan's decoder batches, grouped into prior calls (`jobs.plan.group_batches`), lazily."""
+    """The plan's decoder batches, grouped into prior calls (`jobs.planning.plan.group_batches`), lazily."""
     return group_batches(plan.batches, max_rows=prior_batch_size(config))
 
 

@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="", help="free text recorded with the profile (cluster, date, batch size)")
     args = parser.parse_args(argv)
     from actors.storage import Storage
-    from jobs.results import read_results
-    from jobs.storage_options import resolve
+    from jobs.options.storage import resolve
+    from jobs.output.results import read_results
 
     storage = Storage(args.output, storage_options=resolve(environ=os.environ))
     try:

@@ -1,4 +1,4 @@
-"""The bundled example: jobs/examples/manifest.parquet plus its input images, and the code that writes them."""
+"""The bundled example: jobs/dev/examples/manifest.parquet plus its input images, and the code that writes them."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def example_images() -> dict[str, bytes]:
 
 
 _COMMON = {"height": SIDE, "width": SIDE, "num_inference_steps": 10, "prior_num_inference_steps": 10}
-# Relative URIs resolve against the manifest's folder (jobs/examples/).
+# Relative URIs resolve against the manifest's folder (jobs/dev/examples/).
 EXAMPLE_ROWS: list[dict] = [
     {"id": "red-fox", "prompt": "a red fox in the snow, watercolor", "seed": 1},
     {"id": "lighthouse", "prompt": "a lighthouse at dusk", "negative_prompt": "blurry, low quality", "seed": 2},

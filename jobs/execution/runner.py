@@ -2,7 +2,7 @@
 
 A stage is a plain class from `actors/` (or a benchmark stand-in) whose instances map one Arrow
 table to another; `StageSpec` says how to build it, what Ray resources its actors hold and how
-many rows one call may take. The runner knows nothing about Kandinsky: `jobs.pipeline` decides
+many rows one call may take. The runner knows nothing about Kandinsky: `jobs.execution.job` decides
 which stages exist.
 
 Work arrives as groups of planned batches. The stages up to ``split_after`` see a group's

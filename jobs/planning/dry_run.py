@@ -7,15 +7,15 @@ import collections
 from typing import Any
 
 from actors.storage import Storage
-from jobs.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration
-from jobs.plan import Plan, make_plan
+from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration
+from jobs.planning.plan import Plan, make_plan
 from schemas.config import JobConfig
 from schemas.manifest import SUPPORTED_MODES
 
 
 def plan_for_dry_run(config: JobConfig) -> Plan:
     """The plan a run would execute now (with ``--overwrite`` everything renders; nothing is deleted)."""
-    from jobs.pipeline import plan_job
+    from jobs.execution.job import plan_job
 
     if config.overwrite:
         return make_plan(config, done=None, supported_modes=SUPPORTED_MODES)

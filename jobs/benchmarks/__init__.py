@@ -195,11 +195,11 @@ def simulate_once(
 ) -> dict[str, Any]:
     """One simulated run on the connected Ray: plan, group and run exactly as a render job does."""
     from actors.storage import Storage
-    from jobs.pipeline import prior_batch_size as resolve_prior_batch_size
-    from jobs.pipeline import work_groups
-    from jobs.plan import make_plan
-    from jobs.results import ResultsWriter
-    from jobs.runners import StageSpec, run_ray, run_ray_data
+    from jobs.execution.job import prior_batch_size as resolve_prior_batch_size
+    from jobs.execution.job import work_groups
+    from jobs.execution.runner import StageSpec, run_ray, run_ray_data
+    from jobs.output.results import ResultsWriter
+    from jobs.planning.plan import make_plan
     from schemas.config import JobConfig
     from schemas.manifest import SUPPORTED_MODES
 
@@ -359,7 +359,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     """Mode ``cpu``: the whole render job vs a per-row diffusers loop, both as fresh processes."""
     from PIL import Image
 
-    from jobs.tiny_models import build_tiny_models
+    from jobs.dev.tiny_models import build_tiny_models
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-"))
     models = str(work_dir / "models")
@@ -377,7 +377,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         loop.append(_timed(loop_cmd, log=work_dir / f"loop-{repeat}.log"))
         print(f"diffusers per-row loop:  {loop[-1]:.2f} s (process start to exit)", flush=True)
     from actors.storage import Storage
-    from jobs.results import final_results, read_results
+    from jobs.output.results import final_results, read_results
 
     final = final_results(read_results(Storage(str(ours_out)))).to_pylist()
     diffs = []
@@ -455,12 +455,12 @@ def write_plan_fixture(root: Path, *, num_rows: int, part_rows: int = 1000) -> N
 
 
 def plan_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Inside a fresh process: read previous results and plan, exactly as `jobs.pipeline.run_job` starts."""
+    """Inside a fresh process: read previous results and plan, exactly as `jobs.execution.job.run_job` starts."""
     import pyarrow.compute as pc
 
     from actors.storage import Storage
-    from jobs.plan import make_plan
-    from jobs.results import final_results, read_results
+    from jobs.output.results import final_results, read_results
+    from jobs.planning.plan import make_plan
     from schemas.config import JobConfig
     from schemas.manifest import SUPPORTED_MODES
     from schemas.results import STATUS_OK
@@ -604,7 +604,7 @@ def build_real_size_modules(device: str) -> dict[str, Any]:
         CLIPVisionModelWithProjection,
     )
 
-    from jobs.tiny_models import write_clip_tokenizer
+    from jobs.dev.tiny_models import write_clip_tokenizer
 
     configs = real_size_configs()
     with tempfile.TemporaryDirectory() as scratch:
@@ -633,7 +633,7 @@ def build_real_size_models(out_dir: Path, *, device: str) -> str:
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
-    from jobs.tiny_models import _decoder_scheduler, prior_scheduler, write_clip_tokenizer
+    from jobs.dev.tiny_models import _decoder_scheduler, prior_scheduler, write_clip_tokenizer
 
     modules = {name: m.to(torch.float16).eval() for name, m in build_real_size_modules(device).items()}
     write_clip_tokenizer(out_dir / "tokenizer")
@@ -702,8 +702,8 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
     from actors.decoder import DecoderActor
     from actors.prior import PriorActor
-    from jobs.plan import make_plan
-    from jobs.tiny_models import build_tiny_models
+    from jobs.dev.tiny_models import build_tiny_models
+    from jobs.planning.plan import make_plan
     from schemas.config import AccelOptions, JobConfig
     from schemas.manifest import SUPPORTED_MODES
 
@@ -829,7 +829,7 @@ def _precision_check(args: argparse.Namespace, *, models: str, device: str, work
 
     from actors.decoder import DecoderActor
     from actors.prior import PriorActor
-    from jobs.plan import make_plan
+    from jobs.planning.plan import make_plan
     from schemas.config import AccelOptions, JobConfig
     from schemas.manifest import SUPPORTED_MODES
 
@@ -999,4 +999,4 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kandinsky-render ben
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m jobs.benchmark"))
+    sys.exit(main(prog="python -m jobs.benchmarks"))

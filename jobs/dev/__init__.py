@@ -1,0 +1,1 @@
+"""Development helpers: tiny random-weight checkpoints, the bundled example, diffusers references."""

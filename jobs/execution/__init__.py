@@ -1,0 +1,1 @@
+"""Execution: the render job, its stage chain, and the runners that push work through it (Ray or in-process)."""

@@ -1,0 +1,1 @@
+"""Options: the render command line and config files, derived from `schemas.config`, and storage options."""

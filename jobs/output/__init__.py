@@ -1,0 +1,1 @@
+"""Output: results tables, completion records and the output lease."""

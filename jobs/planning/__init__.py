@@ -1,0 +1,1 @@
+"""Planning: manifests, validation, expansion into per-image work, batches, dry run, GPU-seconds estimates."""
