@@ -6,7 +6,6 @@ import os
 import socket
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,24 +48,6 @@ def worker_name(extra: str = "") -> str:
     """``host:pid`` plus ``extra`` (the job adds the Ray GPU ids); recorded in every results row."""
     name = f"{socket.gethostname()}:{os.getpid()}"
     return f"{name} {extra}".strip()
-
-
-def with_errors(table: pa.Table, errors: dict[int, tuple[str, str]]) -> pa.Table:
-    """Return ``table`` with ``error``/``error_kind`` set at the given row positions."""
-    if not errors:
-        return table
-    error = table.column("error").to_pylist()
-    kind = table.column("error_kind").to_pylist()
-    for position, (error_kind, message) in errors.items():
-        error[position], kind[position] = message, error_kind
-    table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
-    return table.set_column(table.schema.get_field_index("error_kind"), "error_kind", pa.array(kind, pa.string()))
-
-
-def describe_exception(exc: BaseException) -> str:
-    """One line naming the exception type and message, for results rows."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:2000]
 
 
 def quiet_libraries() -> None:

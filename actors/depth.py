@@ -12,28 +12,27 @@ import io
 import logging
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from actors.common import describe_exception, quiet_libraries, resolve_device, with_errors, worker_name
-from actors.inputs import ImageLoader, InputError
-from schemas.manifest import CONTROLNET_MODES, DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS, IMAGE_REF
-from schemas.results import ERROR_INPUT, ERROR_RENDER
+from actors.common import quiet_libraries, resolve_device, worker_name
+from actors.inputs import ImageLoader
+from actors.stage import Call, Outcome, Stage, with_errors
+from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS, IMAGE_REF
+from schemas.modes import needs_depth
 
 logger = logging.getLogger(__name__)
 
 
-def needs_depth(row: dict) -> bool:
-    """Whether ``row`` needs an estimated hint."""
-    return row["error"] is None and row["mode"] in CONTROLNET_MODES and row["hint"] is None
-
-
-class DepthActor:
+class DepthActor(Stage):
     """Holds a depth-estimation model; fills ``hint`` for ControlNet rows that lack one.
 
     Input and output: `WORK_SCHEMA` tables, same rows in the same order. Rows that need no
     estimate pass through untouched; a row whose image cannot be loaded gets ``input_error``.
     """
+
+    name = "depth"
 
     def __init__(
         self,
@@ -43,51 +42,41 @@ class DepthActor:
         storage_options: dict[str, Any] | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
         from transformers import pipeline
 
+        super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
         quiet_libraries()
         self.device = resolve_device(device)
         self.estimator = pipeline("depth-estimation", model=model, device=self.device)
         self.loader = ImageLoader(
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
         )
-        self.worker = worker_name(worker)
 
-    def __call__(self, work: pa.Table) -> pa.Table:
-        """Add estimated hints (see class docstring)."""
-        rows = work.to_pylist()
-        hints = work.column("hint").to_pylist()
-        errors: dict[int, tuple[str, str]] = {}
-        sources: dict[int, Image.Image] = {}
-        for i, row in enumerate(rows):
-            if needs_depth(row):
-                try:
-                    image = self.loader.rgb(row["image"], column="image")
-                    sources[i] = image.resize((row["width"], row["height"]), resample=Image.BICUBIC)
-                except InputError as exc:
-                    errors[i] = (ERROR_INPUT, str(exc))
-        if sources:
-            positions = list(sources)
-            try:
-                depths = self.estimator([sources[i] for i in positions])
-            except Exception as exc:
-                logger.warning("depth batch of %d failed (%s); retrying rows one by one", len(positions), exc)
-                depths = []
-                for i in positions:
-                    try:
-                        depths.append(self.estimator(sources[i]))
-                    except Exception as row_exc:
-                        errors[i] = (ERROR_RENDER, f"depth estimation failed: {describe_exception(row_exc)}")
-                        depths.append(None)
-            for i, depth in zip(positions, depths):
-                if depth is not None:
-                    hints[i] = {"uri": None, "data": _png(depth["depth"])}
-        table = work.set_column(
-            work.schema.get_field_index("hint"), work.schema.field("hint"), pa.array(hints, IMAGE_REF)
-        )
-        return with_errors(table, errors)
+    def wants(self, row: dict[str, Any]) -> bool:
+        return needs_depth(row)
+
+    def load(self, row: dict[str, Any]) -> Image.Image:
+        """The row's image resized (bicubic) to the output size, as diffusers' ControlNet docs prepare it."""
+        image = self.loader.rgb(row["image"], column="image")
+        return image.resize((row["width"], row["height"]), resample=Image.BICUBIC)
+
+    def run(self, call: Call, arrays: dict[str, np.ndarray]) -> list[bytes]:
+        """Estimate depth for each image; each 8-bit depth map as PNG bytes."""
+        depths = self.estimator(list(call.inputs))
+        return [_png(depth["depth"]) for depth in ([depths] if isinstance(depths, dict) else depths)]
+
+    def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
+        """``table`` with estimated hints in ``hint`` (as inline PNG bytes) and errors set."""
+        hints = table.column("hint").to_pylist()
+        for i, data in enumerate(outcome.outputs):
+            if data is not None:
+                hints[i] = {"uri": None, "data": data}
+        column = pa.array(hints, IMAGE_REF)
+        result = table.set_column(table.schema.get_field_index("hint"), table.schema.field("hint"), column)
+        return with_errors(result, outcome.errors)
 
 
 def _png(image: Image.Image) -> bytes:

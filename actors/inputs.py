@@ -17,13 +17,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from actors.stage import InputError
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS, uri_protocol
 
 _CACHE_ENTRIES = 64
-
-
-class InputError(ValueError):
-    """An input image that cannot be used; the message names the column and the reason."""
 
 
 class ImageLoader:

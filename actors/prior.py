@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -12,53 +10,34 @@ import pyarrow as pa
 import torch
 
 from actors.accel import prepare_pipeline, share_prior_caches
-from actors.common import (
-    describe_exception,
-    generator_state,
-    quiet_libraries,
-    resolve_device,
-    resolve_dtype,
-    seeded_generator,
-    with_errors,
-    worker_name,
-)
-from actors.inputs import ImageLoader, InputError
+from actors.common import generator_state, quiet_libraries, resolve_device, resolve_dtype, seeded_generator, worker_name
+from actors.inputs import ImageLoader
+from actors.stage import Call, Outcome, Stage, with_errors
 from schemas.config import AccelOptions
-from schemas.manifest import (
-    DEFAULT_ALLOWED_PROTOCOLS,
-    DEFAULT_MAX_INPUT_PIXELS,
-    PRIOR_IMAGE,
-    PRIOR_INTERPOLATE,
-    PRIOR_TEXT,
-)
-from schemas.results import ERROR_INPUT, ERROR_RENDER
-from schemas.work import EMBED_FIELDS, EMBED_SCHEMA
+from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
+from schemas.modes import PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_KINDS, PRIOR_TEXT
+from schemas.work import PRIOR_CALL_KEY, embed_fields, embed_schema, embeds_array
 
 logger = logging.getLogger(__name__)
 
-PRIOR_CALL_KEY = (
-    "prior_kind",
-    "prior_num_inference_steps",
-    "prior_guidance_scale",
-    "prior_strength",
-    "has_negative_prompt",
-)
 
-
-class PriorActor:
+class PriorActor(Stage):
     """Holds the Kandinsky 2.2 prior and turns work rows into embedding rows.
 
-    One checkpoint serves three kinds of prior input (``prior_kind``): ``text`` runs
-    `KandinskyV22PriorPipeline`, ``image`` runs `KandinskyV22PriorEmb2EmbPipeline` (``prior_image``
-    + ``prior_strength``) and ``interpolate`` runs ``KandinskyV22PriorPipeline.interpolate`` (one
-    row per call: diffusers loops over the items). Both pipelines share the same modules.
+    One checkpoint serves every kind of prior input (``prior_kind``, `schemas.modes.PRIOR_KINDS`):
+    ``text`` runs `KandinskyV22PriorPipeline`, ``image`` runs `KandinskyV22PriorEmb2EmbPipeline`
+    (``prior_image`` + ``prior_strength``) and ``interpolate`` runs
+    ``KandinskyV22PriorPipeline.interpolate`` (one row per call). Both pipelines share the same modules.
 
-    Input: a `WORK_SCHEMA` table. Output: the same rows, in order, with `EMBED_FIELDS` added:
-    ``image_embeds`` / ``negative_image_embeds`` (float32) and the state of the row's generator
-    after the prior, so the decoder continues the same random stream as diffusers' Combined
-    pipelines. Rows that already carry an ``error`` pass through; a row whose input cannot be
-    loaded gets ``input_error``, a row the prior fails on ``render_failed``; the rest still render.
+    Input: a `WORK_SCHEMA` table. Output: the same rows, in order, with `embed_fields` added:
+    ``image_embeds`` / ``negative_image_embeds`` (float32, fixed-size lists) and the state of the
+    row's generator after the prior, so the decoder continues the same random stream as diffusers'
+    Combined pipelines. Rows that already carry an ``error`` pass through; a row whose input cannot
+    be loaded gets ``input_error``, a row the prior fails on ``render_failed``; the rest still render.
     """
+
+    name = "prior"
+    call_key = PRIOR_CALL_KEY
 
     def __init__(
         self,
@@ -70,10 +49,12 @@ class PriorActor:
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         accel: AccelOptions | None = None,
+        max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
         from diffusers import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline
 
+        super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
         quiet_libraries()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -82,65 +63,19 @@ class PriorActor:
         self.pipe.set_progress_bar_config(disable=True)
         self.emb2emb = share_prior_caches(self.pipe, KandinskyV22PriorEmb2EmbPipeline(**self.pipe.components))
         self.emb2emb.set_progress_bar_config(disable=True)
+        self.embedding_dim = int(self.pipe.prior.config.embedding_dim)
         self.loader = ImageLoader(
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
         )
-        self.worker = worker_name(worker)
 
-    def __call__(self, work: pa.Table) -> pa.Table:
-        """Embed every row of ``work`` (see class docstring)."""
-        n = work.num_rows
-        outputs: list[tuple[np.ndarray, np.ndarray, bytes] | None] = [None] * n
-        seconds: list[float | None] = [None] * n
-        errors: dict[int, tuple[str, str]] = {}
-        rows = work.to_pylist()
-        inputs: dict[int, Any] = {}
-        for i, row in enumerate(rows):
-            if row["error"] is None:
-                try:
-                    inputs[i] = self._load_inputs(row)
-                except InputError as exc:
-                    errors[i] = (ERROR_INPUT, str(exc))
+    def alone(self, row: dict[str, Any]) -> bool:
+        return PRIOR_KINDS[row["prior_kind"]].alone
 
-        def key(i: int) -> tuple:
-            # Interpolation rows run alone: diffusers' interpolate takes one weighted list per call.
-            alone = i if rows[i]["prior_kind"] == PRIOR_INTERPOLATE else -1
-            return (*(rows[i][name] for name in PRIOR_CALL_KEY), alone)
-
-        for _, group in itertools.groupby(sorted(inputs, key=key), key=key):
-            positions = list(group)
-            started = time.perf_counter()
-            try:
-                embedded = self._embed([rows[i] for i in positions], [inputs[i] for i in positions])
-            except Exception as exc:  # isolate the failing row(s): retry one by one
-                logger.warning("prior batch of %d failed (%s); retrying rows one by one", len(positions), exc)
-                embedded = []
-                for i in positions:
-                    try:
-                        embedded.extend(self._embed([rows[i]], [inputs[i]]))
-                    except Exception as row_exc:
-                        errors[i] = (ERROR_RENDER, f"prior failed: {describe_exception(row_exc)}")
-                        embedded.append(None)
-            share = (time.perf_counter() - started) / len(positions)
-            for i, output in zip(positions, embedded):
-                outputs[i], seconds[i] = output, share
-        table = with_errors(work, errors)
-        columns = [
-            pa.array([None if o is None else o[0].tolist() for o in outputs], pa.list_(pa.float32())),
-            pa.array([None if o is None else o[1].tolist() for o in outputs], pa.list_(pa.float32())),
-            pa.array([None if o is None else o[2] for o in outputs], pa.binary()),
-            pa.array([self.worker] * n, pa.string()),
-            pa.array(seconds, pa.float64()),
-        ]
-        for field, column in zip(EMBED_FIELDS, columns):
-            table = table.append_column(field, column)
-        return table.cast(EMBED_SCHEMA)
-
-    def _load_inputs(self, row: dict) -> Any:
+    def load(self, row: dict[str, Any]) -> Any:
         """The images the prior needs for ``row``: the prior image, or the interpolation items."""
-        if row["prior_kind"] == PRIOR_IMAGE:
+        if row["prior_kind"] == PRIOR_IMAGE.name:
             return self.loader.rgb(row["prior_image"], column="prior_image")
-        if row["prior_kind"] == PRIOR_INTERPOLATE:
+        if row["prior_kind"] == PRIOR_INTERPOLATE.name:
             return [
                 item["prompt"] if item["image"] is None else self.loader.rgb(item["image"], column=f"interpolate[{k}]")
                 for k, item in enumerate(row["interpolate"])
@@ -148,12 +83,12 @@ class PriorActor:
         return None
 
     @torch.inference_mode()
-    def _embed(self, rows: list[dict], inputs: list[Any]) -> list[tuple[np.ndarray, np.ndarray, bytes]]:
+    def run(self, call: Call, arrays: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, bytes]]:
         """One prior call for rows that share `PRIOR_CALL_KEY`; one fresh generator per row."""
-        first = rows[0]
+        rows, first = call.rows, call.rows[0]
         generators = [seeded_generator(row["seed"]) for row in rows]
-        if first["prior_kind"] == PRIOR_INTERPOLATE:
-            (row,), (items,) = rows, inputs
+        if first["prior_kind"] == PRIOR_INTERPOLATE.name:
+            (row,), (items,) = rows, call.inputs
             output = self.pipe.interpolate(
                 items,
                 [item["weight"] for item in row["interpolate"]],
@@ -178,12 +113,32 @@ class PriorActor:
                 "output_type": "pt",
                 "return_dict": False,
             }
-            if first["prior_kind"] == PRIOR_TEXT:
+            if first["prior_kind"] == PRIOR_TEXT.name:
                 image_embeds, negative_image_embeds = self.pipe(**kwargs)
             else:
                 image_embeds, negative_image_embeds = self.emb2emb(
-                    image=list(inputs), strength=first["prior_strength"], **kwargs
+                    image=list(call.inputs), strength=first["prior_strength"], **kwargs
                 )
         image_embeds = image_embeds.float().cpu().numpy()
         negative_image_embeds = negative_image_embeds.float().cpu().numpy()
         return [(image_embeds[i], negative_image_embeds[i], generator_state(generators[i])) for i in range(len(rows))]
+
+    def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
+        """``table`` with `embed_fields` appended (null where the prior produced nothing)."""
+        n, dim = table.num_rows, self.embedding_dim
+        done = np.array([o is not None for o in outcome.outputs], dtype=bool)
+        image_embeds = np.zeros((n, dim), np.float32)
+        negative_image_embeds = np.zeros((n, dim), np.float32)
+        for i in np.flatnonzero(done):
+            image_embeds[i], negative_image_embeds[i] = outcome.outputs[i][0], outcome.outputs[i][1]
+        columns = [
+            embeds_array(image_embeds, num_rows=n, dim=dim, valid=done),
+            embeds_array(negative_image_embeds, num_rows=n, dim=dim, valid=done),
+            pa.array([o[2] if o is not None else None for o in outcome.outputs], pa.binary()),
+            pa.array([self.worker] * n, pa.string()),
+            pa.array(outcome.seconds, pa.float64()),
+        ]
+        result = with_errors(table, outcome.errors)
+        for field, column in zip(embed_fields(dim), columns):
+            result = result.append_column(field, column)
+        return result.cast(embed_schema(dim))

@@ -10,7 +10,7 @@ Two kinds of problems are told apart (STYLE.md, three lanes):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,21 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.keys import MAX_SEED
-
-MODES = ("text2img", "img2img", "inpaint", "controlnet", "controlnet_img2img")
-SUPPORTED_MODES = frozenset(MODES)
-DEFAULT_MODE = "text2img"
-IMG2IMG_MODES = frozenset({"img2img", "controlnet_img2img"})
-CONTROLNET_MODES = frozenset({"controlnet", "controlnet_img2img"})
-# Which image columns each mode reads (hint is optional for ControlNet: estimated from image when null).
-MODE_INPUTS = {
-    "text2img": frozenset(),
-    "img2img": frozenset({"image"}),
-    "inpaint": frozenset({"image", "mask"}),
-    "controlnet": frozenset({"image", "hint"}),
-    "controlnet_img2img": frozenset({"image", "hint"}),
-}
-PRIOR_TEXT, PRIOR_IMAGE, PRIOR_INTERPOLATE = "text", "image", "interpolate"
+from schemas.modes import DEFAULT_MODE, MODE_NAMES, MODES, PRIOR_KINDS, uses_column
 
 # An image input: a URI (any allowed fsspec protocol; relative paths resolve against the manifest's
 # folder) or the encoded bytes inline. Exactly one field is set.
@@ -54,7 +40,9 @@ class ManifestColumn:
 
 MANIFEST_COLUMNS: tuple[ManifestColumn, ...] = (
     ManifestColumn(name="id", kind="string", required=True, description="unique row id; names the outputs"),
-    ManifestColumn(name="mode", kind="string", description=f"one of {', '.join(MODES)}; null means text2img"),
+    ManifestColumn(
+        name="mode", kind="string", description=f"one of {', '.join(MODE_NAMES)}; null means {DEFAULT_MODE}"
+    ),
     ManifestColumn(name="prompt", kind="string", description="text prompt for the prior"),
     ManifestColumn(name="negative_prompt", kind="string", description="negative prompt; null: none"),
     ManifestColumn(name="image", kind="image", description="source image (img2img, inpaint, controlnet*)"),
@@ -77,6 +65,8 @@ MANIFEST_COLUMNS: tuple[ManifestColumn, ...] = (
 )
 COLUMNS_BY_NAME = {column.name: column for column in MANIFEST_COLUMNS}
 IMAGE_COLUMNS = tuple(c.name for c in MANIFEST_COLUMNS if c.kind == "image")
+# Image columns the decoder reads (the rest guide the prior).
+DECODER_IMAGE_COLUMNS = ("image", "mask", "hint")
 
 _CANONICAL_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "image": pa.string()}
 
@@ -271,10 +261,10 @@ def _check_ids(table: pa.Table, *, file: str) -> None:
 
 def _check_modes(table: pa.Table, *, file: str) -> None:
     modes = table.column("mode")
-    unknown = pc.and_(modes.is_valid(), pc.invert(pc.is_in(modes, value_set=pa.array(MODES))))
+    unknown = pc.and_(modes.is_valid(), pc.invert(pc.is_in(modes, value_set=pa.array(MODE_NAMES))))
     if pc.any(unknown).as_py():
         raise ManifestError(
-            f"{file}: column 'mode' has unknown modes (known: {', '.join(MODES)}): "
+            f"{file}: column 'mode' has unknown modes (known: {', '.join(MODE_NAMES)}): "
             f"{_describe(modes.filter(unknown).to_pylist(), table.column('id').filter(unknown).to_pylist())}"
         )
 
@@ -298,28 +288,54 @@ def fill_defaults(table: pa.Table, defaults: RenderDefaults) -> pa.Table:
     return pa.table(columns)
 
 
-def row_problems(
-    table: pa.Table, *, limits: Limits, supported_modes: frozenset[str] = SUPPORTED_MODES
-) -> list[str | None]:
-    """Per row of a defaults-filled table: None when renderable, else the first problem, worded for users."""
+def size_problems(table: pa.Table, *, scales: Mapping[str, int]) -> list[str | None]:
+    """Per row: why its mode's decoder cannot render exactly its size (`schemas.modes.Mode.size_problem`), or None.
+
+    ``scales`` maps checkpoint name -> MoVQ scale factor; modes whose checkpoint is absent are not checked.
+    """
+    problems: list[str | None] = [None] * table.num_rows
+    keys = table.select(["mode", "height", "width"])
+    for key in keys.group_by(["mode", "height", "width"]).aggregate([]).to_pylist():
+        mode = MODES.get(key["mode"])
+        if mode is None or mode.checkpoint not in scales:
+            continue
+        problem = mode.size_problem(height=key["height"], width=key["width"], scale=scales[mode.checkpoint])
+        if problem is None:
+            continue
+        match = pc.and_(
+            pc.and_(pc.equal(keys.column("mode"), key["mode"]), pc.equal(keys.column("height"), key["height"])),
+            pc.equal(keys.column("width"), key["width"]),
+        )
+        for i in np.flatnonzero(match.to_numpy(zero_copy_only=False)):
+            problems[i] = problem
+    return problems
+
+
+def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
+    """Per row of a defaults-filled table: None when renderable, else the first problem, worded for users.
+
+    Vectorised per check; values are converted to Python only for the rows a check flags.
+    """
     n = table.num_rows
     problems: list[str | None] = [None] * n
 
     def flag(mask: object, message: str | None = None, *, column: str | None = None, fmt: str = "") -> None:
-        values = table.column(column).to_pylist() if column else None
-        for i in np.flatnonzero(np.asarray(mask, dtype=bool)):
-            if problems[i] is None:
-                problems[i] = message if values is None else fmt.format(column=column, value=values[i])
+        rows = [int(i) for i in np.flatnonzero(np.asarray(mask, dtype=bool)) if problems[i] is None]
+        if not rows:
+            return
+        values = table.column(column).take(pa.array(rows, pa.int64())).to_pylist() if column else None
+        for k, i in enumerate(rows):
+            problems[i] = message if values is None else fmt.format(column=column, value=values[k])
 
     def np_col(name: str) -> np.ndarray:
         return table.column(name).to_numpy(zero_copy_only=False)
 
-    modes = np.asarray(table.column("mode").to_pylist(), dtype=object)
-    for mode in sorted(set(modes.tolist()) - set(supported_modes)):
-        flag(modes == mode, f"mode {mode!r} is not supported yet")
+    def is_set(name: str) -> np.ndarray:
+        return np.asarray(table.column(name).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
 
+    modes = np.asarray(table.column("mode").to_numpy(zero_copy_only=False), dtype=object)
     prompt_len = pc.fill_null(pc.utf8_length(table.column("prompt")), 0).to_numpy(zero_copy_only=False)
-    has_interpolate = np.asarray(table.column("interpolate").is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    has_interpolate = is_set("interpolate")
     flag((prompt_len == 0) & ~has_interpolate, "prompt is null or empty; every row needs a prompt")
     flag(prompt_len > limits.max_prompt_chars, f"prompt is longer than {limits.max_prompt_chars} characters")
     neg_len = pc.fill_null(pc.utf8_length(table.column("negative_prompt")), 0).to_numpy(zero_copy_only=False)
@@ -345,8 +361,7 @@ def row_problems(
         bad = ~np.isfinite(values) | (values < low) | (values > high)
         flag(bad, column=name, fmt=f"{{column}}={{value}} is outside [{low}, {high}]")
 
-    seeds = table.column("seed")
-    seed_values = pc.fill_null(seeds, 0).to_numpy(zero_copy_only=False)
+    seed_values = pc.fill_null(table.column("seed"), 0).to_numpy(zero_copy_only=False)
     num_images = np_col("num_images")
     flag(
         (seed_values < 0) | (seed_values > MAX_SEED - np.clip(num_images, 0, None)),
@@ -354,43 +369,46 @@ def row_problems(
         fmt="{column}={value} is outside [0, 2**62 - num_images]",
     )
 
-    def is_set(name: str) -> np.ndarray:
-        return np.asarray(table.column(name).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-
-    for name in ("image", "mask", "hint"):
-        users = sorted(mode for mode, inputs in MODE_INPUTS.items() if name in inputs)
-        not_used = np.isin(modes, [m for m in MODES if name not in MODE_INPUTS[m]])
+    for name in DECODER_IMAGE_COLUMNS:
+        not_used = np.isin(modes, [m.name for m in MODES.values() if name not in m.reads])
         flag(
             is_set(name) & not_used,
             column="mode",
-            fmt=f"column {name!r} is set but mode {{value}} does not use it (it is read by: {', '.join(users)})",
+            fmt=f"column {name!r} is set but mode {{value}} does not use it "
+            f"(it is read by: {', '.join(uses_column(name))})",
         )
-    flag(np.isin(modes, ["img2img", "inpaint", "controlnet_img2img"]) & ~is_set("image"), column="mode",
-         fmt="mode {value} needs an 'image'")  # fmt: skip
-    flag((modes == "inpaint") & ~is_set("mask"), "mode inpaint needs a 'mask' (white = repaint, black = keep)")
-    flag((modes == "controlnet") & ~is_set("hint") & ~is_set("image"),
-         "mode controlnet needs a 'hint' (depth map) or an 'image' to estimate one from")  # fmt: skip
-    # Img2img-family decoders and PriorEmb2Emb run int(steps * strength) steps and crash at 0.
+    for mode in MODES.values():
+        of_mode = modes == mode.name
+        for name in sorted(mode.required):
+            flag(of_mode & ~is_set(name), mode.needs_message(name))
+        if mode.hint_estimated and "image" not in mode.required:
+            flag(of_mode & ~is_set("hint") & ~is_set("image"), f"{mode.needs_message('hint')} or an 'image' to "
+                 "estimate one from")  # fmt: skip
+    # Partial-schedule decoders and PriorEmb2Emb run int(steps * strength) steps and crash at 0.
     steps_run = np.floor(np_col("num_inference_steps") * np_col("strength").astype(np.float64) + 1e-9)
+    partial = [m.name for m in MODES.values() if m.partial_schedule]
     flag(
-        np.isin(modes, list(IMG2IMG_MODES)) & (steps_run < 1),
+        np.isin(modes, partial) & (steps_run < 1),
         "num_inference_steps * strength < 1: the img2img decoder would run no denoising step",
     )
     prior_steps_run = np.floor(np_col("prior_num_inference_steps") * np_col("prior_strength").astype(np.float64) + 1e-9)
-    flag(
-        is_set("prior_image") & (prior_steps_run < 1),
-        "prior_num_inference_steps * prior_strength < 1: the image-guided prior would run no step",
-    )
+    for kind in PRIOR_KINDS.values():
+        if kind.partial_schedule:
+            flag(
+                is_set(kind.reads) & (prior_steps_run < 1),
+                f"prior_num_inference_steps * prior_strength < 1: the {kind.description} would run no step",
+            )
     flag(is_set("prior_image") & has_interpolate, "set either 'prior_image' or 'interpolate', not both")
     flag(has_interpolate & (prompt_len > 0), "set either 'prompt' or 'interpolate' (a weighted list of prompts and "
          "images replaces the prompt)")  # fmt: skip
-    for i, items in enumerate(table.column("interpolate").to_pylist()):
-        if items is not None and problems[i] is None:
-            problems[i] = _interpolate_problem(items, limits=limits)
+    for i in np.flatnonzero(has_interpolate):
+        if problems[i] is None:
+            problems[i] = _interpolate_problem(table.column("interpolate")[int(i)].as_py(), limits=limits)
     for name in IMAGE_COLUMNS:
-        for i, ref in enumerate(table.column(name).to_pylist()):
-            if ref is not None and problems[i] is None:
-                problems[i] = _ref_problem(ref, column=name, limits=limits)
+        column = table.column(name)
+        for i in np.flatnonzero(is_set(name)):
+            if problems[i] is None:
+                problems[i] = _ref_problem(column[int(i)].as_py(), column=name, limits=limits)
     return problems
 
 

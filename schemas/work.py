@@ -2,16 +2,28 @@
 
 A planned batch is an Arrow table of `WORK_SCHEMA` rows that one pipeline call can serve; it
 crosses actor boundaries as Arrow IPC bytes (`to_ipc` / `from_ipc`), so only bytes travel.
-The prior adds the `EMBED_FIELDS`; a row whose ``error`` is set is passed through untouched.
+The prior adds the `embed_fields` (embeddings as fixed-size float32 lists, never per-float Python
+objects); a row whose ``error`` is set is passed through untouched.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.manifest import IMAGE_REF, INTERPOLATE_TYPE
 
-# Parameters that must be equal for every row of one pipeline call (the batch key).
+# Parameters that must be equal for every row of one prior call (the prior stage's call key).
+PRIOR_CALL_KEY = (
+    "prior_kind",
+    "prior_num_inference_steps",
+    "prior_guidance_scale",
+    "prior_strength",
+    "has_negative_prompt",
+)
+# Parameters that must be equal for every row of one decoder call (the decoder stage's call key, and
+# the planner's batch key: a planned batch is one decoder call).
 CALL_KEY = (
     "mode",
     "prior_kind",
@@ -46,8 +58,8 @@ WORK_SCHEMA = pa.schema(
         pa.field("strength", pa.float64(), nullable=False),
         pa.field("prior_strength", pa.float64(), nullable=False),
         pa.field("prior_kind", pa.string(), nullable=False),  # text | image | interpolate
-        # "" except for inpaint, where diffusers 0.42.1 blends image[:1]/mask[:1] into every row of a
-        # call: only rows with the same image and mask may share one (KANDINSKY_NOTES.md).
+        # A digest of the image columns in the mode's `batch_inputs` ("" for modes without): rows with
+        # different inputs there never share a call (schemas.modes, inpaint).
         pa.field("inputs_key", pa.string(), nullable=False),
         pa.field("image", IMAGE_REF),
         pa.field("mask", IMAGE_REF),
@@ -60,14 +72,38 @@ WORK_SCHEMA = pa.schema(
     ]
 )
 
-EMBED_FIELDS = (
-    pa.field("image_embeds", pa.list_(pa.float32())),
-    pa.field("negative_image_embeds", pa.list_(pa.float32())),
-    pa.field("generator_state", pa.binary()),  # torch CPU generator state after the prior
-    pa.field("prior_worker", pa.string()),
-    pa.field("prior_seconds", pa.float64()),  # this image's share of its prior call's wall time
-)
-EMBED_SCHEMA = pa.schema(list(WORK_SCHEMA) + list(EMBED_FIELDS))
+
+def embed_fields(dim: int) -> tuple[pa.Field, ...]:
+    """The columns the prior adds to work rows; ``dim`` is the embedding size (1280 real, 32 tiny)."""
+    return (
+        pa.field("image_embeds", pa.list_(pa.float32(), dim)),
+        pa.field("negative_image_embeds", pa.list_(pa.float32(), dim)),
+        pa.field("generator_state", pa.binary()),  # torch CPU generator state after the prior
+        pa.field("prior_worker", pa.string()),
+        pa.field("prior_seconds", pa.float64()),  # this image's share of its prior call's wall time
+    )
+
+
+def embed_schema(dim: int) -> pa.Schema:
+    """`WORK_SCHEMA` plus `embed_fields`."""
+    return pa.schema(list(WORK_SCHEMA) + list(embed_fields(dim)))
+
+
+def embeds_array(values: np.ndarray | None, *, num_rows: int, dim: int, valid: np.ndarray | None = None) -> pa.Array:
+    """(num_rows, dim) float32 -> a fixed-size list column without per-float Python objects; rows not ``valid`` null."""
+    flat = np.zeros(num_rows * dim, np.float32) if values is None else np.ascontiguousarray(values, np.float32).ravel()
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim, mask=mask)
+
+
+def embeds_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size list column -> (rows, dim) float32 (null rows as zeros), zero-copy when it can be."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    dim = array.type.list_size
+    if array.null_count:
+        array = pc.fill_null(array, pa.scalar([0.0] * dim, array.type))
+    values = array.flatten() if array.offset else array.values
+    return values.to_numpy(zero_copy_only=False).reshape(len(array), dim)
 
 
 def to_ipc(table: pa.Table) -> bytes:

@@ -30,7 +30,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
 
 def test_bundled_example_is_up_to_date_and_covers_every_mode() -> None:
     from jobs.dev.example import EXAMPLE_DIR, example_images
-    from schemas.manifest import MODES
+    from schemas.modes import MODES
 
     table = pq.read_table(example_manifest_path())
     assert table.equals(example_table())

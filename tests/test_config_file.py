@@ -125,9 +125,9 @@ def test_cli_config_file_with_dry_run(tmp_path: Path) -> None:
     run = [sys.executable, "-m", "jobs.render", "--config", config_file, "--dry-run"]
     first = subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr
-    assert "batches per stage (batch size 2): prior 3, decoder 3" in first.stdout
+    assert "model calls per stage (decoder batch size 2, prior batch size 2): prior 3, decoder 3" in first.stdout
     second = subprocess.run([*run, "--batch-size", "5"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
-    assert "batches per stage (batch size 5): prior 1, decoder 1" in second.stdout
+    assert "model calls per stage (decoder batch size 5, prior batch size 5): prior 1, decoder 1" in second.stdout
 
     bad = write_yaml(tmp_path / "bad.yaml", {"batch-sise": 2})
     refused = subprocess.run(

@@ -160,12 +160,12 @@ def test_calibration_fit_recovers_known_costs_and_estimates_plans() -> None:
     assert fitted.decoder_image_seconds == pytest.approx(0.2)
 
     batch = pa.Table.from_pylist([work_row("x", num_inference_steps=100), work_row("y", num_inference_steps=100)])
-    seconds = estimate([batch], truth)
+    seconds = estimate(batch, truth)
     scale = 64 * 64 / 512**2
     assert seconds["prior"] == pytest.approx(2 * 5 * 0.01)
     assert seconds["decoder"] == pytest.approx(2 * (100 * 0.05 + 0.2) * scale)
     img2img = pa.Table.from_pylist([work_row("z", mode="img2img", num_inference_steps=100, strength=0.3)])
-    assert estimate([img2img], truth)["decoder"] == pytest.approx((30 * 0.05 + 0.2) * scale)  # 30 of 100 steps run
+    assert estimate(img2img, truth)["decoder"] == pytest.approx((30 * 0.05 + 0.2) * scale)  # 30 of 100 steps run
     with pytest.raises(ValueError, match="no ok results rows"):
         fit_profile(results_table([]), name="x", source="")
 
@@ -186,7 +186,7 @@ def test_dry_run_plans_without_models_or_writes(tmp_path: Path) -> None:
             {"id": "a", "prompt": "p", "height": 64, "width": 64, "num_images": 3},
             {"id": "b", "prompt": "p", "height": 64, "width": 64},
             {"id": "c", "prompt": "p", "height": 128, "width": 64},
-            {"id": "d", "prompt": "p", "mode": "inpaint"},  # not supported yet: refused
+            {"id": "d", "prompt": "p", "mode": "inpaint"},  # no image and mask: refused
             {"id": "e", "prompt": None},  # no prompt: refused
         ],
     )
@@ -204,15 +204,13 @@ def test_dry_run_plans_without_models_or_writes(tmp_path: Path) -> None:
     assert "LOADED []" in proc.stdout
     table = {
         " ".join(match.group(1).split()): (int(match.group(2)), int(match.group(3)))
-        for match in re.finditer(
-            r"^\s+(text2img\s+\S+|refused \(invalid rows\)|to render)\s+(\d+)\s+(\d+)$", proc.stdout, re.M
-        )
+        for match in re.finditer(r"^\s+(text2img\s+\S+|refused \(\w+\)|to render)\s+(\d+)\s+(\d+)$", proc.stdout, re.M)
     }
     assert table["text2img 64x64"] == (2, 4)
     assert table["text2img 128x64"] == (1, 1)
-    assert table["refused (invalid rows)"] == (2, 2)
+    assert table["refused (invalid_row)"] == (2, 2)
     assert table["to render"] == (3, 5)
-    assert "batches per stage (batch size 2): prior 3, decoder 3" in proc.stdout
+    assert "model calls per stage (decoder batch size 2, prior batch size 2): prior 3, decoder 3" in proc.stdout
     assert re.search(r"^\s+H100\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+NOT measured$", proc.stdout, re.M)
     assert not output.exists()
 

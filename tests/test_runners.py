@@ -10,44 +10,46 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from actors.stage import Call, Outcome, Stage
 from cluster.resources import StagePlan
 from jobs.execution.runner import RayStagePipeline, StageSpec, run_local, run_ray
-from jobs.planning.plan import PRIOR_GROUP_KEY, batch, group_batches, make_plan
+from jobs.planning.plan import batch, group_batches, make_plan
 from schemas.config import JobConfig
-from schemas.work import CALL_KEY
+from schemas.work import CALL_KEY, PRIOR_CALL_KEY
 from tests.conftest import write_manifest
 
 
-class Tag:
-    """A stage that records the size of every call it gets in a column named after the stage."""
+class Tag(Stage):
+    """A stage that records the size of every model call it makes in a column named after the stage."""
 
-    def __init__(self, *, column: str, crash_marker: str | None = None, crash_on: str | None = None, worker: str):
+    def __init__(self, *, column: str, crash_marker: str | None = None, crash_on: str | None = None, **base) -> None:
+        super().__init__(**base)
         self.column = column
         self.crash_marker = crash_marker
         self.crash_on = crash_on
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        ids = table.column("id").to_pylist()
+    def run(self, call: Call, arrays: dict) -> list[int]:
+        ids = [row["id"] for row in call.rows]
         if self.crash_marker and self.crash_on in ids and not os.path.exists(self.crash_marker):
             Path(self.crash_marker).touch()
             os._exit(1)  # the process dies mid-call: an infrastructure failure, not an exception
-        return table.append_column(self.column, pa.array([table.num_rows] * table.num_rows, pa.int64()))
+        return [len(call.rows)] * len(call.rows)
+
+    def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
+        return table.append_column(self.column, pa.array(outcome.outputs, pa.int64()))
 
 
-class Broken:
-    """A stage with a bug."""
+class Broken(Stage):
+    """A stage with a bug (outside any model call)."""
 
-    def __init__(self, *, worker: str) -> None:
-        pass
-
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
         raise ValueError("bug in the stage")
 
 
-class CannotStart:
+class CannotStart(Stage):
     """A stage whose model cannot load."""
 
-    def __init__(self, *, worker: str) -> None:
+    def __init__(self, **base) -> None:
         raise FileNotFoundError("no checkpoint at /nowhere")
 
 
@@ -58,7 +60,7 @@ def work_rows(rows: list[dict]) -> pa.Table:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_manifest(Path(tmp) / "m.parquet", rows)
         config = JobConfig(manifest=manifest, output=f"{tmp}/out", batch_size=1000)
-        return make_plan(config, done=None, supported_modes=frozenset({"text2img"})).batches.work
+        return make_plan(config, done=None).batches.work
 
 
 MIXED = [
@@ -95,16 +97,10 @@ def test_prior_groups_hold_whole_batches_sharing_the_prior_key() -> None:
     assert [t.to_pylist() for g in groups for t in g] == [t.to_pylist() for t in batches]  # order and content kept
     for group in groups:
         assert sum(t.num_rows for t in group) <= 7 or len(group) == 1
-        keys = {tuple(t.column(name)[0].as_py() for name in PRIOR_GROUP_KEY) for t in group}
+        keys = {tuple(t.column(name)[0].as_py() for name in PRIOR_CALL_KEY) for t in group}
         assert len(keys) == 1
     assert any(len(g) > 1 for g in groups)
     assert [len(g) for g in group_batches(batches, max_rows=1)] == [1] * len(batches)
-
-
-def test_prior_group_key_mirrors_the_prior_actor() -> None:
-    from actors.prior import PRIOR_CALL_KEY
-
-    assert set(PRIOR_GROUP_KEY) == set(PRIOR_CALL_KEY)
 
 
 def _stages(*, first_batch: int | None = None, **last: object) -> list[StageSpec]:
@@ -232,7 +228,7 @@ def test_plan_of_many_rows_stays_columnar(tmp_path: Path) -> None:
     config = JobConfig(manifest=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"), batch_size=4)
     done_ids = [f"id-{i:06d}" for i in range(0, n, 2)]
     done = pa.table({"id": done_ids, "image_index": pa.array([0] * len(done_ids), pa.int32())})
-    plan = make_plan(config, done=done, supported_modes=frozenset({"text2img"}))
+    plan = make_plan(config, done=done)
     assert plan.num_done == n // 2 and plan.num_to_render == n // 2
     assert len(plan.batches) == n // 8 and plan.batches.offsets.dtype == np.int64
     assert plan.batches[0].column("id").to_pylist() == ["id-000001", "id-000003", "id-000005", "id-000007"]

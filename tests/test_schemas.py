@@ -48,7 +48,7 @@ def _refusal(tmp_path: Path, rows: list[dict] | None = None, table: pa.Table | N
     else:
         write_manifest(path, rows or [])
     with pytest.raises(ManifestError) as info:
-        make_plan(_config(tmp_path, str(path)), done=None, supported_modes=frozenset({"text2img"}))
+        make_plan(_config(tmp_path, str(path)), done=None)
     message = str(info.value)
     assert str(path) in message
     return message
@@ -97,7 +97,7 @@ def test_refuses_ids_repeated_across_files(tmp_path: Path) -> None:
     write_manifest(tmp_path / "in" / "a.parquet", [{"id": "same", "prompt": "x"}])
     write_manifest(tmp_path / "in" / "b.parquet", [{"id": "same", "prompt": "y"}])
     with pytest.raises(ManifestError, match="'same' appears in both"):
-        make_plan(_config(tmp_path, str(tmp_path / "in")), done=None, supported_modes=frozenset({"text2img"}))
+        make_plan(_config(tmp_path, str(tmp_path / "in")), done=None)
 
 
 def test_manifest_uri_forms(tmp_path: Path) -> None:
@@ -128,15 +128,15 @@ def test_bad_values_become_error_rows_not_refusals(tmp_path: Path) -> None:
         {"id": "nan-guidance", "prompt": "x", "guidance_scale": float("nan")},
     ]
     path = write_manifest(tmp_path / "m.parquet", rows)
-    plan = make_plan(_config(tmp_path, path), done=None, supported_modes=frozenset({"text2img", "inpaint"}))
-    assert plan.num_to_render == 1
+    plan = make_plan(_config(tmp_path, path), done=None)
+    assert plan.num_to_render == 2  # "ok" and "later-mode"
     errors = {row["id"]: row["error"] for row in plan.refused.to_pylist()}
     assert errors["no-prompt"].startswith("prompt is null or empty")
     assert "height=100000" in errors["huge"]
     assert "num_images=0" in errors["zero-images"]
     assert "seed=-5" in errors["neg-seed"]
     assert "num_inference_steps=0" in errors["steps"]
-    assert "'img2img' is not supported yet" in errors["later-mode"]
+    assert "later-mode" not in errors
     assert "'image' is set but mode text2img" in errors["stray-image"]
     assert "guidance_scale=nan" in errors["nan-guidance"]
     assert "protocol 'ftp', which is not allowed" in errors["ftp-image"]

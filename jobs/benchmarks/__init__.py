@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from cluster.resources import StagePlan, priors_needed, suggest_stages
 from schemas.results import RESULTS_SCHEMA, result_from_work, results_table
-from schemas.work import EMBED_FIELDS, EMBED_SCHEMA, WORK_SCHEMA
+from schemas.work import WORK_SCHEMA, embed_fields, embed_schema, embeds_array
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATOR_STATE_BYTES = 5056  # a CPU torch.Generator's state, what the prior hands the decoder per image
@@ -96,7 +96,9 @@ class SimulatedPrior:
     state of the real size, so payloads weigh what real ones do.
     """
 
-    def __init__(self, *, seconds_per_image: float, embed_dim: int = 1280, worker: str = "") -> None:
+    def __init__(
+        self, *, seconds_per_image: float, embed_dim: int = 1280, max_batch_size: int | None = None, worker: str = ""
+    ) -> None:
         self.seconds_per_image = seconds_per_image
         self.embed_dim = embed_dim
         self.worker = f"simulated-prior {worker}".strip()
@@ -110,9 +112,7 @@ class SimulatedPrior:
 
     def _embed(self, work: pa.Table) -> pa.Table:
         n = work.num_rows
-        values = pa.array(np.zeros(n * self.embed_dim, dtype=np.float32))
-        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * self.embed_dim)
-        embeds = pa.ListArray.from_arrays(offsets, values)
+        embeds = embeds_array(None, num_rows=n, dim=self.embed_dim)
         columns = [
             embeds,
             embeds,
@@ -121,19 +121,26 @@ class SimulatedPrior:
             pa.array([self.seconds_per_image] * n, pa.float64()),
         ]
         table = work
-        for field, column in zip(EMBED_FIELDS, columns):
+        for field, column in zip(embed_fields(self.embed_dim), columns):
             table = table.append_column(field, column)
-        return table.cast(EMBED_SCHEMA)
+        return table.cast(embed_schema(self.embed_dim))
 
 
 class SimulatedDecoder:
     """Stand-in decoder: each call lasts ``seconds_per_image`` per row and returns ``ok`` results rows."""
 
-    def __init__(self, *, seconds_per_image: float, run_id: str = "simulated", worker: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        seconds_per_image: float,
+        run_id: str = "simulated",
+        max_batch_size: int | None = None,
+        worker: str = "",
+    ) -> None:
         self.seconds_per_image = seconds_per_image
         self.run_id = run_id
         self.worker = f"simulated-decoder {worker}".strip()
-        self._results(EMBED_SCHEMA.empty_table())  # warm Arrow's kernels, as SimulatedPrior does
+        self._results(embed_schema(1280).empty_table())  # warm Arrow's kernels, as SimulatedPrior does
 
     def __call__(self, embeds: pa.Table) -> pa.Table:
         started = time.perf_counter()
@@ -201,14 +208,13 @@ def simulate_once(
     from jobs.output.results import ResultsWriter
     from jobs.planning.plan import make_plan
     from schemas.config import JobConfig
-    from schemas.manifest import SUPPORTED_MODES
 
     run_dir = work_dir / f"simulated-{wiring}-{num_decoders}"
     manifest = write_manifest(run_dir / "manifest.parquet", num_rows=rows)
     config = JobConfig(
         manifest=manifest, output=str(run_dir / "out"), batch_size=batch_size, prior_batch_size=prior_batch_size
     )
-    plan = make_plan(config, done=None, supported_modes=SUPPORTED_MODES)
+    plan = make_plan(config, done=None)
     stages = [
         StageSpec(
             name="prior",
@@ -462,7 +468,6 @@ def plan_worker(args: argparse.Namespace) -> dict[str, Any]:
     from jobs.output.results import final_results, read_results
     from jobs.planning.plan import make_plan
     from schemas.config import JobConfig
-    from schemas.manifest import SUPPORTED_MODES
     from schemas.results import STATUS_OK
 
     baseline = _peak_rss_mb()
@@ -472,7 +477,7 @@ def plan_worker(args: argparse.Namespace) -> dict[str, Any]:
     columns = ["id", "image_index", "status", "finished_at"]
     previous = final_results(read_results(Storage(config.output), columns=columns))
     done = previous.filter(pc.equal(previous.column("status"), STATUS_OK))
-    plan = make_plan(config, done=done, supported_modes=SUPPORTED_MODES)
+    plan = make_plan(config, done=done)
     return {
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
@@ -705,7 +710,6 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     from jobs.dev.tiny_models import build_tiny_models
     from jobs.planning.plan import make_plan
     from schemas.config import AccelOptions, JobConfig
-    from schemas.manifest import SUPPORTED_MODES
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "")
     if not device:
@@ -757,7 +761,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     # ours: the prior and decoder stage classes, as each actor runs them
     accel = AccelOptions(channels_last=args.channels_last, compile=args.compile)
     config = JobConfig(manifest=manifest, output=str(work_dir / "ours"), batch_size=max(batch_sizes))
-    work = make_plan(config, done=None, supported_modes=SUPPORTED_MODES).batches.work
+    work = make_plan(config, done=None).batches.work
     prior = PriorActor(f"{models}/prior", dtype=dtype_name, device=device, accel=accel, worker="bench")
     prior_bs = max(batch_sizes)
     prior(work.slice(0, prior_bs))  # warm-up
@@ -831,7 +835,6 @@ def _precision_check(args: argparse.Namespace, *, models: str, device: str, work
     from actors.prior import PriorActor
     from jobs.planning.plan import make_plan
     from schemas.config import AccelOptions, JobConfig
-    from schemas.manifest import SUPPORTED_MODES
 
     if args.check_rows <= 0:
         return {}
@@ -858,7 +861,7 @@ def _precision_check(args: argparse.Namespace, *, models: str, device: str, work
         figures = {}
         for dtype_name in ("float32", args.dtype):
             config = JobConfig(manifest=manifest, output=str(work_dir / f"check-{dtype_name}"), batch_size=len(rows))
-            work = make_plan(config, done=None, supported_modes=SUPPORTED_MODES).batches.work
+            work = make_plan(config, done=None).batches.work
             accel = AccelOptions(channels_last=args.channels_last)
             prior = PriorActor(f"{models}/prior", dtype=dtype_name, device=device, accel=accel)
             embeds = prior(work)

@@ -25,13 +25,13 @@ from cluster.resources import StagePlan, fit_cpus, place_stages, resolve_stages,
 from jobs.execution.runner import StageSpec, connect_ray, run_local, run_ray
 from jobs.output.lease import Lease
 from jobs.output.results import ResultsWriter, final_results, read_results
-from jobs.planning.plan import Plan, group_batches, make_plan
+from jobs.planning.plan import Plan, group_batches, make_plan, prior_batch_size
 from jobs.reporting.gallery import busy_seconds, write_report
 from jobs.reporting.progress import Progress
 from jobs.reporting.stats import summarize, versions, write_stats
 from schemas.config import JobConfig
 from schemas.keys import IMAGES_DIR, RESULTS_DIR, STATS_FILE, SUCCESS_FILE
-from schemas.manifest import SUPPORTED_MODES
+from schemas.modes import MODES
 from schemas.results import STATUS_OK, result_from_work, results_table
 
 logger = logging.getLogger(__name__)
@@ -53,16 +53,14 @@ def new_run_id() -> str:
 
 def decoder_models(config: JobConfig, plan: Plan) -> dict[str, str]:
     """mode -> checkpoint path for the modes this run renders (only those load)."""
-    from schemas.config import DECODER_FOR_MODE
-
-    return {mode: config.models.for_checkpoint(DECODER_FOR_MODE[mode]) for mode in plan.modes}
+    return {mode: config.models.for_checkpoint(MODES[mode].checkpoint) for mode in plan.modes}
 
 
 def plan_job(config: JobConfig, storage: Storage) -> Plan:
     """The plan of a run on ``storage`` as it is now: images already final there are skipped."""
     previous = final_results(read_results(storage, columns=["id", "image_index", "status", "finished_at"]))
     done = previous.filter(pc.equal(previous.column("status"), STATUS_OK)) if previous.num_rows else previous
-    return make_plan(config, done=done if config.retry_errors else previous, supported_modes=SUPPORTED_MODES)
+    return make_plan(config, done=done if config.retry_errors else previous)
 
 
 def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummary:
@@ -194,6 +192,7 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
             cls=DecoderActor,
             kwargs={
                 "models": decoder_models(config, plan),
+                "movq_scales": plan.movq_scales,
                 "output": config.output,
                 "run_id": run_id,
                 "dtype": config.dtype,
@@ -205,11 +204,6 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
         )
     )
     return stages
-
-
-def prior_batch_size(config: JobConfig) -> int:
-    """Images per prior call: ``prior_batch_size``, else the decoder's ``batch_size``."""
-    return config.prior_batch_size or config.batch_size
 
 
 def work_groups(plan: Plan, config: JobConfig) -> Iterator[list[pa.Table]]:

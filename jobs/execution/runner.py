@@ -36,10 +36,10 @@ SIZES = "sizes"
 
 @dataclass(frozen=True, kw_only=True)
 class StageSpec:
-    """One stage: ``cls(**kwargs, worker=...)`` builds it; each instance maps a table to a table.
+    """One stage: ``cls(**kwargs, max_batch_size=batch_size, worker=...)`` builds it; it maps a table to a table.
 
-    ``batch_size`` caps the rows of one call of the instance: a longer input is cut into
-    consecutive slices (deterministically) and their outputs concatenated. None: no cap.
+    ``cls`` follows the stage contract of `actors.stage.Stage` (which groups rows into model calls of
+    at most ``max_batch_size`` rows and keeps every input row, in order).
     """
 
     name: str
@@ -48,17 +48,9 @@ class StageSpec:
     resources: StagePlan = field(default_factory=lambda: StagePlan(num_actors=1, num_gpus=0.0, num_cpus=1.0))
     batch_size: int | None = None
 
-
-def call_stage(instance: Any, table: pa.Table, *, batch_size: int | None, name: str) -> pa.Table:
-    """``instance(table)``, in consecutive calls of at most ``batch_size`` rows; checks rows are kept."""
-    if batch_size is None or table.num_rows <= batch_size:
-        output = instance(table)
-    else:
-        parts = [instance(table.slice(start, batch_size)) for start in range(0, table.num_rows, batch_size)]
-        output = pa.concat_tables(parts)
-    if output.num_rows != table.num_rows:
-        raise RuntimeError(f"stage {name} returned {output.num_rows} rows for {table.num_rows}; it must keep rows")
-    return output
+    def build(self, *, worker: str) -> Any:
+        """An instance of the stage."""
+        return self.cls(**self.kwargs, max_batch_size=self.batch_size, worker=worker)
 
 
 def split_rows(table: pa.Table, sizes: Sequence[int]) -> list[pa.Table]:
@@ -83,14 +75,14 @@ def run_local(
 ) -> Iterator[pa.Table]:
     """In-process: one instance per stage; each group goes through the chain, batches yielded in order."""
     _check_split(stages, split_after)
-    chain = [(spec, spec.cls(**spec.kwargs, worker="local")) for spec in stages]
+    chain = [spec.build(worker="local") for spec in stages]
     for group in groups:
         table = pa.concat_tables(group)
-        for spec, instance in chain[: split_after + 1]:
-            table = call_stage(instance, table, batch_size=spec.batch_size, name=spec.name)
+        for instance in chain[: split_after + 1]:
+            table = instance(table)
         for piece in split_rows(table, [batch.num_rows for batch in group]):
-            for spec, instance in chain[split_after + 1 :]:
-                piece = call_stage(instance, piece, batch_size=spec.batch_size, name=spec.name)
+            for instance in chain[split_after + 1 :]:
+                piece = instance(piece)
             yield piece
 
 
@@ -105,10 +97,9 @@ def ray_worker_tag() -> str:
 class StageWorker:
     """Body of one Ray actor: builds the stage once, then maps Arrow IPC payloads through it."""
 
-    def __init__(self, *, cls: type, kwargs: dict[str, Any], name: str, batch_size: int | None) -> None:
-        self.name = name
-        self.batch_size = batch_size
-        self.instance = cls(**kwargs, worker=ray_worker_tag())
+    def __init__(self, *, spec: StageSpec) -> None:
+        self.name = spec.name
+        self.instance = spec.build(worker=ray_worker_tag())
 
     def ready(self) -> str:
         """Answers once the constructor (model loading) is done."""
@@ -117,7 +108,7 @@ class StageWorker:
     def run(self, payload: bytes, sizes: list[int]) -> tuple[Any, ...]:
         """Map one payload; return one payload per entry of ``sizes`` plus a small info dict, last."""
         started = time.perf_counter()
-        table = call_stage(self.instance, from_ipc(payload), batch_size=self.batch_size, name=self.name)
+        table = self.instance(from_ipc(payload))
         pieces = [to_ipc(piece) for piece in split_rows(table, sizes)]
         return (*pieces, {"rows": table.num_rows, "seconds": time.perf_counter() - started})
 
@@ -224,7 +215,7 @@ class RayStagePipeline:
                     **ray_remote_args(spec.resources),  # num_gpus, num_cpus, accelerator type, node labels
                     max_restarts=-1,  # a dead actor comes back (model reloaded) ...
                     max_task_retries=0,  # ... and the driver re-runs its work, from the first stage
-                ).remote(cls=spec.cls, kwargs=spec.kwargs, name=spec.name, batch_size=spec.batch_size)
+                ).remote(spec=spec)
                 actor = _Actor(stage=number, handle=handle)
                 self._probe(actor)
                 pool.append(actor)

@@ -18,16 +18,16 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 import cluster
+from schemas.modes import MODES
 
 REFERENCE_PIXELS = 512 * 512
-_PARTIAL_SCHEDULE_MODES = frozenset({"img2img", "controlnet_img2img"})
 DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.abspath(cluster.__file__)), "calibration.yaml")
 
 
@@ -71,37 +71,36 @@ def load_calibration(path: str = DEFAULT_CALIBRATION) -> list[Profile]:
     return loaded
 
 
-def _guidance_factor(scale: Any) -> np.ndarray:
-    return np.where(np.asarray(scale, dtype=float) > 1.0, 1.0, 0.5)
+def _guidance_factor(scale: np.ndarray) -> np.ndarray:
+    return np.where(scale > 1.0, 1.0, 0.5)
+
+
+def _numbers(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy().astype(float)
 
 
 def work_units(table: pa.Table) -> dict[str, np.ndarray]:
     """Per row of a work or results table: prior steps, decoder step-megapixels and megapixels (guidance applied)."""
-    pixels = np.asarray(table.column("height").to_pylist(), dtype=float) * np.asarray(
-        table.column("width").to_pylist(), dtype=float
-    )
-    scale = pixels / REFERENCE_PIXELS
-    steps = np.asarray(table.column("num_inference_steps").to_pylist(), dtype=float)
-    # img2img-family pipelines skip the first (1 - strength) of the schedule: int(steps * strength) run.
-    partial = np.isin(np.asarray(table.column("mode").to_pylist(), dtype=object), list(_PARTIAL_SCHEDULE_MODES))
-    strength = np.asarray(table.column("strength").to_pylist(), dtype=float)
-    steps = np.where(partial, np.floor(steps * strength), steps)
+    scale = _numbers(table, "height") * _numbers(table, "width") / REFERENCE_PIXELS
+    steps = _numbers(table, "num_inference_steps")
+    # Partial-schedule (img2img-family) pipelines skip the first (1 - strength): int(steps * strength) run.
+    partial = pc.is_in(table.column("mode"), value_set=pa.array([m for m in MODES if MODES[m].partial_schedule]))
+    partial = partial.to_numpy(zero_copy_only=False).astype(bool)
+    steps = np.where(partial, np.floor(steps * _numbers(table, "strength")), steps)
     return {
-        "prior_steps": np.asarray(table.column("prior_num_inference_steps").to_pylist(), dtype=float)
-        * _guidance_factor(table.column("prior_guidance_scale").to_pylist()),
-        "decoder_steps": steps * _guidance_factor(table.column("guidance_scale").to_pylist()) * scale,
+        "prior_steps": _numbers(table, "prior_num_inference_steps")
+        * _guidance_factor(_numbers(table, "prior_guidance_scale")),
+        "decoder_steps": steps * _guidance_factor(_numbers(table, "guidance_scale")) * scale,
         "decoder_images": scale,
     }
 
 
-def estimate(batches: list[pa.Table], profile: Profile) -> dict[str, float]:
-    """Estimated busy GPU-seconds per stage for planned ``batches`` (work tables) on ``profile``."""
-    prior = decoder = 0.0
-    for batch in batches:
-        units = work_units(batch)
-        prior += float(units["prior_steps"].sum()) * profile.prior_step_seconds
-        decoder += float(units["decoder_steps"].sum()) * profile.decoder_step_seconds
-        decoder += float(units["decoder_images"].sum()) * profile.decoder_image_seconds
+def estimate(work: pa.Table, profile: Profile) -> dict[str, float]:
+    """Estimated busy GPU-seconds per stage for planned ``work`` rows on ``profile``."""
+    units = work_units(work)
+    prior = float(units["prior_steps"].sum()) * profile.prior_step_seconds
+    decoder = float(units["decoder_steps"].sum()) * profile.decoder_step_seconds
+    decoder += float(units["decoder_images"].sum()) * profile.decoder_image_seconds
     return {"prior": prior, "decoder": decoder, "total": prior + decoder}
 
 
@@ -111,13 +110,13 @@ def fit_profile(results: pa.Table, *, name: str, source: str) -> Profile:
     The decoder's step and per-image terms separate only when the rows vary in steps; otherwise
     all decoder time is put on the steps. Raises ValueError when no row has timings.
     """
-    ok = results.filter(pa.compute.equal(results.column("status"), "ok"))
-    ok = ok.filter(pa.compute.and_(ok.column("prior_seconds").is_valid(), ok.column("decoder_seconds").is_valid()))
+    ok = results.filter(pc.equal(results.column("status"), "ok"))
+    ok = ok.filter(pc.and_(ok.column("prior_seconds").is_valid(), ok.column("decoder_seconds").is_valid()))
     if ok.num_rows == 0:
         raise ValueError("no ok results rows with prior_seconds and decoder_seconds to fit a calibration from")
     units = work_units(ok)
-    prior_seconds = np.asarray(ok.column("prior_seconds").to_pylist(), dtype=float)
-    decoder_seconds = np.asarray(ok.column("decoder_seconds").to_pylist(), dtype=float)
+    prior_seconds = _numbers(ok, "prior_seconds")
+    decoder_seconds = _numbers(ok, "decoder_seconds")
     prior_step = float(prior_seconds @ units["prior_steps"] / (units["prior_steps"] @ units["prior_steps"]))
     steps = units["decoder_steps"]
     step, image = float(decoder_seconds @ steps / (steps @ steps)), 0.0

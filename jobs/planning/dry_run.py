@@ -3,14 +3,13 @@ estimated GPU-seconds, without loading any model or writing anything."""
 
 from __future__ import annotations
 
-import collections
 from typing import Any
 
 from actors.storage import Storage
 from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration
-from jobs.planning.plan import Plan, make_plan
+from jobs.planning.plan import Plan, make_plan, prior_batch_size
 from schemas.config import JobConfig
-from schemas.manifest import SUPPORTED_MODES
+from schemas.modes import PRIOR_KINDS, needs_depth
 
 
 def plan_for_dry_run(config: JobConfig) -> Plan:
@@ -18,28 +17,42 @@ def plan_for_dry_run(config: JobConfig) -> Plan:
     from jobs.execution.job import plan_job
 
     if config.overwrite:
-        return make_plan(config, done=None, supported_modes=SUPPORTED_MODES)
+        return make_plan(config, done=None)
     return plan_job(config, Storage(config.output, storage_options=config.storage_options))
 
 
 def breakdown(plan: Plan) -> list[dict[str, Any]]:
     """Rows and images to render per (mode, height, width), sorted."""
-    rows: dict[tuple[str, int, int], set[str]] = collections.defaultdict(set)
-    images: collections.Counter[tuple[str, int, int]] = collections.Counter()
-    for batch in plan.batches:
-        for row_id, mode, height, width in zip(
-            batch.column("id").to_pylist(),
-            batch.column("mode").to_pylist(),
-            batch.column("height").to_pylist(),
-            batch.column("width").to_pylist(),
-        ):
-            rows[(mode, height, width)].add(row_id)
-            images[(mode, height, width)] += 1
-    return [
-        {"mode": mode, "height": height, "width": width, "rows": len(rows[key]), "images": images[key]}
-        for key in sorted(images)
-        for mode, height, width in [key]
-    ]
+    work = plan.batches.work.select(["id", "mode", "height", "width"])
+    counts = work.group_by(["mode", "height", "width"]).aggregate([("id", "count"), ("id", "count_distinct")])
+    return sorted(
+        (
+            {
+                "mode": r["mode"],
+                "height": r["height"],
+                "width": r["width"],
+                "rows": r["id_count_distinct"],
+                "images": r["id_count"],
+            }
+            for r in counts.to_pylist()
+        ),  # fmt: skip
+        key=lambda r: (r["mode"], r["height"], r["width"]),
+    )
+
+
+def stage_calls(plan: Plan, config: JobConfig) -> dict[str, int]:
+    """Model calls per stage: prior calls as the runner groups decoder batches, depth calls when needed."""
+    from jobs.execution.job import work_groups
+
+    size = prior_batch_size(config)
+    calls = {"depth": 0, "prior": 0, "decoder": len(plan.batches)}
+    for group in work_groups(plan, config):
+        rows = sum(batch.num_rows for batch in group)
+        kind = PRIOR_KINDS[group[0].column("prior_kind")[0].as_py()]
+        calls["prior"] += rows if kind.alone else -(-rows // size)
+        if plan.needs_depth and any(needs_depth(row) for b in group for row in b.select(["mode", "hint"]).to_pylist()):
+            calls["depth"] += 1
+    return calls
 
 
 def _stage_line(name: str, num_actors: int | None, num_gpus: float | None, placement: dict[str, Any]) -> str:
@@ -57,7 +70,8 @@ def _stage_line(name: str, num_actors: int | None, num_gpus: float | None, place
 def describe(config: JobConfig, plan: Plan, *, profiles: list[Profile], calibration: str) -> str:
     """The text ``--dry-run`` prints."""
     table = breakdown(plan)
-    refused_ids = len(set(plan.refused.column("id").to_pylist())) if plan.refused.num_rows else 0
+    refused = plan.refused.select(["id", "error_kind"])
+    refused = refused.group_by(["error_kind"]).aggregate([("id", "count"), ("id", "count_distinct")]).to_pylist()
     lines = [
         "dry run: no model loaded, nothing written",
         f"manifest {config.manifest}: {len(plan.files)} file(s), {plan.num_rows} row(s), "
@@ -67,27 +81,25 @@ def describe(config: JobConfig, plan: Plan, *, profiles: list[Profile], calibrat
     ]
     header = ("mode", "height x width", "rows", "images")
     body = [(r["mode"], f"{r['height']}x{r['width']}", str(r["rows"]), str(r["images"])) for r in table]
-    body.append(("refused (invalid rows)", "", str(refused_ids), str(plan.refused.num_rows)))
+    for kind in sorted(refused, key=lambda r: r["error_kind"]):
+        body.append((f"refused ({kind['error_kind']})", "", str(kind["id_count_distinct"]), str(kind["id_count"])))
     body.append(("to render", "", str(sum(r["rows"] for r in table)), str(plan.num_to_render)))
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
     for row in [header, *body]:
         lines.append(f"  {row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}")
-    lines += [
-        "",
-        f"batches per stage (batch size {config.batch_size}): prior {len(plan.batches)}, decoder {len(plan.batches)}",
-        "  "
-        + _stage_line("prior", config.prior.num_actors, config.prior.num_gpus, config.stage_placement.get("prior", {})),
-        "  "
-        + _stage_line(
-            "decoder", config.decoder.num_actors, config.decoder.num_gpus, config.stage_placement.get("decoder", {})
-        ),
-        "",
-        f"estimated GPU-seconds (busy time of one GPU per actor), calibration {calibration}:",
-    ]
+    calls = stage_calls(plan, config)
+    sizes = f"decoder batch size {config.batch_size}, prior batch size {prior_batch_size(config)}"
+    stages = [name for name in ("depth", "prior", "decoder") if name != "depth" or plan.needs_depth]
+    lines += ["", f"model calls per stage ({sizes}): " + ", ".join(f"{name} {calls[name]}" for name in stages)]
+    for name in stages:
+        resources = getattr(config, name)
+        placement = config.stage_placement.get(name, {})
+        lines.append("  " + _stage_line(name, resources.num_actors, resources.num_gpus, placement))
+    lines += ["", f"estimated GPU-seconds (busy time of one GPU per actor), calibration {calibration}:"]
     est_rows = [("profile", "prior", "decoder", "total", "basis")]
     sources: dict[str, list[str]] = {}
     for profile in profiles:
-        seconds = estimate(plan.batches, profile)
+        seconds = estimate(plan.batches.work, profile)
         basis = "measured" if profile.measured else "NOT measured"
         est_rows.append(
             (profile.name, f"{seconds['prior']:.1f}", f"{seconds['decoder']:.1f}", f"{seconds['total']:.1f}", basis)

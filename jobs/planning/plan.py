@@ -9,7 +9,7 @@ import glob as globlib
 import hashlib
 import logging
 import posixpath
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -19,16 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from schemas.config import DECODER_FOR_MODE, JobConfig
+from jobs.planning.checkpoints import CheckpointScales
+from schemas.config import JobConfig
 from schemas.keys import MAX_SEED, image_key, image_seed
 from schemas.manifest import (
-    CONTROLNET_MODES,
     IMAGE_COLUMNS,
     IMAGE_REF,
     INTERPOLATE_TYPE,
-    PRIOR_IMAGE,
-    PRIOR_INTERPOLATE,
-    PRIOR_TEXT,
     Limits,
     ManifestError,
     RenderDefaults,
@@ -36,24 +33,17 @@ from schemas.manifest import (
     fill_defaults,
     normalize,
     row_problems,
+    size_problems,
 )
-from schemas.results import ERROR_INVALID_ROW
-from schemas.work import CALL_KEY, WORK_SCHEMA
+from schemas.modes import MODES, PRIOR_KINDS, PRIOR_TEXT
+from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE
+from schemas.work import CALL_KEY, PRIOR_CALL_KEY, WORK_SCHEMA
 
 logger = logging.getLogger(__name__)
 
 
 # Manifest rows expanded at a time: bounds the Python objects alive while planning huge manifests.
 PLAN_CHUNK_ROWS = 65_536
-# Work rows that one prior call can serve together: mirrors `actors.prior.PRIOR_CALL_KEY`
-# (tests/test_runners.py checks they agree; a mismatch would only split prior calls, never change pixels).
-PRIOR_GROUP_KEY = (
-    "prior_kind",
-    "prior_num_inference_steps",
-    "prior_guidance_scale",
-    "prior_strength",
-    "has_negative_prompt",
-)
 
 
 class Batches(Sequence[pa.Table]):
@@ -101,6 +91,7 @@ class Plan:
     num_done: int  # of those, already final in the output (skipped)
     batches: Batches = field(default_factory=lambda: Batches(WORK_SCHEMA.empty_table(), np.zeros(1, np.int64)))
     refused: pa.Table = field(default_factory=WORK_SCHEMA.empty_table)
+    movq_scales: dict[str, int] = field(default_factory=dict)  # what sizes were checked with, per checkpoint
 
     @property
     def num_to_render(self) -> int:
@@ -114,15 +105,16 @@ class Plan:
 
     @property
     def needs_depth(self) -> bool:
-        """Whether some ControlNet row has no hint, so the depth stage must run."""
+        """Whether some row of a hint-estimating mode has no hint, so the depth stage must run."""
         work = self.batches.work
-        controlnet = pc.is_in(work.column("mode"), value_set=pa.array(sorted(CONTROLNET_MODES)))
-        return bool(pc.any(pc.and_(controlnet, work.column("hint").is_null())).as_py())
+        modes = sorted(name for name, mode in MODES.items() if mode.hint_estimated)
+        estimated = pc.is_in(work.column("mode"), value_set=pa.array(modes, pa.string()))
+        return bool(pc.any(pc.and_(estimated, work.column("hint").is_null())).as_py())
 
     @property
     def decoder_checkpoints(self) -> list[str]:
         """Decoder checkpoint names the batches need."""
-        return sorted({DECODER_FOR_MODE[mode] for mode in self.modes})
+        return sorted({MODES[mode].checkpoint for mode in self.modes})
 
 
 def list_manifest_files(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -171,15 +163,20 @@ def expand(
     job_seed: int,
     defaults: RenderDefaults,
     limits: Limits,
-    supported_modes: frozenset[str],
+    movq_scales: Mapping[str, int],
 ) -> tuple[pa.Table, pa.Table]:
     """Expand manifest rows into `WORK_SCHEMA` rows, one per output image.
 
-    Returns ``(work, refused)``: renderable rows, and rows of invalid manifest rows with their
-    problem in ``error`` (one per image, or a single image 0 when ``num_images`` itself is bad).
+    Returns ``(work, refused)``: renderable rows, and rows of refused manifest rows with their
+    problem in ``error`` (one per image, or a single image 0 when ``num_images`` itself is bad):
+    ``invalid_row`` for values outside the contract, ``unsupported_size`` for sizes the mode's
+    decoder would change (checked with ``movq_scales``, checkpoint name -> MoVQ scale).
     """
     filled = resolve_relative_uris(fill_defaults(table, defaults), base=file)
-    problems = row_problems(filled, limits=limits, supported_modes=supported_modes)
+    problems = row_problems(filled, limits=limits)
+    sizes = size_problems(filled, scales=movq_scales)
+    kinds = [ERROR_INVALID_ROW if p else (ERROR_UNSUPPORTED_SIZE if z else None) for p, z in zip(problems, sizes)]
+    problems = [p or z for p, z in zip(problems, sizes)]
     num_images = filled.column("num_images").to_numpy(zero_copy_only=False)
     counts = np.where((num_images >= 1) & (num_images <= limits.max_num_images), num_images, 1).astype(np.int64)
     positions = np.repeat(np.arange(filled.num_rows), counts)
@@ -190,16 +187,16 @@ def expand(
     ids = rows.column("id").to_pylist()
     raw_seeds = rows.column("seed").to_pylist()
     errors = [problems[p] for p in positions.tolist()]
+    error_kinds = [kinds[p] for p in positions.tolist()]
     seeds = [
         image_seed(s, job_seed=job_seed, row_id=i, image_index=int(k)) if s is None or 0 <= s <= MAX_SEED - n else None
         for i, s, k, n in zip(ids, raw_seeds, image_index.tolist(), counts[positions].tolist())
     ]
     negative = rows.column("negative_prompt")
-    prior_kind = pc.if_else(
-        rows.column("interpolate").is_valid(),
-        PRIOR_INTERPOLATE,
-        pc.if_else(rows.column("prior_image").is_valid(), PRIOR_IMAGE, PRIOR_TEXT),
-    )
+    prior_kind = pa.array(np.full(rows.num_rows, PRIOR_TEXT.name, dtype=object), pa.string())
+    for kind in PRIOR_KINDS.values():  # each kind is selected by the column it reads
+        if kind.reads:
+            prior_kind = pc.if_else(rows.column(kind.reads).is_valid(), kind.name, prior_kind)
     columns = {
         "prior_kind": prior_kind,
         "inputs_key": pa.array(_inputs_keys(rows), pa.string()),
@@ -213,7 +210,7 @@ def expand(
         "has_negative_prompt": negative.is_valid(),
         "manifest_file": pa.array([file] * len(positions), pa.string()),
         "error": pa.array(errors, pa.string()),
-        "error_kind": pa.array([ERROR_INVALID_ROW if e else None for e in errors], pa.string()),
+        "error_kind": pa.array(error_kinds, pa.string()),
     }
     for name in WORK_SCHEMA.names:
         if name not in columns:
@@ -224,18 +221,22 @@ def expand(
 
 
 def _inputs_keys(rows: pa.Table) -> list[str]:
-    """Per work row: a digest of (image, mask) for inpaint rows, "" otherwise (see WORK_SCHEMA)."""
-    keys = []
-    modes = rows.column("mode").to_pylist()
-    images, masks = rows.column("image"), rows.column("mask")
-    for i, mode in enumerate(modes):
-        if mode != "inpaint":
-            keys.append("")
+    """Per work row: a digest of the mode's `batch_inputs` columns ("" for modes without; see WORK_SCHEMA)."""
+    keys = [""] * rows.num_rows
+    modes = rows.column("mode")
+    for mode in MODES.values():
+        if not mode.batch_inputs:
             continue
-        digest = hashlib.sha256()
-        for ref in (images[i].as_py(), masks[i].as_py()):
-            digest.update(repr(ref and (ref["uri"], ref["data"])).encode())
-        keys.append(digest.hexdigest()[:32])
+        positions = np.flatnonzero(pc.equal(modes, mode.name).to_numpy(zero_copy_only=False))
+        if not len(positions):
+            continue
+        chosen = rows.select(list(mode.batch_inputs)).take(pa.array(positions, pa.int64())).to_pylist()
+        for i, row in zip(positions.tolist(), chosen):
+            digest = hashlib.sha256()
+            for name in mode.batch_inputs:
+                ref = row[name]
+                digest.update(repr(ref and (ref["uri"], ref["data"])).encode())
+            keys[i] = digest.hexdigest()[:32]
     return keys
 
 
@@ -290,8 +291,13 @@ def batch(work: pa.Table, *, batch_size: int) -> Batches:
     return Batches(work, np.append(np.flatnonzero(position % batch_size == 0), n).astype(np.int64))
 
 
+def prior_batch_size(config: JobConfig) -> int:
+    """Images per prior call: ``prior_batch_size``, else the decoder's ``batch_size``."""
+    return config.prior_batch_size or config.batch_size
+
+
 def group_batches(batches: Iterable[pa.Table], *, max_rows: int) -> Iterator[list[pa.Table]]:
-    """Consecutive batches that one prior call serves: equal `PRIOR_GROUP_KEY`, at most ``max_rows`` rows.
+    """Consecutive batches that one prior call serves: equal `PRIOR_CALL_KEY`, at most ``max_rows`` rows.
 
     A group holds at least one whole batch, so a batch larger than ``max_rows`` is a group alone
     (the runner cuts the prior's calls to its batch size). A pure function of the batch sequence,
@@ -301,7 +307,7 @@ def group_batches(batches: Iterable[pa.Table], *, max_rows: int) -> Iterator[lis
     group_key: tuple | None = None
     num_rows = 0
     for table in batches:
-        key = tuple(table.column(name)[0].as_py() for name in PRIOR_GROUP_KEY)
+        key = tuple(table.column(name)[0].as_py() for name in PRIOR_CALL_KEY)
         if group and (key != group_key or num_rows + table.num_rows > max_rows):
             yield group
             group, num_rows = [], 0
@@ -322,12 +328,16 @@ def _without(work: pa.Table, done: pa.Table) -> pa.Table:
     return work.take(pa.array(np.sort(keep.to_numpy()), pa.int64()))
 
 
-def make_plan(config: JobConfig, *, done: pa.Table | None, supported_modes: frozenset[str]) -> Plan:
+def make_plan(config: JobConfig, *, done: pa.Table | None, movq_scales: Mapping[str, int] | None = None) -> Plan:
     """Read every manifest file, validate, expand, drop finished (id, image_index) pairs, and batch.
 
     ``done`` holds ``id`` and ``image_index`` of images that already have a final result in the
-    output. Raises `ManifestError` for malformed manifests.
+    output. ``movq_scales`` (checkpoint name -> MoVQ scale) decides size refusals; by default the
+    scales are read from the checkpoints' configs (`jobs.planning.checkpoints`), without loading
+    weights. Raises `ManifestError` for malformed manifests.
     """
+    if movq_scales is None:
+        movq_scales = CheckpointScales(config)
     files = list_manifest_files(config.manifest, storage_options=config.storage_options)
     ids_by_file: list[tuple[str, pa.ChunkedArray]] = []
     works, refusals = [], []
@@ -343,7 +353,7 @@ def make_plan(config: JobConfig, *, done: pa.Table | None, supported_modes: froz
                 job_seed=config.seed,
                 defaults=config.defaults,
                 limits=config.limits,
-                supported_modes=supported_modes,
+                movq_scales=movq_scales,
             )
             works.append(work)
             refusals.append(refused)
@@ -370,4 +380,5 @@ def make_plan(config: JobConfig, *, done: pa.Table | None, supported_modes: froz
         num_done=num_done,
         batches=batch(work, batch_size=config.batch_size),
         refused=refused,
+        movq_scales=movq_scales.read() if isinstance(movq_scales, CheckpointScales) else dict(movq_scales),
     )

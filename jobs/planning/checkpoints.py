@@ -1,0 +1,93 @@
+"""What planning needs to know about the checkpoints, read from their configs without loading any weights."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import posixpath
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from schemas.config import JobConfig
+from schemas.modes import MODES
+
+logger = logging.getLogger(__name__)
+
+# The MoVQ of every public Kandinsky 2.2 decoder checkpoint downsamples by 8.
+PUBLIC_MOVQ_SCALE = 8
+_MOVQ_CONFIG = "movq/config.json"
+
+
+def _is_hub_id(path: str) -> bool:
+    """A hub id is ``owner/name`` with no protocol that is not an existing local path."""
+    import os
+
+    local = "://" in path or path.startswith(("/", ".", "~")) or os.path.exists(path)
+    return not local and path.count("/") == 1
+
+
+@functools.lru_cache(maxsize=32)
+def _read_movq_config(path: str, options_json: str) -> dict[str, Any]:
+    if _is_hub_id(path):
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(path, _MOVQ_CONFIG), encoding="utf-8") as handle:
+            return json.load(handle)
+    import fsspec
+
+    with fsspec.open(posixpath.join(path.rstrip("/"), _MOVQ_CONFIG), "rt", **json.loads(options_json)) as handle:
+        return json.load(handle)
+
+
+def movq_scale(path: str, *, storage_options: dict[str, Any] | None = None) -> int:
+    """The spatial downsampling factor of the MoVQ of the decoder checkpoint at ``path`` (a folder or hub id).
+
+    Read from ``movq/config.json`` (``2 ** (len(block_out_channels) - 1)``, as the pipelines compute
+    it). When the config cannot be read (e.g. no hub access), the public checkpoints' 8 is assumed
+    with a warning; the decoder actors check the real value when they load and refuse to start if
+    it differs, so a wrong guess cannot produce wrong images.
+    """
+    try:
+        config = _read_movq_config(path, json.dumps(storage_options or {}, sort_keys=True, default=str))
+        return 2 ** (len(config["block_out_channels"]) - 1)
+    except Exception as exc:  # noqa: BLE001 - any failure to read means: fall back and say so
+        logger.warning(
+            "could not read %s of %s (%s: %s); assuming MoVQ scale %d for size checks",
+            _MOVQ_CONFIG,
+            path,
+            type(exc).__name__,
+            exc,
+            PUBLIC_MOVQ_SCALE,
+        )
+        return PUBLIC_MOVQ_SCALE
+
+
+class CheckpointScales(Mapping[str, int]):
+    """Decoder checkpoint name -> MoVQ scale of ``config``'s checkpoints, each read the first time it is asked for.
+
+    So a plan reads only the configs of the checkpoints its rows use.
+    """
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self._names = sorted({mode.checkpoint for mode in MODES.values()})
+        self._scales: dict[str, int] = {}
+
+    def __getitem__(self, name: str) -> int:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._scales:
+            path = self.config.models.for_checkpoint(name)
+            self._scales[name] = movq_scale(path, storage_options=self.config.storage_options)
+        return self._scales[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def read(self) -> dict[str, int]:
+        """The scales read so far (what the plan checked sizes with)."""
+        return dict(self._scales)
