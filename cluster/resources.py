@@ -55,7 +55,7 @@ def resolve_stages(
 
     Defaults: on a CPU-only cluster, one actor per stage and no GPUs. With one GPU, prior and
     decoder share it (0.5 each). With G >= 2 GPUs, one prior actor on its own GPU and G - 1
-    decoder actors with one GPU each (the prior is ~4% of the decoder's compute, KANDINSKY_NOTES.md).
+    decoder actors with one GPU each (the prior is ~4% of the decoder's compute: docs/architecture.md).
     The optional depth stage (ControlNet hints) defaults to one CPU actor; GPUs it is given are
     taken before the decoders'. Raises ValueError when the stages ask for more GPUs than the
     cluster has.

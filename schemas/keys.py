@@ -42,6 +42,6 @@ def default_seed(job_seed: int, row_id: str) -> int:
 
 
 def image_seed(row_seed: int | None, *, job_seed: int, row_id: str, image_index: int) -> int:
-    """The one integer seed of output image ``image_index`` of a row (ARCHITECTURE.md, Seeds)."""
+    """The one integer seed of output image ``image_index`` of a row (docs/architecture.md, Seeds)."""
     base = default_seed(job_seed, row_id) if row_seed is None else row_seed
     return base + image_index

@@ -1,6 +1,6 @@
 """Manifest contract: the columns of a render request, their types, defaults, limits and validation.
 
-Two kinds of problems are told apart (STYLE.md, three lanes):
+Two kinds of problems are told apart:
 - a malformed manifest (missing ``id``, a column of the wrong type, null or duplicate ids, unknown
   modes, an unreadable file) raises `ManifestError` before any model work;
 - a well-formed row with a bad value (no prompt, a size over the limits, a mode not served yet)
