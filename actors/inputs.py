@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from actors.stage import InputError
-from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS, uri_protocol
+from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
+from schemas.validation import uri_protocol
 
 _CACHE_ENTRIES = 64
 

@@ -1,24 +1,23 @@
-"""Manifest contract: the columns of a render request, their types, defaults, limits and validation.
+"""Manifest contract: the columns of a render request, their types, defaults and limits, and schema checks.
 
 Two kinds of problems are told apart:
 - a malformed manifest (missing ``id``, a column of the wrong type, null or duplicate ids, unknown
-  modes, an unreadable file) raises `ManifestError` before any model work;
-- a well-formed row with a bad value (no prompt, a size over the limits, a mode not served yet)
-  becomes an ``error`` result row via `row_problems`, and every other row still renders.
+  modes, an unreadable file) raises `ManifestError` before any model work (here);
+- a well-formed row with a bad value (no prompt, a size over the limits, a missing input) becomes
+  an ``error`` result row (`schemas.validation`), and every other row still renders.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.keys import MAX_SEED
-from schemas.modes import DEFAULT_MODE, MODE_NAMES, MODES, PRIOR_KINDS, uses_column
+from schemas.modes import DEFAULT_MODE, MODE_NAMES
 
 # An image input: a URI (any allowed fsspec protocol; relative paths resolve against the manifest's
 # folder) or the encoded bytes inline. Exactly one field is set.
@@ -286,169 +285,3 @@ def fill_defaults(table: pa.Table, defaults: RenderDefaults) -> pa.Table:
     for field in dataclasses.fields(defaults):
         columns[field.name] = pc.fill_null(columns[field.name], getattr(defaults, field.name))
     return pa.table(columns)
-
-
-def size_problems(table: pa.Table, *, scales: Mapping[str, int]) -> list[str | None]:
-    """Per row: why its mode's decoder cannot render exactly its size (`schemas.modes.Mode.size_problem`), or None.
-
-    ``scales`` maps checkpoint name -> MoVQ scale factor; modes whose checkpoint is absent are not checked.
-    """
-    problems: list[str | None] = [None] * table.num_rows
-    keys = table.select(["mode", "height", "width"])
-    for key in keys.group_by(["mode", "height", "width"]).aggregate([]).to_pylist():
-        mode = MODES.get(key["mode"])
-        if mode is None or mode.checkpoint not in scales:
-            continue
-        problem = mode.size_problem(height=key["height"], width=key["width"], scale=scales[mode.checkpoint])
-        if problem is None:
-            continue
-        match = pc.and_(
-            pc.and_(pc.equal(keys.column("mode"), key["mode"]), pc.equal(keys.column("height"), key["height"])),
-            pc.equal(keys.column("width"), key["width"]),
-        )
-        for i in np.flatnonzero(match.to_numpy(zero_copy_only=False)):
-            problems[i] = problem
-    return problems
-
-
-def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
-    """Per row of a defaults-filled table: None when renderable, else the first problem, worded for users.
-
-    Vectorised per check; values are converted to Python only for the rows a check flags.
-    """
-    n = table.num_rows
-    problems: list[str | None] = [None] * n
-
-    def flag(mask: object, message: str | None = None, *, column: str | None = None, fmt: str = "") -> None:
-        rows = [int(i) for i in np.flatnonzero(np.asarray(mask, dtype=bool)) if problems[i] is None]
-        if not rows:
-            return
-        values = table.column(column).take(pa.array(rows, pa.int64())).to_pylist() if column else None
-        for k, i in enumerate(rows):
-            problems[i] = message if values is None else fmt.format(column=column, value=values[k])
-
-    def np_col(name: str) -> np.ndarray:
-        return table.column(name).to_numpy(zero_copy_only=False)
-
-    def is_set(name: str) -> np.ndarray:
-        return np.asarray(table.column(name).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-
-    modes = np.asarray(table.column("mode").to_numpy(zero_copy_only=False), dtype=object)
-    prompt_len = pc.fill_null(pc.utf8_length(table.column("prompt")), 0).to_numpy(zero_copy_only=False)
-    has_interpolate = is_set("interpolate")
-    flag((prompt_len == 0) & ~has_interpolate, "prompt is null or empty; every row needs a prompt")
-    flag(prompt_len > limits.max_prompt_chars, f"prompt is longer than {limits.max_prompt_chars} characters")
-    neg_len = pc.fill_null(pc.utf8_length(table.column("negative_prompt")), 0).to_numpy(zero_copy_only=False)
-    flag(neg_len > limits.max_prompt_chars, f"negative_prompt is longer than {limits.max_prompt_chars} characters")
-
-    int_bounds = {
-        "num_images": (1, limits.max_num_images),
-        "height": (1, limits.max_side),
-        "width": (1, limits.max_side),
-        "num_inference_steps": (1, limits.max_num_inference_steps),
-        "prior_num_inference_steps": (1, limits.max_num_inference_steps),
-    }
-    for name, (low, high) in int_bounds.items():
-        values = np_col(name)
-        flag((values < low) | (values > high), column=name, fmt=f"{{column}}={{value}} is outside [{low}, {high}]")
-    for name, (low, high) in {
-        "guidance_scale": (0.0, limits.max_guidance_scale),
-        "prior_guidance_scale": (0.0, limits.max_guidance_scale),
-        "strength": (0.0, 1.0),
-        "prior_strength": (0.0, 1.0),
-    }.items():
-        values = np_col(name).astype(np.float64)
-        bad = ~np.isfinite(values) | (values < low) | (values > high)
-        flag(bad, column=name, fmt=f"{{column}}={{value}} is outside [{low}, {high}]")
-
-    seed_values = pc.fill_null(table.column("seed"), 0).to_numpy(zero_copy_only=False)
-    num_images = np_col("num_images")
-    flag(
-        (seed_values < 0) | (seed_values > MAX_SEED - np.clip(num_images, 0, None)),
-        column="seed",
-        fmt="{column}={value} is outside [0, 2**62 - num_images]",
-    )
-
-    for name in DECODER_IMAGE_COLUMNS:
-        not_used = np.isin(modes, [m.name for m in MODES.values() if name not in m.reads])
-        flag(
-            is_set(name) & not_used,
-            column="mode",
-            fmt=f"column {name!r} is set but mode {{value}} does not use it "
-            f"(it is read by: {', '.join(uses_column(name))})",
-        )
-    for mode in MODES.values():
-        of_mode = modes == mode.name
-        for name in sorted(mode.required):
-            flag(of_mode & ~is_set(name), mode.needs_message(name))
-        if mode.hint_estimated and "image" not in mode.required:
-            flag(of_mode & ~is_set("hint") & ~is_set("image"), f"{mode.needs_message('hint')} or an 'image' to "
-                 "estimate one from")  # fmt: skip
-    # Partial-schedule decoders and PriorEmb2Emb run int(steps * strength) steps and crash at 0.
-    steps_run = np.floor(np_col("num_inference_steps") * np_col("strength").astype(np.float64) + 1e-9)
-    partial = [m.name for m in MODES.values() if m.partial_schedule]
-    flag(
-        np.isin(modes, partial) & (steps_run < 1),
-        "num_inference_steps * strength < 1: the img2img decoder would run no denoising step",
-    )
-    prior_steps_run = np.floor(np_col("prior_num_inference_steps") * np_col("prior_strength").astype(np.float64) + 1e-9)
-    for kind in PRIOR_KINDS.values():
-        if kind.partial_schedule:
-            flag(
-                is_set(kind.reads) & (prior_steps_run < 1),
-                f"prior_num_inference_steps * prior_strength < 1: the {kind.description} would run no step",
-            )
-    flag(is_set("prior_image") & has_interpolate, "set either 'prior_image' or 'interpolate', not both")
-    flag(has_interpolate & (prompt_len > 0), "set either 'prompt' or 'interpolate' (a weighted list of prompts and "
-         "images replaces the prompt)")  # fmt: skip
-    for i in np.flatnonzero(has_interpolate):
-        if problems[i] is None:
-            problems[i] = _interpolate_problem(table.column("interpolate")[int(i)].as_py(), limits=limits)
-    for name in IMAGE_COLUMNS:
-        column = table.column(name)
-        for i in np.flatnonzero(is_set(name)):
-            if problems[i] is None:
-                problems[i] = _ref_problem(column[int(i)].as_py(), column=name, limits=limits)
-    return problems
-
-
-def _interpolate_problem(items: list[dict], *, limits: Limits) -> str | None:
-    if not items:
-        return "interpolate is an empty list"
-    if len(items) > limits.max_interpolate_items:
-        return f"interpolate has {len(items)} items, more than {limits.max_interpolate_items}"
-    for k, item in enumerate(items):
-        has_prompt, has_image = bool(item["prompt"]), item["image"] is not None
-        if has_prompt == has_image:
-            return f"interpolate[{k}] must have exactly one of 'prompt' or 'image'"
-        weight = item["weight"]
-        if weight is None or not np.isfinite(weight):
-            return f"interpolate[{k}].weight={weight} is not a finite number"
-        if has_image:
-            problem = _ref_problem(item["image"], column=f"interpolate[{k}].image", limits=limits)
-            if problem:
-                return problem
-    return None
-
-
-def uri_protocol(uri: str) -> str:
-    """The fsspec protocol of ``uri`` (``file`` for plain paths); chained URIs give the outermost one."""
-    head, sep, _ = uri.partition("://")
-    return head.split("::")[0].lower() if sep else "file"
-
-
-def _ref_problem(ref: dict, *, column: str, limits: Limits) -> str | None:
-    if ref["data"] is not None:
-        return None if len(ref["data"]) else f"{column} holds empty bytes"
-    uri = ref["uri"]
-    if not uri or not uri.strip():
-        return f"{column} is an empty URI"
-    if any(ord(ch) < 32 for ch in uri):
-        return f"{column} URI {uri!r} contains control characters"
-    protocol = uri_protocol(uri)
-    if protocol not in limits.allowed_protocols:
-        return (
-            f"{column} URI {uri!r} uses protocol {protocol!r}, which is not allowed "
-            f"(allowed: {', '.join(limits.allowed_protocols)}; see --allowed-protocols)"
-        )
-    return None

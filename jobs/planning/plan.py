@@ -32,11 +32,10 @@ from schemas.manifest import (
     check_unique_across,
     fill_defaults,
     normalize,
-    row_problems,
-    size_problems,
 )
 from schemas.modes import MODES, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE
+from schemas.validation import row_problems, size_problems
 from schemas.work import CALL_KEY, PRIOR_CALL_KEY, WORK_SCHEMA
 
 logger = logging.getLogger(__name__)
