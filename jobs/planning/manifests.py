@@ -1,0 +1,142 @@
+"""Manifest files: list them, read their Parquet footers (rows, row groups, schema, fingerprint), cut shards, read one.
+
+Nothing here reads more than one shard's rows at a time: listing and cutting use only footers.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from schemas.manifest import ManifestError, check_schema, normalize
+from schemas.shards import Fingerprint, Shard
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestFile:
+    """One manifest file as its footer describes it."""
+
+    uri: str
+    relpath: str  # relative to the manifest root: what shard names are made of
+    fingerprint: Fingerprint
+    num_rows: int
+    row_group_rows: tuple[int, ...]
+    schema: pa.Schema
+
+
+def _is_local(fs: Any) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+def list_manifest_paths(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(full URI, path relative to the manifest root) of each Parquet file ``uri`` names, sorted.
+
+    ``uri`` is one file (root: its folder), a folder or prefix (recursive; names starting with ``_``
+    or ``.`` are skipped, as Spark/Hive markers), or a glob (root: the folder before the first
+    wildcard). Raises `ManifestError` when nothing is found.
+    """
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    path = path.rstrip("/") or path
+    if globlib.has_magic(path):
+        parts = path.split("/")
+        first = next(i for i, part in enumerate(parts) if globlib.has_magic(part))
+        root = "/".join(parts[:first])
+        found = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isdir(path):
+        root = path
+        found = [
+            p
+            for p in fs.find(path)
+            if p.endswith(".parquet") and not any(part[:1] in "._" for part in p[len(path) :].split("/") if part)
+        ]
+    elif fs.isfile(path):
+        root, found = posixpath.dirname(path), [path]
+    else:
+        raise ManifestError(f"{uri}: no such manifest file, folder or prefix")
+    if not found:
+        raise ManifestError(f"{uri}: no Parquet files found")
+    local = _is_local(fs)
+    return sorted(
+        (p if local else fs.unstrip_protocol(p), posixpath.relpath(p, root) if root else p) for p in found
+    )
+
+
+def read_footer(uri: str, relpath: str, *, storage_options: dict[str, Any] | None = None) -> ManifestFile:
+    """The footer of one manifest file; `ManifestError` for a file that is not Parquet or has a bad schema."""
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    try:
+        info = fs.info(path)
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            metadata, schema = parquet.metadata, parquet.schema_arrow
+    except Exception as exc:
+        raise ManifestError(f"{uri}: cannot read as Parquet: {type(exc).__name__}: {exc}") from exc
+    check_schema(schema, file=uri)
+    return ManifestFile(
+        uri=uri,
+        relpath=relpath,
+        fingerprint=Fingerprint.from_info(info),
+        num_rows=metadata.num_rows,
+        row_group_rows=tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)),
+        schema=schema,
+    )
+
+
+def cut_shards(file: ManifestFile, *, shard_rows: int) -> list[Shard]:
+    """The file's shards: consecutive whole row groups of at most ``shard_rows`` rows together; a larger
+    row group is cut into ranges of ``shard_rows``. A pure function of the footer and ``shard_rows``."""
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    ranges: list[tuple[int, int, list[int]]] = []  # (start, stop, row groups) of each shard
+    pending: list[int] = []  # whole row groups accumulating into the next shard
+    pending_start = start = 0
+
+    def flush() -> None:
+        if pending:
+            ranges.append((pending_start, pending_start + sum(file.row_group_rows[g] for g in pending), list(pending)))
+            pending.clear()
+
+    for index, rows in enumerate(file.row_group_rows):
+        if rows > shard_rows:
+            flush()
+            end = start + rows
+            ranges.extend((s, min(s + shard_rows, end), [index]) for s in range(start, end, shard_rows))
+        elif rows:
+            if sum(file.row_group_rows[g] for g in pending) + rows > shard_rows:
+                flush()
+            if not pending:
+                pending_start = start
+            pending.append(index)
+        start += rows
+    flush()
+    return [
+        Shard(
+            file=file.uri,
+            relpath=file.relpath,
+            start=s,
+            stop=e,
+            fingerprint=file.fingerprint,
+            row_groups=tuple(groups),
+        )
+        for s, e, groups in ranges
+    ]
+
+
+def read_shard(shard: Shard, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """The shard's rows, normalized (`schemas.manifest.normalize`); reads only its row groups."""
+    fs, path = url_to_fs(shard.file, **(storage_options or {}))
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.row_groups[0]))
+            table = parquet.read_row_groups(list(shard.row_groups))
+    except Exception as exc:
+        raise ManifestError(f"{shard.file}: cannot read rows {shard.start}..{shard.stop}: {exc}") from exc
+    return normalize(table.slice(shard.start - first_row, shard.num_rows), file=shard.file)

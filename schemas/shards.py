@@ -1,0 +1,204 @@
+"""Shards, the unit of work, output and completion: names, output keys, pinned output settings and markers.
+
+A shard is a contiguous row range ``[start, stop)`` of one manifest file, made of whole Parquet row
+groups (a row group larger than the cap is cut into ranges). Its name is a pure function of the
+file's path relative to the manifest root and of the range, so reruns, increments and retries agree
+on it. A shard's outputs are published whole (its data file, if the format has one, and its results
+Parquet), then its marker ``shards/<name>.json``: the shard counts as done only once the marker
+exists, and a marker is never written before the data it describes is durable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_FILES = "files"  # one PNG per image under images/ (small runs, browsing)
+FORMAT_WEBDATASET = "webdataset"  # data/<shard>.tar: <key>.png + <key>.json per sample
+FORMAT_PARQUET = "parquet"  # data/<shard>.parquet: the PNG bytes in a binary column
+OUTPUT_FORMATS = (FORMAT_FILES, FORMAT_WEBDATASET, FORMAT_PARQUET)
+DATA_SUFFIX = {FORMAT_WEBDATASET: ".tar", FORMAT_PARQUET: ".parquet"}
+
+SHARDS_DIR = "shards"  # completion markers (and per-shard stats)
+DATA_DIR = "data"  # webdataset tars / parquet data files
+DATASET_FILE = "_dataset.json"  # the output's pinned settings
+DEFAULT_SHARD_ROWS = 10_000
+_SLUG = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def shard_name(relpath: str, start: int, stop: int) -> str:
+    """``<slug>-<h8>-<start>-<stop>``: readable, sortable, and a pure function of (relative path, range).
+
+    The slug keeps ``[A-Za-z0-9_-]`` of the path without its ``.parquet`` suffix (40 characters at
+    most); 8 hex digits of the path's sha256 keep paths that share a slug apart.
+    """
+    if not 0 <= start < stop:
+        raise ValueError(f"a shard needs 0 <= start < stop, got [{start}, {stop})")
+    stem = relpath[: -len(".parquet")] if relpath.endswith(".parquet") else relpath
+    slug = _SLUG.sub("_", stem).strip("_")[:40] or "manifest"
+    digest = hashlib.sha256(relpath.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{slug}-{digest}-{start:010d}-{stop:010d}"
+
+
+def part_name(shard: str, attempt: int) -> str:
+    """Name of a shard's output part: the shard itself, then ``<shard>.retry-<n>`` for ``--retry-errors`` runs."""
+    return shard if attempt == 0 else f"{shard}.retry-{attempt}"
+
+
+def marker_key(shard: str) -> str:
+    """Key of a shard's completion marker."""
+    return f"{SHARDS_DIR}/{shard}.json"
+
+
+def results_key(part: str) -> str:
+    """Key of a shard part's results Parquet."""
+    return f"results/{part}.parquet"
+
+
+def data_key(part: str, output_format: str) -> str | None:
+    """Key of a shard part's data file, or None for the files format (one object per image)."""
+    suffix = DATA_SUFFIX.get(output_format)
+    return None if suffix is None else f"{DATA_DIR}/{part}{suffix}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fingerprint:
+    """What identifies a manifest file's content without reading it: size plus ETag (object stores) or mtime."""
+
+    size: int
+    etag: str | None = None
+    mtime: str | None = None
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> Fingerprint:
+        """From an fsspec ``info()`` mapping (s3fs ``ETag``, gcsfs ``etag``/``md5Hash``, local ``mtime``)."""
+        etag = next((str(info[k]).strip('"') for k in ("ETag", "etag", "md5Hash") if info.get(k)), None)
+        mtime = next((str(info[k]) for k in ("mtime", "LastModified", "updated", "last_modified") if info.get(k)), None)
+        return cls(size=int(info.get("size") or 0), etag=etag, mtime=None if etag else mtime)
+
+    def differs(self, other: Fingerprint) -> str | None:
+        """How ``other`` differs from this fingerprint, in words; None when they agree."""
+        changes = [
+            f"{name} {getattr(self, name)} -> {getattr(other, name)}"
+            for name in ("size", "etag", "mtime")
+            if getattr(self, name) != getattr(other, name)
+        ]
+        return ", ".join(changes) or None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shard:
+    """One shard: rows ``[start, stop)`` of manifest ``file`` (``relpath`` under the manifest root)."""
+
+    file: str
+    relpath: str
+    start: int
+    stop: int
+    fingerprint: Fingerprint
+    row_groups: tuple[int, ...]  # the Parquet row groups holding the range
+
+    @property
+    def name(self) -> str:
+        """`shard_name` of this shard."""
+        return shard_name(self.relpath, self.start, self.stop)
+
+    @property
+    def num_rows(self) -> int:
+        """Manifest rows in the shard."""
+        return self.stop - self.start
+
+
+@dataclass(frozen=True, kw_only=True)
+class Part:
+    """One published output part of a shard (its first rendering, or a ``--retry-errors`` rerun of its errors)."""
+
+    name: str
+    run_id: str
+    results: str  # key of the results Parquet
+    data: str | None  # key of the data file (None: files format)
+    num_images: int
+    by_status: dict[str, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Marker:
+    """``shards/<name>.json``: a shard is done. Counts are over the shard's final results (ok wins over error).
+
+    ``sample`` holds the shard's gallery candidates (the lowest-ranked ok and error images, see
+    `jobs.reporting.gallery`), so a report never reads every results row.
+    """
+
+    shard: str
+    file: str
+    relpath: str
+    start: int
+    stop: int
+    fingerprint: Fingerprint
+    output_format: str
+    run_id: str  # the run that wrote this marker
+    parts: tuple[Part, ...]
+    num_images: int
+    by_status: dict[str, int]
+    by_mode: dict[str, dict[str, int]]
+    errors_by_kind: dict[str, int]
+    busy_seconds: dict[str, float]
+    ok_busy_seconds: dict[str, float]  # over ok images only: what the stage suggestion divides by
+    sample: tuple[dict[str, Any], ...] = ()
+    finished_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_errors(self) -> int:
+        """Images of the shard whose final result is an error."""
+        return self.num_images - self.by_status.get("ok", 0)
+
+    def to_json(self) -> bytes:
+        """The marker file's bytes."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Marker:
+        """Inverse of `to_json`; ValueError for a file that is not a marker."""
+        try:
+            raw = json.loads(data)
+            raw["fingerprint"] = Fingerprint(**raw["fingerprint"])
+            raw["parts"] = tuple(Part(**part) for part in raw["parts"])
+            raw["sample"] = tuple(raw.get("sample") or ())
+            return cls(**raw)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"not a shard marker: {type(exc).__name__}: {exc}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSettings:
+    """``_dataset.json``: what defines the shards and their outputs, pinned by the first run on an output.
+
+    A later run with other values would cut shards differently or write another format next to the
+    first, so it is refused (exit status 2) unless it starts over with ``--overwrite``.
+    """
+
+    manifest: str
+    output_format: str
+    shard_rows: int
+    ids_checked: str = ""  # digest of the manifest files whose ids were last checked for uniqueness
+
+    def to_json(self) -> bytes:
+        """The file's bytes."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> DatasetSettings:
+        """Inverse of `to_json`."""
+        return cls(**json.loads(data))
+
+    def conflicts(self, other: DatasetSettings) -> list[str]:
+        """The pinned settings ``other`` would change, in words."""
+        return [
+            f"{name}: {getattr(self, name)!r} (this output) vs {getattr(other, name)!r} (this run)"
+            for name in ("manifest", "output_format", "shard_rows")
+            if getattr(self, name) != getattr(other, name)
+        ]
