@@ -260,3 +260,10 @@ def test_storage_options_mapping_in_file_keeps_json_types(tmp_path: Path) -> Non
     )
     config = parse(["--config", path], environ={"KANDINSKY_RENDER_STORAGE_OPTIONS": json.dumps({"anon": True})})
     assert config.storage_options == {"anon": True, "use_ssl": False, "default_block_size": 5}
+
+
+def test_readme_config_file_example_is_valid() -> None:
+    section = (REPO / "README.md").read_text().split("### Config file", 1)[1]
+    example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+    defaults = flag_defaults(example, source="README.md")
+    assert defaults["storage_option"] == ["use_ssl=true"] and defaults["allowed_protocols"] == ("file", "s3")
