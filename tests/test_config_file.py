@@ -70,6 +70,16 @@ def test_every_kind_of_flag_from_a_file_and_flags_win(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [(["--num-prior-actors", "0"], "--num-prior-actors"), (["--batch-size", "0"], "--batch-size"),
+     (["--depth-cpus", "-1"], "--depth-cpus"), (["--lease-ttl", "0"], "--lease-ttl")],
+)  # fmt: skip
+def test_out_of_range_values_name_their_flag(argv: list[str], flag: str) -> None:
+    with pytest.raises(ValueError, match=f"^{flag}: "):
+        parse(["--manifest", "m", "--output", "o", *argv])
+
+
 def test_without_a_file_flags_and_defaults_are_unchanged() -> None:
     config = parse(["--manifest", "m.parquet", "--output", "out"])
     assert config.batch_size == 4 and config.decoder.num_actors is None and config.storage_options == {}

@@ -93,8 +93,20 @@ def values_of(root: type, args: argparse.Namespace, options: Sequence[Option] = 
     return values
 
 
-def instantiate(cls: type[T], values: Mapping[str, Any]) -> T:
-    """``cls(**values)``, with each dict under a dataclass-typed field made into that dataclass first."""
+def instantiate(
+    cls: type[T],
+    values: Mapping[str, Any],
+    *,
+    options: Sequence[Option] = OPTIONS,
+    root: type | None = None,
+    path: tuple[str, ...] = (),
+) -> T:
+    """``cls(**values)``, with each dict under a dataclass-typed field made into that dataclass first.
+
+    A ValueError of a dataclass check that starts with a field's name is raised again led by that
+    field's flag (``--num-prior-actors: num_actors must be >= 1, got 0``).
+    """
+    root = root or cls
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
@@ -102,5 +114,12 @@ def instantiate(cls: type[T], values: Mapping[str, Any]) -> T:
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next((arg for arg in typing.get_args(kind) if dataclasses.is_dataclass(arg)), None)
         is_nested = isinstance(value, Mapping) and isinstance(kind, type) and dataclasses.is_dataclass(kind)
-        kwargs[name] = instantiate(kind, value) if is_nested else value
-    return cls(**kwargs)
+        kwargs[name] = instantiate(kind, value, options=options, root=root, path=(*path, name)) if is_nested else value
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        field_name = str(exc).split(" ", 1)[0]
+        for option in options:
+            if option.root is root and option.path == (*path, field_name):
+                raise ValueError(f"{option.flag}: {exc}") from None
+        raise
