@@ -1,4 +1,4 @@
-"""Job configuration: every knob of a render job, frozen; the CLI builds one, the pipeline reads it."""
+"""Job configuration: every knob of a render job, frozen; field metadata declares its flag (jobs/options/flags.py)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,37 @@ ATTENTIONS = ("sdpa", "default")
 class ModelPaths:
     """Where each checkpoint loads from: a hub id or a directory in diffusers' save_pretrained layout."""
 
-    prior: str = HUB_MODELS["prior"]
-    decoder: str = HUB_MODELS["decoder"]
-    decoder_inpaint: str = HUB_MODELS["decoder-inpaint"]
-    controlnet_depth: str = HUB_MODELS["controlnet-depth"]
-    depth: str = HUB_MODELS["depth"]
+    prior: str = field(
+        default=HUB_MODELS["prior"], metadata={"help": "prior checkpoint", "default_help": "MODELS/prior or {default}"}
+    )
+    decoder: str = field(
+        default=HUB_MODELS["decoder"],
+        metadata={"help": "text2img/img2img decoder", "default_help": "MODELS/decoder or {default}"},
+    )
+    decoder_inpaint: str = field(
+        default=HUB_MODELS["decoder-inpaint"],
+        metadata={
+            "flag": "--inpaint-decoder",
+            "help": "inpaint decoder",
+            "default_help": "MODELS/decoder-inpaint or {default}",
+        },
+    )
+    controlnet_depth: str = field(
+        default=HUB_MODELS["controlnet-depth"],
+        metadata={
+            "flag": "--controlnet-decoder",
+            "help": "ControlNet decoder",
+            "default_help": "MODELS/controlnet-depth or {default}",
+        },
+    )
+    depth: str = field(
+        default=HUB_MODELS["depth"],
+        metadata={
+            "flag": "--depth-model",
+            "help": "depth estimator for ControlNet rows without a hint",
+            "default_help": "MODELS/depth or {default}",
+        },
+    )
 
     def for_checkpoint(self, name: str) -> str:
         """Path of checkpoint ``name`` (a key of `HUB_MODELS`)."""
@@ -62,11 +88,21 @@ class ModelPaths:
 
 @dataclass(frozen=True, kw_only=True)
 class StageResources:
-    """Actors and Ray resources of one model stage. ``None`` means: decided from the cluster."""
+    """Actors and Ray resources of one model stage. ``None`` means: decided from the cluster.
 
-    num_actors: int | None = None
-    num_gpus: float | None = None
-    num_cpus: float = 1.0
+    Flags are per stage: ``{stage}`` is the JobConfig field's name (or its ``stage`` metadata) and
+    ``{what}`` its ``what`` metadata (default: the stage).
+    """
+
+    num_actors: int | None = field(
+        default=None, metadata={"flag": "--num-{stage}-actors", "help": "{what} actors", "group": "execution"}
+    )
+    num_gpus: float | None = field(
+        default=None, metadata={"flag": "--{stage}-gpus", "help": "GPUs per {what} actor", "group": "execution"}
+    )
+    num_cpus: float = field(
+        default=1.0, metadata={"flag": "--{stage}-cpus", "help": "CPUs per {what} actor", "group": "execution"}
+    )
 
     def __post_init__(self) -> None:
         if self.num_actors is not None and self.num_actors < 1:
@@ -90,11 +126,15 @@ class AccelOptions:
     ``prompt_cache_size``: text encodings kept per prior actor (0 disables the cache).
     """
 
-    attention: str = "sdpa"
-    channels_last: bool = False
-    compile: bool = False
-    cpu_offload: bool = False
-    prompt_cache_size: int = 1024
+    attention: str = field(
+        default="sdpa", metadata={"choices": ATTENTIONS, "help": "sdpa: torch scaled_dot_product_attention kernels"}
+    )
+    channels_last: bool = field(default=False, metadata={"help": "NHWC conv weights (faster on recent GPUs)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet and prior (slow first calls)"})
+    cpu_offload: bool = field(
+        default=False, metadata={"help": "keep weights in CPU memory, each model on the GPU only while it runs"}
+    )
+    prompt_cache_size: int = field(default=1024, metadata={"help": "text encodings cached per prior actor (0: off)"})
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -107,31 +147,101 @@ class AccelOptions:
 class JobConfig:
     """One render job. Paths are fsspec URIs; ``storage_options`` go to every fsspec filesystem."""
 
-    manifest: str
-    output: str
-    models: ModelPaths = field(default_factory=ModelPaths)
-    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
-    accel: AccelOptions = field(default_factory=AccelOptions)
-    runner: str = "ray"
-    address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray
-    prior: StageResources = field(default_factory=StageResources)
-    decoder: StageResources = field(default_factory=StageResources)
-    depth: StageResources = field(default_factory=lambda: StageResources(num_actors=1, num_gpus=0.0))
-    batch_size: int = 4  # images per decoder call
-    prior_batch_size: int | None = None  # images per prior call; None: batch_size
-    seed: int = 0  # job seed: rows with a null seed derive theirs from (seed, id)
-    defaults: RenderDefaults = field(default_factory=RenderDefaults)
-    limits: Limits = field(default_factory=Limits)
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    results_flush_rows: int = 1000
-    results_flush_seconds: float = 30.0
-    overwrite: bool = False
-    retry_errors: bool = False  # rerender images whose final result is an error
-    lease_ttl_s: float = 120.0  # the output lease expires this long after its last renewal
-    lease_wait_s: float = 0.0  # how long to wait for another run's lease before giving up
-    max_error_fraction: float = 1.0  # exit status 3 when more of this run's images end in error
+    manifest: str = field(
+        metadata={"help": "Parquet file, folder/prefix of Parquet files, or glob; any fsspec URI", "group": "io"}
+    )
+    output: str = field(
+        metadata={"help": "output prefix (fsspec URI): images/, results/, stats.json, _SUCCESS", "group": "io"}
+    )
+    models: ModelPaths = field(default_factory=ModelPaths, metadata={"group": "models"})
+    dtype: str = field(
+        default="auto", metadata={"choices": DTYPES, "help": "auto: float16 on CUDA, float32 on CPU", "group": "models"}
+    )
+    accel: AccelOptions = field(default_factory=AccelOptions, metadata={"group": "speed"})
+    runner: str = field(
+        default="ray",
+        metadata={"choices": RUNNERS, "help": "ray: actor pools; local: in-process", "group": "execution"},
+    )
+    address: str | None = field(
+        default=None,
+        metadata={
+            "help": "Ray cluster address",
+            "default_help": "RAY_ADDRESS, else start a local Ray",
+            "group": "execution",
+        },
+    )
+    prior: StageResources = field(
+        default_factory=StageResources,
+        metadata={
+            "per_field": {
+                "num_actors": {"default_help": "1"},
+                "num_gpus": {"default_help": "1; 0.5 on a 1-GPU cluster"},
+            }
+        },
+    )
+    decoder: StageResources = field(
+        default_factory=StageResources,
+        metadata={
+            "per_field": {
+                "num_actors": {"default_help": "fill the cluster's remaining GPUs; 1 on CPU"},
+                "num_gpus": {"default_help": "as --prior-gpus"},
+            }
+        },
+    )
+    depth: StageResources = field(
+        default_factory=lambda: StageResources(num_actors=1, num_gpus=0.0), metadata={"what": "depth-estimation"}
+    )
+    batch_size: int = field(default=4, metadata={"help": "images per decoder call", "group": "execution"})
+    prior_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "images per prior call; one call serves whole decoder batches",
+            "default_help": "--batch-size",
+            "group": "execution",
+        },
+    )
+    # Rows with a null seed derive theirs from (seed, id).
+    seed: int = field(default=0, metadata={"help": "job seed for rows whose seed is null", "group": "execution"})
+    defaults: RenderDefaults = field(default_factory=RenderDefaults, metadata={"group": "defaults"})
+    limits: Limits = field(default_factory=Limits, metadata={"group": "limits"})
+    storage_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"derived": "$KANDINSKY_RENDER_STORAGE_OPTIONS, --storage-* and --storage-option"},
+    )
+    results_flush_rows: int = field(
+        default=1000, metadata={"help": "results rows per results part", "group": "execution"}
+    )
+    results_flush_seconds: float = field(
+        default=30.0, metadata={"help": "publish results at least this often", "group": "execution"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "delete previous outputs and start fresh", "group": "io"})
+    retry_errors: bool = field(
+        default=False, metadata={"help": "render again images whose result is an error", "group": "io"}
+    )
+    # The output lease expires this long after its last renewal.
+    lease_ttl_s: float = field(
+        default=120.0,
+        metadata={"flag": "--lease-ttl", "help": "seconds the output lease lasts between renewals", "group": "io"},
+    )
+    lease_wait_s: float = field(
+        default=0.0,
+        metadata={
+            "flag": "--lease-wait",
+            "help": "seconds to wait when another run holds the output's lease",
+            "group": "io",
+        },
+    )
+    max_error_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "exit with status 3 when a larger fraction of this run's images end in error",
+            "group": "io",
+        },
+    )
     # stage name -> {"accelerator_type": str, "label_selector": {key: value}}: the node types it may use
-    stage_placement: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stage_placement: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"derived": "--{stage}-accelerator-type and --{stage}-node-label"}
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -74,31 +74,50 @@ _CANONICAL_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float6
 class RenderDefaults:
     """Values that null manifest parameters take: diffusers' own defaults for Kandinsky 2.2."""
 
-    num_images: int = 1
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 100
-    guidance_scale: float = 4.0
-    prior_num_inference_steps: int = 25
-    prior_guidance_scale: float = 4.0
-    strength: float = 0.3
-    prior_strength: float = 0.3
+    num_images: int = dataclasses.field(default=1, metadata={"help": "num_images of rows where it is null"})
+    height: int = dataclasses.field(default=512, metadata={"help": "height of rows where it is null"})
+    width: int = dataclasses.field(default=512, metadata={"help": "width of rows where it is null"})
+    num_inference_steps: int = dataclasses.field(
+        default=100, metadata={"help": "num_inference_steps of rows where it is null"}
+    )
+    guidance_scale: float = dataclasses.field(default=4.0, metadata={"help": "guidance_scale of rows where it is null"})
+    prior_num_inference_steps: int = dataclasses.field(
+        default=25, metadata={"help": "prior_num_inference_steps of rows where it is null"}
+    )
+    prior_guidance_scale: float = dataclasses.field(
+        default=4.0, metadata={"help": "prior_guidance_scale of rows where it is null"}
+    )
+    strength: float = dataclasses.field(default=0.3, metadata={"help": "strength of rows where it is null"})
+    prior_strength: float = dataclasses.field(default=0.3, metadata={"help": "prior_strength of rows where it is null"})
 
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
     """Bounds on row values; a row outside them becomes an ``error`` result (documented in README)."""
 
-    max_num_images: int = 16
-    max_side: int = 2048
-    max_num_inference_steps: int = 1000
-    max_guidance_scale: float = 100.0
-    max_prompt_chars: int = 10_000
-    max_input_pixels: int = (
-        DEFAULT_MAX_INPUT_PIXELS  # decoded input images above this are refused (decompression bombs)
+    max_num_images: int = dataclasses.field(default=16, metadata={"help": "most images per row (num_images)"})
+    max_side: int = dataclasses.field(default=2048, metadata={"help": "largest height and width, in pixels"})
+    max_num_inference_steps: int = dataclasses.field(
+        default=1000, metadata={"help": "most denoising steps (num_inference_steps, prior_num_inference_steps)"}
     )
-    max_interpolate_items: int = 16
-    allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS  # of input URIs
+    max_guidance_scale: float = dataclasses.field(
+        default=100.0, metadata={"help": "largest guidance_scale and prior_guidance_scale"}
+    )
+    max_prompt_chars: int = dataclasses.field(
+        default=10_000, metadata={"help": "longest prompt and negative_prompt, in characters"}
+    )
+    max_input_pixels: int = dataclasses.field(
+        default=DEFAULT_MAX_INPUT_PIXELS,
+        metadata={"help": "decoded input images above this many pixels are refused (decompression bombs)"},
+    )
+    max_interpolate_items: int = dataclasses.field(default=16, metadata={"help": "most interpolate items per row"})
+    allowed_protocols: tuple[str, ...] = dataclasses.field(
+        default=DEFAULT_ALLOWED_PROTOCOLS,
+        metadata={
+            "help": "protocols input image URIs may use, comma-separated",
+            "parse": lambda text: tuple(part.strip().lower() for part in text.split(",") if part.strip()),
+        },
+    )
 
 
 class ManifestError(ValueError):

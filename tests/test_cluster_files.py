@@ -24,7 +24,8 @@ from cluster.resources import (
     resolve_stages,
 )
 from jobs.options.config_file import parse_args
-from jobs.render import build_parser, config_from_args
+from jobs.options.flags import build_parser
+from jobs.options.job_config import config_from_args
 from schemas.config import JobConfig
 from tests.conftest import REPO
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
 from jobs.options.config_file import flag_defaults, parse_args
-from jobs.render import build_parser, config_from_args
+from jobs.options.flags import OPTIONS, build_parser, option_at, option_table
+from jobs.options.job_config import config_from_args, instantiate, values_of
+from schemas.config import JobConfig, StageResources
 from tests.conftest import REPO, write_manifest
 
 
@@ -67,6 +70,16 @@ def test_every_kind_of_flag_from_a_file_and_flags_win(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [(["--num-prior-actors", "0"], "--num-prior-actors"), (["--batch-size", "0"], "--batch-size"),
+     (["--depth-cpus", "-1"], "--depth-cpus"), (["--lease-ttl", "0"], "--lease-ttl")],
+)  # fmt: skip
+def test_out_of_range_values_name_their_flag(argv: list[str], flag: str) -> None:
+    with pytest.raises(ValueError, match=f"^{flag}: "):
+        parse(["--manifest", "m", "--output", "o", *argv])
+
+
 def test_without_a_file_flags_and_defaults_are_unchanged() -> None:
     config = parse(["--manifest", "m.parquet", "--output", "out"])
     assert config.batch_size == 4 and config.decoder.num_actors is None and config.storage_options == {}
@@ -87,7 +100,7 @@ def test_without_a_file_flags_and_defaults_are_unchanged() -> None:
 def test_bad_config_values_name_the_file_and_key(tmp_path: Path, content: dict, message: str) -> None:
     path = write_yaml(tmp_path / "bad.yaml", content)
     with pytest.raises(ValueError, match="bad.yaml") as error:
-        flag_defaults(build_parser(), yaml.safe_load(Path(path).read_text()), source=path)
+        flag_defaults(yaml.safe_load(Path(path).read_text()), source=path)
     assert message in str(error.value)
 
 
@@ -99,20 +112,133 @@ def test_config_file_must_be_a_mapping(tmp_path: Path) -> None:
         parse_args(build_parser(), ["--config", str(tmp_path / "missing.yaml")])
 
 
+def help_entries(help_text: str) -> dict[str, str]:
+    """Flag -> its --help entry (invocation and help text, whitespace collapsed)."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in help_text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):  # an entry starts two spaces in; its continuation lines further in
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif line.startswith("   ") and flag:
+            entries[flag] += line
+        else:
+            flag = None
+    return {flag: " ".join(entry.split()) for flag, entry in entries.items()}
+
+
 def test_help_documents_every_option_with_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "2000")  # one line per option, so each default sits next to its flag
-    parser = build_parser()
-    text = " ".join(parser.format_help().split("options:", 1)[1].split())  # the option list, not the usage
-    for action in parser._actions:
-        if not action.option_strings or isinstance(action, argparse._HelpAction):
+    text = build_parser().format_help()
+    usage = text.split("options:", 1)[0]
+    negations = {f"--no-{option.key}" for option in OPTIONS if option.kind is bool and option.default}
+    # The parser has exactly the table's flags: no option is declared anywhere else.
+    assert set(re.findall(r"--[a-z0-9-]+", usage)) == {option.flag for option in OPTIONS} | negations
+    entries = help_entries(text)
+    for option in OPTIONS:
+        entry = entries[option.flag]
+        assert option.help and len(entry) > len(option.flag) + 2, f"{option.flag} has no help"
+        if option.default not in (None, False, ()):
+            assert option.default_text is not None, f"{option.flag}: default {option.default!r} not documented"
+        if option.default_text is not None:
+            assert entry.endswith(f"(default: {option.default_text})"), f"{option.flag}: {entry}"
+
+
+def test_flag_defaults_are_the_dataclass_defaults() -> None:
+    """No flag or file key carries a default of its own: unset options give JobConfig's defaults."""
+    assert parse(["--manifest", "m", "--output", "o"]) == JobConfig(manifest="m", output="o")
+
+
+def test_a_file_of_every_default_changes_nothing(tmp_path: Path) -> None:
+    """Each option's shown default, read back from a config file, is its default (every kind of value)."""
+    content = {option.key: option.default for option in OPTIONS if option.in_file and option.default is not None}
+    content = {key: list(value) if isinstance(value, tuple) else value for key, value in content.items()}
+    config_file = write_yaml(tmp_path / "job.yaml", {**content, "manifest": "m", "output": "o"})
+    assert parse(["--config", config_file]) == JobConfig(manifest="m", output="o")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FutureConfig:
+    """Fields another engineer may add: a stage with its own resources, a plain option, a default-on switch."""
+
+    score: StageResources = field(default_factory=lambda: StageResources(num_actors=2))
+    shard_rows: int = field(default=100_000, metadata={"help": "rows per shard", "group": "execution"})
+    save_embeddings: bool = field(default=True, metadata={"help": "write the image embeddings"})
+
+
+def test_new_fields_get_flags_file_keys_and_help_from_their_metadata(tmp_path: Path) -> None:
+    options = option_table(FutureConfig)
+    assert [option.flag for option in options] == [
+        "--num-score-actors",
+        "--score-gpus",
+        "--score-cpus",
+        "--shard-rows",
+        "--save-embeddings",
+    ]
+    assert option_at(FutureConfig, "score", "num_actors", options=options).default == 2
+    parser = build_parser(options=options)
+    assert "CPUs per score actor (default: 1.0)" in " ".join(parser.format_help().split())
+    args = parser.parse_args(["--score-gpus", "0.5", "--no-save-embeddings"])
+    assert instantiate(FutureConfig, values_of(FutureConfig, args, options=options)) == FutureConfig(
+        score=StageResources(num_actors=2, num_gpus=0.5), save_embeddings=False
+    )
+    parser.set_defaults(**flag_defaults({"num_score_actors": 3, "shard-rows": "10"}, source="f.yaml", options=options))
+    args = parser.parse_args([])
+    assert values_of(FutureConfig, args, options=options) == {
+        "score": {"num_actors": 3, "num_gpus": None, "num_cpus": 1.0},
+        "shard_rows": 10,
+        "save_embeddings": True,
+    }
+
+
+def test_fields_without_option_metadata_are_refused() -> None:
+    @dataclass(frozen=True, kw_only=True)
+    class NoHelp:
+        output_format: str = "png"
+
+    @dataclass(frozen=True, kw_only=True)
+    class Typo:
+        output_format: str = field(default="png", metadata={"help": "image format", "choice": ("png",)})
+
+    with pytest.raises(TypeError, match="NoHelp.output_format: give the field metadata 'help'"):
+        option_table(NoHelp)
+    with pytest.raises(TypeError, match=r"Typo.output_format: unknown option metadata \['choice'\]"):
+        option_table(Typo)
+
+
+def readme_defaults() -> list[tuple[str, str]]:
+    """(flag, default as written) for every row of the README tables that give a render option's default.
+
+    Tables with a ``flag`` and a ``default`` column, and the manifest column table, whose defaults are
+    those of the flag of the same name (``--height`` for ``height``; only `RenderDefaults` fields).
+    """
+    rows: list[tuple[str, str]] = []
+    table: list[list[str]] = []
+    column_defaults = {option.dest: option.flag for option in OPTIONS if option.path[:1] == ("defaults",)}
+    for line in [*(REPO / "README.md").read_text().splitlines(), ""]:
+        if line.startswith("|"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
             continue
-        flag = action.option_strings[-1]
-        assert flag in text, flag
-        assert action.help, f"{flag} has no help"
-        if action.default not in (None, False, []):
-            segment = text[text.index(flag) :]
-            segment = segment[: segment.index(" --", 1) if " --" in segment[1:] else len(segment)]
-            assert "(default" in segment, f"{flag}: default {action.default!r} not documented: {segment}"
+        if table and "default" in table[0]:
+            header, default = table[0], table[0].index("default")
+            for cells in table[2:]:
+                value = cells[default].strip("`")
+                if "flag" in header:
+                    rows.append((re.search(r"`(--[a-z0-9-]+)`", cells[header.index("flag")]).group(1), value))
+                elif "column" in header:
+                    names = re.findall(r"`([a-z_]+)`", cells[header.index("column")])
+                    rows += [(column_defaults[name], value) for name in names if name in column_defaults]
+        table = []
+    return rows
+
+
+def test_readme_default_tables_match_the_options() -> None:
+    by_flag = {option.flag: option for option in OPTIONS}
+    rows = readme_defaults()
+    assert {"--max-side", "--allowed-protocols", "--height", "--prior-strength"} <= {flag for flag, _ in rows}
+    for flag, written in rows:
+        option = by_flag[flag]
+        assert option.parse(written) == option.default, f"README.md says {flag} defaults to {written!r}"
 
 
 def test_cli_config_file_with_dry_run(tmp_path: Path) -> None:
@@ -144,3 +270,10 @@ def test_storage_options_mapping_in_file_keeps_json_types(tmp_path: Path) -> Non
     )
     config = parse(["--config", path], environ={"KANDINSKY_RENDER_STORAGE_OPTIONS": json.dumps({"anon": True})})
     assert config.storage_options == {"anon": True, "use_ssl": False, "default_block_size": 5}
+
+
+def test_readme_config_file_example_is_valid() -> None:
+    section = (REPO / "README.md").read_text().split("### Config file", 1)[1]
+    example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+    defaults = flag_defaults(example, source="README.md")
+    assert defaults["storage_option"] == ["use_ssl=true"] and defaults["allowed_protocols"] == ("file", "s3")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
 
-CONFIG_FLAG = "--config"
-_NOT_IN_FILE = frozenset({"help", "config"})
-# `--storage-option KEY=VALUE` (repeatable) reads better in a file as a mapping named like JobConfig's field.
-_ALIASES = {"storage_options": "storage_option"}
+from jobs.options.flags import OPTIONS, Option, file_keys, file_value, option_at
+from jobs.options.run_options import RunOptions
+
+CONFIG_FLAG = option_at(RunOptions, "config").flag
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -33,61 +32,22 @@ def read_config_file(path: str) -> dict[str, Any]:
     return dict(data)
 
 
-def flag_defaults(parser: argparse.ArgumentParser, values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
-    """Turn a config mapping into argparse defaults for ``parser``'s options.
+def flag_defaults(values: Mapping[str, Any], *, source: str, options: Sequence[Option] = OPTIONS) -> dict[str, Any]:
+    """Turn a config mapping into argparse defaults (namespace attribute -> value) for ``options``.
 
     Keys are flag names without the leading dashes, with ``-`` or ``_`` (``num-decoder-actors``,
     ``num_decoder_actors``). Values are checked like the command line would check them. Raises
     ValueError naming ``source`` and the key for an unknown key or a bad value.
     """
-    actions = {
-        action.dest: action
-        for action in parser._actions  # argparse keeps no public list of its options
-        if action.dest not in _NOT_IN_FILE and action.option_strings
-    }
+    keys = file_keys(options)
     defaults: dict[str, Any] = {}
     for raw_key, value in values.items():
-        key = str(raw_key).lstrip("-").replace("-", "_")
-        key = _ALIASES.get(key, key)
-        action = actions.get(key)
-        if action is None:
-            known = ", ".join(sorted(name.replace("_", "-") for name in actions))
+        option = keys.get(str(raw_key).lstrip("-").replace("-", "_"))
+        if option is None:
+            known = ", ".join(sorted(option.key for option in options if option.in_file))
             raise ValueError(f"{source}: unknown option {raw_key!r}; known options: {known}")
-        defaults[key] = _convert(action, value, where=f"{source}: {raw_key}")
+        defaults[option.dest] = file_value(option, value, where=f"{source}: {raw_key}")
     return defaults
-
-
-def _convert(action: argparse.Action, value: Any, *, where: str) -> Any:
-    if isinstance(action, argparse._StoreTrueAction):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if isinstance(action, argparse._AppendAction):
-        if isinstance(value, Mapping):  # storage_option: {key: value} -> ["key=<json>"]
-            return [f"{k}={json.dumps(v)}" for k, v in value.items()]
-        if isinstance(value, str) or not isinstance(value, Sequence):
-            raise ValueError(f"{where}: expected a list or a mapping")
-        return [str(item) for item in value]
-    if value is None:
-        return None
-    if action.type in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        try:
-            converted = action.type(value)
-        except ValueError:
-            raise ValueError(
-                f"{where}: expected {'an integer' if action.type is int else 'a number'}, got {value!r}"
-            ) from None
-        if action.type is int and isinstance(value, float) and value != converted:
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-    elif isinstance(value, (dict, list)):
-        raise ValueError(f"{where}: expected a single value, got a {type(value).__name__}")
-    else:
-        converted = value if isinstance(value, str) else str(value)
-    if action.choices is not None and converted not in action.choices:
-        raise ValueError(f"{where}: {converted!r} is not one of {', '.join(map(str, action.choices))}")
-    return converted
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -97,5 +57,5 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     known, _ = pre.parse_known_args(argv)
     if known.config:
         values = read_config_file(known.config)
-        parser.set_defaults(**flag_defaults(parser, values, source=known.config))
+        parser.set_defaults(**flag_defaults(values, source=known.config))
     return parser.parse_args(argv)

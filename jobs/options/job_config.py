@@ -1,0 +1,125 @@
+"""Parsed ``render`` flags -> `RunOptions` and the `JobConfig` they describe (example, models, storage, placement)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from cluster.resources import parse_labels
+from jobs.options import storage as storage_options
+from jobs.options.flags import OPTIONS, Option, option_at
+from jobs.options.run_options import RunOptions, StagePlacementOptions
+from schemas.config import JobConfig, ModelPaths
+
+T = TypeVar("T")
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The `RunOptions` part of parsed flags."""
+    return instantiate(RunOptions, values_of(RunOptions, args))
+
+
+def config_from_args(args: argparse.Namespace, *, environ: Mapping[str, str] | None = None) -> JobConfig:
+    """Build a `JobConfig` from parsed flags (``--example`` fills manifest, models and output).
+
+    ``environ`` (default ``os.environ``) supplies ``$KANDINSKY_RENDER_STORAGE_OPTIONS``. With
+    ``--dry-run`` the example's tiny models are not built. ValueError for missing or bad options.
+    """
+    run = run_options(args)
+    values = values_of(JobConfig, args)
+    overrides = values.pop("models")  # per-checkpoint flags; unset ones come from --models or the hub
+    manifest, output, models_dir = values["manifest"], values["output"], run.models
+    if run.example:
+        from jobs.dev.example import example_manifest_path
+        from jobs.dev.tiny_models import build_tiny_models, default_tiny_models_dir
+
+        manifest = manifest or example_manifest_path()
+        output = output or "kandinsky-example"
+        if not (models_dir or overrides["prior"] or overrides["decoder"]):
+            models_dir = default_tiny_models_dir()
+            if not run.dry_run:
+                build_tiny_models(models_dir)
+    if not manifest or not output:
+        flags = (option_at(JobConfig, "manifest").flag, option_at(JobConfig, "output").flag)
+        example = option_at(RunOptions, "example").flag
+        raise ValueError(f"{flags[0]} and {flags[1]} are required (or use {example})")
+    values.update(
+        manifest=manifest,
+        output=output,
+        models=ModelPaths.resolve(models_dir=models_dir, **overrides),
+        storage_options=storage_options.resolve(
+            environ=os.environ if environ is None else environ,
+            pairs=run.storage_option,
+            uris=[manifest, output],
+            endpoint_url=run.storage_endpoint_url,
+            region=run.storage_region,
+            anon=run.storage_anon,
+            profile=run.storage_profile,
+        ),
+        stage_placement=stage_placement(run),
+    )
+    return instantiate(JobConfig, values)
+
+
+def stage_placement(run: RunOptions) -> dict[str, dict[str, Any]]:
+    """``JobConfig.stage_placement`` from each stage's ``--{stage}-accelerator-type`` and ``--{stage}-node-label``."""
+    placement = {}
+    for item in dataclasses.fields(run):
+        stage = getattr(run, item.name)
+        if not isinstance(stage, StagePlacementOptions):
+            continue
+        flag = option_at(RunOptions, item.name, "node_label").flag
+        labels = parse_labels(list(stage.node_label), flag=flag)
+        if stage.accelerator_type or labels:
+            placement[item.name] = {"accelerator_type": stage.accelerator_type, "label_selector": labels}
+    return placement
+
+
+def values_of(root: type, args: argparse.Namespace, options: Sequence[Option] = OPTIONS) -> dict[str, Any]:
+    """The parsed values of ``root``'s options, nested like its fields (a nested dataclass as a dict)."""
+    values: dict[str, Any] = {}
+    for option in options:
+        if option.root is root:
+            node = values
+            for name in option.path[:-1]:
+                node = node.setdefault(name, {})
+            value = getattr(args, option.dest)
+            node[option.path[-1]] = tuple(value) if option.repeatable else value
+    return values
+
+
+def instantiate(
+    cls: type[T],
+    values: Mapping[str, Any],
+    *,
+    options: Sequence[Option] = OPTIONS,
+    root: type | None = None,
+    path: tuple[str, ...] = (),
+) -> T:
+    """``cls(**values)``, with each dict under a dataclass-typed field made into that dataclass first.
+
+    A ValueError of a dataclass check that starts with a field's name is raised again led by that
+    field's flag (``--num-prior-actors: num_actors must be >= 1, got 0``).
+    """
+    root = root or cls
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints.get(name)
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next((arg for arg in typing.get_args(kind) if dataclasses.is_dataclass(arg)), None)
+        is_nested = isinstance(value, Mapping) and isinstance(kind, type) and dataclasses.is_dataclass(kind)
+        kwargs[name] = instantiate(kind, value, options=options, root=root, path=(*path, name)) if is_nested else value
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        field_name = str(exc).split(" ", 1)[0]
+        for option in options:
+            if option.root is root and option.path == (*path, field_name):
+                raise ValueError(f"{option.flag}: {exc}") from None
+        raise
