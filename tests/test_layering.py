@@ -20,7 +20,7 @@ def loaded_after_import(module: str) -> set[str]:
     ("module", "forbidden"),
     [
         (
-            "schemas.manifest, schemas.results, schemas.work, schemas.config, schemas.keys",
+            "schemas.manifest, schemas.results, schemas.work, schemas.config, schemas.keys, schemas.versions",
             {"torch", "ray", "diffusers"},
         ),
         ("actors.prior, actors.decoder, actors.storage, actors.images", {"ray"}),
