@@ -19,6 +19,7 @@ from actors.common import (
     resolve_device,
     resolve_dtype,
     restore_generator,
+    warn_untested_versions,
     worker_name,
 )
 from actors.images import encode_png, to_uint8
@@ -82,6 +83,7 @@ class DecoderActor:
         if unknown:
             raise ValueError(f"DecoderActor cannot serve modes {unknown}; it serves {sorted(_PIPELINE_FOR_MODE)}")
         quiet_libraries()
+        warn_untested_versions("decoder")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.pipes: dict[str, Any] = {}

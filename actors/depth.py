@@ -15,7 +15,14 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from actors.common import describe_exception, quiet_libraries, resolve_device, with_errors, worker_name
+from actors.common import (
+    describe_exception,
+    quiet_libraries,
+    resolve_device,
+    warn_untested_versions,
+    with_errors,
+    worker_name,
+)
 from actors.inputs import ImageLoader, InputError
 from schemas.manifest import CONTROLNET_MODES, DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS, IMAGE_REF
 from schemas.results import ERROR_INPUT, ERROR_RENDER
@@ -48,6 +55,7 @@ class DepthActor:
         from transformers import pipeline
 
         quiet_libraries()
+        warn_untested_versions("depth")
         self.device = resolve_device(device)
         self.estimator = pipeline("depth-estimation", model=model, device=self.device)
         self.loader = ImageLoader(

@@ -19,6 +19,7 @@ from actors.common import (
     resolve_device,
     resolve_dtype,
     seeded_generator,
+    warn_untested_versions,
     with_errors,
     worker_name,
 )
@@ -75,6 +76,7 @@ class PriorActor:
         from diffusers import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline
 
         quiet_libraries()
+        warn_untested_versions("prior")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         pipe = KandinskyV22PriorPipeline.from_pretrained(model, dtype=self.dtype)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from schemas.versions import TESTED_VERSIONS
-from tests.conftest import REPO
+from schemas.config import JobConfig, ModelPaths
+from schemas.versions import TESTED_VERSIONS, version_mismatches
+from tests.conftest import REPO, write_manifest
 
 
 def constraints() -> dict[str, str]:
@@ -59,3 +63,42 @@ def test_install_commands_use_the_constraints() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     assert "pip install torch==2.13.0\n" in ci and "pip install -c constraints.txt -e '.[test]'\n" in ci
     assert "constraints.txt" in (REPO / "cluster" / "Dockerfile").read_text()
+
+
+def test_mismatches_name_each_differing_package() -> None:
+    installed: dict[str, str | None] = dict(TESTED_VERSIONS)
+    installed["torch"] = "2.13.0+cu128"  # a local label is the same release
+    assert version_mismatches(installed) == []
+    installed.update(diffusers="0.43.0", pillow=None)
+    lines = version_mismatches(installed)
+    assert len(lines) == 2
+    assert lines[0].startswith("diffusers 0.43.0 is installed") and "diffusers==0.42.1" in lines[0]
+    assert lines[1].startswith("pillow is not installed")
+
+
+def test_actors_log_each_mismatch_once_per_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import actors.common
+
+    monkeypatch.setattr(actors.common, "version_mismatches", lambda: ["torch 9.0 is installed but ..."])
+    monkeypatch.setattr(actors.common, "_warned_versions", set())
+    with caplog.at_level(logging.WARNING, logger="actors.common"):
+        assert actors.common.warn_untested_versions("prior") == ["torch 9.0 is installed but ..."]
+        actors.common.warn_untested_versions("decoder")
+
+
+def test_run_job_warns_about_untested_versions_and_records_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import jobs.execution.job
+    from jobs.execution.job import run_job
+
+    monkeypatch.setattr(jobs.execution.job, "version_mismatches", lambda: ["diffusers 0.43.0 is installed but ..."])
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "no-prompt", "prompt": None}])
+    config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), runner="local", models=ModelPaths())
+    with caplog.at_level(logging.WARNING, logger="jobs.execution.job"):
+        summary = run_job(config)  # its one row is refused: no model loads
+    assert summary.plan.refused.num_rows == 1 and not summary.plan.batches
+    assert "untested package version: diffusers 0.43.0 is installed but ..." in caplog.messages
+    assert summary.stats["versions"]["mismatches"] == version_mismatches()

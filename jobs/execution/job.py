@@ -33,6 +33,7 @@ from schemas.config import JobConfig
 from schemas.keys import IMAGES_DIR, RESULTS_DIR, STATS_FILE, SUCCESS_FILE
 from schemas.manifest import SUPPORTED_MODES
 from schemas.results import STATUS_OK, result_from_work, results_table
+from schemas.versions import version_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
     output. Results rows are published only after their images.
     ``progress`` is told about every results table as it is published (default: a quiet one).
     """
+    for line in version_mismatches():  # the actors log their own workers' mismatches at start-up
+        logger.warning("untested package version: %s", line)
     progress = progress or Progress(live=False)
     started = time.monotonic()
     storage = Storage(config.output, storage_options=config.storage_options)
