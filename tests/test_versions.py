@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from pathlib import Path
@@ -102,3 +103,33 @@ def test_run_job_warns_about_untested_versions_and_records_them(
     assert summary.plan.refused.num_rows == 1 and not summary.plan.batches
     assert "untested package version: diffusers 0.43.0 is installed but ..." in caplog.messages
     assert summary.stats["versions"]["mismatches"] == version_mismatches()
+
+
+# diffusers 0.42.1 methods that actors/accel.py replaces (cache_prior_encodings, PromptEncodings, share_prior_caches)
+PATCHED_SIGNATURES = {
+    "_encode_prompt": [
+        ("self", inspect.Parameter.empty),
+        ("prompt", inspect.Parameter.empty),
+        ("device", inspect.Parameter.empty),
+        ("num_images_per_prompt", inspect.Parameter.empty),
+        ("do_classifier_free_guidance", inspect.Parameter.empty),
+        ("negative_prompt", None),
+    ],
+    "get_zero_embed": [("self", inspect.Parameter.empty), ("batch_size", 1), ("device", None)],
+}
+
+
+@pytest.mark.parametrize("pipeline", ["KandinskyV22PriorPipeline", "KandinskyV22PriorEmb2EmbPipeline"])
+@pytest.mark.parametrize("method", sorted(PATCHED_SIGNATURES))
+def test_patched_diffusers_methods_keep_their_signature(pipeline: str, method: str) -> None:
+    import diffusers
+
+    function = getattr(getattr(diffusers, pipeline), method, None)
+    assert function is not None, f"diffusers {diffusers.__version__} has no {pipeline}.{method}: update actors/accel.py"
+    signature = inspect.signature(function)
+    found = [(p.name, p.default) for p in signature.parameters.values()]
+    kinds = {p.kind for p in signature.parameters.values()}
+    assert found == PATCHED_SIGNATURES[method] and kinds == {inspect.Parameter.POSITIONAL_OR_KEYWORD}, (
+        f"diffusers {diffusers.__version__} changed {pipeline}.{method} to {method}{signature}: "
+        "actors/accel.py (cache_prior_encodings, PromptEncodings, share_prior_caches) replaces it and must be updated"
+    )
