@@ -40,12 +40,14 @@ class DepthActor:
 
     Input and output: `WORK_SCHEMA` tables, same rows in the same order. Rows that need no
     estimate pass through untouched; a row whose image cannot be loaded gets ``input_error``.
+    ``model`` is a hub id (loaded at ``revision``; None: its main branch) or a local folder.
     """
 
     def __init__(
         self,
         model: str,
         *,
+        revision: str | None = None,
         device: str | None = None,
         storage_options: dict[str, Any] | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
@@ -57,7 +59,7 @@ class DepthActor:
         quiet_libraries()
         warn_untested_versions("depth")
         self.device = resolve_device(device)
-        self.estimator = pipeline("depth-estimation", model=model, device=self.device)
+        self.estimator = pipeline("depth-estimation", model=model, revision=revision, device=self.device)
         self.loader = ImageLoader(
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
         )

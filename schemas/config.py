@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +15,11 @@ HUB_MODELS = {
     "decoder": "kandinsky-community/kandinsky-2-2-decoder",
     "decoder-inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
     "controlnet-depth": "kandinsky-community/kandinsky-2-2-controlnet-depth",
-    "depth": "Intel/dpt-hybrid-midas",  # the estimator diffusers' ControlNet docs use
+    # What diffusers' ControlNet docs use: transformers' default for pipeline("depth-estimation")
+    "depth": "Intel/dpt-large",
 }
+# Hub revisions the default ids load at (transformers pins Intel/dpt-large at bc15f29 for its default).
+HUB_REVISIONS = {"depth": "bc15f29"}
 # Which decoder checkpoint serves each mode.
 DECODER_FOR_MODE = {
     "text2img": "decoder",
@@ -37,14 +42,26 @@ class ModelPaths:
     decoder_inpaint: str = HUB_MODELS["decoder-inpaint"]
     controlnet_depth: str = HUB_MODELS["controlnet-depth"]
     depth: str = HUB_MODELS["depth"]
+    # Revision of the `depth` hub repository; None: its main branch. Unused when `depth` is a folder.
+    depth_revision: str | None = HUB_REVISIONS["depth"]
+
+    def depth_hub_revision(self) -> str | None:
+        """The revision to load `depth` at: ``depth_revision`` for a hub id, None for a folder or URI."""
+        return self.depth_revision if is_hub_id(self.depth) else None
 
     def for_checkpoint(self, name: str) -> str:
         """Path of checkpoint ``name`` (a key of `HUB_MODELS`)."""
         return getattr(self, name.replace("-", "_"))
 
     @classmethod
-    def resolve(cls, *, models_dir: str | None = None, **overrides: str | None) -> ModelPaths:
-        """Per component: an explicit override, else ``models_dir/<name>``, else the hub id."""
+    def resolve(
+        cls, *, models_dir: str | None = None, depth_revision: str | None = None, **overrides: str | None
+    ) -> ModelPaths:
+        """Per component: an explicit override, else ``models_dir/<name>``, else the hub id.
+
+        ``depth_revision`` defaults to the pinned `HUB_REVISIONS` one when ``depth`` is the default
+        hub id, else to None (a pinned revision names a commit of that repository only).
+        """
         values = {}
         for name, hub_id in HUB_MODELS.items():
             attr = name.replace("-", "_")
@@ -57,7 +74,14 @@ class ModelPaths:
                 values[attr] = hub_id
         if overrides:
             raise ValueError(f"unknown model components: {sorted(overrides)}")
-        return cls(**values)
+        if depth_revision is None and values["depth"] == HUB_MODELS["depth"]:
+            depth_revision = HUB_REVISIONS["depth"]
+        return cls(**values, depth_revision=depth_revision)
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether ``path`` names a hub repository (``org/name``) rather than a local folder or an fsspec URI."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None and not os.path.isdir(path)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from schemas.config import JobConfig, ModelPaths
+from schemas.config import HUB_MODELS, HUB_REVISIONS, JobConfig, ModelPaths
 from schemas.versions import TESTED_VERSIONS, version_mismatches
 from tests.conftest import REPO, write_manifest
 
@@ -133,3 +133,32 @@ def test_patched_diffusers_methods_keep_their_signature(pipeline: str, method: s
         f"diffusers {diffusers.__version__} changed {pipeline}.{method} to {method}{signature}: "
         "actors/accel.py (cache_prior_encodings, PromptEncodings, share_prior_caches) replaces it and must be updated"
     )
+
+
+def test_default_depth_model_is_transformers_default_at_its_pinned_revision() -> None:
+    from transformers.pipelines import SUPPORTED_TASKS
+
+    # diffusers' ControlNet docs call pipeline("depth-estimation"): this is the model and revision it loads.
+    assert SUPPORTED_TASKS["depth-estimation"]["default"]["model"] == (HUB_MODELS["depth"], HUB_REVISIONS["depth"])
+
+
+def test_depth_revision_applies_to_the_default_hub_model_only(tmp_path: Path) -> None:
+    assert ModelPaths().depth_hub_revision() == ModelPaths.resolve().depth_hub_revision() == "bc15f29"
+    assert ModelPaths.resolve(depth="Intel/dpt-hybrid-midas").depth_hub_revision() is None  # another repository
+    assert ModelPaths.resolve(depth="org/depth", depth_revision="abc1234").depth_hub_revision() == "abc1234"
+    assert ModelPaths.resolve(models_dir=str(tmp_path)).depth_revision is None
+    for folder in (str(tmp_path), "./depth", "s3://bucket/models/depth"):
+        assert ModelPaths(depth=folder).depth_hub_revision() is None, folder
+
+
+def test_depth_stage_gets_the_revision(tmp_path: Path) -> None:
+    from jobs.execution.job import build_stages
+    from jobs.planning.plan import make_plan
+
+    row = {"id": "cn", "mode": "controlnet", "prompt": "a robot", "image": str(tmp_path / "x.png"), "seed": 1}
+    manifest = write_manifest(tmp_path / "m.parquet", [{**row, "height": 64, "width": 64}])
+    for models, revision in ((ModelPaths(), "bc15f29"), (ModelPaths.resolve(models_dir=str(tmp_path)), None)):
+        config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=models)
+        plan = make_plan(config, done=None, supported_modes=frozenset({"controlnet"}))
+        depth = build_stages(config, plan, run_id="r", cluster_gpus=0)[0]
+        assert (depth.name, depth.kwargs["model"], depth.kwargs["revision"]) == ("depth", models.depth, revision)

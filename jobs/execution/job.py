@@ -179,9 +179,8 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
     }
     stages = []
     if depth is not None:
-        stages.append(
-            StageSpec(name="depth", cls=DepthActor, kwargs={"model": config.models.depth, **inputs}, resources=depth)
-        )
+        depth_model = {"model": config.models.depth, "revision": config.models.depth_hub_revision()}
+        stages.append(StageSpec(name="depth", cls=DepthActor, kwargs={**depth_model, **inputs}, resources=depth))
     stages.append(
         StageSpec(
             name="prior",
