@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
 import numpy as np
 import torch
+
+from schemas.versions import version_mismatches
+
+logger = logging.getLogger(__name__)
+_warned_versions: set[str] = set()  # mismatch lines this process has logged already
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,3 +65,17 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def warn_untested_versions(stage: str) -> list[str]:
+    """Log each pixel-relevant package whose version differs from the tested one; returns the mismatch lines.
+
+    Each model actor calls it at start-up (cluster workers may run another image than the driver);
+    a process logs a given line once, so stages sharing a process (``--runner local``) do not repeat it.
+    """
+    lines = version_mismatches()
+    for line in lines:
+        if line not in _warned_versions:
+            _warned_versions.add(line)
+            logger.warning("%s actor on %s: %s", stage, worker_name(), line)
+    return lines

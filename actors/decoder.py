@@ -11,7 +11,14 @@ import pyarrow as pa
 import torch
 
 from actors.accel import prepare_pipeline
-from actors.common import quiet_libraries, resolve_device, resolve_dtype, restore_generator, worker_name
+from actors.common import (
+    quiet_libraries,
+    resolve_device,
+    resolve_dtype,
+    restore_generator,
+    warn_untested_versions,
+    worker_name,
+)
 from actors.images import encode_png, to_uint8
 from actors.inputs import ImageLoader, hint_array
 from actors.stage import Call, InputError, Outcome, Stage, describe_exception
@@ -70,6 +77,7 @@ class DecoderActor(Stage):
             raise ValueError(f"DecoderActor cannot serve modes {unknown}; it serves {sorted(MODES)}")
         super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
         quiet_libraries()
+        warn_untested_versions("decoder")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.pipes: dict[str, Any] = {}

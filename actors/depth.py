@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from actors.common import quiet_libraries, resolve_device, worker_name
+from actors.common import quiet_libraries, resolve_device, warn_untested_versions, worker_name
 from actors.inputs import ImageLoader
 from actors.stage import Call, Outcome, Stage, with_errors
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS, IMAGE_REF
@@ -30,6 +30,7 @@ class DepthActor(Stage):
 
     Input and output: `WORK_SCHEMA` tables, same rows in the same order. Rows that need no
     estimate pass through untouched; a row whose image cannot be loaded gets ``input_error``.
+    ``model`` is a hub id (loaded at ``revision``; None: its main branch) or a local folder.
     """
 
     name = "depth"
@@ -38,6 +39,7 @@ class DepthActor(Stage):
         self,
         model: str,
         *,
+        revision: str | None = None,
         device: str | None = None,
         storage_options: dict[str, Any] | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
@@ -49,8 +51,9 @@ class DepthActor(Stage):
 
         super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
         quiet_libraries()
+        warn_untested_versions("depth")
         self.device = resolve_device(device)
-        self.estimator = pipeline("depth-estimation", model=model, device=self.device)
+        self.estimator = pipeline("depth-estimation", model=model, revision=revision, device=self.device)
         self.loader = ImageLoader(
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
         )

@@ -10,7 +10,15 @@ import pyarrow as pa
 import torch
 
 from actors.accel import prepare_pipeline, share_prior_caches
-from actors.common import generator_state, quiet_libraries, resolve_device, resolve_dtype, seeded_generator, worker_name
+from actors.common import (
+    generator_state,
+    quiet_libraries,
+    resolve_device,
+    resolve_dtype,
+    seeded_generator,
+    warn_untested_versions,
+    worker_name,
+)
 from actors.inputs import ImageLoader
 from actors.stage import Call, Outcome, Stage, with_errors
 from schemas.config import AccelOptions
@@ -56,6 +64,7 @@ class PriorActor(Stage):
 
         super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
         quiet_libraries()
+        warn_untested_versions("prior")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         pipe = KandinskyV22PriorPipeline.from_pretrained(model, dtype=self.dtype)

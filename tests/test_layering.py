@@ -61,7 +61,8 @@ def loaded_after_import(module: str) -> set[str]:
     ("module", "forbidden"),
     [
         (
-            "schemas.manifest, schemas.results, schemas.work, schemas.config, schemas.keys, schemas.modes",
+            "schemas.manifest, schemas.results, schemas.work, schemas.config, schemas.keys, schemas.modes, "
+            "schemas.versions",
             {"torch", "ray", "diffusers"},
         ),
         ("actors.prior, actors.decoder, actors.depth, actors.storage, actors.images, actors.stage", {"ray"}),

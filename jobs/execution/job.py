@@ -33,6 +33,7 @@ from schemas.config import JobConfig
 from schemas.keys import IMAGES_DIR, RESULTS_DIR, STATS_FILE, SUCCESS_FILE
 from schemas.modes import MODES
 from schemas.results import STATUS_OK, result_from_work, results_table
+from schemas.versions import version_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
     output. Results rows are published only after their images.
     ``progress`` is told about every results table as it is published (default: a quiet one).
     """
+    for line in version_mismatches():  # the actors log their own workers' mismatches at start-up
+        logger.warning("untested package version: %s", line)
     progress = progress or Progress(live=False)
     started = time.monotonic()
     storage = Storage(config.output, storage_options=config.storage_options)
@@ -174,9 +177,8 @@ def build_stages(config: JobConfig, plan: Plan, *, run_id: str, cluster_gpus: fl
     }
     stages = []
     if depth is not None:
-        stages.append(
-            StageSpec(name="depth", cls=DepthActor, kwargs={"model": config.models.depth, **inputs}, resources=depth)
-        )
+        depth_model = {"model": config.models.depth, "revision": config.models.depth_hub_revision()}
+        stages.append(StageSpec(name="depth", cls=DepthActor, kwargs={**depth_model, **inputs}, resources=depth))
     stages.append(
         StageSpec(
             name="prior",

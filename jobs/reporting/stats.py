@@ -11,22 +11,25 @@ import pyarrow as pa
 
 from actors.storage import Storage
 from schemas.keys import STATS_FILE
+from schemas.versions import installed_versions, version_mismatches
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries that decide the pixels."""
+def versions() -> dict[str, Any]:
+    """Versions of the libraries that decide the pixels (and Ray's, pyarrow's); ``mismatches``: those not tested."""
     import diffusers
     import ray
     import torch
     import transformers
 
     return {
+        **installed_versions(),  # the packages of schemas.versions.TESTED_VERSIONS
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "ray": ray.__version__,
         "pyarrow": pa.__version__,
+        "mismatches": version_mismatches(),
     }
 
 
