@@ -1,9 +1,8 @@
-"""Decoder stage: embeddings -> images -> PNG objects under the output prefix -> results rows."""
+"""Decoder stage: embeddings -> images, handed to the writers as raw pixels (no encoding on the denoising path)."""
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -19,15 +18,14 @@ from actors.common import (
     warn_untested_versions,
     worker_name,
 )
-from actors.images import encode_png, to_uint8
+from actors.images import to_uint8
 from actors.inputs import ImageLoader, hint_array
-from actors.stage import Call, InputError, Outcome, Stage, describe_exception
-from actors.storage import Storage
+from actors.stage import Call, InputError, Outcome, Stage, with_errors
 from schemas.config import AccelOptions
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
 from schemas.modes import DECODER_INPUT_KWARGS, MODES
-from schemas.results import ERROR_NON_FINITE, ERROR_WRITE, result_from_work, results_table
-from schemas.work import CALL_KEY
+from schemas.results import ERROR_NON_FINITE
+from schemas.work import CALL_KEY, DECODED_FIELDS, DECODER_DROPS
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +36,18 @@ def movq_scale(pipe: Any) -> int:
 
 
 class DecoderActor(Stage):
-    """Holds the decoder pipelines of the modes it serves; renders embedding rows and writes PNGs.
+    """Holds the decoder pipelines of the modes it serves; renders embedding rows into pixels.
 
     ``models`` maps mode -> checkpoint (hub id or directory); each checkpoint loads once and the
     modes it serves share its modules (decoder: text2img + img2img; controlnet-depth: both
     ControlNet modes). ``movq_scales`` (checkpoint name -> scale), when given, are the MoVQ scales
     the plan refused sizes with; a checkpoint that loads with another scale is refused (ValueError).
-    ``__call__`` takes an `embed_schema` table and returns a `RESULTS_SCHEMA` table with one row
-    per input row, in order. Each row's generator is restored from the state the prior left, so an
-    image equals a single-process diffusers run with that row's seed. Per-row failures (an input
-    that cannot be loaded or has the wrong size, a non-finite output, a pipeline exception, a
-    failed write) become ``error`` rows; the rest of the batch is unaffected.
+    ``__call__`` takes an `embed_schema` table and returns its rows, in order, without the inputs
+    (`schemas.work.DECODER_DROPS`) and with `schemas.work.DECODED_FIELDS` added: each image as raw
+    uint8 pixels, exactly what diffusers' ``numpy_to_pil`` would make. Each row's generator is
+    restored from the state the prior left, so an image equals a single-process diffusers run with
+    that row's seed. Per-row failures (an input that cannot be loaded or has the wrong size, a
+    non-finite output, a pipeline exception) become ``error`` rows; the rest of the batch is unaffected.
     """
 
     name = "decoder"
@@ -58,8 +57,6 @@ class DecoderActor(Stage):
         self,
         models: dict[str, str],
         *,
-        output: str,
-        run_id: str,
         movq_scales: dict[str, int] | None = None,
         storage_options: dict[str, Any] | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
@@ -101,8 +98,6 @@ class DecoderActor(Stage):
         self.loader = ImageLoader(
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
         )
-        self.storage = Storage(output, storage_options=storage_options)
-        self.run_id = run_id
 
     def load(self, row: dict[str, Any]) -> dict[str, Any]:
         """Load and check the images ``row``'s mode reads (`schemas.modes.Mode.reads`); raises `InputError`."""
@@ -162,32 +157,27 @@ class DecoderActor(Stage):
         return list(pipe(**kwargs)[0])
 
     def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
-        """One results row per input row: the PNG written for each image, or the row's error."""
-        rows = table.drop_columns(["image_embeds", "negative_image_embeds"]).to_pylist()
-        results = []
-        for i, row in enumerate(rows):
-            if row["error"] is not None:
-                results.append(self._result(row, error=row["error"], error_kind=row["error_kind"]))
-            elif i in outcome.errors:
-                kind, message = outcome.errors[i]
-                results.append(self._result(row, error=message, error_kind=kind))
-            else:
-                started = time.perf_counter()
-                result = self._write(row, outcome.outputs[i])
-                results.append(result | {"decoder_seconds": outcome.seconds[i] + time.perf_counter() - started})
-        return results_table([result_from_work(**result) for result in results])
-
-    def _write(self, row: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
-        if not np.isfinite(image).all():
-            return self._result(row, error="decoder produced non-finite pixels (NaN/inf)", error_kind=ERROR_NON_FINITE)
-        pixels = to_uint8(image)
-        height, width = pixels.shape[:2]
-        try:
-            uri = self.storage.write_bytes(row["key"], encode_png(pixels))
-        except Exception as exc:
-            message = f"writing the image failed: {describe_exception(exc)}"
-            return self._result(row, error=message, error_kind=ERROR_WRITE)
-        return self._result(row, uri=uri, width=width, height=height)
-
-    def _result(self, row: dict[str, Any], **outcome: Any) -> dict[str, Any]:
-        return {"row": row, "run_id": self.run_id, "decoder_worker": self.worker, **outcome}
+        """The rows with their pixels (or their errors), the inputs dropped."""
+        n = table.num_rows
+        errors = dict(outcome.errors)
+        pixels: list[bytes | None] = [None] * n
+        shapes: list[tuple[int | None, int | None]] = [(None, None)] * n
+        for i, image in enumerate(outcome.outputs):
+            if image is None:
+                continue
+            if not np.isfinite(image).all():
+                errors[i] = (ERROR_NON_FINITE, "decoder produced non-finite pixels (NaN/inf)")
+                continue
+            values = to_uint8(image)
+            pixels[i], shapes[i] = values.tobytes(), values.shape[:2]
+        kept = with_errors(table.drop_columns([c for c in DECODER_DROPS if c in table.column_names]), errors)
+        columns = [
+            pa.array(pixels, pa.binary()),
+            pa.array([h for h, _ in shapes], pa.int32()),
+            pa.array([w for _, w in shapes], pa.int32()),
+            pa.array([self.worker] * n, pa.string()),
+            pa.array(outcome.seconds, pa.float64()),
+        ]
+        for field, column in zip(DECODED_FIELDS, columns):
+            kept = kept.append_column(field, column)
+        return kept

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import uuid
 from typing import Any
 
@@ -51,6 +52,24 @@ class Storage:
             self.fs.pipe_file(path, data)
         return self.uri(key)
 
+    def put_file(self, key: str, local_path: str) -> str:
+        """Publish the local file ``local_path`` at ``key`` as one whole object; return its URI.
+
+        Locally: copied to a temporary name, synced and renamed. Object stores: one upload (a multipart
+        upload of a large file becomes visible only when it completes).
+        """
+        path = self.path(key)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            shutil.copyfile(local_path, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.put_file(local_path, path)
+        return self.uri(key)
+
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Write ``data`` at ``key`` only if nothing is there; False when it already exists.
 
@@ -80,6 +99,22 @@ class Storage:
     def read_bytes(self, key: str) -> bytes:
         """Bytes of ``key``; raises FileNotFoundError when absent."""
         return self.fs.cat_file(self.path(key))
+
+    def read_many(self, keys: list[str]) -> list[bytes | None]:
+        """Bytes of each key (None for a key that is absent), fetched concurrently on object stores."""
+        paths = [self.path(key) for key in keys]
+        if self.is_local:
+            found = []
+            for path in paths:
+                try:
+                    with open(path, "rb") as handle:
+                        found.append(handle.read())
+                except FileNotFoundError:
+                    found.append(None)
+            return found
+        fetched = self.fs.cat(paths, on_error="omit") if paths else {}
+        by_path = {_strip(self.fs, path): data for path, data in fetched.items()}
+        return [by_path.get(_strip(self.fs, path)) for path in paths]
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists."""

@@ -93,6 +93,19 @@ def resolve_stages(
     )
 
 
+def resolve_writer(writer: StageResources, *, num_decoders: int) -> StagePlan:
+    """The writer pool: ``writer.num_actors`` (default: one per two decoder actors, at least one), CPU only.
+
+    A writer encodes PNGs (~0.1 s per 768x768 image on one core) and uploads shards; a decoder GPU
+    renders an image in ~0.5 s, so one writer core keeps up with several decoders.
+    """
+    if writer.num_gpus:
+        raise ValueError(f"writers encode and upload on CPUs; writer GPUs must be 0, got {writer.num_gpus}")
+    return StagePlan(
+        num_actors=writer.num_actors or max(1, -(-num_decoders // 2)), num_gpus=0.0, num_cpus=writer.num_cpus
+    )
+
+
 def place_stages(
     prior: StagePlan, decoder: StagePlan, *, stage_placement: Mapping[str, Mapping[str, Any]]
 ) -> tuple[StagePlan, StagePlan]:

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     output = summary.stats["output"]
     print(
         f"run {summary.run_id}: rendered {summary.stats['num_rendered']} image(s) "
-        f"({summary.stats['images_per_s']} images/s), skipped {summary.plan.num_done} already final; "
+        f"({summary.stats['images_per_s']} images/s), skipped {summary.stats['num_skipped_already_final']} "
+        "already final; "
         f"output now holds {output['by_status'].get('ok', 0)} ok and {output['by_status'].get('error', 0)} error "
         f"image(s) -> {config.output}"
     )

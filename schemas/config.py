@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.manifest import Limits, RenderDefaults
+from schemas.shards import DEFAULT_SHARD_ROWS, OUTPUT_FORMATS
 
 HUB_MODELS = {
     "prior": "kandinsky-community/kandinsky-2-2-prior",
@@ -20,14 +21,6 @@ HUB_MODELS = {
 }
 # Hub revisions the default ids load at (transformers pins Intel/dpt-large at bc15f29 for its default).
 HUB_REVISIONS = {"depth": "bc15f29"}
-# Which decoder checkpoint serves each mode.
-DECODER_FOR_MODE = {
-    "text2img": "decoder",
-    "img2img": "decoder",
-    "inpaint": "decoder-inpaint",
-    "controlnet": "controlnet-depth",
-    "controlnet_img2img": "controlnet-depth",
-}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 RUNNERS = ("ray", "local")
 ATTENTIONS = ("sdpa", "default")
@@ -242,11 +235,75 @@ class JobConfig:
         default_factory=dict,
         metadata={"derived": "$KANDINSKY_RENDER_STORAGE_OPTIONS, --storage-* and --storage-option"},
     )
-    results_flush_rows: int = field(
-        default=1000, metadata={"help": "results rows per results part", "group": "execution"}
+    output_format: str | None = field(
+        default=None,
+        metadata={
+            "choices": OUTPUT_FORMATS,
+            "help": "files: one PNG per image; webdataset: a tar per shard; parquet: a Parquet file per shard "
+            "(PNG bytes in a binary column)",
+            "default_help": "what the output was first rendered with, else files",
+            "group": "io",
+        },
     )
-    results_flush_seconds: float = field(
-        default=30.0, metadata={"help": "publish results at least this often", "group": "execution"}
+    shard_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "manifest rows per shard, the unit of work, output and completion (whole Parquet row groups; "
+            "a larger row group is cut)",
+            "default_help": f"what the output was first rendered with, else {DEFAULT_SHARD_ROWS}",
+            "group": "io",
+        },
+    )
+    shards_in_flight: int | None = field(
+        default=None,
+        metadata={
+            "help": "shards open at a time (the driver holds their work; each writer actor builds its shards' files)",
+            "default_help": "2 per writer actor",
+            "group": "execution",
+        },
+    )
+    writer: StageResources = field(
+        default_factory=lambda: StageResources(num_gpus=0.0),
+        metadata={
+            "what": "writer (PNG encoding and shard upload)",
+            "per_field": {
+                "num_actors": {"default_help": "one per two decoder actors"},
+                "num_gpus": {"derived": "writers use no GPU"},
+            },
+        },
+    )
+    spool_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "local folder where writer actors build shard files before uploading them",
+            "default_help": "the system temp folder",
+            "group": "execution",
+        },
+    )
+    call_timeout_s: float | None = field(
+        default=None,
+        metadata={
+            "flag": "--call-timeout",
+            "help": "seconds a model or writer call may run before its actor is killed, restarted and its work re-run",
+            "default_help": "5 x the stage's slowest call so far, at least --call-timeout-floor",
+            "group": "execution",
+        },
+    )
+    call_timeout_floor_s: float = field(
+        default=600.0,
+        metadata={
+            "flag": "--call-timeout-floor",
+            "help": "the least a call deadline can be, seconds",
+            "group": "execution",
+        },
+    )
+    stage_wait_s: float = field(
+        default=600.0,
+        metadata={
+            "flag": "--stage-wait",
+            "help": "seconds a stage may have no actor up (restarting, or no node can hold it) before the job stops",
+            "group": "execution",
+        },
     )
     overwrite: bool = field(default=False, metadata={"help": "delete previous outputs and start fresh", "group": "io"})
     retry_errors: bool = field(
@@ -290,8 +347,13 @@ class JobConfig:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.lease_ttl_s <= 0 or self.lease_wait_s < 0:
             raise ValueError("lease_ttl_s must be > 0 and lease_wait_s >= 0")
-        if self.results_flush_rows < 1:
-            raise ValueError(f"results_flush_rows must be >= 1, got {self.results_flush_rows}")
+        for name in ("shard_rows", "shards_in_flight"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
+        if self.call_timeout_floor_s <= 0 or self.stage_wait_s <= 0 or (self.call_timeout_s or 1) <= 0:
+            raise ValueError("call timeouts and the stage wait must be > 0 seconds")
         for stage, placement in self.stage_placement.items():
             if stage not in ("prior", "decoder") or set(placement) - {"accelerator_type", "label_selector"}:
                 raise ValueError(f"stage_placement: unknown stage or field in {stage!r}: {sorted(placement)}")

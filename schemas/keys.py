@@ -21,18 +21,32 @@ def id_digest(row_id: str) -> str:
     return hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def image_key(row_id: str, image_index: int) -> str:
-    """Relative key of one output image: ``images/<h2>/<slug>-<h16>-<index>.png``.
+def sample_key(row_id: str, image_index: int) -> str:
+    """The key of one output image in every format: ``<slug>-<h16>-<index>`` (no dots, no separators).
 
     The slug keeps only ``[A-Za-z0-9_-]`` (at most 64 characters) so that no id can produce a path
     separator, ``..``, a control character or an over-long name; the 16 hex digits of the id's sha256
-    keep ids that share a slug apart; the two-digit shard keeps folders small on local disks.
+    keep ids that share a slug apart. It names the PNG of the files format, the members
+    ``<key>.png`` / ``<key>.json`` of a webdataset sample, and the ``key`` column of the parquet format.
     """
     if image_index < 0:
         raise ValueError(f"image_index must be >= 0, got {image_index}")
     digest = id_digest(row_id)
     slug = _SLUG_CHARS.sub("_", row_id)[:_SLUG_LEN].strip("_") or "id"
-    return f"{IMAGES_DIR}/{digest[:2]}/{slug}-{digest[:16]}-{image_index}.png"
+    return f"{slug}-{digest[:16]}-{image_index}"
+
+
+def image_key(row_id: str, image_index: int) -> str:
+    """Relative key of one output image of the files format: ``images/<h2>/<sample_key>.png``.
+
+    The two-digit folder (of the id's sha256) keeps folders small on local disks.
+    """
+    return f"{IMAGES_DIR}/{id_digest(row_id)[:2]}/{sample_key(row_id, image_index)}.png"
+
+
+def sample_rank(row_id: str, image_index: int) -> str:
+    """Where an image ranks in the gallery's stable sample: a hash of (id, image_index); lower shows first."""
+    return hashlib.sha256(f"{row_id}\x00{image_index}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def default_seed(job_seed: int, row_id: str) -> int:

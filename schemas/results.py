@@ -20,9 +20,21 @@ ERROR_RENDER = "render_failed"  # the pipeline raised for this image
 ERROR_WRITE = "write_failed"
 
 
+# The gallery's stable sample: this many images, up to a quarter of them errors; previews this wide.
+SAMPLE_SIZE = 48
+SAMPLE_ERRORS = SAMPLE_SIZE // 4
+THUMBNAIL_SIDE = 160
+
+
 @dataclass(frozen=True, kw_only=True)
 class ResultRow:
-    """One final outcome of one output image. ``uri`` is set iff ``status == "ok"``."""
+    """One outcome of one output image. ``uri`` (and ``member``) are set iff ``status == "ok"``.
+
+    Where the image is: ``files`` format: ``uri`` is the PNG; ``webdataset``: ``uri`` is the shard's
+    tar and ``member`` the PNG member (``<key>.png``); ``parquet``: ``uri`` is the shard's data file
+    and ``member`` its ``key`` value. ``thumbnail`` is a small PNG preview, kept only for the images
+    the gallery may show (else null).
+    """
 
     id: str
     image_index: int
@@ -30,6 +42,8 @@ class ResultRow:
     error: str | None
     error_kind: str | None
     uri: str | None
+    member: str | None
+    shard: str | None
     seed: int | None
     width: int | None
     height: int | None
@@ -46,8 +60,9 @@ class ResultRow:
     prior_worker: str | None
     decoder_worker: str | None
     prior_seconds: float | None  # this image's share of its prior call's wall time
-    decoder_seconds: float | None  # this image's share of its decoder call's wall time (PNG + write included)
+    decoder_seconds: float | None  # this image's share of its decoder call's wall time
     finished_at: dt.datetime
+    thumbnail: bytes | None
 
 
 RESULTS_SCHEMA = pa.schema(
@@ -58,6 +73,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),
         pa.field("uri", pa.string()),
+        pa.field("member", pa.string()),
+        pa.field("shard", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -76,6 +93,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("prior_seconds", pa.float64()),
         pa.field("decoder_seconds", pa.float64()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("thumbnail", pa.binary()),
     ]
 )
 
@@ -89,6 +107,9 @@ def result_from_work(
     error: str | None = None,
     error_kind: str | None = None,
     uri: str | None = None,
+    member: str | None = None,
+    shard: str | None = None,
+    thumbnail: bytes | None = None,
     width: int | None = None,
     height: int | None = None,
     decoder_worker: str | None = None,
@@ -102,6 +123,8 @@ def result_from_work(
         error=error,
         error_kind=error_kind if error else None,
         uri=None if error else uri,
+        member=None if error else member,
+        shard=shard,
         seed=row["seed"],
         width=width,
         height=height,
@@ -116,10 +139,11 @@ def result_from_work(
         manifest_file=row["manifest_file"],
         run_id=run_id,
         prior_worker=row.get("prior_worker"),
-        decoder_worker=decoder_worker,
+        decoder_worker=decoder_worker if decoder_worker is not None else row.get("decoder_worker"),
         prior_seconds=row.get("prior_seconds"),
-        decoder_seconds=decoder_seconds,
+        decoder_seconds=decoder_seconds if decoder_seconds is not None else row.get("decoder_seconds"),
         finished_at=dt.datetime.now(dt.timezone.utc),
+        thumbnail=thumbnail,
     )
 
 

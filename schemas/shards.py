@@ -26,7 +26,7 @@ DATA_SUFFIX = {FORMAT_WEBDATASET: ".tar", FORMAT_PARQUET: ".parquet"}
 SHARDS_DIR = "shards"  # completion markers (and per-shard stats)
 DATA_DIR = "data"  # webdataset tars / parquet data files
 DATASET_FILE = "_dataset.json"  # the output's pinned settings
-DEFAULT_SHARD_ROWS = 10_000
+DEFAULT_SHARD_ROWS = 1_000
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -67,24 +67,30 @@ def data_key(part: str, output_format: str) -> str | None:
 
 @dataclass(frozen=True, kw_only=True)
 class Fingerprint:
-    """What identifies a manifest file's content without reading it: size plus ETag (object stores) or mtime."""
+    """What identifies a manifest file's content without reading its rows.
+
+    ``size`` and ``footer`` (a digest of the Parquet footer, which holds every column chunk's offset,
+    size and statistics) decide; the store's ``etag`` or ``mtime`` is recorded for people, not
+    compared, so a copy or a ``touch`` of an unchanged file is not a change.
+    """
 
     size: int
+    footer: str
     etag: str | None = None
     mtime: str | None = None
 
     @classmethod
-    def from_info(cls, info: dict[str, Any]) -> Fingerprint:
+    def from_info(cls, info: dict[str, Any], *, footer: str) -> Fingerprint:
         """From an fsspec ``info()`` mapping (s3fs ``ETag``, gcsfs ``etag``/``md5Hash``, local ``mtime``)."""
         etag = next((str(info[k]).strip('"') for k in ("ETag", "etag", "md5Hash") if info.get(k)), None)
         mtime = next((str(info[k]) for k in ("mtime", "LastModified", "updated", "last_modified") if info.get(k)), None)
-        return cls(size=int(info.get("size") or 0), etag=etag, mtime=None if etag else mtime)
+        return cls(size=int(info.get("size") or 0), footer=footer, etag=etag, mtime=None if etag else mtime)
 
     def differs(self, other: Fingerprint) -> str | None:
-        """How ``other`` differs from this fingerprint, in words; None when they agree."""
+        """How ``other``'s content differs from this fingerprint's, in words; None when it is the same."""
         changes = [
             f"{name} {getattr(self, name)} -> {getattr(other, name)}"
-            for name in ("size", "etag", "mtime")
+            for name in ("size", "footer")
             if getattr(self, name) != getattr(other, name)
         ]
         return ", ".join(changes) or None

@@ -44,7 +44,6 @@ WORK_SCHEMA = pa.schema(
         pa.field("id", pa.string(), nullable=False),
         pa.field("image_index", pa.int32(), nullable=False),
         pa.field("seed", pa.int64()),  # null only on rows refused for a bad seed
-        pa.field("key", pa.string(), nullable=False),  # output image key relative to the output prefix
         pa.field("mode", pa.string(), nullable=False),
         pa.field("prompt", pa.string()),
         pa.field("negative_prompt", pa.string()),
@@ -104,6 +103,17 @@ def embeds_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         array = pc.fill_null(array, pa.scalar([0.0] * dim, array.type))
     values = array.flatten() if array.offset else array.values
     return values.to_numpy(zero_copy_only=False).reshape(len(array), dim)
+
+
+# What the decoder adds to each row (and the inputs it drops): what the writers turn into outputs.
+DECODED_FIELDS = (
+    pa.field("pixels", pa.binary()),  # (pixel_height, pixel_width, 3) uint8, row-major; null for error rows
+    pa.field("pixel_height", pa.int32()),
+    pa.field("pixel_width", pa.int32()),
+    pa.field("decoder_worker", pa.string()),
+    pa.field("decoder_seconds", pa.float64()),  # this image's share of its decoder call's wall time
+)
+DECODER_DROPS = ("image", "mask", "hint", "prior_image", "interpolate", "generator_state")
 
 
 def to_ipc(table: pa.Table) -> bytes:

@@ -1,23 +1,27 @@
-"""Runners: push planned work through a chain of stages, in-process or on pools of Ray actors.
+"""The Ray runner: Ray Core actors per stage and a sink pool, outputs passed by reference from stage to stage.
 
-A stage is a plain class from `actors/` (or a benchmark stand-in) whose instances map one Arrow
-table to another; `StageSpec` says how to build it, what Ray resources its actors hold and how
-many rows one call may take. The runner knows nothing about Kandinsky: `jobs.execution.job` decides
-which stages exist.
-
-Work arrives as groups of planned batches. The stages up to ``split_after`` see a group's
-batches in one call (concatenated; cut into calls of at most their ``batch_size`` rows) and must
-return their input rows in order; the output of stage ``split_after`` is cut back into the group's
-batches, and every later stage sees exactly one batch per call. So a prior call can serve several
-decoder batches, and the composition of every call is a pure function of the plan (the pixels do
-not depend on scheduling).
+The driver only moves ObjectRefs and reads small info dicts; data between stages, and from the last
+model stage to the sink, stays in the object store. Scheduling, per stage:
+- an actor gets work only once it has answered its readiness probe (`jobs.execution.pool`), and
+  holds at most ``calls_per_actor`` calls (one running, the next already waiting);
+- a call is submitted only when its input exists, to the least busy actor; work further along goes
+  first; tasks (shards) open lazily, at most ``max_tasks`` at a time, each pinned to one sink actor;
+- batches enter only while fewer than ``max_buffered`` are in the system (bounded memory).
+Failures: an exception raised by a stage or the sink is a bug (or storage that stays down) and is
+raised at once. Infrastructure failures re-run work, a bounded ``max_attempts`` times:
+- a model call whose actor died, hung past its deadline, or whose input object was lost re-runs its
+  batches from the first stage, with the same composition (outputs are idempotent);
+- a sink actor that died takes its open tasks with it: each re-runs whole, on a sink that is up;
+- a call running longer than its stage's deadline (``max(call_timeout_floor_s, call_timeout_factor x
+  the slowest call seen)``, or ``call_timeout_s``) gets its actor killed and restarted;
+- a stage with no actor up for ``stage_wait_s`` (a lost node took them and nothing else can hold
+  them) stops the job with a message naming the stage and the resources it lacks.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,123 +29,41 @@ from typing import Any
 
 import pyarrow as pa
 
-from cluster.resources import StagePlan, ray_remote_args
-from schemas.work import from_ipc, to_ipc
+from jobs.execution.pool import Actor, describe_resources, probe_backoff, probe_outcome, start_actor
+from jobs.execution.stages import BatchDone, Event, SinkSpec, StageSpec, Task, TaskDone, check_split
+from schemas.work import to_ipc
 
 logger = logging.getLogger(__name__)
 
-PAYLOAD = "payload"
-SIZES = "sizes"
-
 
 @dataclass(frozen=True, kw_only=True)
-class StageSpec:
-    """One stage: ``cls(**kwargs, max_batch_size=batch_size, worker=...)`` builds it; it maps a table to a table.
+class Deadlines:
+    """Per-call deadlines: ``call_timeout_s`` if set, else ``max(floor, factor x slowest call of the stage)``."""
 
-    ``cls`` follows the stage contract of `actors.stage.Stage` (which groups rows into model calls of
-    at most ``max_batch_size`` rows and keeps every input row, in order).
-    """
-
-    name: str
-    cls: type
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    resources: StagePlan = field(default_factory=lambda: StagePlan(num_actors=1, num_gpus=0.0, num_cpus=1.0))
-    batch_size: int | None = None
-
-    def build(self, *, worker: str) -> Any:
-        """An instance of the stage."""
-        return self.cls(**self.kwargs, max_batch_size=self.batch_size, worker=worker)
-
-
-def split_rows(table: pa.Table, sizes: Sequence[int]) -> list[pa.Table]:
-    """``table`` cut into consecutive pieces of ``sizes`` rows (which must add up to its rows)."""
-    assert sum(sizes) == table.num_rows, (sizes, table.num_rows)
-    pieces, start = [], 0
-    for size in sizes:
-        pieces.append(table.slice(start, size))
-        start += size
-    return pieces
-
-
-def _check_split(stages: Sequence[StageSpec], split_after: int) -> None:
-    if not stages:
-        raise ValueError("at least one stage is needed")
-    if not 0 <= split_after < len(stages):
-        raise ValueError(f"split_after must name one of the {len(stages)} stages, got {split_after}")
-
-
-def run_local(
-    stages: Sequence[StageSpec], groups: Iterable[Sequence[pa.Table]], *, split_after: int = 0
-) -> Iterator[pa.Table]:
-    """In-process: one instance per stage; each group goes through the chain, batches yielded in order."""
-    _check_split(stages, split_after)
-    chain = [spec.build(worker="local") for spec in stages]
-    for group in groups:
-        table = pa.concat_tables(group)
-        for instance in chain[: split_after + 1]:
-            table = instance(table)
-        for piece in split_rows(table, [batch.num_rows for batch in group]):
-            for instance in chain[split_after + 1 :]:
-                piece = instance(piece)
-            yield piece
-
-
-def ray_worker_tag() -> str:
-    """``gpus=<ray gpu ids> cuda=<CUDA_VISIBLE_DEVICES>`` of the current Ray worker."""
-    import ray
-
-    gpu_ids = ",".join(str(gpu) for gpu in ray.get_gpu_ids())
-    return f"gpus={gpu_ids or '-'} cuda={os.environ.get('CUDA_VISIBLE_DEVICES') or '-'}"
-
-
-class StageWorker:
-    """Body of one Ray actor: builds the stage once, then maps Arrow IPC payloads through it."""
-
-    def __init__(self, *, spec: StageSpec) -> None:
-        self.name = spec.name
-        self.instance = spec.build(worker=ray_worker_tag())
-
-    def ready(self) -> str:
-        """Answers once the constructor (model loading) is done."""
-        return self.name
-
-    def run(self, payload: bytes, sizes: list[int]) -> tuple[Any, ...]:
-        """Map one payload; return one payload per entry of ``sizes`` plus a small info dict, last."""
-        started = time.perf_counter()
-        table = self.instance(from_ipc(payload))
-        pieces = [to_ipc(piece) for piece in split_rows(table, sizes)]
-        return (*pieces, {"rows": table.num_rows, "seconds": time.perf_counter() - started})
-
-
-def connect_ray(address: str | None) -> bool:
-    """Connect to Ray unless already connected; returns True when this call started Ray.
-
-    ``address`` (or RAY_ADDRESS) joins a running cluster; otherwise a local Ray starts.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
-    return True
+    call_timeout_s: float | None = None
+    call_timeout_floor_s: float = 600.0
+    call_timeout_factor: float = 5.0
+    stage_wait_s: float = 600.0
 
 
 @dataclass(eq=False, kw_only=True)
-class _Actor:
-    stage: int
-    handle: Any
-    ready: bool = False
-    inflight: int = 0
-    failures: int = 0
+class _TaskState:
+    task: Task
+    attempt: int = 0
+    sink: Actor | None = None
+    remaining: int = 0  # batches not yet added to the sink
+    finalizing: bool = False
 
 
 @dataclass(eq=False, kw_only=True)
 class _Group:
+    task: _TaskState
+    attempt: int  # the task attempt this group belongs to; stale groups are dropped
     batches: Sequence[pa.Table]
-    wanted: set[int]  # positions whose split output is still needed (all, unless re-run after a failure)
-    queued: bool = False  # waiting for, or running in, a group-level call
-    stage: int = 0  # the next group-level stage
-    data: Any = None  # ObjectRef of the previous group-level stage's output
+    wanted: set[int]  # positions whose split output is still needed
+    queued: bool = False
+    stage: int = 0
+    data: Any = None
     failures: int = 0
 
 
@@ -149,106 +71,95 @@ class _Group:
 class _Item:
     group: _Group
     position: int
-    data: Any = None  # ObjectRef of the previous stage's output
+    data: Any = None
 
 
 @dataclass(eq=False, kw_only=True)
 class _Call:
-    actor: _Actor
-    outputs: list[Any]
-    group: _Group | None = None  # a group-level call (stages up to split_after)
-    item: _Item | None = None  # a batch-level call
+    actor: Actor
+    kind: str  # group | item | add | finalize | probe
+    outputs: list[Any] = field(default_factory=list)
+    group: _Group | None = None
+    item: _Item | None = None
+    task: _TaskState | None = None
+    attempt: int = 0
+    num_batches: int = 0
 
 
 class RayStagePipeline:
-    """Ray Core actors per stage, with first-stage outputs passed by reference straight to later stages.
-
-    The driver only moves ObjectRefs and reads small info dicts and the last stage's output; data
-    between stages stays in the object store. Scheduling, per stage:
-    - an actor gets work only once it has answered ``ready`` (its model is loaded), and holds at
-      most ``calls_per_actor`` calls (one running, the next already waiting: no idle round trip);
-    - a call is submitted only when its input exists, to the least busy actor, so no actor queues
-      behind an input that another actor could take instead; work further along goes first;
-    - new groups enter only while fewer than ``max_buffered`` batches are in the system (bounded
-      memory; groups are pulled lazily from the iterator).
-    Failures: an exception raised by a stage is a bug and is raised at once. Infrastructure failures
-    (an actor or node died, an object was lost) re-run the affected work from the first stage, with
-    the same composition, up to ``max_attempts`` times per batch; outputs are written idempotently by
-    the stages, so at-least-once execution never duplicates results. Results are yielded as soon as
-    each batch leaves the last stage.
-    """
+    """Ray Core actor pools for ``stages`` plus a ``sink`` pool; see the module docstring."""
 
     def __init__(
         self,
         stages: Sequence[StageSpec],
+        sink: SinkSpec,
         *,
+        split_after: int = 0,
         calls_per_actor: int = 2,
         max_buffered: int | None = None,
+        max_tasks: int | None = None,
         max_attempts: int = 3,
-        split_after: int = 0,
+        deadlines: Deadlines | None = None,
         wait_for_actors: bool = False,
         timeline: dict[str, Any] | None = None,
         stall_warning_s: float = 120.0,
     ) -> None:
-        import ray
-
-        _check_split(stages, split_after)
-        self.stall_warning_s = stall_warning_s
-        self.stages = list(stages)
+        check_split(stages, split_after)
+        self.stages, self.sink = list(stages), sink
+        self.specs = [*self.stages, sink]
         self.split_after = split_after
         self.calls_per_actor = calls_per_actor
         later = sum(spec.resources.num_actors for spec in self.stages[split_after + 1 :])
         later = later or self.stages[split_after].resources.num_actors
         self.max_buffered = max_buffered or 2 * calls_per_actor * later
+        self.max_tasks = max_tasks or 2 * sink.resources.num_actors
         self.max_attempts = max_attempts
+        self.deadlines = deadlines or Deadlines()
         self.wait_for_actors = wait_for_actors
+        self.stall_warning_s = stall_warning_s
+        names = [spec.name for spec in self.specs]
         self.timeline = timeline if timeline is not None else {}
-        self.timeline.update(started=time.monotonic(), busy_seconds=[0.0] * len(stages), calls=[0] * len(stages))
-        self.pools: list[list[_Actor]] = []
-        self.calls: dict[Any, _Call | _Actor] = {}  # info ref of a call, or ready ref of an actor
-        for number, spec in enumerate(self.stages):
-            # A subclass per stage so Ray (dashboard, state API, logs) names actors after their stage.
-            remote = ray.remote(type(f"{spec.name.title()}Stage", (StageWorker,), {}))
-            pool = []
-            for _ in range(spec.resources.num_actors):
-                handle = remote.options(
-                    **ray_remote_args(spec.resources),  # num_gpus, num_cpus, accelerator type, node labels
-                    max_restarts=-1,  # a dead actor comes back (model reloaded) ...
-                    max_task_retries=0,  # ... and the driver re-runs its work, from the first stage
-                ).remote(spec=spec)
-                actor = _Actor(stage=number, handle=handle)
+        self.timeline.update(started=time.monotonic(), names=names)
+        self.timeline.update(busy_seconds=[0.0] * len(names), calls=[0] * len(names))
+        self.slowest = [0.0] * len(names)
+        self.up_since = [time.monotonic()] * len(names)  # when each stage last had an actor up
+        self.calls: dict[Any, _Call] = {}
+        self.pools: list[list[Actor]] = []
+        for number, spec in enumerate(self.specs):
+            pool = [start_actor(spec, stage=number, sink=spec is sink) for _ in range(spec.resources.num_actors)]
+            for actor in pool:
                 self._probe(actor)
-                pool.append(actor)
             self.pools.append(pool)
-        self.retry_groups: collections.deque[_Group] = collections.deque()
-        # Per stage, work whose input exists: groups for stages 1..split_after, batches after that.
         self.ready: list[collections.deque[Any]] = [collections.deque() for _ in self.stages]
+        self.reopen: collections.deque[_TaskState] = collections.deque()  # tasks to (re)start, first
+        self.open: list[_TaskState] = []
         self.num_buffered = 0
         self.num_failures = 0
+        self._last_warning = time.monotonic()
 
-    def run(self, groups: Iterable[Sequence[pa.Table]]) -> Iterator[pa.Table]:
-        """Yield the last stage's output for every batch of every group, in order of completion."""
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, tasks: Iterable[Task]) -> Iterator[Event]:
+        """Yield a `BatchDone` per batch and a `TaskDone` per task, in order of completion."""
         import ray
 
-        pending = iter(groups)
+        pending = iter(tasks)
         exhausted = False
         while True:
-            if not exhausted:
-                exhausted = self._dispatch(pending)
-            else:
-                self._dispatch(iter(()))
-            if not self.calls:
-                if exhausted and not self.retry_groups and not any(self.ready) and self.num_buffered == 0:
-                    return
-                raise RuntimeError("runner stalled: work is left but no actor is working on it")  # pragma: no cover
+            exhausted = self._open_tasks(pending, exhausted)
+            self._dispatch()
+            if exhausted and not self.open and not self.reopen:
+                return
+            self._check_time()
             refs = list(self.calls)
-            done, _ = ray.wait(refs, num_returns=1, timeout=self.stall_warning_s, fetch_local=False)
-            if not done:
-                self._warn_stalled()
+            if not refs:
+                time.sleep(0.05)  # only re-probes are due: nothing to wait on yet
                 continue
-            more, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-            for ref in dict.fromkeys(done + more):
-                yield from self._complete(ref)
+            done, _ = ray.wait(refs, num_returns=1, timeout=1.0, fetch_local=False)
+            if done:
+                more, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+                for ref in dict.fromkeys(done + more):
+                    yield from self._complete(ref)
 
     def close(self) -> None:
         """Kill every actor (frees their GPUs for the next job in this Ray session)."""
@@ -257,102 +168,173 @@ class RayStagePipeline:
         for pool in self.pools:
             for actor in pool:
                 ray.kill(actor.handle)
-        self.pools = []
-        self.calls = {}
+        self.pools, self.calls = [], {}
 
-    def _warn_stalled(self) -> None:
-        waited = time.monotonic() - self.timeline["started"]
-        for spec, pool in zip(self.stages, self.pools):
-            if not any(actor.ready for actor in pool):
-                logger.warning(
-                    "stage %s: no actor is up after %.0f s (each asks for %g CPU, %g GPU): still loading its "
-                    "model, or the cluster lacks the resources",
-                    spec.name,
-                    waited,
-                    spec.resources.num_cpus,
-                    spec.resources.num_gpus,
-                )
+    # ------------------------------------------------------------------ tasks
 
-    def _free_actor(self, stage: int) -> _Actor | None:
+    def _open_tasks(self, pending: Iterator[Task], exhausted: bool) -> bool:
+        """Start tasks while there is room; returns True once ``pending`` is used up."""
+        while len(self.open) < self.max_tasks and not self.ready[0] and self.num_buffered < self.max_buffered:
+            if self.wait_for_actors and not all(a.ready for pool in self.pools for a in pool):
+                return exhausted
+            sink = self._free_sink()
+            if sink is None:
+                return exhausted
+            if self.reopen:
+                state = self.reopen.popleft()
+            elif exhausted:
+                return True
+            else:
+                task = next(pending, None)
+                if task is None:
+                    return True
+                state = _TaskState(task=task)
+            self._start(state, sink)
+        return exhausted
+
+    def _start(self, state: _TaskState, sink: Actor) -> None:
+        state.sink, state.remaining, state.finalizing = sink, state.task.num_batches, False
+        sink.open_tasks += 1
+        self.open.append(state)
+        for batches in state.task.groups:
+            group = _Group(task=state, attempt=state.attempt, batches=batches, wanted=set(range(len(batches))))
+            self.ready[0].append(group)
+        if state.remaining == 0:
+            self._finalize(state)
+
+    def _free_sink(self) -> Actor | None:
+        candidates = [a for a in self.pools[-1] if a.ready]
+        return min(candidates, key=lambda a: a.open_tasks) if candidates else None
+
+    def _restart_task(self, state: _TaskState, reason: BaseException) -> None:
+        """A task's sink died (or its finalize failed): run the whole task again, on a sink that is up."""
+        if state not in self.open:
+            return
+        self.open.remove(state)
+        if state.sink is not None:
+            state.sink.open_tasks -= 1
+        state.attempt += 1
+        if state.attempt >= self.max_attempts:
+            raise RuntimeError(f"task {state.task.tag} failed {state.attempt} times, last: {reason}") from reason
+        logger.warning("task %s: its sink failed (%s); running it again", state.task.tag, reason)
+        self.reopen.append(state)
+
+    def _finalize(self, state: _TaskState) -> None:
+        state.finalizing = True
+        ref = state.sink.handle.finalize.options(num_returns=2).remote(state.task.tag, state.task.args)
+        self._track(
+            _Call(actor=state.sink, kind="finalize", outputs=[ref[0]], task=state, attempt=state.attempt), ref[1]
+        )
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _free_actor(self, stage: int) -> Actor | None:
         candidates = [a for a in self.pools[stage] if a.ready and a.inflight < self.calls_per_actor]
         return min(candidates, key=lambda a: a.inflight) if candidates else None
 
-    def _all_ready(self) -> bool:
-        return all(actor.ready for pool in self.pools for actor in pool)
-
-    def _dispatch(self, pending: Iterator[Sequence[pa.Table]]) -> bool:
-        """Submit every call that has an input and a free actor; returns True once ``pending`` is used up."""
-        if self.wait_for_actors and not self._all_ready():
-            return False
-        for stage in reversed(range(1, len(self.stages))):  # drain work already in the system first
+    def _dispatch(self) -> None:
+        """Submit every model call that has an input and a free actor (later stages first)."""
+        for stage in reversed(range(len(self.stages))):
             while self.ready[stage]:
+                work = self.ready[stage][0]
+                group = work if isinstance(work, _Group) else work.group
+                if group.attempt != group.task.attempt:  # its task restarted: this copy is stale
+                    self.ready[stage].popleft()
+                    if isinstance(work, _Item):
+                        self.num_buffered -= 1
+                    elif stage > 0:
+                        self.num_buffered -= len(work.wanted)
+                    continue
+                if stage == 0 and self.num_buffered >= self.max_buffered:
+                    break
                 actor = self._free_actor(stage)
                 if actor is None:
                     break
-                work = self.ready[stage].popleft()
+                self.ready[stage].popleft()
                 if isinstance(work, _Group):
                     self._submit_group(work, actor)
                 else:
                     self._submit_item(work, actor)
-        while True:
-            actor = self._free_actor(0)
-            if actor is None:
-                return False
-            if self.retry_groups:
-                group = self.retry_groups.popleft()
-            else:
-                if self.num_buffered >= self.max_buffered:
-                    return False
-                batches = next(pending, None)
-                if batches is None:
-                    return True
-                group = _Group(batches=batches, wanted=set(range(len(batches))), queued=True)
-                self.num_buffered += len(batches)
-            self._submit_group(group, actor)
 
-    def _submit_group(self, group: _Group, actor: _Actor) -> None:
-        stage = group.stage
-        payload = to_ipc(pa.concat_tables(group.batches)) if stage == 0 else group.data
+    def _submit_group(self, group: _Group, actor: Actor) -> None:
+        if group.stage == 0:
+            group.queued = True
+            self.num_buffered += len(group.wanted)
+            payload = to_ipc(pa.concat_tables(group.batches))
+        else:
+            payload = group.data
         rows = [table.num_rows for table in group.batches]
-        sizes = rows if stage == self.split_after else [sum(rows)]
+        sizes = rows if group.stage == self.split_after else [sum(rows)]
         refs = actor.handle.run.options(num_returns=len(sizes) + 1).remote(payload, sizes)
-        self._track(_Call(actor=actor, outputs=refs[:-1], group=group), refs[-1])
+        call = _Call(actor=actor, kind="group", outputs=refs[:-1], group=group, attempt=group.attempt)
+        call.num_batches = len(group.wanted)
+        self._track(call, refs[-1])
 
-    def _submit_item(self, item: _Item, actor: _Actor) -> None:
+    def _submit_item(self, item: _Item, actor: Actor) -> None:
         size = item.group.batches[item.position].num_rows
         data, info = actor.handle.run.options(num_returns=2).remote(item.data, [size])
-        self._track(_Call(actor=actor, outputs=[data], item=item), info)
+        self._track(_Call(actor=actor, kind="item", outputs=[data], item=item, attempt=item.group.attempt), info)
+
+    def _submit_add(self, item: _Item) -> None:
+        state = item.group.task
+        info = state.sink.handle.add.remote(state.task.tag, item.data)
+        self._track(_Call(actor=state.sink, kind="add", item=item, task=state, attempt=item.group.attempt), info)
 
     def _track(self, call: _Call, info: Any) -> None:
         call.actor.inflight += 1
+        call.actor.submitted.append(time.monotonic())
         self.timeline.setdefault("first_dispatch", time.monotonic())
         self.calls[info] = call
 
-    def _complete(self, ref: Any) -> Iterator[pa.Table]:
+    def _probe(self, actor: Actor) -> None:
+        actor.reprobe_at = None
+        self.calls[actor.handle.ready.remote()] = _Call(actor=actor, kind="probe")
+
+    # ------------------------------------------------------------------ completions
+
+    def _complete(self, ref: Any) -> Iterator[Event]:
         import ray
 
         call = self.calls.pop(ref)
-        if isinstance(call, _Actor):
-            self._actor_ready(call, ref)
+        if call.kind == "probe":
+            self._probed(call.actor, ref)
             return
-        call.actor.inflight -= 1
-        stage = call.actor.stage
+        actor = call.actor
+        actor.inflight -= 1
+        if actor.submitted:
+            actor.submitted.popleft()
+        actor.last_done = time.monotonic()
         try:
             info = ray.get(ref)
         except ray.exceptions.RayTaskError:
-            raise  # the stage itself raised: a bug, not bad luck; never retried
+            raise  # the stage or sink itself raised: a bug, or storage that stays down; never retried
         except ray.exceptions.RayError as exc:
             self._failed(call, exc)
             return
-        self.timeline["busy_seconds"][stage] += info["seconds"]
-        self.timeline["calls"][stage] += 1
+        seconds = info["seconds"]
+        self.timeline["busy_seconds"][actor.stage] += seconds
+        self.timeline["calls"][actor.stage] += 1
+        self.slowest[actor.stage] = max(self.slowest[actor.stage], seconds)
+        if call.kind == "add":
+            yield from self._added(call, info)
+        elif call.kind == "finalize":
+            yield from self._finalized(call)
+        else:
+            self._advance(call)
+
+    def _advance(self, call: _Call) -> None:
+        """A model call finished: pass its outputs on (or to the sink after the last model stage)."""
+        stage = call.actor.stage
+        group = call.group if call.group is not None else call.item.group
+        if group.attempt != group.task.attempt:
+            self.num_buffered -= call.num_batches if call.group is not None else 1
+            return
         last = stage == len(self.stages) - 1
-        group = call.group
-        if group is not None and stage < self.split_after:
+        if call.group is not None and stage < self.split_after:
             group.stage, group.data = stage + 1, call.outputs[0]
             self.ready[stage + 1].append(group)
             return
-        if group is not None:  # the split: one item per batch still wanted
+        if call.group is not None:  # the split: one item per batch still wanted
             items = [_Item(group=group, position=p, data=d) for p, d in enumerate(call.outputs) if p in group.wanted]
             group.wanted.clear()
             group.queued, group.stage, group.data = False, 0, None
@@ -361,133 +343,168 @@ class RayStagePipeline:
             items = [call.item]
         for item in items:
             if last:
-                yield from self._finish(item)
+                self._submit_add(item)
             else:
                 self.ready[stage + 1].append(item)
 
-    def _finish(self, item: _Item) -> Iterator[pa.Table]:
+    def _added(self, call: _Call, info: dict[str, Any]) -> Iterator[Event]:
+        self.num_buffered -= 1
+        state = call.task
+        if call.attempt != state.attempt or state not in self.open:
+            return
+        self.timeline.setdefault("first_result", time.monotonic())
+        state.remaining -= 1
+        yield BatchDone(tag=state.task.tag, info=info)
+        if state.remaining == 0:
+            self._finalize(state)
+
+    def _finalized(self, call: _Call) -> Iterator[Event]:
         import ray
 
-        table = from_ipc(ray.get(item.data))
-        self.num_buffered -= 1
-        self.timeline.setdefault("first_result", time.monotonic())
-        yield table
+        state = call.task
+        if call.attempt != state.attempt or state not in self.open:
+            return
+        self.open.remove(state)
+        state.sink.open_tasks -= 1
+        yield TaskDone(tag=state.task.tag, result=ray.get(call.outputs[0]))
 
-    def _probe(self, actor: _Actor) -> None:
-        """Ask ``actor`` to answer once it is up; retried across restarts, so a crash loop ends in an error."""
-        self.calls[actor.handle.ready.options(max_task_retries=self.max_attempts).remote()] = actor
-
-    def _actor_ready(self, actor: _Actor, ref: Any) -> None:
+    def _probed(self, actor: Actor, ref: Any) -> None:
         import ray
 
         try:
             ray.get(ref)
+            error = None
         except ray.exceptions.RayError as exc:
+            error = exc
+        outcome = probe_outcome(error)
+        name = self.specs[actor.stage].name
+        if outcome == "ready":
+            actor.ready, actor.probe_failures = True, 0
+            if all(a.ready for pool in self.pools for a in pool):
+                self.timeline.setdefault("actors_ready", time.monotonic())
+            return
+        if outcome == "failed":
+            import ray
+
             pool = self.pools[actor.stage]
             pool.remove(actor)
             ray.kill(actor.handle)
-            logger.warning("stage %s: an actor failed to start: %s", self.stages[actor.stage].name, exc)
+            logger.warning("stage %s: an actor failed to start: %s", name, error)
             if not pool:
-                raise RuntimeError(f"stage {self.stages[actor.stage].name}: no actor could start: {exc}") from exc
+                raise RuntimeError(f"stage {name}: no actor could start: {error}") from error
             return
-        actor.ready = True
-        if self._all_ready():
-            self.timeline.setdefault("actors_ready", time.monotonic())
+        actor.probe_failures += 1
+        actor.reprobe_at = time.monotonic() + probe_backoff(actor)
+        logger.info("stage %s: an actor is not up yet (%s); asking again", name, type(error).__name__)
 
     def _failed(self, call: _Call, exc: Exception) -> None:
-        """Infrastructure failure of one call: re-run its work from the first stage, a bounded number of times."""
+        """Infrastructure failure of one call: re-run its work, a bounded number of times."""
         import ray
 
         self.num_failures += 1
-        call.actor.failures += 1
-        name = self.stages[call.actor.stage].name
-        if isinstance(exc, ray.exceptions.RayActorError) and call.actor.ready:
-            # The actor died or is restarting: give it no work until it answers again.
-            call.actor.ready = False
-            self._probe(call.actor)
-        if call.group is not None:
+        actor = call.actor
+        actor.failures += 1
+        name = self.specs[actor.stage].name
+        if isinstance(exc, ray.exceptions.RayActorError) and actor.ready:
+            actor.ready = False  # dead or restarting: no work until it answers again
+            self._probe(actor)
+        if call.kind in ("add", "finalize"):
+            if isinstance(exc, ray.exceptions.RayActorError) or call.kind == "finalize":
+                for state in [s for s in self.open if s.sink is actor] or [call.task]:
+                    self._restart_task(state, exc)
+                if call.kind == "add":
+                    self.num_buffered -= 1
+                return
+            self.num_buffered -= 1  # the batch's input was lost: re-run its group below
+            group, positions = call.item.group, {call.item.position}
+        elif call.group is not None:
             group, positions = call.group, set(call.group.wanted)
+            self.num_buffered -= call.num_batches
         else:
             group, positions = call.item.group, {call.item.position}
+            self.num_buffered -= 1
+        if group.attempt != group.task.attempt:
+            return
         group.failures += 1
         if group.failures >= self.max_attempts:
             raise RuntimeError(f"stage {name}: a batch failed {group.failures} times, last: {exc}") from exc
-        logger.warning(
-            "stage %s: call failed (%s); re-running %d batch(es) from the first stage", name, exc, len(positions)
-        )
+        logger.warning("stage %s: call failed (%s); re-running %d batch(es) from the first stage", name, exc,
+                       len(positions))  # fmt: skip
         group.wanted.update(positions)
         if call.group is not None or not group.queued:  # a group already on its way re-runs once, for all
-            group.queued, group.stage, group.data = True, 0, None
-            self.retry_groups.append(group)
+            group.queued, group.stage, group.data = False, 0, None
+            self.ready[0].appendleft(group)
+
+    # ------------------------------------------------------------------ time: probes, deadlines, waits
+
+    def _deadline(self, stage: int) -> float:
+        if self.deadlines.call_timeout_s:
+            return self.deadlines.call_timeout_s
+        return max(self.deadlines.call_timeout_floor_s, self.deadlines.call_timeout_factor * self.slowest[stage])
+
+    def _check_time(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        for number, pool in enumerate(self.pools):
+            name = self.specs[number].name
+            if any(actor.ready for actor in pool):
+                self.up_since[number] = now
+            elif now - self.up_since[number] > self.deadlines.stage_wait_s:
+                raise RuntimeError(
+                    f"stage {name}: no actor has been up for {now - self.up_since[number]:.0f} s "
+                    f"(--stage-wait {self.deadlines.stage_wait_s:g}); {describe_resources(self.specs[number])}. "
+                    "Add nodes with these resources or ask for less; a rerun finishes the work."
+                )
+            for actor in pool:
+                if actor.reprobe_at is not None and now >= actor.reprobe_at:
+                    self._probe(actor)
+                since = actor.running_since()
+                if actor.ready and since is not None and now - since > self._deadline(number):
+                    logger.warning(
+                        "stage %s: a call has run %.0f s, past its deadline of %.0f s: killing the actor "
+                        "(Ray restarts it) and re-running its work",
+                        name,
+                        now - since,
+                        self._deadline(number),
+                    )
+                    actor.ready = False
+                    actor.submitted.clear()
+                    ray.kill(actor.handle, no_restart=False)
+                    self._probe(actor)
+        if now - self._last_warning > self.stall_warning_s:
+            self._last_warning = now
+            for number, pool in enumerate(self.pools):
+                if not any(actor.ready for actor in pool):
+                    logger.warning(
+                        "stage %s: no actor is up after %.0f s: still loading its model, restarting, or the "
+                        "cluster lacks the resources (%s)",
+                        self.specs[number].name,
+                        now - self.timeline["started"],
+                        describe_resources(self.specs[number]),
+                    )
 
 
 def run_ray(
     stages: Sequence[StageSpec],
-    groups: Iterable[Sequence[pa.Table]],
+    sink: SinkSpec,
+    tasks: Iterable[Task],
     *,
     split_after: int = 0,
     wait_for_actors: bool = False,
     timeline: dict[str, Any] | None = None,
-) -> Iterator[pa.Table]:
-    """Ray Core actor pools per stage (`RayStagePipeline`); Ray must be connected (`connect_ray`).
+    **options: Any,
+) -> Iterator[Event]:
+    """Ray Core actor pools per stage and for the sink (`RayStagePipeline`); Ray must be connected.
 
     ``timeline`` (optional) receives monotonic timestamps (``started``, ``actors_ready``,
-    ``first_dispatch``, ``first_result``) and per-stage ``busy_seconds`` and ``calls``.
-    ``wait_for_actors`` holds all work until every actor has loaded its model (benchmarks).
+    ``first_dispatch``, ``first_result``) and per-stage ``busy_seconds`` and ``calls`` (the sink last).
+    ``wait_for_actors`` holds all work until every actor is up (benchmarks).
     """
-    pipeline = RayStagePipeline(stages, split_after=split_after, wait_for_actors=wait_for_actors, timeline=timeline)
+    pipeline = RayStagePipeline(
+        stages, sink, split_after=split_after, wait_for_actors=wait_for_actors, timeline=timeline, **options
+    )
     try:
-        yield from pipeline.run(groups)
+        yield from pipeline.run(tasks)
     finally:
         pipeline.close()
-
-
-class PayloadStage:
-    """Ray Data callable class: builds the stage once per actor, maps IPC payload rows through it."""
-
-    def __init__(self, *, cls: type, kwargs: dict[str, Any], name: str, batch_size: int | None) -> None:
-        self.name = name
-        self.worker = StageWorker(cls=cls, kwargs=kwargs, name=name, batch_size=batch_size)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if PAYLOAD not in batch.column_names:
-            raise KeyError(f"stage {self.name}: input batch lacks the {PAYLOAD!r} column (Arrow IPC of a batch)")
-        outputs = []
-        sizes = batch.column(SIZES).to_pylist() if SIZES in batch.column_names else None
-        for i, payload in enumerate(batch.column(PAYLOAD).to_pylist()):
-            table = from_ipc(payload)
-            outputs.extend(self.worker.run(payload, sizes[i] if sizes else [table.num_rows])[:-1])
-        return pa.table({PAYLOAD: pa.array(outputs, pa.large_binary())})
-
-
-def run_ray_data(stages: Sequence[StageSpec], groups: Iterable[Sequence[pa.Table]]) -> Iterator[pa.Table]:
-    """The same stages as Ray Data ``map_batches`` actor pools (kept to compare wirings in benchmarks).
-
-    Each group is one block; the first stage emits one row per batch and later stages take one row
-    per call. Materialises every group's payload up front, so it is not meant for huge plans.
-    """
-    import ray
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    items = [{PAYLOAD: to_ipc(pa.concat_tables(group)), SIZES: [table.num_rows for table in group]} for group in groups]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    for spec in stages:
-        # A subclass per stage so Ray (dashboard, state API, logs) names actors after their stage.
-        stage_class = type(f"{spec.name.title()}Stage", (PayloadStage,), {})
-        dataset = dataset.map_batches(
-            stage_class,
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=spec.resources.num_actors),
-            **ray_remote_args(spec.resources),
-            fn_constructor_kwargs={
-                "cls": spec.cls,
-                "kwargs": spec.kwargs,
-                "name": spec.name,
-                "batch_size": spec.batch_size,
-            },
-        )
-    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for payload in block.column(PAYLOAD).to_pylist():
-            yield from_ipc(payload)

@@ -95,12 +95,16 @@ def work_units(table: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
-def estimate(work: pa.Table, profile: Profile) -> dict[str, float]:
-    """Estimated busy GPU-seconds per stage for planned ``work`` rows on ``profile``."""
-    units = work_units(work)
-    prior = float(units["prior_steps"].sum()) * profile.prior_step_seconds
-    decoder = float(units["decoder_steps"].sum()) * profile.decoder_step_seconds
-    decoder += float(units["decoder_images"].sum()) * profile.decoder_image_seconds
+def unit_totals(work: pa.Table) -> dict[str, float]:
+    """`work_units` summed over planned ``work`` rows (add the totals of several shards to estimate them all)."""
+    return {name: float(values.sum()) for name, values in work_units(work).items()}
+
+
+def estimate(totals: dict[str, float], profile: Profile) -> dict[str, float]:
+    """Estimated busy GPU-seconds per stage, on ``profile``, for work of these `unit_totals`."""
+    prior = totals["prior_steps"] * profile.prior_step_seconds
+    decoder = totals["decoder_steps"] * profile.decoder_step_seconds
+    decoder += totals["decoder_images"] * profile.decoder_image_seconds
     return {"prior": prior, "decoder": decoder, "total": prior + decoder}
 
 

@@ -1,58 +1,73 @@
-"""``--dry-run``: what a run would render, in rows and images per mode and size, batches per stage and
-estimated GPU-seconds, without loading any model or writing anything."""
+"""``--dry-run``: what a run would render, in rows and images per mode and size, model calls per stage and
+estimated GPU-seconds, without loading any model or writing anything. Shards are planned one at a time
+and only their counts are kept, so a dry run over any manifest holds one shard's rows."""
 
 from __future__ import annotations
 
+import collections
+from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from actors.storage import Storage
-from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration
-from jobs.planning.plan import Plan, make_plan, prior_batch_size
+from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
+from jobs.planning.plan import Plan, group_batches, prior_batch_size
+from jobs.planning.shards import RunPlan, plan_run
 from schemas.config import JobConfig
 from schemas.modes import PRIOR_KINDS, needs_depth
 
-
-def plan_for_dry_run(config: JobConfig) -> Plan:
-    """The plan a run would execute now (with ``--overwrite`` everything renders; nothing is deleted)."""
-    from jobs.execution.job import plan_job
-
-    if config.overwrite:
-        return make_plan(config, done=None)
-    return plan_job(config, Storage(config.output, storage_options=config.storage_options))
+STAGES = ("depth", "prior", "decoder")
 
 
-def breakdown(plan: Plan) -> list[dict[str, Any]]:
-    """Rows and images to render per (mode, height, width), sorted."""
-    work = plan.batches.work.select(["id", "mode", "height", "width"])
-    counts = work.group_by(["mode", "height", "width"]).aggregate([("id", "count"), ("id", "count_distinct")])
-    return sorted(
-        (
-            {
-                "mode": r["mode"],
-                "height": r["height"],
-                "width": r["width"],
-                "rows": r["id_count_distinct"],
-                "images": r["id_count"],
-            }
-            for r in counts.to_pylist()
-        ),  # fmt: skip
-        key=lambda r: (r["mode"], r["height"], r["width"]),
-    )
+@dataclass(kw_only=True)
+class Census:
+    """Counts over the pending shards' plans (added shard by shard)."""
+
+    images: collections.Counter[tuple[str, int, int]] = field(default_factory=collections.Counter)
+    rows: collections.Counter[tuple[str, int, int]] = field(default_factory=collections.Counter)
+    refused_images: collections.Counter[str] = field(default_factory=collections.Counter)
+    refused_rows: collections.Counter[str] = field(default_factory=collections.Counter)
+    calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    units: collections.Counter[str] = field(default_factory=collections.Counter)
+    num_to_render: int = 0
+
+    def add(self, plan: Plan, config: JobConfig) -> None:
+        """Count one shard's plan."""
+        work = plan.batches.work
+        self.num_to_render += work.num_rows
+        for row in _grouped(work, ["mode", "height", "width"]):
+            key = (row["mode"], row["height"], row["width"])
+            self.images[key] += row["id_count"]
+            self.rows[key] += row["id_count_distinct"]
+        for row in _grouped(plan.refused, ["error_kind"]):
+            self.refused_images[row["error_kind"]] += row["id_count"]
+            self.refused_rows[row["error_kind"]] += row["id_count_distinct"]
+        size = prior_batch_size(config)
+        self.calls["decoder"] += len(plan.batches)
+        for group in group_batches(plan.batches, max_rows=size):
+            rows = sum(batch.num_rows for batch in group)
+            self.calls["prior"] += (
+                rows if PRIOR_KINDS[group[0].column("prior_kind")[0].as_py()].alone else -(-rows // size)
+            )
+            if any(needs_depth(row) for batch in group for row in batch.select(["mode", "hint", "error"]).to_pylist()):
+                self.calls["depth"] += 1
+        if work.num_rows:
+            self.units.update(unit_totals(work))
 
 
-def stage_calls(plan: Plan, config: JobConfig) -> dict[str, int]:
-    """Model calls per stage: prior calls as the runner groups decoder batches, depth calls when needed."""
-    from jobs.execution.job import work_groups
+def _grouped(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
+    if not table.num_rows:
+        return []
+    return table.select(["id", *keys]).group_by(keys).aggregate([("id", "count"), ("id", "count_distinct")]).to_pylist()
 
-    size = prior_batch_size(config)
-    calls = {"depth": 0, "prior": 0, "decoder": len(plan.batches)}
-    for group in work_groups(plan, config):
-        rows = sum(batch.num_rows for batch in group)
-        kind = PRIOR_KINDS[group[0].column("prior_kind")[0].as_py()]
-        calls["prior"] += rows if kind.alone else -(-rows // size)
-        if plan.needs_depth and any(needs_depth(row) for b in group for row in b.select(["mode", "hint"]).to_pylist()):
-            calls["depth"] += 1
-    return calls
+
+def census(plan: RunPlan) -> Census:
+    """Plan every pending shard, one at a time, keeping only counts."""
+    counts = Census()
+    for work in plan.works():
+        counts.add(work.plan, plan.config)
+    return counts
 
 
 def _stage_line(name: str, num_actors: int | None, num_gpus: float | None, placement: dict[str, Any]) -> str:
@@ -60,64 +75,61 @@ def _stage_line(name: str, num_actors: int | None, num_gpus: float | None, place
     if num_actors:
         actors = f"{num_actors} actor(s)"
     else:
-        actors = "1 actor" if name == "prior" else "one actor per GPU left after the prior (1 on CPU clusters)"
+        actors = "1 actor" if name != "decoder" else "one actor per GPU left after the prior (1 on CPU clusters)"
     gpus = f"{num_gpus:g} GPU each" if num_gpus is not None else "1 GPU each (0.5 on a 1-GPU cluster, 0 on CPU)"
     where = [f"accelerator type {placement['accelerator_type']}"] if placement.get("accelerator_type") else []
     where += [f"{key}={value}" for key, value in placement.get("label_selector", {}).items()]
     return f"{name}: {actors}, {gpus}" + (f", on nodes with {', '.join(where)}" if where else "")
 
 
-def describe(config: JobConfig, plan: Plan, *, profiles: list[Profile], calibration: str) -> str:
+def _table(rows: list[tuple[str, ...]], aligns: str) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(aligns))]
+    return ["  " + "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, aligns, widths)).rstrip() for row in rows]
+
+
+def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list[Profile], calibration: str) -> str:
     """The text ``--dry-run`` prints."""
-    table = breakdown(plan)
-    refused = plan.refused.select(["id", "error_kind"])
-    refused = refused.group_by(["error_kind"]).aggregate([("id", "count"), ("id", "count_distinct")]).to_pylist()
+    done = plan.num_shards - len(plan.pending)
+    retried = sum(1 for _, previous in plan.pending if previous is not None)
+    retries = f", {retried} of them retries" if retried else ""
+    files = f"{len(plan.files)} file(s), {plan.num_rows} row(s), {plan.num_shards} shard(s)"
     lines = [
         "dry run: no model loaded, nothing written",
-        f"manifest {config.manifest}: {len(plan.files)} file(s), {plan.num_rows} row(s), "
-        f"{plan.num_images} image(s) requested",
-        f"output   {config.output}: {plan.num_done} image(s) already final (skipped)",
+        f"manifest {config.manifest}: {files} of up to {plan.settings.shard_rows} rows",
+        f"output   {config.output} ({plan.settings.output_format}): {done} shard(s) done, "
+        f"{plan.index.totals.num_images} image(s) already final; {len(plan.pending)} shard(s) to render{retries}",
         "",
     ]
-    header = ("mode", "height x width", "rows", "images")
-    body = [(r["mode"], f"{r['height']}x{r['width']}", str(r["rows"]), str(r["images"])) for r in table]
-    for kind in sorted(refused, key=lambda r: r["error_kind"]):
-        body.append((f"refused ({kind['error_kind']})", "", str(kind["id_count_distinct"]), str(kind["id_count"])))
-    body.append(("to render", "", str(sum(r["rows"] for r in table)), str(plan.num_to_render)))
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
-    for row in [header, *body]:
-        lines.append(f"  {row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}")
-    calls = stage_calls(plan, config)
+    body = [("mode", "height x width", "rows", "images")]
+    body += [(m, f"{h}x{w}", str(counts.rows[(m, h, w)]), str(n)) for (m, h, w), n in sorted(counts.images.items())]
+    for kind in sorted(counts.refused_images):
+        body.append((f"refused ({kind})", "", str(counts.refused_rows[kind]), str(counts.refused_images[kind])))
+    body.append(("to render", "", str(sum(counts.rows.values())), str(counts.num_to_render)))
+    lines += _table(body, "<<>>")
     sizes = f"decoder batch size {config.batch_size}, prior batch size {prior_batch_size(config)}"
-    stages = [name for name in ("depth", "prior", "decoder") if name != "depth" or plan.needs_depth]
-    lines += ["", f"model calls per stage ({sizes}): " + ", ".join(f"{name} {calls[name]}" for name in stages)]
+    stages = [name for name in STAGES if name != "depth" or counts.calls["depth"]]
+    lines += ["", f"model calls per stage ({sizes}): " + ", ".join(f"{name} {counts.calls[name]}" for name in stages)]
     for name in stages:
         resources = getattr(config, name)
         placement = config.stage_placement.get(name, {})
         lines.append("  " + _stage_line(name, resources.num_actors, resources.num_gpus, placement))
     lines += ["", f"estimated GPU-seconds (busy time of one GPU per actor), calibration {calibration}:"]
-    est_rows = [("profile", "prior", "decoder", "total", "basis")]
+    rows = [("profile", "prior", "decoder", "total", "basis")]
     sources: dict[str, list[str]] = {}
+    totals = {name: counts.units[name] for name in ("prior_steps", "decoder_steps", "decoder_images")}
     for profile in profiles:
-        seconds = estimate(plan.batches.work, profile)
+        seconds = estimate(totals, profile)
         basis = "measured" if profile.measured else "NOT measured"
-        est_rows.append(
-            (profile.name, f"{seconds['prior']:.1f}", f"{seconds['decoder']:.1f}", f"{seconds['total']:.1f}", basis)
-        )
+        rows.append((profile.name, *(f"{seconds[k]:.1f}" for k in ("prior", "decoder", "total")), basis))
         sources.setdefault(profile.source, []).append(profile.name)
-    widths = [max(len(row[i]) for row in est_rows) for i in range(4)]
-    for name, prior, decoder, total, basis in est_rows:
-        lines.append(
-            f"  {name:<{widths[0]}}  {prior:>{widths[1]}}  {decoder:>{widths[2]}}  {total:>{widths[3]}}  {basis}"
-        )
-    for source, names in sources.items():
-        lines.append(f"  {', '.join(names)}: {source}")
+    lines += _table(rows, "<>>><")
+    lines += [f"  {', '.join(names)}: {source}" for source, names in sources.items()]
     return "\n".join(lines)
 
 
 def dry_run(config: JobConfig, *, calibration: str | None = None) -> str:
-    """Plan ``config`` against its output as it is now and describe it (see `describe`)."""
+    """Plan ``config`` against its output as it is now and describe it (with ``--overwrite``: as if empty)."""
     path = calibration or DEFAULT_CALIBRATION
     profiles = load_calibration(path)
-    plan = plan_for_dry_run(config)
-    return describe(config, plan, profiles=profiles, calibration=path)
+    plan = plan_run(config, Storage(config.output, storage_options=config.storage_options))
+    return describe(config, plan, census(plan), profiles=profiles, calibration=path)

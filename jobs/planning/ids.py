@@ -39,7 +39,7 @@ def files_digest(files: Sequence[ManifestFile]) -> str:
     digest = hashlib.sha256()
     for file in sorted(files, key=lambda f: f.relpath):
         fp = file.fingerprint
-        digest.update(f"{file.relpath}\x00{fp.size}\x00{fp.etag}\x00{fp.mtime}\n".encode("utf-8", "surrogatepass"))
+        digest.update(f"{file.relpath}\x00{fp.size}\x00{fp.footer}\n".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
 
 

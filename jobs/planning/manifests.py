@@ -6,6 +6,7 @@ Nothing here reads more than one shard's rows at a time: listing and cutting use
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -63,9 +64,7 @@ def list_manifest_paths(uri: str, *, storage_options: dict[str, Any] | None = No
     if not found:
         raise ManifestError(f"{uri}: no Parquet files found")
     local = _is_local(fs)
-    return sorted(
-        (p if local else fs.unstrip_protocol(p), posixpath.relpath(p, root) if root else p) for p in found
-    )
+    return sorted((p if local else fs.unstrip_protocol(p), posixpath.relpath(p, root) if root else p) for p in found)
 
 
 def read_footer(uri: str, relpath: str, *, storage_options: dict[str, Any] | None = None) -> ManifestFile:
@@ -76,17 +75,27 @@ def read_footer(uri: str, relpath: str, *, storage_options: dict[str, Any] | Non
         with fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             metadata, schema = parquet.metadata, parquet.schema_arrow
+            footer = _footer_digest(handle, int(info.get("size") or 0))
     except Exception as exc:
         raise ManifestError(f"{uri}: cannot read as Parquet: {type(exc).__name__}: {exc}") from exc
     check_schema(schema, file=uri)
     return ManifestFile(
         uri=uri,
         relpath=relpath,
-        fingerprint=Fingerprint.from_info(info),
+        fingerprint=Fingerprint.from_info(info, footer=footer),
         num_rows=metadata.num_rows,
         row_group_rows=tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)),
         schema=schema,
     )
+
+
+def _footer_digest(handle: Any, size: int) -> str:
+    """sha256 of a Parquet file's footer (its last ``8 + footer length`` bytes)."""
+    handle.seek(size - 8)
+    tail = handle.read(8)
+    length = int.from_bytes(tail[:4], "little")
+    handle.seek(size - 8 - length)
+    return hashlib.sha256(handle.read(length) + tail).hexdigest()[:32]
 
 
 def cut_shards(file: ManifestFile, *, shard_rows: int) -> list[Shard]:
@@ -140,3 +149,39 @@ def read_shard(shard: Shard, *, storage_options: dict[str, Any] | None = None) -
     except Exception as exc:
         raise ManifestError(f"{shard.file}: cannot read rows {shard.start}..{shard.stop}: {exc}") from exc
     return normalize(table.slice(shard.start - first_row, shard.num_rows), file=shard.file)
+
+
+def read_whole(file: ManifestFile, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Every row of a (small) manifest file, normalized; for in-memory plans (`jobs.planning.plan.make_plan`)."""
+    fs, path = url_to_fs(file.uri, **(storage_options or {}))
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except Exception as exc:
+        raise ManifestError(f"{file.uri}: cannot read as Parquet: {type(exc).__name__}: {exc}") from exc
+    return normalize(table, file=file.uri)
+
+
+def read_columns(
+    shard: Shard, names: list[str], *, storage_options: dict[str, Any] | None = None
+) -> tuple[pa.Table, bool]:
+    """Columns ``names`` of the shard's rows (null columns where absent) and whether its ``hint`` may be null.
+
+    The second answer comes from the row groups' statistics (null counts), without reading hints.
+    """
+    fs, path = url_to_fs(shard.file, **(storage_options or {}))
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        present = [name for name in names if name in parquet.schema_arrow.names]
+        first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.row_groups[0]))
+        table = parquet.read_row_groups(list(shard.row_groups), columns=present).slice(
+            shard.start - first_row, shard.num_rows
+        )
+        hints_null = True
+        if "hint" in parquet.schema_arrow.names:
+            column = parquet.schema_arrow.names.index("hint")
+            stats = [parquet.metadata.row_group(g).column(column).statistics for g in shard.row_groups]
+            hints_null = any(s is None or not s.has_null_count or s.null_count > 0 for s in stats)
+    for name in names:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows))
+    return table, hints_null

@@ -1,38 +1,26 @@
-"""Planning: read and validate manifests, expand rows into per-image work, skip finished work, batch.
+"""Planning: a shard's manifest rows -> per-image work (seeds, prior kind, refusals) -> decoder batches.
 
-Everything here runs in the driver before any model loads, so a malformed manifest costs nothing.
+Everything here runs in the driver before any model loads, so a malformed row costs nothing; it
+works on one shard (or one small in-memory manifest) at a time, so memory follows the shard size.
 """
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
 import logging
 import posixpath
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import overload
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from jobs.planning.checkpoints import CheckpointScales
 from schemas.config import JobConfig
-from schemas.keys import MAX_SEED, image_key, image_seed
-from schemas.manifest import (
-    IMAGE_COLUMNS,
-    IMAGE_REF,
-    INTERPOLATE_TYPE,
-    Limits,
-    ManifestError,
-    RenderDefaults,
-    check_unique_across,
-    fill_defaults,
-    normalize,
-)
+from schemas.keys import MAX_SEED, default_seed
+from schemas.manifest import IMAGE_COLUMNS, IMAGE_REF, INTERPOLATE_TYPE, Limits, RenderDefaults, fill_defaults
 from schemas.modes import MODES, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE
 from schemas.validation import row_problems, size_problems
@@ -82,19 +70,21 @@ class Batches(Sequence[pa.Table]):
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """What a run will do: `batches` to render (each one decoder call) and `refused` work rows."""
+    """Work of one shard (or of a whole small manifest, `make_plan`): `batches` to render, `refused` rows.
 
-    files: list[str]
-    num_rows: int
-    num_images: int  # every (id, image_index) the manifests ask for
-    num_done: int  # of those, already final in the output (skipped)
+    Each batch is one decoder call; ``refused`` rows (``error`` set) go straight to the results.
+    """
+
+    num_rows: int  # manifest rows
+    num_images: int  # every (id, image_index) the rows ask for
+    num_done: int = 0  # of those, already final in the output (skipped)
     batches: Batches = field(default_factory=lambda: Batches(WORK_SCHEMA.empty_table(), np.zeros(1, np.int64)))
     refused: pa.Table = field(default_factory=WORK_SCHEMA.empty_table)
     movq_scales: dict[str, int] = field(default_factory=dict)  # what sizes were checked with, per checkpoint
 
     @property
     def num_to_render(self) -> int:
-        """Images sent to the model stages in this run."""
+        """Images sent to the model stages."""
         return self.batches.work.num_rows
 
     @property
@@ -105,54 +95,14 @@ class Plan:
     @property
     def needs_depth(self) -> bool:
         """Whether some row of a hint-estimating mode has no hint, so the depth stage must run."""
-        work = self.batches.work
-        modes = sorted(name for name, mode in MODES.items() if mode.hint_estimated)
-        estimated = pc.is_in(work.column("mode"), value_set=pa.array(modes, pa.string()))
-        return bool(pc.any(pc.and_(estimated, work.column("hint").is_null())).as_py())
-
-    @property
-    def decoder_checkpoints(self) -> list[str]:
-        """Decoder checkpoint names the batches need."""
-        return sorted({MODES[mode].checkpoint for mode in self.modes})
+        return plan_needs_depth(self.batches.work)
 
 
-def list_manifest_files(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Parquet files named by ``uri``: one file, a folder or prefix (recursive), or a glob.
-
-    Returns full URIs, sorted. Files and folders whose name starts with ``_`` or ``.`` are skipped
-    in folders (Spark/Hive markers). Raises `ManifestError` when nothing is found.
-    """
-    fs, path = url_to_fs(uri, **(storage_options or {}))
-    if globlib.has_magic(path):
-        found = [p for p in fs.glob(path) if fs.isfile(p)]
-    elif fs.isdir(path):
-        found = [
-            p
-            for p in fs.find(path)
-            if p.endswith(".parquet") and not any(part[:1] in "._" for part in p[len(path) :].split("/") if part)
-        ]
-    elif fs.isfile(path):
-        found = [path]
-    else:
-        raise ManifestError(f"{uri}: no such manifest file, folder or prefix")
-    if not found:
-        raise ManifestError(f"{uri}: no Parquet files found")
-    return sorted(fs.unstrip_protocol(p) if not _is_local(fs) else p for p in found)
-
-
-def _is_local(fs: Any) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols or "local" in protocols
-
-
-def read_manifest(uri: str, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """Read one manifest file into a normalized table (see `schemas.manifest.normalize`)."""
-    fs, path = url_to_fs(uri, **(storage_options or {}))
-    try:
-        table = pq.read_table(path, filesystem=fs)
-    except Exception as exc:
-        raise ManifestError(f"{uri}: cannot read as Parquet: {type(exc).__name__}: {exc}") from exc
-    return normalize(table, file=uri)
+def plan_needs_depth(work: pa.Table) -> bool:
+    """Whether some row of ``work`` is of a hint-estimating mode and has no hint."""
+    modes = sorted(name for name, mode in MODES.items() if mode.hint_estimated)
+    estimated = pc.is_in(work.column("mode"), value_set=pa.array(modes, pa.string()))
+    return bool(pc.any(pc.and_(estimated, work.column("hint").is_null())).as_py())
 
 
 def expand(
@@ -182,15 +132,11 @@ def expand(
     starts = np.cumsum(counts) - counts
     image_index = np.arange(len(positions)) - np.repeat(starts, counts)
 
+    seeds = _image_seeds(filled, counts=counts, positions=positions, image_index=image_index, job_seed=job_seed)
+    inputs_keys = _inputs_keys(filled)
     rows = filled.take(pa.array(positions))
-    ids = rows.column("id").to_pylist()
-    raw_seeds = rows.column("seed").to_pylist()
     errors = [problems[p] for p in positions.tolist()]
     error_kinds = [kinds[p] for p in positions.tolist()]
-    seeds = [
-        image_seed(s, job_seed=job_seed, row_id=i, image_index=int(k)) if s is None or 0 <= s <= MAX_SEED - n else None
-        for i, s, k, n in zip(ids, raw_seeds, image_index.tolist(), counts[positions].tolist())
-    ]
     negative = rows.column("negative_prompt")
     prior_kind = pa.array(np.full(rows.num_rows, PRIOR_TEXT.name, dtype=object), pa.string())
     for kind in PRIOR_KINDS.values():  # each kind is selected by the column it reads
@@ -198,16 +144,15 @@ def expand(
             prior_kind = pc.if_else(rows.column(kind.reads).is_valid(), kind.name, prior_kind)
     columns = {
         "prior_kind": prior_kind,
-        "inputs_key": pa.array(_inputs_keys(rows), pa.string()),
+        "inputs_key": pa.array(inputs_keys, pa.string()).take(pa.array(positions)),
         "id": rows.column("id"),
         "image_index": pa.array(image_index, pa.int32()),
-        "seed": pa.array(seeds, pa.int64()),
-        "key": pa.array([image_key(i, int(k)) for i, k in zip(ids, image_index.tolist())], pa.string()),
+        "seed": seeds,
         "mode": rows.column("mode"),
         "prompt": rows.column("prompt"),
         "negative_prompt": negative,
         "has_negative_prompt": negative.is_valid(),
-        "manifest_file": pa.array([file] * len(positions), pa.string()),
+        "manifest_file": pa.array(np.full(len(positions), file, dtype=object), pa.string()),
         "error": pa.array(errors, pa.string()),
         "error_kind": pa.array(error_kinds, pa.string()),
     }
@@ -219,8 +164,27 @@ def expand(
     return work.filter(pc.invert(bad)), work.filter(bad)
 
 
+def _image_seeds(
+    rows: pa.Table, *, counts: np.ndarray, positions: np.ndarray, image_index: np.ndarray, job_seed: int
+) -> pa.Array:
+    """Per image: the row's seed (or, when null, a stable hash of (job seed, id)) + image_index.
+
+    Null for images of rows whose seed is outside [0, 2**62 - num_images] (those rows are refused).
+    """
+    given = rows.column("seed")
+    base = pc.fill_null(given, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    missing = np.flatnonzero(given.is_null().to_numpy(zero_copy_only=False))
+    if len(missing):
+        ids = rows.column("id").take(pa.array(missing)).to_pylist()
+        base[missing] = [default_seed(job_seed, row_id) for row_id in ids]
+    valid = (base >= 0) & (base <= MAX_SEED - counts)
+    valid[missing] = True  # a derived seed is in [0, 2**62): seed + image_index still fits int64
+    seeds = base[positions] + image_index
+    return pa.array(seeds, pa.int64(), mask=~valid[positions])
+
+
 def _inputs_keys(rows: pa.Table) -> list[str]:
-    """Per work row: a digest of the mode's `batch_inputs` columns ("" for modes without; see WORK_SCHEMA)."""
+    """Per manifest row: a digest of its mode's `batch_inputs` columns ("" for modes without; see WORK_SCHEMA)."""
     keys = [""] * rows.num_rows
     modes = rows.column("mode")
     for mode in MODES.values():
@@ -318,66 +282,86 @@ def group_batches(batches: Iterable[pa.Table], *, max_rows: int) -> Iterator[lis
 
 
 def _without(work: pa.Table, done: pa.Table) -> pa.Table:
-    """Rows of ``work`` (in order) whose (id, image_index) is not in ``done``.
-
-    Joins only the key columns: Arrow cannot carry nested columns through a join.
-    """
+    """Rows of ``work`` (in order) whose (id, image_index) is not in ``done`` (joins only the key columns)."""
     keys = work.select(["id", "image_index"]).append_column("_row", pa.array(np.arange(work.num_rows)))
     keep = keys.join(done, keys=["id", "image_index"], join_type="left anti").column("_row")
     return work.take(pa.array(np.sort(keep.to_numpy()), pa.int64()))
 
 
-def make_plan(config: JobConfig, *, done: pa.Table | None, movq_scales: Mapping[str, int] | None = None) -> Plan:
-    """Read every manifest file, validate, expand, drop finished (id, image_index) pairs, and batch.
+def _only(work: pa.Table, wanted: pa.Table) -> pa.Table:
+    """Rows of ``work`` (in order) whose (id, image_index) is in ``wanted``."""
+    keys = work.select(["id", "image_index"]).append_column("_row", pa.array(np.arange(work.num_rows)))
+    keep = keys.join(wanted, keys=["id", "image_index"], join_type="left semi").column("_row")
+    return work.take(pa.array(np.sort(keep.to_numpy()), pa.int64()))
 
-    ``done`` holds ``id`` and ``image_index`` of images that already have a final result in the
-    output. ``movq_scales`` (checkpoint name -> MoVQ scale) decides size refusals; by default the
-    scales are read from the checkpoints' configs (`jobs.planning.checkpoints`), without loading
-    weights. Raises `ManifestError` for malformed manifests.
+
+IMAGE_KEYS = pa.schema([("id", pa.string()), ("image_index", pa.int32())])
+
+
+def plan_rows(
+    table: pa.Table,
+    *,
+    file: str,
+    config: JobConfig,
+    movq_scales: Mapping[str, int],
+    only: pa.Table | None = None,
+) -> Plan:
+    """The plan of normalized manifest rows ``table`` (one shard): expand, refuse, batch.
+
+    ``only`` (``id``, ``image_index``): plan just those images (a ``--retry-errors`` rerun of a
+    finished shard's error images); the rest count as done.
     """
-    if movq_scales is None:
-        movq_scales = CheckpointScales(config)
-    files = list_manifest_files(config.manifest, storage_options=config.storage_options)
-    ids_by_file: list[tuple[str, pa.ChunkedArray]] = []
     works, refusals = [], []
-    num_rows = 0
-    for file in files:
-        table = read_manifest(file, storage_options=config.storage_options)
-        ids_by_file.append((file, table.column("id")))
-        num_rows += table.num_rows
-        for start in range(0, table.num_rows, PLAN_CHUNK_ROWS):
-            work, refused = expand(
-                table.slice(start, PLAN_CHUNK_ROWS),
-                file=file,
-                job_seed=config.seed,
-                defaults=config.defaults,
-                limits=config.limits,
-                movq_scales=movq_scales,
-            )
-            works.append(work)
-            refusals.append(refused)
-        del table  # only the ids stay alive; the work rows hold their own copies
-    all_ids = pa.chunked_array([chunk for _, ids in ids_by_file for chunk in ids.chunks], pa.string())
-    if len(files) > 1 and pc.count_distinct(all_ids).as_py() != len(all_ids):
-        check_unique_across(ids_by_file)  # slow path: finds and names the duplicate and its files
-    del all_ids, ids_by_file
+    for start in range(0, table.num_rows, PLAN_CHUNK_ROWS):
+        work, refused = expand(
+            table.slice(start, PLAN_CHUNK_ROWS),
+            file=file,
+            job_seed=config.seed,
+            defaults=config.defaults,
+            limits=config.limits,
+            movq_scales=movq_scales,
+        )
+        works.append(work)
+        refusals.append(refused)
     work = pa.concat_tables([WORK_SCHEMA.empty_table(), *works])
     refused = pa.concat_tables([WORK_SCHEMA.empty_table(), *refusals])
-    del works, refusals
     num_images = work.num_rows + refused.num_rows
-    num_done = 0
-    if done is not None and done.num_rows:
-        done = done.select(["id", "image_index"]).cast(pa.schema([("id", pa.string()), ("image_index", pa.int32())]))
-        before = work.num_rows + refused.num_rows
-        work = _without(work, done)
-        refused = _without(refused, done)
-        num_done = before - work.num_rows - refused.num_rows
+    if only is not None:
+        only = only.select(["id", "image_index"]).cast(IMAGE_KEYS)
+        work, refused = _only(work, only), _only(refused, only)
     return Plan(
-        files=files,
-        num_rows=num_rows,
+        num_rows=table.num_rows,
         num_images=num_images,
-        num_done=num_done,
+        num_done=num_images - work.num_rows - refused.num_rows,
         batches=batch(work, batch_size=config.batch_size),
         refused=refused,
         movq_scales=movq_scales.read() if isinstance(movq_scales, CheckpointScales) else dict(movq_scales),
+    )
+
+
+def make_plan(config: JobConfig, *, movq_scales: Mapping[str, int] | None = None) -> Plan:
+    """The whole manifest as one in-memory plan, for small manifests: tests, benchmarks, examples.
+
+    The render job never calls this (it plans shard by shard, `jobs.planning.run`); ids are checked
+    as the job checks them. Raises `ManifestError` for malformed manifests.
+    """
+    from jobs.planning.ids import check_ids
+    from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
+
+    options = config.storage_options
+    paths = list_manifest_paths(config.manifest, storage_options=options)
+    files = [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
+    check_ids(files, storage_options=options)
+    scales = movq_scales if movq_scales is not None else CheckpointScales(config)
+    plans = [
+        plan_rows(read_whole(file, storage_options=options), file=file.uri, config=config, movq_scales=scales)
+        for file in files
+    ]
+    work = pa.concat_tables([WORK_SCHEMA.empty_table(), *(p.batches.work for p in plans)])
+    return Plan(
+        num_rows=sum(p.num_rows for p in plans),
+        num_images=sum(p.num_images for p in plans),
+        batches=batch(work, batch_size=config.batch_size),
+        refused=pa.concat_tables([WORK_SCHEMA.empty_table(), *(p.refused for p in plans)]),
+        movq_scales=scales.read() if isinstance(scales, CheckpointScales) else dict(scales),
     )

@@ -6,68 +6,58 @@ they open straight from a local folder or an object store's web endpoint (no ser
 
 from __future__ import annotations
 
-import hashlib
-import heapq
+import base64
 import html
 import io
 import logging
 import math
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from actors.storage import Storage
 from schemas.keys import STATS_FILE, image_key
-from schemas.results import STATUS_OK
+from schemas.results import STATUS_OK, THUMBNAIL_SIDE
 
 logger = logging.getLogger(__name__)
 
 GALLERY_FILE = "index.html"
 CONTACT_SHEET_FILE = "contact_sheet.png"
-SAMPLE_SIZE = 48  # images shown: enough to judge a run, small enough to load from object storage
-CELL = 160  # contact sheet thumbnail side, pixels
+CELL = THUMBNAIL_SIDE  # contact sheet cell side, pixels: one preview each
 COLUMNS = 8
 _CONTENT_TYPE_KWARG = {"s3": "ContentType", "s3a": "ContentType", "gs": "content_type", "gcs": "content_type"}
 
 
-def busy_seconds(results: pa.Table) -> dict[str, float]:
-    """Seconds each stage spent on these results rows (sums of ``prior_seconds`` / ``decoder_seconds``)."""
-    busy = {}
-    for stage in ("prior", "decoder"):
-        column = f"{stage}_seconds"
-        total = pc.sum(results.column(column)).as_py() if column in results.column_names and results.num_rows else 0
-        busy[stage] = round(total or 0.0, 3)
-    return busy
+def read_thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> dict[tuple[str, int], bytes | None]:
+    """The previews of the chosen ok images, read from the results Parquet part that holds each one."""
+    wanted: dict[str, set[tuple[str, int]]] = {}
+    for row in rows:
+        if row["status"] == STATUS_OK:
+            wanted.setdefault(row["results"], set()).add((row["id"], row["image_index"]))
+    found: dict[tuple[str, int], bytes | None] = {}
+    for key, images in wanted.items():
+        try:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(key)), columns=["id", "image_index", "thumbnail"])
+        except FileNotFoundError:
+            continue
+        table = table.filter(table.column("thumbnail").is_valid())
+        for entry in table.to_pylist():
+            if (entry["id"], entry["image_index"]) in images:
+                found[(entry["id"], entry["image_index"])] = entry["thumbnail"]
+    return found
 
 
-def sample(final: pa.Table, *, size: int = SAMPLE_SIZE) -> list[dict[str, Any]]:
-    """A stable sample of final results rows: the same output always shows the same images.
-
-    Rows are ranked by a hash of (id, image_index), so the sample spreads over the whole manifest
-    instead of showing its first rows; error rows come first (up to a quarter of the sample), as
-    they are what a reader looks for. Only the chosen rows are materialised as dicts.
-    """
-    ids = final.column("id").to_pylist()
-    indexes = final.column("image_index").to_pylist()
-    ok = [status == STATUS_OK for status in final.column("status").to_pylist()]
-    rank = lambda i: _digest(ids[i], indexes[i])  # noqa: E731
-    errors = heapq.nsmallest(max(size // 4, 1), (i for i in range(final.num_rows) if not ok[i]), key=rank)
-    oks = heapq.nsmallest(size - len(errors), (i for i in range(final.num_rows) if ok[i]), key=rank)
-    chosen = sorted(errors + oks, key=lambda i: (ids[i], indexes[i]))
-    columns = ["id", "image_index", "status", "error", "error_kind", "seed", "width", "height", "mode", "prompt"]
-    return final.select(columns).take(pa.array(chosen, pa.int64())).to_pylist()
-
-
-def _digest(row_id: str, image_index: int) -> str:
-    return hashlib.sha256(f"{row_id}\x00{image_index}".encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def gallery_html(rows: list[dict[str, Any]], *, stats: dict[str, Any], num_images: int) -> str:
-    """The gallery page: one card per sampled image (thumbnail, prompt, mode, seed, size, status)."""
+def gallery_html(
+    rows: list[dict[str, Any]],
+    *,
+    stats: dict[str, Any],
+    num_images: int,
+    thumbnails: dict[tuple[str, int], bytes | None],
+) -> str:
+    """The gallery page: one card per sampled image (picture, prompt, mode, seed, size, status)."""
     output = stats.get("output", {})
     by_status = output.get("by_status", {})
-    cards = "\n".join(_card(row) for row in rows)
+    cards = "\n".join(_card(row, thumbnails.get((row["id"], row["image_index"]))) for row in rows)
     title = f"kandinsky-render: {num_images} image(s), {by_status.get('ok', 0)} ok, {by_status.get('error', 0)} error"
     return f"""<!doctype html>
 <html lang="en">
@@ -97,7 +87,7 @@ Last run <code>{html.escape(str(stats.get("run_id", "")))}</code>,
 finished {html.escape(str(stats.get("finished_at", "")))}:
 {stats.get("num_rendered", 0)} rendered, {stats.get("images_per_s", 0)} images/s.</p>
 <p><a href="{CONTACT_SHEET_FILE}">contact sheet</a> · <a href="{STATS_FILE}">stats.json</a> ·
-results in <code>results/*.parquet</code></p>
+results in <code>results/*.parquet</code>, shards in <code>shards/*.json</code></p>
 </header>
 <main>
 {cards}
@@ -107,13 +97,18 @@ results in <code>results/*.parquet</code></p>
 """
 
 
-def _card(row: dict[str, Any]) -> str:
-    key = image_key(row["id"], row["image_index"])
+def _card(row: dict[str, Any], thumbnail: bytes | None) -> str:
     ok = row["status"] == STATUS_OK
     if ok:
-        # onerror marks a card whose image is gone (e.g. deleted objects) instead of a broken icon.
+        # The files format links the PNG itself (relative: opens from any prefix); other formats keep
+        # images inside shard files, so the card shows the preview inline. onerror marks a card whose
+        # image is gone (e.g. deleted objects) instead of a broken icon.
+        if row.get("member") is None:
+            source = html.escape(image_key(row["id"], row["image_index"]))
+        else:
+            source = "data:image/png;base64," + base64.b64encode(thumbnail or b"").decode()
         visual = (
-            f'<img src="{html.escape(key)}" alt="{html.escape(row["id"])} #{row["image_index"]}" '
+            f'<img src="{source}" alt="{html.escape(row["id"])} #{row["image_index"]}" '
             f"onerror=\"this.closest('figure').classList.add('missing')\">"
         )
     else:
@@ -127,6 +122,8 @@ def _card(row: dict[str, Any]) -> str:
     ]
     if not ok:
         details.append(html.escape(row["error"] or ""))
+    elif row.get("member") is not None:
+        details.append(f"<code>{html.escape(row['uri'].rsplit('/', 1)[-1])}</code>: {html.escape(row['member'])}")
     return f'<figure class="card">{visual}<figcaption>{"<br>".join(details)}</figcaption></figure>'
 
 
@@ -158,22 +155,17 @@ def contact_sheet(rows: list[dict[str, Any]], images: dict[tuple[str, int], byte
     return buffer.getvalue()
 
 
-def write_report(storage: Storage, final: pa.Table, *, stats: dict[str, Any]) -> dict[str, str]:
-    """Write ``index.html`` and ``contact_sheet.png`` under the output; returns their keys.
+def write_report(storage: Storage, rows: list[dict[str, Any]], *, stats: dict[str, Any]) -> dict[str, str]:
+    """Write ``index.html`` and ``contact_sheet.png`` for the chosen sample ``rows``; returns their keys.
 
-    On object stores the objects get their content type, so a browser shows them instead of
-    downloading them.
+    ``rows`` are gallery candidates (`jobs.output.markers.Candidates.chosen`); their previews come
+    from the results parts that hold them. On object stores the objects get their content type, so
+    a browser shows them instead of downloading them.
     """
-    rows = sample(final)
-    images: dict[tuple[str, int], bytes | None] = {}
-    for row in rows:
-        if row["status"] == STATUS_OK:
-            try:
-                images[(row["id"], row["image_index"])] = storage.read_bytes(image_key(row["id"], row["image_index"]))
-            except FileNotFoundError:
-                images[(row["id"], row["image_index"])] = None
-    _write(storage, CONTACT_SHEET_FILE, contact_sheet(rows, images), content_type="image/png")
-    page = gallery_html(rows, stats=stats, num_images=final.num_rows)
+    thumbnails = read_thumbnails(storage, rows)
+    _write(storage, CONTACT_SHEET_FILE, contact_sheet(rows, thumbnails), content_type="image/png")
+    num_images = stats.get("output", {}).get("num_images", len(rows))
+    page = gallery_html(rows, stats=stats, num_images=num_images, thumbnails=thumbnails)
     _write(storage, GALLERY_FILE, page.encode("utf-8"), content_type="text/html; charset=utf-8")
     logger.info("gallery of %d image(s) at %s", len(rows), storage.uri(GALLERY_FILE))
     return {"gallery": GALLERY_FILE, "contact_sheet": CONTACT_SHEET_FILE}

@@ -10,11 +10,6 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from schemas.results import STATUS_ERROR
-
 logger = logging.getLogger("kandinsky_render.progress")
 
 LOG_FORMATS = ("text", "json")
@@ -51,19 +46,18 @@ class Progress:
         self._last_log = 0.0
         self._last_draw = float("-inf")
 
-    def start(self, *, run_id: str, num_images: int, num_refused: int = 0) -> None:
-        """Begin a run that renders ``num_images`` images; ``num_refused`` rows failed validation already."""
+    def start(self, *, run_id: str, num_images: int) -> None:
+        """Begin a run that has ``num_images`` images to give a result (rendered or refused)."""
         self.run_id, self.num_images = run_id, num_images
-        self.num_done, self.num_errors = 0, num_refused
+        self.num_done, self.num_errors = 0, 0
         self._started = self._last_log = self.clock()
         self._log("started")
         self._draw(force=True)
 
-    def update(self, results: pa.Table) -> None:
-        """Count a table of results rows (``status`` column) that the run just published."""
-        self.num_done += results.num_rows
-        if results.num_rows:
-            self.num_errors += pc.sum(pc.equal(results.column("status"), STATUS_ERROR)).as_py() or 0
+    def update(self, *, num_done: int, num_errors: int = 0) -> None:
+        """Count ``num_done`` images that just got a result, ``num_errors`` of them errors."""
+        self.num_done += num_done
+        self.num_errors += num_errors
         now = self.clock()
         if not self.live and now - self._last_log >= self.log_every_s:
             self._last_log = now

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-import collections
+import dataclasses
+import datetime as dt
 import json
+import logging
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from actors.storage import Storage
+from cluster.resources import suggest_stages
+from schemas.config import JobConfig
 from schemas.keys import STATS_FILE
+from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE, STATUS_OK
 from schemas.versions import installed_versions, version_mismatches
+
+if TYPE_CHECKING:
+    from jobs.output.markers import Counts
+    from jobs.planning.shards import RunPlan
+
+logger = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, Any]:
@@ -33,19 +44,73 @@ def versions() -> dict[str, Any]:
     }
 
 
-def summarize(final: pa.Table) -> dict[str, Any]:
-    """Counts over final results (one row per image): by status, by mode, errors by kind."""
-    status = final.column("status").to_pylist()
-    modes = final.column("mode").to_pylist()
-    kinds = [kind for kind, s in zip(final.column("error_kind").to_pylist(), status) if s == "error"]
-    by_mode: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.Counter())
-    for mode, s in zip(modes, status):
-        by_mode[str(mode)][s] += 1
+def run_stats(
+    *,
+    run_id: str,
+    config: JobConfig,
+    plan: RunPlan,
+    this_run: Counts,
+    parts: list[dict[str, Any]],
+    stage_info: dict[str, Any],
+    render_seconds: float,
+    wall_seconds: float,
+    skipped: int,
+) -> dict[str, Any]:
+    """stats.json: this run (from its shard parts' summaries) next to the whole output (from the markers)."""
+    refused = sum(this_run.errors_by_kind.get(kind, 0) for kind in (ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE))
+    num_errors = this_run.num_images - this_run.by_status.get(STATUS_OK, 0)
+    rendered = this_run.num_images - refused
+    busy = {stage: round(sum(p["busy_seconds"][stage] for p in parts), 3) for stage in ("prior", "decoder")}
     return {
-        "num_images": final.num_rows,
-        "by_status": dict(collections.Counter(status)),
-        "by_mode": {mode: dict(counts) for mode, counts in sorted(by_mode.items())},
-        "errors_by_kind": dict(collections.Counter(kinds)),
+        "run_id": run_id,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "manifest_files": [file.uri for file in plan.files],
+        "num_rows": plan.num_rows,
+        "num_shards": plan.num_shards,
+        "num_shards_rendered": len(parts),
+        "num_images_requested": plan.index.totals.num_images,  # every shard is done now
+        "num_skipped_already_final": skipped,
+        "num_refused": refused,
+        "num_rendered": rendered,
+        "num_errors_this_run": num_errors,
+        "error_fraction_this_run": round(num_errors / this_run.num_images, 6) if this_run.num_images else 0.0,
+        "render_seconds": round(render_seconds, 3),
+        "images_per_s": round(rendered / render_seconds, 3) if render_seconds > 0 and rendered else 0.0,
+        "wall_seconds": round(wall_seconds, 3),
+        "output": plan.index.totals.as_dict(),
+        "this_run": this_run.as_dict(),
+        "busy_seconds": busy,
+        "stages": stage_info,
+        "suggested_stages": suggest(parts, cluster_gpus=stage_info.get("cluster_gpus", 0.0)),
+        "settings": dataclasses.asdict(plan.settings),
+        "versions": versions(),
+        "config": config.to_dict(),
+    }
+
+
+def suggest(parts: list[dict[str, Any]], *, cluster_gpus: float) -> dict[str, Any] | None:
+    """Stage layout suggested for this cluster from this run's measured per-image stage costs (ok images)."""
+    images = sum(p["ok_busy_seconds"]["images"] for p in parts)
+    decoder = sum(p["ok_busy_seconds"]["decoder"] for p in parts)
+    if not images or not decoder:
+        return None
+    prior = sum(p["ok_busy_seconds"]["prior"] for p in parts) / images
+    decoder /= images
+    suggestion = suggest_stages(prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus)
+    logger.info(
+        "measured %.3g s/image prior, %.3g s/image decoder; for %g GPUs: %s (%s)",
+        prior,
+        decoder,
+        cluster_gpus,
+        suggestion.flags(),
+        suggestion.note,
+    )
+    return {
+        "prior_seconds_per_image": round(prior, 6),
+        "decoder_seconds_per_image": round(decoder, 6),
+        "cluster_gpus": cluster_gpus,
+        **dataclasses.asdict(suggestion),
+        "flags": suggestion.flags(),
     }
 
 

@@ -1,0 +1,219 @@
+"""The writer: the render job's sink, off the denoising path. Decoded pixels -> PNG -> the shard's output.
+
+The decoder hands over raw pixels and goes back to denoising; writer actors (CPU) encode each image,
+add it to its shard part's output in the chosen format (`actors.formats`) and build its results
+rows. ``finalize`` publishes the part: the data file whole (webdataset / parquet), then the results
+Parquet; it returns a summary (counts, busy seconds, gallery candidates) from which the driver
+writes the shard's marker, last. Nothing of a part is visible before its data is durable.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from actors.common import worker_name
+from actors.formats import FORMATS, SAMPLE_META
+from actors.images import encode_png
+from actors.stage import describe_exception
+from actors.storage import Storage
+from schemas.keys import sample_key, sample_rank
+from schemas.results import (
+    ERROR_WRITE,
+    SAMPLE_ERRORS,
+    SAMPLE_SIZE,
+    STATUS_OK,
+    THUMBNAIL_SIDE,
+    ResultRow,
+    result_from_work,
+    results_table,
+)
+from schemas.shards import data_key, results_key
+from schemas.work import from_ipc
+
+logger = logging.getLogger(__name__)
+
+_CANDIDATE_FIELDS = ("id", "image_index", "status", "error", "error_kind", "seed", "width", "height", "mode", "prompt")
+
+
+def thumbnail(pixels: np.ndarray) -> bytes:
+    """A PNG preview at most `THUMBNAIL_SIDE` pixels on its longer side (smaller images as they are)."""
+    image = Image.fromarray(pixels, mode="RGB")
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass(eq=False, kw_only=True)
+class _Part:
+    name: str
+    shard: str
+    output: Any  # an `actors.formats` writer
+    results: list[ResultRow] = field(default_factory=list)
+    # Gallery candidates: the lowest-ranked images by `sample_rank`, as max-heaps of (-rank, n, row).
+    ok: list[tuple[int, int, ResultRow]] = field(default_factory=list)
+    errors: list[tuple[int, int, ResultRow]] = field(default_factory=list)
+
+
+class ShardWriter:
+    """Sink of the render job (see the module docstring): ``add(part, table)``, ``finalize(part, args)``.
+
+    ``table`` rows are the decoder's output (`schemas.work.DECODED_FIELDS` on work rows); a row with
+    an ``error`` becomes an error result. A PNG that cannot be written (files format) is a
+    ``write_failed`` row; the other images of the part are unaffected.
+    """
+
+    def __init__(
+        self,
+        *,
+        output: str,
+        output_format: str,
+        run_id: str,
+        storage_options: dict[str, Any] | None = None,
+        spool_dir: str | None = None,
+        worker: str = "",
+    ) -> None:
+        if output_format not in FORMATS:
+            raise ValueError(f"output_format must be one of {sorted(FORMATS)}, got {output_format!r}")
+        self.storage = Storage(output, storage_options=storage_options)
+        self.output_format = output_format
+        self.run_id = run_id
+        self.spool_dir = spool_dir
+        self.worker = worker_name(worker)
+        self.parts: dict[str, _Part] = {}
+
+    def _part(self, name: str) -> _Part:
+        part = self.parts.get(name)
+        if part is None:
+            key = data_key(name, self.output_format)
+            output = FORMATS[self.output_format](
+                self.storage, data_uri=self.storage.uri(key) if key else None, spool_dir=self.spool_dir
+            )
+            part = self.parts[name] = _Part(name=name, shard=name.split(".retry-")[0], output=output)
+        return part
+
+    def add(self, name: str, table: pa.Table) -> dict[str, int]:
+        """Encode and add the decoded images of one batch to part ``name``; counts of rows and errors."""
+        part = self._part(name)
+        pixels = table.column("pixels")
+        keep = [c for c in table.column_names if c not in ("pixels", "image_embeds", "negative_image_embeds")]
+        errors = 0
+        for i, row in enumerate(table.select(keep).to_pylist()):
+            result = self._result(part, row, pixels[i].as_buffer())
+            errors += result.status != STATUS_OK
+        return {"rows": table.num_rows, "errors": errors}
+
+    def _result(self, part: _Part, row: dict[str, Any], buffer: pa.Buffer | None) -> ResultRow:
+        common = {"run_id": self.run_id, "shard": part.shard}
+        if row["error"] is not None or buffer is None:
+            result = result_from_work(row, error=row["error"], error_kind=row["error_kind"], **common)
+            self._consider(part, result, None)
+            part.results.append(result)
+            return result
+        height, width = row["pixel_height"], row["pixel_width"]
+        pixels = np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
+        key = sample_key(row["id"], row["image_index"])
+        meta = {name: row.get(name) for name in SAMPLE_META} | {"key": key, "run_id": self.run_id}
+        try:
+            uri, member = part.output.add(key, encode_png(pixels), meta)
+        except Exception as exc:
+            message = f"writing the image failed: {describe_exception(exc)}"
+            result = result_from_work(row, error=message, error_kind=ERROR_WRITE, **common)
+        else:
+            result = result_from_work(row, uri=uri, member=member, width=width, height=height, **common)
+        self._consider(part, result, pixels)
+        part.results.append(result)
+        return result
+
+    def _consider(self, part: _Part, result: ResultRow, pixels: np.ndarray | None) -> None:
+        """Keep ``result`` if it ranks among the part's gallery candidates (with a preview, for ok images)."""
+        ok = result.status == STATUS_OK
+        heap, size = (part.ok, SAMPLE_SIZE) if ok else (part.errors, SAMPLE_ERRORS)
+        rank = int(sample_rank(result.id, result.image_index), 16)
+        if len(heap) >= size and -heap[0][0] <= rank:
+            return
+        if ok and pixels is not None:
+            result = ResultRow(**{**result.__dict__, "thumbnail": thumbnail(pixels)})
+        entry = (-rank, len(part.results), result)
+        heapq.heappush(heap, entry) if len(heap) < size else heapq.heapreplace(heap, entry)
+
+    def finalize(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish part ``name`` (data file, then results) and summarise it for the shard's marker.
+
+        ``args``: ``refused`` (Arrow IPC of the part's rows refused at planning: error results).
+        """
+        part = self._part(name)
+        refused = (args or {}).get("refused")
+        if refused:
+            for row in from_ipc(refused).to_pylist():
+                self._result(part, row | {"pixel_height": None, "pixel_width": None}, None)
+        try:
+            local = part.output.close()
+            data = data_key(name, self.output_format)
+            if local is not None and data is not None:
+                self.storage.put_file(data, local)
+            thumbnails = {(r.id, r.image_index): r.thumbnail for _, _, r in part.ok}
+            rows = sorted(part.results, key=lambda r: (r.id, r.image_index))
+            rows = [ResultRow(**{**r.__dict__, "thumbnail": thumbnails.get((r.id, r.image_index))}) for r in rows]
+            buffer = io.BytesIO()
+            pq.write_table(results_table(rows), buffer, compression="zstd")
+            self.storage.write_bytes(results_key(name), buffer.getvalue())
+        finally:
+            part.output.abandon()
+            del self.parts[name]
+        return self._summary(part, data, rows)
+
+    def _summary(self, part: _Part, data: str | None, rows: list[ResultRow]) -> dict[str, Any]:
+        by_status: collections.Counter[str] = collections.Counter(r.status for r in rows)
+        by_mode: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        for r in rows:
+            by_mode[str(r.mode)][r.status] += 1
+        busy = {"prior": 0.0, "decoder": 0.0}
+        ok_busy = {"prior": 0.0, "decoder": 0.0, "images": 0}
+        for r in rows:
+            for stage in ("prior", "decoder"):
+                seconds = getattr(r, f"{stage}_seconds") or 0.0
+                busy[stage] += seconds
+                if r.status == STATUS_OK and r.prior_seconds is not None and r.decoder_seconds is not None:
+                    ok_busy[stage] += seconds
+            ok_busy["images"] += r.status == STATUS_OK and r.prior_seconds is not None and r.decoder_seconds is not None
+        candidates = [entry[2] for entry in part.ok + part.errors]
+        return {
+            "part": part.name,
+            "shard": part.shard,
+            "run_id": self.run_id,
+            "results": results_key(part.name),
+            "data": data,
+            "num_images": len(rows),
+            "by_status": dict(by_status),
+            "by_mode": {mode: dict(counts) for mode, counts in sorted(by_mode.items())},
+            "errors_by_kind": dict(collections.Counter(r.error_kind for r in rows if r.status != STATUS_OK)),
+            "busy_seconds": busy,
+            "ok_busy_seconds": ok_busy,
+            "sample": [
+                {name: getattr(r, name) for name in _CANDIDATE_FIELDS}
+                | {
+                    "rank": sample_rank(r.id, r.image_index),
+                    "uri": r.uri,
+                    "member": r.member,
+                    "results": results_key(part.name),
+                }  # fmt: skip
+                for r in candidates
+            ],
+        }
+
+    def abandon(self, name: str) -> None:
+        """Drop part ``name`` (its task runs again elsewhere): nothing of it was published."""
+        part = self.parts.pop(name, None)
+        if part is not None:
+            part.output.abandon()

@@ -1,0 +1,173 @@
+"""The stage chain of a render job ([depth] -> prior -> decoder -> writers) and how it runs: locally or on Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from cluster.resources import StagePlan, fit_cpus, place_stages, resolve_stages, resolve_writer
+from jobs.execution.connect import connect_ray
+from jobs.execution.runner import Deadlines, run_ray
+from jobs.execution.stages import Event, SinkSpec, StageSpec, Task, run_local
+from jobs.planning.plan import prior_batch_size
+from schemas.config import JobConfig
+from schemas.modes import MODES
+
+logger = logging.getLogger(__name__)
+
+
+def build_chain(
+    config: JobConfig,
+    *,
+    modes: list[str],
+    needs_depth: bool,
+    movq_scales: dict[str, int],
+    output_format: str,
+    run_id: str,
+    cluster_gpus: float,
+) -> tuple[list[StageSpec], SinkSpec]:
+    """The model stages the run needs and its writer pool, with resources resolved for ``cluster_gpus``.
+
+    Decoder actors load the checkpoints of ``modes`` only; the depth stage exists when ``needs_depth``.
+    """
+    from actors.decoder import DecoderActor
+    from actors.depth import DepthActor
+    from actors.prior import PriorActor
+    from actors.writer import ShardWriter
+
+    prior, decoder, depth = resolve_stages(
+        config.prior, config.decoder, cluster_gpus=cluster_gpus, depth=config.depth if needs_depth else None
+    )
+    writer = resolve_writer(config.writer, num_decoders=decoder.num_actors)
+    prior, decoder = place_stages(prior, decoder, stage_placement=config.stage_placement)
+    inputs = {
+        "storage_options": config.storage_options,
+        "allowed_protocols": config.limits.allowed_protocols,
+        "max_input_pixels": config.limits.max_input_pixels,
+    }
+    stages = []
+    if depth is not None:
+        kwargs = {"model": config.models.depth, "revision": config.models.depth_hub_revision(), **inputs}
+        stages.append(StageSpec(name="depth", cls=DepthActor, kwargs=kwargs, resources=depth))
+    prior_kwargs = {"model": config.models.prior, "dtype": config.dtype, "accel": config.accel, **inputs}
+    stages.append(
+        StageSpec(
+            name="prior", cls=PriorActor, kwargs=prior_kwargs, resources=prior, batch_size=prior_batch_size(config)
+        )
+    )
+    decoder_kwargs = {
+        "models": {mode: config.models.for_checkpoint(MODES[mode].checkpoint) for mode in modes},
+        "movq_scales": movq_scales,
+        "dtype": config.dtype,
+        "accel": config.accel,
+        **inputs,
+    }
+    stages.append(
+        StageSpec(
+            name="decoder", cls=DecoderActor, kwargs=decoder_kwargs, resources=decoder, batch_size=config.batch_size
+        )
+    )
+    sink_kwargs = {
+        "output": config.output,
+        "output_format": output_format,
+        "run_id": run_id,
+        "storage_options": config.storage_options,
+        "spool_dir": config.spool_dir,
+    }
+    return stages, SinkSpec(name="writer", cls=ShardWriter, kwargs=sink_kwargs, resources=writer)
+
+
+def split_index(stages: list[StageSpec]) -> int:
+    """Stages up to the prior see whole groups (one prior call serves several decoder batches)."""
+    return [spec.name for spec in stages].index("prior")
+
+
+def describe(stage: StagePlan) -> dict[str, Any]:
+    """A stage's resources as stats.json records them."""
+    described = {"num_actors": stage.num_actors, "num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}
+    if not stage.placement.is_any:
+        described["placement"] = dataclasses.asdict(stage.placement)
+    return described
+
+
+def execute(config: JobConfig, tasks: Iterable[Task], *, stage_info: dict[str, Any], **chain: Any) -> Iterator[Event]:
+    """Run ``tasks`` through the chain with the configured runner; ``stage_info`` receives what stats.json shows."""
+    if config.runner == "local":
+        stages, sink = build_chain(config, cluster_gpus=0.0, **chain)
+        stage_info.update(runner="local", stages={spec.name: describe(spec.resources) for spec in [*stages, sink]})
+        yield from run_local(stages, sink, tasks, split_after=split_index(stages))
+        return
+    import ray
+
+    # The stage classes import torch, diffusers and transformers (seconds of CPU); Ray's start-up
+    # mostly waits on its own processes, so the two overlap.
+    preload = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
+    preload.start()
+    started = connect_ray(config.address)
+    preload.join()
+    try:
+        cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        stages, sink = build_chain(config, cluster_gpus=cluster_gpus, **chain)
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        specs = [*stages, sink]
+        fitted = fit_cpus([spec.resources for spec in specs], cluster_cpus=cluster_cpus)
+        if fitted != [spec.resources for spec in specs]:
+            logger.warning(
+                "the stages reserve more than the cluster's %g CPUs; CPU reservations scaled to %s",
+                cluster_cpus,
+                [fit.num_cpus for fit in fitted],
+            )
+            specs = [dataclasses.replace(spec, resources=fit) for spec, fit in zip(specs, fitted)]
+            stages, sink = specs[:-1], specs[-1]
+        timeline: dict[str, Any] = {}
+        stage_info.update(
+            runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: describe(spec.resources) for spec in specs}
+        )
+        deadlines = Deadlines(
+            call_timeout_s=config.call_timeout_s,
+            call_timeout_floor_s=config.call_timeout_floor_s,
+            stage_wait_s=config.stage_wait_s,
+        )
+        yield from run_ray(
+            stages,
+            sink,
+            tasks,
+            split_after=split_index(stages),
+            timeline=timeline,
+            deadlines=deadlines,
+            max_tasks=config.shards_in_flight,
+        )
+        stage_info.update(_timing(timeline))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _import_stage_modules() -> None:
+    """What the driver imports anyway: the stage classes (torch) and, for stats.json, diffusers and transformers."""
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+
+    import actors.decoder  # noqa: F401
+    import actors.depth  # noqa: F401
+    import actors.prior  # noqa: F401
+    import actors.writer  # noqa: F401
+
+
+def _timing(timeline: dict[str, Any]) -> dict[str, Any]:
+    """stats.json's view of a runner timeline: seconds since start, busy seconds and calls per stage."""
+    started = timeline["started"]
+    marks = {
+        f"{name}_s": round(timeline[name] - started, 3)
+        for name in ("actors_ready", "first_dispatch", "first_result")
+        if name in timeline
+    }
+    names = timeline["names"]
+    return {
+        "timeline": marks,
+        "busy_seconds": {name: round(s, 3) for name, s in zip(names, timeline["busy_seconds"])},
+        "calls": dict(zip(names, timeline["calls"])),
+    }

@@ -1,0 +1,170 @@
+"""The plan of a run over shards: which shards to render now, streamed one shard's rows at a time.
+
+Start-up reads the manifest files' footers and the output's markers, never results rows: O(files +
+shards). `RunPlan.works` then reads, validates and plans one pending shard at a time, so the driver's
+memory follows the shards in flight, not the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.compute as pc
+
+from actors.storage import Storage
+from jobs.output.markers import OutputIndex, read_settings, read_shard_results
+from jobs.planning.checkpoints import CheckpointScales
+from jobs.planning.ids import check_ids, files_digest
+from jobs.planning.manifests import ManifestFile, cut_shards, list_manifest_paths, read_columns, read_footer, read_shard
+from jobs.planning.plan import Plan, plan_rows
+from schemas.config import JobConfig
+from schemas.manifest import ManifestError
+from schemas.modes import DEFAULT_MODE, MODES
+from schemas.results import STATUS_OK
+from schemas.shards import DEFAULT_SHARD_ROWS, FORMAT_FILES, DatasetSettings, Marker, Shard, part_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardWork:
+    """One shard to render in this run: its part (first rendering, or a retry of its errors) and its plan."""
+
+    shard: Shard
+    part: str
+    plan: Plan
+    previous: Marker | None = None  # the shard's marker, for a --retry-errors part
+
+
+@dataclass(frozen=True, kw_only=True)
+class PendingScan:
+    """What the pending shards need, known before any is planned: the stages and the progress total depend on it."""
+
+    num_images: int  # images the pending shards' rows ask for (retries: their error images)
+    modes: list[str]  # modes that may occur (decides which decoder checkpoints load)
+    needs_depth: bool  # a hint-estimating mode may lack hints (the depth stage starts); may over-estimate
+
+
+@dataclass(kw_only=True)
+class RunPlan:
+    """What a run over ``files`` will do, given the output's ``index`` (see the module docstring)."""
+
+    config: JobConfig
+    storage: Storage
+    settings: DatasetSettings
+    files: list[ManifestFile]
+    index: OutputIndex
+    pending: list[tuple[Shard, Marker | None]]  # shards to render, with the marker of a retried one
+    num_shards: int
+    ids_checked: bool  # whether this run checked ids (False: the files are those an earlier run checked)
+    scales: CheckpointScales = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scales = CheckpointScales(self.config)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in every manifest file."""
+        return sum(file.num_rows for file in self.files)
+
+    def scan(self) -> PendingScan:
+        """Images, modes and depth needs of the pending shards, from small columns and footer statistics only."""
+        num_images, modes, needs_depth = 0, set(), False
+        limits, defaults = self.config.limits, self.config.defaults
+        estimated = {name for name, mode in MODES.items() if mode.hint_estimated}
+        for shard, previous in self.pending:
+            if previous is not None:  # a retry renders the shard's error images
+                num_images += previous.num_errors
+                failed = {m for m, counts in previous.by_mode.items() if sum(counts.values()) > counts.get("ok", 0)}
+                modes |= failed
+                needs_depth |= bool(failed & estimated)
+                continue
+            columns, hints_null = read_columns(
+                shard, ["mode", "num_images"], storage_options=self.config.storage_options
+            )
+            counts = pc.fill_null(columns.column("num_images"), defaults.num_images).to_numpy(zero_copy_only=False)
+            num_images += int(np.where((counts >= 1) & (counts <= limits.max_num_images), counts, 1).sum())
+            shard_modes = set(pc.unique(pc.fill_null(columns.column("mode"), DEFAULT_MODE)).to_pylist())
+            modes |= shard_modes & set(MODES)
+            needs_depth |= bool(shard_modes & estimated) and hints_null
+        return PendingScan(num_images=num_images, modes=sorted(modes), needs_depth=needs_depth)
+
+    def works(self) -> Iterator[ShardWork]:
+        """The pending shards' plans, one shard's rows at a time."""
+        for shard, previous in self.pending:
+            rows = read_shard(shard, storage_options=self.config.storage_options)
+            only = None
+            if previous is not None:
+                final = read_shard_results(
+                    self.storage, previous, columns=["id", "image_index", "status", "finished_at"]
+                )
+                only = final.filter(pc.not_equal(final.column("status"), STATUS_OK))
+            plan = plan_rows(rows, file=shard.file, config=self.config, movq_scales=self.scales, only=only)
+            attempt = len(previous.parts) if previous is not None else 0
+            yield ShardWork(shard=shard, part=part_name(shard.name, attempt), plan=plan, previous=previous)
+
+
+def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> DatasetSettings:
+    """This run's output settings: the flags, else what the output pinned, else the defaults.
+
+    Raises ValueError when a flag contradicts what the output pinned (naming both).
+    """
+    wanted = DatasetSettings(
+        manifest=config.manifest,
+        output_format=config.output_format or (pinned.output_format if pinned else FORMAT_FILES),
+        shard_rows=config.shard_rows or (pinned.shard_rows if pinned else DEFAULT_SHARD_ROWS),
+        ids_checked=pinned.ids_checked if pinned else "",
+    )
+    if pinned is not None and not config.overwrite:
+        conflicts = pinned.conflicts(wanted)
+        if conflicts:
+            raise ValueError(
+                f"{config.output} was rendered with other settings ({'; '.join(conflicts)}): its shards would be cut "
+                "or written differently. Use the output's settings, another --output, or --overwrite to start over."
+            )
+    return wanted
+
+
+def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
+    """The plan of a run as the output is now (with ``--overwrite``: as if it were empty)."""
+    pinned = None if config.overwrite else read_settings(storage)
+    settings = run_settings(config, pinned)
+    options = config.storage_options
+    paths = list_manifest_paths(config.manifest, storage_options=options)
+    files = [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
+    index = OutputIndex() if config.overwrite else OutputIndex.read(storage)
+    for file in files:
+        rendered = index.files.get(file.relpath)
+        change = rendered.differs(file.fingerprint) if rendered is not None else None
+        if change:
+            raise ManifestError(
+                f"{file.uri}: changed since its shards were rendered ({change}); rendered manifest files are "
+                "immutable: add new rows as a new file, or start over with --overwrite"
+            )
+    digest = files_digest(files)
+    ids_checked = digest != settings.ids_checked
+    if ids_checked:
+        check_ids(files, storage_options=options)
+        settings = DatasetSettings(**{**settings.__dict__, "ids_checked": digest})
+    pending: list[tuple[Shard, Marker | None]] = []
+    num_shards = 0
+    for file in files:
+        for shard in cut_shards(file, shard_rows=settings.shard_rows):
+            num_shards += 1
+            if shard.name not in index.done:
+                pending.append((shard, None))
+            elif config.retry_errors and shard.name in index.with_errors:
+                pending.append((shard, index.with_errors[shard.name]))
+    return RunPlan(
+        config=config,
+        storage=storage,
+        settings=settings,
+        files=files,
+        index=index,
+        pending=pending,
+        num_shards=num_shards,
+        ids_checked=ids_checked,
+    )
