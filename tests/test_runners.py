@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 
 from actors.stage import Call, Outcome, Stage
 from cluster.resources import StagePlan
-from jobs.execution.runner import RayStagePipeline, StageSpec, run_local, run_ray
+from jobs.execution.runner import Deadlines, RayStagePipeline, run_ray
+from jobs.execution.stages import BatchDone, SinkSpec, StageSpec, Task, TaskDone, run_local
 from jobs.planning.plan import batch, group_batches, make_plan
 from schemas.config import JobConfig
 from schemas.work import CALL_KEY, PRIOR_CALL_KEY
@@ -60,7 +62,7 @@ def work_rows(rows: list[dict]) -> pa.Table:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_manifest(Path(tmp) / "m.parquet", rows)
         config = JobConfig(manifest=manifest, output=f"{tmp}/out", batch_size=1000)
-        return make_plan(config, done=None).batches.work
+        return make_plan(config).batches.work
 
 
 MIXED = [
@@ -103,10 +105,34 @@ def test_prior_groups_hold_whole_batches_sharing_the_prior_key() -> None:
     assert [len(g) for g in group_batches(batches, max_rows=1)] == [1] * len(batches)
 
 
+class Collector:
+    """A sink that keeps each task's rows in memory and returns them when the task is finalized."""
+
+    def __init__(self, *, crash_marker: str | None = None, crash_on: str | None = None, worker: str = "") -> None:
+        self.rows: dict[str, list[dict]] = {}
+        self.crash_marker, self.crash_on = crash_marker, crash_on
+
+    def add(self, tag: str, table: pa.Table) -> dict:
+        ids = table.column("id").to_pylist()
+        if self.crash_marker and self.crash_on in ids and not os.path.exists(self.crash_marker):
+            Path(self.crash_marker).touch()
+            os._exit(1)  # the sink's process dies with the task half added
+        self.rows.setdefault(tag, []).extend(table.to_pylist())
+        return {"rows": table.num_rows, "errors": 0}
+
+    def finalize(self, tag: str, args: object) -> dict:
+        return {"tag": tag, "rows": self.rows.pop(tag, []), "args": args}
+
+    def abandon(self, tag: str) -> None:
+        self.rows.pop(tag, None)
+
+
+NONE = StagePlan(num_actors=1, num_gpus=0.0, num_cpus=0.0)
+
+
 def _stages(*, first_batch: int | None = None, **last: object) -> list[StageSpec]:
-    none = StagePlan(num_actors=1, num_gpus=0.0, num_cpus=0.0)
     return [
-        StageSpec(name="first", cls=Tag, kwargs={"column": "first_rows"}, resources=none, batch_size=first_batch),
+        StageSpec(name="first", cls=Tag, kwargs={"column": "first_rows"}, resources=NONE, batch_size=first_batch),
         StageSpec(
             name="last",
             cls=Tag,
@@ -116,83 +142,111 @@ def _stages(*, first_batch: int | None = None, **last: object) -> list[StageSpec
     ]
 
 
+def _sink(num_actors: int = 1, **kwargs: object) -> SinkSpec:
+    resources = StagePlan(num_actors=num_actors, num_gpus=0.0, num_cpus=0.0)
+    return SinkSpec(name="sink", cls=Collector, kwargs=kwargs, resources=resources)
+
+
+def _tasks(batches: list[pa.Table], *, max_rows: int, num_tasks: int = 3) -> list[Task]:
+    groups = list(group_batches(batches, max_rows=max_rows))
+    size = -(-len(groups) // num_tasks)
+    return [Task(tag=f"t{k}", groups=groups[k * size : (k + 1) * size], args=k) for k in range(num_tasks)]
+
+
+def _key(row: dict) -> tuple:
+    return (row["id"], row["image_index"])
+
+
+def _rows(events: list) -> dict[str, list[dict]]:
+    """Rows per finished task, sorted; every task finished exactly once."""
+    done = [e for e in events if isinstance(e, TaskDone)]
+    assert len({e.tag for e in done}) == len(done)
+    return {e.tag: sorted(e.result["rows"], key=_key) for e in done}
+
+
+def _ids(rows: dict[str, list[dict]]) -> dict[str, list[tuple]]:
+    return {tag: [_key(r) for r in task_rows] for tag, task_rows in rows.items()}
+
+
 def test_local_runner_calls_first_stage_per_group_and_later_stages_per_batch() -> None:
-    batches = batch(work_rows(MIXED), batch_size=3)
-    groups = list(group_batches(batches, max_rows=9))
-    outputs = list(run_local(_stages(first_batch=5), groups))
-    kept = [o.drop_columns(["first_rows", "last_rows"]).to_pylist() for o in outputs]
-    assert kept == [b.to_pylist() for b in batches]
-    position = 0
-    for group in groups:
-        rows = sum(t.num_rows for t in group)
-        for table in group:
-            out = outputs[position]
-            assert set(out.column("last_rows").to_pylist()) == {table.num_rows}
-            # the group is cut into first-stage calls of at most 5 rows
-            assert max(out.column("first_rows").to_pylist()) <= min(5, rows)
-            position += 1
+    batches = list(batch(work_rows(MIXED), batch_size=3))
+    tasks = _tasks(batches, max_rows=9)
+    events = list(run_local(_stages(first_batch=5), _sink(), tasks))
+    assert [e.tag for e in events if isinstance(e, TaskDone)] == ["t0", "t1", "t2"]
+    assert sum(e.info["rows"] for e in events if isinstance(e, BatchDone)) == sum(b.num_rows for b in batches)
+    rows = _rows(events)
+    assert {e.tag: e.result["args"] for e in events if isinstance(e, TaskDone)} == {"t0": 0, "t1": 1, "t2": 2}
+    for task in tasks:
+        got = {_key(r): r for r in rows[task.tag]}
+        expected = [r for group in task.groups for table in group for r in table.to_pylist()]
+        assert [{k: v for k, v in got[_key(r)].items() if not k.endswith("_rows")} for r in expected] == expected
+        for group in task.groups:
+            size = sum(table.num_rows for table in group)
+            for table in group:
+                for key in table.select(["id", "image_index"]).to_pylist():
+                    row = got[_key(key)]
+                    assert row["last_rows"] == table.num_rows  # later stages: one call per batch
+                    assert row["first_rows"] <= min(5, size)  # the group cut into calls of at most 5 rows
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
 def test_ray_runner_equals_local_and_records_a_timeline() -> None:
-    batches = batch(work_rows(MIXED), batch_size=3)
-    expected = sorted(str(o.to_pylist()) for o in run_local(_stages(), group_batches(batches, max_rows=6)))
+    batches = list(batch(work_rows(MIXED), batch_size=3))
+    expected = _rows(list(run_local(_stages(), _sink(), _tasks(batches, max_rows=6))))
     timeline: dict = {}
-    outputs = list(run_ray(_stages(), group_batches(batches, max_rows=6), timeline=timeline))
-    assert sorted(str(o.to_pylist()) for o in outputs) == expected
+    events = list(run_ray(_stages(), _sink(2), _tasks(batches, max_rows=6), timeline=timeline))
+    assert _rows(events) == expected
     assert timeline["started"] <= timeline["first_dispatch"] <= timeline["first_result"]
-    assert timeline["calls"][1] == len(batches) and timeline["calls"][0] < len(batches)
+    calls = dict(zip(timeline["names"], timeline["calls"]))
+    assert calls["last"] == len(batches) and calls["first"] < len(batches)
+    assert calls["sink"] == len(batches) + 3  # one add per batch, one finalize per task
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
 def test_stages_before_the_split_see_whole_groups() -> None:
     """[depth] -> prior -> decoder: the split comes after the prior, the second of three stages."""
-    batches = batch(work_rows(MIXED), batch_size=2)
-    none = StagePlan(num_actors=1, num_gpus=0.0, num_cpus=0.0)
-    stages = [
-        StageSpec(name="zero", cls=Tag, kwargs={"column": "zero_rows"}, resources=none),
-        *_stages(),
-    ]
-    local = list(run_local(stages, group_batches(batches, max_rows=6), split_after=1))
-    remote = list(run_ray(stages, group_batches(batches, max_rows=6), split_after=1))
-    assert sorted(str(o.to_pylist()) for o in remote) == sorted(str(o.to_pylist()) for o in local)
-    for group in group_batches(batches, max_rows=6):
-        rows = sum(t.num_rows for t in group)
-        for table in group:
-            first = table.select(["id", "image_index"]).to_pylist()[0]
-            out = next(o for o in local if o.select(["id", "image_index"]).to_pylist()[0] == first)
-            assert set(out.column("zero_rows").to_pylist()) == set(out.column("first_rows").to_pylist()) == {rows}
-            assert set(out.column("last_rows").to_pylist()) == {table.num_rows}
+    batches = list(batch(work_rows(MIXED), batch_size=2))
+    stages = [StageSpec(name="zero", cls=Tag, kwargs={"column": "zero_rows"}, resources=NONE), *_stages()]
+    local = _rows(list(run_local(stages, _sink(), _tasks(batches, max_rows=6), split_after=1)))
+    remote = _rows(list(run_ray(stages, _sink(), _tasks(batches, max_rows=6), split_after=1)))
+    assert remote == local
+    for task in _tasks(batches, max_rows=6):
+        rows = {_key(r): r for r in local[task.tag]}
+        for group in task.groups:
+            size = sum(t.num_rows for t in group)
+            for table in group:
+                for key in table.select(["id", "image_index"]).to_pylist():
+                    row = rows[_key(key)]
+                    assert row["zero_rows"] == row["first_rows"] == size and row["last_rows"] == table.num_rows
     with pytest.raises(ValueError, match="split_after"):
-        list(run_local(stages, [], split_after=3))
+        list(run_local(stages, _sink(), [], split_after=3))
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
-def test_ray_runner_pulls_work_lazily_within_its_buffer() -> None:
-    batches = batch(work_rows(MIXED), batch_size=1)
+def test_ray_runner_opens_tasks_lazily() -> None:
+    batches = list(batch(work_rows(MIXED), batch_size=1))
     pulled = []
 
-    def groups() -> Iterator[list[pa.Table]]:
-        for table in batches:
-            pulled.append(table)
-            yield [table]
+    def tasks() -> Iterator[Task]:
+        for k, table in enumerate(batches):
+            pulled.append(k)
+            yield Task(tag=f"t{k}", groups=[[table]])
 
-    pipeline = RayStagePipeline(_stages(), max_buffered=3)
+    pipeline = RayStagePipeline(_stages(), _sink(), max_tasks=2)
     try:
-        results = pipeline.run(groups())
-        next(results)
-        assert len(pulled) <= 4  # at most the buffer, plus the group that filled it
-        assert 1 + sum(1 for _ in results) == len(batches)
+        events = pipeline.run(tasks())
+        next(e for e in events if isinstance(e, TaskDone))
+        assert len(pulled) <= 3, pulled  # the open tasks, plus at most one that found no room
+        assert 1 + sum(1 for e in events if isinstance(e, TaskDone)) == len(batches)
     finally:
         pipeline.close()
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
-@pytest.mark.parametrize("stage", ["first", "last"])
+@pytest.mark.parametrize("stage", ["first", "last", "sink"])
 def test_ray_runner_survives_a_dying_actor(tmp_path: Path, stage: str) -> None:
-    batches = batch(work_rows(MIXED), batch_size=2)
+    batches = list(batch(work_rows(MIXED), batch_size=2))
     crash = {"crash_marker": str(tmp_path / "crashed"), "crash_on": "r05"}
-    stages = _stages()
     stages = [
         StageSpec(
             name=spec.name,
@@ -200,35 +254,52 @@ def test_ray_runner_survives_a_dying_actor(tmp_path: Path, stage: str) -> None:
             kwargs={**spec.kwargs, **(crash if spec.name == stage else {})},
             resources=spec.resources,
         )
-        for spec in stages
+        for spec in _stages()
     ]
-    outputs = list(run_ray(stages, group_batches(batches, max_rows=4)))
+    sink = _sink(**(crash if stage == "sink" else {}))
+    expected = _rows(list(run_local(_stages(), _sink(), _tasks(batches, max_rows=4))))
+    got = _rows(list(run_ray(stages, sink, _tasks(batches, max_rows=4))))
     assert (tmp_path / "crashed").exists()
-    ids = sorted((r["id"], r["image_index"]) for o in outputs for r in o.to_pylist())
-    assert ids == sorted((r["id"], r["image_index"]) for b in batches for r in b.to_pylist())  # each exactly once
+    assert _ids(got) == _ids(expected)  # every row of every task exactly once, after the re-runs
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
 def test_ray_runner_raises_stage_bugs_and_start_failures() -> None:
-    batches = batch(work_rows(MIXED[:2]), batch_size=2)
-    none = StagePlan(num_actors=1, num_gpus=0.0, num_cpus=0.0)
+    batches = list(batch(work_rows(MIXED[:2]), batch_size=2))
     with pytest.raises(ValueError, match="bug in the stage"):
-        list(run_ray([StageSpec(name="broken", cls=Broken, resources=none)], group_batches(batches, max_rows=2)))
+        list(run_ray([StageSpec(name="broken", cls=Broken, resources=NONE)], _sink(), _tasks(batches, max_rows=2)))
     with pytest.raises(RuntimeError, match="(?s)no actor could start.*no checkpoint"):
-        list(run_ray([StageSpec(name="model", cls=CannotStart, resources=none)], group_batches(batches, max_rows=2)))
+        list(run_ray([StageSpec(name="model", cls=CannotStart, resources=NONE)], _sink(), _tasks(batches, max_rows=2)))
+
+
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_a_stage_no_node_can_hold_stops_after_the_wait_naming_what_it_lacks() -> None:
+    batches = list(batch(work_rows(MIXED[:2]), batch_size=2))
+    greedy = StageSpec(
+        name="greedy", cls=Tag, kwargs={"column": "x"}, resources=StagePlan(num_actors=1, num_gpus=3.0, num_cpus=0.0)
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?s)stage greedy: no actor has been up for \d+ s.*needs 3 GPU.*of 2 GPUs"):
+        list(run_ray([greedy], _sink(), _tasks(batches, max_rows=2), deadlines=Deadlines(stage_wait_s=3.0)))
+    assert time.monotonic() - started < 60
 
 
 def test_plan_of_many_rows_stays_columnar(tmp_path: Path) -> None:
-    """A big plan is one sorted table plus offsets, not one Arrow object per batch."""
-    n = 20_000
-    rows = pa.table({"id": [f"id-{i:06d}" for i in range(n)], "prompt": ["p"] * n, "seed": np.arange(n)})
+    """A big plan is one sorted table plus offsets, not one Arrow object per batch; ``only`` plans a subset."""
     import pyarrow.parquet as pq
 
+    from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
+    from jobs.planning.plan import plan_rows
+
+    n = 20_000
+    rows = pa.table({"id": [f"id-{i:06d}" for i in range(n)], "prompt": ["p"] * n, "seed": np.arange(n)})
     pq.write_table(rows, tmp_path / "m.parquet")
     config = JobConfig(manifest=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"), batch_size=4)
-    done_ids = [f"id-{i:06d}" for i in range(0, n, 2)]
-    done = pa.table({"id": done_ids, "image_index": pa.array([0] * len(done_ids), pa.int32())})
-    plan = make_plan(config, done=done)
-    assert plan.num_done == n // 2 and plan.num_to_render == n // 2
+    ((uri, relpath),) = list_manifest_paths(config.manifest)
+    table = read_whole(read_footer(uri, relpath))
+    odd = [f"id-{i:06d}" for i in range(1, n, 2)]
+    only = pa.table({"id": odd, "image_index": pa.array([0] * len(odd), pa.int32())})
+    plan = plan_rows(table, file=uri, config=config, movq_scales={}, only=only)
+    assert plan.num_done == n // 2 and plan.num_to_render == n // 2 and plan.num_images == n
     assert len(plan.batches) == n // 8 and plan.batches.offsets.dtype == np.int64
     assert plan.batches[0].column("id").to_pylist() == ["id-000001", "id-000003", "id-000005", "id-000007"]
