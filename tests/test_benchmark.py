@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cluster.resources import StagePlacement, StagePlan, fit_cpus, priors_needed, suggest_stages
-from jobs.benchmarks import build_real_size_modules, main
+from jobs.benchmarks import main
+from jobs.dev.real_size import build_real_size_modules
 from tests.conftest import REPO
 
 
