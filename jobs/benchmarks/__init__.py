@@ -2,7 +2,8 @@
 
 Every mode prints readable lines, then one JSON object as its last line. Speed is only ever
 measured here, never asserted by tests. One module per mode (`cpu`, `simulated`, `plan`, `gpu`),
-each with a ``MODES`` tuple that `jobs.benchmarks.cli` registers; shared helpers in `common`.
+each with a ``MODES`` tuple that `jobs.benchmarks.cli` registers; shared helpers in `common`; the
+Ray Data wiring that ``simulated --wiring ray-data`` compares with in `ray_data`.
 """
 
 from __future__ import annotations

@@ -108,9 +108,10 @@ def simulate_once(
 ) -> dict[str, Any]:
     """One simulated run on the connected Ray: plan, group and run exactly as a render job does."""
     from actors.storage import Storage
+    from jobs.benchmarks.ray_data import run_ray_data
     from jobs.execution.job import prior_batch_size as resolve_prior_batch_size
     from jobs.execution.job import work_groups
-    from jobs.execution.runner import StageSpec, run_ray, run_ray_data
+    from jobs.execution.runner import StageSpec, run_ray
     from jobs.output.results import ResultsWriter
     from jobs.planning.plan import make_plan
     from schemas.config import JobConfig
