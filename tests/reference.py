@@ -12,7 +12,7 @@ from PIL import Image
 @functools.lru_cache(maxsize=4)
 def combined_pipeline(models_dir: str) -> object:
     """`KandinskyV22CombinedPipeline` assembled from ``models_dir/prior`` and ``models_dir/decoder`` (fp32, CPU)."""
-    from jobs.benchmarks import combined_pipeline as assemble
+    from jobs.dev.reference import combined_pipeline as assemble
 
     return assemble(models_dir, dtype=torch.float32, device="cpu")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster.resources import StagePlacement, StagePlan, fit_cpus, priors_needed, suggest_stages
-from jobs.benchmarks import build_real_size_modules, main
+from jobs.dev.real_size import build_real_size_modules
 from tests.conftest import REPO
 
 
@@ -18,12 +18,12 @@ def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
-def run_benchmark(*args: str, timeout: int = 300) -> dict:
-    """``kandinsky-render benchmark ARGS`` in a fresh process, as a user runs it; its last line as JSON."""
+def benchmark_process(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """``kandinsky-render benchmark ARGS`` in a fresh process, as a user runs it (tests import no benchmark code)."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "jobs.cli", "benchmark", *args],
         cwd=REPO,
         capture_output=True,
@@ -31,6 +31,11 @@ def run_benchmark(*args: str, timeout: int = 300) -> dict:
         env=env,
         timeout=timeout,
     )
+
+
+def run_benchmark(*args: str, timeout: int = 300) -> dict:
+    """``kandinsky-render benchmark ARGS`` in a fresh process, as a user runs it; its last line as JSON."""
+    proc = benchmark_process(*args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return last_json(proc.stdout)
 
@@ -67,16 +72,12 @@ def test_cpu_runs_job_and_diffusers_loop_with_equal_images(tmp_path: Path) -> No
     assert stats["suggested_stages"]["num_decoder_actors"] >= 1
 
 
-def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
-        [
-            "gpu", "--tiny", "--device", "cpu", "--size", "64", "--steps", "2", "--prior-steps", "2",
-            "--batch-sizes", "1", "2", "--timed-batches", "1", "--combined-rows", "1", "--check-rows", "2",
-            "--check-steps", "2", "--work-dir", str(tmp_path),
-        ]
+def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path) -> None:
+    result = run_benchmark(
+        "gpu", "--tiny", "--device", "cpu", "--size", "64", "--steps", "2", "--prior-steps", "2",
+        "--batch-sizes", "1", "2", "--timed-batches", "1", "--combined-rows", "1", "--check-rows", "2",
+        "--check-steps", "2", "--work-dir", str(tmp_path),
     )  # fmt: skip
-    assert code == 0
-    result = last_json(capsys.readouterr().out)
     assert [b["batch_size"] for b in result["batches"]] == [1, 2]
     assert all(b["errors"] == 0 for b in result["batches"])
     assert result["combined_images_per_s"] > 0 and result["speedup_vs_combined"] > 0
@@ -84,13 +85,14 @@ def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path, capsys: pytest.Capt
     assert "max_level_difference" in result["vs_combined_float32"]["float16"]
 
 
-def test_gpu_refuses_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+def test_gpu_refuses_without_a_gpu() -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert main(["gpu"]) == 2
-    assert "CUDA" in capsys.readouterr().err
+    proc = benchmark_process("gpu")
+    assert proc.returncode == 2
+    assert "CUDA" in proc.stderr
 
 
 def test_real_size_architectures_have_the_documented_sizes() -> None:

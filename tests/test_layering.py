@@ -73,3 +73,21 @@ def loaded_after_import(module: str) -> set[str]:
 )
 def test_import_rules_in_a_fresh_process(module: str, forbidden: set[str]) -> None:
     assert not loaded_after_import(module) & forbidden
+
+
+def test_tests_import_no_benchmark_code() -> None:
+    """Benchmarks run in tests only as ``kandinsky-render benchmark`` processes; shared helpers live in jobs.dev."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            if any(name == "jobs.benchmarks" or name.startswith("jobs.benchmarks.") for name in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, offenders

@@ -175,7 +175,7 @@ def prior_scheduler() -> UnCLIPScheduler:
     )
 
 
-def _decoder_scheduler() -> DDPMScheduler:
+def decoder_scheduler() -> DDPMScheduler:
     """DDPMScheduler configured like kandinsky-community/kandinsky-2-2-decoder (draws step noise)."""
     from diffusers import DDPMScheduler
 
@@ -264,7 +264,7 @@ def _build_decoder(dest: Path, *, kind: str, seed: int, movq_scale_factor: int) 
             seed=seed,
             key=unet_key,
         ),
-        scheduler=_decoder_scheduler(),
+        scheduler=decoder_scheduler(),
         # Same seed key for every decoder: equal MoVQ configs get equal weights, as in the real checkpoints.
         movq=_seeded(lambda: VQModel(**movq_kwargs), seed=seed, key="movq"),
     )
