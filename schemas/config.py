@@ -263,7 +263,7 @@ class JobConfig:
         },
     )
     writer: StageResources = field(
-        default_factory=lambda: StageResources(num_gpus=0.0),
+        default_factory=StageResources,
         metadata={
             "what": "writer (PNG encoding and shard upload)",
             "per_field": {

@@ -190,7 +190,7 @@ def test_inpaint_rows_with_different_masks_never_share_a_call(tmp_path: Path, ti
     config = JobConfig(
         manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models), batch_size=8
     )
-    plan = make_plan(config, done=None)
+    plan = make_plan(config)
     calls = [sorted(set(batch.column("id").to_pylist())) for batch in plan.batches]
     assert sorted(calls) == [["inpaint-a"], ["inpaint-b"], ["inpaint-resized"]]  # inpaint-a's 2 images share one
 
@@ -202,7 +202,7 @@ def test_only_needed_decoders_load(tmp_path: Path, tiny_models: str) -> None:
     rows = absolute([good_rows()[0], good_rows()[3]], tmp_path)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models))
-    plan = make_plan(config, done=None)
+    plan = make_plan(config)
     stages = build_stages(config, plan, run_id="r", cluster_gpus=0)
     assert [s.name for s in stages] == ["prior", "decoder"]
     assert stages[1].kwargs["models"] == {

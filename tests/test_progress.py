@@ -6,7 +6,6 @@ import io
 import json
 import logging
 
-import pyarrow as pa
 import pytest
 
 from jobs.reporting.progress import JsonFormatter, Progress, summary_table
@@ -25,8 +24,9 @@ class Terminal(io.StringIO):
         return True
 
 
-def results(*statuses: str) -> pa.Table:
-    return pa.table({"status": list(statuses)})
+def results(*statuses: str) -> dict[str, int]:
+    """What the job tells Progress about one batch: images done, errors among them."""
+    return {"num_done": len(statuses), "num_errors": sum(status != "ok" for status in statuses)}
 
 
 def progress_records(caplog: pytest.LogCaptureFixture) -> list[dict]:
@@ -38,13 +38,14 @@ def test_not_a_terminal_stays_quiet_and_logs_structured_lines(caplog: pytest.Log
     progress = Progress(stream=stream, log_every_s=30.0, clock=clock)
     assert progress.live is False
     with caplog.at_level(logging.INFO, logger="kandinsky_render.progress"):
-        progress.start(run_id="r1", num_images=10, num_refused=1)
+        progress.start(run_id="r1", num_images=10)
+        progress.update(**results("error"))  # a refused row
         clock.now += 10
-        progress.update(results("ok", "ok"))  # 10 s after start: no line yet
+        progress.update(**results("ok"))  # 10 s after start: no line yet
         clock.now += 25
-        progress.update(results("ok", "error", "ok", "ok"))  # 35 s: a line
+        progress.update(**results("ok", "error", "ok", "ok"))  # 35 s: a line
         clock.now += 5
-        progress.update(results("ok", "ok", "ok", "ok"))
+        progress.update(**results("ok", "ok", "ok", "ok"))
         progress.finish()
     assert stream.getvalue() == ""
     phases = [(r["phase"], r["num_done"]) for r in progress_records(caplog)]
@@ -63,9 +64,9 @@ def test_terminal_gets_a_live_line_and_no_periodic_log_lines(caplog: pytest.LogC
     with caplog.at_level(logging.INFO, logger="kandinsky_render.progress"):
         progress.start(run_id="r2", num_images=4)
         clock.now += 2
-        progress.update(results("ok", "error"))
+        progress.update(**results("ok", "error"))
         clock.now += 2
-        progress.update(results("ok", "ok"))
+        progress.update(**results("ok", "ok"))
         progress.finish()
     screen = terminal.getvalue()
     assert screen.count("\r") >= 3 and screen.endswith("\n")

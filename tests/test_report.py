@@ -15,12 +15,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from actors.images import encode_png
 from actors.storage import Storage
-from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, fit_profile, load_calibration
-from jobs.reporting.gallery import CELL, SAMPLE_SIZE, busy_seconds, sample, write_report
-from schemas.keys import image_key
-from schemas.results import result_from_work, results_table
+from actors.writer import ShardWriter
+from jobs.output.markers import Candidates
+from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, fit_profile, load_calibration, unit_totals
+from jobs.reporting.gallery import CELL, write_report
+from schemas.keys import sample_rank
+from schemas.results import SAMPLE_ERRORS, SAMPLE_SIZE, THUMBNAIL_SIDE, result_from_work, results_table
 from tests.conftest import REPO, write_manifest
 
 
@@ -46,23 +47,32 @@ def work_row(row_id: str, image_index: int = 0, **overrides: object) -> dict:
     return row
 
 
-def render_fake_output(root: Path, rows: list[dict], *, errors: dict[str, str] | None = None) -> pa.Table:
-    """Write a PNG per ok row at its real key and return the results table a run would have written."""
-    storage = Storage(str(root))
-    results = []
+def decoded(rows: list[dict], *, errors: dict[str, str] | None = None) -> pa.Table:
+    """What the decoder hands the writers for ``rows``: flat-grey pixels per ok row, or the row's error."""
+    pixels, heights, widths, error, kinds = [], [], [], [], []
     for n, row in enumerate(rows):
-        error = (errors or {}).get(row["id"])
-        if error:
-            results.append(result_from_work(row, run_id="run-1", error=error, error_kind="invalid_row"))
+        message = (errors or {}).get(row["id"])
+        error.append(message)
+        kinds.append("invalid_row" if message else None)
+        if message:
+            pixels.append(None), heights.append(None), widths.append(None)
             continue
-        pixels = np.full((row["height"], row["width"], 3), (n * 40) % 255, dtype=np.uint8)
-        uri = storage.write_bytes(image_key(row["id"], row["image_index"]), encode_png(pixels))
-        results.append(
-            result_from_work(
-                row, run_id="run-1", uri=uri, width=row["width"], height=row["height"], decoder_seconds=1.5
-            )
-        )
-    return results_table(results)
+        values = np.full((row["height"], row["width"], 3), (n * 40) % 255, dtype=np.uint8)
+        pixels.append(values.tobytes()), heights.append(row["height"]), widths.append(row["width"])
+    columns = {name: [row.get(name) for row in rows] for name in rows[0]}
+    columns.update(error=error, error_kind=kinds, pixels=pixels, pixel_height=heights, pixel_width=widths,
+                   decoder_seconds=[1.5] * len(rows), decoder_worker=["w"] * len(rows))  # fmt: skip
+    return pa.table(columns)
+
+
+def publish(root: Path, rows: list[dict], *, output_format: str = "files", **kwargs: object) -> Candidates:
+    """Render ``rows`` through a real writer as one shard part and return the gallery candidates of its marker."""
+    writer = ShardWriter(output=str(root), output_format=output_format, run_id="run-1")
+    writer.add("shard-a", decoded(rows, **kwargs))
+    summary = writer.finalize("shard-a")
+    candidates = Candidates()
+    candidates.add(summary["sample"])
+    return candidates
 
 
 class Links(HTMLParser):
@@ -82,8 +92,9 @@ class Links(HTMLParser):
 def test_gallery_and_contact_sheet_work_from_the_output_folder(tmp_path: Path) -> None:
     rows = [work_row("fox"), work_row("cats", 0), work_row("cats", 1), work_row("wide", width=128)]
     rows.append(work_row("bad <script>alert(1)</script>", prompt="<b>not bold</b> & co"))
-    final = render_fake_output(tmp_path, rows, errors={"bad <script>alert(1)</script>": "height=7 is too small"})
-    keys = write_report(Storage(str(tmp_path)), final, stats={"run_id": "run-1", "output": {"by_status": {"ok": 4}}})
+    candidates = publish(tmp_path, rows, errors={"bad <script>alert(1)</script>": "height=7 is too small"})
+    stats = {"run_id": "run-1", "output": {"by_status": {"ok": 4, "error": 1}, "num_images": 5}}
+    keys = write_report(Storage(str(tmp_path)), candidates.chosen(), stats=stats)
     assert keys == {"gallery": "index.html", "contact_sheet": "contact_sheet.png"}
 
     page = (tmp_path / "index.html").read_text()
@@ -108,32 +119,40 @@ def test_gallery_and_contact_sheet_work_from_the_output_folder(tmp_path: Path) -
     assert (243, 214, 214) in centers and len(set(centers)) == 5
 
 
-def test_sample_is_stable_bounded_and_shows_errors_first() -> None:
-    rows = [work_row(f"row-{i:03d}") for i in range(100)]
-    table = results_table(
-        [
-            result_from_work(row, run_id="r", error="boom" if i % 10 == 0 else None, error_kind="render_failed")
-            for i, row in enumerate(rows)
-        ]
-    )
-    chosen = sample(table)
-    assert len(chosen) == SAMPLE_SIZE
-    assert sum(r["status"] == "error" for r in chosen) == 10  # all 10 errors fit in a quarter of the sample
-    shuffled = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
-    assert sample(shuffled) == chosen  # same output, same sample, whatever the results order
-    assert [r["id"] for r in chosen] == sorted(r["id"] for r in chosen)
+def test_gallery_of_a_sharded_format_shows_previews_inline(tmp_path: Path) -> None:
+    rows = [work_row(f"img-{i}", height=256, width=256) for i in range(3)]
+    candidates = publish(tmp_path, rows, output_format="webdataset")
+    write_report(Storage(str(tmp_path)), candidates.chosen(), stats={"output": {"num_images": 3}})
+    links = Links()
+    links.feed((tmp_path / "index.html").read_text())
+    assert len(links.images) == 3 and all(src.startswith("data:image/png;base64,") for src in links.images)
+    import base64
+
+    preview = Image.open(io.BytesIO(base64.b64decode(links.images[0].split(",", 1)[1])))
+    assert max(preview.size) == THUMBNAIL_SIDE  # a preview, not the 256x256 image
+    assert not (tmp_path / "images").exists() and (tmp_path / "data" / "shard-a.tar").is_file()
 
 
-def test_busy_seconds_sum_the_stage_columns() -> None:
-    table = results_table(
-        [
-            result_from_work(work_row("a", prior_seconds=0.5), run_id="r", decoder_seconds=2.0),
-            result_from_work(work_row("b", prior_seconds=None), run_id="r", error="x", error_kind="invalid_row"),
-            result_from_work(work_row("c", prior_seconds=0.25), run_id="r", decoder_seconds=1.0),
-        ]
-    )
-    assert busy_seconds(table) == {"prior": 0.75, "decoder": 3.0}
-    assert busy_seconds(table.slice(0, 0)) == {"prior": 0.0, "decoder": 0.0}
+def test_sample_merged_shard_by_shard_equals_ranking_everything() -> None:
+    """Each shard keeps its lowest ranks; merging them gives the sample a ranking of every image would."""
+    entries = [
+        {"id": f"row-{i:03d}", "image_index": 0, "status": "error" if i % 10 == 0 else "ok",
+         "rank": sample_rank(f"row-{i:03d}", 0)}
+        for i in range(300)
+    ]  # fmt: skip
+    everything = Candidates()
+    everything.add(entries)
+    merged = Candidates()
+    for shard in range(10):  # each shard's writer keeps its own lowest ranks, as a marker's sample does
+        own = Candidates()
+        own.add(entries[shard::10])
+        merged.add(entry for _, entry in own.ok + own.errors)
+    chosen = merged.chosen()
+    assert chosen == everything.chosen()
+    assert len(chosen) == SAMPLE_SIZE and sum(e["status"] == "error" for e in chosen) == SAMPLE_ERRORS
+    oks = sorted((e for e in entries if e["status"] == "ok"), key=lambda e: e["rank"])[: SAMPLE_SIZE - SAMPLE_ERRORS]
+    assert {e["id"] for e in chosen if e["status"] == "ok"} == {e["id"] for e in oks}
+    assert [e["id"] for e in chosen] == sorted(e["id"] for e in chosen)
 
 
 def test_calibration_fit_recovers_known_costs_and_estimates_plans() -> None:
@@ -160,12 +179,14 @@ def test_calibration_fit_recovers_known_costs_and_estimates_plans() -> None:
     assert fitted.decoder_image_seconds == pytest.approx(0.2)
 
     batch = pa.Table.from_pylist([work_row("x", num_inference_steps=100), work_row("y", num_inference_steps=100)])
-    seconds = estimate(batch, truth)
+    seconds = estimate(unit_totals(batch), truth)
     scale = 64 * 64 / 512**2
     assert seconds["prior"] == pytest.approx(2 * 5 * 0.01)
     assert seconds["decoder"] == pytest.approx(2 * (100 * 0.05 + 0.2) * scale)
     img2img = pa.Table.from_pylist([work_row("z", mode="img2img", num_inference_steps=100, strength=0.3)])
-    assert estimate(img2img, truth)["decoder"] == pytest.approx((30 * 0.05 + 0.2) * scale)  # 30 of 100 steps run
+    assert estimate(unit_totals(img2img), truth)["decoder"] == pytest.approx(
+        (30 * 0.05 + 0.2) * scale
+    )  # 30 of 100 steps run
     with pytest.raises(ValueError, match="no ok results rows"):
         fit_profile(results_table([]), name="x", source="")
 
@@ -216,7 +237,6 @@ def test_dry_run_plans_without_models_or_writes(tmp_path: Path) -> None:
 
 
 def test_report_png_decodes(tmp_path: Path) -> None:
-    final = render_fake_output(tmp_path, [work_row("only")])
-    write_report(Storage(str(tmp_path)), final, stats={})
+    write_report(Storage(str(tmp_path)), publish(tmp_path, [work_row("only")]).chosen(), stats={})
     data = (tmp_path / "contact_sheet.png").read_bytes()
     assert Image.open(io.BytesIO(data)).size == (CELL, CELL + 14)

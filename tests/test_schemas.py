@@ -8,7 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from jobs.planning.plan import list_manifest_files, make_plan, read_manifest
+from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
+from jobs.planning.plan import make_plan
 from schemas.config import JobConfig, ModelPaths
 from schemas.keys import image_key, image_seed
 from schemas.manifest import MANIFEST_COLUMNS, ManifestError, RenderDefaults
@@ -48,7 +49,7 @@ def _refusal(tmp_path: Path, rows: list[dict] | None = None, table: pa.Table | N
     else:
         write_manifest(path, rows or [])
     with pytest.raises(ManifestError) as info:
-        make_plan(_config(tmp_path, str(path)), done=None)
+        make_plan(_config(tmp_path, str(path)))
     message = str(info.value)
     assert str(path) in message
     return message
@@ -88,7 +89,7 @@ def test_refuses_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ManifestError, match="cannot read as Parquet") as info:
-        read_manifest(str(path))
+        read_footer(str(path), "broken.parquet")
     assert str(path) in str(info.value)
 
 
@@ -97,7 +98,7 @@ def test_refuses_ids_repeated_across_files(tmp_path: Path) -> None:
     write_manifest(tmp_path / "in" / "a.parquet", [{"id": "same", "prompt": "x"}])
     write_manifest(tmp_path / "in" / "b.parquet", [{"id": "same", "prompt": "y"}])
     with pytest.raises(ManifestError, match="'same' appears in both"):
-        make_plan(_config(tmp_path, str(tmp_path / "in")), done=None)
+        make_plan(_config(tmp_path, str(tmp_path / "in")))
 
 
 def test_manifest_uri_forms(tmp_path: Path) -> None:
@@ -107,11 +108,11 @@ def test_manifest_uri_forms(tmp_path: Path) -> None:
     write_manifest(folder / "day=2" / "b.parquet", [{"id": "b", "prompt": "x"}])
     (folder / "_SUCCESS").write_text("")
     (folder / "notes.txt").write_text("not a manifest")
-    assert [Path(p).name for p in list_manifest_files(str(folder))] == ["a.parquet", "b.parquet"]
-    assert [Path(p).name for p in list_manifest_files(str(folder / "*.parquet"))] == ["a.parquet"]
-    assert [Path(p).name for p in list_manifest_files(f"file://{folder}/a.parquet")] == ["a.parquet"]
+    assert [rel for _, rel in list_manifest_paths(str(folder))] == ["a.parquet", "day=2/b.parquet"]
+    assert [rel for _, rel in list_manifest_paths(str(folder / "*.parquet"))] == ["a.parquet"]
+    assert [Path(uri).name for uri, _ in list_manifest_paths(f"file://{folder}/a.parquet")] == ["a.parquet"]
     with pytest.raises(ManifestError, match="no such manifest"):
-        list_manifest_files(str(tmp_path / "missing"))
+        list_manifest_paths(str(tmp_path / "missing"))
 
 
 def test_bad_values_become_error_rows_not_refusals(tmp_path: Path) -> None:
@@ -128,7 +129,7 @@ def test_bad_values_become_error_rows_not_refusals(tmp_path: Path) -> None:
         {"id": "nan-guidance", "prompt": "x", "guidance_scale": float("nan")},
     ]
     path = write_manifest(tmp_path / "m.parquet", rows)
-    plan = make_plan(_config(tmp_path, path), done=None)
+    plan = make_plan(_config(tmp_path, path))
     assert plan.num_to_render == 2  # "ok" and "later-mode"
     errors = {row["id"]: row["error"] for row in plan.refused.to_pylist()}
     assert errors["no-prompt"].startswith("prompt is null or empty")
@@ -145,7 +146,8 @@ def test_bad_values_become_error_rows_not_refusals(tmp_path: Path) -> None:
 
 def test_every_documented_column_is_accepted(tmp_path: Path) -> None:
     names = [column.name for column in MANIFEST_COLUMNS]
-    table = read_manifest(write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x"}]))
+    path = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x"}])
+    table = read_whole(read_footer(path, "m.parquet"))
     assert table.column_names == names
 
 

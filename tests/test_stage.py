@@ -138,7 +138,7 @@ def test_sizes_are_refused_at_plan_time_with_the_checkpoint_scale(tmp_path: Path
     ]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models))
-    plan = make_plan(config, done=None)
+    plan = make_plan(config)
     assert plan.batches.work.column("id").to_pylist() == ["fine"]
     refused = {r["id"]: r for r in plan.refused.to_pylist()}
     assert refused["odd"]["error_kind"] == refused["cn"]["error_kind"] == "unsupported_size"
@@ -151,9 +151,7 @@ def test_decoder_refuses_a_checkpoint_whose_scale_differs_from_the_plan(tmp_path
     from actors.decoder import DecoderActor
 
     with pytest.raises(ValueError, match="MoVQ scale is 2 but the plan checked sizes for 8"):
-        DecoderActor(
-            {"text2img": f"{tiny_models}/decoder"}, output=str(tmp_path), run_id="r", movq_scales={"decoder": 8}
-        )
+        DecoderActor({"text2img": f"{tiny_models}/decoder"}, movq_scales={"decoder": 8})
 
 
 def test_decoder_out_of_memory_split_keeps_the_images(tmp_path: Path, tiny_models: str) -> None:
@@ -161,18 +159,18 @@ def test_decoder_out_of_memory_split_keeps_the_images(tmp_path: Path, tiny_model
     this machine has no GPU) renders the same images as an unsplit run, in calls of at most 2 rows."""
     from actors.decoder import DecoderActor
     from actors.prior import PriorActor
-    from tests.reference import load_png, max_level_difference
+    from tests.reference import max_level_difference
 
     rows = [{"id": f"r{i}", "prompt": f"a picture {i}", "seed": i, "height": 64, "width": 64,
              "num_inference_steps": 3, "prior_num_inference_steps": 2} for i in range(5)]  # fmt: skip
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models))
-    work = make_plan(config, done=None).batches.work
+    work = make_plan(config).batches.work
     embeds = PriorActor(f"{tiny_models}/prior")(work)
     models = {"text2img": f"{tiny_models}/decoder"}
-    plain = DecoderActor(models, output=str(tmp_path / "plain"), run_id="r")(embeds).to_pylist()
+    plain = DecoderActor(models)(embeds).to_pylist()
 
-    split = DecoderActor(models, output=str(tmp_path / "split"), run_id="r", max_batch_size=8)
+    split = DecoderActor(models, max_batch_size=8)
     real_call, sizes = split.pipes["text2img"].__call__, []
 
     def call(**kwargs: object) -> object:
@@ -184,6 +182,10 @@ def test_decoder_out_of_memory_split_keeps_the_images(tmp_path: Path, tiny_model
     split.pipes["text2img"] = type("Pipe", (), {"__call__": staticmethod(call), "unet": split.pipes["text2img"].unet})()
     results = split(embeds).to_pylist()
     assert sizes == [5, 3, 2, 1, 2] and split.max_batch_size == 2
-    assert [r["status"] for r in results] == ["ok"] * 5
+    assert [r["error"] for r in results] == [None] * 5
+
+    def pixels(row: dict) -> np.ndarray:
+        return np.frombuffer(row["pixels"], np.uint8).reshape(row["pixel_height"], row["pixel_width"], 3)
+
     for a, b in zip(plain, results):
-        assert max_level_difference(load_png(a["uri"]), load_png(b["uri"])) <= 1
+        assert max_level_difference(pixels(a), pixels(b)) <= 1

@@ -100,7 +100,7 @@ def test_run_job_warns_about_untested_versions_and_records_them(
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), runner="local", models=ModelPaths())
     with caplog.at_level(logging.WARNING, logger="jobs.execution.job"):
         summary = run_job(config)  # its one row is refused: no model loads
-    assert summary.plan.refused.num_rows == 1 and not summary.plan.batches
+    assert summary.stats["num_refused"] == 1 and summary.stats["num_rendered"] == 0
     assert "untested package version: diffusers 0.43.0 is installed but ..." in caplog.messages
     assert summary.stats["versions"]["mismatches"] == version_mismatches()
 
@@ -152,13 +152,12 @@ def test_depth_revision_applies_to_the_default_hub_model_only(tmp_path: Path) ->
 
 
 def test_depth_stage_gets_the_revision(tmp_path: Path) -> None:
-    from jobs.execution.job import build_stages
-    from jobs.planning.plan import make_plan
+    from jobs.execution.chain import build_chain
 
-    row = {"id": "cn", "mode": "controlnet", "prompt": "a robot", "image": str(tmp_path / "x.png"), "seed": 1}
-    manifest = write_manifest(tmp_path / "m.parquet", [{**row, "height": 64, "width": 64}])
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "cn", "prompt": "a robot"}])
     for models, revision in ((ModelPaths(), "bc15f29"), (ModelPaths.resolve(models_dir=str(tmp_path)), None)):
         config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=models)
-        plan = make_plan(config, done=None, supported_modes=frozenset({"controlnet"}))
-        depth = build_stages(config, plan, run_id="r", cluster_gpus=0)[0]
+        stages, _ = build_chain(config, modes=["controlnet"], needs_depth=True, movq_scales={}, output_format="files",
+                                run_id="r", cluster_gpus=0)  # fmt: skip
+        depth = stages[0]
         assert (depth.name, depth.kwargs["model"], depth.kwargs["revision"]) == ("depth", models.depth, revision)

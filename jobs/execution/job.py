@@ -70,8 +70,6 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
     """
     for line in version_mismatches():  # the actors log their own workers' mismatches at start-up
         logger.warning("untested package version: %s", line)
-    for line in version_mismatches():  # the actors log their own workers' mismatches at start-up
-        logger.warning("untested package version: %s", line)
     progress = progress or Progress(live=False)
     started = time.monotonic()
     storage = Storage(config.output, storage_options=config.storage_options)

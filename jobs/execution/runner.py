@@ -124,12 +124,8 @@ class RayStagePipeline:
         self.slowest = [0.0] * len(names)
         self.up_since = [time.monotonic()] * len(names)  # when each stage last had an actor up
         self.calls: dict[Any, _Call] = {}
-        self.pools: list[list[Actor]] = []
-        for number, spec in enumerate(self.specs):
-            pool = [start_actor(spec, stage=number, sink=spec is sink) for _ in range(spec.resources.num_actors)]
-            for actor in pool:
-                self._probe(actor)
-            self.pools.append(pool)
+        self.pools: list[list[Actor]] = [[] for _ in self.specs]
+        self._start_pool(len(self.stages))  # the sink; model stages start with the first task that has batches
         self.ready: list[collections.deque[Any]] = [collections.deque() for _ in self.stages]
         self.reopen: collections.deque[_TaskState] = collections.deque()  # tasks to (re)start, first
         self.open: list[_TaskState] = []
@@ -161,6 +157,15 @@ class RayStagePipeline:
                 for ref in dict.fromkeys(done + more):
                     yield from self._complete(ref)
 
+    def _start_pool(self, number: int) -> None:
+        spec = self.specs[number]
+        self.pools[number] = [
+            start_actor(spec, stage=number, sink=spec is self.sink) for _ in range(spec.resources.num_actors)
+        ]
+        self.up_since[number] = time.monotonic()
+        for actor in self.pools[number]:
+            self._probe(actor)
+
     def close(self) -> None:
         """Kill every actor (frees their GPUs for the next job in this Ray session)."""
         import ray
@@ -175,7 +180,7 @@ class RayStagePipeline:
     def _open_tasks(self, pending: Iterator[Task], exhausted: bool) -> bool:
         """Start tasks while there is room; returns True once ``pending`` is used up."""
         while len(self.open) < self.max_tasks and not self.ready[0] and self.num_buffered < self.max_buffered:
-            if self.wait_for_actors and not all(a.ready for pool in self.pools for a in pool):
+            if self.wait_for_actors and self.pools[0] and not all(a.ready for pool in self.pools for a in pool):
                 return exhausted
             sink = self._free_sink()
             if sink is None:
@@ -193,6 +198,9 @@ class RayStagePipeline:
         return exhausted
 
     def _start(self, state: _TaskState, sink: Actor) -> None:
+        if state.task.num_batches and not self.pools[0]:
+            for number in range(len(self.stages)):
+                self._start_pool(number)
         state.sink, state.remaining, state.finalizing = sink, state.task.num_batches, False
         sink.open_tasks += 1
         self.open.append(state)
@@ -380,7 +388,7 @@ class RayStagePipeline:
         name = self.specs[actor.stage].name
         if outcome == "ready":
             actor.ready, actor.probe_failures = True, 0
-            if all(a.ready for pool in self.pools for a in pool):
+            if all(pool and all(a.ready for a in pool) for pool in self.pools):
                 self.timeline.setdefault("actors_ready", time.monotonic())
             return
         if outcome == "failed":
@@ -448,7 +456,7 @@ class RayStagePipeline:
         now = time.monotonic()
         for number, pool in enumerate(self.pools):
             name = self.specs[number].name
-            if any(actor.ready for actor in pool):
+            if any(actor.ready for actor in pool) or not pool:  # not started yet: nothing to wait for
                 self.up_since[number] = now
             elif now - self.up_since[number] > self.deadlines.stage_wait_s:
                 raise RuntimeError(
@@ -475,7 +483,7 @@ class RayStagePipeline:
         if now - self._last_warning > self.stall_warning_s:
             self._last_warning = now
             for number, pool in enumerate(self.pools):
-                if not any(actor.ready for actor in pool):
+                if pool and not any(actor.ready for actor in pool):
                     logger.warning(
                         "stage %s: no actor is up after %.0f s: still loading its model, restarting, or the "
                         "cluster lacks the resources (%s)",

@@ -112,11 +112,16 @@ def check_split(stages: Sequence[StageSpec], split_after: int) -> None:
 def run_local(
     stages: Sequence[StageSpec], sink: SinkSpec, tasks: Iterable[Task], *, split_after: int = 0
 ) -> Iterator[Event]:
-    """In-process: one instance per stage and one sink; tasks one after another, events in order."""
+    """In-process: one instance per stage and one sink; tasks one after another, events in order.
+
+    Model stages are built when the first task with batches arrives, so a run of refused rows loads no model.
+    """
     check_split(stages, split_after)
-    chain = [spec.build(worker="local") for spec in stages]
+    chain: list[Any] = []
     writer = sink.build(worker="local")
     for task in tasks:
+        if task.groups and not chain:
+            chain = [spec.build(worker="local") for spec in stages]
         for group in task.groups:
             table = pa.concat_tables(group)
             for instance in chain[: split_after + 1]:

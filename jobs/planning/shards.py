@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.storage import Storage
@@ -85,9 +86,12 @@ class RunPlan:
             columns, hints_null = read_columns(
                 shard, ["mode", "num_images"], storage_options=self.config.storage_options
             )
-            counts = pc.fill_null(columns.column("num_images"), defaults.num_images).to_numpy(zero_copy_only=False)
+            counts = columns.column("num_images").cast(pa.int64())
+            counts = pc.fill_null(counts, defaults.num_images).to_numpy(zero_copy_only=False)
             num_images += int(np.where((counts >= 1) & (counts <= limits.max_num_images), counts, 1).sum())
-            shard_modes = set(pc.unique(pc.fill_null(columns.column("mode"), DEFAULT_MODE)).to_pylist())
+            shard_modes = set(
+                pc.unique(pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE)).to_pylist()
+            )
             modes |= shard_modes & set(MODES)
             needs_depth |= bool(shard_modes & estimated) and hints_null
         return PendingScan(num_images=num_images, modes=sorted(modes), needs_depth=needs_depth)
