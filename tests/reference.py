@@ -162,3 +162,16 @@ def mode_reference(models_dir: str, row: dict, seed: int, *, hint: str | bytes |
     if mode in ("controlnet", "controlnet_img2img"):
         extra["hint"] = hint_tensor(hint if hint is not None else row["hint"])
     return np.asarray(decoder(generator=generator, **embeds, **extra, **p).images[0])
+
+
+def assert_close_to_reference(got: np.ndarray, expected: np.ndarray, *, what: object) -> None:
+    """The job's image against diffusers' solo reference: every value within 2 levels, at most 0.1% beyond 1.
+
+    Batched calls differ from solo calls by float effects (about 5e-5 in decoder latents); the tiny
+    random MoVQ amplifies them, so a handful of values of an image that shared its decoder call can
+    land 2 levels away, depending even on the reference process's allocation history (see README.md,
+    Seeds and reproducibility). Same inputs and batch composition are still bitwise repeatable.
+    """
+    assert got.shape == expected.shape, (what, got.shape, expected.shape)
+    levels = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+    assert levels.max() <= 2 and (levels > 1).mean() <= 1e-3, (what, int(levels.max()), float((levels > 1).mean()))

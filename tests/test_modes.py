@@ -15,7 +15,7 @@ from jobs.execution.job import run_job
 from jobs.output.results import final_results, read_results
 from schemas.config import JobConfig, ModelPaths
 from tests.conftest import write_manifest
-from tests.reference import load_png, max_level_difference, mode_reference
+from tests.reference import assert_close_to_reference, load_png, max_level_difference, mode_reference
 
 STEPS = {"num_inference_steps": 4, "prior_num_inference_steps": 3}
 
@@ -171,7 +171,7 @@ def test_every_mode_matches_its_diffusers_reference(mixed: dict, tiny_models: st
             expected = mode_reference(tiny_models, row, result["seed"], hint=hint)
             got = load_png(result["uri"])
             assert got.shape == expected.shape == (result["height"], result["width"], 3), row["id"]
-            assert max_level_difference(got, expected) <= 1, (row["id"], index)
+            assert_close_to_reference(got, expected, what=(row["id"], index))
 
 
 def test_bad_rows_are_error_rows_naming_the_problem(mixed: dict) -> None:
@@ -196,15 +196,18 @@ def test_inpaint_rows_with_different_masks_never_share_a_call(tmp_path: Path, ti
 
 
 def test_only_needed_decoders_load(tmp_path: Path, tiny_models: str) -> None:
-    from jobs.execution.job import build_stages
-    from jobs.planning.plan import make_plan
+    from actors.storage import Storage
+    from jobs.execution.chain import build_chain
+    from jobs.planning.shards import plan_run
 
     rows = absolute([good_rows()[0], good_rows()[3]], tmp_path)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models))
-    plan = make_plan(config)
-    stages = build_stages(config, plan, run_id="r", cluster_gpus=0)
-    assert [s.name for s in stages] == ["prior", "decoder"]
+    scan = plan_run(config, Storage(config.output)).scan()
+    assert (scan.modes, scan.needs_depth, scan.num_images) == (["inpaint", "text2img"], False, 3)
+    stages, sink = build_chain(config, modes=scan.modes, needs_depth=scan.needs_depth, movq_scales={},
+                               output_format="files", run_id="r", cluster_gpus=0)  # fmt: skip
+    assert [s.name for s in stages] == ["prior", "decoder"] and sink.name == "writer"
     assert stages[1].kwargs["models"] == {
         "text2img": f"{tiny_models}/decoder",
         "inpaint": f"{tiny_models}/decoder-inpaint",

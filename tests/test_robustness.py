@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -180,6 +181,7 @@ def _kill_leftovers(pids: list[int]) -> None:
 
 
 def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
+    """webdataset shards on S3: a SIGKILLed driver leaves only whole, marked shards; a rerun does the rest once."""
     import s3fs
 
     bucket, options = s3_options["bucket"], s3_options["options"]
@@ -189,17 +191,17 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
     output = f"s3://{bucket}/out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "jobs.render", "--manifest", f"s3://{bucket}/in/", "--output", output,
-               "--models", tiny_models, "--batch-size", "2", "--results-flush-rows", "1", "--lease-ttl", "30",
-               "--storage-option", "key=testing", "--storage-option", "secret=testing",
+               "--models", tiny_models, "--batch-size", "2", "--shard-rows", "2", "--output-format", "webdataset",
+               "--lease-ttl", "30", "--storage-option", "key=testing", "--storage-option", "secret=testing",
                "--storage-option", "client_kwargs=" + json.dumps(options["client_kwargs"])]  # fmt: skip
     driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    parts = []
-    target = random.Random().randint(1, 6)  # a random moment: after 1 to 6 result parts
+    markers = []
+    target = random.Random().randint(1, 6)  # a random moment: after 1 to 6 of the 8 shards
     while time.monotonic() < deadline and driver.poll() is None:
         fs.invalidate_cache()
-        parts = fs.glob(f"{bucket}/out/results/*.parquet")
-        if len(parts) >= target:
+        markers = fs.glob(f"{bucket}/out/shards/*.json")
+        if len(markers) >= target:
             break
         time.sleep(0.2)
     children = _descendants(driver.pid)
@@ -207,21 +209,33 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
     driver.wait()
     time.sleep(1)
     _kill_leftovers(children)
-    assert parts, driver.stderr.read().decode()[-2000:] if driver.stderr else "no results before the deadline"
+    assert markers, driver.stderr.read().decode()[-2000:] if driver.stderr else "no shard done before the deadline"
 
-    first = raw_results(output, **options)
-    first_ok = {(r["id"], r["image_index"]) for r in first if r["status"] == "ok"}
+    fs.invalidate_cache()
+    done = [json.loads(fs.cat_file(m)) for m in fs.glob(f"{bucket}/out/shards/*.json")]
+    for marker in done:  # a marker is written last: its tar and results are whole
+        (part,) = marker["parts"]
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{bucket}/out/{part['data']}"))) as tar:
+            assert len(tar.getnames()) == 2 * part["num_images"]
+    first_done = sum(m["num_images"] for m in done)
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     everything = {(r["id"], i) for r in rows for i in range(2)}
     results = raw_results(output, **options)
     assert_exactly_one_ok(results, everything)
+    assert len(results) == len(everything)  # no results file of an unpublished shard is left behind
     stats = json.loads(fs.cat_file(f"{bucket}/out/stats.json"))
-    assert stats["num_rendered"] == len(everything) - len(first_ok)  # only what the first run had not finished
-    assert stats["num_skipped_already_final"] == len(first_ok)
-    for r in results:  # every ok row points at a complete PNG
-        with Image.open(io.BytesIO(fs.cat_file(r["uri"]))) as image:
-            image.load()
+    assert stats["num_rendered"] == len(everything) - first_done  # only the shards the first run had not finished
+    assert stats["num_skipped_already_final"] == first_done
+    fs.invalidate_cache()
+    members = []
+    for tar_path in fs.glob(f"{bucket}/out/data/*.tar"):
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(tar_path))) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".png"):
+                    members.append(member.name)
+                    Image.open(tar.extractfile(member)).load()  # a whole PNG
+    assert len(members) == len(set(members)) == len(everything)  # every image exactly once across the tars
     assert not fs.exists(f"{bucket}/out/{LEASE_FILE}")
 
 
@@ -256,9 +270,7 @@ def test_killed_decoder_actor_is_replaced_and_nothing_is_lost(tmp_path: Path, ti
     outcome: dict = {}
     job = threading.Thread(
         target=lambda: outcome.update(
-            summary=run_job(
-                config_for(manifest, str(tmp_path / "hit"), tiny_models, batch_size=2, results_flush_rows=1)
-            )
+            summary=run_job(config_for(manifest, str(tmp_path / "hit"), tiny_models, batch_size=2, shard_rows=2))
         ),  # fmt: skip
     )
     job.start()
