@@ -88,7 +88,7 @@ def test_two_scheduled_runs_over_a_growing_prefix_render_every_row_once(
     first = run()
     fs.put(write_manifest(tmp_path / "d2.parquet", day2), f"{bucket}/manifests/day=2/part-0.parquet")
     plan = run("--dry-run")
-    assert "4 image(s) already final (skipped)" in plan.stdout
+    assert "1 shard(s) done, 4 image(s) already final; 1 shard(s) to render" in plan.stdout
     assert " to render " in plan.stdout and plan.stdout.count("\n  text2img") == 1
     second = run()
 
