@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 
 import numpy as np
 import torch
@@ -65,8 +66,6 @@ def pipeline(models_dir: str, checkpoint: str, class_name: str) -> object:
 
 def load_rgb(source: str | bytes) -> Image.Image:
     """An input image as the job reads it: EXIF-transposed, RGB."""
-    import io
-
     from PIL import ImageOps
 
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
@@ -175,3 +174,28 @@ def assert_close_to_reference(got: np.ndarray, expected: np.ndarray, *, what: ob
     assert got.shape == expected.shape, (what, got.shape, expected.shape)
     levels = np.abs(got.astype(np.int16) - expected.astype(np.int16))
     assert levels.max() <= 2 and (levels > 1).mean() <= 1e-3, (what, int(levels.max()), float((levels > 1).mean()))
+
+
+def result_png(result: dict, *, storage_options: dict | None = None) -> bytes:
+    """The PNG bytes of an ok results row, in any output format: the file, the tar member, or the parquet row."""
+    import tarfile
+
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(result["uri"], "rb", **(storage_options or {})) as handle:
+        data = handle.read()
+    if result["member"] is None:
+        return data
+    if result["uri"].endswith(".tar"):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            return tar.extractfile(result["member"]).read()
+    table = pq.read_table(io.BytesIO(data), columns=["key", "png"])
+    (png,) = [row["png"] for row in table.to_pylist() if row["key"] == result["member"]]
+    return png
+
+
+def load_result(result: dict, *, storage_options: dict | None = None) -> np.ndarray:
+    """Pixels of an ok results row, in any output format (`result_png`)."""
+    with Image.open(io.BytesIO(result_png(result, storage_options=storage_options))) as image:
+        return np.asarray(image.convert("RGB"))

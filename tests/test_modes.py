@@ -14,8 +14,9 @@ from actors.storage import Storage
 from jobs.execution.job import run_job
 from jobs.output.results import final_results, read_results
 from schemas.config import JobConfig, ModelPaths
+from schemas.shards import OUTPUT_FORMATS
 from tests.conftest import write_manifest
-from tests.reference import assert_close_to_reference, load_png, max_level_difference, mode_reference
+from tests.reference import assert_close_to_reference, load_png, load_result, max_level_difference, mode_reference
 
 STEPS = {"num_inference_steps": 4, "prior_num_inference_steps": 3}
 
@@ -140,11 +141,16 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory: pytest.TempPathFactory, tiny_models: str, inputs: Path, ray_two_gpus: None) -> dict:
+@pytest.fixture(scope="module", params=OUTPUT_FORMATS)
+def mixed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_models: str, inputs: Path,
+    ray_two_gpus: None,
+) -> dict:  # fmt: skip
+    """The shuffled good and bad rows rendered on Ray in each output format (small shards: several per run)."""
     rows = absolute(good_rows() + [row for row, _ in bad_rows()], inputs)
     random.Random(7).shuffle(rows)
-    return render(tmp_path_factory.mktemp("mixed"), tiny_models, rows, runner="ray", batch_size=3)
+    return render(tmp_path_factory.mktemp("mixed"), tiny_models, rows, runner="ray", batch_size=3, shard_rows=10,
+                  output_format=request.param)  # fmt: skip
 
 
 def estimated_hint(models: str, image_path: str, height: int, width: int) -> bytes:
@@ -169,7 +175,7 @@ def test_every_mode_matches_its_diffusers_reference(mixed: dict, tiny_models: st
             if row.get("mode") == "controlnet" and not row.get("hint"):
                 hint = estimated_hint(tiny_models, row["image"], row["height"], row["width"])
             expected = mode_reference(tiny_models, row, result["seed"], hint=hint)
-            got = load_png(result["uri"])
+            got = load_result(result)
             assert got.shape == expected.shape == (result["height"], result["width"], 3), row["id"]
             assert_close_to_reference(got, expected, what=(row["id"], index))
 
