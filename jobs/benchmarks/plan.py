@@ -1,9 +1,10 @@
-"""Mode ``plan``: driver time and peak memory of planning against previous results, each size in a fresh process."""
+"""Modes ``plan`` and ``startup``: the driver's time and peak memory to stream a manifest's shards (a dry run over
+synthetic manifests of 1 M to 100 M rows) and to start a rerun over an output of 10 M finished images, each in a
+fresh process."""
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -17,121 +18,200 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.benchmarks.common import REPO, Mode, machine, peak_rss_mb, prompt, subprocess_env
-from schemas.results import RESULTS_SCHEMA
+
+ROW_GROUP_ROWS = 100_000
+PROMPTS = pa.array([prompt(i) for i in range(720)])
 
 
-def write_plan_fixture(root: Path, *, num_rows: int, part_rows: int = 1000) -> None:
-    """A ``num_rows`` manifest plus ``num_rows`` ok results, half of them for rows of this manifest.
-
-    Like a scheduled run: yesterday's output holds results for ids ``num_rows/2 .. 3*num_rows/2``,
-    today's manifest asks for ids ``0 .. num_rows``. Results parts hold ``part_rows`` rows each
-    (the job's default flush), so reading them back costs what it does in a real output.
-    """
+def write_manifests(root: Path, *, num_rows: int, num_files: int) -> None:
+    """``num_rows`` text2img rows in ``num_files`` Parquet files of ``ROW_GROUP_ROWS``-row groups, written a
+    row group at a time: distinct ids, 720 prompts, 10% with a negative prompt, 10% at 768x768, half unseeded."""
     root.mkdir(parents=True, exist_ok=True)
-    index = np.arange(num_rows)
-    manifest = pa.table(
+    per_file = -(-num_rows // num_files)
+    for number in range(num_files):
+        first, last = number * per_file, min(num_rows, (number + 1) * per_file)
+        if first >= last:
+            break
+        with pq.ParquetWriter(root / f"part-{number:05d}.parquet", _schema()) as writer:
+            for start in range(first, last, ROW_GROUP_ROWS):
+                writer.write_table(_rows(start, min(last, start + ROW_GROUP_ROWS)))
+
+
+def _schema() -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
+                      ("height", pa.int64()), ("width", pa.int64()), ("seed", pa.int64())])  # fmt: skip
+
+
+def _rows(start: int, stop: int) -> pa.Table:
+    index = np.arange(start, stop)
+    ids = pa.array(np.char.add("m-", np.char.zfill(index.astype(str), 10)))
+    side = np.where(index % 10 == 3, 768, 512)
+    return pa.table(
         {
-            "id": pa.array([f"m-{i:09d}" for i in range(num_rows)]),
-            "prompt": pa.array([f"{prompt(i)}, take {i % 997}" for i in range(num_rows)]),
-            "negative_prompt": pa.array([("blurry" if i % 10 == 0 else None) for i in range(num_rows)], pa.string()),
-            "height": pa.array(np.where(index % 10 == 3, 768, 512)),
-            "width": pa.array(np.where(index % 10 == 3, 768, 512)),
-            "seed": pa.array([None if i % 2 else i for i in range(num_rows)], pa.int64()),
-        }
+            "id": ids,
+            "prompt": PROMPTS.take(pa.array(index % 720)),
+            "negative_prompt": pa.array(np.where(index % 10 == 0, "blurry", None), pa.string()),
+            "height": side,
+            "width": side,
+            "seed": pa.array(index, mask=index % 2 == 1),
+        },
+        schema=_schema(),
     )
-    pq.write_table(manifest, root / "manifest.parquet")
-    results = root / "out" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    first = num_rows // 2
-    for part, start in enumerate(range(0, num_rows, part_rows)):
-        ids = [f"m-{i:09d}" for i in range(first + start, first + min(start + part_rows, num_rows))]
-        n = len(ids)
-        columns = {f.name: pa.nulls(n, f.type) for f in RESULTS_SCHEMA}
-        columns.update(
-            id=pa.array(ids),
-            image_index=pa.array(np.zeros(n, np.int32)),
-            status=pa.array(["ok"] * n),
-            uri=pa.array([f"file:///previous/images/{i}.png" for i in ids]),
-            run_id=pa.array(["previous"] * n),
-            finished_at=pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-        )
-        table = pa.table(columns, schema=RESULTS_SCHEMA)
-        pq.write_table(table, results / f"part-previous-{part:06d}.parquet", compression="zstd")
 
 
 def plan_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Inside a fresh process: read previous results and plan, exactly as `jobs.execution.job.run_job` starts."""
-    import pyarrow.compute as pc
-
-    from actors.storage import Storage
-    from jobs.output.results import final_results, read_results
-    from jobs.planning.plan import make_plan
+    """Inside a fresh process: a dry run over the fixture (every shard read, validated and planned)."""
+    from jobs.planning.dry_run import dry_run
     from schemas.config import JobConfig
-    from schemas.manifest import SUPPORTED_MODES
-    from schemas.results import STATUS_OK
 
     baseline = peak_rss_mb()
     root = Path(args.dir)
     started = time.perf_counter()
-    config = JobConfig(manifest=str(root / "manifest.parquet"), output=str(root / "out"))
-    columns = ["id", "image_index", "status", "finished_at"]
-    previous = final_results(read_results(Storage(config.output), columns=columns))
-    done = previous.filter(pc.equal(previous.column("status"), STATUS_OK))
-    plan = make_plan(config, done=done, supported_modes=SUPPORTED_MODES)
+    text = dry_run(JobConfig(manifest=str(root / "manifests"), output=str(root / "out"), batch_size=16))
     return {
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_after_imports_mb": round(baseline, 1),
-        "num_rows": plan.num_rows,
-        "num_done": plan.num_done,
-        "num_to_render": plan.num_to_render,
-        "num_batches": len(plan.batches),
+        "summary": text.splitlines()[1:3],
     }
 
 
 def run_plan(args: argparse.Namespace) -> dict[str, Any]:
-    """Mode ``plan``: time and peak driver memory of planning, each size in a fresh process."""
+    """Mode ``plan``: dry runs over 1 M, 10 M and 100 M rows (default), each in a fresh process."""
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-"))
     runs = []
     for num_rows in args.rows:
         root = work_dir / f"plan-{num_rows}"
-        write_plan_fixture(root, num_rows=num_rows)
-        command = [sys.executable, "-m", "jobs.cli", "benchmark", "plan-worker", "--dir", str(root)]
-        proc = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"plan worker failed:\n{proc.stderr[-3000:]}")
-        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        started = time.perf_counter()
+        if not (root / "manifests").exists():
+            write_manifests(root / "manifests", num_rows=num_rows, num_files=args.files)
+        written = time.perf_counter() - started
+        run = {"num_rows": num_rows, "num_files": args.files, "fixture_seconds": round(written, 1)}
+        run |= _worker(["plan-worker", "--dir", str(root)])
         runs.append(run)
-        print(
-            f"{num_rows:>9,} rows vs {num_rows:,} previous results: {run['seconds']:.2f} s, peak RSS "
-            f"{run['peak_rss_mb']:.0f} MB (after imports {run['rss_after_imports_mb']:.0f} MB), "
-            f"{run['num_to_render']:,} to render in {run['num_batches']:,} batches",
-            flush=True,
-        )
+        print(f"{num_rows:>11,} rows in {args.files} files: dry run {run['seconds']:.1f} s, peak RSS "
+              f"{run['peak_rss_mb']:.0f} MB (after imports {run['rss_after_imports_mb']:.0f} MB); "
+              f"{run['summary'][0]}", flush=True)  # fmt: skip
     result: dict[str, Any] = {"mode": "plan", "machine": machine(), **runs[-1], "runs": runs}
     if len(runs) >= 2:
-        small, large = runs[0], runs[-1]
-        result["rows_growth"] = round(large["num_rows"] / small["num_rows"], 2)
-        result["peak_rss_growth"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 2)
+        result["rows_growth"] = round(runs[-1]["num_rows"] / runs[0]["num_rows"], 2)
+        result["peak_rss_growth"] = round(runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)
         print(f"rows x{result['rows_growth']:g} -> peak RSS x{result['peak_rss_growth']:g}")
     return result
 
 
+def _worker(command: list[str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "benchmark", *command], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark {command[0]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_rows: int) -> None:
+    """An output where every shard of the fixture's manifests is done: markers as the job writes them (with
+    gallery samples), one results and one data file per shard (placeholders: a rerun never reads them)."""
+    from actors.storage import Storage
+    from jobs.output.markers import new_marker, write_marker, write_settings
+    from jobs.planning.ids import files_digest
+    from jobs.planning.manifests import cut_shards, list_manifest_paths, read_footer
+    from schemas.shards import DatasetSettings, data_key, results_key
+
+    storage = Storage(str(root / "out"))
+    files = [read_footer(uri, rel) for uri, rel in list_manifest_paths(str(root / "manifests"))]
+    settings = DatasetSettings(manifest=str(root / "manifests"), output_format="webdataset", shard_rows=shard_rows,
+                               ids_checked=files_digest(files))  # fmt: skip
+    write_settings(storage, settings)
+    for file in files:
+        for shard in cut_shards(file, shard_rows=shard_rows):
+            sample = [{"id": f"m-{shard.start + k:010d}", "image_index": 0, "status": "ok", "error": None,
+                       "error_kind": None, "seed": k, "width": 512, "height": 512, "mode": "text2img",
+                       "prompt": prompt(k), "rank": f"{k:064x}", "uri": f"data/{shard.name}.tar",
+                       "member": f"k{k}.png", "results": results_key(shard.name)} for k in range(60)]  # fmt: skip
+            summary = {"part": shard.name, "run_id": "previous", "results": results_key(shard.name),
+                       "data": data_key(shard.name, "webdataset"), "num_images": shard.num_rows,
+                       "by_status": {"ok": shard.num_rows}, "by_mode": {"text2img": {"ok": shard.num_rows}},
+                       "errors_by_kind": {}, "busy_seconds": {"prior": 1.0, "decoder": 50.0},
+                       "ok_busy_seconds": {"prior": 1.0, "decoder": 50.0, "images": shard.num_rows},
+                       "sample": sample}  # fmt: skip
+            write_marker(storage, new_marker(shard, summary, output_format="webdataset"))
+            storage.write_bytes(results_key(shard.name), b"")
+            storage.write_bytes(summary["data"], b"")
+
+
+def startup_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Inside a fresh process: what a rerun does before its runner starts (lease, plan, orphans, scan, settings)."""
+    from actors.storage import Storage
+    from jobs.output.lease import Lease
+    from jobs.output.markers import write_settings
+    from jobs.output.orphans import delete_orphans
+    from jobs.planning.shards import plan_run
+    from schemas.config import JobConfig
+
+    root = Path(args.dir)
+    config = JobConfig(manifest=str(root / "manifests"), output=str(root / "out"), output_format="webdataset")
+    started = time.perf_counter()
+    storage = Storage(config.output)
+    with Lease(storage, run_id="startup-benchmark"):
+        plan = plan_run(config, storage)
+        deleted = delete_orphans(storage, plan.index)
+        scan = plan.scan()
+        write_settings(storage, plan.settings)
+    return {
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "num_shards": plan.num_shards,
+        "num_pending": len(plan.pending),
+        "num_images_final": plan.index.totals.num_images,
+        "orphans_deleted": len(deleted),
+        "ids_checked": plan.ids_checked,
+        "to_render": scan.num_images,
+    }
+
+
+def run_startup(args: argparse.Namespace) -> dict[str, Any]:
+    """Mode ``startup``: start-up of a rerun over an output holding ``--rows`` finished images."""
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-"))
+    root = work_dir / f"startup-{args.rows}"
+    if not (root / "out").exists():
+        write_manifests(root / "manifests", num_rows=args.rows, num_files=args.files)
+        write_finished_output(root, num_rows=args.rows, num_files=args.files, shard_rows=args.shard_rows)
+    runs = [_worker(["startup-worker", "--dir", str(root)]) for _ in range(args.repeats)]
+    best = min(runs, key=lambda r: r["seconds"])
+    seconds = ", ".join(f"{run['seconds']:.2f}" for run in runs)
+    print(f"rerun over {best['num_images_final']:,} finished images in {best['num_shards']:,} shards: start-up "
+          f"{seconds} s, peak RSS {best['peak_rss_mb']:.0f} MB, {best['num_pending']} shard(s) to render",
+          flush=True)  # fmt: skip
+    return {"mode": "startup", "machine": machine(), **best, "runs": runs}
+
+
 def add_arguments(plan: argparse.ArgumentParser) -> None:
     """Flags of ``benchmark plan``."""
-    plan.add_argument(
-        "--rows", type=int, nargs="+", default=[100_000, 1_000_000], help="manifest sizes (each vs as many results)"
-    )
-    plan.add_argument("--work-dir", help="where fixtures go (default: a new temp dir)")
+    plan.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000],
+                      help="manifest sizes")  # fmt: skip
+    plan.add_argument("--files", type=int, default=20, help="manifest files per size")
+    plan.add_argument("--work-dir", help="where fixtures go (default: a new temp dir; reused when given)")
+
+
+def add_startup_arguments(startup: argparse.ArgumentParser) -> None:
+    """Flags of ``benchmark startup``."""
+    startup.add_argument("--rows", type=int, default=10_000_000, help="finished images in the output (1 per row)")
+    startup.add_argument("--files", type=int, default=20, help="manifest files")
+    startup.add_argument("--shard-rows", type=int, default=1000, help="rows per shard of the finished output")
+    startup.add_argument("--repeats", type=int, default=3, help="fresh-process start-ups measured")
+    startup.add_argument("--work-dir", help="where fixtures go (default: a new temp dir; reused when given)")
 
 
 def add_worker_arguments(worker: argparse.ArgumentParser) -> None:
-    """Flags of the hidden ``benchmark plan-worker`` (the fresh process ``plan`` measures)."""
+    """Flags of the hidden worker modes (the fresh processes ``plan`` and ``startup`` measure)."""
     worker.add_argument("--dir", required=True)
 
 
 MODES = (
-    Mode(name="plan", help="driver time and peak memory of planning", add_arguments=add_arguments, run=run_plan),
+    Mode(name="plan", help="driver peak memory and time of a dry run over 1 M to 100 M rows",
+         add_arguments=add_arguments, run=run_plan),
+    Mode(name="startup", help="start-up of a rerun over an output of 10 M finished images",
+         add_arguments=add_startup_arguments, run=run_startup),
     Mode(name="plan-worker", help=None, add_arguments=add_worker_arguments, run=plan_worker),
-)
+    Mode(name="startup-worker", help=None, add_arguments=add_worker_arguments, run=startup_worker),
+)  # fmt: skip

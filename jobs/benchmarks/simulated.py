@@ -1,4 +1,11 @@
-"""Mode ``simulated``: the job's planner and runner with sleeping stand-in stages on a local Ray with logical GPUs."""
+"""Modes ``simulated``, ``ceiling`` and ``efficiency``: the whole render job with stand-in model stages.
+
+The job is the real one (`jobs.execution.job.run_job`): shards planned from real Parquet footers,
+the Ray runner, real writer actors encoding real PNGs into the chosen format, markers, stats.
+Only the prior and the decoder are stand-ins that sleep a fixed time per image and emit payloads of
+the real size (1280-float embeddings, a 5056-byte generator state, ``--image-size`` pixels), so the
+figures measure the wiring, the driver and the writers, not a model.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +19,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from actors.stage import Call, Outcome, Stage, with_errors
 from cluster.resources import StagePlan, priors_needed
 from jobs.benchmarks.common import Mode, machine, write_manifest
-from schemas.results import result_from_work, results_table
-from schemas.work import EMBED_FIELDS, EMBED_SCHEMA, WORK_SCHEMA
+from schemas.work import (
+    CALL_KEY,
+    DECODED_FIELDS,
+    DECODER_DROPS,
+    PRIOR_CALL_KEY,
+    embed_fields,
+    embed_schema,
+    embeds_array,
+)
 
 GENERATOR_STATE_BYTES = 5056  # a CPU torch.Generator's state, what the prior hands the decoder per image
 
@@ -26,229 +41,273 @@ def _sleep_until(deadline: float) -> None:
         time.sleep(remaining)
 
 
-class SimulatedPrior:
-    """Stand-in prior: each call lasts ``seconds_per_image`` per row and emits real-size embeddings.
+class SimulatedPrior(Stage):
+    """Stand-in prior: each call lasts ``seconds_per_image`` per row and emits real-size embeddings."""
 
-    Output rows carry ``embed_dim`` float32 embeddings (1280: the real prior's) and a generator
-    state of the real size, so payloads weigh what real ones do.
-    """
+    name = "prior"
+    call_key = PRIOR_CALL_KEY
 
-    def __init__(self, *, seconds_per_image: float, embed_dim: int = 1280, worker: str = "") -> None:
-        self.seconds_per_image = seconds_per_image
-        self.embed_dim = embed_dim
-        self.worker = f"simulated-prior {worker}".strip()
-        self._embed(WORK_SCHEMA.empty_table())  # first use of Arrow's kernels is slow: not what is measured
+    def __init__(self, *, seconds_per_image: float, embed_dim: int = 1280, **base: Any) -> None:
+        super().__init__(**base)
+        self.seconds_per_image, self.embed_dim = seconds_per_image, embed_dim
 
-    def __call__(self, work: pa.Table) -> pa.Table:
-        started = time.perf_counter()
-        table = self._embed(work)
-        _sleep_until(started + self.seconds_per_image * work.num_rows)
-        return table
+    def run(self, call: Call, arrays: dict[str, np.ndarray]) -> list[bool]:
+        _sleep_until(time.perf_counter() + self.seconds_per_image * len(call.rows))
+        return [True] * len(call.rows)
 
-    def _embed(self, work: pa.Table) -> pa.Table:
-        n = work.num_rows
-        values = pa.array(np.zeros(n * self.embed_dim, dtype=np.float32))
-        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * self.embed_dim)
-        embeds = pa.ListArray.from_arrays(offsets, values)
+    def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
+        n, dim = table.num_rows, self.embed_dim
         columns = [
-            embeds,
-            embeds,
+            embeds_array(None, num_rows=n, dim=dim),
+            embeds_array(None, num_rows=n, dim=dim),
             pa.array([bytes(GENERATOR_STATE_BYTES)] * n, pa.binary()),
-            pa.array([self.worker] * n, pa.string()),
-            pa.array([self.seconds_per_image] * n, pa.float64()),
+            pa.array([f"simulated-prior {self.worker}"] * n, pa.string()),
+            pa.array(outcome.seconds, pa.float64()),
         ]
-        table = work
-        for field, column in zip(EMBED_FIELDS, columns):
-            table = table.append_column(field, column)
-        return table.cast(EMBED_SCHEMA)
+        result = with_errors(table, outcome.errors)
+        for field, column in zip(embed_fields(dim), columns):
+            result = result.append_column(field, column)
+        return result.cast(embed_schema(dim))
 
 
-class SimulatedDecoder:
-    """Stand-in decoder: each call lasts ``seconds_per_image`` per row and returns ``ok`` results rows."""
+def natural_image(size: int, *, seed: int = 0) -> np.ndarray:
+    """A ``size`` x ``size`` RGB image that PNG-encodes like a photo: smooth light, shapes, sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    image = np.stack([0.6 * x + 0.2, 0.5 * y + 0.3, 0.8 - 0.4 * x * y], axis=-1)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
+        image[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 1, 3)
+    image += rng.normal(0, 0.02, image.shape).astype(np.float32)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
-    def __init__(self, *, seconds_per_image: float, run_id: str = "simulated", worker: str = "") -> None:
-        self.seconds_per_image = seconds_per_image
-        self.run_id = run_id
-        self.worker = f"simulated-decoder {worker}".strip()
-        self._results(EMBED_SCHEMA.empty_table())  # warm Arrow's kernels, as SimulatedPrior does
 
-    def __call__(self, embeds: pa.Table) -> pa.Table:
-        started = time.perf_counter()
-        table = self._results(embeds)
-        _sleep_until(started + self.seconds_per_image * embeds.num_rows)
-        return table
+class SimulatedDecoder(Stage):
+    """Stand-in decoder: each call lasts ``seconds_per_image`` per row and emits ``image_size`` pixels per row."""
 
-    def _results(self, embeds: pa.Table) -> pa.Table:
-        rows = [
-            result_from_work(
-                row,
-                run_id=self.run_id,
-                uri=f"simulated://{row['key']}",
-                width=row["width"],
-                height=row["height"],
-                decoder_worker=self.worker,
-                decoder_seconds=self.seconds_per_image,
-            )
-            for row in embeds.drop_columns(["image_embeds", "negative_image_embeds", "generator_state"]).to_pylist()
+    name = "decoder"
+    call_key = CALL_KEY
+
+    def __init__(self, *, seconds_per_image: float, image_size: int = 64, **base: Any) -> None:
+        super().__init__(**base)
+        self.seconds_per_image, self.image_size = seconds_per_image, image_size
+        self.pixels = [natural_image(image_size, seed=k).tobytes() for k in range(8)]
+
+    def run(self, call: Call, arrays: dict[str, np.ndarray]) -> list[bytes]:
+        _sleep_until(time.perf_counter() + self.seconds_per_image * len(call.rows))
+        return [self.pixels[row["image_index"] % len(self.pixels)] for row in call.rows]
+
+    def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
+        n, size = table.num_rows, self.image_size
+        kept = with_errors(table.drop_columns([c for c in DECODER_DROPS if c in table.column_names]), outcome.errors)
+        ok = [pixels is not None for pixels in outcome.outputs]
+        columns = [
+            pa.array(outcome.outputs, pa.binary()),
+            pa.array([size if good else None for good in ok], pa.int32()),
+            pa.array([size if good else None for good in ok], pa.int32()),
+            pa.array([f"simulated-decoder {self.worker}"] * n, pa.string()),
+            pa.array(outcome.seconds, pa.float64()),
         ]
-        return results_table(rows)
+        for field, column in zip(DECODED_FIELDS, columns):
+            kept = kept.append_column(field, column)
+        return kept
 
 
-def simulate_once(
-    *,
-    work_dir: Path,
-    num_decoders: int,
-    num_priors: int,
-    rows: int,
-    prior_seconds: float,
-    decoder_seconds: float,
-    batch_size: int,
-    prior_batch_size: int,
-    wiring: str,
-) -> dict[str, Any]:
-    """One simulated run on the connected Ray: plan, group and run exactly as a render job does."""
+def simulated_chain(*, prior_seconds: float, decoder_seconds: float, image_size: int, num_priors: int,
+                    num_decoders: int) -> Any:  # fmt: skip
+    """A `jobs.execution.chain.build_chain` stand-in: the real writers, sleeping model stages on logical GPUs."""
+    from jobs.execution.chain import build_chain
+    from jobs.execution.stages import StageSpec
+
+    def build(config: Any, **chain: Any) -> Any:
+        stages, sink = build_chain(config, **chain)
+        prior, decoder = [spec for spec in stages if spec.name in ("prior", "decoder")]
+        return [
+            StageSpec(name="prior", cls=SimulatedPrior, kwargs={"seconds_per_image": prior_seconds},
+                      resources=StagePlan(num_actors=num_priors, num_gpus=1.0, num_cpus=0.0),
+                      batch_size=prior.batch_size),
+            StageSpec(name="decoder", cls=SimulatedDecoder,
+                      kwargs={"seconds_per_image": decoder_seconds, "image_size": image_size},
+                      resources=StagePlan(num_actors=num_decoders, num_gpus=1.0, num_cpus=0.0),
+                      batch_size=decoder.batch_size),
+        ], sink  # fmt: skip
+
+    return build
+
+
+def simulate_once(args: argparse.Namespace, *, output: str, rows: int, num_decoders: int, num_priors: int,
+                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """One simulated job on the connected Ray; its figures from the job's own stats.json."""
     from actors.storage import Storage
-    from jobs.benchmarks.ray_data import run_ray_data
-    from jobs.execution.job import prior_batch_size as resolve_prior_batch_size
-    from jobs.execution.job import work_groups
-    from jobs.execution.runner import StageSpec, run_ray
-    from jobs.output.results import ResultsWriter
-    from jobs.planning.plan import make_plan
-    from schemas.config import JobConfig
-    from schemas.manifest import SUPPORTED_MODES
+    from jobs.dev.tiny_models import build_tiny_models
+    from jobs.execution.job import run_job
+    from schemas.config import JobConfig, ModelPaths, StageResources
 
-    run_dir = work_dir / f"simulated-{wiring}-{num_decoders}"
-    manifest = write_manifest(run_dir / "manifest.parquet", num_rows=rows)
+    work_dir = Path(args.work_dir)
+    name = f"{args.output_format}-{num_decoders}d-{rows}"
+    manifest = write_manifest(work_dir / name / "manifest.parquet", num_rows=rows, size=args.image_size, steps=1)
+    prior_s, decoder_s = args.prior_ms / 1000, args.decoder_ms / 1000
     config = JobConfig(
-        manifest=manifest, output=str(run_dir / "out"), batch_size=batch_size, prior_batch_size=prior_batch_size
+        manifest=manifest,
+        output=output,
+        batch_size=args.batch_size,
+        prior_batch_size=args.prior_batch_size,
+        shard_rows=args.shard_rows,
+        output_format=args.output_format,
+        writer=StageResources(num_actors=args.num_writers),
+        storage_options=storage_options or {},
+        overwrite=True,
+        # Only the checkpoints' configs are read (the MoVQ scale of the size checks: 2, so any even side).
+        models=ModelPaths.resolve(models_dir=build_tiny_models(str(work_dir / "models"))["prior"].rsplit("/", 1)[0]),
     )
-    plan = make_plan(config, done=None, supported_modes=SUPPORTED_MODES)
-    stages = [
-        StageSpec(
-            name="prior",
-            cls=SimulatedPrior,
-            kwargs={"seconds_per_image": prior_seconds},
-            resources=StagePlan(num_actors=num_priors, num_gpus=1.0, num_cpus=0.0),
-            batch_size=resolve_prior_batch_size(config),
-        ),
-        StageSpec(
-            name="decoder",
-            cls=SimulatedDecoder,
-            kwargs={"seconds_per_image": decoder_seconds},
-            resources=StagePlan(num_actors=num_decoders, num_gpus=1.0, num_cpus=0.0),
-            batch_size=batch_size,
-        ),
-    ]
-    writer = ResultsWriter(Storage(config.output), run_id="simulated")
-    timeline: dict[str, Any] = {}
+    build = simulated_chain(prior_seconds=prior_s, decoder_seconds=decoder_s, image_size=args.image_size,
+                            num_priors=num_priors, num_decoders=num_decoders)  # fmt: skip
     called = time.monotonic()
-    if wiring == "actors":
-        results = run_ray(stages, work_groups(plan, config), wait_for_actors=True, timeline=timeline)
-    else:
-        results = run_ray_data(stages, work_groups(plan, config))
-    num_images, first, last, first_rows = 0, None, None, 0
-    for table in results:
-        now = time.monotonic()
-        if first is None:
-            first, first_rows = now, table.num_rows
-        last = now
-        num_images += table.num_rows
-        writer.add(table)
-    writer.close()
-    if num_images != plan.num_to_render:
-        raise RuntimeError(f"simulated run returned {num_images} images for {plan.num_to_render}")
-    ideal = num_decoders / decoder_seconds
-    first_bound = min(prior_batch_size, rows) * prior_seconds + min(batch_size, rows) * decoder_seconds
-    from_call = first - called
-    if wiring == "actors":
-        start = timeline["first_dispatch"]
-        seconds = last - start
-        achieved = num_images / seconds
-        decoder_busy = timeline["busy_seconds"][1] / (num_decoders * seconds)
-        actors_start = timeline["actors_ready"] - timeline["started"]
-    else:  # Ray Data starts its actors inside the run: count from the first result (steady state only)
-        start = called
-        seconds = last - first
-        achieved = (num_images - first_rows) / seconds if seconds > 0 else float("nan")
-        decoder_busy = None
-        actors_start = None
+    stats = run_job(config, build=build, runner_options={"wait_for_actors": True}).stats
+    wall = time.monotonic() - called
+    timeline, busy = stats["stages"]["timeline"], stats["stages"]["busy_seconds"]
+    seconds = timeline["finished_s"] - timeline["first_dispatch_s"]
+    images = stats["this_run"]["num_images"]
+    if images != rows or stats["this_run"]["by_status"].get("ok", 0) != rows:
+        raise RuntimeError(f"simulated run gave {stats['this_run']} for {rows} images")
+    keys = Storage(output, storage_options=storage_options).list_files("")
+    objects = len(keys)
+    shards = sum(key.startswith("shards/") for key in keys)
+    per_shard = sum(key.split("/", 1)[0] in ("shards", "results", "data", "images") for key in keys) / shards
+    ideal = num_decoders / decoder_s if decoder_s else float("inf")
+    achieved = images / seconds
     return {
-        "wiring": wiring,
         "num_decoders": num_decoders,
         "num_priors": num_priors,
-        "rows": num_images,
-        "batch_size": batch_size,
-        "prior_batch_size": prior_batch_size,
-        "prior_ms": prior_seconds * 1000,
-        "decoder_ms": decoder_seconds * 1000,
+        "num_writers": stats["stages"]["stages"]["writer"]["num_actors"],
+        "rows": images,
+        "image_size": args.image_size,
+        "output_format": args.output_format,
+        "shard_rows": config.shard_rows,
+        "batch_size": args.batch_size,
+        "prior_ms": args.prior_ms,
+        "decoder_ms": args.decoder_ms,
         "seconds": round(seconds, 3),
         "images_per_s": round(achieved, 3),
-        "ideal_images_per_s": round(ideal, 3),
-        "efficiency": round(achieved / ideal, 4),
-        "decoder_busy": None if decoder_busy is None else round(decoder_busy, 4),
-        "first_image_s": round(first - start, 3),
-        "first_image_bound_s": round(first_bound, 3),
-        "first_image_from_call_s": round(from_call, 3),  # actor start-up included, either wiring
-        "actors_start_s": None if actors_start is None else round(actors_start, 3),
+        "ideal_images_per_s": None if decoder_s == 0 else round(ideal, 3),
+        "efficiency": None if decoder_s == 0 else round(achieved / ideal, 4),
+        "decoder_busy": None if decoder_s == 0 else round(busy["decoder"] / (num_decoders * seconds), 4),
+        "writer_busy_seconds": busy["writer"],
+        "first_image_s": round(timeline["first_result_s"] - timeline["first_dispatch_s"], 3),
+        "actors_start_s": timeline.get("actors_ready_s"),
+        "job_wall_s": round(wall, 3),
+        "objects_written": objects,
+        "objects_per_1000_images": round(1000 * objects / images, 2),
+        "num_shards": shards,
+        "objects_per_shard": round(per_shard, 2),  # data, results and marker (files: + one PNG per image)
     }
 
 
 def run_simulated(args: argparse.Namespace) -> dict[str, Any]:
-    """Mode ``simulated``: sleeping stages on a local Ray with logical GPUs, 1/2/4/8 decoders."""
+    """Simulated jobs on a local Ray with logical GPUs, for each decoder count."""
     import ray
 
     counts = [args.num_decoders] if args.num_decoders else [1, 2, 4, 8]
     prior_s, decoder_s = args.prior_ms / 1000, args.decoder_ms / 1000
-    priors = {
-        d: args.num_priors or priors_needed(num_decoders=d, prior_seconds=prior_s, decoder_seconds=decoder_s)
-        for d in counts
-    }
-    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-"))
+    priors = {d: args.num_priors or (priors_needed(num_decoders=d, prior_seconds=prior_s, decoder_seconds=decoder_s)
+                                     if decoder_s else 1) for d in counts}  # fmt: skip
+    args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-")
     if ray.is_initialized():
-        raise RuntimeError("benchmark simulated starts its own local Ray; call it without a Ray connection")
-    num_gpus = max(d + priors[d] for d in counts)
-    ray.init(
-        num_cpus=os.cpu_count(), num_gpus=num_gpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR"
-    )
-    runs = []
+        raise RuntimeError("this benchmark starts its own local Ray; call it without a Ray connection")
+    ray.init(num_cpus=os.cpu_count(), num_gpus=max(d + priors[d] for d in counts), include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR")  # fmt: skip
+    server, options, runs = None, None, []
     try:
+        if args.s3:
+            server, options = _loopback_s3()
         for d in counts:
-            run = simulate_once(
-                work_dir=work_dir,
-                num_decoders=d,
-                num_priors=priors[d],
-                rows=args.rows or args.rows_per_decoder * d,
-                prior_seconds=prior_s,
-                decoder_seconds=decoder_s,
-                batch_size=args.batch_size,
-                prior_batch_size=args.prior_batch_size or args.batch_size,
-                wiring=args.wiring,
-            )
+            rows = args.rows or args.rows_per_decoder * d
+            if args.s3:
+                output = f"s3://bench/{args.output_format}-{d}"
+            else:
+                output = str(Path(args.work_dir) / f"out-{args.output_format}-{d}")
+            run = simulate_once(args, output=output, rows=rows, num_decoders=d, num_priors=priors[d],
+                                storage_options=options)  # fmt: skip
             runs.append(run)
+            efficiency = "" if run["efficiency"] is None else f", efficiency {run['efficiency']:.3f}"
             print(
-                f"{run['wiring']:8s} {d} decoder(s) + {run['num_priors']} prior(s), {run['rows']} images: "
-                f"{run['images_per_s']:.2f} images/s of ideal {run['ideal_images_per_s']:.2f} -> "
-                f"efficiency {run['efficiency']:.3f}; first image {run['first_image_s']:.3f} s "
-                f"(bound {run['first_image_bound_s']:.3f} s; {run['first_image_from_call_s']:.2f} s from the call)",
+                f"{d} decoder(s) + {run['num_priors']} prior(s) + {run['num_writers']} writer(s), {run['rows']} "
+                f"{args.image_size}px images -> {args.output_format} on {'loopback S3' if args.s3 else 'local disk'}: "
+                f"{run['images_per_s']:.2f} images/s{efficiency}; {run['objects_per_1000_images']} objects per "
+                f"1000 images",
                 flush=True,
             )
     finally:
         ray.shutdown()
-    return {"mode": "simulated", "machine": machine(), **runs[-1], "runs": runs}
+        if server is not None:
+            server.stop()
+    return {"mode": args.mode, "machine": machine(), **runs[-1], "runs": runs, "s3": args.s3}
 
 
-def add_arguments(sim: argparse.ArgumentParser) -> None:
-    """Flags of ``benchmark simulated``."""
-    sim.add_argument("--num-decoders", type=int, help="one run with this many decoders (default: 1, 2, 4 and 8)")
+def run_objects(args: argparse.Namespace) -> dict[str, Any]:
+    """Objects written per 1,000 images and per shard, for each output format (zero-cost stages)."""
+    figures = {}
+    for output_format in ("files", "webdataset", "parquet"):
+        run = run_simulated(argparse.Namespace(**{**vars(args), "output_format": output_format}))
+        figures[output_format] = {k: run[k] for k in ("objects_written", "objects_per_1000_images", "num_shards",
+                                                      "objects_per_shard", "rows")}  # fmt: skip
+    return {"mode": "objects", "machine": machine(), "formats": figures}
+
+
+def _loopback_s3() -> tuple[Any, dict[str, Any]]:
+    """moto's S3 server on 127.0.0.1 (a real HTTP endpoint) and storage options reaching it, with a bucket."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    s3fs.S3FileSystem(**options).mkdir("bench")
+    return server, options
+
+
+def _add_arguments(sim: argparse.ArgumentParser, **defaults: Any) -> None:
+    settings = {"prior_ms": 20.0, "decoder_ms": 100.0, "image_size": 64, "batch_size": 4, "rows_per_decoder": 160,
+                "output_format": "webdataset", "shard_rows": 1000, **defaults}  # fmt: skip
+    sim.add_argument("--num-decoders", type=int, default=settings.get("num_decoders"),
+                     help="one run with this many decoders (default: 1, 2, 4 and 8)")  # fmt: skip
     sim.add_argument("--num-priors", type=int, help="prior actors (default: enough for the decoders, +10%%)")
-    sim.add_argument("--prior-ms", type=float, default=20.0, help="prior cost per image")
-    sim.add_argument("--decoder-ms", type=float, default=100.0, help="decoder cost per image")
-    sim.add_argument("--rows", type=int, help="images per run (default: --rows-per-decoder x decoders)")
-    sim.add_argument("--rows-per-decoder", type=int, default=160, help="images per decoder when --rows is unset")
-    sim.add_argument("--batch-size", type=int, default=4, help="images per decoder call")
-    sim.add_argument("--prior-batch-size", type=int, help="images per prior call (default: --batch-size)")
-    sim.add_argument("--wiring", choices=("actors", "ray-data"), default="actors", help="runner to measure")
-    sim.add_argument("--work-dir", help="where manifests and results go (default: a new temp dir)")
+    sim.add_argument("--num-writers", type=int, help="writer actors (default: the job's: one per two decoders)")
+    sim.add_argument("--prior-ms", type=float, default=settings["prior_ms"], help="prior cost per image")
+    sim.add_argument("--decoder-ms", type=float, default=settings["decoder_ms"], help="decoder cost per image")
+    sim.add_argument("--image-size", type=int, default=settings["image_size"], help="side of the emitted images")
+    sim.add_argument("--rows", type=int, default=settings.get("rows"), help="images per run")
+    sim.add_argument("--rows-per-decoder", type=int, default=settings["rows_per_decoder"],
+                     help="images per decoder when --rows is unset")  # fmt: skip
+    sim.add_argument("--batch-size", type=int, default=settings["batch_size"], help="images per decoder call")
+    sim.add_argument("--prior-batch-size", type=int, default=settings.get("prior_batch_size"),
+                     help="images per prior call (default: --batch-size)")  # fmt: skip
+    sim.add_argument("--output-format", choices=("files", "webdataset", "parquet"), default=settings["output_format"],
+                     help="output format the writers produce")  # fmt: skip
+    sim.add_argument("--shard-rows", type=int, default=settings["shard_rows"], help="manifest rows per shard")
+    sim.add_argument("--s3", action=argparse.BooleanOptionalAction, default=settings.get("s3", False),
+                     help="write to a loopback S3 endpoint (moto's server) instead of the local disk")  # fmt: skip
+    sim.add_argument("--work-dir", help="where manifests and outputs go (default: a new temp dir)")
 
 
-MODES = (Mode(name="simulated", help="sleeping stages on a local Ray", add_arguments=add_arguments, run=run_simulated),)
+MODES = (
+    Mode(name="simulated", help="the whole job with sleeping model stages on a local Ray",
+         add_arguments=_add_arguments, run=run_simulated),
+    Mode(name="ceiling", help="driver ceiling: the whole job with zero-cost model stages, batch 16",
+         add_arguments=lambda p: _add_arguments(p, prior_ms=0.0, decoder_ms=0.0, image_size=8, batch_size=16,
+                                                 prior_batch_size=64, num_decoders=1, rows=20_000),
+         run=run_simulated),
+    Mode(name="efficiency", help="decoder efficiency with real 768x768 encoding and writes to loopback S3",
+         add_arguments=lambda p: _add_arguments(p, decoder_ms=500.0, image_size=768, num_decoders=2, rows=480,
+                                                 shard_rows=60, s3=True),
+         run=run_simulated),
+    Mode(name="objects", help="objects written per 1,000 images and per shard, for each output format",
+         add_arguments=lambda p: _add_arguments(p, prior_ms=0.0, decoder_ms=0.0, batch_size=16, num_decoders=1,
+                                                 rows=2000),
+         run=run_objects),
+)  # fmt: skip

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cluster.resources import StagePlan, fit_cpus, place_stages, resolve_stages, resolve_writer
@@ -17,6 +18,9 @@ from schemas.config import JobConfig
 from schemas.modes import MODES
 
 logger = logging.getLogger(__name__)
+
+
+ChainBuilder = Callable[..., tuple[list[StageSpec], SinkSpec]]
 
 
 def build_chain(
@@ -93,10 +97,23 @@ def describe(stage: StagePlan) -> dict[str, Any]:
     return described
 
 
-def execute(config: JobConfig, tasks: Iterable[Task], *, stage_info: dict[str, Any], **chain: Any) -> Iterator[Event]:
-    """Run ``tasks`` through the chain with the configured runner; ``stage_info`` receives what stats.json shows."""
+def execute(
+    config: JobConfig,
+    tasks: Iterable[Task],
+    *,
+    stage_info: dict[str, Any],
+    build: ChainBuilder | None = None,
+    runner_options: dict[str, Any] | None = None,
+    **chain: Any,
+) -> Iterator[Event]:
+    """Run ``tasks`` through the chain with the configured runner; ``stage_info`` receives what stats.json shows.
+
+    ``build`` (default `build_chain`) makes the stages: benchmarks swap in stand-in model stages and
+    keep everything else real. ``runner_options`` go to `jobs.execution.runner.RayStagePipeline`.
+    """
+    build = build or build_chain
     if config.runner == "local":
-        stages, sink = build_chain(config, cluster_gpus=0.0, **chain)
+        stages, sink = build(config, cluster_gpus=0.0, **chain)
         stage_info.update(runner="local", stages={spec.name: describe(spec.resources) for spec in [*stages, sink]})
         yield from run_local(stages, sink, tasks, split_after=split_index(stages))
         return
@@ -110,7 +127,7 @@ def execute(config: JobConfig, tasks: Iterable[Task], *, stage_info: dict[str, A
     preload.join()
     try:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        stages, sink = build_chain(config, cluster_gpus=cluster_gpus, **chain)
+        stages, sink = build(config, cluster_gpus=cluster_gpus, **chain)
         cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
         specs = [*stages, sink]
         fitted = fit_cpus([spec.resources for spec in specs], cluster_cpus=cluster_cpus)
@@ -139,7 +156,9 @@ def execute(config: JobConfig, tasks: Iterable[Task], *, stage_info: dict[str, A
             timeline=timeline,
             deadlines=deadlines,
             max_tasks=config.shards_in_flight,
+            **(runner_options or {}),
         )
+        timeline["finished"] = time.monotonic()
         stage_info.update(_timing(timeline))
     finally:
         if started:
@@ -162,7 +181,7 @@ def _timing(timeline: dict[str, Any]) -> dict[str, Any]:
     started = timeline["started"]
     marks = {
         f"{name}_s": round(timeline[name] - started, 3)
-        for name in ("actors_ready", "first_dispatch", "first_result")
+        for name in ("actors_ready", "first_dispatch", "first_result", "finished")
         if name in timeline
     }
     names = timeline["names"]

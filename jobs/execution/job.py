@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.storage import Storage
-from jobs.execution.chain import execute
+from jobs.execution.chain import ChainBuilder, execute
 from jobs.execution.stages import BatchDone, Task, TaskDone
 from jobs.output.lease import Lease
 from jobs.output.markers import Counts, new_marker, retried_marker, write_marker, write_settings
@@ -61,12 +61,19 @@ def tasks(plan: RunPlan, config: JobConfig, open_works: dict[str, ShardWork]) ->
         yield Task(tag=work.part, groups=groups, args={"refused": refused})
 
 
-def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummary:
+def run_job(
+    config: JobConfig,
+    *,
+    progress: Progress | None = None,
+    build: ChainBuilder | None = None,
+    runner_options: dict[str, Any] | None = None,
+) -> JobSummary:
     """Render every image of the manifests whose shard is not done in the output yet; see README.md.
 
     Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests,
     ValueError for impossible settings and `jobs.output.lease.LeaseHeldError` when another run
     holds the output. A shard's results are published only after its images, its marker last.
+    ``build`` and ``runner_options``: see `jobs.execution.chain.execute` (benchmarks).
     """
     for line in version_mismatches():  # the actors log their own workers' mismatches at start-up
         logger.warning("untested package version: %s", line)
@@ -103,6 +110,8 @@ def run_job(config: JobConfig, *, progress: Progress | None = None) -> JobSummar
             config,
             tasks(plan, config, open_works),
             stage_info=stage_info,
+            build=build,
+            runner_options=runner_options,
             modes=scan.modes,
             needs_depth=scan.needs_depth,
             movq_scales={MODES[mode].checkpoint: plan.scales[MODES[mode].checkpoint] for mode in scan.modes},

@@ -12,10 +12,10 @@ import pyarrow as pa
 
 from actors.storage import Storage
 from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
-from jobs.planning.plan import Plan, group_batches, prior_batch_size
+from jobs.planning.plan import Plan, group_batches, plan_needs_depth, prior_batch_size
 from jobs.planning.shards import RunPlan, plan_run
 from schemas.config import JobConfig
-from schemas.modes import PRIOR_KINDS, needs_depth
+from schemas.modes import PRIOR_KINDS
 
 STAGES = ("depth", "prior", "decoder")
 
@@ -44,13 +44,14 @@ class Census:
             self.refused_images[row["error_kind"]] += row["id_count"]
             self.refused_rows[row["error_kind"]] += row["id_count_distinct"]
         size = prior_batch_size(config)
+        depth = plan.needs_depth
         self.calls["decoder"] += len(plan.batches)
         for group in group_batches(plan.batches, max_rows=size):
             rows = sum(batch.num_rows for batch in group)
             self.calls["prior"] += (
                 rows if PRIOR_KINDS[group[0].column("prior_kind")[0].as_py()].alone else -(-rows // size)
             )
-            if any(needs_depth(row) for batch in group for row in batch.select(["mode", "hint", "error"]).to_pylist()):
+            if depth and plan_needs_depth(pa.concat_tables(group)):
                 self.calls["depth"] += 1
         if work.num_rows:
             self.units.update(unit_totals(work))

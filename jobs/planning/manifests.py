@@ -138,19 +138,6 @@ def cut_shards(file: ManifestFile, *, shard_rows: int) -> list[Shard]:
     ]
 
 
-def read_shard(shard: Shard, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """The shard's rows, normalized (`schemas.manifest.normalize`); reads only its row groups."""
-    fs, path = url_to_fs(shard.file, **(storage_options or {}))
-    try:
-        with fs.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.row_groups[0]))
-            table = parquet.read_row_groups(list(shard.row_groups))
-    except Exception as exc:
-        raise ManifestError(f"{shard.file}: cannot read rows {shard.start}..{shard.stop}: {exc}") from exc
-    return normalize(table.slice(shard.start - first_row, shard.num_rows), file=shard.file)
-
-
 def read_whole(file: ManifestFile, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Every row of a (small) manifest file, normalized; for in-memory plans (`jobs.planning.plan.make_plan`)."""
     fs, path = url_to_fs(file.uri, **(storage_options or {}))
@@ -161,27 +148,77 @@ def read_whole(file: ManifestFile, *, storage_options: dict[str, Any] | None = N
     return normalize(table, file=file.uri)
 
 
-def read_columns(
-    shard: Shard, names: list[str], *, storage_options: dict[str, Any] | None = None
-) -> tuple[pa.Table, bool]:
-    """Columns ``names`` of the shard's rows (null columns where absent) and whether its ``hint`` may be null.
+class ShardReader:
+    """Reads the rows of shards, in order, with one open file and its last row groups kept.
 
-    The second answer comes from the row groups' statistics (null counts), without reading hints.
+    Consecutive shards cut from one large row group cost one read of it (memory: that row group), and
+    a file's footer is parsed once, not once per shard. Use it as a context manager.
     """
-    fs, path = url_to_fs(shard.file, **(storage_options or {}))
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        present = [name for name in names if name in parquet.schema_arrow.names]
-        first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.row_groups[0]))
-        table = parquet.read_row_groups(list(shard.row_groups), columns=present).slice(
-            shard.start - first_row, shard.num_rows
-        )
+
+    def __init__(self, *, storage_options: dict[str, Any] | None = None) -> None:
+        self.storage_options = storage_options or {}
+        self._file: str | None = None
+        self._handle: Any = None
+        self._parquet: pq.ParquetFile | None = None
+        self._offsets: list[int] = []
+        self._cached: tuple[tuple[int, ...], tuple[str, ...] | None, pa.Table] | None = None
+
+    def _open(self, file: str) -> pq.ParquetFile:
+        if file != self._file:
+            self.close()
+            fs, path = url_to_fs(file, **self.storage_options)
+            self._handle = fs.open(path, "rb")
+            self._parquet = pq.ParquetFile(self._handle)
+            rows = [self._parquet.metadata.row_group(i).num_rows for i in range(self._parquet.num_row_groups)]
+            self._offsets = [sum(rows[:i]) for i in range(len(rows))]
+            self._file = file
+        return self._parquet
+
+    def raw(self, shard: Shard, columns: list[str] | None = None) -> pa.Table:
+        """The shard's rows as stored (only ``columns`` that exist, when given)."""
+        try:
+            parquet = self._open(shard.file)
+            if columns is not None:
+                columns = [name for name in columns if name in parquet.schema_arrow.names]
+            key = (shard.row_groups, None if columns is None else tuple(columns))
+            if self._cached is None or self._cached[:2] != key:
+                self._cached = (*key, parquet.read_row_groups(list(shard.row_groups), columns=columns))
+            first_row = self._offsets[shard.row_groups[0]]
+            return self._cached[2].slice(shard.start - first_row, shard.num_rows)
+        except ManifestError:
+            raise
+        except Exception as exc:
+            raise ManifestError(f"{shard.file}: cannot read rows {shard.start}..{shard.stop}: {exc}") from exc
+
+    def read(self, shard: Shard) -> pa.Table:
+        """The shard's rows, normalized (`schemas.manifest.normalize`)."""
+        return normalize(self.raw(shard), file=shard.file)
+
+    def columns(self, shard: Shard, names: list[str]) -> tuple[pa.Table, bool]:
+        """Columns ``names`` of the shard's rows (null where absent) and whether its ``hint`` may be null.
+
+        The second answer comes from the row groups' statistics (null counts), without reading hints.
+        """
+        table = self.raw(shard, names)
+        schema = self._parquet.schema_arrow
         hints_null = True
-        if "hint" in parquet.schema_arrow.names:
-            column = parquet.schema_arrow.names.index("hint")
-            stats = [parquet.metadata.row_group(g).column(column).statistics for g in shard.row_groups]
+        if "hint" in schema.names:
+            column = schema.names.index("hint")
+            stats = [self._parquet.metadata.row_group(g).column(column).statistics for g in shard.row_groups]
             hints_null = any(s is None or not s.has_null_count or s.null_count > 0 for s in stats)
-    for name in names:
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows))
-    return table, hints_null
+        for name in names:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows))
+        return table, hints_null
+
+    def close(self) -> None:
+        """Close the open file."""
+        if self._handle is not None:
+            self._handle.close()
+        self._file = self._handle = self._parquet = self._cached = None
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -216,11 +216,11 @@ def resolve_relative_uris(table: pa.Table, *, base: str) -> pa.Table:
 
     columns = {name: table.column(name) for name in table.column_names}
     for name in IMAGE_COLUMNS:
-        refs = table.column(name).to_pylist()
-        if any(ref is not None and ref["uri"] is not None for ref in refs):
-            columns[name] = pa.array([resolve(ref) for ref in refs], IMAGE_REF)
-    items = table.column("interpolate").to_pylist()
-    if any(items):
+        column = table.column(name)
+        if pc.struct_field(column, "uri").null_count < table.num_rows:  # some URI to resolve
+            columns[name] = pa.array([resolve(ref) for ref in column.to_pylist()], IMAGE_REF)
+    if table.column("interpolate").null_count < table.num_rows:
+        items = table.column("interpolate").to_pylist()
         columns["interpolate"] = pa.array(
             [None if row is None else [{**item, "image": resolve(item["image"])} for item in row] for row in items],
             INTERPOLATE_TYPE,
@@ -270,7 +270,7 @@ def group_batches(batches: Iterable[pa.Table], *, max_rows: int) -> Iterator[lis
     group_key: tuple | None = None
     num_rows = 0
     for table in batches:
-        key = tuple(table.column(name)[0].as_py() for name in PRIOR_CALL_KEY)
+        key = tuple(table.slice(0, 1).select(list(PRIOR_CALL_KEY)).to_pylist()[0].values())
         if group and (key != group_key or num_rows + table.num_rows > max_rows):
             yield group
             group, num_rows = [], 0

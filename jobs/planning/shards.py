@@ -19,7 +19,7 @@ from actors.storage import Storage
 from jobs.output.markers import OutputIndex, read_settings, read_shard_results
 from jobs.planning.checkpoints import CheckpointScales
 from jobs.planning.ids import check_ids, files_digest
-from jobs.planning.manifests import ManifestFile, cut_shards, list_manifest_paths, read_columns, read_footer, read_shard
+from jobs.planning.manifests import ManifestFile, ShardReader, cut_shards, list_manifest_paths, read_footer
 from jobs.planning.plan import Plan, plan_rows
 from schemas.config import JobConfig
 from schemas.manifest import ManifestError
@@ -73,42 +73,40 @@ class RunPlan:
 
     def scan(self) -> PendingScan:
         """Images, modes and depth needs of the pending shards, from small columns and footer statistics only."""
-        num_images, modes, needs_depth = 0, set(), False
         limits, defaults = self.config.limits, self.config.defaults
         estimated = {name for name, mode in MODES.items() if mode.hint_estimated}
-        for shard, previous in self.pending:
-            if previous is not None:  # a retry renders the shard's error images
-                num_images += previous.num_errors
-                failed = {m for m, counts in previous.by_mode.items() if sum(counts.values()) > counts.get("ok", 0)}
-                modes |= failed
-                needs_depth |= bool(failed & estimated)
-                continue
-            columns, hints_null = read_columns(
-                shard, ["mode", "num_images"], storage_options=self.config.storage_options
-            )
-            counts = columns.column("num_images").cast(pa.int64())
-            counts = pc.fill_null(counts, defaults.num_images).to_numpy(zero_copy_only=False)
-            num_images += int(np.where((counts >= 1) & (counts <= limits.max_num_images), counts, 1).sum())
-            shard_modes = set(
-                pc.unique(pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE)).to_pylist()
-            )
-            modes |= shard_modes & set(MODES)
-            needs_depth |= bool(shard_modes & estimated) and hints_null
+        num_images, modes, needs_depth = 0, set(), False
+        with ShardReader(storage_options=self.config.storage_options) as reader:
+            for shard, previous in self.pending:
+                if previous is not None:  # a retry renders the shard's error images
+                    num_images += previous.num_errors
+                    failed = {m for m, c in previous.by_mode.items() if sum(c.values()) > c.get(STATUS_OK, 0)}
+                    modes |= failed
+                    needs_depth |= bool(failed & estimated)
+                    continue
+                columns, hints_null = reader.columns(shard, ["mode", "num_images"])
+                counts = pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images)
+                counts = counts.to_numpy(zero_copy_only=False)
+                num_images += int(np.where((counts >= 1) & (counts <= limits.max_num_images), counts, 1).sum())
+                shard_modes = pc.unique(pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE))
+                shard_modes = set(shard_modes.to_pylist()) & set(MODES)
+                modes |= shard_modes
+                needs_depth |= bool(shard_modes & estimated) and hints_null
         return PendingScan(num_images=num_images, modes=sorted(modes), needs_depth=needs_depth)
 
     def works(self) -> Iterator[ShardWork]:
         """The pending shards' plans, one shard's rows at a time."""
-        for shard, previous in self.pending:
-            rows = read_shard(shard, storage_options=self.config.storage_options)
-            only = None
-            if previous is not None:
-                final = read_shard_results(
-                    self.storage, previous, columns=["id", "image_index", "status", "finished_at"]
-                )
-                only = final.filter(pc.not_equal(final.column("status"), STATUS_OK))
-            plan = plan_rows(rows, file=shard.file, config=self.config, movq_scales=self.scales, only=only)
-            attempt = len(previous.parts) if previous is not None else 0
-            yield ShardWork(shard=shard, part=part_name(shard.name, attempt), plan=plan, previous=previous)
+        with ShardReader(storage_options=self.config.storage_options) as reader:
+            for shard, previous in self.pending:
+                rows = reader.read(shard)
+                only = None
+                if previous is not None:
+                    columns = ["id", "image_index", "status", "finished_at"]
+                    final = read_shard_results(self.storage, previous, columns=columns)
+                    only = final.filter(pc.not_equal(final.column("status"), STATUS_OK))
+                plan = plan_rows(rows, file=shard.file, config=self.config, movq_scales=self.scales, only=only)
+                attempt = len(previous.parts) if previous is not None else 0
+                yield ShardWork(shard=shard, part=part_name(shard.name, attempt), plan=plan, previous=previous)
 
 
 def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> DatasetSettings:
