@@ -40,23 +40,34 @@ def run_benchmark(*args: str, timeout: int = 300) -> dict:
     return last_json(proc.stdout)
 
 
-def test_simulated_prints_efficiency_json(tmp_path: Path) -> None:
+def test_simulated_runs_the_whole_job_and_prints_efficiency_json(tmp_path: Path) -> None:
     result = run_benchmark(
         "simulated", "--num-decoders", "2", "--rows", "24", "--prior-ms", "2", "--decoder-ms", "10",
-        "--work-dir", str(tmp_path),
+        "--shard-rows", "8", "--work-dir", str(tmp_path),
     )  # fmt: skip
-    for key in ("images_per_s", "ideal_images_per_s", "efficiency", "first_image_s", "first_image_bound_s"):
+    for key in ("images_per_s", "ideal_images_per_s", "efficiency", "decoder_busy", "first_image_s"):
         assert isinstance(result[key], float), key
     assert result["ideal_images_per_s"] == pytest.approx(200.0)
     assert result["rows"] == 24 and result["num_decoders"] == 2 and len(result["runs"]) == 1
     assert 0 < result["efficiency"] <= 1.05
+    assert result["num_shards"] == 3 and result["objects_per_shard"] == 3  # webdataset: tar, results, marker
 
 
-def test_plan_prints_memory_and_time(tmp_path: Path) -> None:
-    result = run_benchmark("plan", "--rows", "2000", "4000", "--work-dir", str(tmp_path))
+def test_objects_per_format(tmp_path: Path) -> None:
+    result = run_benchmark("objects", "--rows", "40", "--shard-rows", "20", "--work-dir", str(tmp_path))
+    formats = result["formats"]
+    assert formats["webdataset"]["objects_per_shard"] == formats["parquet"]["objects_per_shard"] == 3
+    assert formats["files"]["objects_per_shard"] == 22  # 20 PNGs, results, marker
+
+
+def test_plan_and_startup_print_memory_and_time(tmp_path: Path) -> None:
+    result = run_benchmark("plan", "--rows", "2000", "4000", "--files", "2", "--work-dir", str(tmp_path))
     assert [run["num_rows"] for run in result["runs"]] == [2000, 4000]
-    assert [run["num_to_render"] for run in result["runs"]] == [1000, 2000]  # half were already done
+    assert "4000 row(s), 4 shard(s)" in result["runs"][1]["summary"][0]
     assert result["peak_rss_mb"] > 0 and result["seconds"] > 0 and result["rows_growth"] == 2
+    startup = run_benchmark("startup", "--rows", "3000", "--files", "2", "--repeats", "1", "--work-dir", str(tmp_path))
+    assert startup["num_images_final"] == 3000 and startup["num_pending"] == 0 and startup["num_shards"] == 4
+    assert startup["ids_checked"] is False and startup["orphans_deleted"] == 0 and startup["seconds"] > 0
 
 
 def test_cpu_runs_job_and_diffusers_loop_with_equal_images(tmp_path: Path) -> None:
@@ -68,7 +79,8 @@ def test_cpu_runs_job_and_diffusers_loop_with_equal_images(tmp_path: Path) -> No
     assert result["ratio"] == pytest.approx(result["ours_seconds"] / result["diffusers_loop_seconds"], rel=1e-3)
     assert result["max_level_difference"] <= 1
     stats = json.loads((tmp_path / "ours" / "stats.json").read_text())
-    assert stats["stages"]["calls"] == {"prior": 1, "decoder": 2}  # one prior call served both decoder batches
+    calls = stats["stages"]["calls"]  # one prior call served both decoder batches; one add each, one finalize
+    assert calls == {"prior": 1, "decoder": 2, "writer": 3}
     assert stats["suggested_stages"]["num_decoder_actors"] >= 1
 
 
@@ -134,5 +146,5 @@ def test_help_lists_every_mode() -> None:
         [sys.executable, "-m", "jobs.cli", "benchmark", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0
-    for mode in ("cpu", "simulated", "plan", "gpu"):
+    for mode in ("cpu", "simulated", "ceiling", "efficiency", "objects", "plan", "startup", "gpu"):
         assert mode in proc.stdout

@@ -146,7 +146,7 @@ def test_sample_merged_shard_by_shard_equals_ranking_everything() -> None:
     for shard in range(10):  # each shard's writer keeps its own lowest ranks, as a marker's sample does
         own = Candidates()
         own.add(entries[shard::10])
-        merged.add(entry for _, entry in own.ok + own.errors)
+        merged.add(own.entries())
     chosen = merged.chosen()
     assert chosen == everything.chosen()
     assert len(chosen) == SAMPLE_SIZE and sum(e["status"] == "error" for e in chosen) == SAMPLE_ERRORS

@@ -49,7 +49,6 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     from jobs.dev.tiny_models import build_tiny_models
     from jobs.planning.plan import make_plan
     from schemas.config import AccelOptions, JobConfig
-    from schemas.manifest import SUPPORTED_MODES
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "")
     if not device:
@@ -101,7 +100,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     # ours: the prior and decoder stage classes, as each actor runs them
     accel = AccelOptions(channels_last=args.channels_last, compile=args.compile)
     config = JobConfig(manifest=manifest, output=str(work_dir / "ours"), batch_size=max(batch_sizes))
-    work = make_plan(config, done=None, supported_modes=SUPPORTED_MODES).batches.work
+    work = make_plan(config).batches.work
     prior = PriorActor(f"{models}/prior", dtype=dtype_name, device=device, accel=accel, worker="bench")
     prior_bs = max(batch_sizes)
     prior(work.slice(0, prior_bs))  # warm-up
@@ -113,10 +112,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     print(f"prior stage (batch {prior_bs}): {prior_seconds * 1000:.1f} ms per image", flush=True)
     del prior
     _release(device)
+    # Pixels out, as in the job: PNG encoding and upload run in the writer actors, off the GPU's path.
     decoder = DecoderActor(
         {"text2img": f"{models}/decoder"},
-        output=config.output,
-        run_id="bench",
         dtype=dtype_name,
         device=device,
         accel=accel,
@@ -131,7 +129,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
             results = decoder(embeds.slice(batch_size * (k + 1), batch_size))
         _synchronize(device)
         rate = batch_size * args.timed_batches / (time.perf_counter() - t0)
-        errors = [r for r in results.to_pylist() if r["status"] != "ok"]
+        errors = [error for error in results.column("error").to_pylist() if error is not None]
         per_batch.append({"batch_size": batch_size, "decoder_images_per_s": round(rate, 4), "errors": len(errors)})
         print(f"decoder stage, batch {batch_size}: {rate:.3f} images/s per decoder GPU", flush=True)
     del decoder
@@ -175,7 +173,6 @@ def _precision_check(args: argparse.Namespace, *, models: str, device: str, work
     from actors.prior import PriorActor
     from jobs.planning.plan import make_plan
     from schemas.config import AccelOptions, JobConfig
-    from schemas.manifest import SUPPORTED_MODES
 
     if args.check_rows <= 0:
         return {}
@@ -202,15 +199,13 @@ def _precision_check(args: argparse.Namespace, *, models: str, device: str, work
         figures = {}
         for dtype_name in ("float32", args.dtype):
             config = JobConfig(manifest=manifest, output=str(work_dir / f"check-{dtype_name}"), batch_size=len(rows))
-            work = make_plan(config, done=None, supported_modes=SUPPORTED_MODES).batches.work
+            work = make_plan(config).batches.work
             accel = AccelOptions(channels_last=args.channels_last)
             prior = PriorActor(f"{models}/prior", dtype=dtype_name, device=device, accel=accel)
             embeds = prior(work)
             del prior
             decoder = DecoderActor(
                 {"text2img": f"{models}/decoder"},
-                output=config.output,
-                run_id="check",
                 dtype=dtype_name,
                 device=device,
                 accel=accel,
@@ -220,13 +215,12 @@ def _precision_check(args: argparse.Namespace, *, models: str, device: str, work
             _release(device)
             diffs = []
             for result in results:
-                if result["status"] != "ok":
+                if result["error"] is not None:
                     figures[dtype_name] = {"error": result["error"]}
                     break
-                from PIL import Image
-
-                with Image.open(result["uri"]) as image:
-                    diffs.append(np.abs(np.asarray(image.convert("RGB"), np.int16) - reference[result["id"]]))
+                shape = (result["pixel_height"], result["pixel_width"], 3)
+                pixels = np.frombuffer(result["pixels"], np.uint8).reshape(shape).astype(np.int16)
+                diffs.append(np.abs(pixels - reference[result["id"]]))
             else:
                 stacked = np.stack(diffs)
                 figures[dtype_name] = {

@@ -115,6 +115,7 @@ def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_ro
     from jobs.output.markers import new_marker, write_marker, write_settings
     from jobs.planning.ids import files_digest
     from jobs.planning.manifests import cut_shards, list_manifest_paths, read_footer
+    from schemas.keys import sample_rank
     from schemas.shards import DatasetSettings, data_key, results_key
 
     storage = Storage(str(root / "out"))
@@ -124,10 +125,11 @@ def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_ro
     write_settings(storage, settings)
     for file in files:
         for shard in cut_shards(file, shard_rows=shard_rows):
-            sample = [{"id": f"m-{shard.start + k:010d}", "image_index": 0, "status": "ok", "error": None,
-                       "error_kind": None, "seed": k, "width": 512, "height": 512, "mode": "text2img",
-                       "prompt": prompt(k), "rank": f"{k:064x}", "uri": f"data/{shard.name}.tar",
-                       "member": f"k{k}.png", "results": results_key(shard.name)} for k in range(60)]  # fmt: skip
+            ids = [f"m-{shard.start + k:010d}" for k in range(60)]
+            sample = [{"id": row_id, "image_index": 0, "status": "ok", "error": None, "error_kind": None, "seed": k,
+                       "width": 512, "height": 512, "mode": "text2img", "prompt": prompt(k),
+                       "rank": sample_rank(row_id, 0), "uri": f"data/{shard.name}.tar", "member": f"k{k}.png",
+                       "results": results_key(shard.name)} for k, row_id in enumerate(ids)]  # fmt: skip
             summary = {"part": shard.name, "run_id": "previous", "results": results_key(shard.name),
                        "data": data_key(shard.name, "webdataset"), "num_images": shard.num_rows,
                        "by_status": {"ok": shard.num_rows}, "by_mode": {"text2img": {"ok": shard.num_rows}},

@@ -103,31 +103,39 @@ class Candidates:
     """
 
     def __init__(self) -> None:
-        self.ok: list[tuple[str, dict[str, Any]]] = []
-        self.errors: list[tuple[str, dict[str, Any]]] = []
+        self.ok: list[tuple[int, str, int, dict[str, Any]]] = []
+        self.errors: list[tuple[int, str, int, dict[str, Any]]] = []
 
     def add(self, sample: Iterable[dict[str, Any]]) -> None:
-        """Merge a shard's candidates."""
+        """Merge a shard's candidates; a later entry for an image replaces an earlier one (a retried shard)."""
         for entry in sample:
+            key = (entry["id"], entry["image_index"])
+            self.drop({key})
             ok = entry["status"] == STATUS_OK
             heap, size = (self.ok, SAMPLE_SIZE) if ok else (self.errors, SAMPLE_ERRORS)
-            item = (_inverted(entry["rank"]), entry)
+            item = (_inverted(entry["rank"]), *key, entry)
             if len(heap) < size:
                 heapq.heappush(heap, item)
-            elif item[0] > heap[0][0]:
+            elif item[:3] > heap[0][:3]:
                 heapq.heapreplace(heap, item)
 
     def drop(self, keys: set[tuple[str, int]]) -> None:
-        """Forget candidates for these (id, image_index) (their shard was re-rendered)."""
+        """Forget candidates for these (id, image_index)."""
         for name in ("ok", "errors"):
-            kept = [item for item in getattr(self, name) if (item[1]["id"], item[1]["image_index"]) not in keys]
-            heapq.heapify(kept)
-            setattr(self, name, kept)
+            heap = getattr(self, name)
+            kept = [item for item in heap if (item[1], item[2]) not in keys]
+            if len(kept) != len(heap):
+                heapq.heapify(kept)
+                setattr(self, name, kept)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every candidate kept (what a shard's marker stores)."""
+        return [item[-1] for item in self.ok + self.errors]
 
     def chosen(self) -> list[dict[str, Any]]:
         """The sample: errors first (up to a quarter), then ok images, each group by rank; sorted by id."""
-        errors = sorted((entry for _, entry in self.errors), key=lambda e: e["rank"])[:SAMPLE_ERRORS]
-        oks = sorted((entry for _, entry in self.ok), key=lambda e: e["rank"])[: SAMPLE_SIZE - len(errors)]
+        errors = sorted((item[-1] for item in self.errors), key=lambda e: e["rank"])[:SAMPLE_ERRORS]
+        oks = sorted((item[-1] for item in self.ok), key=lambda e: e["rank"])[: SAMPLE_SIZE - len(errors)]
         return sorted(errors + oks, key=lambda e: (e["id"], e["image_index"]))
 
 
@@ -268,7 +276,7 @@ def retried_marker(storage: Storage, previous: Marker, summary: dict[str, Any]) 
             "errors_by_kind": summary_counts["errors_by_kind"],
             "busy_seconds": busy,
             "ok_busy_seconds": ok_busy,
-            "sample": tuple(entry for _, entry in candidates.ok + candidates.errors),
+            "sample": tuple(candidates.entries()),
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
     )
