@@ -15,7 +15,7 @@ import pyarrow as pa
 from cluster.resources import StagePlan, priors_needed
 from jobs.benchmarks.common import Mode, machine, write_manifest
 from schemas.results import result_from_work, results_table
-from schemas.work import EMBED_FIELDS, EMBED_SCHEMA, WORK_SCHEMA
+from schemas.work import WORK_SCHEMA, embed_fields, embed_schema
 
 GENERATOR_STATE_BYTES = 5056  # a CPU torch.Generator's state, what the prior hands the decoder per image
 
@@ -58,9 +58,9 @@ class SimulatedPrior:
             pa.array([self.seconds_per_image] * n, pa.float64()),
         ]
         table = work
-        for field, column in zip(EMBED_FIELDS, columns):
+        for field, column in zip(embed_fields(self.embed_dim), columns):
             table = table.append_column(field, column)
-        return table.cast(EMBED_SCHEMA)
+        return table.cast(embed_schema(self.embed_dim))
 
 
 class SimulatedDecoder:
@@ -70,7 +70,7 @@ class SimulatedDecoder:
         self.seconds_per_image = seconds_per_image
         self.run_id = run_id
         self.worker = f"simulated-decoder {worker}".strip()
-        self._results(EMBED_SCHEMA.empty_table())  # warm Arrow's kernels, as SimulatedPrior does
+        self._results(embed_schema(1280).empty_table())  # warm Arrow's kernels, as SimulatedPrior does
 
     def __call__(self, embeds: pa.Table) -> pa.Table:
         started = time.perf_counter()
