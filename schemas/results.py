@@ -18,6 +18,7 @@ ERROR_UNSUPPORTED_SIZE = "unsupported_size"  # a size the decoder would silently
 ERROR_NON_FINITE = "non_finite_output"
 ERROR_RENDER = "render_failed"  # the pipeline raised for this image
 ERROR_WRITE = "write_failed"
+ERROR_SCORE = "score_failed"  # the image rendered, but the scoring stage (--score) raised for it
 
 
 # The gallery's stable sample: this many images, up to a quarter of them errors; previews this wide.

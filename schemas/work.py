@@ -105,6 +105,32 @@ def embeds_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(len(array), dim)
 
 
+def binary_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """A binary column -> one read-only uint8 numpy view per row (None where null), without copying the values.
+
+    (``column[i].as_buffer()`` copies each value into a new scalar first: 0.7 ms per 768x768 image.)
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    views: list[np.ndarray | None] = []
+    for chunk in chunks:
+        if pa.types.is_binary(chunk.type):
+            offset_type = np.int32
+        elif pa.types.is_large_binary(chunk.type):
+            offset_type = np.int64
+        else:
+            raise TypeError(f"binary_views needs a binary column, got {chunk.type}")
+        if not len(chunk):
+            continue
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        offsets = np.frombuffer(offsets_buffer, offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        empty = data_buffer is None or not data_buffer.size
+        data = np.empty(0, np.uint8) if empty else np.frombuffer(data_buffer, np.uint8)
+        data.flags.writeable = False  # the table's own memory: views must not change it
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        views.extend(data[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(chunk)))
+    return views
+
+
 # What the decoder adds to each row (and the inputs it drops): what the writers turn into outputs.
 DECODED_FIELDS = (
     pa.field("pixels", pa.binary()),  # (pixel_height, pixel_width, 3) uint8, row-major; null for error rows
@@ -114,6 +140,13 @@ DECODED_FIELDS = (
     pa.field("decoder_seconds", pa.float64()),  # this image's share of its decoder call's wall time
 )
 DECODER_DROPS = ("image", "mask", "hint", "prior_image", "interpolate", "generator_state")
+
+# What the scoring stage (``--score clip``, actors/scorer.py) adds to each decoded row; null where not scored.
+SCORE_FIELDS = (
+    pa.field("clip_score", pa.float64()),  # max(100 * cos(CLIP image embedding, CLIP text embedding), 0)
+    pa.field("score_worker", pa.string()),
+    pa.field("score_seconds", pa.float64()),  # this image's share of its scoring call's wall time
+)
 
 
 def to_ipc(table: pa.Table) -> bytes:

@@ -107,6 +107,34 @@ def test_gpu_refuses_without_a_gpu() -> None:
     assert "CUDA" in proc.stderr
 
 
+def test_score_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str) -> None:
+    result = run_benchmark(
+        "score", "--tiny", "--device", "cpu", "--models", tiny_models, "--size", "64", "--steps", "2",
+        "--batch-size", "2", "--timed-batches", "2", "--threads", "1", "--work-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result["mode"] == "score" and result["device"] == "cpu" and result["dtype"] == "float32"
+    assert (result["size"], result["steps"], result["batch_size"], result["threads"]) == (64, 2, 2, 1)
+    assert result["timed_images"] == result["scored"] == 4 and result["errors"] == 0
+    assert len(result["decoder_call_seconds"]) == len(result["score_call_seconds"]) == 2
+    assert result["decoder_seconds_per_image"] > 0 and result["score_seconds_per_image"] > 0
+    ratio = result["score_seconds_per_image"] / result["decoder_seconds_per_image"]
+    assert result["score_to_decoder_ratio"] == pytest.approx(ratio, rel=1e-3)
+    parts = result["score_parts_seconds_per_image"]
+    assert set(parts) == {"preprocess", "text_encoder", "image_encoder", "pixels_copy"}
+    assert all(seconds >= 0 for seconds in parts.values())
+
+
+@pytest.mark.parametrize("args", [(), ("--tiny",), ("--device", "cpu")])
+def test_score_refuses_without_a_gpu_unless_tiny_on_cpu(args: tuple[str, ...]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = benchmark_process("score", *args)
+    assert proc.returncode == 2
+    assert "needs a CUDA device" in proc.stderr and "--tiny --device cpu" in proc.stderr
+
+
 def test_real_size_architectures_have_the_documented_sizes() -> None:
     """KANDINSKY_NOTES.md: UNet 1.253 B, MoVQ 68 M, prior 1.03 B, image encoder 1.84 B, text encoder 0.69 B."""
     modules = build_real_size_modules("meta")
@@ -146,5 +174,5 @@ def test_help_lists_every_mode() -> None:
         [sys.executable, "-m", "jobs.cli", "benchmark", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0
-    for mode in ("cpu", "simulated", "ceiling", "efficiency", "objects", "plan", "startup", "gpu"):
+    for mode in ("cpu", "simulated", "ceiling", "efficiency", "objects", "plan", "startup", "gpu", "score"):
         assert mode in proc.stdout

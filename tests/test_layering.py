@@ -65,7 +65,10 @@ def loaded_after_import(module: str) -> set[str]:
             "schemas.versions",
             {"torch", "ray", "diffusers"},
         ),
-        ("actors.prior, actors.decoder, actors.depth, actors.storage, actors.images, actors.stage", {"ray"}),
+        (
+            "actors.prior, actors.decoder, actors.depth, actors.scorer, actors.storage, actors.images, actors.stage",
+            {"ray"},
+        ),
         ("actors.stage", {"torch"}),  # the stage contract itself needs no model library
         ("cluster.resources", {"torch", "ray", "diffusers"}),
         ("jobs.planning.plan, jobs.planning.dry_run", {"torch", "diffusers", "transformers"}),  # --dry-run stays light

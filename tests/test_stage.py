@@ -13,7 +13,7 @@ from actors.stage import Call, Outcome, Stage
 from jobs.planning.plan import make_plan
 from schemas.config import HUB_MODELS, JobConfig, ModelPaths
 from schemas.modes import DECODER_INPUT_KWARGS, MODES, PRIOR_KINDS
-from schemas.work import embeds_array, embeds_numpy
+from schemas.work import binary_views, embeds_array, embeds_numpy
 from tests.conftest import write_manifest
 
 
@@ -111,6 +111,40 @@ def test_embeddings_round_trip_without_python_floats() -> None:
     assert back.dtype == np.float32 and back.shape == (5, 1280)
     np.testing.assert_array_equal(back[[0, 1, 3, 4]], values[[0, 1, 3, 4]])
     assert not back[2].any()
+
+
+def test_buffer_columns_reach_the_hooks_as_views_of_the_arrow_buffers() -> None:
+    """``pixels`` in ``buffer_columns``: read-only uint8 views (None where null), in sliced and chunked tables too."""
+
+    class Viewer(Recorder):
+        buffer_columns = ("pixels",)
+        failure_kind = "viewer_failed"
+
+        def wants(self, row: dict) -> bool:
+            return row["pixels"] is not None
+
+        def run(self, call: Call, arrays: dict) -> list[float]:
+            if any(row["pixels"].size == 3 for row in call.rows):
+                raise RuntimeError("three bytes")
+            self.calls.append([row["id"] for row in call.rows])
+            return [float(row["pixels"].sum()) for row in call.rows]
+
+    values = [bytes(range(5)), None, b"", bytes([7] * 3), bytes([200] * 4)]
+    for binary in (pa.binary(), pa.large_binary()):
+        pixels = pa.array(values, binary)
+        table = table_of(["a"] * 5).append_column("pixels", pixels)
+        chunked = pa.concat_tables([table.slice(0, 1), table.slice(1, 3), table.slice(4)])
+        for case in (table, chunked, table.slice(1)):
+            stage = Viewer()
+            out = stage(case).to_pylist()
+            expected = [None if v is None or len(v) == 3 else float(sum(v)) for v in values][-case.num_rows :]
+            assert [row["sum"] for row in out] == expected
+            assert [row["error_kind"] for row in out][-2] == "viewer_failed"  # the 3-byte row, alone after the retry
+    views = binary_views(pa.array(values, pa.binary()))
+    assert views[1] is None and views[2].size == 0 and views[0].dtype == np.uint8 and not views[0].flags.writeable
+    assert bytes(views[4]) == values[4]
+    with pytest.raises(TypeError, match="binary column"):
+        binary_views(pa.array(["text"]))
 
 
 def test_mode_table_names_real_pipelines_checkpoints_and_inputs() -> None:

@@ -1,7 +1,7 @@
-"""``kandinsky-render benchmark``: cpu, simulated, plan and gpu throughput figures (see BENCHMARKS.md).
+"""``kandinsky-render benchmark``: cpu, simulated, plan, gpu and score figures (see BENCHMARKS.md).
 
 Every mode prints readable lines, then one JSON object as its last line. Speed is only ever
-measured here, never asserted by tests. One module per mode (`cpu`, `simulated`, `plan`, `gpu`),
+measured here, never asserted by tests. One module per mode (`cpu`, `simulated`, `plan`, `gpu`, `score`),
 each with a ``MODES`` tuple that `jobs.benchmarks.cli` registers; shared helpers in `common`; the
 Ray Data wiring that ``simulated --wiring ray-data`` compares with in `ray_data`.
 """
