@@ -38,7 +38,7 @@ from schemas.results import (
     results_table,
 )
 from schemas.shards import data_key, results_key
-from schemas.work import from_ipc
+from schemas.work import binary_views, from_ipc
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +105,15 @@ class ShardWriter:
     def add(self, name: str, table: pa.Table) -> dict[str, int]:
         """Encode and add the decoded images of one batch to part ``name``; counts of rows and errors."""
         part = self._part(name)
-        pixels = table.column("pixels")
+        pixels = binary_views(table.column("pixels"))  # views of the table's memory, not copies
         keep = [c for c in table.column_names if c not in ("pixels", "image_embeds", "negative_image_embeds")]
         errors = 0
         for i, row in enumerate(table.select(keep).to_pylist()):
-            result = self._result(part, row, pixels[i].as_buffer())
+            result = self._result(part, row, pixels[i])
             errors += result.status != STATUS_OK
         return {"rows": table.num_rows, "errors": errors}
 
-    def _result(self, part: _Part, row: dict[str, Any], buffer: pa.Buffer | None) -> ResultRow:
+    def _result(self, part: _Part, row: dict[str, Any], buffer: np.ndarray | None) -> ResultRow:
         common = {"run_id": self.run_id, "shard": part.shard}
         if row["error"] is not None or buffer is None:
             result = result_from_work(row, error=row["error"], error_kind=row["error_kind"], **common)
@@ -121,7 +121,7 @@ class ShardWriter:
             part.results.append(result)
             return result
         height, width = row["pixel_height"], row["pixel_width"]
-        pixels = np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
+        pixels = buffer.reshape(height, width, 3)
         key = sample_key(row["id"], row["image_index"])
         meta = {name: row.get(name) for name in SAMPLE_META} | {"key": key, "run_id": self.run_id}
         try:
