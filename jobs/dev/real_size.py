@@ -96,7 +96,7 @@ def build_real_size_modules(device: str) -> dict[str, Any]:
         CLIPVisionModelWithProjection,
     )
 
-    from jobs.dev.tiny_models import write_clip_tokenizer
+    from jobs.dev.tokenizer import write_clip_tokenizer
 
     configs = real_size_configs()
     with tempfile.TemporaryDirectory() as scratch:
@@ -125,7 +125,8 @@ def build_real_size_models(out_dir: Path, *, device: str) -> str:
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
-    from jobs.dev.tiny_models import decoder_scheduler, prior_scheduler, write_clip_tokenizer
+    from jobs.dev.tiny_models import decoder_scheduler, prior_scheduler
+    from jobs.dev.tokenizer import write_clip_tokenizer
 
     modules = {name: m.to(torch.float16).eval() for name, m in build_real_size_modules(device).items()}
     write_clip_tokenizer(out_dir / "tokenizer")
