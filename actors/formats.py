@@ -1,9 +1,11 @@
-"""Output formats behind one interface: ``add(key, png, meta) -> (uri, member)`` per image, ``close() -> data file``.
+"""Output formats behind one interface: ``add(key, png, meta, embeddings) -> (uri, member)``, ``close() -> data file``.
 
 - `FilesFormat`: each PNG is written at once to ``images/<h2>/<key>.png`` (one object per image).
 - `WebDatasetFormat`: samples are spooled to a local file; `close` writes one tar with ``<key>.png``
-  and ``<key>.json`` per sample, in key order (the same samples always give the same bytes).
-- `ParquetFormat`: the same, as one Parquet file with the PNG bytes in the binary column ``png``.
+  and ``<key>.json`` per sample (and ``<key>.npy`` with ``--save-embeddings``: a (2, D) array,
+  ``image_embeds`` then ``negative_image_embeds``), in key order: the same samples give the same bytes.
+- `ParquetFormat`: the same, as one Parquet file with the PNG bytes in the binary column ``png``
+  (and ``image_embeds`` / ``negative_image_embeds`` fixed-size list columns with embeddings).
 
 Spooled formats publish nothing until the shard is finalized: the data file is uploaded whole
 (`actors.storage.Storage.put_file`), so a crash never leaves a partial shard.
@@ -18,6 +20,7 @@ import tarfile
 import tempfile
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,8 +40,10 @@ class FilesFormat:
     def __init__(self, storage: Storage, **_: Any) -> None:
         self.storage = storage
 
-    def add(self, key: str, png: bytes, meta: dict[str, Any]) -> tuple[str, str | None]:
-        """Write the PNG now (atomically); its URI."""
+    def add(
+        self, key: str, png: bytes, meta: dict[str, Any], embeddings: np.ndarray | None = None
+    ) -> tuple[str, str | None]:
+        """Write the PNG now (atomically); its URI. Embeddings go to the results table only."""
         return self.storage.write_bytes(f"images/{id_digest(meta['id'])[:2]}/{key}.png", png), None
 
     def close(self) -> str | None:
@@ -59,22 +64,23 @@ class _Spooled:
         self.data_uri = data_uri
         self._dir = tempfile.mkdtemp(prefix="kandinsky-shard-", dir=spool_dir)
         self._spool = open(os.path.join(self._dir, "spool"), "w+b")
-        self._entries: list[tuple[str, int, int, bytes]] = []  # key, offset, size, json
+        self._entries: list[tuple[str, int, int, bytes, np.ndarray | None]] = []  # key, offset, size, json, embeds
 
-    def add(self, key: str, png: bytes, meta: dict[str, Any]) -> tuple[str, str]:
+    def add(self, key: str, png: bytes, meta: dict[str, Any], embeddings: np.ndarray | None = None) -> tuple[str, str]:
         """Spool one sample; (data file URI, member) it will have once published."""
         offset = self._spool.tell()
         self._spool.write(png)
-        self._entries.append((key, offset, len(png), json.dumps(meta, sort_keys=True, default=str).encode()))
+        encoded = json.dumps(meta, sort_keys=True, default=str).encode()
+        self._entries.append((key, offset, len(png), encoded, embeddings))
         return self.data_uri, self.member(key)
 
     def member(self, key: str) -> str:
         raise NotImplementedError
 
     def _samples(self) -> Any:
-        for key, offset, size, meta in sorted(self._entries):
+        for key, offset, size, meta, embeddings in sorted(self._entries, key=lambda entry: entry[0]):
             self._spool.seek(offset)
-            yield key, self._spool.read(size), meta
+            yield key, self._spool.read(size), meta, embeddings
 
     def close(self) -> str:
         """Write the data file next to the spool; its local path (the caller uploads it, then `abandon`)."""
@@ -104,8 +110,13 @@ class WebDatasetFormat(_Spooled):
 
     def _write(self, path: str) -> None:
         with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-            for key, png, meta in self._samples():
-                for name, data in ((f"{key}.png", png), (f"{key}.json", meta)):
+            for key, png, meta, embeddings in self._samples():
+                members = [(f"{key}.png", png), (f"{key}.json", meta)]
+                if embeddings is not None:
+                    buffer = io.BytesIO()
+                    np.save(buffer, embeddings, allow_pickle=False)
+                    members.append((f"{key}.npy", buffer.getvalue()))
+                for name, data in members:
                     info = tarfile.TarInfo(name)
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     tar.addfile(info, io.BytesIO(data))
@@ -120,26 +131,39 @@ class ParquetFormat(_Spooled):
         return key
 
     def _write(self, path: str) -> None:
-        writer: pq.ParquetWriter | None = None
-        rows: list[dict[str, Any]] = []
-        try:
-            for key, png, meta in self._samples():
-                rows.append({"key": key, **json.loads(meta), "png": png})
-                if len(rows) == PARQUET_ROW_GROUP_ROWS:
-                    writer = _write_rows(writer, path, rows)
-                    rows = []
-            writer = _write_rows(writer, path, rows) if rows or writer is None else writer
-        finally:
-            if writer is not None:
-                writer.close()
+        shapes = {e[4].shape for e in self._entries if e[4] is not None}
+        dtypes = {e[4].dtype for e in self._entries if e[4] is not None}
+        schema = PARQUET_SCHEMA
+        if shapes:
+            ((_, dim),), (dtype,) = shapes, dtypes
+            value = pa.from_numpy_dtype(dtype)
+            schema = schema.append(pa.field("image_embeds", pa.list_(value, dim)))
+            schema = schema.append(pa.field("negative_image_embeds", pa.list_(value, dim)))
+        with pq.ParquetWriter(path, schema, compression="none") as writer:  # PNG bytes do not compress
+            batch: list[tuple[str, bytes, bytes, np.ndarray | None]] = []
+            for sample in self._samples():
+                batch.append(sample)
+                if len(batch) == PARQUET_ROW_GROUP_ROWS:
+                    writer.write_table(_rows(batch, schema))
+                    batch = []
+            if batch or not self._entries:
+                writer.write_table(_rows(batch, schema))
 
 
-def _write_rows(writer: pq.ParquetWriter | None, path: str, rows: list[dict[str, Any]]) -> pq.ParquetWriter:
+def _rows(samples: list[tuple[str, bytes, bytes, np.ndarray | None]], schema: pa.Schema) -> pa.Table:
+    rows = [{"key": key, **json.loads(meta), "png": png} for key, png, meta, _ in samples]
     table = pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA)
-    if writer is None:
-        writer = pq.ParquetWriter(path, PARQUET_SCHEMA, compression="none")  # PNG bytes do not compress
-    writer.write_table(table, row_group_size=PARQUET_ROW_GROUP_ROWS)
-    return writer
+    if "image_embeds" in schema.names:
+        for k, name in enumerate(("image_embeds", "negative_image_embeds")):
+            field = schema.field(name)
+            dim = field.type.list_size
+            present = np.array([e is not None for *_, e in samples], dtype=bool)
+            values = np.zeros((len(samples), dim), field.type.value_type.to_pandas_dtype())
+            for i in np.flatnonzero(present):
+                values[i] = samples[i][3][k]
+            array = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim, mask=pa.array(~present))
+            table = table.append_column(field, array)
+    return table
 
 
 PARQUET_SCHEMA = pa.schema(
@@ -160,6 +184,8 @@ PARQUET_SCHEMA = pa.schema(
         ("strength", pa.float64()),
         ("manifest_file", pa.string()),
         ("run_id", pa.string()),
+        ("clip_score", pa.float64()),
+        ("filtered", pa.bool_()),
         ("png", pa.binary()),
     ]
 )

@@ -23,7 +23,8 @@ from actors.inputs import ImageLoader
 from actors.stage import Call, Outcome, Stage, with_errors
 from schemas.config import AccelOptions
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
-from schemas.modes import PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_KINDS, PRIOR_TEXT
+from schemas.modes import PRIOR_EMBEDS, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_KINDS, PRIOR_TEXT
+from schemas.results import ERROR_INVALID_ROW
 from schemas.work import PRIOR_CALL_KEY, embed_fields, embed_schema, embeds_array
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class PriorActor(Stage):
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
         )
 
+    def wants(self, row: dict[str, Any]) -> bool:
+        """Rows that give their own embeddings skip the prior (`finish` passes them on)."""
+        return row["prior_kind"] != PRIOR_EMBEDS.name
+
     def alone(self, row: dict[str, Any]) -> bool:
         return PRIOR_KINDS[row["prior_kind"]].alone
 
@@ -90,6 +95,33 @@ class PriorActor(Stage):
                 for k, item in enumerate(row["interpolate"])
             ]
         return None
+
+    @torch.inference_mode()
+    def _given(self, table: pa.Table, outcome: Outcome) -> None:
+        """Outputs for rows that give their embeddings: those, the zero-image embedding as the default negative
+        (what the prior gives rows without a negative prompt), and an untouched generator seeded with the row's seed."""
+        kinds = table.column("prior_kind").to_pylist()
+        errors = table.column("error").to_pylist()
+        given = [i for i, (kind, error) in enumerate(zip(kinds, errors)) if kind == PRIOR_EMBEDS.name and error is None]
+        if not given:
+            return
+        positives, negatives = table.column("image_embeds_given"), table.column("negative_image_embeds_given")
+        seeds = table.column("seed").to_pylist()
+        zero = None
+        for i in given:
+            positive = positives[i].values.to_numpy(zero_copy_only=False).astype(np.float32)
+            if len(positive) != self.embedding_dim:
+                message = f"image_embeds has {len(positive)} values; this prior's embeddings have {self.embedding_dim}"
+                outcome.errors[i] = (ERROR_INVALID_ROW, message)
+                continue
+            if negatives[i].is_valid:
+                negative = negatives[i].values.to_numpy(zero_copy_only=False).astype(np.float32)
+            else:
+                if zero is None:
+                    zero = self.pipe.get_zero_embed(1, device=self.device).float().cpu().numpy()[0]
+                negative = zero
+            outcome.outputs[i] = (positive, negative, generator_state(seeded_generator(seeds[i])))
+            outcome.seconds[i] = 0.0
 
     @torch.inference_mode()
     def run(self, call: Call, arrays: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, bytes]]:
@@ -135,6 +167,7 @@ class PriorActor(Stage):
     def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
         """``table`` with `embed_fields` appended (null where the prior produced nothing)."""
         n, dim = table.num_rows, self.embedding_dim
+        self._given(table, outcome)
         done = np.array([o is not None for o in outcome.outputs], dtype=bool)
         image_embeds = np.zeros((n, dim), np.float32)
         negative_image_embeds = np.zeros((n, dim), np.float32)

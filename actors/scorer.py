@@ -55,9 +55,9 @@ class ScoreActor(Stage):
     ``score_worker`` and ``score_seconds``. Served: rows without ``error`` that have a prompt. Rows
     without a prompt (interpolation rows, or any row rendered without one) and rows that already
     carry an ``error`` get a null score and pass through. A row whose pixels are missing or do not
-    match ``pixel_height`` x ``pixel_width`` becomes ``input_error``; a row the encoders fail on
-    becomes ``score_failed`` ("score failed: ..."), the rest of its call is still scored. Rows that
-    fail here lose their pixels, like the decoder's error rows.
+    match ``pixel_height`` x ``pixel_width`` becomes ``input_error`` (and loses its pixels, like the
+    decoder's error rows); a row the encoders fail on keeps its image with a null score and
+    ``score_error`` "score failed: ...", and the rest of its call is still scored.
     """
 
     name = "score"
@@ -135,8 +135,17 @@ class ScoreActor(Stage):
         return clip_scores(image_embeds, text_embeds).cpu().tolist()
 
     def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
-        """``table`` with `SCORE_FIELDS` appended; rows that failed here get their error and lose their pixels."""
+        """``table`` with `SCORE_FIELDS` appended.
+
+        A row the encoders failed on keeps its image: its score is null and ``score_error`` says why (a
+        rendered image is not lost to its score). A row whose pixels are unusable gets its error and loses them.
+        """
         n = table.num_rows
+        score_errors = [None] * n
+        for position, (kind, message) in list(outcome.errors.items()):
+            if kind == ERROR_SCORE:
+                score_errors[position] = message
+                del outcome.errors[position]
         result = with_errors(table, outcome.errors)
         if outcome.errors:
             failed = pa.array(np.isin(np.arange(n), list(outcome.errors)))
@@ -147,6 +156,7 @@ class ScoreActor(Stage):
                     result = result.set_column(result.schema.get_field_index(name), name, nulled)
         columns = [
             pa.array(outcome.outputs, pa.float64()),
+            pa.array(score_errors, pa.string()),
             pa.array([self.worker] * n, pa.string()),
             pa.array(outcome.seconds, pa.float64()),
         ]

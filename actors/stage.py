@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
+from schemas.manifest import EMBEDDING_TYPE
 from schemas.results import ERROR_INPUT, ERROR_RENDER
 from schemas.work import binary_views, embeds_numpy
 
@@ -112,7 +113,9 @@ class Stage:
             if pa.types.is_fixed_size_list(field.type)
         }
         buffers = [name for name in self.buffer_columns if name in table.column_names]
-        rows = table.drop_columns([*arrays, *buffers]).to_pylist()
+        # Given embeddings (list<float32>) stay in the table for `finish`: never one Python float per value.
+        lists = [field.name for field in table.schema if field.type == EMBEDDING_TYPE]
+        rows = table.drop_columns([*arrays, *buffers, *lists]).to_pylist()
         for name in buffers:
             for row, view in zip(rows, binary_views(table.column(name))):
                 row[name] = view

@@ -24,6 +24,7 @@ from PIL import Image
 from actors.common import worker_name
 from actors.formats import FORMATS, SAMPLE_META
 from actors.images import encode_png
+from actors.scores import ScoreStats
 from actors.stage import describe_exception
 from actors.storage import Storage
 from schemas.keys import sample_key, sample_rank
@@ -38,7 +39,7 @@ from schemas.results import (
     results_table,
 )
 from schemas.shards import data_key, results_key
-from schemas.work import binary_views, from_ipc
+from schemas.work import binary_views, embeds_numpy, from_ipc
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class _Part:
     # Gallery candidates: the lowest-ranked images by `sample_rank`, as max-heaps of (-rank, n, row).
     ok: list[tuple[int, int, ResultRow]] = field(default_factory=list)
     errors: list[tuple[int, int, ResultRow]] = field(default_factory=list)
+    scores: ScoreStats = field(default_factory=lambda: ScoreStats())
+    embeddings: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # --save-embeddings: (2, D)
 
 
 class ShardWriter:
@@ -81,6 +84,8 @@ class ShardWriter:
         run_id: str,
         storage_options: dict[str, Any] | None = None,
         spool_dir: str | None = None,
+        save_embeddings: str | None = None,
+        min_clip_score: float | None = None,
         worker: str = "",
     ) -> None:
         if output_format not in FORMATS:
@@ -89,6 +94,8 @@ class ShardWriter:
         self.output_format = output_format
         self.run_id = run_id
         self.spool_dir = spool_dir
+        self.embeddings_dtype = None if save_embeddings is None else np.dtype(save_embeddings)
+        self.min_clip_score = min_clip_score
         self.worker = worker_name(worker)
         self.parts: dict[str, _Part] = {}
 
@@ -107,13 +114,19 @@ class ShardWriter:
         part = self._part(name)
         pixels = binary_views(table.column("pixels"))  # views of the table's memory, not copies
         keep = [c for c in table.column_names if c not in ("pixels", "image_embeds", "negative_image_embeds")]
+        embeds = None
+        if self.embeddings_dtype is not None:
+            embeds = np.stack([embeds_numpy(table.column(c)) for c in ("image_embeds", "negative_image_embeds")], 1)
+            embeds = embeds.astype(self.embeddings_dtype)  # (rows, 2, D)
         errors = 0
         for i, row in enumerate(table.select(keep).to_pylist()):
-            result = self._result(part, row, pixels[i])
+            result = self._result(part, row, pixels[i], None if embeds is None else embeds[i])
             errors += result.status != STATUS_OK
         return {"rows": table.num_rows, "errors": errors}
 
-    def _result(self, part: _Part, row: dict[str, Any], buffer: np.ndarray | None) -> ResultRow:
+    def _result(
+        self, part: _Part, row: dict[str, Any], buffer: np.ndarray | None, embeddings: np.ndarray | None = None
+    ) -> ResultRow:
         common = {"run_id": self.run_id, "shard": part.shard}
         if row["error"] is not None or buffer is None:
             result = result_from_work(row, error=row["error"], error_kind=row["error_kind"], **common)
@@ -123,14 +136,21 @@ class ShardWriter:
         height, width = row["pixel_height"], row["pixel_width"]
         pixels = buffer.reshape(height, width, 3)
         key = sample_key(row["id"], row["image_index"])
-        meta = {name: row.get(name) for name in SAMPLE_META} | {"key": key, "run_id": self.run_id}
+        score = row.get("clip_score")
+        filtered = None if score is None or self.min_clip_score is None else score < self.min_clip_score
+        meta = {name: row.get(name) for name in SAMPLE_META} | {"key": key, "run_id": self.run_id, "filtered": filtered}
         try:
-            uri, member = part.output.add(key, encode_png(pixels), meta)
+            uri, member = part.output.add(key, encode_png(pixels), meta, embeddings)
         except Exception as exc:
             message = f"writing the image failed: {describe_exception(exc)}"
             result = result_from_work(row, error=message, error_kind=ERROR_WRITE, **common)
         else:
-            result = result_from_work(row, uri=uri, member=member, width=width, height=height, **common)
+            result = result_from_work(row, uri=uri, member=member, width=width, height=height, filtered=filtered,
+                                      **common)  # fmt: skip
+            if embeddings is not None:
+                part.embeddings[(result.id, result.image_index)] = embeddings
+            if score is not None:
+                part.scores.add(result, lambda: thumbnail(pixels))
         self._consider(part, result, pixels)
         part.results.append(result)
         return result
@@ -162,16 +182,34 @@ class ShardWriter:
             data = data_key(name, self.output_format)
             if local is not None and data is not None:
                 self.storage.put_file(data, local)
-            thumbnails = {(r.id, r.image_index): r.thumbnail for _, _, r in part.ok}
+            thumbnails = {(r.id, r.image_index): r.thumbnail for _, _, r in part.ok} | part.scores.thumbnails()
             rows = sorted(part.results, key=lambda r: (r.id, r.image_index))
             rows = [ResultRow(**{**r.__dict__, "thumbnail": thumbnails.get((r.id, r.image_index))}) for r in rows]
             buffer = io.BytesIO()
-            pq.write_table(results_table(rows), buffer, compression="zstd")
+            pq.write_table(self._table(rows, part), buffer, compression="zstd")
             self.storage.write_bytes(results_key(name), buffer.getvalue())
         finally:
             part.output.abandon()
             del self.parts[name]
         return self._summary(part, data, rows)
+
+    def _table(self, rows: list[ResultRow], part: _Part) -> pa.Table:
+        """The part's results table, with the embedding columns (fixed-size lists) under ``--save-embeddings``."""
+        table = results_table(rows)
+        if self.embeddings_dtype is None:
+            return table
+        found = [part.embeddings.get((r.id, r.image_index)) for r in rows]
+        dim = next((e.shape[1] for e in found if e is not None), 0)
+        present = np.array([e is not None for e in found], dtype=bool)
+        values = np.zeros((len(rows), 2, dim), self.embeddings_dtype)
+        for i in np.flatnonzero(present):
+            values[i] = found[i]
+        value_type = pa.from_numpy_dtype(self.embeddings_dtype)
+        for k, name in enumerate(("image_embeds", "negative_image_embeds")):
+            flat = pa.array(np.ascontiguousarray(values[:, k]).ravel(), value_type)
+            column = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~present))
+            table = table.append_column(pa.field(name, pa.list_(value_type, dim)), column)
+        return table
 
     def _summary(self, part: _Part, data: str | None, rows: list[ResultRow]) -> dict[str, Any]:
         by_status: collections.Counter[str] = collections.Counter(r.status for r in rows)
@@ -200,6 +238,7 @@ class ShardWriter:
             "errors_by_kind": dict(collections.Counter(r.error_kind for r in rows if r.status != STATUS_OK)),
             "busy_seconds": busy,
             "ok_busy_seconds": ok_busy,
+            "scores": part.scores.summary(results_key(part.name)),
             "sample": [
                 {name: getattr(r, name) for name in _CANDIDATE_FIELDS}
                 | {

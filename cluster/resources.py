@@ -50,8 +50,12 @@ def resolve_stages(
     *,
     cluster_gpus: float,
     depth: StageResources | None = None,
+    score: StageResources | None = None,
 ) -> tuple[StagePlan, StagePlan, StagePlan | None]:
     """Fill the ``None`` fields of the stage settings from the cluster's GPU count.
+
+    With a scoring stage (``score``; see `resolve_score`) the decoders leave each GPU a quarter for
+    it: decoders 0.75 GPU each (0.5 of a single GPU, the prior and scorer 0.25 of it).
 
     Defaults: on a CPU-only cluster, one actor per stage and no GPUs. With one GPU, prior and
     decoder share it (0.5 each). With G >= 2 GPUs, one prior actor on its own GPU and G - 1
@@ -69,14 +73,19 @@ def resolve_stages(
         depth_gpus_total = depth_plan.num_actors * depth_plan.num_gpus
     shared = 0 < cluster_gpus < 2
     default_gpus = 0.0 if cluster_gpus == 0 else (0.5 if shared else 1.0)
-    prior_gpus = default_gpus if prior.num_gpus is None else prior.num_gpus
-    decoder_gpus = default_gpus if decoder.num_gpus is None else decoder.num_gpus
+    prior_default, decoder_default = default_gpus, default_gpus
+    if score is not None and cluster_gpus:
+        prior_default, decoder_default = (0.25, 0.5) if shared else (1.0, 0.75)
+    prior_gpus = prior_default if prior.num_gpus is None else prior.num_gpus
+    decoder_gpus = decoder_default if decoder.num_gpus is None else decoder.num_gpus
     num_priors = prior.num_actors or 1
     if decoder.num_actors is not None:
         num_decoders = decoder.num_actors
     elif decoder_gpus > 0:
         free = cluster_gpus - num_priors * prior_gpus - depth_gpus_total
-        num_decoders = max(1, math.floor(free / decoder_gpus + 1e-9))
+        # Each decoder keeps a whole GPU's worth, less the scorer's quarter: one decoder per GPU left.
+        per_decoder = 1.0 if decoder.num_gpus is None and score is not None and not shared else decoder_gpus
+        num_decoders = max(1, math.floor(free / per_decoder + 1e-9))
     else:
         num_decoders = 1
     needed = num_priors * prior_gpus + num_decoders * decoder_gpus + depth_gpus_total
@@ -91,6 +100,16 @@ def resolve_stages(
         StagePlan(num_actors=num_decoders, num_gpus=decoder_gpus, num_cpus=decoder.num_cpus),
         depth_plan,
     )
+
+
+def resolve_score(score: StageResources, *, num_decoders: int, cluster_gpus: float) -> StagePlan:
+    """The scoring pool (``--score``): by default 0.25 GPU per actor, beside the decoders' 0.75, and one
+    actor per four decoders (at least one); on a CPU cluster one CPU actor."""
+    if not cluster_gpus:
+        return StagePlan(num_actors=score.num_actors or 1, num_gpus=score.num_gpus or 0.0, num_cpus=score.num_cpus)
+    num_actors = score.num_actors or min(num_decoders, max(1, -(-num_decoders // 4)))
+    num_gpus = 0.25 if score.num_gpus is None else score.num_gpus
+    return StagePlan(num_actors=num_actors, num_gpus=num_gpus, num_cpus=score.num_cpus)
 
 
 def resolve_writer(writer: StageResources, *, num_decoders: int) -> StagePlan:

@@ -22,6 +22,8 @@ HUB_MODELS = {
 # Hub revisions the default ids load at (transformers pins Intel/dpt-large at bc15f29 for its default).
 HUB_REVISIONS = {"depth": "bc15f29"}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+SCORERS = ("clip",)
+EMBEDDING_DTYPES = ("float32", "float16")
 RUNNERS = ("ray", "local")
 ATTENTIONS = ("sdpa", "default")
 
@@ -272,6 +274,45 @@ class JobConfig:
             },
         },
     )
+    score: str | None = field(
+        default=None,
+        metadata={
+            "choices": SCORERS,
+            "help": "score each image after the decoder: clip = 100 x cos(CLIP image, CLIP prompt), clamped at 0, "
+            "with the prior checkpoint's own CLIP encoders (results column clip_score)",
+            "default_help": "no scoring",
+            "group": "io",
+        },
+    )
+    min_clip_score: float | None = field(
+        default=None,
+        metadata={
+            "help": "flag images scoring below this as filtered (kept on storage; results column filtered)",
+            "default_help": "none",
+            "group": "io",
+        },
+    )
+    save_embeddings: str | None = field(
+        default=None,
+        metadata={
+            "choices": EMBEDDING_DTYPES,
+            "help": "store each ok image's image_embeds and negative_image_embeds with it (results columns; a "
+            "<key>.npy member in webdataset; columns in parquet), in this precision",
+            "default_help": "not stored",
+            "group": "io",
+        },
+    )
+    scorer: StageResources = field(
+        default_factory=StageResources,
+        metadata={
+            "stage": "score",
+            "what": "scoring (--score)",
+            "per_field": {
+                "num_actors": {"default_help": "one per four decoder actors"},
+                "num_gpus": {"default_help": "0.25, beside each decoder's 0.75; 0 on CPU"},
+            },
+        },
+    )
     spool_dir: str | None = field(
         default=None,
         metadata={
@@ -350,6 +391,8 @@ class JobConfig:
         for name in ("shard_rows", "shards_in_flight"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_clip_score is not None and self.score is None:
+            raise ValueError("min_clip_score needs score='clip' (--score clip)")
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if self.call_timeout_floor_s <= 0 or self.stage_wait_s <= 0 or (self.call_timeout_s or 1) <= 0:

@@ -32,7 +32,7 @@ class ManifestColumn:
     """One manifest column: its name, the kind of values it holds and what it means."""
 
     name: str
-    kind: str  # "string" | "int" | "float" | "image" | "interpolate"
+    kind: str  # "string" | "int" | "float" | "image" | "interpolate" | "embedding"
     required: bool = False
     description: str
 
@@ -52,6 +52,14 @@ MANIFEST_COLUMNS: tuple[ManifestColumn, ...] = (
     ManifestColumn(
         name="interpolate", kind="interpolate", description="list of {prompt, image, weight} mixed by the prior"
     ),
+    ManifestColumn(
+        name="image_embeds", kind="embedding", description="CLIP image embedding to render from, skipping the prior"
+    ),
+    ManifestColumn(
+        name="negative_image_embeds",
+        kind="embedding",
+        description="negative embedding with image_embeds; null: the prior's zero-image embedding",
+    ),
     ManifestColumn(name="seed", kind="int", description="seed of image 0; image i uses seed + i"),
     ManifestColumn(name="num_images", kind="int", description="images rendered for this row"),
     ManifestColumn(name="height", kind="int", description="output height in pixels"),
@@ -67,7 +75,14 @@ IMAGE_COLUMNS = tuple(c.name for c in MANIFEST_COLUMNS if c.kind == "image")
 # Image columns the decoder reads (the rest guide the prior).
 DECODER_IMAGE_COLUMNS = ("image", "mask", "hint")
 
-_CANONICAL_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "image": pa.string()}
+EMBEDDING_TYPE = pa.list_(pa.float32())  # given embeddings, normalized; checked against the prior's size per row
+_CANONICAL_TYPES = {
+    "string": pa.string(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "image": pa.string(),
+    "embedding": EMBEDDING_TYPE,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +172,9 @@ def _accepts(kind: str, arrow_type: pa.DataType) -> bool:
             and _accepts("string", fields.get("prompt", pa.null()))
             and _accepts("image", fields.get("image", pa.null()))
         )
+    if kind == "embedding":
+        is_list = pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+        return (is_list or pa.types.is_fixed_size_list(arrow_type)) and _accepts("float", arrow_type.value_type)
     raise AssertionError(f"unknown column kind {kind}")
 
 
@@ -166,6 +184,7 @@ _KIND_WORDS = {
     "float": "float or integer",
     "image": "string URI or binary image bytes",
     "interpolate": "list<struct<prompt: string, image: string|binary, weight: float>>",
+    "embedding": "list<float> (or a fixed-size list of floats)",
 }
 
 
@@ -201,6 +220,11 @@ def normalize(table: pa.Table, *, file: str) -> pa.Table:
                 array = image_refs(array)
             elif column.kind == "interpolate":
                 array = _interpolate_items(array)
+            elif column.kind == "embedding":
+                array = (
+                    array.cast(pa.list_(array.type.value_type)) if pa.types.is_fixed_size_list(array.type) else array
+                )
+                array = array.cast(EMBEDDING_TYPE)
         elif column.kind == "image":
             array = pa.nulls(table.num_rows, IMAGE_REF)
         elif column.kind == "interpolate":

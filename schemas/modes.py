@@ -160,7 +160,12 @@ PRIOR_INTERPOLATE = PriorKind(
     reads="interpolate",
     alone=True,
 )
-PRIOR_KINDS: dict[str, PriorKind] = {kind.name: kind for kind in (PRIOR_TEXT, PRIOR_IMAGE, PRIOR_INTERPOLATE)}
+# Rows that give `image_embeds` skip the prior: it passes their embeddings on (decoder-only rendering).
+PRIOR_EMBEDS = PriorKind(name="embeds", pipeline="none: given embeddings", description="given embeddings",
+                         reads="image_embeds")  # fmt: skip
+PRIOR_KINDS: dict[str, PriorKind] = {
+    kind.name: kind for kind in (PRIOR_TEXT, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_EMBEDS)
+}
 
 
 def uses_column(column: str) -> list[str]:

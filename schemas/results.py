@@ -18,13 +18,18 @@ ERROR_UNSUPPORTED_SIZE = "unsupported_size"  # a size the decoder would silently
 ERROR_NON_FINITE = "non_finite_output"
 ERROR_RENDER = "render_failed"  # the pipeline raised for this image
 ERROR_WRITE = "write_failed"
-ERROR_SCORE = "score_failed"  # the image rendered, but the scoring stage (--score) raised for it
+# The scoring stage (--score) raised for an image: recorded in ``score_error`` (the image is kept), not a status.
+ERROR_SCORE = "score_failed"
 
 
 # The gallery's stable sample: this many images, up to a quarter of them errors; previews this wide.
 SAMPLE_SIZE = 48
 SAMPLE_ERRORS = SAMPLE_SIZE // 4
 THUMBNAIL_SIDE = 160
+# CLIP scores (`--score clip`): histogram bins of 5 points over [0, 100], and the extremes the gallery shows.
+SCORE_BIN_WIDTH = 5
+SCORE_BINS = 100 // SCORE_BIN_WIDTH
+SCORE_EXTREMES = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +69,9 @@ class ResultRow:
     decoder_seconds: float | None  # this image's share of its decoder call's wall time
     finished_at: dt.datetime
     thumbnail: bytes | None
+    clip_score: float | None  # --score clip: 100 x cos(image, prompt) of CLIP, clamped at 0
+    filtered: bool | None  # --min-clip-score: the image scored below it (kept, flagged)
+    score_error: str | None  # why an ok image has no score
 
 
 RESULTS_SCHEMA = pa.schema(
@@ -95,6 +103,9 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("decoder_seconds", pa.float64()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("thumbnail", pa.binary()),
+        pa.field("clip_score", pa.float64()),
+        pa.field("filtered", pa.bool_()),
+        pa.field("score_error", pa.string()),
     ]
 )
 
@@ -111,6 +122,7 @@ def result_from_work(
     member: str | None = None,
     shard: str | None = None,
     thumbnail: bytes | None = None,
+    filtered: bool | None = None,
     width: int | None = None,
     height: int | None = None,
     decoder_worker: str | None = None,
@@ -145,6 +157,9 @@ def result_from_work(
         decoder_seconds=decoder_seconds if decoder_seconds is not None else row.get("decoder_seconds"),
         finished_at=dt.datetime.now(dt.timezone.utc),
         thumbnail=thumbnail,
+        clip_score=None if error else row.get("clip_score"),
+        filtered=None if error else filtered,
+        score_error=None if error else row.get("score_error"),
     )
 
 

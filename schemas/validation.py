@@ -41,6 +41,24 @@ def size_problems(table: pa.Table, *, scales: Mapping[str, int]) -> list[str | N
     return problems
 
 
+def embedding_problems(table: pa.Table, *, dim: int) -> list[str | None]:
+    """Per row: why its given embeddings cannot be rendered from (wrong length, missing or non-finite values)."""
+    problems: list[str | None] = [None] * table.num_rows
+    for name in ("image_embeds", "negative_image_embeds"):
+        column = table.column(name)
+        for i in np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False)):
+            if problems[i] is not None:
+                continue
+            values = column[int(i)].values
+            if len(values) != dim:
+                problems[i] = f"{name} has {len(values)} values; the prior checkpoint's embeddings have {dim}"
+            elif values.null_count:
+                problems[i] = f"{name} has {values.null_count} missing value(s)"
+            elif not np.isfinite(values.to_numpy(zero_copy_only=False)).all():
+                problems[i] = f"{name} holds NaN or infinite values"
+    return problems
+
+
 def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
     """Per row of a defaults-filled table: None when renderable, else the first problem, worded for users.
 
@@ -66,7 +84,9 @@ def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
     modes = np.asarray(table.column("mode").to_numpy(zero_copy_only=False), dtype=object)
     prompt_len = pc.fill_null(pc.utf8_length(table.column("prompt")), 0).to_numpy(zero_copy_only=False)
     has_interpolate = is_set("interpolate")
-    flag((prompt_len == 0) & ~has_interpolate, "prompt is null or empty; every row needs a prompt")
+    has_embeds = is_set("image_embeds")
+    flag((prompt_len == 0) & ~has_interpolate & ~has_embeds, "prompt is null or empty; every row needs a prompt "
+         "(or 'interpolate', or 'image_embeds')")  # fmt: skip
     flag(prompt_len > limits.max_prompt_chars, f"prompt is longer than {limits.max_prompt_chars} characters")
     neg_len = pc.fill_null(pc.utf8_length(table.column("negative_prompt")), 0).to_numpy(zero_copy_only=False)
     flag(neg_len > limits.max_prompt_chars, f"negative_prompt is longer than {limits.max_prompt_chars} characters")
@@ -129,6 +149,11 @@ def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
                 f"prior_num_inference_steps * prior_strength < 1: the {kind.description} would run no step",
             )
     flag(is_set("prior_image") & has_interpolate, "set either 'prior_image' or 'interpolate', not both")
+    flag(has_embeds & (is_set("prior_image") | has_interpolate), "'image_embeds' replaces the prior: set no "
+         "'prior_image' or 'interpolate' with it")  # fmt: skip
+    flag(has_embeds & is_set("negative_prompt"), "'negative_prompt' does not apply to given 'image_embeds' (give "
+         "'negative_image_embeds' instead)")  # fmt: skip
+    flag(is_set("negative_image_embeds") & ~has_embeds, "'negative_image_embeds' is set without 'image_embeds'")
     flag(has_interpolate & (prompt_len > 0), "set either 'prompt' or 'interpolate' (a weighted list of prompts and "
          "images replaces the prompt)")  # fmt: skip
     for i in np.flatnonzero(has_interpolate):

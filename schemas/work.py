@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.manifest import IMAGE_REF, INTERPOLATE_TYPE
+from schemas.manifest import EMBEDDING_TYPE, IMAGE_REF, INTERPOLATE_TYPE
 
 # Parameters that must be equal for every row of one prior call (the prior stage's call key).
 PRIOR_CALL_KEY = (
@@ -65,6 +65,9 @@ WORK_SCHEMA = pa.schema(
         pa.field("hint", IMAGE_REF),  # given, or a depth map (PNG bytes) added by the depth stage
         pa.field("prior_image", IMAGE_REF),
         pa.field("interpolate", INTERPOLATE_TYPE),
+        # Embeddings the manifest gives (prior_kind "embeds"); the prior passes them on as its output.
+        pa.field("image_embeds_given", EMBEDDING_TYPE),
+        pa.field("negative_image_embeds_given", EMBEDDING_TYPE),
         pa.field("manifest_file", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),
@@ -139,11 +142,21 @@ DECODED_FIELDS = (
     pa.field("decoder_worker", pa.string()),
     pa.field("decoder_seconds", pa.float64()),  # this image's share of its decoder call's wall time
 )
-DECODER_DROPS = ("image", "mask", "hint", "prior_image", "interpolate", "generator_state")
+DECODER_DROPS = (
+    "image",
+    "mask",
+    "hint",
+    "prior_image",
+    "interpolate",
+    "generator_state",
+    "image_embeds_given",
+    "negative_image_embeds_given",
+)
 
 # What the scoring stage (``--score clip``, actors/scorer.py) adds to each decoded row; null where not scored.
 SCORE_FIELDS = (
     pa.field("clip_score", pa.float64()),  # max(100 * cos(CLIP image embedding, CLIP text embedding), 0)
+    pa.field("score_error", pa.string()),  # why a rendered image has no score (it keeps its image)
     pa.field("score_worker", pa.string()),
     pa.field("score_seconds", pa.float64()),  # this image's share of its scoring call's wall time
 )

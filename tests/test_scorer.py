@@ -135,7 +135,7 @@ def test_a_batched_call_equals_one_row_calls(decoded: pa.Table, scorer: ScoreAct
     assert seconds[order[0]]["score_seconds"] == seconds[order[1]]["score_seconds"]  # a call's time is shared
 
 
-def test_a_row_the_encoders_fail_on_is_score_failed_and_the_rest_are_scored(
+def test_a_row_the_encoders_fail_on_keeps_its_image_and_the_rest_are_scored(
     decoded: pa.Table, scorer: ScoreActor
 ) -> None:
     ids = decoded.column("id").to_pylist()
@@ -159,11 +159,11 @@ def test_a_row_the_encoders_fail_on_is_score_failed_and_the_rest_are_scored(
     finally:
         scorer.tokenizer = tokenizer
     reference = by_id(scorer(decoded))
-    assert out["wide"]["error_kind"] == "score_failed"
-    assert out["wide"]["error"] == "score failed: RuntimeError: cannot tokenize this"
+    assert out["wide"]["error"] is None and out["wide"]["pixels"] is not None  # the image is kept, unscored
+    assert out["wide"]["clip_score"] is None
+    assert out["wide"]["score_error"] == "score failed: RuntimeError: cannot tokenize this"
     assert out["tall"]["error_kind"] == "input_error" and "100x64x3" in out["tall"]["error"]
-    for name in ("wide", "tall"):  # failed rows carry no pixels, like the decoder's error rows
-        assert out[name]["clip_score"] is None and out[name]["pixels"] is None and out[name]["pixel_width"] is None
+    assert out["tall"]["clip_score"] is None and out["tall"]["pixels"] is None  # unusable pixels: an error row
     for name in ("fox", "long"):
         assert out[name]["error"] is None and out[name]["pixels"] is not None
         assert out[name]["clip_score"] == pytest.approx(reference[name]["clip_score"], abs=1e-4)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from cluster.resources import StagePlan, fit_cpus, place_stages, resolve_stages, resolve_writer
+from cluster.resources import StagePlan, fit_cpus, place_stages, resolve_score, resolve_stages, resolve_writer
 from jobs.execution.connect import connect_ray
 from jobs.execution.runner import Deadlines, run_ray
 from jobs.execution.stages import Event, SinkSpec, StageSpec, Task, run_local
@@ -35,17 +35,32 @@ def build_chain(
 ) -> tuple[list[StageSpec], SinkSpec]:
     """The model stages the run needs and its writer pool, with resources resolved for ``cluster_gpus``.
 
-    Decoder actors load the checkpoints of ``modes`` only; the depth stage exists when ``needs_depth``.
+    [depth] -> prior -> decoder -> [score] -> writers. Decoder actors load the checkpoints of
+    ``modes`` only; the depth stage exists when ``needs_depth``, the scoring stage with ``--score``.
     """
     from actors.decoder import DecoderActor
     from actors.depth import DepthActor
     from actors.prior import PriorActor
+    from actors.scorer import ScoreActor
     from actors.writer import ShardWriter
 
+    scorer = config.scorer if config.score else None
     prior, decoder, depth = resolve_stages(
-        config.prior, config.decoder, cluster_gpus=cluster_gpus, depth=config.depth if needs_depth else None
+        config.prior,
+        config.decoder,
+        cluster_gpus=cluster_gpus,
+        depth=config.depth if needs_depth else None,
+        score=scorer,
     )
     writer = resolve_writer(config.writer, num_decoders=decoder.num_actors)
+    score = None
+    if scorer is not None:
+        score = resolve_score(scorer, num_decoders=decoder.num_actors, cluster_gpus=cluster_gpus)
+        gpus = sum(p.num_actors * p.num_gpus for p in (prior, decoder, score, depth) if p is not None)
+        if gpus > cluster_gpus + 1e-9:
+            raise ValueError(
+                f"the stages ask for {gpus:g} GPUs with the scoring stage; the cluster has {cluster_gpus:g}"
+            )
     prior, decoder = place_stages(prior, decoder, stage_placement=config.stage_placement)
     inputs = {
         "storage_options": config.storage_options,
@@ -74,12 +89,19 @@ def build_chain(
             name="decoder", cls=DecoderActor, kwargs=decoder_kwargs, resources=decoder, batch_size=config.batch_size
         )
     )
+    if score is not None:
+        score_kwargs = {"model": config.models.prior, "dtype": config.dtype, "accel": config.accel}
+        stages.append(
+            StageSpec(name="score", cls=ScoreActor, kwargs=score_kwargs, resources=score, batch_size=config.batch_size)
+        )
     sink_kwargs = {
         "output": config.output,
         "output_format": output_format,
         "run_id": run_id,
         "storage_options": config.storage_options,
         "spool_dir": config.spool_dir,
+        "save_embeddings": config.save_embeddings,
+        "min_clip_score": config.min_clip_score,
     }
     return stages, SinkSpec(name="writer", cls=ShardWriter, kwargs=sink_kwargs, resources=writer)
 
@@ -173,6 +195,7 @@ def _import_stage_modules() -> None:
     import actors.decoder  # noqa: F401
     import actors.depth  # noqa: F401
     import actors.prior  # noqa: F401
+    import actors.scorer  # noqa: F401
     import actors.writer  # noqa: F401
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from actors.scores import empty_scores, merge_scores
 from actors.storage import Storage
 from schemas.keys import sample_rank
 from schemas.results import RESULTS_SCHEMA, SAMPLE_ERRORS, SAMPLE_SIZE, STATUS_OK
@@ -157,6 +158,7 @@ class OutputIndex:
     with_errors: dict[str, Marker] = field(default_factory=dict)  # shards with error images (without samples)
     totals: Counts = field(default_factory=Counts)
     candidates: Candidates = field(default_factory=Candidates)
+    scores: dict[str, Any] = field(default_factory=empty_scores)  # CLIP scores of the output's ok images
 
     @classmethod
     def read(cls, storage: Storage) -> OutputIndex:
@@ -171,12 +173,25 @@ class OutputIndex:
         if previous is not None:
             self.totals.add(previous, sign=-1)
         self.totals.add(marker)
+        # A retried shard's marker holds its earlier scores too: add only the new part's (`retried_marker`).
+        new = marker.extra.get("scores", {}) if previous is None else _new_scores(marker, previous)
+        self.scores = merge_scores(self.scores, new)
         self.candidates.add(marker.sample)
         self.done.add(marker.shard)
         self.files.setdefault(marker.relpath, marker.fingerprint)
         self.with_errors.pop(marker.shard, None)
         if marker.num_errors:
             self.with_errors[marker.shard] = Marker(**{**marker.__dict__, "sample": ()})
+
+
+def _new_scores(marker: Marker, previous: Marker) -> dict[str, Any]:
+    """The scores a retried shard's marker adds to its previous one (counts subtracted; extremes kept whole)."""
+    now, before = marker.extra.get("scores", {}), previous.extra.get("scores", {})
+    if not now.get("count") or not before.get("count"):
+        return now
+    return {**now, "count": now["count"] - before["count"], "sum": now["sum"] - before["sum"],
+            "histogram": [x - y for x, y in zip(now["histogram"], before["histogram"])],
+            "num_filtered": now["num_filtered"] - before["num_filtered"]}  # fmt: skip
 
 
 def new_marker(shard: Shard, summary: dict[str, Any], *, output_format: str) -> Marker:
@@ -199,6 +214,7 @@ def new_marker(shard: Shard, summary: dict[str, Any], *, output_format: str) -> 
         ok_busy_seconds=summary["ok_busy_seconds"],
         sample=tuple(summary["sample"]),
         finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        extra={"scores": summary["scores"]},
     )
 
 
@@ -278,5 +294,7 @@ def retried_marker(storage: Storage, previous: Marker, summary: dict[str, Any]) 
             "ok_busy_seconds": ok_busy,
             "sample": tuple(candidates.entries()),
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            # The retried images had no score (they were errors), so the new part's scores add exactly.
+            "extra": {**previous.extra, "scores": merge_scores(previous.extra.get("scores", {}), summary["scores"])},
         }
     )

@@ -28,16 +28,36 @@ def _is_hub_id(path: str) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _read_movq_config(path: str, options_json: str) -> dict[str, Any]:
+def _read_config(path: str, name: str, options_json: str) -> dict[str, Any]:
+    """The JSON file ``name`` of the checkpoint at ``path`` (a folder, fsspec URI or hub id)."""
     if _is_hub_id(path):
         from huggingface_hub import hf_hub_download
 
-        with open(hf_hub_download(path, _MOVQ_CONFIG), encoding="utf-8") as handle:
+        with open(hf_hub_download(path, name), encoding="utf-8") as handle:
             return json.load(handle)
     import fsspec
 
-    with fsspec.open(posixpath.join(path.rstrip("/"), _MOVQ_CONFIG), "rt", **json.loads(options_json)) as handle:
+    with fsspec.open(posixpath.join(path.rstrip("/"), name), "rt", **json.loads(options_json)) as handle:
         return json.load(handle)
+
+
+# The public prior's image embeddings have 1280 values (CLIP ViT-bigG/14).
+PUBLIC_EMBEDDING_DIM = 1280
+_PRIOR_CONFIG = "prior/config.json"
+
+
+def embedding_dim(path: str, *, storage_options: dict[str, Any] | None = None) -> int:
+    """Values in one image embedding of the prior checkpoint at ``path`` (its prior transformer's ``embedding_dim``).
+
+    When the config cannot be read, the public checkpoint's 1280 is assumed with a warning (a wrong
+    guess only refuses rows; the prior actor checks the real size when it loads).
+    """
+    try:
+        options = json.dumps(storage_options or {}, sort_keys=True, default=str)
+        return int(_read_config(path, _PRIOR_CONFIG, options)["embedding_dim"])
+    except Exception as exc:  # noqa: BLE001 - any failure to read means: fall back and say so
+        logger.warning("could not read %s of %s (%s); assuming %d", _PRIOR_CONFIG, path, exc, PUBLIC_EMBEDDING_DIM)
+        return PUBLIC_EMBEDDING_DIM
 
 
 def movq_scale(path: str, *, storage_options: dict[str, Any] | None = None) -> int:
@@ -49,7 +69,7 @@ def movq_scale(path: str, *, storage_options: dict[str, Any] | None = None) -> i
     it differs, so a wrong guess cannot produce wrong images.
     """
     try:
-        config = _read_movq_config(path, json.dumps(storage_options or {}, sort_keys=True, default=str))
+        config = _read_config(path, _MOVQ_CONFIG, json.dumps(storage_options or {}, sort_keys=True, default=str))
         return 2 ** (len(config["block_out_channels"]) - 1)
     except Exception as exc:  # noqa: BLE001 - any failure to read means: fall back and say so
         logger.warning(
@@ -91,3 +111,11 @@ class CheckpointScales(Mapping[str, int]):
     def read(self) -> dict[str, int]:
         """The scales read so far (what the plan checked sizes with)."""
         return dict(self._scales)
+
+    @functools.cached_property
+    def _embedding_dim(self) -> int:
+        return embedding_dim(self.config.models.prior, storage_options=self.config.storage_options)
+
+    def embedding_dim(self) -> int:
+        """The prior checkpoint's embedding size (read once, the first time a row gives embeddings)."""
+        return self._embedding_dim

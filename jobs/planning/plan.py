@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
@@ -23,7 +23,7 @@ from schemas.keys import MAX_SEED, default_seed
 from schemas.manifest import IMAGE_COLUMNS, IMAGE_REF, INTERPOLATE_TYPE, Limits, RenderDefaults, fill_defaults
 from schemas.modes import MODES, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE
-from schemas.validation import row_problems, size_problems
+from schemas.validation import embedding_problems, row_problems, size_problems
 from schemas.work import CALL_KEY, PRIOR_CALL_KEY, WORK_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -113,16 +113,21 @@ def expand(
     defaults: RenderDefaults,
     limits: Limits,
     movq_scales: Mapping[str, int],
+    embedding_dim: Callable[[], int] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Expand manifest rows into `WORK_SCHEMA` rows, one per output image.
 
     Returns ``(work, refused)``: renderable rows, and rows of refused manifest rows with their
     problem in ``error`` (one per image, or a single image 0 when ``num_images`` itself is bad):
     ``invalid_row`` for values outside the contract, ``unsupported_size`` for sizes the mode's
-    decoder would change (checked with ``movq_scales``, checkpoint name -> MoVQ scale).
+    decoder would change (checked with ``movq_scales``, checkpoint name -> MoVQ scale). Given
+    embeddings are checked against ``embedding_dim()`` (the prior checkpoint's size, read on demand).
     """
     filled = resolve_relative_uris(fill_defaults(table, defaults), base=file)
     problems = row_problems(filled, limits=limits)
+    if embedding_dim is not None and filled.column("image_embeds").null_count < filled.num_rows:
+        given = embedding_problems(filled, dim=embedding_dim())
+        problems = [p or g for p, g in zip(problems, given)]
     sizes = size_problems(filled, scales=movq_scales)
     kinds = [ERROR_INVALID_ROW if p else (ERROR_UNSUPPORTED_SIZE if z else None) for p, z in zip(problems, sizes)]
     problems = [p or z for p, z in zip(problems, sizes)]
@@ -155,6 +160,8 @@ def expand(
         "manifest_file": pa.array(np.full(len(positions), file, dtype=object), pa.string()),
         "error": pa.array(errors, pa.string()),
         "error_kind": pa.array(error_kinds, pa.string()),
+        "image_embeds_given": rows.column("image_embeds"),
+        "negative_image_embeds_given": rows.column("negative_image_embeds"),
     }
     for name in WORK_SCHEMA.names:
         if name not in columns:
@@ -305,6 +312,7 @@ def plan_rows(
     config: JobConfig,
     movq_scales: Mapping[str, int],
     only: pa.Table | None = None,
+    embedding_dim: Callable[[], int] | None = None,
 ) -> Plan:
     """The plan of normalized manifest rows ``table`` (one shard): expand, refuse, batch.
 
@@ -320,6 +328,7 @@ def plan_rows(
             defaults=config.defaults,
             limits=config.limits,
             movq_scales=movq_scales,
+            embedding_dim=embedding_dim,
         )
         works.append(work)
         refusals.append(refused)
@@ -354,7 +363,13 @@ def make_plan(config: JobConfig, *, movq_scales: Mapping[str, int] | None = None
     check_ids(files, storage_options=options)
     scales = movq_scales if movq_scales is not None else CheckpointScales(config)
     plans = [
-        plan_rows(read_whole(file, storage_options=options), file=file.uri, config=config, movq_scales=scales)
+        plan_rows(
+            read_whole(file, storage_options=options),
+            file=file.uri,
+            config=config,
+            movq_scales=scales,
+            embedding_dim=getattr(scales, "embedding_dim", None),
+        )  # fmt: skip
         for file in files
     ]
     work = pa.concat_tables([WORK_SCHEMA.empty_table(), *(p.batches.work for p in plans)])

@@ -104,7 +104,8 @@ class RunPlan:
                     columns = ["id", "image_index", "status", "finished_at"]
                     final = read_shard_results(self.storage, previous, columns=columns)
                     only = final.filter(pc.not_equal(final.column("status"), STATUS_OK))
-                plan = plan_rows(rows, file=shard.file, config=self.config, movq_scales=self.scales, only=only)
+                plan = plan_rows(rows, file=shard.file, config=self.config, movq_scales=self.scales, only=only,
+                                 embedding_dim=self.scales.embedding_dim)  # fmt: skip
                 attempt = len(previous.parts) if previous is not None else 0
                 yield ShardWork(shard=shard, part=part_name(shard.name, attempt), plan=plan, previous=previous)
 
