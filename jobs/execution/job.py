@@ -149,7 +149,8 @@ def run_job(
             wall_seconds=time.monotonic() - started,
             skipped=skipped,
         )
-        stats["report"] = write_report(storage, plan.index.candidates.chosen(), stats=stats)
+        chosen = plan.index.candidates.chosen()
+        stats["report"] = write_report(storage, chosen, stats=stats, scores_summary=plan.index.scores)
         write_stats(storage, stats)
         storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
     return JobSummary(run_id=run_id, plan=plan, stats=stats)

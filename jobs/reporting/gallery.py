@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from actors.storage import Storage
+from jobs.reporting.scores import HISTOGRAM_FILE, extremes_html, histogram_png
 from schemas.keys import STATS_FILE, image_key
 from schemas.results import STATUS_OK, THUMBNAIL_SIDE
 
@@ -53,8 +54,10 @@ def gallery_html(
     stats: dict[str, Any],
     num_images: int,
     thumbnails: dict[tuple[str, int], bytes | None],
+    extra: str = "",
 ) -> str:
-    """The gallery page: one card per sampled image (picture, prompt, mode, seed, size, status)."""
+    """The gallery page: one card per sampled image (picture, prompt, mode, seed, size, status); ``extra``
+    HTML (the score section) follows the sample."""
     output = stats.get("output", {})
     by_status = output.get("by_status", {})
     cards = "\n".join(_card(row, thumbnails.get((row["id"], row["image_index"]))) for row in rows)
@@ -92,6 +95,7 @@ results in <code>results/*.parquet</code>, shards in <code>shards/*.json</code><
 <main>
 {cards}
 </main>
+{extra}
 </body>
 </html>
 """
@@ -155,8 +159,17 @@ def contact_sheet(rows: list[dict[str, Any]], images: dict[tuple[str, int], byte
     return buffer.getvalue()
 
 
-def write_report(storage: Storage, rows: list[dict[str, Any]], *, stats: dict[str, Any]) -> dict[str, str]:
+def write_report(
+    storage: Storage,
+    rows: list[dict[str, Any]],
+    *,
+    stats: dict[str, Any],
+    scores_summary: dict[str, Any] | None = None,
+) -> dict[str, str]:
     """Write ``index.html`` and ``contact_sheet.png`` for the chosen sample ``rows``; returns their keys.
+
+    With scores (``scores_summary``, the output's merged `actors.scores` summary) also
+    ``score_histogram.png`` and a section with the lowest- and highest-scoring images.
 
     ``rows`` are gallery candidates (`jobs.output.markers.Candidates.chosen`); their previews come
     from the results parts that hold them. On object stores the objects get their content type, so
@@ -165,10 +178,20 @@ def write_report(storage: Storage, rows: list[dict[str, Any]], *, stats: dict[st
     thumbnails = read_thumbnails(storage, rows)
     _write(storage, CONTACT_SHEET_FILE, contact_sheet(rows, thumbnails), content_type="image/png")
     num_images = stats.get("output", {}).get("num_images", len(rows))
-    page = gallery_html(rows, stats=stats, num_images=num_images, thumbnails=thumbnails)
+    extra, keys = "", {"gallery": GALLERY_FILE, "contact_sheet": CONTACT_SHEET_FILE}
+    scores = stats.get("clip_score")
+    if scores and scores_summary is not None:
+        extremes = [{**e, "status": STATUS_OK} for e in scores_summary["lowest"] + scores_summary["highest"]]
+        threshold = scores["min_clip_score"]
+        _write(
+            storage, HISTOGRAM_FILE, histogram_png(scores_summary, min_clip_score=threshold), content_type="image/png"
+        )
+        extra = extremes_html(scores, read_thumbnails(storage, extremes))
+        keys["score_histogram"] = HISTOGRAM_FILE
+    page = gallery_html(rows, stats=stats, num_images=num_images, thumbnails=thumbnails, extra=extra)
     _write(storage, GALLERY_FILE, page.encode("utf-8"), content_type="text/html; charset=utf-8")
     logger.info("gallery of %d image(s) at %s", len(rows), storage.uri(GALLERY_FILE))
-    return {"gallery": GALLERY_FILE, "contact_sheet": CONTACT_SHEET_FILE}
+    return keys
 
 
 def _write(storage: Storage, key: str, data: bytes, *, content_type: str) -> None:

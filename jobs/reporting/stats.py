@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from actors.storage import Storage
 from cluster.resources import suggest_stages
+from jobs.reporting.scores import score_stats
 from schemas.config import JobConfig
 from schemas.keys import STATS_FILE
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE, STATUS_OK
@@ -82,6 +83,8 @@ def run_stats(
         "busy_seconds": busy,
         "stages": stage_info,
         "suggested_stages": suggest(parts, cluster_gpus=stage_info.get("cluster_gpus", 0.0)),
+        "clip_score": score_stats(plan.index.scores, min_clip_score=config.min_clip_score),
+        "num_filtered": plan.index.scores.get("num_filtered", 0),
         "settings": dataclasses.asdict(plan.settings),
         "versions": versions(),
         "config": config.to_dict(),
