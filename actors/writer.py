@@ -216,10 +216,10 @@ class ShardWriter:
         by_mode: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         for r in rows:
             by_mode[str(r.mode)][r.status] += 1
-        busy = {"prior": 0.0, "decoder": 0.0}
-        ok_busy = {"prior": 0.0, "decoder": 0.0, "images": 0}
+        busy = {"prior": 0.0, "decoder": 0.0, "score": 0.0}
+        ok_busy = {"prior": 0.0, "decoder": 0.0, "score": 0.0, "images": 0}
         for r in rows:
-            for stage in ("prior", "decoder"):
+            for stage in ("prior", "decoder", "score"):
                 seconds = getattr(r, f"{stage}_seconds") or 0.0
                 busy[stage] += seconds
                 if r.status == STATUS_OK and r.prior_seconds is not None and r.decoder_seconds is not None:

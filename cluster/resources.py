@@ -188,13 +188,18 @@ class StageSuggestion:
     images_per_s: float  # predicted, whole cluster
     decoder_busy: float  # predicted fraction of decoder time spent rendering
     note: str
+    num_score_actors: int = 0  # with a scoring stage: actors of `score_gpus` each that keep up with the decoders
+    score_gpus: float = 0.0
 
     def flags(self) -> str:
         """The render flags that ask for this layout."""
-        return (
+        flags = (
             f"--num-prior-actors {self.num_prior_actors} --num-decoder-actors {self.num_decoder_actors} "
             f"--prior-gpus {self.prior_gpus:g} --decoder-gpus {self.decoder_gpus:g}"
         )
+        if self.num_score_actors:
+            flags += f" --num-score-actors {self.num_score_actors} --score-gpus {self.score_gpus:g}"
+        return flags
 
 
 def priors_needed(*, num_decoders: int, prior_seconds: float, decoder_seconds: float, headroom: float = 1.1) -> int:
@@ -208,6 +213,37 @@ def priors_needed(*, num_decoders: int, prior_seconds: float, decoder_seconds: f
 
 
 def suggest_stages(
+    *,
+    prior_seconds: float,
+    decoder_seconds: float,
+    cluster_gpus: float,
+    headroom: float = 1.1,
+    score_seconds: float | None = None,
+) -> StageSuggestion:
+    """`suggest_prior_decoder`, plus the scoring stage when ``score_seconds`` (its busy seconds per image) is given.
+
+    Scorers sit beside the decoders (0.25 GPU each, decoders 0.75; on one GPU prior 0.25, decoder
+    0.5, scorer 0.25), as many as keep up with the decoders with ``headroom``.
+    """
+    base = suggest_prior_decoder(
+        prior_seconds=prior_seconds, decoder_seconds=decoder_seconds, cluster_gpus=cluster_gpus, headroom=headroom
+    )
+    if not score_seconds:
+        return base
+    needed = max(1, math.ceil(base.num_decoder_actors * score_seconds * headroom / decoder_seconds - 1e-9))
+    shared = cluster_gpus < 2
+    note = f"{base.note}; scoring costs {score_seconds / decoder_seconds:.1%} of a decoder's time per image"
+    return dataclasses.replace(
+        base,
+        num_score_actors=min(needed, base.num_decoder_actors) if cluster_gpus else 1,
+        score_gpus=0.25 if cluster_gpus else 0.0,
+        prior_gpus=0.25 if shared and cluster_gpus else base.prior_gpus,
+        decoder_gpus=(0.5 if shared else 0.75) if cluster_gpus else base.decoder_gpus,
+        note=note,
+    )
+
+
+def suggest_prior_decoder(
     *, prior_seconds: float, decoder_seconds: float, cluster_gpus: float, headroom: float = 1.1
 ) -> StageSuggestion:
     """Split ``cluster_gpus`` whole GPUs between prior and decoder actors for the most images per second.

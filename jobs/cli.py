@@ -8,6 +8,7 @@ COMMANDS = {
     "render": "render manifests (see `kandinsky-render render --help`)",
     "tiny-models": "write tiny random-weight checkpoints for tests and the example",
     "calibrate": "fit a --dry-run GPU-seconds profile from a finished run's results",
+    "reuse-embeddings": "turn a run's saved embeddings (--save-embeddings) into a manifest to render again",
     "benchmark": "throughput figures: cpu, simulated, plan, gpu (see BENCHMARKS.md)",
 }
 
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.planning.calibration import main as calibrate_main
 
         return calibrate_main(rest)
+    if command == "reuse-embeddings":
+        from jobs.output.reuse import main as reuse_main
+
+        return reuse_main(rest)
     if command == "benchmark":
         from jobs.benchmarks import main as benchmark_main
 

@@ -67,6 +67,7 @@ class ResultRow:
     decoder_worker: str | None
     prior_seconds: float | None  # this image's share of its prior call's wall time
     decoder_seconds: float | None  # this image's share of its decoder call's wall time
+    score_seconds: float | None  # this image's share of its scoring call's wall time (--score)
     finished_at: dt.datetime
     thumbnail: bytes | None
     clip_score: float | None  # --score clip: 100 x cos(image, prompt) of CLIP, clamped at 0
@@ -101,6 +102,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("decoder_worker", pa.string()),
         pa.field("prior_seconds", pa.float64()),
         pa.field("decoder_seconds", pa.float64()),
+        pa.field("score_seconds", pa.float64()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("thumbnail", pa.binary()),
         pa.field("clip_score", pa.float64()),
@@ -155,6 +157,7 @@ def result_from_work(
         decoder_worker=decoder_worker if decoder_worker is not None else row.get("decoder_worker"),
         prior_seconds=row.get("prior_seconds"),
         decoder_seconds=decoder_seconds if decoder_seconds is not None else row.get("decoder_seconds"),
+        score_seconds=row.get("score_seconds"),
         finished_at=dt.datetime.now(dt.timezone.utc),
         thumbnail=thumbnail,
         clip_score=None if error else row.get("clip_score"),

@@ -29,7 +29,12 @@ from schemas.shards import DATASET_FILE, SHARDS_DIR, DatasetSettings, Fingerprin
 
 logger = logging.getLogger(__name__)
 
-READ_CHUNK = 256  # markers fetched per concurrent request batch
+READ_CHUNK = 256
+STAGE_SECONDS = (
+    "prior",
+    "decoder",
+    "score",
+)  # the results' per-image busy seconds, per model stage  # markers fetched per concurrent request batch
 
 
 def read_settings(storage: Storage) -> DatasetSettings | None:
@@ -253,7 +258,9 @@ def retried_marker(storage: Storage, previous: Marker, summary: dict[str, Any]) 
     """
     parts = (*previous.parts, _part(summary))
     probe = Marker(**{**previous.__dict__, "parts": parts})
-    final = read_shard_results(storage, probe, columns=[*SHARD_RESULT_COLUMNS, "prior_seconds", "decoder_seconds"])
+    final = read_shard_results(
+        storage, probe, columns=[*SHARD_RESULT_COLUMNS, *(f"{s}_seconds" for s in STAGE_SECONDS)]
+    )
     counts = Counts()
     rows = final.to_pylist()
     counts.num_images = len(rows)
@@ -273,13 +280,10 @@ def retried_marker(storage: Storage, previous: Marker, summary: dict[str, Any]) 
     )
     ok = final.filter(pc.equal(final.column("status"), STATUS_OK))
     busy = {
-        stage: previous.busy_seconds.get(stage, 0.0) + summary["busy_seconds"][stage] for stage in ("prior", "decoder")
+        stage: previous.busy_seconds.get(stage, 0.0) + seconds for stage, seconds in summary["busy_seconds"].items()
     }
-    ok_busy = {
-        "prior": float(pc.sum(ok.column("prior_seconds")).as_py() or 0.0),
-        "decoder": float(pc.sum(ok.column("decoder_seconds")).as_py() or 0.0),
-        "images": ok.num_rows,
-    }
+    ok_busy = {stage: float(pc.sum(ok.column(f"{stage}_seconds")).as_py() or 0.0) for stage in STAGE_SECONDS}
+    ok_busy["images"] = ok.num_rows
     summary_counts = counts.as_dict()
     return Marker(
         **{

@@ -5,8 +5,10 @@ A profile holds three numbers, each the busy seconds of one GPU (one actor) per 
 - ``prior_step_seconds``: one prior denoising step, classifier-free guidance on (half when off);
 - ``decoder_step_seconds``: one decoder UNet step of a 512x512 image, guidance on (half when off),
   proportional to the pixel count;
-- ``decoder_image_seconds``: per 512x512 image, the rest of the decoder call (MoVQ decode, PNG,
-  upload), proportional to the pixel count.
+- ``decoder_image_seconds``: per 512x512 image, the rest of the decoder call (MoVQ decode), proportional
+  to the pixel count (PNG encoding and upload run on the writers' CPUs, not on a GPU);
+- ``score_image_seconds`` (optional, 0 when absent): the scoring stage (``--score clip``) per image: the
+  CLIP image and text encoders at their fixed 224-pixel input, whatever the output size.
 
 Guidance doubles the batch the model sees, hence the halving when it is off (``guidance_scale <= 1``);
 img2img-family modes run ``int(num_inference_steps * strength)`` decoder steps.
@@ -41,6 +43,7 @@ class Profile:
     decoder_image_seconds: float
     measured: bool
     source: str
+    score_image_seconds: float = 0.0
 
 
 def load_calibration(path: str = DEFAULT_CALIBRATION) -> list[Profile]:
@@ -62,6 +65,7 @@ def load_calibration(path: str = DEFAULT_CALIBRATION) -> list[Profile]:
                     prior_step_seconds=float(values["prior_step_seconds"]),
                     decoder_step_seconds=float(values["decoder_step_seconds"]),
                     decoder_image_seconds=float(values["decoder_image_seconds"]),
+                    score_image_seconds=float(values.get("score_image_seconds", 0.0)),
                     measured=bool(values.get("measured", False)),
                     source=str(values.get("source", "")),
                 )
@@ -88,6 +92,7 @@ def work_units(table: pa.Table) -> dict[str, np.ndarray]:
     partial = partial.to_numpy(zero_copy_only=False).astype(bool)
     steps = np.where(partial, np.floor(steps * _numbers(table, "strength")), steps)
     return {
+        "scored_images": np.ones(table.num_rows),
         "prior_steps": _numbers(table, "prior_num_inference_steps")
         * _guidance_factor(_numbers(table, "prior_guidance_scale")),
         "decoder_steps": steps * _guidance_factor(_numbers(table, "guidance_scale")) * scale,
@@ -105,7 +110,8 @@ def estimate(totals: dict[str, float], profile: Profile) -> dict[str, float]:
     prior = totals["prior_steps"] * profile.prior_step_seconds
     decoder = totals["decoder_steps"] * profile.decoder_step_seconds
     decoder += totals["decoder_images"] * profile.decoder_image_seconds
-    return {"prior": prior, "decoder": decoder, "total": prior + decoder}
+    score = totals.get("scored_images", 0.0) * profile.score_image_seconds
+    return {"prior": prior, "decoder": decoder, "score": score, "total": prior + decoder + score}
 
 
 def fit_profile(results: pa.Table, *, name: str, source: str) -> Profile:
@@ -129,11 +135,16 @@ def fit_profile(results: pa.Table, *, name: str, source: str) -> Profile:
         (fitted_step, fitted_image), *_ = np.linalg.lstsq(design, decoder_seconds, rcond=None)
         if fitted_step > 0 and fitted_image >= 0:  # noise can make the split unphysical: keep the one-term fit
             step, image = float(fitted_step), float(fitted_image)
+    scored = (
+        ok.column("score_seconds").drop_null() if "score_seconds" in ok.column_names else pa.array([], pa.float64())
+    )
+    score = float(pc.mean(scored).as_py()) if len(scored) else 0.0
     return Profile(
         name=name,
         prior_step_seconds=prior_step,
         decoder_step_seconds=float(step),
         decoder_image_seconds=float(image),
+        score_image_seconds=score,
         measured=True,
         source=source,
     )
@@ -148,6 +159,7 @@ def profile_yaml(profile: Profile) -> str:
             "prior_step_seconds": float(f"{profile.prior_step_seconds:.4g}"),
             "decoder_step_seconds": float(f"{profile.decoder_step_seconds:.4g}"),
             "decoder_image_seconds": float(f"{profile.decoder_image_seconds:.4g}"),
+            "score_image_seconds": float(f"{profile.score_image_seconds:.4g}"),
         }
     }
     return yaml.safe_dump(block, sort_keys=False)

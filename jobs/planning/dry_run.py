@@ -17,7 +17,7 @@ from jobs.planning.shards import RunPlan, plan_run
 from schemas.config import JobConfig
 from schemas.modes import PRIOR_KINDS
 
-STAGES = ("depth", "prior", "decoder")
+STAGES = ("depth", "prior", "decoder", "score")
 
 
 @dataclass(kw_only=True)
@@ -46,6 +46,8 @@ class Census:
         size = prior_batch_size(config)
         depth = plan.needs_depth
         self.calls["decoder"] += len(plan.batches)
+        if config.score:
+            self.calls["score"] += len(plan.batches)
         for group in group_batches(plan.batches, max_rows=size):
             rows = sum(batch.num_rows for batch in group)
             self.calls["prior"] += (
@@ -73,11 +75,14 @@ def census(plan: RunPlan) -> Census:
 
 def _stage_line(name: str, num_actors: int | None, num_gpus: float | None, placement: dict[str, Any]) -> str:
     # None fields are decided by cluster.resources.resolve_stages when the job starts.
-    if num_actors:
-        actors = f"{num_actors} actor(s)"
+    default_actors = {"decoder": "one actor per GPU left after the prior (1 on CPU clusters)",
+                      "score": "one actor per four decoders"}  # fmt: skip
+    default_gpus = {"score": "0.25 GPU each, beside the decoders' 0.75 (0 on CPU)"}
+    actors = f"{num_actors} actor(s)" if num_actors else default_actors.get(name, "1 actor")
+    if num_gpus is not None:
+        gpus = f"{num_gpus:g} GPU each"
     else:
-        actors = "1 actor" if name != "decoder" else "one actor per GPU left after the prior (1 on CPU clusters)"
-    gpus = f"{num_gpus:g} GPU each" if num_gpus is not None else "1 GPU each (0.5 on a 1-GPU cluster, 0 on CPU)"
+        gpus = default_gpus.get(name, "1 GPU each (0.5 on a 1-GPU cluster, 0 on CPU)")
     where = [f"accelerator type {placement['accelerator_type']}"] if placement.get("accelerator_type") else []
     where += [f"{key}={value}" for key, value in placement.get("label_selector", {}).items()]
     return f"{name}: {actors}, {gpus}" + (f", on nodes with {', '.join(where)}" if where else "")
@@ -108,22 +113,27 @@ def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list
     body.append(("to render", "", str(sum(counts.rows.values())), str(counts.num_to_render)))
     lines += _table(body, "<<>>")
     sizes = f"decoder batch size {config.batch_size}, prior batch size {prior_batch_size(config)}"
-    stages = [name for name in STAGES if name != "depth" or counts.calls["depth"]]
+    stages = [name for name in STAGES if name in ("prior", "decoder") or counts.calls[name]]
     lines += ["", f"model calls per stage ({sizes}): " + ", ".join(f"{name} {counts.calls[name]}" for name in stages)]
     for name in stages:
-        resources = getattr(config, name)
+        resources = config.scorer if name == "score" else getattr(config, name)
         placement = config.stage_placement.get(name, {})
         lines.append("  " + _stage_line(name, resources.num_actors, resources.num_gpus, placement))
     lines += ["", f"estimated GPU-seconds (busy time of one GPU per actor), calibration {calibration}:"]
-    rows = [("profile", "prior", "decoder", "total", "basis")]
+    scoring = bool(config.score)
+    rows = [("profile", "prior", "decoder", *(["score"] if scoring else []), "total", "basis")]
     sources: dict[str, list[str]] = {}
-    totals = {name: counts.units[name] for name in ("prior_steps", "decoder_steps", "decoder_images")}
+    totals = {name: counts.units[name] for name in ("prior_steps", "decoder_steps", "decoder_images", "scored_images")}
+    if not scoring:
+        totals["scored_images"] = 0.0
     for profile in profiles:
         seconds = estimate(totals, profile)
         basis = "measured" if profile.measured else "NOT measured"
-        rows.append((profile.name, *(f"{seconds[k]:.1f}" for k in ("prior", "decoder", "total")), basis))
+        columns = ("prior", "decoder", *(["score"] if scoring else []), "total")
+        basis += "" if not scoring or profile.score_image_seconds else " (no score cost in it)"
+        rows.append((profile.name, *(f"{seconds[k]:.1f}" for k in columns), basis))
         sources.setdefault(profile.source, []).append(profile.name)
-    lines += _table(rows, "<>>><")
+    lines += _table(rows, "<" + ">" * (len(rows[0]) - 2) + "<")
     lines += [f"  {', '.join(names)}: {source}" for source, names in sources.items()]
     return "\n".join(lines)
 

@@ -166,7 +166,9 @@ def summary_table(stats: dict[str, Any]) -> str:
         rows.append((f"  error {kind}", _count(run, "errors_by_kind", kind), _count(output, "errors_by_kind", kind)))
     scores = stats.get("clip_score")
     if scores:
-        rows.append(("clip score mean (min-max)", "", f"{scores['mean']:.2f} ({scores['min']:.1f}-{scores['max']:.1f})"))
+        rows.append(
+            ("clip score mean (min-max)", "", f"{scores['mean']:.2f} ({scores['min']:.1f}-{scores['max']:.1f})")
+        )
         rows.append(("images filtered (low score)", "", str(scores["num_filtered"])))
     rows.append(("skipped (already final)", str(stats.get("num_skipped_already_final", 0)), ""))
     rows.append(("images/s", f"{stats.get('images_per_s', 0.0):g}", ""))

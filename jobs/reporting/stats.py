@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from actors.storage import Storage
 from cluster.resources import suggest_stages
+from jobs.output.markers import STAGE_SECONDS
 from jobs.reporting.scores import score_stats
 from schemas.config import JobConfig
 from schemas.keys import STATS_FILE
@@ -61,7 +62,7 @@ def run_stats(
     refused = sum(this_run.errors_by_kind.get(kind, 0) for kind in (ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE))
     num_errors = this_run.num_images - this_run.by_status.get(STATUS_OK, 0)
     rendered = this_run.num_images - refused
-    busy = {stage: round(sum(p["busy_seconds"][stage] for p in parts), 3) for stage in ("prior", "decoder")}
+    busy = {stage: round(sum(p["busy_seconds"].get(stage, 0.0) for p in parts), 3) for stage in STAGE_SECONDS}
     return {
         "run_id": run_id,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -98,8 +99,10 @@ def suggest(parts: list[dict[str, Any]], *, cluster_gpus: float) -> dict[str, An
     if not images or not decoder:
         return None
     prior = sum(p["ok_busy_seconds"]["prior"] for p in parts) / images
+    score = sum(p["ok_busy_seconds"].get("score", 0.0) for p in parts) / images or None
     decoder /= images
-    suggestion = suggest_stages(prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus)
+    suggestion = suggest_stages(prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus,
+                                score_seconds=score)  # fmt: skip
     logger.info(
         "measured %.3g s/image prior, %.3g s/image decoder; for %g GPUs: %s (%s)",
         prior,
@@ -111,6 +114,7 @@ def suggest(parts: list[dict[str, Any]], *, cluster_gpus: float) -> dict[str, An
     return {
         "prior_seconds_per_image": round(prior, 6),
         "decoder_seconds_per_image": round(decoder, 6),
+        "score_seconds_per_image": None if score is None else round(score, 6),
         "cluster_gpus": cluster_gpus,
         **dataclasses.asdict(suggestion),
         "flags": suggestion.flags(),
