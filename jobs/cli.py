@@ -9,7 +9,7 @@ COMMANDS = {
     "tiny-models": "write tiny random-weight checkpoints for tests and the example",
     "calibrate": "fit a --dry-run GPU-seconds profile from a finished run's results",
     "reuse-embeddings": "turn a run's saved embeddings (--save-embeddings) into a manifest to render again",
-    "benchmark": "throughput figures: cpu, simulated, plan, gpu (see BENCHMARKS.md)",
+    "benchmark": "speed, memory and scale figures, one mode each (see BENCHMARKS.md)",
 }
 
 

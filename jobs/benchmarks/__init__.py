@@ -1,4 +1,4 @@
-"""``kandinsky-render benchmark``: cpu, simulated, plan, gpu and score figures (see BENCHMARKS.md).
+"""``kandinsky-render benchmark``: speed, memory and scale figures, one module per mode (see BENCHMARKS.md).
 
 Every mode prints readable lines, then one JSON object as its last line. Speed is only ever
 measured here, never asserted by tests. One module per mode (`cpu`, `simulated`, `plan`, `gpu`, `score`),

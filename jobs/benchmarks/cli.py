@@ -1,4 +1,4 @@
-"""``kandinsky-render benchmark``: cpu, simulated, plan, gpu and score figures (see BENCHMARKS.md)."""
+"""``kandinsky-render benchmark MODE``: the mode registry and its command line (see BENCHMARKS.md)."""
 
 from __future__ import annotations
 
