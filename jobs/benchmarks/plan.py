@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,8 +84,7 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     for num_rows in args.rows:
         root = work_dir / f"plan-{num_rows}"
         started = time.perf_counter()
-        if not (root / "manifests").exists():
-            write_manifests(root / "manifests", num_rows=num_rows, num_files=args.files)
+        _fixture(root / "manifests", lambda: write_manifests(root / "manifests", num_rows=num_rows, num_files=args.files))
         written = time.perf_counter() - started
         run = {"num_rows": num_rows, "num_files": args.files, "fixture_seconds": round(written, 1)}
         run |= _worker(["plan-worker", "--dir", str(root)])
@@ -100,6 +100,16 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _fixture(path: Path, write: Any) -> None:
+    """Run ``write`` unless a complete fixture is at ``path`` already (a ``.complete`` file, written last)."""
+    done = path / ".complete"
+    if done.exists():
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    write()
+    done.touch()
+
+
 def _worker(command: list[str]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "benchmark", *command], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True)  # fmt: skip
@@ -111,6 +121,7 @@ def _worker(command: list[str]) -> dict[str, Any]:
 def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_rows: int) -> None:
     """An output where every shard of the fixture's manifests is done: markers as the job writes them (with
     gallery samples), one results and one data file per shard (placeholders: a rerun never reads them)."""
+    from actors.scores import empty_scores
     from actors.storage import Storage
     from jobs.output.markers import new_marker, write_marker, write_settings
     from jobs.planning.ids import files_digest
@@ -135,7 +146,7 @@ def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_ro
                        "by_status": {"ok": shard.num_rows}, "by_mode": {"text2img": {"ok": shard.num_rows}},
                        "errors_by_kind": {}, "busy_seconds": {"prior": 1.0, "decoder": 50.0},
                        "ok_busy_seconds": {"prior": 1.0, "decoder": 50.0, "images": shard.num_rows},
-                       "sample": sample}  # fmt: skip
+                       "sample": sample, "scores": empty_scores()}  # fmt: skip
             write_marker(storage, new_marker(shard, summary, output_format="webdataset"))
             storage.write_bytes(results_key(shard.name), b"")
             storage.write_bytes(summary["data"], b"")
@@ -175,9 +186,11 @@ def run_startup(args: argparse.Namespace) -> dict[str, Any]:
     """Mode ``startup``: start-up of a rerun over an output holding ``--rows`` finished images."""
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-"))
     root = work_dir / f"startup-{args.rows}"
-    if not (root / "out").exists():
+    def write() -> None:
         write_manifests(root / "manifests", num_rows=args.rows, num_files=args.files)
         write_finished_output(root, num_rows=args.rows, num_files=args.files, shard_rows=args.shard_rows)
+
+    _fixture(root, write)
     runs = [_worker(["startup-worker", "--dir", str(root)]) for _ in range(args.repeats)]
     best = min(runs, key=lambda r: r["seconds"])
     seconds = ", ".join(f"{run['seconds']:.2f}" for run in runs)
