@@ -154,6 +154,9 @@ def simulate_once(args: argparse.Namespace, *, output: str, rows: int, num_decod
         prior_batch_size=args.prior_batch_size,
         shard_rows=args.shard_rows,
         output_format=args.output_format,
+        # The stand-ins replace these stages; their counts still size the job's defaults (writers).
+        prior=StageResources(num_actors=num_priors, num_gpus=1.0, num_cpus=0.0),
+        decoder=StageResources(num_actors=num_decoders, num_gpus=1.0, num_cpus=0.0),
         writer=StageResources(num_actors=args.num_writers),
         storage_options=storage_options or {},
         overwrite=True,
