@@ -34,10 +34,13 @@ def _read_movq_config(path: str, options_json: str) -> dict[str, Any]:
 
         with open(hf_hub_download(path, _MOVQ_CONFIG), encoding="utf-8") as handle:
             return json.load(handle)
-    import fsspec
+    from fsspec.core import url_to_fs
 
-    with fsspec.open(posixpath.join(path.rstrip("/"), _MOVQ_CONFIG), "rt", **json.loads(options_json)) as handle:
-        return json.load(handle)
+    from actors.retry import retry
+
+    uri = posixpath.join(path.rstrip("/"), _MOVQ_CONFIG)
+    fs, local = url_to_fs(uri, **json.loads(options_json))
+    return json.loads(retry(lambda: fs.cat_file(local), what=f"read {uri}"))
 
 
 def movq_scale(path: str, *, storage_options: dict[str, Any] | None = None) -> int:
