@@ -53,7 +53,7 @@ class FaultyProxy:
         self.counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._random = random.Random(self.faults.seed)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server = _Server(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="faulty-proxy", daemon=True)
 
@@ -90,6 +90,15 @@ class FaultyProxy:
                 kind = "internal"  # either way a 5xx; HEAD answers have no body to say SlowDown in
             self.counts[kind] += 1
             return kind
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that hang up (they gave up on a faulty answer) are part of the game, not errors."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def _handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:

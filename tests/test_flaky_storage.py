@@ -338,7 +338,8 @@ def test_a_store_that_stays_down_fails_the_job_naming_the_object(
     started = time.monotonic()
     failed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     seconds = time.monotonic() - started
-    print(f"\nFAULT store-down: exit {failed.returncode} after {seconds:.1f} s, faults {dict(proxy.counts)}")
+    message = next(line for line in failed.stderr.splitlines() if line.startswith("error:"))
+    print(f"\nFAULT store-down: exit {failed.returncode} after {seconds:.1f} s, faults {dict(proxy.counts)}: {message}")
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert "StorageUnavailableError" in failed.stderr and f"write s3://{bucket}/out/results/" in failed.stderr
     assert "the storage kept failing" in failed.stderr
