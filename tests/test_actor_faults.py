@@ -20,6 +20,7 @@ import pytest
 from jobs.execution import chain
 from jobs.execution.job import JobSummary, run_job
 from tests.conftest import write_manifest
+from tests.fault_timing import baseline, report
 from tests.slow_stages import SlowRestartDecoder, starts
 from tests.test_robustness import assert_exactly_one_ok, config_for, raw_results, rows_of
 
@@ -98,8 +99,9 @@ def test_the_only_decoder_killed_on_a_loaded_machine_with_a_slow_restart(
     rows = rows_of(8, num_inference_steps=4)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
+    config = config_for(manifest, str(output), tiny_models, batch_size=2, shard_rows=2)
     started = time.monotonic()
-    job, outcome = in_thread(config_for(manifest, str(output), tiny_models, batch_size=2, shard_rows=2))
+    job, outcome = in_thread(config)
     first = wait_for(lambda: list((output / "shards").glob("*.json")) and starts(starts_file), timeout=240, thread=job)
     assert first, outcome.get("error") or "no shard finished while the decoder was up"
     killed_at = time.monotonic()
@@ -109,10 +111,13 @@ def test_the_only_decoder_killed_on_a_loaded_machine_with_a_slow_restart(
     assert not job.is_alive() and "error" not in outcome, outcome.get("error")
     pids = starts(starts_file)
     after = time.monotonic() - killed_at
-    print(f"\nFAULT decoder-sigkill-slow-restart: {seconds:.1f} s ({after:.1f} s after the kill)")
+    report("decoder-sigkill-slow-restart", seconds, f"({after:.1f} s after the kill, a CPU hog beside it)")
     assert len(pids) == 2 and pids[0] == first[0] and pids[1] != pids[0]  # killed once, restarted once
     check_every_image_once(outcome["summary"], output, rows)
     assert after > 20  # the job did wait for the slow restart
+    os.remove(starts_file)  # the clean run's decoder starts once: no slow restart
+    clean = dataclasses.replace(config, output=str(tmp_path / "clean"))
+    baseline("decoder-sigkill-slow-restart", lambda: run_job(clean))
 
 
 @pytest.mark.slow
@@ -143,10 +148,11 @@ def test_a_frozen_decoder_is_killed_at_its_deadline_and_its_work_rerun(
             frozen.kill()
     seconds = time.monotonic() - started
     assert not job.is_alive() and "error" not in outcome, outcome.get("error")
-    print(f"\nFAULT decoder-sigstop: {seconds:.1f} s ({time.monotonic() - stopped_at:.1f} s after the freeze)")
+    report("decoder-sigstop", seconds, f"({time.monotonic() - stopped_at:.1f} s after the freeze)")
     assert "past its deadline of 10 s: killing the actor" in caplog.text
     check_every_image_once(outcome["summary"], output, rows)
     assert worker not in {int(r["decoder_worker"].split(":")[1].split()[0]) for r in raw_results(str(output))[-2:]}
+    baseline("decoder-sigstop", lambda: run_job(dataclasses.replace(config, output=str(tmp_path / "clean"))))
 
 
 def _decoder_pid(output: Path) -> int | None:

@@ -17,6 +17,7 @@ import pytest
 
 from jobs.execution.connect import RayUnreachableError, check_reachable, host_port, resolve_address
 from tests.conftest import REPO, free_port, write_manifest
+from tests.fault_timing import baseline, report
 from tests.test_robustness import rows_of
 
 
@@ -80,11 +81,13 @@ def test_a_stale_local_head_record_does_not_stop_a_job(tmp_path: Path, tiny_mode
     manifest = write_manifest(tmp_path / "m.parquet", rows_of(2))
     started = time.monotonic()
     done = render(manifest, tmp_path / "out", tiny_models, job_env(ray_tmpdir))
-    print(f"\nFAULT stale-head-record: exit {done.returncode} after {time.monotonic() - started:.1f} s")
+    report("stale-head-record", time.monotonic() - started, f"to exit {done.returncode}")
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["output"]["by_status"] == {"ok": 2} and stats["stages"]["runner"] == "ray"
     assert record.read_text() == before  # left as it was
+    record.unlink()
+    baseline("stale-head-record", lambda: render(manifest, tmp_path / "clean", tiny_models, job_env(ray_tmpdir)))
 
 
 def test_an_address_that_does_not_answer_fails_fast_naming_it(
@@ -95,7 +98,7 @@ def test_an_address_that_does_not_answer_fails_fast_naming_it(
     started = time.monotonic()
     failed = render(manifest, tmp_path / "out", tiny_models, job_env(ray_tmpdir), "--address", f"127.0.0.1:{port}")
     seconds = time.monotonic() - started
-    print(f"\nFAULT unreachable-address: exit {failed.returncode} after {seconds:.1f} s")
+    report("unreachable-address", seconds, f"to exit {failed.returncode}")
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert seconds < 60
     error = failed.stderr.strip().splitlines()[-1]

@@ -3,6 +3,7 @@ stays down fails the job loudly, naming the object. Through `tests.faulty_proxy`
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
@@ -32,6 +33,7 @@ from actors.retry import (
 from actors.storage import Storage
 from jobs.execution.job import run_job
 from tests.conftest import REPO, write_manifest
+from tests.fault_timing import baseline, report
 from tests.faulty_proxy import KINDS, Faults, FaultyProxy
 from tests.test_robustness import STEPS, assert_exactly_one_ok, config_for, raw_results
 
@@ -299,13 +301,11 @@ def test_job_through_a_flaky_store_renders_every_image_once(
     manifest = put_inputs(bucket, options, tmp_path, rows)
     output = f"s3://{bucket}/out"
     proxy.set(Faults(rate=0.2, weights=EVERY_KIND, seed=4))
+    config = config_for(manifest, output, tiny_models, storage_options=via(options, proxy), batch_size=2, shard_rows=4)
     started = time.monotonic()
-    summary = run_job(
-        config_for(manifest, output, tiny_models, storage_options=via(options, proxy), batch_size=2, shard_rows=4)
-    )
-    seconds = time.monotonic() - started
+    summary = run_job(config)
     faults = {k: proxy.counts[k] for k in KINDS}
-    print(f"\nFAULT flaky-store: {seconds:.1f} s, {proxy.counts['clean']} clean requests, faults {faults}")
+    report("flaky-store", time.monotonic() - started, f"({proxy.counts['clean']} clean requests, faults {faults})")
     assert sum(faults.values()) >= 30 and all(faults.values()), faults  # every kind of fault happened
     everything = {(r["id"], 0) for r in rows}
     results = raw_results(output, **options)
@@ -314,6 +314,8 @@ def test_job_through_a_flaky_store_renders_every_image_once(
     done = markers(bucket, options)
     assert len(done) == 6 and sum(m["by_status"].get("ok", 0) for m in done) == 24
     assert summary.stats["output"]["by_status"] == {"ok": 24}
+    proxy.set(Faults())
+    baseline("flaky-store", lambda: run_job(dataclasses.replace(config, output=f"s3://{bucket}/clean")))
 
 
 @pytest.mark.slow
@@ -331,24 +333,31 @@ def test_a_store_that_stays_down_fails_the_job_naming_the_object(
     flaky = via(options, proxy)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({ATTEMPTS_ENV: "4", SECONDS_ENV: "10"})
-    command = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", output, "--models",
-               tiny_models, "--batch-size", "2", "--shard-rows", "2", "--storage-option", "key=testing",
-               "--storage-option", "secret=testing", "--storage-option",
-               "client_kwargs=" + json.dumps(flaky["client_kwargs"])]  # fmt: skip
+
+    def command(output: str) -> list[str]:
+        return [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", output, "--models",
+                tiny_models, "--batch-size", "2", "--shard-rows", "2", "--storage-option", "key=testing",
+                "--storage-option", "secret=testing", "--storage-option",
+                "client_kwargs=" + json.dumps(flaky["client_kwargs"])]  # fmt: skip
+
     started = time.monotonic()
-    failed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    failed = subprocess.run(command(output), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     seconds = time.monotonic() - started
-    message = next(line for line in failed.stderr.splitlines() if line.startswith("error:"))
-    print(f"\nFAULT store-down: exit {failed.returncode} after {seconds:.1f} s, faults {dict(proxy.counts)}: {message}")
+    message = next((line for line in failed.stderr.splitlines() if line.startswith("error:")), "")
+    report("store-down", seconds, f"to exit {failed.returncode} (faults {dict(proxy.counts)}): {message[:400]}")
     assert failed.returncode == 1, failed.stderr[-3000:]
-    assert "StorageUnavailableError" in failed.stderr and f"write s3://{bucket}/out/results/" in failed.stderr
-    assert "the storage kept failing" in failed.stderr
+    assert message.startswith(f"error: StorageUnavailableError: write s3://{bucket}/out/results/"), message
+    assert "the storage kept failing" in message
     assert seconds < 180
     assert markers(bucket, options) == []  # nothing counts as done
 
     proxy.set(Faults())
-    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    started = time.monotonic()
+    rerun = subprocess.run(command(output), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    report("store-down rerun", time.monotonic() - started)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     results = raw_results(output, **options)
     assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
     assert len(results) == len(rows)
+    clean = f"s3://{bucket}/clean"
+    baseline("store-down", lambda: subprocess.run(command(clean), cwd=REPO, env=env, capture_output=True, timeout=300))

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, free_port, write_manifest
+from tests.fault_timing import baseline, report
 from tests.test_robustness import assert_exactly_one_ok, raw_results, rows_of
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -186,8 +187,10 @@ def test_a_lost_worker_node_costs_its_batches_not_its_images(cluster: Cluster, t
     rows = rows_of(24, num_inference_steps=20)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
+    decoders = ("--num-decoder-actors", "3")
+    baseline("worker-node-sigkill", lambda: Job(cluster, manifest, tmp_path / "clean", tiny_models, *decoders).finish())
     started = time.monotonic()
-    job = Job(cluster, manifest, output, tiny_models, "--num-decoder-actors", "3")
+    job = Job(cluster, manifest, output, tiny_models, *decoders)
     # kill it once it is busy: a shard it decoded is published (so more of its calls are in flight)
     busy = job.wait_for_markers(1, decoded_on=lambda: cluster.pids(worker))
     assert busy, job.finish(10)[1][-3000:]
@@ -196,7 +199,7 @@ def test_a_lost_worker_node_costs_its_batches_not_its_images(cluster: Cluster, t
     code, log = job.finish()
     seconds = time.monotonic() - started
     after = time.monotonic() - killed_at
-    print(f"\nFAULT worker-node-sigkill: exit {code} after {seconds:.1f} s ({after:.1f} s after the kill)")
+    report("worker-node-sigkill", seconds, f"to exit {code} ({after:.1f} s after the kill)")
     assert code == 0, log[-4000:]
     print("\n".join(line[:300] for line in log.splitlines() if " WARNING " in line))
     assert "re-running" in log  # the node took work with it
@@ -216,6 +219,7 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
     pinned = ("--num-decoder-actors", "2", "--decoder-node-label", DECODER_LABEL, "--stage-wait", "40")
+    baseline("decoder-node-lost", lambda: Job(cluster, manifest, tmp_path / "clean", tiny_models, *pinned).finish())
     started = time.monotonic()
     job = Job(cluster, manifest, output, tiny_models, *pinned)
     assert job.wait_for_markers(2), job.finish(10)[1][-3000:]
@@ -223,7 +227,7 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     cluster.kill(worker)
     code, log = job.finish()
     stopped = time.monotonic() - killed_at
-    print(f"\nFAULT decoder-node-lost: exit {code} {stopped:.1f} s after the kill, {time.monotonic() - started:.1f} s")
+    report("decoder-node-lost", time.monotonic() - started, f"to exit {code} ({stopped:.1f} s after the kill)")
     assert code == 1, log[-4000:]
     error = log.strip().splitlines()[-1]
     print(error)
@@ -236,7 +240,7 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     cluster.add_worker()
     rerun_started = time.monotonic()
     code, log = Job(cluster, manifest, output, tiny_models, *pinned).finish()
-    print(f"FAULT decoder-node-lost rerun: exit {code} after {time.monotonic() - rerun_started:.1f} s")
+    report("decoder-node-lost rerun", time.monotonic() - rerun_started, f"to exit {code}")
     assert code == 0, log[-4000:]
     check_every_image_once(output, rows)
     stats = json.loads((output / "stats.json").read_text())
