@@ -361,3 +361,23 @@ def test_a_store_that_stays_down_fails_the_job_naming_the_object(
     assert len(results) == len(rows)
     clean = f"s3://{bucket}/clean"
     baseline("store-down", lambda: subprocess.run(command(clean), cwd=REPO, env=env, capture_output=True, timeout=300))
+
+
+def test_a_store_that_refuses_every_write_fails_before_rendering(
+    proxy: FaultyProxy, s3_options: dict, tiny_models: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100% of writes fail (503 SlowDown): the first one, taking the output's lease, gives up within its bounds."""
+    bucket, options = s3_options["bucket"], s3_options["options"]
+    manifest = put_inputs(bucket, options, tmp_path, flaky_rows(2, bucket))
+    monkeypatch.setenv(ATTEMPTS_ENV, "3")
+    monkeypatch.setenv(SECONDS_ENV, "5")
+    writes = lambda method, path: method in ("PUT", "POST", "DELETE")  # noqa: E731
+    proxy.set(Faults(rate=1.0, weights={"slow_down": 1.0}, applies=writes))
+    # botocore's own attempts per request down from 5 to 1 (s3fs still makes 5): the job's bound shows sooner
+    flaky = via(options, proxy) | {"config_kwargs": {"retries": {"max_attempts": 1}}}
+    config = config_for(manifest, f"s3://{bucket}/out", tiny_models, storage_options=flaky)
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailableError, match=rf"create s3://{bucket}/out/_LEASE\.json: the storage kept"):
+        run_job(dataclasses.replace(config, runner="local"))
+    report("every-write-refused", time.monotonic() - started, f"(faults {dict(proxy.counts)})")
+    assert time.monotonic() - started < 60 and proxy.counts["slow_down"] >= 3

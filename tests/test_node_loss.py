@@ -112,12 +112,11 @@ class Cluster:
                     node.wait(timeout=30)
 
 
-@pytest.fixture()
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One head for the module's tests; each adds the worker node(s) it kills."""
     root = Path(tempfile.mkdtemp(prefix="krn-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    cluster = Cluster(root, logs)
+    cluster = Cluster(root, tmp_path_factory.mktemp("cluster-logs"))
     try:
         cluster.start_head()
         yield cluster
