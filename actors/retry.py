@@ -138,7 +138,9 @@ def is_transient(exc: BaseException) -> bool:
 class Retrier:
     """The retry budget of one operation: call `failed` with each error; it sleeps, or raises when done."""
 
-    def __init__(self, what: str, *, policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self, what: str, *, policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self.what = what
         self.policy = policy or RetryPolicy.from_env()
         self.sleep = sleep

@@ -1,5 +1,4 @@
-"""Which Ray the job uses: a private local one unless told otherwise, whatever earlier heads left behind;
-an address that does not answer fails fast, naming it and what to check."""
+"""Which Ray the job joins: a private local one unless told, whatever earlier heads left; a dead address fails fast."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Flaky object storage: 503 SlowDown, 500s and dropped connections cost retries, never an image; a store that
-stays down fails the job loudly, naming the object. Through `tests.faulty_proxy` in front of moto's S3 server."""
+"""Flaky object storage costs retries, never an image; a store that stays down fails the job, naming the object.
+
+Faults (503 SlowDown, 500s, dropped connections, cut bodies) come from `tests.faulty_proxy` in front of moto.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +111,7 @@ def test_transient_errors_are_told_from_permanent_ones() -> None:
 def test_retries_are_bounded_in_attempts_and_time_and_name_the_object() -> None:
     calls: list[float] = []
 
-    def failing(exc: Exception, *, until: int | None = None):
+    def failing(exc: Exception, *, until: int | None = None) -> Callable[[], str]:
         def operation() -> str:
             calls.append(time.monotonic())
             if until is None or len(calls) < until:
@@ -244,7 +246,7 @@ def test_the_id_pass_resumes_mid_file_counting_every_row_once(tmp_path: Path, mo
     class Dropping(pq.ParquetFile):
         """The connection drops after a few batches, on each of the first three openings."""
 
-        def iter_batches(self, **kwargs: object):
+        def iter_batches(self, **kwargs: object) -> Iterator[pa.RecordBatch]:
             opened.append(1)
             for k, batch in enumerate(super().iter_batches(**kwargs)):
                 if len(opened) <= 3 and k == 5 + len(opened):

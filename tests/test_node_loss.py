@@ -1,5 +1,8 @@
-"""Node loss on a real two-node Ray cluster on this machine: a head and a worker node (`ray start`), each with
-logical GPUs, owned by the test; the worker is SIGKILLed mid-run (every process of it, by pid)."""
+"""Node loss on a real two-node Ray cluster on this machine: the worker node is SIGKILLed mid-run.
+
+A head and worker nodes (`ray start`, logical GPUs, own ports and token) are started and stopped by the
+test by their own process ids; a kill sends SIGKILL to every process of the node, by pid.
+"""
 
 from __future__ import annotations
 
@@ -138,7 +141,9 @@ class Job:
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(command, cwd=REPO, env=cluster.env, stdout=log, stderr=log)
 
-    def wait_for_markers(self, count: int, timeout: float = 300, *, decoded_on: Callable[[], set[int]] | None = None):
+    def wait_for_markers(
+        self, count: int, timeout: float = 300, *, decoded_on: Callable[[], set[int]] | None = None
+    ) -> bool:
         """Wait until ``count`` shards are done (and, if given, one was decoded by a pid of ``decoded_on()``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.process.poll() is None:
@@ -179,7 +184,9 @@ def check_every_image_once(output: Path, rows: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_a_lost_worker_node_costs_its_batches_not_its_images(cluster: Cluster, tmp_path: Path, tiny_models: str):
+def test_a_lost_worker_node_costs_its_batches_not_its_images(
+    cluster: Cluster, tmp_path: Path, tiny_models: str
+) -> None:
     """Prior pinned to the head; 3 decoders on 3 GPUs: one on the head, two on the worker. The worker node dies
     mid-run with its actors and objects; the job finishes on the head's decoder, each image exactly once."""
     worker = cluster.add_worker()
