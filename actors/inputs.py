@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from actors.retry import StorageUnavailableError, TruncatedReadError, retry
 from actors.stage import InputError
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
 from schemas.validation import uri_protocol
@@ -45,7 +46,13 @@ class ImageLoader:
         self._cache: collections.OrderedDict[str, Image.Image] = collections.OrderedDict()
 
     def fetch(self, ref: dict, *, column: str) -> bytes:
-        """Raw bytes of ``ref``."""
+        """Raw bytes of ``ref``.
+
+        A URI is read whole and its length checked against the object's size, so a connection that
+        dropped mid-transfer is retried (`actors.retry`) rather than passed on as a broken image.
+        Raises `InputError` for a missing or unreadable object, `StorageUnavailableError` when the
+        store keeps failing (the job stops: that is not the row's fault).
+        """
         if ref.get("data") is not None:
             return ref["data"]
         uri = ref.get("uri")
@@ -54,23 +61,36 @@ class ImageLoader:
         protocol = uri_protocol(uri)
         if protocol not in self.allowed_protocols:
             raise InputError(f"{column}: protocol {protocol!r} of {uri!r} is not allowed")
-        import fsspec
+        from fsspec.core import url_to_fs
 
         try:
-            with fsspec.open(uri, "rb", **self.storage_options) as handle:
-                return handle.read()
+            fs, path = url_to_fs(uri, **self.storage_options)
+            return retry(lambda: _read_whole(fs, path), what=f"{column}: read {uri}")
+        except StorageUnavailableError:
+            raise
         except FileNotFoundError as exc:
             raise InputError(f"{column}: {uri!r} does not exist") from exc
         except Exception as exc:
             raise InputError(f"{column}: cannot read {uri!r}: {type(exc).__name__}: {_first_line(exc)}") from exc
 
     def load(self, ref: dict, *, column: str) -> Image.Image:
-        """Decoded image of ``ref`` (EXIF-transposed, original mode); cached by URI or content."""
-        key = ref.get("uri") or "sha256:" + hashlib.sha256(ref.get("data") or b"").hexdigest()
+        """Decoded image of ``ref`` (EXIF-transposed, original mode); cached by URI or content.
+
+        A remote object that does not decode is fetched once more before it is an input error: a
+        transfer can be cut short in a way no size check sees (an object rewritten meanwhile).
+        """
+        uri = ref.get("uri")
+        key = uri or "sha256:" + hashlib.sha256(ref.get("data") or b"").hexdigest()
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        image = self.decode(self.fetch(ref, column=column), column=column, source=ref.get("uri") or "inline bytes")
+        source = uri or "inline bytes"
+        try:
+            image = self.decode(self.fetch(ref, column=column), column=column, source=source)
+        except _Undecodable:
+            if ref.get("data") is not None or uri_protocol(uri) in ("file", "local"):
+                raise
+            image = self.decode(self.fetch(ref, column=column), column=column, source=source)
         self._cache[key] = image
         if len(self._cache) > _CACHE_ENTRIES:
             self._cache.popitem(last=False)
@@ -92,7 +112,7 @@ class ImageLoader:
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(
+            raise _Undecodable(
                 f"{column}: {source} is not a decodable image ({type(exc).__name__}: {_first_line(exc)})"
             ) from exc
         return image
@@ -104,6 +124,19 @@ class ImageLoader:
     def mask(self, ref: dict, *, column: str = "mask") -> Image.Image:
         """``ref`` as a single-channel mask."""
         return self.load(ref, column=column).convert("L")
+
+
+class _Undecodable(InputError):
+    """Bytes that are not an image."""
+
+
+def _read_whole(fs: Any, path: str) -> bytes:
+    """The object at ``path``, checked against its size (TruncatedReadError when they differ)."""
+    size = fs.size(path)
+    data = fs.cat_file(path)
+    if size is not None and len(data) != size:
+        raise TruncatedReadError(f"{path}: read {len(data)} bytes of {size}")
+    return data
 
 
 def hint_array(image: Image.Image) -> np.ndarray:

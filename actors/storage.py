@@ -1,4 +1,4 @@
-"""Object storage through fsspec: one place that opens filesystems, lists, reads and writes atomically."""
+"""Object storage through fsspec: one place that opens filesystems, lists, reads and writes atomically, with retries."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from actors.retry import retry
+
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 
 
@@ -19,7 +21,9 @@ class Storage:
 
     Keys are ``/``-separated paths relative to the folder. Writes are atomic where the filesystem
     allows it: local files are written to a temporary name and renamed; object stores publish an
-    object only when its upload completes.
+    object only when its upload completes. Every operation is retried on transient errors
+    (`actors.retry`); each is idempotent, so a retry after an answer that got lost changes nothing.
+    When retries run out, `actors.retry.StorageUnavailableError` names the object.
     """
 
     def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None) -> None:
@@ -37,19 +41,13 @@ class Storage:
         path = self.path(key)
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
-    def write_bytes(self, key: str, data: bytes) -> str:
-        """Write ``data`` at ``key`` atomically; return its URI."""
+    def write_bytes(self, key: str, data: bytes, **kwargs: Any) -> str:
+        """Write ``data`` at ``key`` atomically (``kwargs`` go to the filesystem's ``pipe_file``); return its URI."""
         path = self.path(key)
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            retry(lambda: _write_local(path, data), what=f"write {path}")
         else:
-            self.fs.pipe_file(path, data)
+            retry(lambda: self.fs.pipe_file(path, data, **kwargs), what=f"write {self.uri(key)}")
         return self.uri(key)
 
     def put_file(self, key: str, local_path: str) -> str:
@@ -60,14 +58,9 @@ class Storage:
         """
         path = self.path(key)
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            shutil.copyfile(local_path, tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            retry(lambda: _copy_local(local_path, path), what=f"write {path}")
         else:
-            self.fs.put_file(local_path, path)
+            retry(lambda: self.fs.put_file(local_path, path), what=f"write {self.uri(key)}")
         return self.uri(key)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
@@ -75,6 +68,8 @@ class Storage:
 
         Local files use O_EXCL; object stores a conditional put (S3 ``If-None-Match: *``, fsspec
         ``mode="create"``). Filesystems without conditional writes fall back to check-then-write.
+        A retried conditional put whose first answer was lost finds its own object and returns
+        False: callers read the object back to tell (`jobs.output.lease` does).
         """
         path = self.path(key)
         if self.is_local:
@@ -86,56 +81,141 @@ class Storage:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             return True
-        try:
-            self.fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        except (TypeError, NotImplementedError):
-            if self.fs.exists(path):
+
+        def attempt() -> bool:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
                 return False
-            self.fs.pipe_file(path, data)
-        return True
+            except OSError as exc:
+                if _precondition_failed(exc):  # s3fs names a 412 FileExistsError only when the store says why
+                    return False
+                raise
+            except (TypeError, NotImplementedError):
+                if self.fs.exists(path):
+                    return False
+                self.fs.pipe_file(path, data)
+            return True
+
+        return retry(attempt, what=f"create {self.uri(key)}")
 
     def read_bytes(self, key: str) -> bytes:
         """Bytes of ``key``; raises FileNotFoundError when absent."""
-        return self.fs.cat_file(self.path(key))
+        path = self.path(key)
+        return retry(lambda: self.fs.cat_file(path), what=f"read {self.uri(key)}")
 
     def read_many(self, keys: list[str]) -> list[bytes | None]:
-        """Bytes of each key (None for a key that is absent), fetched concurrently on object stores."""
+        """Bytes of each key (None for a key that is absent), fetched concurrently on object stores.
+
+        Only a missing key reads as None: any other error is retried (the failed keys only) or raised.
+        """
         paths = [self.path(key) for key in keys]
         if self.is_local:
-            found = []
-            for path in paths:
-                try:
-                    with open(path, "rb") as handle:
-                        found.append(handle.read())
-                except FileNotFoundError:
-                    found.append(None)
-            return found
-        fetched = self.fs.cat(paths, on_error="omit") if paths else {}
-        by_path = {_strip(self.fs, path): data for path, data in fetched.items()}
-        return [by_path.get(_strip(self.fs, path)) for path in paths]
+            return [retry(lambda p=path: _read_local(p), what=f"read {path}") for path in paths]
+        found: dict[str, bytes | None] = {}
+
+        def attempt() -> None:
+            todo = [_strip(self.fs, path) for path in paths if _strip(self.fs, path) not in found]
+            fetched = {_strip(self.fs, p): data for p, data in self.fs.cat(todo, on_error="return").items()}
+            failed = None
+            for path in todo:
+                data = fetched.get(path, FileNotFoundError(path))
+                if isinstance(data, FileNotFoundError):
+                    found[path] = None
+                elif isinstance(data, BaseException):
+                    failed = failed or data
+                else:
+                    found[path] = data
+            if failed is not None:
+                raise failed
+
+        if paths:
+            retry(attempt, what=f"read {len(paths)} object(s) under {self.url}")
+        return [found[_strip(self.fs, path)] for path in paths]
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists."""
-        return self.fs.exists(self.path(key))
+        path = self.path(key)
+        return retry(lambda: self.fs.exists(path) if self.is_local else _exists(self.fs, path), what=f"stat {path}")
 
     def list_files(self, prefix: str, *, suffix: str = "") -> list[str]:
         """Sorted keys under ``prefix`` (recursive) ending with ``suffix``; [] when the prefix is absent."""
         base = self.path(prefix)
-        if not self.fs.exists(base):
-            return []
-        self.fs.invalidate_cache(base)
-        found = self.fs.find(base)
+
+        def attempt() -> list[str]:
+            self.fs.invalidate_cache(base)
+            try:
+                return self.fs.find(base)
+            except FileNotFoundError:
+                return []
+
+        found = retry(attempt, what=f"list {self.uri(prefix)}")
         keys = [posixpath.relpath(_strip(self.fs, p), self.root) for p in found]
         return sorted(k for k in keys if k.endswith(suffix) and ".tmp-" not in k)
 
     def delete(self, prefix: str) -> None:
         """Remove ``prefix`` recursively if present."""
         base = self.path(prefix)
-        self.fs.invalidate_cache(base)
-        if self.fs.exists(base):
-            self.fs.rm(base, recursive=True)
+
+        def attempt() -> None:
+            self.fs.invalidate_cache(base)
+            try:
+                if self.fs.exists(base) if self.is_local else _exists(self.fs, base):
+                    self.fs.rm(base, recursive=True)
+            except FileNotFoundError:
+                pass  # gone already: a retry after a delete whose answer was lost
+
+        retry(attempt, what=f"delete {self.uri(prefix)}")
+
+
+def _write_local(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _copy_local(local_path: str, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    shutil.copyfile(local_path, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _read_local(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is an HTTP 412 answer (a conditional write that found the object there)."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            return (
+                code in ("PreconditionFailed", "412")
+                or (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == 412
+            )
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether ``path`` exists (a file or a prefix), raising on errors that fsspec's ``exists`` would hide."""
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

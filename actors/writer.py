@@ -24,6 +24,7 @@ from PIL import Image
 from actors.common import worker_name
 from actors.formats import FORMATS, SAMPLE_META
 from actors.images import encode_png
+from actors.retry import StorageUnavailableError
 from actors.scores import ScoreStats
 from actors.stage import describe_exception
 from actors.storage import Storage
@@ -141,6 +142,8 @@ class ShardWriter:
         meta = {name: row.get(name) for name in SAMPLE_META} | {"key": key, "run_id": self.run_id, "filtered": filtered}
         try:
             uri, member = part.output.add(key, encode_png(pixels), meta, embeddings)
+        except StorageUnavailableError:
+            raise  # the store is down, not this image: the shard fails whole and a rerun renders it
         except Exception as exc:
             message = f"writing the image failed: {describe_exception(exc)}"
             result = result_from_work(row, error=message, error_kind=ERROR_WRITE, **common)

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         return EXIT_BAD_INPUT
     except Exception as exc:  # anything else still must not print a credential
         logging.getLogger("kandinsky_render").error("job failed", exc_info=exc)
-        print(f"error: {type(exc).__name__}: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+        cause = getattr(exc, "cause", None)  # a Ray task error: say what the actor raised, not where
+        shown = cause if isinstance(cause, Exception) else exc
+        print(f"error: {type(shown).__name__}: {storage_options.redact(str(shown), secrets)}", file=sys.stderr)
         return EXIT_FAILED
     output = summary.stats["output"]
     print(

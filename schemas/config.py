@@ -194,8 +194,9 @@ class JobConfig:
     address: str | None = field(
         default=None,
         metadata={
-            "help": "Ray cluster address",
-            "default_help": "RAY_ADDRESS, else start a local Ray",
+            "help": "Ray cluster to join: host:port of its head, ray://host:port, or auto (the local head "
+            "`ray start` recorded)",
+            "default_help": "RAY_ADDRESS, else start a private local Ray",
             "group": "execution",
         },
     )

@@ -34,7 +34,8 @@ def ray_two_gpus() -> Iterator[None]:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    # "local": a new Ray of its own, whatever /tmp/ray/ray_current_cluster says about earlier heads
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from actors.storage import Storage
 from jobs.execution.chain import ChainBuilder, execute
+from jobs.execution.connect import check_address
 from jobs.execution.stages import BatchDone, Task, TaskDone
 from jobs.output.lease import Lease
 from jobs.output.markers import Counts, new_marker, retried_marker, write_marker, write_settings
@@ -79,6 +80,8 @@ def run_job(
         logger.warning("untested package version: %s", line)
     progress = progress or Progress(live=False)
     started = time.monotonic()
+    if config.runner == "ray":
+        check_address(config.address)  # an address that does not answer fails now, not after planning
     storage = Storage(config.output, storage_options=config.storage_options)
     run_id = new_run_id()
     with Lease(storage, run_id=run_id, ttl_s=config.lease_ttl_s, wait_s=config.lease_wait_s) as lease:

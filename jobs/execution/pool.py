@@ -137,6 +137,39 @@ def probe_outcome(exc: BaseException | None) -> str:
     return "retry"
 
 
+def ray_error(ref: Any) -> BaseException | None:
+    """The Ray error ``ref`` resolved to (an actor that died, restarts, is unreachable...), None if it succeeded."""
+    import ray
+
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        return exc
+    return None
+
+
+def record_probe(actor: Actor, pool: list[Actor], error: BaseException | None, *, name: str) -> None:
+    """What the answer to ``actor``'s readiness probe means: it is up; it failed to start (removed from
+    ``pool`` and killed; RuntimeError once no actor of stage ``name`` can start); or it is not up yet
+    (asked again after `probe_backoff`)."""
+    import ray
+
+    outcome = probe_outcome(error)
+    if outcome == "ready":
+        actor.ready, actor.probe_failures = True, 0
+        return
+    if outcome == "failed":
+        pool.remove(actor)
+        ray.kill(actor.handle)
+        logger.warning("stage %s: an actor failed to start: %s", name, error)
+        if not pool:
+            raise RuntimeError(f"stage {name}: no actor could start: {error}") from error
+        return
+    actor.probe_failures += 1
+    actor.reprobe_at = time.monotonic() + probe_backoff(actor)
+    logger.info("stage %s: an actor is not up yet (%s); asking again", name, type(error).__name__)
+
+
 def probe_backoff(actor: Actor) -> float:
     """Seconds before probing ``actor`` again: doubling from 0.5 s, at most `MAX_PROBE_BACKOFF_S`."""
     return min(MAX_PROBE_BACKOFF_S, 0.5 * 2 ** min(actor.probe_failures, 10))

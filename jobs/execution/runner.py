@@ -11,11 +11,9 @@ Failures: an exception raised by a stage or the sink is a bug (or storage that s
 raised at once. Infrastructure failures re-run work, a bounded ``max_attempts`` times:
 - a model call whose actor died, hung past its deadline, or whose input object was lost re-runs its
   batches from the first stage, with the same composition (outputs are idempotent);
-- a sink actor that died takes its open tasks with it: each re-runs whole, on a sink that is up;
-- a call running longer than its stage's deadline (``max(call_timeout_floor_s, call_timeout_factor x
-  the slowest call seen)``, or ``call_timeout_s``) gets its actor killed and restarted;
-- a stage with no actor up for ``stage_wait_s`` (a lost node took them and nothing else can hold
-  them) stops the job with a message naming the stage and the resources it lacks.
+- a sink actor that died takes its open tasks with it: each re-runs whole, on a sink that is up (the
+  old sink is told to drop what it held of them, in case it was only unreachable).
+Call deadlines (a hung actor is killed: its calls fail as above) and stage waits: `jobs.execution.watchdog`.
 """
 
 from __future__ import annotations
@@ -24,66 +22,18 @@ import collections
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from jobs.execution.pool import Actor, describe_resources, probe_backoff, probe_outcome, start_actor
+from jobs.execution.pool import Actor, ray_error, record_probe, start_actor
 from jobs.execution.stages import BatchDone, Event, SinkSpec, StageSpec, Task, TaskDone, check_split
+from jobs.execution.watchdog import Deadlines, Watchdog
+from jobs.execution.work_state import Call, Group, Item, TaskState
 from schemas.work import to_ipc
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Deadlines:
-    """Per-call deadlines: ``call_timeout_s`` if set, else ``max(floor, factor x slowest call of the stage)``."""
-
-    call_timeout_s: float | None = None
-    call_timeout_floor_s: float = 600.0
-    call_timeout_factor: float = 5.0
-    stage_wait_s: float = 600.0
-
-
-@dataclass(eq=False, kw_only=True)
-class _TaskState:
-    task: Task
-    attempt: int = 0
-    sink: Actor | None = None
-    remaining: int = 0  # batches not yet added to the sink
-    finalizing: bool = False
-
-
-@dataclass(eq=False, kw_only=True)
-class _Group:
-    task: _TaskState
-    attempt: int  # the task attempt this group belongs to; stale groups are dropped
-    batches: Sequence[pa.Table]
-    wanted: set[int]  # positions whose split output is still needed
-    queued: bool = False
-    stage: int = 0
-    data: Any = None
-    failures: int = 0
-
-
-@dataclass(eq=False, kw_only=True)
-class _Item:
-    group: _Group
-    position: int
-    data: Any = None
-
-
-@dataclass(eq=False, kw_only=True)
-class _Call:
-    actor: Actor
-    kind: str  # group | item | add | finalize | probe
-    outputs: list[Any] = field(default_factory=list)
-    group: _Group | None = None
-    item: _Item | None = None
-    task: _TaskState | None = None
-    attempt: int = 0
-    num_batches: int = 0
+__all__ = ["Deadlines", "RayStagePipeline", "run_ray"]
 
 
 class RayStagePipeline:
@@ -114,24 +64,22 @@ class RayStagePipeline:
         self.max_buffered = max_buffered or 2 * calls_per_actor * later
         self.max_tasks = max_tasks or 2 * sink.resources.num_actors
         self.max_attempts = max_attempts
-        self.deadlines = deadlines or Deadlines()
         self.wait_for_actors = wait_for_actors
-        self.stall_warning_s = stall_warning_s
         names = [spec.name for spec in self.specs]
         self.timeline = timeline if timeline is not None else {}
         self.timeline.update(started=time.monotonic(), names=names)
         self.timeline.update(busy_seconds=[0.0] * len(names), calls=[0] * len(names))
-        self.slowest = [0.0] * len(names)
-        self.up_since = [time.monotonic()] * len(names)  # when each stage last had an actor up
-        self.calls: dict[Any, _Call] = {}
+        self.watchdog = Watchdog(
+            self.specs, deadlines or Deadlines(), started=self.timeline["started"], stall_warning_s=stall_warning_s
+        )
+        self.calls: dict[Any, Call] = {}
         self.pools: list[list[Actor]] = [[] for _ in self.specs]
         self._start_pool(len(self.stages))  # the sink; model stages start with the first task that has batches
         self.ready: list[collections.deque[Any]] = [collections.deque() for _ in self.stages]
-        self.reopen: collections.deque[_TaskState] = collections.deque()  # tasks to (re)start, first
-        self.open: list[_TaskState] = []
+        self.reopen: collections.deque[TaskState] = collections.deque()  # tasks to (re)start, first
+        self.open: list[TaskState] = []
         self.num_buffered = 0
         self.num_failures = 0
-        self._last_warning = time.monotonic()
 
     # ------------------------------------------------------------------ main loop
 
@@ -146,7 +94,7 @@ class RayStagePipeline:
             self._dispatch()
             if exhausted and not self.open and not self.reopen:
                 return
-            self._check_time()
+            self.watchdog.check(self.pools, probe=self._probe)
             refs = list(self.calls)
             if not refs:
                 time.sleep(0.05)  # only re-probes are due: nothing to wait on yet
@@ -162,7 +110,7 @@ class RayStagePipeline:
         self.pools[number] = [
             start_actor(spec, stage=number, sink=spec is self.sink) for _ in range(spec.resources.num_actors)
         ]
-        self.up_since[number] = time.monotonic()
+        self.watchdog.started_pool(number)
         for actor in self.pools[number]:
             self._probe(actor)
 
@@ -193,11 +141,11 @@ class RayStagePipeline:
                 task = next(pending, None)
                 if task is None:
                     return True
-                state = _TaskState(task=task)
+                state = TaskState(task=task)
             self._start(state, sink)
         return exhausted
 
-    def _start(self, state: _TaskState, sink: Actor) -> None:
+    def _start(self, state: TaskState, sink: Actor) -> None:
         if state.task.num_batches and not self.pools[0]:
             for number in range(len(self.stages)):
                 self._start_pool(number)
@@ -205,7 +153,7 @@ class RayStagePipeline:
         sink.open_tasks += 1
         self.open.append(state)
         for batches in state.task.groups:
-            group = _Group(task=state, attempt=state.attempt, batches=batches, wanted=set(range(len(batches))))
+            group = Group(task=state, attempt=state.attempt, batches=batches, wanted=set(range(len(batches))))
             self.ready[0].append(group)
         if state.remaining == 0:
             self._finalize(state)
@@ -214,24 +162,28 @@ class RayStagePipeline:
         candidates = [a for a in self.pools[-1] if a.ready]
         return min(candidates, key=lambda a: a.open_tasks) if candidates else None
 
-    def _restart_task(self, state: _TaskState, reason: BaseException) -> None:
+    def _restart_task(self, state: TaskState, reason: BaseException) -> None:
         """A task's sink died (or its finalize failed): run the whole task again, on a sink that is up."""
         if state not in self.open:
             return
         self.open.remove(state)
         if state.sink is not None:
             state.sink.open_tasks -= 1
+            # An unreachable sink may still be alive, holding the task's batches: it drops them before any
+            # batch of the new attempt could reach it (calls to one actor run in submission order).
+            ref = state.sink.handle.abandon.remote(state.task.tag)
+            self.calls[ref] = Call(actor=state.sink, kind="abandon")
         state.attempt += 1
         if state.attempt >= self.max_attempts:
             raise RuntimeError(f"task {state.task.tag} failed {state.attempt} times, last: {reason}") from reason
         logger.warning("task %s: its sink failed (%s); running it again", state.task.tag, reason)
         self.reopen.append(state)
 
-    def _finalize(self, state: _TaskState) -> None:
+    def _finalize(self, state: TaskState) -> None:
         state.finalizing = True
         ref = state.sink.handle.finalize.options(num_returns=2).remote(state.task.tag, state.task.args)
         self._track(
-            _Call(actor=state.sink, kind="finalize", outputs=[ref[0]], task=state, attempt=state.attempt), ref[1]
+            Call(actor=state.sink, kind="finalize", outputs=[ref[0]], task=state, attempt=state.attempt), ref[1]
         )
 
     # ------------------------------------------------------------------ dispatch
@@ -245,10 +197,10 @@ class RayStagePipeline:
         for stage in reversed(range(len(self.stages))):
             while self.ready[stage]:
                 work = self.ready[stage][0]
-                group = work if isinstance(work, _Group) else work.group
+                group = work if isinstance(work, Group) else work.group
                 if group.attempt != group.task.attempt:  # its task restarted: this copy is stale
                     self.ready[stage].popleft()
-                    if isinstance(work, _Item):
+                    if isinstance(work, Item):
                         self.num_buffered -= 1
                     elif stage > 0:
                         self.num_buffered -= len(work.wanted)
@@ -259,12 +211,12 @@ class RayStagePipeline:
                 if actor is None:
                     break
                 self.ready[stage].popleft()
-                if isinstance(work, _Group):
+                if isinstance(work, Group):
                     self._submit_group(work, actor)
                 else:
                     self._submit_item(work, actor)
 
-    def _submit_group(self, group: _Group, actor: Actor) -> None:
+    def _submit_group(self, group: Group, actor: Actor) -> None:
         if group.stage == 0:
             group.queued = True
             self.num_buffered += len(group.wanted)
@@ -274,21 +226,21 @@ class RayStagePipeline:
         rows = [table.num_rows for table in group.batches]
         sizes = rows if group.stage == self.split_after else [sum(rows)]
         refs = actor.handle.run.options(num_returns=len(sizes) + 1).remote(payload, sizes)
-        call = _Call(actor=actor, kind="group", outputs=refs[:-1], group=group, attempt=group.attempt)
+        call = Call(actor=actor, kind="group", outputs=refs[:-1], group=group, attempt=group.attempt)
         call.num_batches = len(group.wanted)
         self._track(call, refs[-1])
 
-    def _submit_item(self, item: _Item, actor: Actor) -> None:
+    def _submit_item(self, item: Item, actor: Actor) -> None:
         size = item.group.batches[item.position].num_rows
         data, info = actor.handle.run.options(num_returns=2).remote(item.data, [size])
-        self._track(_Call(actor=actor, kind="item", outputs=[data], item=item, attempt=item.group.attempt), info)
+        self._track(Call(actor=actor, kind="item", outputs=[data], item=item, attempt=item.group.attempt), info)
 
-    def _submit_add(self, item: _Item) -> None:
+    def _submit_add(self, item: Item) -> None:
         state = item.group.task
         info = state.sink.handle.add.remote(state.task.tag, item.data)
-        self._track(_Call(actor=state.sink, kind="add", item=item, task=state, attempt=item.group.attempt), info)
+        self._track(Call(actor=state.sink, kind="add", item=item, task=state, attempt=item.group.attempt), info)
 
-    def _track(self, call: _Call, info: Any) -> None:
+    def _track(self, call: Call, info: Any) -> None:
         call.actor.inflight += 1
         call.actor.submitted.append(time.monotonic())
         self.timeline.setdefault("first_dispatch", time.monotonic())
@@ -296,7 +248,7 @@ class RayStagePipeline:
 
     def _probe(self, actor: Actor) -> None:
         actor.reprobe_at = None
-        self.calls[actor.handle.ready.remote()] = _Call(actor=actor, kind="probe")
+        self.calls[actor.handle.ready.remote()] = Call(actor=actor, kind="probe")
 
     # ------------------------------------------------------------------ completions
 
@@ -304,8 +256,10 @@ class RayStagePipeline:
         import ray
 
         call = self.calls.pop(ref)
-        if call.kind == "probe":
-            self._probed(call.actor, ref)
+        if call.kind in ("probe", "abandon"):  # an abandon is best effort: a dead sink held nothing
+            error = ray_error(ref)
+            if call.kind == "probe":
+                self._probed(call.actor, error)
             return
         actor = call.actor
         actor.inflight -= 1
@@ -322,7 +276,7 @@ class RayStagePipeline:
         seconds = info["seconds"]
         self.timeline["busy_seconds"][actor.stage] += seconds
         self.timeline["calls"][actor.stage] += 1
-        self.slowest[actor.stage] = max(self.slowest[actor.stage], seconds)
+        self.watchdog.finished_call(actor.stage, seconds)
         if call.kind == "add":
             yield from self._added(call, info)
         elif call.kind == "finalize":
@@ -330,7 +284,7 @@ class RayStagePipeline:
         else:
             self._advance(call)
 
-    def _advance(self, call: _Call) -> None:
+    def _advance(self, call: Call) -> None:
         """A model call finished: pass its outputs on (or to the sink after the last model stage)."""
         stage = call.actor.stage
         group = call.group if call.group is not None else call.item.group
@@ -343,7 +297,7 @@ class RayStagePipeline:
             self.ready[stage + 1].append(group)
             return
         if call.group is not None:  # the split: one item per batch still wanted
-            items = [_Item(group=group, position=p, data=d) for p, d in enumerate(call.outputs) if p in group.wanted]
+            items = [Item(group=group, position=p, data=d) for p, d in enumerate(call.outputs) if p in group.wanted]
             group.wanted.clear()
             group.queued, group.stage, group.data = False, 0, None
         else:
@@ -355,7 +309,7 @@ class RayStagePipeline:
             else:
                 self.ready[stage + 1].append(item)
 
-    def _added(self, call: _Call, info: dict[str, Any]) -> Iterator[Event]:
+    def _added(self, call: Call, info: dict[str, Any]) -> Iterator[Event]:
         self.num_buffered -= 1
         state = call.task
         if call.attempt != state.attempt or state not in self.open:
@@ -366,7 +320,7 @@ class RayStagePipeline:
         if state.remaining == 0:
             self._finalize(state)
 
-    def _finalized(self, call: _Call) -> Iterator[Event]:
+    def _finalized(self, call: Call) -> Iterator[Event]:
         import ray
 
         state = call.task
@@ -376,36 +330,12 @@ class RayStagePipeline:
         state.sink.open_tasks -= 1
         yield TaskDone(tag=state.task.tag, result=ray.get(call.outputs[0]))
 
-    def _probed(self, actor: Actor, ref: Any) -> None:
-        import ray
+    def _probed(self, actor: Actor, error: BaseException | None) -> None:
+        record_probe(actor, self.pools[actor.stage], error, name=self.specs[actor.stage].name)
+        if actor.ready and all(pool and all(a.ready for a in pool) for pool in self.pools):
+            self.timeline.setdefault("actors_ready", time.monotonic())
 
-        try:
-            ray.get(ref)
-            error = None
-        except ray.exceptions.RayError as exc:
-            error = exc
-        outcome = probe_outcome(error)
-        name = self.specs[actor.stage].name
-        if outcome == "ready":
-            actor.ready, actor.probe_failures = True, 0
-            if all(pool and all(a.ready for a in pool) for pool in self.pools):
-                self.timeline.setdefault("actors_ready", time.monotonic())
-            return
-        if outcome == "failed":
-            import ray
-
-            pool = self.pools[actor.stage]
-            pool.remove(actor)
-            ray.kill(actor.handle)
-            logger.warning("stage %s: an actor failed to start: %s", name, error)
-            if not pool:
-                raise RuntimeError(f"stage {name}: no actor could start: {error}") from error
-            return
-        actor.probe_failures += 1
-        actor.reprobe_at = time.monotonic() + probe_backoff(actor)
-        logger.info("stage %s: an actor is not up yet (%s); asking again", name, type(error).__name__)
-
-    def _failed(self, call: _Call, exc: Exception) -> None:
+    def _failed(self, call: Call, exc: Exception) -> None:
         """Infrastructure failure of one call: re-run its work, a bounded number of times."""
         import ray
 
@@ -442,55 +372,6 @@ class RayStagePipeline:
         if call.group is not None or not group.queued:  # a group already on its way re-runs once, for all
             group.queued, group.stage, group.data = False, 0, None
             self.ready[0].appendleft(group)
-
-    # ------------------------------------------------------------------ time: probes, deadlines, waits
-
-    def _deadline(self, stage: int) -> float:
-        if self.deadlines.call_timeout_s:
-            return self.deadlines.call_timeout_s
-        return max(self.deadlines.call_timeout_floor_s, self.deadlines.call_timeout_factor * self.slowest[stage])
-
-    def _check_time(self) -> None:
-        import ray
-
-        now = time.monotonic()
-        for number, pool in enumerate(self.pools):
-            name = self.specs[number].name
-            if any(actor.ready for actor in pool) or not pool:  # not started yet: nothing to wait for
-                self.up_since[number] = now
-            elif now - self.up_since[number] > self.deadlines.stage_wait_s:
-                raise RuntimeError(
-                    f"stage {name}: no actor has been up for {now - self.up_since[number]:.0f} s "
-                    f"(--stage-wait {self.deadlines.stage_wait_s:g}); {describe_resources(self.specs[number])}. "
-                    "Add nodes with these resources or ask for less; a rerun finishes the work."
-                )
-            for actor in pool:
-                if actor.reprobe_at is not None and now >= actor.reprobe_at:
-                    self._probe(actor)
-                since = actor.running_since()
-                if actor.ready and since is not None and now - since > self._deadline(number):
-                    logger.warning(
-                        "stage %s: a call has run %.0f s, past its deadline of %.0f s: killing the actor "
-                        "(Ray restarts it) and re-running its work",
-                        name,
-                        now - since,
-                        self._deadline(number),
-                    )
-                    actor.ready = False
-                    actor.submitted.clear()
-                    ray.kill(actor.handle, no_restart=False)
-                    self._probe(actor)
-        if now - self._last_warning > self.stall_warning_s:
-            self._last_warning = now
-            for number, pool in enumerate(self.pools):
-                if pool and not any(actor.ready for actor in pool):
-                    logger.warning(
-                        "stage %s: no actor is up after %.0f s: still loading its model, restarting, or the "
-                        "cluster lacks the resources (%s)",
-                        self.specs[number].name,
-                        now - self.timeline["started"],
-                        describe_resources(self.specs[number]),
-                    )
 
 
 def run_ray(

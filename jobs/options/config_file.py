@@ -16,11 +16,13 @@ CONFIG_FLAG = option_at(RunOptions, "config").flag
 
 def read_config_file(path: str) -> dict[str, Any]:
     """The mapping held by a YAML/JSON file (local path or fsspec URI); ValueError when it is not one."""
-    import fsspec
+    from fsspec.core import url_to_fs
+
+    from actors.retry import retry
 
     try:
-        with fsspec.open(path, "rt", encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+        fs, local = url_to_fs(path)
+        data = yaml.safe_load(retry(lambda: fs.cat_file(local), what=f"read {path}").decode("utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{CONFIG_FLAG} {path}: no such file") from None
     except yaml.YAMLError as exc:

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+from actors.retry import StorageUnavailableError
 from actors.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -54,11 +55,16 @@ class Lease:
         return json.dumps(record).encode()
 
     def read(self) -> dict[str, Any] | None:
-        """The current lease record, or None when there is none (or it is unreadable)."""
+        """The current lease record, or None when there is none (or it is unreadable).
+
+        Raises `StorageUnavailableError` when the store does not answer: that says nothing about the lease.
+        """
         try:
             return json.loads(self.storage.read_bytes(LEASE_FILE))
         except FileNotFoundError:
             return None
+        except StorageUnavailableError:
+            raise
         except (ValueError, OSError):
             return {"run_id": "<unreadable lease>", "expires_at": 0}
 
@@ -78,7 +84,9 @@ class Lease:
         """Take the lease, waiting up to ``wait_s`` seconds; raises `LeaseHeldError` if it stays held."""
         deadline = time.monotonic() + self.wait_s
         while True:
-            if self.storage.create_exclusive(LEASE_FILE, self._record()) and self._owned():
+            # A conditional put retried after its answer was lost finds its own lease: reading it back tells.
+            self.storage.create_exclusive(LEASE_FILE, self._record())
+            if self._owned():
                 break
             record = self.read()
             if record is not None and self._stale(record):
@@ -125,5 +133,11 @@ class Lease:
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self.release()
+            return
+        try:  # the run failed already: its error is the one to report, not a second one from the store
+            self.release()
+        except Exception as error:  # noqa: BLE001
+            logger.warning("could not release the lease on %s: %s", self.storage.url, error)

@@ -35,10 +35,13 @@ def _read_config(path: str, name: str, options_json: str) -> dict[str, Any]:
 
         with open(hf_hub_download(path, name), encoding="utf-8") as handle:
             return json.load(handle)
-    import fsspec
+    from fsspec.core import url_to_fs
 
-    with fsspec.open(posixpath.join(path.rstrip("/"), name), "rt", **json.loads(options_json)) as handle:
-        return json.load(handle)
+    from actors.retry import retry
+
+    uri = posixpath.join(path.rstrip("/"), name)
+    fs, local = url_to_fs(uri, **json.loads(options_json))
+    return json.loads(retry(lambda: fs.cat_file(local), what=f"read {uri}"))
 
 
 # The public prior's image embeddings have 1280 values (CLIP ViT-bigG/14).

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from actors.retry import Retrier
 from jobs.planning.manifests import ManifestFile
 from schemas.manifest import ManifestError
 from schemas.modes import MODE_NAMES
@@ -44,14 +45,33 @@ def files_digest(files: Sequence[ManifestFile]) -> str:
 
 
 def _batches(file: ManifestFile, storage_options: dict[str, Any] | None) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(first row number, batch of the ``id`` and ``mode`` columns) over the whole file."""
+    """(first row number, batch of the ``id`` and ``mode`` columns) over the whole file.
+
+    A transient storage error mid-file reopens it at the row group it was reading and skips the rows
+    already given out, so every row is yielded exactly once (a repeated row would look like a duplicate id).
+    """
     fs, path = url_to_fs(file.uri, **(storage_options or {}))
     columns = [name for name in ("id", "mode") if name in file.schema.names]
-    with fs.open(path, "rb") as handle:
-        row = 0
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=BATCH_ROWS, columns=columns):
-            yield row, batch
-            row += batch.num_rows
+    starts = np.concatenate([[0], np.cumsum(file.row_group_rows, dtype=np.int64)])
+    retrier = Retrier(f"read the ids of {file.uri}")
+    row = 0
+    while row < file.num_rows:
+        group = int(np.searchsorted(starts, row, side="right")) - 1  # the row group holding ``row``
+        skip = row - int(starts[group])
+        try:
+            with fs.open(path, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                groups = list(range(group, parquet.metadata.num_row_groups))
+                for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=groups):
+                    if skip >= batch.num_rows:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
+                    yield row, batch
+                    row += batch.num_rows
+            return
+        except Exception as exc:  # noqa: BLE001 - `failed` re-raises what is not transient, or when retries run out
+            retrier.failed(exc)
 
 
 def _hashes(ids: pa.Array) -> np.ndarray:

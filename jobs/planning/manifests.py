@@ -1,6 +1,8 @@
 """Manifest files: list them, read their Parquet footers (rows, row groups, schema, fingerprint), cut shards, read one.
 
-Nothing here reads more than one shard's rows at a time: listing and cutting use only footers.
+Nothing here reads more than one shard's rows at a time: listing and cutting use only footers. Every
+read is retried on transient storage errors (`actors.retry`); only what is left once retries are
+spent, and is not a storage outage, is a `ManifestError`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from actors.retry import StorageUnavailableError, retry
 from schemas.manifest import ManifestError, check_schema, normalize
 from schemas.shards import Fingerprint, Shard
 
@@ -45,39 +48,57 @@ def list_manifest_paths(uri: str, *, storage_options: dict[str, Any] | None = No
     """
     fs, path = url_to_fs(uri, **(storage_options or {}))
     path = path.rstrip("/") or path
-    if globlib.has_magic(path):
-        parts = path.split("/")
-        first = next(i for i, part in enumerate(parts) if globlib.has_magic(part))
-        root = "/".join(parts[:first])
-        found = [p for p in fs.glob(path) if fs.isfile(p)]
-    elif fs.isdir(path):
-        root = path
-        found = [
-            p
-            for p in fs.find(path)
-            if p.endswith(".parquet") and not any(part[:1] in "._" for part in p[len(path) :].split("/") if part)
-        ]
-    elif fs.isfile(path):
-        root, found = posixpath.dirname(path), [path]
-    else:
-        raise ManifestError(f"{uri}: no such manifest file, folder or prefix")
+    root, found = retry(lambda: _find_files(fs, path, uri), what=f"list {uri}")
     if not found:
         raise ManifestError(f"{uri}: no Parquet files found")
     local = _is_local(fs)
     return sorted((p if local else fs.unstrip_protocol(p), posixpath.relpath(p, root) if root else p) for p in found)
 
 
+def _find_files(fs: Any, path: str, uri: str) -> tuple[str, list[str]]:
+    """(root, Parquet files) of a manifest ``path``: errors other than absence propagate (they may be retried)."""
+    if globlib.has_magic(path):
+        parts = path.split("/")
+        first = next(i for i, part in enumerate(parts) if globlib.has_magic(part))
+        matches = fs.glob(path, detail=True)
+        return "/".join(parts[:first]), [p for p, info in matches.items() if info.get("type") == "file"]
+    try:
+        kind = fs.info(path).get("type")
+    except FileNotFoundError:
+        kind = None
+    if kind == "directory":
+        found = [
+            p
+            for p in fs.find(path)
+            if p.endswith(".parquet") and not any(part[:1] in "._" for part in p[len(path) :].split("/") if part)
+        ]
+        return path, found
+    if kind == "file":
+        return posixpath.dirname(path), [path]
+    raise ManifestError(f"{uri}: no such manifest file, folder or prefix")
+
+
+def _reading(what: str, operation: Any, error: str) -> Any:
+    """``operation()`` retried on transient errors; any other failure is a `ManifestError` starting with ``error``."""
+    try:
+        return retry(operation, what=what)
+    except (StorageUnavailableError, ManifestError):
+        raise
+    except Exception as exc:
+        raise ManifestError(f"{error}: {type(exc).__name__}: {exc}") from exc
+
+
 def read_footer(uri: str, relpath: str, *, storage_options: dict[str, Any] | None = None) -> ManifestFile:
     """The footer of one manifest file; `ManifestError` for a file that is not Parquet or has a bad schema."""
     fs, path = url_to_fs(uri, **(storage_options or {}))
-    try:
+
+    def read() -> tuple[dict[str, Any], Any, pa.Schema, str]:
         info = fs.info(path)
         with fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
-            metadata, schema = parquet.metadata, parquet.schema_arrow
-            footer = _footer_digest(handle, int(info.get("size") or 0))
-    except Exception as exc:
-        raise ManifestError(f"{uri}: cannot read as Parquet: {type(exc).__name__}: {exc}") from exc
+            return info, parquet.metadata, parquet.schema_arrow, _footer_digest(handle, int(info.get("size") or 0))
+
+    info, metadata, schema, footer = _reading(f"read {uri}", read, f"{uri}: cannot read as Parquet")
     check_schema(schema, file=uri)
     return ManifestFile(
         uri=uri,
@@ -141,10 +162,9 @@ def cut_shards(file: ManifestFile, *, shard_rows: int) -> list[Shard]:
 def read_whole(file: ManifestFile, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Every row of a (small) manifest file, normalized; for in-memory plans (`jobs.planning.plan.make_plan`)."""
     fs, path = url_to_fs(file.uri, **(storage_options or {}))
-    try:
-        table = pq.read_table(path, filesystem=fs)
-    except Exception as exc:
-        raise ManifestError(f"{file.uri}: cannot read as Parquet: {type(exc).__name__}: {exc}") from exc
+    table = _reading(
+        f"read {file.uri}", lambda: pq.read_table(path, filesystem=fs), f"{file.uri}: cannot read as Parquet"
+    )
     return normalize(table, file=file.uri)
 
 
@@ -175,20 +195,27 @@ class ShardReader:
         return self._parquet
 
     def raw(self, shard: Shard, columns: list[str] | None = None) -> pa.Table:
-        """The shard's rows as stored (only ``columns`` that exist, when given)."""
-        try:
-            parquet = self._open(shard.file)
-            if columns is not None:
-                columns = [name for name in columns if name in parquet.schema_arrow.names]
-            key = (shard.row_groups, None if columns is None else tuple(columns))
-            if self._cached is None or self._cached[:2] != key:
-                self._cached = (*key, parquet.read_row_groups(list(shard.row_groups), columns=columns))
-            first_row = self._offsets[shard.row_groups[0]]
-            return self._cached[2].slice(shard.start - first_row, shard.num_rows)
-        except ManifestError:
-            raise
-        except Exception as exc:
-            raise ManifestError(f"{shard.file}: cannot read rows {shard.start}..{shard.stop}: {exc}") from exc
+        """The shard's rows as stored (only ``columns`` that exist, when given); retried on transient errors."""
+
+        def read() -> pa.Table:
+            try:
+                return self._read(shard, columns)
+            except Exception:
+                self.close()  # a failed read leaves the handle in an unknown state: the retry reopens the file
+                raise
+
+        where = f"{shard.file}: cannot read rows {shard.start}..{shard.stop}"
+        return _reading(f"read rows {shard.start}..{shard.stop} of {shard.file}", read, where)
+
+    def _read(self, shard: Shard, columns: list[str] | None) -> pa.Table:
+        parquet = self._open(shard.file)
+        if columns is not None:
+            columns = [name for name in columns if name in parquet.schema_arrow.names]
+        key = (shard.row_groups, None if columns is None else tuple(columns))
+        if self._cached is None or self._cached[:2] != key:
+            self._cached = (*key, parquet.read_row_groups(list(shard.row_groups), columns=columns))
+        first_row = self._offsets[shard.row_groups[0]]
+        return self._cached[2].slice(shard.start - first_row, shard.num_rows)
 
     def read(self, shard: Shard) -> pa.Table:
         """The shard's rows, normalized (`schemas.manifest.normalize`)."""

@@ -200,4 +200,4 @@ def _write(storage: Storage, key: str, data: bytes, *, content_type: str) -> Non
     if kwarg is None or storage.is_local:
         storage.write_bytes(key, data)
     else:
-        storage.fs.pipe_file(storage.path(key), data, **{kwarg: content_type})
+        storage.write_bytes(key, data, **{kwarg: content_type})

@@ -1,0 +1,102 @@
+"""The runner's clock: re-probes that are due, per-call deadlines, stage waits and stall warnings.
+
+- A call running longer than its stage's deadline (``max(call_timeout_floor_s, call_timeout_factor x
+  the slowest call seen)``, or ``call_timeout_s``) gets its actor killed (``ray.kill(no_restart=False)``:
+  Ray restarts it); its calls then fail and the runner re-runs their work.
+- A stage with no actor up for ``stage_wait_s`` (a lost node took them and nothing else can hold
+  them) stops the job with a message naming the stage and the resources it lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from jobs.execution.pool import Actor, describe_resources
+from jobs.execution.stages import SinkSpec, StageSpec
+
+logger = logging.getLogger("jobs.execution.runner")  # its warnings are the runner's
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deadlines:
+    """Per-call deadlines: ``call_timeout_s`` if set, else ``max(floor, factor x slowest call of the stage)``."""
+
+    call_timeout_s: float | None = None
+    call_timeout_floor_s: float = 600.0
+    call_timeout_factor: float = 5.0
+    stage_wait_s: float = 600.0
+
+
+class Watchdog:
+    """Time checks over the runner's pools (one per spec, the sink last); `check` runs once per loop turn."""
+
+    def __init__(
+        self, specs: Sequence[StageSpec | SinkSpec], deadlines: Deadlines, *, started: float, stall_warning_s: float
+    ) -> None:
+        self.specs = specs
+        self.deadlines = deadlines
+        self.started = started
+        self.stall_warning_s = stall_warning_s
+        self.slowest = [0.0] * len(specs)
+        self.up_since = [time.monotonic()] * len(specs)  # when each stage last had an actor up
+        self._last_warning = time.monotonic()
+
+    def started_pool(self, stage: int) -> None:
+        """A stage's pool just started: its wait counts from now."""
+        self.up_since[stage] = time.monotonic()
+
+    def finished_call(self, stage: int, seconds: float) -> None:
+        """A call of ``stage`` took ``seconds`` (its deadline follows the slowest)."""
+        self.slowest[stage] = max(self.slowest[stage], seconds)
+
+    def deadline(self, stage: int) -> float:
+        """Seconds a call of ``stage`` may run."""
+        if self.deadlines.call_timeout_s:
+            return self.deadlines.call_timeout_s
+        return max(self.deadlines.call_timeout_floor_s, self.deadlines.call_timeout_factor * self.slowest[stage])
+
+    def check(self, pools: Sequence[Sequence[Actor]], *, probe: Callable[[Actor], None]) -> None:
+        """Send due re-probes, kill actors past their call deadline (then probe them), enforce stage waits."""
+        import ray
+
+        now = time.monotonic()
+        for number, pool in enumerate(pools):
+            name = self.specs[number].name
+            if any(actor.ready for actor in pool) or not pool:  # not started yet: nothing to wait for
+                self.up_since[number] = now
+            elif now - self.up_since[number] > self.deadlines.stage_wait_s:
+                raise RuntimeError(
+                    f"stage {name}: no actor has been up for {now - self.up_since[number]:.0f} s "
+                    f"(--stage-wait {self.deadlines.stage_wait_s:g}); {describe_resources(self.specs[number])}. "
+                    "Add nodes with these resources or ask for less; a rerun finishes the work."
+                )
+            for actor in pool:
+                if actor.reprobe_at is not None and now >= actor.reprobe_at:
+                    probe(actor)
+                since = actor.running_since()
+                if actor.ready and since is not None and now - since > self.deadline(number):
+                    logger.warning(
+                        "stage %s: a call has run %.0f s, past its deadline of %.0f s: killing the actor "
+                        "(Ray restarts it) and re-running its work",
+                        name,
+                        now - since,
+                        self.deadline(number),
+                    )
+                    actor.ready = False
+                    actor.submitted.clear()
+                    ray.kill(actor.handle, no_restart=False)
+                    probe(actor)
+        if now - self._last_warning > self.stall_warning_s:
+            self._last_warning = now
+            for number, pool in enumerate(pools):
+                if pool and not any(actor.ready for actor in pool):
+                    logger.warning(
+                        "stage %s: no actor is up after %.0f s: still loading its model, restarting, or the "
+                        "cluster lacks the resources (%s)",
+                        self.specs[number].name,
+                        now - self.started,
+                        describe_resources(self.specs[number]),
+                    )

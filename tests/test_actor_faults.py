@@ -1,0 +1,201 @@
+"""A killed actor whose restart takes long on a loaded machine, and a frozen one: the job finishes, each image once."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from jobs.execution import chain
+from jobs.execution.job import JobSummary, run_job
+from tests.conftest import write_manifest
+from tests.fault_timing import baseline, report
+from tests.slow_stages import SlowRestartDecoder, starts
+from tests.test_robustness import assert_exactly_one_ok, config_for, raw_results, rows_of
+
+
+@pytest.fixture()
+def cpu_hog() -> Iterator[subprocess.Popen]:
+    """A process spinning one core for the whole test, stopped by its pid at the end."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield hog
+    finally:
+        hog.kill()
+        hog.wait(timeout=30)
+
+
+def in_thread(config: Any) -> tuple[threading.Thread, dict]:
+    """``run_job(config)`` running in a thread; the dict receives ``summary`` or ``error``."""
+    outcome: dict = {}
+
+    def job() -> None:
+        try:
+            outcome["summary"] = run_job(config)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=job, name="job")
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(condition: Any, *, timeout: float, thread: threading.Thread) -> Any:
+    """Poll ``condition()`` until it returns something truthy; None if the job ended or time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and thread.is_alive():
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.1)
+    return None
+
+
+def markers_ok(output: Path) -> int:
+    """ok images the output's shard markers count."""
+    import json
+
+    return sum(json.loads(p.read_text())["by_status"].get("ok", 0) for p in (output / "shards").glob("*.json"))
+
+
+def check_every_image_once(summary: JobSummary, output: Path, rows: list[dict]) -> None:
+    results = raw_results(str(output))
+    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
+    assert len(results) == len(rows)  # no error rows, no duplicate rows
+    assert markers_ok(output) == len(rows) and summary.stats["output"]["by_status"] == {"ok": len(rows)}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_the_only_decoder_killed_on_a_loaded_machine_with_a_slow_restart(
+    tmp_path: Path, tiny_models: str, cpu_hog: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL of the job's one decoder actor while a CPU hog loads the machine; its restart sleeps 20 s first
+    (a model reload on a busy node): the driver waits for it, re-runs the lost batches, and nothing is lost."""
+    starts_file = str(tmp_path / "decoder-starts")
+    build_chain = chain.build_chain
+
+    def slow_restarts(*args: Any, **kwargs: Any) -> Any:
+        stages, sink = build_chain(*args, **kwargs)
+        slow = {"starts_file": starts_file, "restart_delay_s": 20.0}
+        stages = [
+            dataclasses.replace(s, cls=SlowRestartDecoder, kwargs={**s.kwargs, **slow}) if s.name == "decoder" else s
+            for s in stages
+        ]
+        return stages, sink
+
+    monkeypatch.setattr(chain, "build_chain", slow_restarts)
+    rows = rows_of(8, num_inference_steps=4)
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    output = tmp_path / "out"
+    config = config_for(manifest, str(output), tiny_models, batch_size=2, shard_rows=2)
+    started = time.monotonic()
+    job, outcome = in_thread(config)
+    first = wait_for(lambda: list((output / "shards").glob("*.json")) and starts(starts_file), timeout=240, thread=job)
+    assert first, outcome.get("error") or "no shard finished while the decoder was up"
+    killed_at = time.monotonic()
+    os.kill(first[0], signal.SIGKILL)
+    job.join(timeout=400)
+    seconds = time.monotonic() - started
+    assert not job.is_alive() and "error" not in outcome, outcome.get("error")
+    pids = starts(starts_file)
+    after = time.monotonic() - killed_at
+    report("decoder-sigkill-slow-restart", seconds, f"({after:.1f} s after the kill, a CPU hog beside it)")
+    assert len(pids) == 2 and pids[0] == first[0] and pids[1] != pids[0]  # killed once, restarted once
+    check_every_image_once(outcome["summary"], output, rows)
+    assert after > 20  # the job did wait for the slow restart
+    os.remove(starts_file)  # the clean run's decoder starts once: no slow restart
+    clean = dataclasses.replace(config, output=str(tmp_path / "clean"))
+    baseline("decoder-sigkill-slow-restart", lambda: run_job(clean))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_a_frozen_decoder_is_killed_at_its_deadline_and_its_work_rerun(
+    tmp_path: Path, tiny_models: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP of the decoder actor mid-run: its call never returns; after --call-timeout the driver kills it,
+    Ray restarts it, and its batches run again."""
+    rows = rows_of(12, num_inference_steps=6)
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    output = tmp_path / "out"
+    config = config_for(manifest, str(output), tiny_models, batch_size=2, shard_rows=2, call_timeout_s=10.0)
+    caplog.set_level(logging.WARNING, logger="jobs.execution.runner")
+    started = time.monotonic()
+    job, outcome = in_thread(config)
+    frozen = None
+    try:
+        worker = wait_for(lambda: _decoder_pid(output), timeout=240, thread=job)
+        assert worker, outcome.get("error") or "no decoder seen at work"
+        frozen = psutil.Process(worker)
+        frozen.suspend()  # SIGSTOP
+        stopped_at = time.monotonic()
+        job.join(timeout=300)
+    finally:
+        if frozen is not None and frozen.is_running():  # nothing frozen is left behind
+            frozen.resume()
+            frozen.kill()
+    seconds = time.monotonic() - started
+    assert not job.is_alive() and "error" not in outcome, outcome.get("error")
+    report("decoder-sigstop", seconds, f"({time.monotonic() - stopped_at:.1f} s after the freeze)")
+    assert "past its deadline of 10 s: killing the actor" in caplog.text
+    check_every_image_once(outcome["summary"], output, rows)
+    assert worker not in {int(r["decoder_worker"].split(":")[1].split()[0]) for r in raw_results(str(output))[-2:]}
+    baseline("decoder-sigstop", lambda: run_job(dataclasses.replace(config, output=str(tmp_path / "clean"))))
+
+
+def _decoder_pid(output: Path) -> int | None:
+    """The pid of the decoder that rendered the first published shard ("host:pid ..." in its results rows)."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((output / "results").glob("*.parquet")) if output.exists() else []
+    if not parts:
+        return None
+    worker = pq.read_table(parts[0], columns=["decoder_worker"]).column(0)[0].as_py()
+    return int(worker.split(":")[1].split()[0])
+
+
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_a_sink_that_was_only_unreachable_drops_what_it_held_of_a_task_run_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer to one of the sink's ``add`` calls is lost (Ray: ActorUnavailableError, "the task may or may not
+    have been executed") although the sink lives on with that batch: its task runs again, and the sink, told to
+    drop what it held of it first, ends with each row once."""
+    import ray
+
+    from jobs.execution.runner import RayStagePipeline, run_ray
+    from jobs.execution.stages import run_local
+    from jobs.planning.plan import batch
+    from tests.test_runners import MIXED, _ids, _rows, _sink, _stages, _tasks, work_rows
+
+    batches = list(batch(work_rows(MIXED), batch_size=2))
+    expected = _ids(_rows(list(run_local(_stages(), _sink(), _tasks(batches, max_rows=4)))))
+    complete, lost = RayStagePipeline._complete, []
+
+    def answer_lost_once(self: RayStagePipeline, ref: Any) -> Iterator[Any]:
+        call = self.calls[ref]
+        if call.kind == "add" and not lost:
+            lost.append(ref)
+            ray.get(ref)  # the sink did add the batch ...
+            del self.calls[ref]  # ... but its answer never arrives
+            call.actor.inflight -= 1
+            call.actor.submitted.popleft()
+            self._failed(call, ray.exceptions.ActorUnavailableError("RPC error: Socket closed", None))
+            return
+        yield from complete(self, ref)
+
+    monkeypatch.setattr(RayStagePipeline, "_complete", answer_lost_once)
+    got = _ids(_rows(list(run_ray(_stages(), _sink(), _tasks(batches, max_rows=4)))))
+    assert lost and got == expected  # no row twice
