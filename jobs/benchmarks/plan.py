@@ -5,6 +5,7 @@ fresh process."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -84,7 +85,8 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     for num_rows in args.rows:
         root = work_dir / f"plan-{num_rows}"
         started = time.perf_counter()
-        _fixture(root / "manifests", lambda: write_manifests(root / "manifests", num_rows=num_rows, num_files=args.files))
+        _fixture(root / "manifests", functools.partial(write_manifests, root / "manifests", num_rows=num_rows,
+                                                       num_files=args.files))  # fmt: skip
         written = time.perf_counter() - started
         run = {"num_rows": num_rows, "num_files": args.files, "fixture_seconds": round(written, 1)}
         run |= _worker(["plan-worker", "--dir", str(root)])
