@@ -188,6 +188,7 @@ def run_startup(args: argparse.Namespace) -> dict[str, Any]:
     """Mode ``startup``: start-up of a rerun over an output holding ``--rows`` finished images."""
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-"))
     root = work_dir / f"startup-{args.rows}"
+
     def write() -> None:
         write_manifests(root / "manifests", num_rows=args.rows, num_files=args.files)
         write_finished_output(root, num_rows=args.rows, num_files=args.files, shard_rows=args.shard_rows)
