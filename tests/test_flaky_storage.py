@@ -309,7 +309,7 @@ def test_job_through_a_flaky_store_renders_every_image_once(
     summary = run_job(config)
     faults = {k: proxy.counts[k] for k in KINDS}
     report("flaky-store", time.monotonic() - started, f"({proxy.counts['clean']} clean requests, faults {faults})")
-    assert sum(faults.values()) >= 30 and all(faults.values()), faults  # every kind of fault happened
+    assert sum(faults.values()) >= 20 and all(faults.values()), faults  # many faults, of every kind
     everything = {(r["id"], 0) for r in rows}
     results = raw_results(output, **options)
     assert_exactly_one_ok(results, everything)
