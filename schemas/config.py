@@ -3,116 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.manifest import Limits, RenderDefaults
+from schemas.models import ModelPaths
 from schemas.shards import DEFAULT_SHARD_ROWS, OUTPUT_FORMATS
 
-HUB_MODELS = {
-    "prior": "kandinsky-community/kandinsky-2-2-prior",
-    "decoder": "kandinsky-community/kandinsky-2-2-decoder",
-    "decoder-inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
-    "controlnet-depth": "kandinsky-community/kandinsky-2-2-controlnet-depth",
-    # What diffusers' ControlNet docs use: transformers' default for pipeline("depth-estimation")
-    "depth": "Intel/dpt-large",
-}
-# Hub revisions the default ids load at (transformers pins Intel/dpt-large at bc15f29 for its default).
-HUB_REVISIONS = {"depth": "bc15f29"}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCORERS = ("clip",)
 EMBEDDING_DTYPES = ("float32", "float16")
 RUNNERS = ("ray", "local")
 ATTENTIONS = ("sdpa", "default")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelPaths:
-    """Where each checkpoint loads from: a hub id or a directory in diffusers' save_pretrained layout."""
-
-    prior: str = field(
-        default=HUB_MODELS["prior"], metadata={"help": "prior checkpoint", "default_help": "MODELS/prior or {default}"}
-    )
-    decoder: str = field(
-        default=HUB_MODELS["decoder"],
-        metadata={"help": "text2img/img2img decoder", "default_help": "MODELS/decoder or {default}"},
-    )
-    decoder_inpaint: str = field(
-        default=HUB_MODELS["decoder-inpaint"],
-        metadata={
-            "flag": "--inpaint-decoder",
-            "help": "inpaint decoder",
-            "default_help": "MODELS/decoder-inpaint or {default}",
-        },
-    )
-    controlnet_depth: str = field(
-        default=HUB_MODELS["controlnet-depth"],
-        metadata={
-            "flag": "--controlnet-decoder",
-            "help": "ControlNet decoder",
-            "default_help": "MODELS/controlnet-depth or {default}",
-        },
-    )
-    depth: str = field(
-        default=HUB_MODELS["depth"],
-        metadata={
-            "flag": "--depth-model",
-            "help": "depth estimator for ControlNet rows without a hint",
-            "default_help": "MODELS/depth or {default}",
-        },
-    )
-    # Revision of the `depth` hub repository; None: the pinned one for the default id, else its main branch.
-    depth_revision: str | None = field(
-        default=None,
-        metadata={
-            "flag": "--depth-model-revision",
-            "help": "hub revision (commit, tag or branch) of the depth model; unused for a folder",
-            "default_help": f"{HUB_REVISIONS['depth']} for {HUB_MODELS['depth']}, else its main branch",
-        },
-    )
-
-    def depth_hub_revision(self) -> str | None:
-        """The revision to load `depth` at: for a hub id ``depth_revision`` (the pinned one for the default
-        id), None for a folder or URI."""
-        if not is_hub_id(self.depth):
-            return None
-        if self.depth_revision is None and self.depth == HUB_MODELS["depth"]:
-            return HUB_REVISIONS["depth"]
-        return self.depth_revision
-
-    def for_checkpoint(self, name: str) -> str:
-        """Path of checkpoint ``name`` (a key of `HUB_MODELS`)."""
-        return getattr(self, name.replace("-", "_"))
-
-    @classmethod
-    def resolve(
-        cls, *, models_dir: str | None = None, depth_revision: str | None = None, **overrides: str | None
-    ) -> ModelPaths:
-        """Per component: an explicit override, else ``models_dir/<name>``, else the hub id.
-
-        ``depth_revision`` None means the pinned `HUB_REVISIONS` one when ``depth`` is the default hub id
-        (`depth_hub_revision`), else its main branch: a pinned revision names a commit of one repository.
-        """
-        values = {}
-        for name, hub_id in HUB_MODELS.items():
-            attr = name.replace("-", "_")
-            override = overrides.pop(attr, None)
-            if override:
-                values[attr] = override
-            elif models_dir:
-                values[attr] = f"{models_dir.rstrip('/')}/{name}"
-            else:
-                values[attr] = hub_id
-        if overrides:
-            raise ValueError(f"unknown model components: {sorted(overrides)}")
-        return cls(**values, depth_revision=depth_revision)
-
-
-def is_hub_id(path: str) -> bool:
-    """Whether ``path`` names a hub repository (``org/name``) rather than a local folder or an fsspec URI."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None and not os.path.isdir(path)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,7 +34,7 @@ class Mode:
 
     name: str
     pipeline: str
-    checkpoint: str  # key of schemas.config.HUB_MODELS, and the sub-folder of a models directory
+    checkpoint: str  # key of schemas.models.HUB_MODELS, and the sub-folder of a models directory
     reference: str  # what a row of this mode equals (README, tests)
     reads: frozenset[str] = frozenset()
     required: frozenset[str] = frozenset()

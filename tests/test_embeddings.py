@@ -18,8 +18,9 @@ from actors.storage import Storage
 from jobs.execution.job import run_job
 from jobs.output.results import final_results, read_results
 from jobs.output.reuse import reuse_embeddings
-from schemas.config import JobConfig, ModelPaths
+from schemas.config import JobConfig
 from schemas.manifest import RenderDefaults
+from schemas.models import ModelPaths
 from tests.conftest import write_manifest
 from tests.reference import load_result, max_level_difference, pipeline
 from tests.test_scorer import reference_cosines

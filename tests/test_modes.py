@@ -13,7 +13,8 @@ from PIL import Image
 from actors.storage import Storage
 from jobs.execution.job import run_job
 from jobs.output.results import final_results, read_results
-from schemas.config import JobConfig, ModelPaths
+from schemas.config import JobConfig
+from schemas.models import ModelPaths
 from schemas.shards import OUTPUT_FORMATS
 from tests.conftest import write_manifest
 from tests.reference import assert_close_to_reference, load_png, load_result, max_level_difference, mode_reference

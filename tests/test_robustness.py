@@ -23,8 +23,9 @@ from actors.storage import Storage
 from jobs.execution.job import run_job
 from jobs.output.lease import LEASE_FILE, Lease, LeaseHeldError
 from jobs.output.results import final_results, read_results
-from schemas.config import JobConfig, ModelPaths
+from schemas.config import JobConfig
 from schemas.keys import image_key
+from schemas.models import ModelPaths
 from tests.conftest import REPO, write_manifest
 from tests.reference import load_png, max_level_difference
 

@@ -10,9 +10,10 @@ import pytest
 
 from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
 from jobs.planning.plan import make_plan
-from schemas.config import JobConfig, ModelPaths
+from schemas.config import JobConfig
 from schemas.keys import image_key, image_seed
 from schemas.manifest import MANIFEST_COLUMNS, ManifestError, RenderDefaults
+from schemas.models import ModelPaths
 from schemas.results import RESULTS_SCHEMA, ResultRow
 from tests.conftest import write_manifest
 

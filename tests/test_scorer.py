@@ -15,7 +15,8 @@ import torch
 from actors.scorer import ScoreActor
 from actors.stage import with_errors
 from jobs.planning.plan import make_plan
-from schemas.config import JobConfig, ModelPaths
+from schemas.config import JobConfig
+from schemas.models import ModelPaths
 from schemas.work import SCORE_FIELDS
 from tests.conftest import write_manifest
 

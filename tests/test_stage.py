@@ -11,7 +11,8 @@ import torch
 
 from actors.stage import Call, Outcome, Stage
 from jobs.planning.plan import make_plan
-from schemas.config import HUB_MODELS, JobConfig, ModelPaths
+from schemas.config import JobConfig
+from schemas.models import HUB_MODELS, ModelPaths
 from schemas.modes import DECODER_INPUT_KWARGS, MODES, PRIOR_KINDS
 from schemas.work import binary_views, embeds_array, embeds_numpy
 from tests.conftest import write_manifest

@@ -10,7 +10,8 @@ import pytest
 from actors.storage import Storage
 from jobs.execution.job import run_job
 from jobs.output.results import final_results, read_results
-from schemas.config import JobConfig, ModelPaths, StageResources
+from schemas.config import JobConfig, StageResources
+from schemas.models import ModelPaths
 from tests.conftest import write_manifest
 from tests.reference import load_png, max_level_difference, text2img_reference
 

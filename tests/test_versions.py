@@ -12,7 +12,8 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from schemas.config import HUB_MODELS, HUB_REVISIONS, JobConfig, ModelPaths
+from schemas.config import JobConfig
+from schemas.models import HUB_MODELS, HUB_REVISIONS, ModelPaths
 from schemas.versions import TESTED_VERSIONS, version_mismatches
 from tests.conftest import REPO, write_manifest
 

@@ -163,7 +163,8 @@ def _measure(args: argparse.Namespace, *, device: str, models: str, kind: str, w
     from actors.decoder import DecoderActor
     from actors.scorer import ScoreActor
     from jobs.planning.plan import make_plan
-    from schemas.config import AccelOptions, JobConfig, ModelPaths
+    from schemas.config import AccelOptions, JobConfig
+    from schemas.models import ModelPaths
 
     size, steps = args.size, args.steps
     dtype = str(resolve_dtype(args.dtype, torch.device(device))).removeprefix("torch.")

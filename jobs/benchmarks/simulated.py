@@ -141,7 +141,8 @@ def simulate_once(args: argparse.Namespace, *, output: str, rows: int, num_decod
     from actors.storage import Storage
     from jobs.dev.tiny_models import build_tiny_models
     from jobs.execution.job import run_job
-    from schemas.config import JobConfig, ModelPaths, StageResources
+    from schemas.config import JobConfig, StageResources
+    from schemas.models import ModelPaths
 
     work_dir = Path(args.work_dir)
     name = f"{args.output_format}-{num_decoders}d-{rows}"

@@ -14,7 +14,8 @@ from cluster.resources import parse_labels
 from jobs.options import storage as storage_options
 from jobs.options.flags import OPTIONS, Option, option_at
 from jobs.options.run_options import RunOptions, StagePlacementOptions
-from schemas.config import JobConfig, ModelPaths
+from schemas.config import JobConfig
+from schemas.models import ModelPaths
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from jobs.options.storage import ENV_VAR as STORAGE_ENV_VAR
 from jobs.reporting.progress import LOG_FORMATS
-from schemas.config import HUB_MODELS
+from schemas.models import HUB_MODELS
 
 PROGRESS_MODES = ("auto", "live", "log", "off")
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from schemas.config import JobConfig
+from schemas.models import is_hub_id
 from schemas.modes import MODES
 
 logger = logging.getLogger(__name__)
@@ -19,18 +20,10 @@ PUBLIC_MOVQ_SCALE = 8
 _MOVQ_CONFIG = "movq/config.json"
 
 
-def _is_hub_id(path: str) -> bool:
-    """A hub id is ``owner/name`` with no protocol that is not an existing local path."""
-    import os
-
-    local = "://" in path or path.startswith(("/", ".", "~")) or os.path.exists(path)
-    return not local and path.count("/") == 1
-
-
 @functools.lru_cache(maxsize=32)
 def _read_config(path: str, name: str, options_json: str) -> dict[str, Any]:
     """The JSON file ``name`` of the checkpoint at ``path`` (a folder, fsspec URI or hub id)."""
-    if _is_hub_id(path):
+    if is_hub_id(path):
         from huggingface_hub import hf_hub_download
 
         with open(hf_hub_download(path, name), encoding="utf-8") as handle:
