@@ -8,7 +8,7 @@ from typing import Any
 
 
 def real_size_configs() -> dict[str, dict[str, Any]]:
-    """Architecture configs of the public Kandinsky 2.2 checkpoints (sizes in KANDINSKY_NOTES.md).
+    """Architecture configs of the public Kandinsky 2.2 checkpoints (as their config.json files give them).
 
     Parameter counts on the meta device: UNet 1.253 B, MoVQ 68 M, prior transformer 1.03 B, CLIP
     ViT-bigG/14 image encoder 1.84 B, text encoder 0.69 B (tests/test_benchmark.py checks them).
