@@ -132,12 +132,13 @@ DEFAULT_MODE = "text2img"
 class PriorKind:
     """One kind of prior input (the work column ``prior_kind``), decided by which manifest columns a row sets.
 
+    ``pipeline``: the diffusers prior pipeline (method) it runs, None when the prior is skipped.
     ``reads``: the manifest column that selects it. ``partial_schedule``: the prior runs
     ``int(prior_num_inference_steps * prior_strength)`` steps. ``alone``: one row per prior call.
     """
 
     name: str
-    pipeline: str
+    pipeline: str | None
     description: str
     reads: str | None = None
     partial_schedule: bool = False
@@ -161,8 +162,7 @@ PRIOR_INTERPOLATE = PriorKind(
     alone=True,
 )
 # Rows that give `image_embeds` skip the prior: it passes their embeddings on (decoder-only rendering).
-PRIOR_EMBEDS = PriorKind(name="embeds", pipeline="none: given embeddings", description="given embeddings",
-                         reads="image_embeds")  # fmt: skip
+PRIOR_EMBEDS = PriorKind(name="embeds", pipeline=None, description="given embeddings", reads="image_embeds")
 PRIOR_KINDS: dict[str, PriorKind] = {
     kind.name: kind for kind in (PRIOR_TEXT, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_EMBEDS)
 }

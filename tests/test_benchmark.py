@@ -136,7 +136,7 @@ def test_score_refuses_without_a_gpu_unless_tiny_on_cpu(args: tuple[str, ...]) -
 
 
 def test_real_size_architectures_have_the_documented_sizes() -> None:
-    """The public checkpoints' sizes: UNet 1.253 B, MoVQ 68 M, prior 1.03 B, image encoder 1.84 B, text encoder 0.69 B."""
+    """The public checkpoints' sizes: UNet 1.253 B, MoVQ 68 M, prior 1.03 B, CLIP image 1.84 B, text 0.69 B."""
     modules = build_real_size_modules("meta")
     billions = {name: sum(p.numel() for p in m.parameters()) / 1e9 for name, m in modules.items()}
     assert billions["unet"] == pytest.approx(1.253, abs=0.001)
