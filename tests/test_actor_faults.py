@@ -81,14 +81,14 @@ def check_every_image_once(summary: JobSummary, output: Path, rows: list[dict]) 
 def test_the_only_decoder_killed_on_a_loaded_machine_with_a_slow_restart(
     tmp_path: Path, tiny_models: str, cpu_hog: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGKILL of the job's one decoder actor while a CPU hog loads the machine; its restart sleeps 20 s first
+    """SIGKILL of the job's one decoder actor while a CPU hog loads the machine; its restart sleeps 10 s first
     (a model reload on a busy node): the driver waits for it, re-runs the lost batches, and nothing is lost."""
     starts_file = str(tmp_path / "decoder-starts")
     build_chain = chain.build_chain
 
     def slow_restarts(*args: Any, **kwargs: Any) -> Any:
         stages, sink = build_chain(*args, **kwargs)
-        slow = {"starts_file": starts_file, "restart_delay_s": 20.0}
+        slow = {"starts_file": starts_file, "restart_delay_s": 10.0}
         stages = [
             dataclasses.replace(s, cls=SlowRestartDecoder, kwargs={**s.kwargs, **slow}) if s.name == "decoder" else s
             for s in stages
@@ -114,7 +114,7 @@ def test_the_only_decoder_killed_on_a_loaded_machine_with_a_slow_restart(
     report("decoder-sigkill-slow-restart", seconds, f"({after:.1f} s after the kill, a CPU hog beside it)")
     assert len(pids) == 2 and pids[0] == first[0] and pids[1] != pids[0]  # killed once, restarted once
     check_every_image_once(outcome["summary"], output, rows)
-    assert after > 20  # the job did wait for the slow restart
+    assert after > 10  # the job did wait for the slow restart
     os.remove(starts_file)  # the clean run's decoder starts once: no slow restart
     clean = dataclasses.replace(config, output=str(tmp_path / "clean"))
     baseline("decoder-sigkill-slow-restart", lambda: run_job(clean))

@@ -335,7 +335,7 @@ def test_a_store_that_stays_down_fails_the_job_naming_the_object(
     proxy.set(Faults(rate=1.0, weights={"internal": 1.0}, applies=results_uploads))
     flaky = via(options, proxy)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({ATTEMPTS_ENV: "4", SECONDS_ENV: "10"})
+    env.update({ATTEMPTS_ENV: "3", SECONDS_ENV: "4"})
 
     def command(output: str) -> list[str]:
         return [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", output, "--models",

@@ -209,6 +209,20 @@ def simulate_once(args: argparse.Namespace, *, output: str, rows: int, num_decod
 
 def run_simulated(args: argparse.Namespace) -> dict[str, Any]:
     """Simulated jobs on a local Ray with logical GPUs, for each decoder count."""
+    runs = _simulate_all(args, formats=[args.output_format])
+    return {"mode": args.mode, "machine": machine(), **runs[-1], "runs": runs, "s3": args.s3}
+
+
+def run_objects(args: argparse.Namespace) -> dict[str, Any]:
+    """Objects written per 1,000 images and per shard, for each output format (zero-cost stages), one Ray."""
+    runs = _simulate_all(args, formats=["files", "webdataset", "parquet"])
+    figures = {run["output_format"]: {k: run[k] for k in ("objects_written", "objects_per_1000_images", "num_shards",
+                                                           "objects_per_shard", "rows")} for run in runs}  # fmt: skip
+    return {"mode": "objects", "machine": machine(), "formats": figures}
+
+
+def _simulate_all(args: argparse.Namespace, *, formats: list[str]) -> list[dict[str, Any]]:
+    """One simulated job per (output format, decoder count), all on one local Ray started here."""
     import ray
 
     counts = [args.num_decoders] if args.num_decoders else [1, 2, 4, 8]
@@ -224,38 +238,28 @@ def run_simulated(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if args.s3:
             server, options = _loopback_s3()
-        for d in counts:
-            rows = args.rows or args.rows_per_decoder * d
-            if args.s3:
-                output = f"s3://bench/{args.output_format}-{d}"
-            else:
-                output = str(Path(args.work_dir) / f"out-{args.output_format}-{d}")
-            run = simulate_once(args, output=output, rows=rows, num_decoders=d, num_priors=priors[d],
-                                storage_options=options)  # fmt: skip
-            runs.append(run)
-            efficiency = "" if run["efficiency"] is None else f", efficiency {run['efficiency']:.3f}"
-            print(
-                f"{d} decoder(s) + {run['num_priors']} prior(s) + {run['num_writers']} writer(s), {run['rows']} "
-                f"{args.image_size}px images -> {args.output_format} on {'loopback S3' if args.s3 else 'local disk'}: "
-                f"{run['images_per_s']:.2f} images/s{efficiency}; {run['objects_per_1000_images']} objects per "
-                f"1000 images",
-                flush=True,
-            )
+        for output_format in formats:
+            each = argparse.Namespace(**{**vars(args), "output_format": output_format})
+            for d in counts:
+                rows = args.rows or args.rows_per_decoder * d
+                name = f"{output_format}-{d}"
+                output = f"s3://bench/{name}" if args.s3 else str(Path(args.work_dir) / f"out-{name}")
+                run = simulate_once(each, output=output, rows=rows, num_decoders=d, num_priors=priors[d],
+                                    storage_options=options)  # fmt: skip
+                runs.append(run)
+                efficiency = "" if run["efficiency"] is None else f", efficiency {run['efficiency']:.3f}"
+                print(
+                    f"{d} decoder(s) + {run['num_priors']} prior(s) + {run['num_writers']} writer(s), {run['rows']} "
+                    f"{args.image_size}px images -> {output_format} on {'loopback S3' if args.s3 else 'local disk'}: "
+                    f"{run['images_per_s']:.2f} images/s{efficiency}; {run['objects_per_1000_images']} objects per "
+                    f"1000 images",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
         if server is not None:
             server.stop()
-    return {"mode": args.mode, "machine": machine(), **runs[-1], "runs": runs, "s3": args.s3}
-
-
-def run_objects(args: argparse.Namespace) -> dict[str, Any]:
-    """Objects written per 1,000 images and per shard, for each output format (zero-cost stages)."""
-    figures = {}
-    for output_format in ("files", "webdataset", "parquet"):
-        run = run_simulated(argparse.Namespace(**{**vars(args), "output_format": output_format}))
-        figures[output_format] = {k: run[k] for k in ("objects_written", "objects_per_1000_images", "num_shards",
-                                                      "objects_per_shard", "rows")}  # fmt: skip
-    return {"mode": "objects", "machine": machine(), "formats": figures}
+    return runs
 
 
 def _loopback_s3() -> tuple[Any, dict[str, Any]]:
