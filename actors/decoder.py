@@ -67,13 +67,13 @@ class DecoderActor(Stage):
         max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
+        quiet_libraries()  # first: importing the pipelines already logs (a torchvision fallback)
         import diffusers
 
         unknown = sorted(set(models) - set(MODES))
         if unknown:
             raise ValueError(f"DecoderActor cannot serve modes {unknown}; it serves {sorted(MODES)}")
         super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
-        quiet_libraries()
         warn_untested_versions("decoder")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

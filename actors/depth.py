@@ -47,10 +47,10 @@ class DepthActor(Stage):
         max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
+        quiet_libraries()  # first: importing the pipelines already logs (a torchvision fallback)
         from transformers import pipeline
 
         super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
-        quiet_libraries()
         warn_untested_versions("depth")
         self.device = resolve_device(device)
         self.estimator = pipeline("depth-estimation", model=model, revision=revision, device=self.device)

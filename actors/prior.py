@@ -61,10 +61,10 @@ class PriorActor(Stage):
         max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
+        quiet_libraries()  # first: importing the pipelines already logs (a torchvision fallback)
         from diffusers import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline
 
         super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
-        quiet_libraries()
         warn_untested_versions("prior")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -76,6 +76,7 @@ class ScoreActor(Stage):
         worker: str = "",
     ) -> None:
         """Load the four CLIP parts of ``model``; ``accel``: only ``attention`` applies (no UNet or prior here)."""
+        quiet_libraries()  # first: importing the pipelines already logs (a torchvision fallback)
         from transformers import (
             CLIPImageProcessor,
             CLIPTextModelWithProjection,
@@ -84,7 +85,6 @@ class ScoreActor(Stage):
         )
 
         super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
-        quiet_libraries()
         warn_untested_versions("score")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -14,6 +14,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCORERS = ("clip",)
 EMBEDDING_DTYPES = ("float32", "float16")
 RUNNERS = ("ray", "local")
+# What --help says of an option whose default the job chooses for the machine it finds (cluster/defaults.py).
+MACHINE_DEFAULT = "chosen for the machine when the job starts, printed with its reason"
 ATTENTIONS = ("sdpa", "default")
 
 
@@ -31,8 +33,14 @@ class StageResources:
     num_gpus: float | None = field(
         default=None, metadata={"flag": "--{stage}-gpus", "help": "GPUs per {what} actor", "group": "execution"}
     )
-    num_cpus: float = field(
-        default=1.0, metadata={"flag": "--{stage}-cpus", "help": "CPUs per {what} actor", "group": "execution"}
+    num_cpus: float | None = field(
+        default=None,
+        metadata={
+            "flag": "--{stage}-cpus",
+            "help": "CPUs per {what} actor (on CPU also its torch threads)",
+            "default_help": MACHINE_DEFAULT,
+            "group": "execution",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -40,7 +48,7 @@ class StageResources:
             raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
-        if self.num_cpus < 0:
+        if self.num_cpus is not None and self.num_cpus < 0:
             raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
 
 
@@ -60,7 +68,9 @@ class AccelOptions:
     attention: str = field(
         default="sdpa", metadata={"choices": ATTENTIONS, "help": "sdpa: torch scaled_dot_product_attention kernels"}
     )
-    channels_last: bool = field(default=False, metadata={"help": "NHWC conv weights (faster on recent GPUs)"})
+    channels_last: bool | None = field(
+        default=None, metadata={"help": "NHWC conv weights", "default_help": MACHINE_DEFAULT}
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet and prior (slow first calls)"})
     cpu_offload: bool = field(
         default=False, metadata={"help": "keep weights in CPU memory, each model on the GPU only while it runs"}
@@ -123,12 +133,15 @@ class JobConfig:
     depth: StageResources = field(
         default_factory=lambda: StageResources(num_actors=1, num_gpus=0.0), metadata={"what": "depth-estimation"}
     )
-    batch_size: int = field(default=4, metadata={"help": "images per decoder call", "group": "execution"})
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "images per decoder call", "default_help": MACHINE_DEFAULT, "group": "execution"},
+    )
     prior_batch_size: int | None = field(
         default=None,
         metadata={
             "help": "images per prior call; one call serves whole decoder batches",
-            "default_help": "--batch-size",
+            "default_help": MACHINE_DEFAULT,
             "group": "execution",
         },
     )
@@ -283,7 +296,7 @@ class JobConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.prior_batch_size is not None and self.prior_batch_size < 1:
             raise ValueError(f"prior_batch_size must be >= 1, got {self.prior_batch_size}")

@@ -82,7 +82,7 @@ def test_out_of_range_values_name_their_flag(argv: list[str], flag: str) -> None
 
 def test_without_a_file_flags_and_defaults_are_unchanged() -> None:
     config = parse(["--manifest", "m.parquet", "--output", "out"])
-    assert config.batch_size == 4 and config.decoder.num_actors is None and config.storage_options == {}
+    assert config.batch_size is None and config.decoder.num_actors is None and config.storage_options == {}
     assert config.stage_placement == {}
 
 
@@ -131,7 +131,7 @@ def test_help_documents_every_option_with_its_default(monkeypatch: pytest.Monkey
     monkeypatch.setenv("COLUMNS", "2000")  # one line per option, so each default sits next to its flag
     text = build_parser().format_help()
     usage = text.split("options:", 1)[0]
-    negations = {f"--no-{option.key}" for option in OPTIONS if option.kind is bool and option.default}
+    negations = {f"--no-{option.key}" for option in OPTIONS if option.negatable}
     # The parser has exactly the table's flags: no option is declared anywhere else.
     assert set(re.findall(r"--[a-z0-9-]+", usage)) == {option.flag for option in OPTIONS} | negations
     entries = help_entries(text)
@@ -177,7 +177,9 @@ def test_new_fields_get_flags_file_keys_and_help_from_their_metadata(tmp_path: P
     ]
     assert option_at(FutureConfig, "score", "num_actors", options=options).default == 2
     parser = build_parser(options=options)
-    assert "CPUs per score actor (default: 1.0)" in " ".join(parser.format_help().split())
+    assert "CPUs per score actor (on CPU also its torch threads) (default: chosen for the machine" in " ".join(
+        parser.format_help().split()
+    )
     args = parser.parse_args(["--score-gpus", "0.5", "--no-save-embeddings"])
     assert instantiate(FutureConfig, values_of(FutureConfig, args, options=options)) == FutureConfig(
         score=StageResources(num_actors=2, num_gpus=0.5), save_embeddings=False
@@ -185,7 +187,7 @@ def test_new_fields_get_flags_file_keys_and_help_from_their_metadata(tmp_path: P
     parser.set_defaults(**flag_defaults({"num_score_actors": 3, "shard-rows": "10"}, source="f.yaml", options=options))
     args = parser.parse_args([])
     assert values_of(FutureConfig, args, options=options) == {
-        "score": {"num_actors": 3, "num_gpus": None, "num_cpus": 1.0},
+        "score": {"num_actors": 3, "num_gpus": None, "num_cpus": None},
         "shard_rows": 10,
         "save_embeddings": True,
     }
@@ -251,9 +253,10 @@ def test_cli_config_file_with_dry_run(tmp_path: Path) -> None:
     run = [sys.executable, "-m", "jobs.render", "--config", config_file, "--dry-run"]
     first = subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr
-    assert "model calls per stage (decoder batch size 2, prior batch size 2): prior 3, decoder 3" in first.stdout
+    # on CPU a prior call serves two decoder batches: 5 rows -> decoder batches 2+2+1, prior calls 4+1
+    assert "model calls per stage (decoder batch size 2, prior batch size 4): prior 2, decoder 3" in first.stdout
     second = subprocess.run([*run, "--batch-size", "5"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
-    assert "model calls per stage (decoder batch size 5, prior batch size 5): prior 1, decoder 1" in second.stdout
+    assert "model calls per stage (decoder batch size 5, prior batch size 10): prior 1, decoder 1" in second.stdout
 
     bad = write_yaml(tmp_path / "bad.yaml", {"batch-sise": 2})
     refused = subprocess.run(

@@ -169,8 +169,8 @@ def simulate_once(args: argparse.Namespace, *, output: str, rows: int, num_decod
     called = time.monotonic()
     stats = run_job(config, build=build, runner_options={"wait_for_actors": True}).stats
     wall = time.monotonic() - called
-    timeline, busy = stats["stages"]["timeline"], stats["stages"]["busy_seconds"]
-    seconds = timeline["finished_s"] - timeline["first_dispatch_s"]
+    timeline, busy = stats["timeline"], stats["stages"]["busy_seconds"]
+    seconds = timeline["rendered"] - timeline["first_dispatch"]
     images = stats["this_run"]["num_images"]
     if images != rows or stats["this_run"]["by_status"].get("ok", 0) != rows:
         raise RuntimeError(f"simulated run gave {stats['this_run']} for {rows} images")
@@ -197,8 +197,8 @@ def simulate_once(args: argparse.Namespace, *, output: str, rows: int, num_decod
         "efficiency": None if decoder_s == 0 else round(achieved / ideal, 4),
         "decoder_busy": None if decoder_s == 0 else round(busy["decoder"] / (num_decoders * seconds), 4),
         "writer_busy_seconds": busy["writer"],
-        "first_image_s": round(timeline["first_result_s"] - timeline["first_dispatch_s"], 3),
-        "actors_start_s": timeline.get("actors_ready_s"),
+        "first_image_s": round(timeline["first_result"] - timeline["first_dispatch"], 3),
+        "actors_start_s": round(timeline["actors_ready"] - timeline["stages_starting"], 3),
         "job_wall_s": round(wall, 3),
         "objects_written": objects,
         "objects_per_1000_images": round(1000 * objects / images, 2),

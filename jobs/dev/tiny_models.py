@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from jobs.dev.tokenizer import write_clip_tokenizer
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UnCLIPScheduler
@@ -312,6 +315,10 @@ def build_tiny_models(
             raise FileExistsError(
                 f"{root} exists and is not a tiny-model dir built with {params}; pass overwrite=True to replace it"
             )
+    from actors.common import quiet_libraries
+
+    quiet_libraries()  # no "Writing model shards" bars, no library notices about the models being random
+    logger.info("building tiny random-weight models in %s (once; later runs reuse them)", root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:

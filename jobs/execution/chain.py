@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from cluster.defaults import Machine
 from cluster.resources import StagePlan, fit_cpus, place_stages, resolve_score, resolve_stages, resolve_writer
 from jobs.execution.connect import connect_ray
+from jobs.execution.machine import local_machine, ray_machine
 from jobs.execution.runner import Deadlines, run_ray
 from jobs.execution.stages import Event, SinkSpec, StageSpec, Task, run_local
 from jobs.planning.plan import prior_batch_size
+from jobs.reporting.timeline import Timeline
 from schemas.config import JobConfig
 from schemas.modes import MODES
 
@@ -119,19 +122,48 @@ def describe(stage: StagePlan) -> dict[str, Any]:
     return described
 
 
+@contextlib.contextmanager
+def session(config: JobConfig, timeline: Timeline) -> Iterator[Machine]:
+    """The machine the stages will run on, for the length of a run: a connected Ray cluster, or this machine.
+
+    ``--runner ray``: joins the cluster the config names, else starts a private local Ray (shut
+    down at exit), while a thread imports the stage modules (torch, diffusers): Ray's start-up
+    mostly waits on its own processes, so the two overlap. ``--runner local``: this machine, no Ray.
+    """
+    if config.runner == "local":
+        yield local_machine()
+        return
+    import ray
+
+    preload = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
+    preload.start()
+    started = connect_ray(config.address)
+    timeline.mark("ray_connected")
+    preload.join()
+    timeline.mark("imports_done")
+    try:
+        yield ray_machine()
+    finally:
+        if started:
+            ray.shutdown()
+            timeline.mark("ray_shutdown")
+
+
 def execute(
     config: JobConfig,
     tasks: Iterable[Task],
     *,
     stage_info: dict[str, Any],
+    timeline: Timeline,
     build: ChainBuilder | None = None,
     runner_options: dict[str, Any] | None = None,
     **chain: Any,
 ) -> Iterator[Event]:
-    """Run ``tasks`` through the chain with the configured runner; ``stage_info`` receives what stats.json shows.
+    """Run ``tasks`` through the chain inside a `session`; ``stage_info`` receives what stats.json shows.
 
     ``build`` (default `build_chain`) makes the stages: benchmarks swap in stand-in model stages and
     keep everything else real. ``runner_options`` go to `jobs.execution.runner.RayStagePipeline`.
+    ``timeline`` receives when the stages were ready, the first dispatch and the first result.
     """
     build = build or build_chain
     if config.runner == "local":
@@ -141,50 +173,44 @@ def execute(
         return
     import ray
 
-    # The stage classes import torch, diffusers and transformers (seconds of CPU); Ray's start-up
-    # mostly waits on its own processes, so the two overlap.
-    preload = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
-    preload.start()
-    started = connect_ray(config.address)
-    preload.join()
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    stages, sink = build(config, cluster_gpus=cluster_gpus, **chain)
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    specs = [*stages, sink]
+    fitted = fit_cpus([spec.resources for spec in specs], cluster_cpus=cluster_cpus)
+    if fitted != [spec.resources for spec in specs]:
+        logger.warning(
+            "the stages reserve more than the cluster's %g CPUs; CPU reservations scaled to %s",
+            cluster_cpus,
+            [fit.num_cpus for fit in fitted],
+        )
+        specs = [dataclasses.replace(spec, resources=fit) for spec, fit in zip(specs, fitted)]
+        stages, sink = specs[:-1], specs[-1]
+    marks: dict[str, Any] = {}
+    stage_info.update(
+        runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: describe(spec.resources) for spec in specs}
+    )
+    deadlines = Deadlines(
+        call_timeout_s=config.call_timeout_s,
+        call_timeout_floor_s=config.call_timeout_floor_s,
+        stage_wait_s=config.stage_wait_s,
+    )
     try:
-        cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        stages, sink = build(config, cluster_gpus=cluster_gpus, **chain)
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
-        specs = [*stages, sink]
-        fitted = fit_cpus([spec.resources for spec in specs], cluster_cpus=cluster_cpus)
-        if fitted != [spec.resources for spec in specs]:
-            logger.warning(
-                "the stages reserve more than the cluster's %g CPUs; CPU reservations scaled to %s",
-                cluster_cpus,
-                [fit.num_cpus for fit in fitted],
-            )
-            specs = [dataclasses.replace(spec, resources=fit) for spec, fit in zip(specs, fitted)]
-            stages, sink = specs[:-1], specs[-1]
-        timeline: dict[str, Any] = {}
-        stage_info.update(
-            runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: describe(spec.resources) for spec in specs}
-        )
-        deadlines = Deadlines(
-            call_timeout_s=config.call_timeout_s,
-            call_timeout_floor_s=config.call_timeout_floor_s,
-            stage_wait_s=config.stage_wait_s,
-        )
         yield from run_ray(
             stages,
             sink,
             tasks,
             split_after=split_index(stages),
-            timeline=timeline,
+            timeline=marks,
             deadlines=deadlines,
             max_tasks=config.shards_in_flight,
             **(runner_options or {}),
         )
-        timeline["finished"] = time.monotonic()
-        stage_info.update(_timing(timeline))
     finally:
-        if started:
-            ray.shutdown()
+        for name, at in marks.items():
+            if isinstance(at, float):
+                timeline.mark_monotonic("stages_starting" if name == "started" else name, at)
+    stage_info.update(_timing(marks))
 
 
 def _import_stage_modules() -> None:
@@ -199,17 +225,10 @@ def _import_stage_modules() -> None:
     import actors.writer  # noqa: F401
 
 
-def _timing(timeline: dict[str, Any]) -> dict[str, Any]:
-    """stats.json's view of a runner timeline: seconds since start, busy seconds and calls per stage."""
-    started = timeline["started"]
-    marks = {
-        f"{name}_s": round(timeline[name] - started, 3)
-        for name in ("actors_ready", "first_dispatch", "first_result", "finished")
-        if name in timeline
-    }
-    names = timeline["names"]
+def _timing(marks: dict[str, Any]) -> dict[str, Any]:
+    """stats.json's busy seconds and calls per stage, from the runner's counters."""
+    names = marks["names"]
     return {
-        "timeline": marks,
-        "busy_seconds": {name: round(s, 3) for name, s in zip(names, timeline["busy_seconds"])},
-        "calls": dict(zip(names, timeline["calls"])),
+        "busy_seconds": {name: round(s, 3) for name, s in zip(names, marks["busy_seconds"])},
+        "calls": dict(zip(names, marks["calls"])),
     }

@@ -12,6 +12,7 @@ logger = logging.getLogger(__name__)
 
 CONNECT_WAIT_S = 20.0  # how long an explicit address may take to accept a TCP connection
 DEFAULT_GCS_PORT = 6379
+PRIVATE_RAY_OPTIONS: dict = {"_system_config": {"enable_worker_prestart": False}}
 
 
 class RayUnreachableError(ConnectionError):
@@ -31,7 +32,12 @@ def connect_ray(address: str | None, *, wait_s: float = CONNECT_WAIT_S) -> bool:
     if ray.is_initialized():
         return False
     target = resolve_address(address, wait_s=wait_s)
-    ray.init(address=target or "local", logging_level=logging.WARNING)
+    if target is None:
+        # Only the processes a job needs: no dashboard (nobody can reach a private Ray's), no prestarted
+        # idle workers (each actor gets its own process anyway; idle ones only take CPU from the first actors).
+        ray.init(address="local", logging_level=logging.WARNING, include_dashboard=False, **PRIVATE_RAY_OPTIONS)
+    else:
+        ray.init(address=target, logging_level=logging.WARNING)
     return True
 
 

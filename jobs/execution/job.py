@@ -6,29 +6,34 @@ is done). At the end: stats.json (merged from the markers), the gallery, then ``
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from actors.storage import Storage
-from jobs.execution.chain import ChainBuilder, execute
+from jobs.execution.chain import ChainBuilder, execute, session
 from jobs.execution.connect import check_address
+from jobs.execution.machine import log_choices, machine_defaults, stats_record
 from jobs.execution.stages import BatchDone, Task, TaskDone
 from jobs.output.lease import Lease
 from jobs.output.markers import Counts, new_marker, retried_marker, write_marker, write_settings
 from jobs.output.orphans import delete_orphans, delete_output
 from jobs.planning.plan import group_batches, prior_batch_size
-from jobs.planning.shards import RunPlan, ShardWork, plan_run
+from jobs.planning.shards import PendingScan, RunPlan, ShardWork, plan_run
 from jobs.reporting.gallery import write_report
 from jobs.reporting.progress import Progress
 from jobs.reporting.stats import run_stats, write_stats
+from jobs.reporting.timeline import Timeline
 from schemas.config import JobConfig
 from schemas.keys import SUCCESS_FILE
 from schemas.modes import MODES
+from schemas.shards import FORMAT_FILES
 from schemas.versions import version_mismatches
 from schemas.work import to_ipc
 
@@ -76,6 +81,8 @@ def run_job(
     holds the output. A shard's results are published only after its images, its marker last.
     ``build`` and ``runner_options``: see `jobs.execution.chain.execute` (benchmarks).
     """
+    timeline = Timeline()
+    timeline.mark("run_started")
     for line in version_mismatches():  # the actors log their own workers' mismatches at start-up
         logger.warning("untested package version: %s", line)
     progress = progress or Progress(live=False)
@@ -85,75 +92,121 @@ def run_job(
     storage = Storage(config.output, storage_options=config.storage_options)
     run_id = new_run_id()
     with Lease(storage, run_id=run_id, ttl_s=config.lease_ttl_s, wait_s=config.lease_wait_s) as lease:
+        timeline.mark("lease_taken")
         if config.overwrite:
             delete_output(storage)
-        plan = plan_run(config, storage)
-        delete_orphans(storage, plan.index)
-        scan = plan.scan()
-        logger.info(
-            "run %s: %d rows in %d file(s), %d shard(s), %d already done, %d to render (%d images)",
-            run_id,
-            plan.num_rows,
-            len(plan.files),
-            plan.num_shards,
-            plan.num_shards - len(plan.pending),
-            len(plan.pending),
-            scan.num_images,
-        )
-        skipped = plan.index.totals.num_images - sum(previous.num_errors for _, previous in plan.pending if previous)
-        write_settings(storage, plan.settings)
-        storage.delete(SUCCESS_FILE)
-        progress.start(run_id=run_id, num_images=scan.num_images)
-        this_run = Counts()
-        parts: list[dict[str, Any]] = []
-        stage_info: dict[str, Any] = {}
-        open_works: dict[str, ShardWork] = {}
-        render_started = time.monotonic()
-        events = execute(
-            config,
-            tasks(plan, config, open_works),
-            stage_info=stage_info,
-            build=build,
-            runner_options=runner_options,
-            modes=scan.modes,
-            needs_depth=scan.needs_depth,
-            movq_scales={MODES[mode].checkpoint: plan.scales[MODES[mode].checkpoint] for mode in scan.modes},
-            output_format=plan.settings.output_format,
-            run_id=run_id,
-        )
-        for event in events:
-            if lease.lost.is_set():
-                raise LeaseLostError(f"run {run_id} lost the lease on {config.output}; stopping")
-            if isinstance(event, BatchDone):
-                progress.update(num_done=event.info["rows"], num_errors=event.info["errors"])
-                continue
-            assert isinstance(event, TaskDone)
-            work, summary = open_works.pop(event.tag), event.result
-            if work.previous is None:
-                marker = new_marker(work.shard, summary, output_format=plan.settings.output_format)
-            else:
-                marker = retried_marker(storage, work.previous, summary)
-            write_marker(storage, marker)
-            plan.index.record(marker, previous=work.previous)
-            this_run.add(summary)
-            parts.append(summary)
-            if work.plan.refused.num_rows:
-                progress.update(num_done=work.plan.refused.num_rows, num_errors=work.plan.refused.num_rows)
-        progress.finish()
-        render_seconds = time.monotonic() - render_started
-        stats = run_stats(
-            run_id=run_id,
-            config=config,
-            plan=plan,
-            this_run=this_run,
-            parts=parts,
-            stage_info=stage_info,
-            render_seconds=render_seconds,
-            wall_seconds=time.monotonic() - started,
-            skipped=skipped,
-        )
-        chosen = plan.index.candidates.chosen()
-        stats["report"] = write_report(storage, chosen, stats=stats, scores_summary=plan.index.scores)
-        write_stats(storage, stats)
-        storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
+        # Planning reads storage while Ray starts (its processes, the stage imports) on this thread.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as pool:
+            planning = pool.submit(_plan, config, storage, timeline)
+            with session(config, timeline) as machine:
+                plan, scan = planning.result()
+                config, choices = machine_defaults(
+                    config, machine, modes=scan.modes, largest_pixels=scan.largest_pixels, needs_depth=scan.needs_depth
+                )
+                log_choices(machine, choices)
+                plan = dataclasses.replace(plan, config=config)
+                stats = _render(config, plan, scan, storage, lease, progress, run_id=run_id, timeline=timeline,
+                                build=build, runner_options=runner_options, started=started)  # fmt: skip
+                stats["defaults"] = stats_record(machine, choices)
+                stats["timeline"] = timeline.seconds()
+                chosen = plan.index.candidates.chosen()
+                stats["report"] = write_report(storage, chosen, stats=stats, scores_summary=plan.index.scores)
+                timeline.mark("gallery_written")  # before Ray shuts down: the gallery does not wait for it
+                stats["timeline"] = timeline.seconds()
+                write_stats(storage, stats)
+                storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
+        stats["timeline"] = timeline.seconds()  # with Ray's shutdown, for the caller (stats.json has it without)
     return JobSummary(run_id=run_id, plan=plan, stats=stats)
+
+
+def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunPlan, PendingScan]:
+    """The run's plan and the scan of its pending shards (what the stages and the defaults depend on)."""
+    plan = plan_run(config, storage)
+    delete_orphans(storage, plan.index)
+    scan = plan.scan()
+    timeline.mark("planned")
+    return plan, scan
+
+
+def _render(
+    config: JobConfig,
+    plan: RunPlan,
+    scan: PendingScan,
+    storage: Storage,
+    lease: Lease,
+    progress: Progress,
+    *,
+    run_id: str,
+    timeline: Timeline,
+    build: ChainBuilder | None,
+    runner_options: dict[str, Any] | None,
+    started: float,
+) -> dict[str, Any]:
+    """Stream the pending shards through the stages, publish each shard's marker; the run's stats."""
+    logger.info(
+        "run %s: %d rows in %d file(s), %d shard(s), %d already done, %d to render (%d images)",
+        run_id,
+        plan.num_rows,
+        len(plan.files),
+        plan.num_shards,
+        plan.num_shards - len(plan.pending),
+        len(plan.pending),
+        scan.num_images,
+    )
+    skipped = plan.index.totals.num_images - sum(previous.num_errors for _, previous in plan.pending if previous)
+    write_settings(storage, plan.settings)
+    storage.delete(SUCCESS_FILE)
+    progress.start(run_id=run_id, num_images=scan.num_images)
+    this_run = Counts()
+    parts: list[dict[str, Any]] = []
+    stage_info: dict[str, Any] = {}
+    open_works: dict[str, ShardWork] = {}
+    render_started = time.monotonic()
+    events = execute(
+        config,
+        tasks(plan, config, open_works),
+        stage_info=stage_info,
+        timeline=timeline,
+        build=build,
+        runner_options=runner_options,
+        modes=scan.modes,
+        needs_depth=scan.needs_depth,
+        movq_scales={MODES[mode].checkpoint: plan.scales[MODES[mode].checkpoint] for mode in scan.modes},
+        output_format=plan.settings.output_format,
+        run_id=run_id,
+    )
+    for event in events:
+        if lease.lost.is_set():
+            raise LeaseLostError(f"run {run_id} lost the lease on {config.output}; stopping")
+        if isinstance(event, BatchDone):
+            progress.update(num_done=event.info["rows"], num_errors=event.info["errors"])
+            if plan.settings.output_format == FORMAT_FILES:  # each image is on storage once its batch is added
+                timeline.mark("first_image_stored")
+            continue
+        assert isinstance(event, TaskDone)
+        work, summary = open_works.pop(event.tag), event.result
+        if work.previous is None:
+            marker = new_marker(work.shard, summary, output_format=plan.settings.output_format)
+        else:
+            marker = retried_marker(storage, work.previous, summary)
+        write_marker(storage, marker)
+        timeline.mark("first_image_stored")  # other formats: a shard's images are stored when it is published
+        timeline.mark("first_shard_published")
+        plan.index.record(marker, previous=work.previous)
+        this_run.add(summary)
+        parts.append(summary)
+        if work.plan.refused.num_rows:
+            progress.update(num_done=work.plan.refused.num_rows, num_errors=work.plan.refused.num_rows)
+    progress.finish()
+    timeline.mark("rendered")
+    return run_stats(
+        run_id=run_id,
+        config=config,
+        plan=plan,
+        this_run=this_run,
+        parts=parts,
+        stage_info=stage_info,
+        render_seconds=time.monotonic() - render_started,
+        wall_seconds=time.monotonic() - started,
+        skipped=skipped,
+    )

@@ -332,6 +332,8 @@ class RayStagePipeline:
 
     def _probed(self, actor: Actor, error: BaseException | None) -> None:
         record_probe(actor, self.pools[actor.stage], error, name=self.specs[actor.stage].name)
+        if actor.ready:
+            self.timeline.setdefault(f"{self.specs[actor.stage].name}_ready", time.monotonic())
         if actor.ready and all(pool and all(a.ready for a in pool) for pool in self.pools):
             self.timeline.setdefault("actors_ready", time.monotonic())
 
@@ -386,8 +388,9 @@ def run_ray(
 ) -> Iterator[Event]:
     """Ray Core actor pools per stage and for the sink (`RayStagePipeline`); Ray must be connected.
 
-    ``timeline`` (optional) receives monotonic timestamps (``started``, ``actors_ready``,
-    ``first_dispatch``, ``first_result``) and per-stage ``busy_seconds`` and ``calls`` (the sink last).
+    ``timeline`` (optional) receives monotonic timestamps (``started``, ``<stage>_ready`` when a
+    stage's first actor is up, ``actors_ready``, ``first_dispatch``, ``first_result``) and per-stage
+    ``busy_seconds`` and ``calls`` (the sink last).
     ``wait_for_actors`` holds all work until every actor is up (benchmarks).
     """
     pipeline = RayStagePipeline(

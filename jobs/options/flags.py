@@ -79,6 +79,11 @@ class Option:
     in_file: bool = True
 
     @property
+    def negatable(self) -> bool:
+        """Whether the flag has a ``--no-`` twin: a switch that is on by default, or unset (decided later)."""
+        return self.kind is bool and bool(self.default or self.optional)
+
+    @property
     def dest(self) -> str:
         """The attribute of the parsed namespace (and config-file key with underscores)."""
         return self.flag.lstrip("-").replace("-", "_")
@@ -278,8 +283,8 @@ def build_parser(prog: str = PROG, options: Sequence[Option] = OPTIONS) -> argpa
     for option in sorted(options, key=lambda option: order.index(option.group) if option.group else -1):
         target = groups[option.group] if option.group else parser
         text = "\n".join(textwrap.wrap(option.help_text(), width, break_on_hyphens=False)).replace("%", "%%")
-        if option.kind is bool and option.default:
-            target.add_argument(option.flag, dest=option.dest, action="store_true", default=True, help=text)
+        if option.negatable:
+            target.add_argument(option.flag, dest=option.dest, action="store_true", default=option.default, help=text)
             target.add_argument(f"--no-{option.key}", dest=option.dest, action="store_false", help=f"not {option.flag}")
         elif option.kind is bool:
             target.add_argument(option.flag, dest=option.dest, action="store_true", help=text)

@@ -27,7 +27,8 @@ import pyarrow.compute as pc
 import yaml
 
 import cluster
-from schemas.modes import MODES
+from schemas.manifest import RenderDefaults
+from schemas.modes import DEFAULT_MODE, MODES
 
 REFERENCE_PIXELS = 512 * 512
 DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.abspath(cluster.__file__)), "calibration.yaml")
@@ -112,6 +113,14 @@ def estimate(totals: dict[str, float], profile: Profile) -> dict[str, float]:
     decoder += totals["decoder_images"] * profile.decoder_image_seconds
     score = totals.get("scored_images", 0.0) * profile.score_image_seconds
     return {"prior": prior, "decoder": decoder, "score": score, "total": prior + decoder + score}
+
+
+def image_seconds(profile: Profile, *, defaults: RenderDefaults, pixels: int) -> dict[str, float]:
+    """`estimate` of one text2img image of ``pixels`` pixels whose parameters are ``defaults``."""
+    row = {name: [getattr(defaults, name)] for name in ("num_inference_steps", "guidance_scale", "strength")}
+    row.update({name: [getattr(defaults, name)] for name in ("prior_num_inference_steps", "prior_guidance_scale")})
+    row.update(height=[pixels], width=[1], mode=[DEFAULT_MODE])
+    return estimate(unit_totals(pa.table(row)), profile)
 
 
 def fit_profile(results: pa.Table, *, name: str, source: str) -> Profile:

@@ -5,12 +5,14 @@ and only their counts are kept, so a dry run over any manifest holds one shard's
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from actors.storage import Storage
+from jobs.execution.machine import local_machine, machine_defaults
 from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
 from jobs.planning.plan import Plan, group_batches, plan_needs_depth, prior_batch_size
 from jobs.planning.shards import RunPlan, plan_run
@@ -143,4 +145,17 @@ def dry_run(config: JobConfig, *, calibration: str | None = None) -> str:
     path = calibration or DEFAULT_CALIBRATION
     profiles = load_calibration(path)
     plan = plan_run(config, Storage(config.output, storage_options=config.storage_options))
-    return describe(config, plan, census(plan), profiles=profiles, calibration=path)
+    scan = plan.scan()
+    machine = local_machine()
+    config, choices = machine_defaults(
+        config, machine, modes=scan.modes, largest_pixels=scan.largest_pixels, needs_depth=scan.needs_depth
+    )
+    plan = dataclasses.replace(plan, config=config)
+    text = describe(config, plan, census(plan), profiles=profiles, calibration=path)
+    if not choices:
+        return text
+    chosen = "\n".join(f"  {choice.line()}" for choice in choices)
+    return (
+        f"{text}\n\ndefaults chosen for this machine ({machine.cpus:g} CPUs, no GPU seen without Ray); a job on "
+        f"a cluster chooses for the cluster it finds:\n{chosen}"
+    )

@@ -319,6 +319,10 @@ def plan_rows(
     ``only`` (``id``, ``image_index``): plan just those images (a ``--retry-errors`` rerun of a
     finished shard's error images); the rest count as done.
     """
+    if config.batch_size is None:
+        raise ValueError(
+            "plan_rows needs the machine's defaults chosen first (jobs.execution.machine.machine_defaults)"
+        )
     works, refusals = [], []
     for start in range(0, table.num_rows, PLAN_CHUNK_ROWS):
         work, refused = expand(
@@ -352,10 +356,15 @@ def make_plan(config: JobConfig, *, movq_scales: Mapping[str, int] | None = None
     """The whole manifest as one in-memory plan, for small manifests: tests, benchmarks, examples.
 
     The render job never calls this (it plans shard by shard, `jobs.planning.run`); ids are checked
-    as the job checks them. Raises `ManifestError` for malformed manifests.
+    as the job checks them; options left to the machine take this machine's defaults. Raises
+    `ManifestError` for malformed manifests.
     """
+    from jobs.execution.machine import local_machine, machine_defaults
     from jobs.planning.ids import check_ids
     from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
+
+    if config.batch_size is None:  # what a job on this machine would choose (for the text2img checkpoint's size)
+        config, _ = machine_defaults(config, local_machine(), modes=[], largest_pixels=0, needs_depth=False)
 
     options = config.storage_options
     paths = list_manifest_paths(config.manifest, storage_options=options)

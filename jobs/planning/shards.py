@@ -22,7 +22,7 @@ from jobs.planning.ids import check_ids, files_digest
 from jobs.planning.manifests import ManifestFile, ShardReader, cut_shards, list_manifest_paths, read_footer
 from jobs.planning.plan import Plan, plan_rows
 from schemas.config import JobConfig
-from schemas.manifest import ManifestError
+from schemas.manifest import Limits, ManifestError, RenderDefaults
 from schemas.modes import DEFAULT_MODE, MODES
 from schemas.results import STATUS_OK
 from schemas.shards import DEFAULT_SHARD_ROWS, FORMAT_FILES, DatasetSettings, Marker, Shard, part_name
@@ -47,6 +47,7 @@ class PendingScan:
     num_images: int  # images the pending shards' rows ask for (retries: their error images)
     modes: list[str]  # modes that may occur (decides which decoder checkpoints load)
     needs_depth: bool  # a hint-estimating mode may lack hints (the depth stage starts); may over-estimate
+    largest_pixels: int = 0  # height x width of the largest image asked for within the limits (the defaults' sizing)
 
 
 @dataclass(kw_only=True)
@@ -76,15 +77,17 @@ class RunPlan:
         limits, defaults = self.config.limits, self.config.defaults
         estimated = {name for name, mode in MODES.items() if mode.hint_estimated}
         num_images, modes, needs_depth = 0, set(), False
+        largest = 0
         with ShardReader(storage_options=self.config.storage_options) as reader:
             for shard, previous in self.pending:
+                columns, hints_null = reader.columns(shard, ["mode", "num_images", "height", "width"])
+                largest = max(largest, _largest_pixels(columns, defaults=defaults, limits=limits))
                 if previous is not None:  # a retry renders the shard's error images
                     num_images += previous.num_errors
                     failed = {m for m, c in previous.by_mode.items() if sum(c.values()) > c.get(STATUS_OK, 0)}
                     modes |= failed
                     needs_depth |= bool(failed & estimated)
                     continue
-                columns, hints_null = reader.columns(shard, ["mode", "num_images"])
                 counts = pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images)
                 counts = counts.to_numpy(zero_copy_only=False)
                 num_images += int(np.where((counts >= 1) & (counts <= limits.max_num_images), counts, 1).sum())
@@ -92,7 +95,7 @@ class RunPlan:
                 shard_modes = set(shard_modes.to_pylist()) & set(MODES)
                 modes |= shard_modes
                 needs_depth |= bool(shard_modes & estimated) and hints_null
-        return PendingScan(num_images=num_images, modes=sorted(modes), needs_depth=needs_depth)
+        return PendingScan(num_images=num_images, modes=sorted(modes), needs_depth=needs_depth, largest_pixels=largest)
 
     def works(self) -> Iterator[ShardWork]:
         """The pending shards' plans, one shard's rows at a time."""
@@ -108,6 +111,16 @@ class RunPlan:
                                  embedding_dim=self.scales.embedding_dim)  # fmt: skip
                 attempt = len(previous.parts) if previous is not None else 0
                 yield ShardWork(shard=shard, part=part_name(shard.name, attempt), plan=plan, previous=previous)
+
+
+def _largest_pixels(columns: pa.Table, *, defaults: RenderDefaults, limits: Limits) -> int:
+    """The most pixels of one image among rows whose sizes are within ``limits`` (others are refused)."""
+    sides = []
+    for name, default in (("height", defaults.height), ("width", defaults.width)):
+        side = pc.fill_null(columns.column(name).cast(pa.int64()), default).to_numpy(zero_copy_only=False)
+        sides.append(np.where((side >= 1) & (side <= limits.max_side), side, 0))
+    pixels = sides[0] * sides[1]
+    return int(pixels.max()) if len(pixels) else 0
 
 
 def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> DatasetSettings:

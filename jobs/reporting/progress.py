@@ -138,10 +138,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Library notices a user of the job cannot act on, by logger: logged at debug level instead.
+DEMOTED = {
+    # a private local Ray is reachable from this machine only; a cluster's admins set its auth mode
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
+}
+
+
+class _Demote(logging.Filter):
+    """Turns a library's notice into a debug record (kept only when debug logging is on)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and self.text in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure_logging(*, level: str, log_format: str) -> None:
     """Root logging for the driver: ``text`` (human) or ``json`` (one object per line, for log collectors)."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {log_format!r}")
+    for name, text in DEMOTED.items():
+        library = logging.getLogger(name)
+        if not any(isinstance(f, _Demote) for f in library.filters):
+            library.addFilter(_Demote(text))
     root = logging.getLogger()
     root.setLevel(level.upper())
     if root.handlers:  # like logging.basicConfig: an embedding program (or pytest) already decided
@@ -149,6 +174,14 @@ def configure_logging(*, level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT))
     root.addHandler(handler)
+
+
+# Moments of stats.json's timeline the summary shows (seconds since the process started).
+TIMELINE_ROWS = (
+    ("first_dispatch", "seconds to first model call"),
+    ("first_image_stored", "seconds to first image stored"),
+    ("gallery_written", "seconds to gallery"),
+)
 
 
 def summary_table(stats: dict[str, Any]) -> str:
@@ -173,7 +206,12 @@ def summary_table(stats: dict[str, Any]) -> str:
     rows.append(("skipped (already final)", str(stats.get("num_skipped_already_final", 0)), ""))
     rows.append(("images/s", f"{stats.get('images_per_s', 0.0):g}", ""))
     for stage, seconds in stats.get("busy_seconds", {}).items():
-        rows.append((f"busy seconds {stage}", f"{seconds:.1f}", ""))
+        if seconds:  # a stage this run did not have (scoring, depth) has none
+            rows.append((f"busy seconds {stage}", f"{seconds:.1f}", ""))
+    timeline = stats.get("timeline", {})
+    for mark, label in TIMELINE_ROWS:
+        if mark in timeline:
+            rows.append((label, f"{timeline[mark]:.1f}", ""))
     rows.append(("wall seconds", f"{stats.get('wall_seconds', 0.0):.1f}", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"  {a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}".rstrip() for a, b, c in rows]

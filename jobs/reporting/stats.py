@@ -103,7 +103,9 @@ def suggest(parts: list[dict[str, Any]], *, cluster_gpus: float) -> dict[str, An
     decoder /= images
     suggestion = suggest_stages(prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus,
                                 score_seconds=score)  # fmt: skip
-    logger.info(
+    # On CPU the suggestion is always the same (nothing to split): a user cannot act on it.
+    logger.log(
+        logging.INFO if cluster_gpus else logging.DEBUG,
         "measured %.3g s/image prior, %.3g s/image decoder; for %g GPUs: %s (%s)",
         prior,
         decoder,
