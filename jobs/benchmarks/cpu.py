@@ -48,7 +48,9 @@ def ray_data_peer(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import torch
 
-    ray.init(logging_level="ERROR")
+    # One logical CPU more than the machine has: with both cores held by the two actors, Ray Data's own small
+    # tasks (listing files, reading, counting) would never be scheduled and the script would hang.
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1, logging_level="ERROR")
 
     class Render:
         def __init__(self, models: str, output: str) -> None:
@@ -106,8 +108,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     from jobs.dev.tiny_models import build_tiny_models
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-"))
-    models = str(work_dir / "models")
-    build_tiny_models(models)
+    models = str(work_dir / f"models-movq{args.movq_scale_factor}")
+    build_tiny_models(models, movq_scale_factor=args.movq_scale_factor)
     manifest = write_manifest(work_dir / "manifest.parquet", num_rows=args.rows, size=args.size, steps=args.steps)
     ours_out, loop_out, peer_out = work_dir / "ours", work_dir / "loop", work_dir / "peer"
     ours_cmd = [sys.executable, "-m", "jobs.cli", "render", "--manifest", manifest, "--output", str(ours_out)]
@@ -159,6 +161,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "rows": args.rows,
         "size": args.size,
         "steps": args.steps,
+        "movq_scale_factor": args.movq_scale_factor,
         "render_args": args.render_args,
         "defaults_chosen": stats["defaults"]["chosen"],
         "ours_seconds": round(ours_s, 3),
@@ -180,6 +183,14 @@ def add_arguments(cpu: argparse.ArgumentParser) -> None:
     cpu.add_argument("--rows", type=int, default=128, help="text2img rows")
     cpu.add_argument("--size", type=int, default=128, help="height and width")
     cpu.add_argument("--steps", type=int, default=10, help="prior and decoder steps")
+    cpu.add_argument(
+        "--movq-scale-factor",
+        type=int,
+        default=8,
+        choices=(2, 8),
+        help="the tiny decoders' MoVQ downsampling: 8 as in the real models (128x128 images, 16x16 latents); "
+        "2 makes the latents 16x larger and the UNet's attention the whole cost",
+    )
     cpu.add_argument("--render-args", default="", help="extra flags of the timed render command (default: none)")
     cpu.add_argument("--repeats", type=int, default=1, help="alternate the commands this many times (medians)")
     cpu.add_argument("--no-peer", dest="peer", action="store_false", help="leave out the Ray Data peer script")

@@ -13,16 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import torch
-
 from jobs.dev.tokenizer import write_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import DDPMScheduler, UnCLIPScheduler
 
-ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+# torch is imported where models are built: checking an existing build (the example's every run) needs none.
+ModelT = TypeVar("ModelT", bound="torch.nn.Module")
 
 MARKER = ".complete"
 COMPONENTS = ("prior", "decoder", "decoder-inpaint", "controlnet-depth", "depth")
@@ -36,6 +36,8 @@ SEED_OFFSETS = {"prior": 0, "image_encoder": 1, "text_encoder": 2, "unet": 3, "u
 
 def _seeded(factory: Callable[[], ModelT], *, seed: int, key: str) -> ModelT:
     """Return ``factory()`` built on CPU right after seeding torch with ``seed`` plus ``key``'s offset."""
+    import torch
+
     torch.manual_seed(seed + SEED_OFFSETS[key])
     with torch.device("cpu"):
         return factory().eval()
@@ -43,6 +45,7 @@ def _seeded(factory: Callable[[], ModelT], *, seed: int, key: str) -> ModelT:
 
 def _build_prior(dest: Path, *, seed: int, scratch: Path) -> None:
     """Save a KandinskyV22PriorPipeline (also loadable as KandinskyV22PriorEmb2EmbPipeline) to ``dest``."""
+    import torch
     from diffusers import KandinskyV22PriorPipeline, PriorTransformer
     from transformers import (
         CLIPImageProcessor,

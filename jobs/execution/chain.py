@@ -214,10 +214,7 @@ def execute(
 
 
 def _import_stage_modules() -> None:
-    """What the driver imports anyway: the stage classes (torch) and, for stats.json, diffusers and transformers."""
-    import diffusers  # noqa: F401
-    import transformers  # noqa: F401
-
+    """What the driver imports anyway: the stage classes (they import torch)."""
     import actors.decoder  # noqa: F401
     import actors.depth  # noqa: F401
     import actors.prior  # noqa: F401

@@ -29,17 +29,11 @@ logger = logging.getLogger(__name__)
 
 def versions() -> dict[str, Any]:
     """Versions of the libraries that decide the pixels (and Ray's, pyarrow's); ``mismatches``: those not tested."""
-    import diffusers
     import ray
-    import torch
-    import transformers
 
     return {
-        **installed_versions(),  # the packages of schemas.versions.TESTED_VERSIONS
+        **installed_versions(),  # the packages of schemas.versions.TESTED_VERSIONS (metadata: nothing imported)
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
         "ray": ray.__version__,
         "pyarrow": pa.__version__,
         "mismatches": version_mismatches(),
