@@ -262,6 +262,15 @@ class JobConfig:
             "group": "execution",
         },
     )
+    connect_wait_s: float = field(
+        default=20.0,
+        metadata={
+            "flag": "--connect-wait",
+            "help": "seconds a Ray address (--address, RAY_ADDRESS) may take to accept a connection before the job "
+            "fails naming it",
+            "group": "execution",
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "delete previous outputs and start fresh", "group": "io"})
     retry_errors: bool = field(
         default=False, metadata={"help": "render again images whose result is an error", "group": "io"}
@@ -311,6 +320,8 @@ class JobConfig:
             raise ValueError("min_clip_score needs score='clip' (--score clip)")
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
+        if self.connect_wait_s <= 0:
+            raise ValueError(f"connect_wait_s must be > 0, got {self.connect_wait_s}")
         if self.call_timeout_floor_s <= 0 or self.stage_wait_s <= 0 or (self.call_timeout_s or 1) <= 0:
             raise ValueError("call timeouts and the stage wait must be > 0 seconds")
         for stage, placement in self.stage_placement.items():

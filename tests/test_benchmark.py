@@ -70,14 +70,22 @@ def test_plan_and_startup_print_memory_and_time(tmp_path: Path) -> None:
     assert startup["ids_checked"] is False and startup["orphans_deleted"] == 0 and startup["seconds"] > 0
 
 
-def test_cpu_runs_job_and_diffusers_loop_with_equal_images(tmp_path: Path) -> None:
+def test_cpu_runs_job_loop_and_ray_data_peer_with_equal_images(tmp_path: Path) -> None:
     result = run_benchmark(
-        "cpu", "--rows", "4", "--steps", "2", "--work-dir", str(tmp_path),
-        "--render-args", "--batch-size 2 --prior-batch-size 4 --prior-cpus 0 --log-level WARNING",
+        "cpu", "--rows", "4", "--size", "64", "--steps", "2", "--work-dir", str(tmp_path),
+        "--render-args", "--batch-size 2 --log-level WARNING",
     )  # fmt: skip
-    assert result["ours_seconds"] > 0 and result["diffusers_loop_seconds"] > 0
+    assert result["ours_seconds"] > 0 and result["diffusers_loop_seconds"] > 0 and result["ray_data_peer_seconds"] > 0
     assert result["ratio"] == pytest.approx(result["ours_seconds"] / result["diffusers_loop_seconds"], rel=1e-3)
+    assert result["ratio_vs_peer"] == pytest.approx(result["ours_seconds"] / result["ray_data_peer_seconds"], rel=1e-3)
     assert result["max_level_difference"] <= 1
+    assert len(list((tmp_path / "peer").glob("*.png"))) == 4  # the peer script saved every row's image
+    timeline = result["timeline"]
+    assert (
+        0 < timeline["first_dispatch"] <= timeline["rendered"] and 0 < result["fixed_seconds"] < result["ours_seconds"]
+    )
+    chosen = {choice["flag"]: choice["value"] for choice in result["defaults_chosen"]}
+    assert chosen["--prior-batch-size"] == 4 and "--batch-size" not in chosen  # the machine's default; the flag's
     stats = json.loads((tmp_path / "ours" / "stats.json").read_text())
     calls = stats["stages"]["calls"]  # one prior call served both decoder batches; one add each, one finalize
     assert calls == {"prior": 1, "decoder": 2, "writer": 3}

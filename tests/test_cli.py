@@ -61,6 +61,13 @@ def test_example_on_local_ray(tmp_path: Path) -> None:
     for row in final.to_pylist():
         assert Path(row["uri"]).is_file() and Path(row["uri"]).is_relative_to(output / "images")
     assert "rendered" in proc.stdout
+    # the default output says what the job does: the defaults it chose, the summary with its timings, no
+    # library notices a user cannot act on
+    shown = proc.stdout + proc.stderr
+    assert "defaults for the Ray cluster" in shown and "--batch-size 16:" in shown
+    assert "seconds to first image stored" in proc.stdout and "seconds to gallery" in proc.stdout
+    for noise in ("torchvision", "Token authentication", "Writing model shards", "CPU reservations scaled"):
+        assert noise not in shown, noise
 
     # A rerun renders nothing new and keeps every result.
     again = run_cli("jobs.render", "--example", "--output", str(output), env=env)
@@ -84,7 +91,9 @@ def test_help_documents_defaults() -> None:
     assert proc.returncode == 0
     for flag in ("--manifest", "--output", "--models", "--num-decoder-actors", "--prior-gpus", "--batch-size"):
         assert flag in proc.stdout
-    assert "kandinsky-community/kandinsky-2-2-prior" in proc.stdout and "(default: 4)" in proc.stdout
+    assert (
+        "kandinsky-community/kandinsky-2-2-prior" in proc.stdout and "(default: chosen for the machine" in proc.stdout
+    )
 
 
 def test_tiny_models_command(tmp_path: Path) -> None:

@@ -95,14 +95,15 @@ def test_an_address_that_does_not_answer_fails_fast_naming_it(
     port = free_port()
     manifest = write_manifest(tmp_path / "m.parquet", rows_of(2))
     started = time.monotonic()
-    failed = render(manifest, tmp_path / "out", tiny_models, job_env(ray_tmpdir), "--address", f"127.0.0.1:{port}")
+    address = ("--address", f"127.0.0.1:{port}", "--connect-wait", "4")
+    failed = render(manifest, tmp_path / "out", tiny_models, job_env(ray_tmpdir), *address)
     seconds = time.monotonic() - started
     report("unreachable-address", seconds, f"to exit {failed.returncode}")
     assert failed.returncode == 1, failed.stderr[-3000:]
-    assert seconds < 60
+    assert 4 <= seconds < 40
     error = failed.stderr.strip().splitlines()[-1]
     assert error.startswith(f"error: RayUnreachableError: cannot reach the Ray cluster at 127.0.0.1:{port}")
-    assert all(word in error for word in ("ray status", f"{port}", "RAY_ADDRESS", "firewall")), error
+    assert all(word in error for word in ("ray status", f"{port}", "RAY_ADDRESS", "firewall", "for 4 s")), error
     assert not (tmp_path / "out").exists()  # checked before the output is touched
 
     nothing = render(manifest, tmp_path / "out", tiny_models, job_env(ray_tmpdir), "--address", "auto")

@@ -224,10 +224,11 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     rows = rows_of(16, num_inference_steps=4)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
-    pinned = ("--num-decoder-actors", "2", "--decoder-node-label", DECODER_LABEL, "--stage-wait", "25")
+    pinned = ("--num-decoder-actors", "2", "--decoder-node-label", DECODER_LABEL)
+    waiting = (*pinned, "--stage-wait", "10")
     baseline("decoder-node-lost", lambda: Job(cluster, manifest, tmp_path / "clean", tiny_models, *pinned).finish())
     started = time.monotonic()
-    job = Job(cluster, manifest, output, tiny_models, *pinned)
+    job = Job(cluster, manifest, output, tiny_models, *waiting)
     assert job.wait_for_markers(2), job.finish(10)[1][-3000:]
     killed_at = time.monotonic()
     cluster.kill(worker)
@@ -237,9 +238,9 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     assert code == 1, log[-4000:]
     error = log.strip().splitlines()[-1]
     print(error)
-    assert "stage decoder: no actor has been up for" in error and "--stage-wait 25" in error, error
+    assert "stage decoder: no actor has been up for" in error and "--stage-wait 10" in error, error
     assert f"on nodes labelled {DECODER_LABEL}" in error and "a rerun finishes the work" in error, error
-    assert 25 <= stopped < 150
+    assert 10 <= stopped < 150
     done_before = len(list((output / "shards").glob("*.json")))
     assert 2 <= done_before < 8
 

@@ -231,7 +231,7 @@ def test_dry_run_plans_without_models_or_writes(tmp_path: Path) -> None:
     assert table["text2img 128x64"] == (1, 1)
     assert table["refused (invalid_row)"] == (2, 2)
     assert table["to render"] == (3, 5)
-    assert "model calls per stage (decoder batch size 2, prior batch size 2): prior 3, decoder 3" in proc.stdout
+    assert "model calls per stage (decoder batch size 2, prior batch size 4): prior 2, decoder 3" in proc.stdout
     assert re.search(r"^\s+H100\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+NOT measured$", proc.stdout, re.M)
     assert not output.exists()
 

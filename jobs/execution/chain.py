@@ -137,7 +137,7 @@ def session(config: JobConfig, timeline: Timeline) -> Iterator[Machine]:
 
     preload = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
     preload.start()
-    started = connect_ray(config.address)
+    started = connect_ray(config.address, wait_s=config.connect_wait_s)
     timeline.mark("ray_connected")
     preload.join()
     timeline.mark("imports_done")

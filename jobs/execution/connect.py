@@ -8,9 +8,11 @@ import socket
 import time
 from urllib.parse import urlsplit
 
+from schemas.config import JobConfig
+
 logger = logging.getLogger(__name__)
 
-CONNECT_WAIT_S = 20.0  # how long an explicit address may take to accept a TCP connection
+CONNECT_WAIT_S = JobConfig.__dataclass_fields__["connect_wait_s"].default  # --connect-wait's default
 DEFAULT_GCS_PORT = 6379
 PRIVATE_RAY_OPTIONS: dict = {"_system_config": {"enable_worker_prestart": False}}
 
@@ -41,12 +43,12 @@ def connect_ray(address: str | None, *, wait_s: float = CONNECT_WAIT_S) -> bool:
     return True
 
 
-def check_address(address: str | None) -> None:
+def check_address(address: str | None, *, wait_s: float = CONNECT_WAIT_S) -> None:
     """Fail fast, before any planning: `RayUnreachableError` unless Ray is connected or ``address`` answers."""
     import ray
 
     if not ray.is_initialized():
-        resolve_address(address)
+        resolve_address(address, wait_s=wait_s)
 
 
 def resolve_address(address: str | None, *, wait_s: float = CONNECT_WAIT_S) -> str | None:

@@ -88,7 +88,8 @@ def run_job(
     progress = progress or Progress(live=False)
     started = time.monotonic()
     if config.runner == "ray":
-        check_address(config.address)  # an address that does not answer fails now, not after planning
+        # an address that does not answer fails now, not after planning
+        check_address(config.address, wait_s=config.connect_wait_s)
     storage = Storage(config.output, storage_options=config.storage_options)
     run_id = new_run_id()
     with Lease(storage, run_id=run_id, ttl_s=config.lease_ttl_s, wait_s=config.lease_wait_s) as lease:
