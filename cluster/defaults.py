@@ -6,10 +6,11 @@ filled here, once, when the job starts: `choose_defaults` returns the concrete c
 the user set is never changed.
 
 CPU-only clusters (what `kandinsky-render benchmark cpu` measured best on 2 cores):
-- one decoder actor per CPU core, each reserving one CPU, so one torch thread (Ray sets
-  ``OMP_NUM_THREADS`` from the reservation): a multi-thread actor lost most of its speed whenever
-  another process took a core (its OpenMP threads wait for each other); one-thread actors do not;
-  fewer when the node's memory cannot hold that many copies of the decoder;
+- one decoder actor per CPU core (no more than the run has batches of images), each reserving one
+  CPU, so one torch thread (Ray sets ``OMP_NUM_THREADS`` from the reservation): a multi-thread
+  actor lost most of its speed whenever another process took a core (its OpenMP threads wait for
+  each other), one-thread actors do not; fewer when the node's memory cannot hold that many copies
+  of the decoder;
 - every other stage (prior, depth, scorer, writers) reserves no CPU: their work is small beside the
   decoders' and runs in the gaps;
 - decoder batches of 16 (prior batches of 32: one prior call feeds two decoder batches), fewer
@@ -109,6 +110,7 @@ class Workload:
     profile: str = ""  # the profile's name, and whether it was measured
     needs_depth: bool = False
     score: bool = False
+    num_images: int = 0  # images to render (0: unknown)
 
 
 def image_bytes(workload: Workload) -> float:
@@ -143,6 +145,9 @@ def _cpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
                 f", {count} because each needs ~{per_actor / 1e9:.1f} GB (weights and a batch) of the "
                 f"{machine.memory_bytes / 1e9:.1f} GB Ray may use"
             )
+        batches = -(-workload.num_images // (config.batch_size or CPU_BATCH_SIZE)) if workload.num_images else count
+        if batches < count:  # a decoder that would get no batch only costs its start-up
+            count, reason = max(1, batches), f"{reason}, {max(1, batches)}: the run has {workload.num_images} image(s)"
         decoder = _set(decoder, "num_actors", count, "--num-decoder-actors", reason, choices)
     if decoder.num_cpus is None:
         reason = "one core and one torch thread per decoder: one-thread actors keep their speed when a core is busy"

@@ -156,3 +156,12 @@ def test_a_run_prints_and_records_its_choices(tmp_path: Path, tiny_models: str, 
         timeline["run_started"] <= timeline["planned"] <= timeline["first_image_stored"] <= timeline["gallery_written"]
     )
     assert summary.stats["timeline"]["gallery_written"] == timeline["gallery_written"]
+
+
+def test_cpu_decoders_no_more_than_the_run_has_batches() -> None:
+    few = dataclasses.replace(TINY, num_images=10)  # one batch of 16
+    chosen, choices = choose_defaults(config(), Machine(cpus=8, memory_bytes=64e9), few)
+    assert chosen.decoder.num_actors == 1
+    assert "the run has 10 image(s)" in {c.flag: c.reason for c in choices}["--num-decoder-actors"]
+    many = dataclasses.replace(TINY, num_images=40)  # three batches
+    assert choose_defaults(config(), Machine(cpus=8, memory_bytes=64e9), many)[0].decoder.num_actors == 3

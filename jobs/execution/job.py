@@ -102,7 +102,12 @@ def run_job(
             with session(config, timeline) as machine:
                 plan, scan = planning.result()
                 config, choices = machine_defaults(
-                    config, machine, modes=scan.modes, largest_pixels=scan.largest_pixels, needs_depth=scan.needs_depth
+                    config,
+                    machine,
+                    modes=scan.modes,
+                    largest_pixels=scan.largest_pixels,
+                    needs_depth=scan.needs_depth,
+                    num_images=scan.num_images,
                 )
                 log_choices(machine, choices)
                 plan = dataclasses.replace(plan, config=config)

@@ -55,7 +55,13 @@ def ray_machine() -> Machine:
 
 
 def machine_defaults(
-    config: JobConfig, machine: Machine, *, modes: list[str], largest_pixels: int, needs_depth: bool
+    config: JobConfig,
+    machine: Machine,
+    *,
+    modes: list[str],
+    largest_pixels: int,
+    needs_depth: bool,
+    num_images: int = 0,
 ) -> tuple[JobConfig, list[Choice]]:
     """`cluster.defaults.choose_defaults` for the pending work: ``modes`` load, images up to ``largest_pixels``."""
     gpu = bool(machine.gpus)
@@ -73,6 +79,7 @@ def machine_defaults(
         profile=profile,
         needs_depth=needs_depth,
         score=bool(config.score),
+        num_images=num_images,
     )
     return choose_defaults(config, machine, workload)
 

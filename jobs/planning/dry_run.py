@@ -148,7 +148,12 @@ def dry_run(config: JobConfig, *, calibration: str | None = None) -> str:
     scan = plan.scan()
     machine = local_machine()
     config, choices = machine_defaults(
-        config, machine, modes=scan.modes, largest_pixels=scan.largest_pixels, needs_depth=scan.needs_depth
+        config,
+        machine,
+        modes=scan.modes,
+        largest_pixels=scan.largest_pixels,
+        needs_depth=scan.needs_depth,
+        num_images=scan.num_images,
     )
     plan = dataclasses.replace(plan, config=config)
     text = describe(config, plan, census(plan), profiles=profiles, calibration=path)
