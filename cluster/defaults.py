@@ -147,12 +147,17 @@ def _cpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
             )
         batches = -(-workload.num_images // (config.batch_size or CPU_BATCH_SIZE)) if workload.num_images else count
         if batches < count:  # a decoder that would get no batch only costs its start-up
-            count, reason = max(1, batches), f"{reason}, {max(1, batches)}: the run has {workload.num_images} image(s)"
+            count = max(1, batches)
+            reason = (
+                f"the run has {workload.num_images} image(s), {batches} batch(es) of at most "
+                f"{config.batch_size or CPU_BATCH_SIZE}: one single-thread decoder per batch (per core otherwise, "
+                f"{cores} found)"
+            )
         decoder = _set(decoder, "num_actors", count, "--num-decoder-actors", reason, choices)
     if decoder.num_cpus is None:
         reason = "one core and one torch thread per decoder: one-thread actors keep their speed when a core is busy"
         decoder = _set(decoder, "num_cpus", 1.0, "--decoder-cpus", reason, choices)
-    beside = "its work is small beside the decoders' and runs in their gaps (one torch thread)"
+    beside = "its work is small beside the decoders' and runs in their gaps"
     prior = _set(prior, "num_cpus", 0.0, "--prior-cpus", f"no CPU reserved: {beside}", choices)
     updates: dict[str, Any] = {"decoder": decoder, "prior": prior}
     for name, flag in (("writer", "--writer-cpus"), ("depth", "--depth-cpus"), ("scorer", "--score-cpus")):
