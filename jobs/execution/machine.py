@@ -14,7 +14,7 @@ from typing import Any
 from cluster.defaults import REAL_DECODER_PARAMETERS, Choice, Machine, Workload, choose_defaults
 from schemas.config import JobConfig
 from schemas.models import is_hub_id
-from schemas.modes import MODES
+from schemas.modes import DEFAULT_MODE, MODES
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def machine_defaults(
     """`cluster.defaults.choose_defaults` for the pending work: ``modes`` load, images up to ``largest_pixels``."""
     gpu = bool(machine.gpus)
     value_bytes = 2 if config.dtype in ("float16", "bfloat16") or (config.dtype == "auto" and gpu) else 4
-    checkpoints = {MODES[mode].checkpoint for mode in modes} or {MODES["text2img"].checkpoint}
+    checkpoints = {MODES[mode].checkpoint for mode in modes} or {MODES[DEFAULT_MODE].checkpoint}
     weights = max(_weight_bytes(config.models.for_checkpoint(name), value_bytes) for name in checkpoints)
     pixels = largest_pixels or config.defaults.height * config.defaults.width
     prior_s, decoder_s, profile = (0.0, 0.0, "") if not gpu else _profile_costs(config, machine, pixels)
