@@ -207,10 +207,18 @@ def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
         reason = f"calibration profile {workload.profile}: {suggestion.note}"
         prior = _set(prior, "num_actors", suggestion.num_prior_actors, "--num-prior-actors", reason, choices)
     stages = {"prior": prior}
-    for name, flag in (("prior", "--prior-cpus"), ("decoder", "--decoder-cpus"), ("writer", "--writer-cpus")):
-        stages[name] = _set(stages.get(name, getattr(config, name)), "num_cpus", 1.0, flag, "", None)
-    for name, flag in (("depth", "--depth-cpus"), ("scorer", "--score-cpus")):
-        stages[name] = _set(getattr(config, name), "num_cpus", 1.0, flag, "", None)
+    present = {"depth": workload.needs_depth, "scorer": workload.score}
+    one_cpu = "one CPU per actor beside its GPU: input decoding, batch assembly, Ray's own work"
+    for name, flag in (
+        ("prior", "--prior-cpus"),
+        ("decoder", "--decoder-cpus"),
+        ("writer", "--writer-cpus"),
+        ("depth", "--depth-cpus"),
+        ("scorer", "--score-cpus"),
+    ):
+        reason = "one CPU per writer: PNG encoding and uploads" if name == "writer" else one_cpu
+        recorded = choices if present.get(name, True) else None  # stages the run does not have print nothing
+        stages[name] = _set(stages.get(name, getattr(config, name)), "num_cpus", 1.0, flag, reason, recorded)
     updates.update(stages)
     if config.batch_size is None:
         memory, where = machine.gpu_memory()
@@ -229,9 +237,14 @@ def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
         updates["batch_size"] = batch
         choices.append(Choice(flag="--batch-size", value=batch, reason=reason))
     if config.prior_batch_size is None:
-        updates["prior_batch_size"] = updates.get("batch_size") or config.batch_size
+        prior_batch = updates.get("batch_size") or config.batch_size
+        updates["prior_batch_size"] = prior_batch
+        reason = "one prior call per decoder batch: on a GPU the prior is a few percent of the decoder's time"
+        choices.append(Choice(flag="--prior-batch-size", value=prior_batch, reason=reason))
     if config.accel.channels_last is None:
         updates["accel"] = dataclasses.replace(config.accel, channels_last=False)
+        reason = "diffusers' default memory format on GPUs (channels-last is unmeasured there; --channels-last to try)"
+        choices.append(Choice(flag="--channels-last", value=False, reason=reason))
     return dataclasses.replace(config, **updates)
 
 

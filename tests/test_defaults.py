@@ -81,6 +81,11 @@ def test_gpu_batch_fits_the_gpu_type_memory_and_halves_with_pixels() -> None:
     assert larger.batch_size == max(1, small.batch_size // 2)
     assert big.prior_batch_size == big.batch_size and big.accel.channels_last is False
     assert big.decoder.num_cpus == 1.0 and big.prior.num_cpus == 1.0
+    # every value chosen is reported with a reason, stages the run lacks excepted
+    flags = {c.flag: c for c in choose_defaults(config(), h100, REAL_768)[1]}
+    assert {"--batch-size", "--prior-batch-size", "--channels-last", "--prior-cpus", "--decoder-cpus",
+            "--writer-cpus"} <= set(flags) and "--depth-cpus" not in flags  # fmt: skip
+    assert all(choice.reason for choice in flags.values())
 
 
 def test_gpu_of_unknown_type_falls_back_and_says_so() -> None:
