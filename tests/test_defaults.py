@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import pytest
-
 from cluster.defaults import (
     CPU_BATCH_SIZE,
     CPU_PRIOR_BATCH_SIZE,
@@ -135,8 +133,7 @@ def test_flags_leave_machine_options_unset_and_override_them(tmp_path: Path) -> 
     assert parsed("--channels-last").accel.channels_last is True
 
 
-@pytest.mark.parametrize("runner", ["local"])
-def test_a_run_prints_and_records_its_choices(tmp_path: Path, tiny_models: str, runner: str, caplog) -> None:
+def test_a_run_prints_and_records_its_choices(tmp_path: Path, tiny_models: str, caplog) -> None:
     import json
     import logging
 
@@ -147,7 +144,7 @@ def test_a_run_prints_and_records_its_choices(tmp_path: Path, tiny_models: str, 
     rows = [{"id": f"r{i}", "prompt": "a fox", "seed": i, "height": 64, "width": 64, "num_inference_steps": 2,
              "prior_num_inference_steps": 2} for i in range(2)]  # fmt: skip
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    job = JobConfig(manifest=manifest, output=str(tmp_path / "out"), runner=runner, prior_batch_size=2,
+    job = JobConfig(manifest=manifest, output=str(tmp_path / "out"), runner="local", prior_batch_size=2,
                     models=ModelPaths.resolve(models_dir=tiny_models))  # fmt: skip
     with caplog.at_level(logging.INFO, logger="jobs.execution.machine"):
         summary = run_job(job)

@@ -155,6 +155,7 @@ def execute(
     *,
     stage_info: dict[str, Any],
     timeline: Timeline,
+    machine: Machine,
     build: ChainBuilder | None = None,
     runner_options: dict[str, Any] | None = None,
     **chain: Any,
@@ -163,7 +164,8 @@ def execute(
 
     ``build`` (default `build_chain`) makes the stages: benchmarks swap in stand-in model stages and
     keep everything else real. ``runner_options`` go to `jobs.execution.runner.RayStagePipeline`.
-    ``timeline`` receives when the stages were ready, the first dispatch and the first result.
+    ``timeline`` receives when the stages were ready, the first dispatch and the first result;
+    ``machine`` is what the `session` found (its GPUs and CPUs size the stages).
     """
     build = build or build_chain
     if config.runner == "local":
@@ -171,11 +173,8 @@ def execute(
         stage_info.update(runner="local", stages={spec.name: describe(spec.resources) for spec in [*stages, sink]})
         yield from run_local(stages, sink, tasks, split_after=split_index(stages))
         return
-    import ray
-
-    cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    cluster_gpus, cluster_cpus = machine.gpus, machine.cpus
     stages, sink = build(config, cluster_gpus=cluster_gpus, **chain)
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
     specs = [*stages, sink]
     fitted = fit_cpus([spec.resources for spec in specs], cluster_cpus=cluster_cpus)
     if fitted != [spec.resources for spec in specs]:

@@ -6,7 +6,6 @@ is done). At the end: stats.json (merged from the markers), the gallery, then ``
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import time
@@ -17,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.storage import Storage
+from cluster.defaults import Machine
 from jobs.execution.chain import ChainBuilder, execute, session
 from jobs.execution.connect import check_address
-from jobs.execution.machine import log_choices, machine_defaults, stats_record
+from jobs.execution.machine import log_choices, plan_defaults, stats_record
 from jobs.execution.stages import BatchDone, Task, TaskDone
 from jobs.output.lease import Lease
 from jobs.output.markers import Counts, new_marker, retried_marker, write_marker, write_settings
@@ -101,18 +101,11 @@ def run_job(
             planning = pool.submit(_plan, config, storage, timeline)
             with session(config, timeline) as machine:
                 plan, scan = planning.result()
-                config, choices = machine_defaults(
-                    config,
-                    machine,
-                    modes=scan.modes,
-                    largest_pixels=scan.largest_pixels,
-                    needs_depth=scan.needs_depth,
-                    num_images=scan.num_images,
-                )
+                plan, choices = plan_defaults(plan, scan, machine)
                 log_choices(machine, choices)
-                plan = dataclasses.replace(plan, config=config)
-                stats = _render(config, plan, scan, storage, lease, progress, run_id=run_id, timeline=timeline,
-                                build=build, runner_options=runner_options, started=started)  # fmt: skip
+                stats = _render(plan, scan, storage, lease, progress, run_id=run_id, timeline=timeline,
+                                machine=machine, build=build, runner_options=runner_options,
+                                started=started)  # fmt: skip
                 stats["defaults"] = stats_record(machine, choices)
                 stats["timeline"] = timeline.seconds()
                 chosen = plan.index.candidates.chosen()
@@ -135,7 +128,6 @@ def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunP
 
 
 def _render(
-    config: JobConfig,
     plan: RunPlan,
     scan: PendingScan,
     storage: Storage,
@@ -144,11 +136,13 @@ def _render(
     *,
     run_id: str,
     timeline: Timeline,
+    machine: Machine,
     build: ChainBuilder | None,
     runner_options: dict[str, Any] | None,
     started: float,
 ) -> dict[str, Any]:
     """Stream the pending shards through the stages, publish each shard's marker; the run's stats."""
+    config = plan.config
     logger.info(
         "run %s: %d rows in %d file(s), %d shard(s), %d already done, %d to render (%d images)",
         run_id,
@@ -173,6 +167,7 @@ def _render(
         tasks(plan, config, open_works),
         stage_info=stage_info,
         timeline=timeline,
+        machine=machine,
         build=build,
         runner_options=runner_options,
         modes=scan.modes,

@@ -7,14 +7,18 @@ machine without Ray (``--runner local``,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.defaults import REAL_DECODER_PARAMETERS, Choice, Machine, Workload, choose_defaults
 from schemas.config import JobConfig
 from schemas.models import is_hub_id
 from schemas.modes import DEFAULT_MODE, MODES
+
+if TYPE_CHECKING:
+    from jobs.planning.shards import PendingScan, RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +86,19 @@ def machine_defaults(
         num_images=num_images,
     )
     return choose_defaults(config, machine, workload)
+
+
+def plan_defaults(plan: RunPlan, scan: PendingScan, machine: Machine) -> tuple[RunPlan, list[Choice]]:
+    """``plan`` with its config's machine-dependent options filled for ``machine`` and the work ``scan`` found."""
+    config, choices = machine_defaults(
+        plan.config,
+        machine,
+        modes=scan.modes,
+        largest_pixels=scan.largest_pixels,
+        needs_depth=scan.needs_depth,
+        num_images=scan.num_images,
+    )
+    return dataclasses.replace(plan, config=config), choices
 
 
 def _weight_bytes(path: str, value_bytes: int) -> float:

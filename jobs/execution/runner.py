@@ -29,7 +29,7 @@ import pyarrow as pa
 from jobs.execution.pool import Actor, ray_error, record_probe, start_actor
 from jobs.execution.stages import BatchDone, Event, SinkSpec, StageSpec, Task, TaskDone, check_split
 from jobs.execution.watchdog import Deadlines, Watchdog
-from jobs.execution.work_state import Call, Group, Item, TaskState
+from jobs.execution.work_state import Call, Group, Item, TaskState, count_call, mark, start_timeline
 from schemas.work import to_ipc
 
 logger = logging.getLogger(__name__)
@@ -65,10 +65,7 @@ class RayStagePipeline:
         self.max_tasks = max_tasks or 2 * sink.resources.num_actors
         self.max_attempts = max_attempts
         self.wait_for_actors = wait_for_actors
-        names = [spec.name for spec in self.specs]
-        self.timeline = timeline if timeline is not None else {}
-        self.timeline.update(started=time.monotonic(), names=names)
-        self.timeline.update(busy_seconds=[0.0] * len(names), calls=[0] * len(names))
+        self.timeline = start_timeline(timeline, [spec.name for spec in self.specs])
         self.watchdog = Watchdog(
             self.specs, deadlines or Deadlines(), started=self.timeline["started"], stall_warning_s=stall_warning_s
         )
@@ -243,7 +240,7 @@ class RayStagePipeline:
     def _track(self, call: Call, info: Any) -> None:
         call.actor.inflight += 1
         call.actor.submitted.append(time.monotonic())
-        self.timeline.setdefault("first_dispatch", time.monotonic())
+        mark(self.timeline, "first_dispatch")
         self.calls[info] = call
 
     def _probe(self, actor: Actor) -> None:
@@ -274,8 +271,7 @@ class RayStagePipeline:
             self._failed(call, exc)
             return
         seconds = info["seconds"]
-        self.timeline["busy_seconds"][actor.stage] += seconds
-        self.timeline["calls"][actor.stage] += 1
+        count_call(self.timeline, actor.stage, seconds)
         self.watchdog.finished_call(actor.stage, seconds)
         if call.kind == "add":
             yield from self._added(call, info)
@@ -314,7 +310,7 @@ class RayStagePipeline:
         state = call.task
         if call.attempt != state.attempt or state not in self.open:
             return
-        self.timeline.setdefault("first_result", time.monotonic())
+        mark(self.timeline, "first_result")
         state.remaining -= 1
         yield BatchDone(tag=state.task.tag, info=info)
         if state.remaining == 0:
@@ -333,9 +329,9 @@ class RayStagePipeline:
     def _probed(self, actor: Actor, error: BaseException | None) -> None:
         record_probe(actor, self.pools[actor.stage], error, name=self.specs[actor.stage].name)
         if actor.ready:
-            self.timeline.setdefault(f"{self.specs[actor.stage].name}_ready", time.monotonic())
+            mark(self.timeline, f"{self.specs[actor.stage].name}_ready")
         if actor.ready and all(pool and all(a.ready for a in pool) for pool in self.pools):
-            self.timeline.setdefault("actors_ready", time.monotonic())
+            mark(self.timeline, "actors_ready")
 
     def _failed(self, call: Call, exc: Exception) -> None:
         """Infrastructure failure of one call: re-run its work, a bounded number of times."""

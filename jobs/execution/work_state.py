@@ -1,7 +1,9 @@
-"""What the Ray runner tracks while it runs: open tasks, groups and items of batches, calls in flight."""
+"""What the Ray runner tracks while it runs: open tasks, groups and items of batches, calls in flight, and
+what it measures (the timeline dict of `jobs.execution.runner.run_ray`)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,3 +60,21 @@ class Call:
     task: TaskState | None = None
     attempt: int = 0
     num_batches: int = 0
+
+
+def start_timeline(timeline: dict[str, Any] | None, names: list[str]) -> dict[str, Any]:
+    """``timeline`` (or a new dict) set up for a run of stages ``names``: its start, busy seconds and calls."""
+    timeline = timeline if timeline is not None else {}
+    timeline.update(started=time.monotonic(), names=names, busy_seconds=[0.0] * len(names), calls=[0] * len(names))
+    return timeline
+
+
+def mark(timeline: dict[str, Any], name: str) -> None:
+    """Record the first time ``name`` happens (monotonic clock)."""
+    timeline.setdefault(name, time.monotonic())
+
+
+def count_call(timeline: dict[str, Any], stage: int, seconds: float) -> None:
+    """One finished call of ``stage`` that was busy ``seconds``."""
+    timeline["busy_seconds"][stage] += seconds
+    timeline["calls"][stage] += 1

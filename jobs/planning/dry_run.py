@@ -5,14 +5,13 @@ and only their counts are kept, so a dry run over any manifest holds one shard's
 from __future__ import annotations
 
 import collections
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from actors.storage import Storage
-from jobs.execution.machine import local_machine, machine_defaults
+from jobs.execution.machine import local_machine, plan_defaults
 from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
 from jobs.planning.plan import Plan, group_batches, plan_needs_depth, prior_batch_size
 from jobs.planning.shards import RunPlan, plan_run
@@ -147,15 +146,8 @@ def dry_run(config: JobConfig, *, calibration: str | None = None) -> str:
     plan = plan_run(config, Storage(config.output, storage_options=config.storage_options))
     scan = plan.scan()
     machine = local_machine()
-    config, choices = machine_defaults(
-        config,
-        machine,
-        modes=scan.modes,
-        largest_pixels=scan.largest_pixels,
-        needs_depth=scan.needs_depth,
-        num_images=scan.num_images,
-    )
-    plan = dataclasses.replace(plan, config=config)
+    plan, choices = plan_defaults(plan, scan, machine)
+    config = plan.config
     text = describe(config, plan, census(plan), profiles=profiles, calibration=path)
     if not choices:
         return text
