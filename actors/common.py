@@ -1,4 +1,4 @@
-"""Shared helpers of the model actors: device and dtype choice, generator hand-off, worker names."""
+"""Shared parts of the model actors: the `ModelStage` set-up, device and dtype choice, generator hand-off, names."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import socket
 import numpy as np
 import torch
 
+from actors.inputs import ImageLoader
+from actors.stage import Stage
+from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
 from schemas.versions import version_mismatches
 
 logger = logging.getLogger(__name__)
@@ -79,3 +82,33 @@ def warn_untested_versions(stage: str) -> list[str]:
             _warned_versions.add(line)
             logger.warning("%s actor on %s: %s", stage, worker_name(), line)
     return lines
+
+
+class ModelStage(Stage):
+    """A `Stage` that holds a model: the set-up every model actor shares, done once here.
+
+    Library chatter silenced (first: importing the pipelines already logs), untested package
+    versions warned about, ``device`` (default: CUDA when visible, else the CPU) and ``dtype``
+    resolved, and an `ImageLoader` for the stage's input images (``storage_options``,
+    ``allowed_protocols``, ``max_input_pixels``). Subclasses load their model after ``super().__init__``.
+    """
+
+    def __init__(
+        self,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        storage_options: dict | None = None,
+        allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
+        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        max_batch_size: int | None = None,
+        worker: str = "",
+    ) -> None:
+        quiet_libraries()
+        super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
+        warn_untested_versions(self.name)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.loader = ImageLoader(
+            storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
+        )

@@ -10,32 +10,21 @@ import pyarrow as pa
 import torch
 
 from actors.accel import prepare_pipeline
-from actors.common import (
-    quiet_libraries,
-    resolve_device,
-    resolve_dtype,
-    restore_generator,
-    warn_untested_versions,
-    worker_name,
-)
+from actors.common import ModelStage, restore_generator
 from actors.images import to_uint8
-from actors.inputs import ImageLoader, hint_array
-from actors.stage import Call, InputError, Outcome, Stage, with_errors
+from actors.inputs import hint_array
+from actors.stage import Call, InputError, Outcome, with_errors
 from schemas.config import AccelOptions
-from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
+from schemas.models import movq_scale
 from schemas.modes import DECODER_INPUT_KWARGS, MODES
 from schemas.results import ERROR_NON_FINITE
+from schemas.stages import DECODER
 from schemas.work import CALL_KEY, DECODED_FIELDS, DECODER_DROPS
 
 logger = logging.getLogger(__name__)
 
 
-def movq_scale(pipe: Any) -> int:
-    """The spatial downsampling factor of a decoder pipeline's MoVQ (not every pipeline sets it)."""
-    return 2 ** (len(pipe.movq.config.block_out_channels) - 1)
-
-
-class DecoderActor(Stage):
+class DecoderActor(ModelStage):
     """Holds the decoder pipelines of the modes it serves; renders embedding rows into pixels.
 
     ``models`` maps mode -> checkpoint (hub id or directory); each checkpoint loads once and the
@@ -50,7 +39,7 @@ class DecoderActor(Stage):
     non-finite output, a pipeline exception) become ``error`` rows; the rest of the batch is unaffected.
     """
 
-    name = "decoder"
+    name = DECODER.name
     call_key = CALL_KEY
 
     def __init__(
@@ -58,25 +47,16 @@ class DecoderActor(Stage):
         models: dict[str, str],
         *,
         movq_scales: dict[str, int] | None = None,
-        storage_options: dict[str, Any] | None = None,
-        allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
-        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
-        dtype: str = "auto",
-        device: str | None = None,
         accel: AccelOptions | None = None,
-        max_batch_size: int | None = None,
-        worker: str = "",
+        **stage: Any,
     ) -> None:
-        quiet_libraries()  # first: importing the pipelines already logs (a torchvision fallback)
-        import diffusers
-
+        """Load the checkpoints of ``models``; ``stage``: see `actors.common.ModelStage`."""
         unknown = sorted(set(models) - set(MODES))
         if unknown:
             raise ValueError(f"DecoderActor cannot serve modes {unknown}; it serves {sorted(MODES)}")
-        super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
-        warn_untested_versions("decoder")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        super().__init__(**stage)
+        import diffusers
+
         self.pipes: dict[str, Any] = {}
         loaded: dict[str, Any] = {}
         for mode, path in sorted(models.items()):
@@ -89,15 +69,13 @@ class DecoderActor(Stage):
                 pipe = cls(**loaded[path].components)
             pipe.set_progress_bar_config(disable=True)
             expected = (movq_scales or {}).get(MODES[mode].checkpoint)
-            if expected is not None and movq_scale(pipe) != expected:
+            scale = movq_scale(pipe.movq.config.block_out_channels)  # not every pipeline sets its own
+            if expected is not None and scale != expected:
                 raise ValueError(
-                    f"{path}: its MoVQ scale is {movq_scale(pipe)} but the plan checked sizes for {expected}; "
+                    f"{path}: its MoVQ scale is {scale} but the plan checked sizes for {expected}; "
                     "the checkpoint changed after planning"
                 )
             self.pipes[mode] = pipe
-        self.loader = ImageLoader(
-            storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
-        )
 
     def load(self, row: dict[str, Any]) -> dict[str, Any]:
         """Load and check the images ``row``'s mode reads (`schemas.modes.Mode.reads`); raises `InputError`."""

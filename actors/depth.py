@@ -16,16 +16,16 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from actors.common import quiet_libraries, resolve_device, warn_untested_versions, worker_name
-from actors.inputs import ImageLoader
-from actors.stage import Call, Outcome, Stage, with_errors
-from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS, IMAGE_REF
+from actors.common import ModelStage
+from actors.stage import Call, Outcome, with_errors
+from schemas.manifest import IMAGE_REF
 from schemas.modes import needs_depth
+from schemas.stages import DEPTH
 
 logger = logging.getLogger(__name__)
 
 
-class DepthActor(Stage):
+class DepthActor(ModelStage):
     """Holds a depth-estimation model; fills ``hint`` for ControlNet rows that lack one.
 
     Input and output: `WORK_SCHEMA` tables, same rows in the same order. Rows that need no
@@ -33,30 +33,14 @@ class DepthActor(Stage):
     ``model`` is a hub id (loaded at ``revision``; None: its main branch) or a local folder.
     """
 
-    name = "depth"
+    name = DEPTH.name
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        revision: str | None = None,
-        device: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
-        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
-        max_batch_size: int | None = None,
-        worker: str = "",
-    ) -> None:
-        quiet_libraries()  # first: importing the pipelines already logs (a torchvision fallback)
+    def __init__(self, model: str, *, revision: str | None = None, **stage: Any) -> None:
+        """Load the depth estimator ``model`` (in float32); ``stage``: see `actors.common.ModelStage`."""
+        super().__init__(**stage)
         from transformers import pipeline
 
-        super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
-        warn_untested_versions("depth")
-        self.device = resolve_device(device)
         self.estimator = pipeline("depth-estimation", model=model, revision=revision, device=self.device)
-        self.loader = ImageLoader(
-            storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
-        )
 
     def wants(self, row: dict[str, Any]) -> bool:
         return needs_depth(row)

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from actors.storage import Storage
 from schemas.keys import id_digest
 from schemas.shards import FORMAT_FILES, FORMAT_PARQUET, FORMAT_WEBDATASET
+from schemas.work import embeds_array
 
 # Columns of the parquet format besides ``key`` and ``png``: the sample's metadata, as in its webdataset json.
 PARQUET_ROW_GROUP_ROWS = 64  # small row groups: readers can stream a shard without holding it whole
@@ -34,8 +35,6 @@ PARQUET_ROW_GROUP_ROWS = 64  # small row groups: readers can stream a shard with
 
 class FilesFormat:
     """One PNG object per image under ``images/``; nothing to publish at `close`."""
-
-    data_file = None
 
     def __init__(self, storage: Storage, **_: Any) -> None:
         self.storage = storage
@@ -156,12 +155,12 @@ def _rows(samples: list[tuple[str, bytes, bytes, np.ndarray | None]], schema: pa
     if "image_embeds" in schema.names:
         for k, name in enumerate(("image_embeds", "negative_image_embeds")):
             field = schema.field(name)
-            dim = field.type.list_size
+            dim, dtype = field.type.list_size, field.type.value_type.to_pandas_dtype()
             present = np.array([e is not None for *_, e in samples], dtype=bool)
-            values = np.zeros((len(samples), dim), field.type.value_type.to_pandas_dtype())
+            values = np.zeros((len(samples), dim), dtype)
             for i in np.flatnonzero(present):
                 values[i] = samples[i][3][k]
-            array = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim, mask=pa.array(~present))
+            array = embeds_array(values, num_rows=len(samples), dim=dim, valid=present, dtype=dtype)
             table = table.append_column(field, array)
     return table
 

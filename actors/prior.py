@@ -10,27 +10,18 @@ import pyarrow as pa
 import torch
 
 from actors.accel import prepare_pipeline, share_prior_caches
-from actors.common import (
-    generator_state,
-    quiet_libraries,
-    resolve_device,
-    resolve_dtype,
-    seeded_generator,
-    warn_untested_versions,
-    worker_name,
-)
-from actors.inputs import ImageLoader
-from actors.stage import Call, Outcome, Stage, with_errors
+from actors.common import ModelStage, generator_state, seeded_generator
+from actors.stage import Call, Outcome, with_errors
 from schemas.config import AccelOptions
-from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
 from schemas.modes import PRIOR_EMBEDS, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW
+from schemas.stages import PRIOR
 from schemas.work import PRIOR_CALL_KEY, embed_fields, embed_schema, embeds_array
 
 logger = logging.getLogger(__name__)
 
 
-class PriorActor(Stage):
+class PriorActor(ModelStage):
     """Holds the Kandinsky 2.2 prior and turns work rows into embedding rows.
 
     One checkpoint serves every kind of prior input (``prior_kind``, `schemas.modes.PRIOR_KINDS`):
@@ -45,38 +36,20 @@ class PriorActor(Stage):
     be loaded gets ``input_error``, a row the prior fails on ``render_failed``; the rest still render.
     """
 
-    name = "prior"
+    name = PRIOR.name
     call_key = PRIOR_CALL_KEY
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "auto",
-        device: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
-        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
-        accel: AccelOptions | None = None,
-        max_batch_size: int | None = None,
-        worker: str = "",
-    ) -> None:
-        quiet_libraries()  # first: importing the pipelines already logs (a torchvision fallback)
+    def __init__(self, model: str, *, accel: AccelOptions | None = None, **stage: Any) -> None:
+        """Load the prior checkpoint ``model``; ``stage``: see `actors.common.ModelStage`."""
+        super().__init__(**stage)
         from diffusers import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline
 
-        super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
-        warn_untested_versions("prior")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
         pipe = KandinskyV22PriorPipeline.from_pretrained(model, dtype=self.dtype)
         self.pipe = prepare_pipeline(pipe, device=self.device, options=accel)
         self.pipe.set_progress_bar_config(disable=True)
         self.emb2emb = share_prior_caches(self.pipe, KandinskyV22PriorEmb2EmbPipeline(**self.pipe.components))
         self.emb2emb.set_progress_bar_config(disable=True)
         self.embedding_dim = int(self.pipe.prior.config.embedding_dim)
-        self.loader = ImageLoader(
-            storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
-        )
 
     def wants(self, row: dict[str, Any]) -> bool:
         """Rows that give their own embeddings skip the prior (`finish` passes them on)."""

@@ -12,10 +12,11 @@ import pyarrow.compute as pc
 import torch
 
 from actors.accel import set_attention
-from actors.common import quiet_libraries, resolve_device, resolve_dtype, warn_untested_versions, worker_name
-from actors.stage import Call, InputError, Outcome, Stage, with_errors
+from actors.common import ModelStage
+from actors.stage import Call, InputError, Outcome, with_errors
 from schemas.config import AccelOptions
 from schemas.results import ERROR_SCORE
+from schemas.stages import SCORE
 from schemas.work import SCORE_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def clip_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.
     return (100 * (image * text).sum(dim=-1)).clamp(min=0)
 
 
-class ScoreActor(Stage):
+class ScoreActor(ModelStage):
     """Holds the CLIP text and image encoders of a Kandinsky 2.2 prior checkpoint; scores decoded rows.
 
     ``model`` is the prior checkpoint (a folder or hub id in diffusers' layout). Only its
@@ -60,23 +61,15 @@ class ScoreActor(Stage):
     ``score_error`` "score failed: ...", and the rest of its call is still scored.
     """
 
-    name = "score"
+    name = SCORE.name
     call_key = ()  # any decoded rows share a call: every image is resized to the encoder's size
     buffer_columns = ("pixels",)
     failure_kind = ERROR_SCORE
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "auto",
-        device: str | None = None,
-        accel: AccelOptions | None = None,
-        max_batch_size: int | None = None,
-        worker: str = "",
-    ) -> None:
-        """Load the four CLIP parts of ``model``; ``accel``: only ``attention`` applies (no UNet or prior here)."""
-        quiet_libraries()  # first: importing the pipelines already logs (a torchvision fallback)
+    def __init__(self, model: str, *, accel: AccelOptions | None = None, **stage: Any) -> None:
+        """Load the four CLIP parts of ``model``; ``accel``: only ``attention`` applies (no UNet or prior here);
+        ``stage``: see `actors.common.ModelStage`."""
+        super().__init__(**stage)
         from transformers import (
             CLIPImageProcessor,
             CLIPTextModelWithProjection,
@@ -84,10 +77,6 @@ class ScoreActor(Stage):
             CLIPVisionModelWithProjection,
         )
 
-        super().__init__(max_batch_size=max_batch_size, worker=worker_name(worker))
-        warn_untested_versions("score")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
         self.text_encoder = CLIPTextModelWithProjection.from_pretrained(
             model, subfolder="text_encoder", dtype=self.dtype
         )

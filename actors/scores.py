@@ -19,8 +19,16 @@ ENTRY_FIELDS = ("id", "image_index", "seed", "width", "height", "mode", "prompt"
 
 def empty_scores() -> dict[str, Any]:
     """The summary of no scores."""
-    return {"count": 0, "sum": 0.0, "min": None, "max": None, "histogram": [0] * SCORE_BINS, "num_filtered": 0,
-            "lowest": [], "highest": []}  # fmt: skip
+    return {
+        "count": 0,
+        "sum": 0.0,
+        "min": None,
+        "max": None,
+        "histogram": [0] * SCORE_BINS,
+        "num_filtered": 0,
+        "lowest": [],
+        "highest": [],
+    }
 
 
 def score_bin(score: float) -> int:

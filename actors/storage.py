@@ -69,7 +69,7 @@ class Storage:
         Local files use O_EXCL; object stores a conditional put (S3 ``If-None-Match: *``, fsspec
         ``mode="create"``). Filesystems without conditional writes fall back to check-then-write.
         A retried conditional put whose first answer was lost finds its own object and returns
-        False: callers read the object back to tell (`jobs.output.lease` does).
+        False: callers read the object back to tell (`jobs.publishing.lease` does).
         """
         path = self.path(key)
         if self.is_local:

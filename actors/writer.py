@@ -9,8 +9,6 @@ writes the shard's marker, last. Nothing of a part is visible before its data is
 
 from __future__ import annotations
 
-import collections
-import heapq
 import io
 import logging
 from dataclasses import dataclass, field
@@ -29,18 +27,11 @@ from actors.scores import ScoreStats
 from actors.stage import describe_exception
 from actors.storage import Storage
 from schemas.keys import sample_key, sample_rank
-from schemas.results import (
-    ERROR_WRITE,
-    SAMPLE_ERRORS,
-    SAMPLE_SIZE,
-    STATUS_OK,
-    THUMBNAIL_SIDE,
-    ResultRow,
-    result_from_work,
-    results_table,
-)
-from schemas.shards import data_key, results_key
-from schemas.work import binary_views, embeds_numpy, from_ipc
+from schemas.results import ERROR_WRITE, STATUS_OK, THUMBNAIL_SIDE, ResultRow, result_from_work, results_table
+from schemas.shards import data_key, part_shard, results_key
+from schemas.stages import TIMED_STAGES
+from schemas.summary import Counts, PartSummary, Sample, zero_seconds
+from schemas.work import binary_views, embeds_array, embeds_numpy, from_ipc
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +53,7 @@ class _Part:
     shard: str
     output: Any  # an `actors.formats` writer
     results: list[ResultRow] = field(default_factory=list)
-    # Gallery candidates: the lowest-ranked images by `sample_rank`, as max-heaps of (-rank, n, row).
-    ok: list[tuple[int, int, ResultRow]] = field(default_factory=list)
-    errors: list[tuple[int, int, ResultRow]] = field(default_factory=list)
+    sample: Sample = field(default_factory=Sample)  # gallery candidates: results rows, ok ones with a preview
     scores: ScoreStats = field(default_factory=lambda: ScoreStats())
     embeddings: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # --save-embeddings: (2, D)
 
@@ -107,7 +96,7 @@ class ShardWriter:
             output = FORMATS[self.output_format](
                 self.storage, data_uri=self.storage.uri(key) if key else None, spool_dir=self.spool_dir
             )
-            part = self.parts[name] = _Part(name=name, shard=name.split(".retry-")[0], output=output)
+            part = self.parts[name] = _Part(name=name, shard=part_shard(name), output=output)
         return part
 
     def add(self, name: str, table: pa.Table) -> dict[str, int]:
@@ -148,8 +137,9 @@ class ShardWriter:
             message = f"writing the image failed: {describe_exception(exc)}"
             result = result_from_work(row, error=message, error_kind=ERROR_WRITE, **common)
         else:
-            result = result_from_work(row, uri=uri, member=member, width=width, height=height, filtered=filtered,
-                                      **common)  # fmt: skip
+            result = result_from_work(
+                row, uri=uri, member=member, width=width, height=height, filtered=filtered, **common
+            )
             if embeddings is not None:
                 part.embeddings[(result.id, result.image_index)] = embeddings
             if score is not None:
@@ -160,17 +150,14 @@ class ShardWriter:
 
     def _consider(self, part: _Part, result: ResultRow, pixels: np.ndarray | None) -> None:
         """Keep ``result`` if it ranks among the part's gallery candidates (with a preview, for ok images)."""
-        ok = result.status == STATUS_OK
-        heap, size = (part.ok, SAMPLE_SIZE) if ok else (part.errors, SAMPLE_ERRORS)
-        rank = int(sample_rank(result.id, result.image_index), 16)
-        if len(heap) >= size and -heap[0][0] <= rank:
+        ok, rank = result.status == STATUS_OK, sample_rank(result.id, result.image_index)
+        if not part.sample.wants(ok=ok, rank=rank):
             return
         if ok and pixels is not None:
             result = ResultRow(**{**result.__dict__, "thumbnail": thumbnail(pixels)})
-        entry = (-rank, len(part.results), result)
-        heapq.heappush(heap, entry) if len(heap) < size else heapq.heapreplace(heap, entry)
+        part.sample.add(key=(result.id, result.image_index), ok=ok, rank=rank, entry=result)
 
-    def finalize(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finalize(self, name: str, args: dict[str, Any] | None = None) -> PartSummary:
         """Publish part ``name`` (data file, then results) and summarise it for the shard's marker.
 
         ``args``: ``refused`` (Arrow IPC of the part's rows refused at planning: error results).
@@ -185,7 +172,7 @@ class ShardWriter:
             data = data_key(name, self.output_format)
             if local is not None and data is not None:
                 self.storage.put_file(data, local)
-            thumbnails = {(r.id, r.image_index): r.thumbnail for _, _, r in part.ok} | part.scores.thumbnails()
+            thumbnails = {(r.id, r.image_index): r.thumbnail for r in part.sample.entries()} | part.scores.thumbnails()
             rows = sorted(part.results, key=lambda r: (r.id, r.image_index))
             rows = [ResultRow(**{**r.__dict__, "thumbnail": thumbnails.get((r.id, r.image_index))}) for r in rows]
             buffer = io.BytesIO()
@@ -207,52 +194,40 @@ class ShardWriter:
         values = np.zeros((len(rows), 2, dim), self.embeddings_dtype)
         for i in np.flatnonzero(present):
             values[i] = found[i]
-        value_type = pa.from_numpy_dtype(self.embeddings_dtype)
         for k, name in enumerate(("image_embeds", "negative_image_embeds")):
-            flat = pa.array(np.ascontiguousarray(values[:, k]).ravel(), value_type)
-            column = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~present))
-            table = table.append_column(pa.field(name, pa.list_(value_type, dim)), column)
+            column = embeds_array(values[:, k], num_rows=len(rows), dim=dim, valid=present, dtype=self.embeddings_dtype)
+            table = table.append_column(pa.field(name, column.type), column)
         return table
 
-    def _summary(self, part: _Part, data: str | None, rows: list[ResultRow]) -> dict[str, Any]:
-        by_status: collections.Counter[str] = collections.Counter(r.status for r in rows)
-        by_mode: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    def _summary(self, part: _Part, data: str | None, rows: list[ResultRow]) -> PartSummary:
+        counts = Counts()
+        busy, ok_busy = zero_seconds(), zero_seconds(with_images=True)
         for r in rows:
-            by_mode[str(r.mode)][r.status] += 1
-        busy = {"prior": 0.0, "decoder": 0.0, "score": 0.0}
-        ok_busy = {"prior": 0.0, "decoder": 0.0, "score": 0.0, "images": 0}
-        for r in rows:
-            for stage in ("prior", "decoder", "score"):
+            counts.count(status=r.status, mode=r.mode, error_kind=r.error_kind)
+            timed = r.status == STATUS_OK and r.prior_seconds is not None and r.decoder_seconds is not None
+            for stage in TIMED_STAGES:
                 seconds = getattr(r, f"{stage}_seconds") or 0.0
                 busy[stage] += seconds
-                if r.status == STATUS_OK and r.prior_seconds is not None and r.decoder_seconds is not None:
-                    ok_busy[stage] += seconds
-            ok_busy["images"] += r.status == STATUS_OK and r.prior_seconds is not None and r.decoder_seconds is not None
-        candidates = [entry[2] for entry in part.ok + part.errors]
-        return {
-            "part": part.name,
-            "shard": part.shard,
-            "run_id": self.run_id,
-            "results": results_key(part.name),
-            "data": data,
-            "num_images": len(rows),
-            "by_status": dict(by_status),
-            "by_mode": {mode: dict(counts) for mode, counts in sorted(by_mode.items())},
-            "errors_by_kind": dict(collections.Counter(r.error_kind for r in rows if r.status != STATUS_OK)),
-            "busy_seconds": busy,
-            "ok_busy_seconds": ok_busy,
-            "scores": part.scores.summary(results_key(part.name)),
-            "sample": [
-                {name: getattr(r, name) for name in _CANDIDATE_FIELDS}
-                | {
-                    "rank": sample_rank(r.id, r.image_index),
-                    "uri": r.uri,
-                    "member": r.member,
-                    "results": results_key(part.name),
-                }  # fmt: skip
-                for r in candidates
-            ],
-        }
+                ok_busy[stage] += seconds if timed else 0.0
+            ok_busy["images"] += timed
+        results = results_key(part.name)
+        sample = [
+            {name: getattr(r, name) for name in _CANDIDATE_FIELDS}
+            | {"rank": sample_rank(r.id, r.image_index), "uri": r.uri, "member": r.member, "results": results}
+            for r in part.sample.entries()
+        ]
+        return PartSummary(
+            part=part.name,
+            shard=part.shard,
+            run_id=self.run_id,
+            results=results,
+            data=data,
+            counts=counts,
+            busy_seconds=busy,
+            ok_busy_seconds=ok_busy,
+            scores=part.scores.summary(results),
+            sample=tuple(sample),
+        )
 
     def abandon(self, name: str) -> None:
         """Drop part ``name`` (its task runs again elsewhere): nothing of it was published."""

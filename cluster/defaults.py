@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.config import JobConfig, StageResources
+from schemas.stages import DECODER, PRIOR, STAGES
 
 CPU_BATCH_SIZE = 16
 CPU_PRIOR_BATCH_SIZE = 32
@@ -136,7 +137,7 @@ def choose_defaults(config: JobConfig, machine: Machine, workload: Workload) -> 
 def _cpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choices: list[Choice]) -> JobConfig:
     cores = max(1, math.floor(machine.cpus + 1e-9))
     per_actor = workload.decoder_weight_bytes + CPU_BATCH_SIZE * image_bytes(workload)
-    decoder, prior = config.decoder, config.prior
+    decoder = config.decoder
     if decoder.num_actors is None:
         count, reason = cores, f"one single-thread decoder per CPU core ({cores} found)"
         if machine.memory_bytes and per_actor * cores > machine.memory_bytes * MEMORY_HEADROOM:
@@ -158,13 +159,13 @@ def _cpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
         reason = "one core and one torch thread per decoder: one-thread actors keep their speed when a core is busy"
         decoder = _set(decoder, "num_cpus", 1.0, "--decoder-cpus", reason, choices)
     beside = "its work is small beside the decoders' and runs in their gaps"
-    prior = _set(prior, "num_cpus", 0.0, "--prior-cpus", f"no CPU reserved: {beside}", choices)
-    updates: dict[str, Any] = {"decoder": decoder, "prior": prior}
-    for name, flag in (("writer", "--writer-cpus"), ("depth", "--depth-cpus"), ("scorer", "--score-cpus")):
-        if name == "depth" and not workload.needs_depth or name == "scorer" and not workload.score:
-            updates[name] = _set(getattr(config, name), "num_cpus", 0.0, flag, "", None)
-            continue
-        updates[name] = _set(getattr(config, name), "num_cpus", 0.0, flag, f"no CPU reserved: {beside}", choices)
+    updates: dict[str, Any] = {"decoder": decoder}
+    for stage in STAGES:
+        if stage is not DECODER:
+            recorded = choices if stage.in_run(needs_depth=workload.needs_depth, score=workload.score) else None
+            resources = getattr(config, stage.config_field)
+            reason = f"no CPU reserved: {beside}"
+            updates[stage.config_field] = _set(resources, "num_cpus", 0.0, stage.flag("cpus"), reason, recorded)
     if config.batch_size is None:
         batch, reason = CPU_BATCH_SIZE, "on CPU, batches of 16 amortise each call's fixed work (benchmark cpu)"
         fits = _fitting_batch(machine.memory_bytes / max(cores, 1), workload, limit=CPU_BATCH_SIZE)
@@ -206,19 +207,14 @@ def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
         )
         reason = f"calibration profile {workload.profile}: {suggestion.note}"
         prior = _set(prior, "num_actors", suggestion.num_prior_actors, "--num-prior-actors", reason, choices)
-    stages = {"prior": prior}
-    present = {"depth": workload.needs_depth, "scorer": workload.score}
+    stages = {PRIOR.config_field: prior}
     one_cpu = "one CPU per actor beside its GPU: input decoding, batch assembly, Ray's own work"
-    for name, flag in (
-        ("prior", "--prior-cpus"),
-        ("decoder", "--decoder-cpus"),
-        ("writer", "--writer-cpus"),
-        ("depth", "--depth-cpus"),
-        ("scorer", "--score-cpus"),
-    ):
-        reason = "one CPU per writer: PNG encoding and uploads" if name == "writer" else one_cpu
-        recorded = choices if present.get(name, True) else None  # stages the run does not have print nothing
-        stages[name] = _set(stages.get(name, getattr(config, name)), "num_cpus", 1.0, flag, reason, recorded)
+    for stage in STAGES:
+        reason = "one CPU per writer: PNG encoding and uploads" if stage.sink else one_cpu
+        # stages the run does not have print nothing
+        recorded = choices if stage.in_run(needs_depth=workload.needs_depth, score=workload.score) else None
+        resources = stages.get(stage.config_field, getattr(config, stage.config_field))
+        stages[stage.config_field] = _set(resources, "num_cpus", 1.0, stage.flag("cpus"), reason, recorded)
     updates.update(stages)
     if config.batch_size is None:
         memory, where = machine.gpu_memory()

@@ -35,7 +35,7 @@ class StagePlacement:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StagePlan:
+class StageLayout:
     """Resolved resources of one stage: every field concrete."""
 
     num_actors: int
@@ -51,7 +51,7 @@ def resolve_stages(
     cluster_gpus: float,
     depth: StageResources | None = None,
     score: StageResources | None = None,
-) -> tuple[StagePlan, StagePlan, StagePlan | None]:
+) -> tuple[StageLayout, StageLayout, StageLayout | None]:
     """Fill the ``None`` fields of the stage settings from the cluster's GPU count.
 
     With a scoring stage (``score``; see `resolve_score`) the decoders leave each GPU a quarter for
@@ -67,7 +67,7 @@ def resolve_stages(
     depth_plan = None
     depth_gpus_total = 0.0
     if depth is not None:
-        depth_plan = StagePlan(
+        depth_plan = StageLayout(
             num_actors=depth.num_actors or 1, num_gpus=depth.num_gpus or 0.0, num_cpus=depth.num_cpus
         )
         depth_gpus_total = depth_plan.num_actors * depth_plan.num_gpus
@@ -96,23 +96,23 @@ def resolve_stages(
             f"but the cluster has {cluster_gpus:g}"
         )
     return (
-        StagePlan(num_actors=num_priors, num_gpus=prior_gpus, num_cpus=prior.num_cpus),
-        StagePlan(num_actors=num_decoders, num_gpus=decoder_gpus, num_cpus=decoder.num_cpus),
+        StageLayout(num_actors=num_priors, num_gpus=prior_gpus, num_cpus=prior.num_cpus),
+        StageLayout(num_actors=num_decoders, num_gpus=decoder_gpus, num_cpus=decoder.num_cpus),
         depth_plan,
     )
 
 
-def resolve_score(score: StageResources, *, num_decoders: int, cluster_gpus: float) -> StagePlan:
+def resolve_score(score: StageResources, *, num_decoders: int, cluster_gpus: float) -> StageLayout:
     """The scoring pool (``--score``): by default 0.25 GPU per actor, beside the decoders' 0.75, and one
     actor per four decoders (at least one); on a CPU cluster one CPU actor."""
     if not cluster_gpus:
-        return StagePlan(num_actors=score.num_actors or 1, num_gpus=score.num_gpus or 0.0, num_cpus=score.num_cpus)
+        return StageLayout(num_actors=score.num_actors or 1, num_gpus=score.num_gpus or 0.0, num_cpus=score.num_cpus)
     num_actors = score.num_actors or min(num_decoders, max(1, -(-num_decoders // 4)))
     num_gpus = 0.25 if score.num_gpus is None else score.num_gpus
-    return StagePlan(num_actors=num_actors, num_gpus=num_gpus, num_cpus=score.num_cpus)
+    return StageLayout(num_actors=num_actors, num_gpus=num_gpus, num_cpus=score.num_cpus)
 
 
-def resolve_writer(writer: StageResources, *, num_decoders: int) -> StagePlan:
+def resolve_writer(writer: StageResources, *, num_decoders: int) -> StageLayout:
     """The writer pool: ``writer.num_actors`` (default: one per two decoder actors, at least one), CPU only.
 
     A writer encodes PNGs (~0.1 s per 768x768 image on one core) and uploads shards; a decoder GPU
@@ -120,14 +120,14 @@ def resolve_writer(writer: StageResources, *, num_decoders: int) -> StagePlan:
     """
     if writer.num_gpus:
         raise ValueError(f"writers encode and upload on CPUs; writer GPUs must be 0, got {writer.num_gpus}")
-    return StagePlan(
+    return StageLayout(
         num_actors=writer.num_actors or max(1, -(-num_decoders // 2)), num_gpus=0.0, num_cpus=writer.num_cpus
     )
 
 
 def place_stages(
-    prior: StagePlan, decoder: StagePlan, *, stage_placement: Mapping[str, Mapping[str, Any]]
-) -> tuple[StagePlan, StagePlan]:
+    prior: StageLayout, decoder: StageLayout, *, stage_placement: Mapping[str, Mapping[str, Any]]
+) -> tuple[StageLayout, StageLayout]:
     """The two stages with the placement of ``JobConfig.stage_placement`` (missing stage: anywhere)."""
     return (
         dataclasses.replace(prior, placement=StagePlacement(**stage_placement.get("prior", {}))),
@@ -135,7 +135,7 @@ def place_stages(
     )
 
 
-def ray_remote_args(stage: StagePlan) -> dict[str, Any]:
+def ray_remote_args(stage: StageLayout) -> dict[str, Any]:
     """The Ray actor options of one stage's actors (``map_batches(**ray_remote_args(stage))``).
 
     ``num_gpus`` and ``num_cpus`` always; ``accelerator_type`` and ``label_selector`` only when the
@@ -300,7 +300,7 @@ def suggest_prior_decoder(
     )
 
 
-def fit_cpus(stages: list[StagePlan], *, cluster_cpus: float) -> list[StagePlan]:
+def fit_cpus(stages: list[StageLayout], *, cluster_cpus: float) -> list[StageLayout]:
     """Scale the stages' CPU reservations down to fit ``cluster_cpus`` when together they ask for more.
 
     Ray's CPUs are a logical reservation: actors of a chain that cannot all be placed at once

@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return render_main(rest)
     if command == "calibrate":
-        from jobs.planning.calibration import main as calibrate_main
+        from jobs.reporting.calibrate import main as calibrate_main
 
         return calibrate_main(rest)
     if command == "reuse-embeddings":
-        from jobs.output.reuse import main as reuse_main
+        from jobs.reporting.reuse import main as reuse_main
 
         return reuse_main(rest)
     if command == "benchmark":

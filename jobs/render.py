@@ -1,7 +1,12 @@
-"""``kandinsky-render render`` / ``python -m jobs.render``: parse flags (jobs/options), build a JobConfig, run it."""
+"""``kandinsky-render render`` / ``python -m jobs.render``: flags -> `JobConfig` -> the job (`jobs.job`) or a dry run.
+
+The entry point: it parses the command line (`jobs.options`), builds ``--example``'s tiny models,
+runs the job and turns its outcome into an exit status and a summary.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -9,8 +14,9 @@ import sys
 from jobs.options import storage as storage_options
 from jobs.options.config_file import parse_args
 from jobs.options.flags import PROG, build_parser
-from jobs.options.job_config import config_from_args, run_options
+from jobs.options.job_config import ExampleInputs, config_from_args, run_options
 from jobs.reporting.progress import configure_logging
+from schemas.config import JobConfig
 from schemas.manifest import ManifestError
 
 logger = logging.getLogger("kandinsky_render")
@@ -33,12 +39,15 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     run = run_options(args)
     configure_logging(level=run.log_level, log_format=run.log_format)
     redactor = storage_options.install_redaction(secrets)
-    from jobs.execution.job import run_job
-    from jobs.output.lease import LeaseHeldError
+    from jobs.job import run_job
+    from jobs.publishing.lease import LeaseHeldError
     from jobs.reporting.progress import Progress, summary_table
 
     try:
-        config = config_from_args(args)
+        example = example_inputs() if run.example else None
+        config = config_from_args(args, example=example)
+        if example is not None and not run.dry_run:
+            build_example_models(config, example)
         secrets += storage_options.secret_values(config.storage_options)
         redactor.secrets = secrets
         if run.dry_run:
@@ -83,6 +92,23 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         )
         return EXIT_TOO_MANY_ERRORS
     return EXIT_OK
+
+
+def example_inputs() -> ExampleInputs:
+    """``--example``: the bundled manifest, ``./kandinsky-example`` and the tiny models' folder."""
+    from jobs.dev.example import example_manifest_path
+    from jobs.dev.tiny_models import default_tiny_models_dir
+
+    return ExampleInputs(manifest=example_manifest_path(), output="kandinsky-example", models=default_tiny_models_dir())
+
+
+def build_example_models(config: JobConfig, example: ExampleInputs) -> None:
+    """Build the tiny models (once; offline, seconds) when the config loads any of them."""
+    from jobs.dev.tiny_models import build_tiny_models
+
+    paths = dataclasses.asdict(config.models).values()
+    if any(isinstance(path, str) and path.startswith(example.models.rstrip("/") + "/") for path in paths):
+        build_tiny_models(example.models)
 
 
 def _joined(prefix: str, key: str) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 from schemas.manifest import Limits, RenderDefaults
 from schemas.models import ModelPaths
 from schemas.shards import DEFAULT_SHARD_ROWS, OUTPUT_FORMATS
+from schemas.stages import SCORE
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCORERS = ("clip",)
@@ -221,7 +222,7 @@ class JobConfig:
     scorer: StageResources = field(
         default_factory=StageResources,
         metadata={
-            "stage": "score",
+            "stage": SCORE.name,
             "what": "scoring (--score)",
             "per_field": {
                 "num_actors": {"default_help": "one per four decoder actors"},

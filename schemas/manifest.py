@@ -10,7 +10,7 @@ Two kinds of problems are told apart:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -309,16 +309,6 @@ def _check_modes(table: pa.Table, *, file: str) -> None:
             f"{file}: column 'mode' has unknown modes (known: {', '.join(MODE_NAMES)}): "
             f"{_describe(modes.filter(unknown).to_pylist(), table.column('id').filter(unknown).to_pylist())}"
         )
-
-
-def check_unique_across(ids_by_file: Iterable[tuple[str, pa.Array]]) -> None:
-    """Raise `ManifestError` naming both files when an id appears in two manifest files."""
-    seen: dict[str, str] = {}
-    for file, ids in ids_by_file:
-        for row_id in ids.to_pylist():
-            other = seen.setdefault(row_id, file)
-            if other != file:
-                raise ManifestError(f"column 'id': id {row_id!r} appears in both {other} and {file}")
 
 
 def fill_defaults(table: pa.Table, defaults: RenderDefaults) -> pa.Table:

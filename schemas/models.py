@@ -103,3 +103,8 @@ class ModelPaths:
 def is_hub_id(path: str) -> bool:
     """Whether ``path`` names a hub repository (``org/name``) rather than a local folder or an fsspec URI."""
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None and not os.path.isdir(path)
+
+
+def movq_scale(block_out_channels: list[int] | tuple[int, ...]) -> int:
+    """The spatial downsampling factor of a MoVQ with these ``block_out_channels`` (as the pipelines compute it)."""
+    return 2 ** (len(block_out_channels) - 1)

@@ -6,7 +6,9 @@ import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -170,3 +172,18 @@ def results_table(rows: list[ResultRow]) -> pa.Table:
     """Build a `RESULTS_SCHEMA` table from result rows."""
     columns = {name: [getattr(row, name) for row in rows] for name in RESULT_FIELDS}
     return pa.table(columns, schema=RESULTS_SCHEMA)
+
+
+def final_results(table: pa.Table) -> pa.Table:
+    """One row per (id, image_index): the ``ok`` row if any, else the latest error row."""
+    if table.num_rows == 0:
+        return table
+    rank = pc.if_else(pc.equal(table.column("status"), STATUS_OK), 1, 0)
+    ranked = table.append_column("_ok", rank).sort_by(
+        [("id", "ascending"), ("image_index", "ascending"), ("_ok", "descending"), ("finished_at", "descending")]
+    )
+    ids = ranked.column("id").to_numpy(zero_copy_only=False)
+    index = ranked.column("image_index").to_numpy()
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = (ids[1:] != ids[:-1]) | (index[1:] != index[:-1])
+    return ranked.filter(pa.array(first)).drop_columns(["_ok"])

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.summary import Counts
+
 FORMAT_FILES = "files"  # one PNG per image under images/ (small runs, browsing)
 FORMAT_WEBDATASET = "webdataset"  # data/<shard>.tar: <key>.png + <key>.json per sample
 FORMAT_PARQUET = "parquet"  # data/<shard>.parquet: the PNG bytes in a binary column
@@ -44,9 +46,17 @@ def shard_name(relpath: str, start: int, stop: int) -> str:
     return f"{slug}-{digest}-{start:010d}-{stop:010d}"
 
 
+RETRY_SEPARATOR = ".retry-"
+
+
 def part_name(shard: str, attempt: int) -> str:
     """Name of a shard's output part: the shard itself, then ``<shard>.retry-<n>`` for ``--retry-errors`` runs."""
-    return shard if attempt == 0 else f"{shard}.retry-{attempt}"
+    return shard if attempt == 0 else f"{shard}{RETRY_SEPARATOR}{attempt}"
+
+
+def part_shard(part: str) -> str:
+    """The shard a part belongs to (inverse of `part_name`)."""
+    return part.split(RETRY_SEPARATOR)[0]
 
 
 def marker_key(shard: str) -> str:
@@ -161,6 +171,11 @@ class Marker:
     def num_errors(self) -> int:
         """Images of the shard whose final result is an error."""
         return self.num_images - self.by_status.get("ok", 0)
+
+    @property
+    def counts(self) -> Counts:
+        """The shard's final counts as a mergeable `Counts`."""
+        return Counts.from_dict(self.__dict__)
 
     def to_json(self) -> bytes:
         """The marker file's bytes."""

@@ -85,8 +85,10 @@ def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
     prompt_len = pc.fill_null(pc.utf8_length(table.column("prompt")), 0).to_numpy(zero_copy_only=False)
     has_interpolate = is_set("interpolate")
     has_embeds = is_set("image_embeds")
-    flag((prompt_len == 0) & ~has_interpolate & ~has_embeds, "prompt is null or empty; every row needs a prompt "
-         "(or 'interpolate', or 'image_embeds')")  # fmt: skip
+    flag(
+        (prompt_len == 0) & ~has_interpolate & ~has_embeds,
+        "prompt is null or empty; every row needs a prompt (or 'interpolate', or 'image_embeds')",
+    )
     flag(prompt_len > limits.max_prompt_chars, f"prompt is longer than {limits.max_prompt_chars} characters")
     neg_len = pc.fill_null(pc.utf8_length(table.column("negative_prompt")), 0).to_numpy(zero_copy_only=False)
     flag(neg_len > limits.max_prompt_chars, f"negative_prompt is longer than {limits.max_prompt_chars} characters")
@@ -132,8 +134,10 @@ def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
         for name in sorted(mode.required):
             flag(of_mode & ~is_set(name), mode.needs_message(name))
         if mode.hint_estimated and "image" not in mode.required:
-            flag(of_mode & ~is_set("hint") & ~is_set("image"), f"{mode.needs_message('hint')} or an 'image' to "
-                 "estimate one from")  # fmt: skip
+            flag(
+                of_mode & ~is_set("hint") & ~is_set("image"),
+                f"{mode.needs_message('hint')} or an 'image' to estimate one from",
+            )
     # Partial-schedule decoders and PriorEmb2Emb run int(steps * strength) steps and crash at 0.
     steps_run = np.floor(np_col("num_inference_steps") * np_col("strength").astype(np.float64) + 1e-9)
     partial = [m.name for m in MODES.values() if m.partial_schedule]
@@ -149,13 +153,19 @@ def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
                 f"prior_num_inference_steps * prior_strength < 1: the {kind.description} would run no step",
             )
     flag(is_set("prior_image") & has_interpolate, "set either 'prior_image' or 'interpolate', not both")
-    flag(has_embeds & (is_set("prior_image") | has_interpolate), "'image_embeds' replaces the prior: set no "
-         "'prior_image' or 'interpolate' with it")  # fmt: skip
-    flag(has_embeds & is_set("negative_prompt"), "'negative_prompt' does not apply to given 'image_embeds' (give "
-         "'negative_image_embeds' instead)")  # fmt: skip
+    flag(
+        has_embeds & (is_set("prior_image") | has_interpolate),
+        "'image_embeds' replaces the prior: set no 'prior_image' or 'interpolate' with it",
+    )
+    flag(
+        has_embeds & is_set("negative_prompt"),
+        "'negative_prompt' does not apply to given 'image_embeds' (give 'negative_image_embeds' instead)",
+    )
     flag(is_set("negative_image_embeds") & ~has_embeds, "'negative_image_embeds' is set without 'image_embeds'")
-    flag(has_interpolate & (prompt_len > 0), "set either 'prompt' or 'interpolate' (a weighted list of prompts and "
-         "images replaces the prompt)")  # fmt: skip
+    flag(
+        has_interpolate & (prompt_len > 0),
+        "set either 'prompt' or 'interpolate' (a weighted list of prompts and images replaces the prompt)",
+    )
     for i in np.flatnonzero(has_interpolate):
         if problems[i] is None:
             problems[i] = _interpolate_problem(table.column("interpolate")[int(i)].as_py(), limits=limits)

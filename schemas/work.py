@@ -91,9 +91,17 @@ def embed_schema(dim: int) -> pa.Schema:
     return pa.schema(list(WORK_SCHEMA) + list(embed_fields(dim)))
 
 
-def embeds_array(values: np.ndarray | None, *, num_rows: int, dim: int, valid: np.ndarray | None = None) -> pa.Array:
-    """(num_rows, dim) float32 -> a fixed-size list column without per-float Python objects; rows not ``valid`` null."""
-    flat = np.zeros(num_rows * dim, np.float32) if values is None else np.ascontiguousarray(values, np.float32).ravel()
+def embeds_array(
+    values: np.ndarray | None,
+    *,
+    num_rows: int,
+    dim: int,
+    valid: np.ndarray | None = None,
+    dtype: np.dtype | type = np.float32,
+) -> pa.Array:
+    """(num_rows, dim) values -> a fixed-size list column of ``dtype`` (float32 by default) without per-float
+    Python objects; rows not ``valid`` are null."""
+    flat = np.zeros(num_rows * dim, dtype) if values is None else np.ascontiguousarray(values, dtype).ravel()
     mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim, mask=mask)
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from jobs.execution import chain
-from jobs.execution.job import JobSummary, run_job
+from jobs.job import JobSummary, run_job
 from tests.conftest import write_manifest
 from tests.fault_timing import baseline, report
 from tests.slow_stages import SlowRestartDecoder, starts
@@ -175,9 +175,9 @@ def test_a_sink_that_was_only_unreachable_drops_what_it_held_of_a_task_run_again
     drop what it held of it first, ends with each row once."""
     import ray
 
+    from jobs.execution.local import run_local
     from jobs.execution.runner import RayStagePipeline, run_ray
-    from jobs.execution.stages import run_local
-    from jobs.planning.plan import batch
+    from jobs.planning.batches import batch
     from tests.test_runners import MIXED, _ids, _rows, _sink, _stages, _tasks, work_rows
 
     batches = list(batch(work_rows(MIXED), batch_size=2))

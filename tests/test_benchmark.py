@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.resources import StagePlacement, StagePlan, fit_cpus, priors_needed, suggest_stages
+from cluster.resources import StageLayout, StagePlacement, fit_cpus, priors_needed, suggest_stages
 from jobs.dev.real_size import build_real_size_modules
 from tests.conftest import REPO
 
@@ -168,12 +168,15 @@ def test_stage_suggestions() -> None:
 
 
 def test_cpu_reservations_fit_the_cluster() -> None:
-    stages = [StagePlan(num_actors=1, num_gpus=0.0, num_cpus=1.0), StagePlan(num_actors=2, num_gpus=1.0, num_cpus=1.0)]
+    stages = [
+        StageLayout(num_actors=1, num_gpus=0.0, num_cpus=1.0),
+        StageLayout(num_actors=2, num_gpus=1.0, num_cpus=1.0),
+    ]
     fitted = fit_cpus(stages, cluster_cpus=2)
     assert sum(s.num_actors * s.num_cpus for s in fitted) <= 2 and all(s.num_cpus > 0 for s in fitted)
     assert [s.num_gpus for s in fitted] == [0.0, 1.0]
     assert fit_cpus(stages, cluster_cpus=3) == stages
-    placed = [StagePlan(num_actors=3, num_gpus=1.0, num_cpus=1.0, placement=StagePlacement(accelerator_type="L4"))]
+    placed = [StageLayout(num_actors=3, num_gpus=1.0, num_cpus=1.0, placement=StagePlacement(accelerator_type="L4"))]
     assert fit_cpus(placed, cluster_cpus=1)[0].placement.accelerator_type == "L4"  # only CPUs change
 
 

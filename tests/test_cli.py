@@ -13,10 +13,11 @@ import pytest
 
 from actors.storage import Storage
 from jobs.dev.example import example_manifest_path, example_table
-from jobs.execution.job import run_job
-from jobs.output.results import final_results, read_results
+from jobs.job import run_job
+from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
+from schemas.results import final_results
 from tests.conftest import REPO, write_manifest
 from tests.reference import load_png, max_level_difference, text2img_reference
 

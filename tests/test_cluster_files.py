@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from cluster.resources import (
+    StageLayout,
     StagePlacement,
-    StagePlan,
     node_accepts,
     place_stages,
     ray_remote_args,
@@ -259,9 +259,9 @@ def test_rayignore_keeps_the_working_dir_small(tmp_path: Path) -> None:
 
 
 def test_ray_remote_args_only_pin_when_asked() -> None:
-    free = StagePlan(num_actors=2, num_gpus=1.0, num_cpus=1.0)
+    free = StageLayout(num_actors=2, num_gpus=1.0, num_cpus=1.0)
     assert ray_remote_args(free) == {"num_gpus": 1.0, "num_cpus": 1.0}
-    pinned = StagePlan(
+    pinned = StageLayout(
         num_actors=1,
         num_gpus=0.5,
         num_cpus=2.0,

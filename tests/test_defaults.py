@@ -1,4 +1,4 @@
-"""Defaults chosen for the machine (cluster/defaults.py, jobs/execution/machine.py): values, reasons, overrides."""
+"""Defaults chosen for the machine (cluster/defaults.py, jobs/planning/machine.py): values, reasons, overrides."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from cluster.defaults import (
     Workload,
     choose_defaults,
 )
-from jobs.execution.machine import local_machine, machine_defaults
 from jobs.options.config_file import parse_args
 from jobs.options.flags import build_parser
 from jobs.options.job_config import config_from_args
+from jobs.planning.machine import local_machine, machine_defaults
 from schemas.config import JobConfig, StageResources
 
 TINY = Workload(largest_pixels=128 * 128, decoder_weight_bytes=2e6, value_bytes=4)
@@ -137,7 +137,7 @@ def test_a_run_prints_and_records_its_choices(tmp_path: Path, tiny_models: str, 
     import json
     import logging
 
-    from jobs.execution.job import run_job
+    from jobs.job import run_job
     from schemas.models import ModelPaths
     from tests.conftest import write_manifest
 
@@ -146,7 +146,7 @@ def test_a_run_prints_and_records_its_choices(tmp_path: Path, tiny_models: str, 
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     job = JobConfig(manifest=manifest, output=str(tmp_path / "out"), runner="local", prior_batch_size=2,
                     models=ModelPaths.resolve(models_dir=tiny_models))  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="jobs.execution.machine"):
+    with caplog.at_level(logging.INFO, logger="jobs.planning.machine"):
         summary = run_job(job)
     assert "defaults for this machine" in caplog.text and "--batch-size 16" in caplog.text
     recorded = json.loads((tmp_path / "out" / "stats.json").read_text())

@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 from actors.storage import Storage
-from jobs.execution.job import run_job
-from jobs.output.results import final_results, read_results
-from jobs.output.reuse import reuse_embeddings
+from jobs.job import run_job
+from jobs.reporting.results import read_results
+from jobs.reporting.reuse import reuse_embeddings
 from schemas.config import JobConfig
 from schemas.manifest import RenderDefaults
 from schemas.models import ModelPaths
+from schemas.results import final_results
 from tests.conftest import write_manifest
 from tests.reference import load_result, max_level_difference, pipeline
 from tests.test_scorer import reference_cosines

@@ -33,7 +33,7 @@ from actors.retry import (
     retry,
 )
 from actors.storage import Storage
-from jobs.execution.job import run_job
+from jobs.job import run_job
 from tests.conftest import REPO, write_manifest
 from tests.fault_timing import baseline, report
 from tests.faulty_proxy import KINDS, Faults, FaultyProxy

@@ -14,11 +14,12 @@ import pytest
 from PIL import Image
 
 from actors.storage import Storage
-from jobs.execution.job import run_job
-from jobs.output.results import final_results, read_results
+from jobs.job import run_job
+from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.keys import sample_key
 from schemas.models import ModelPaths
+from schemas.results import final_results
 from tests.conftest import write_manifest
 from tests.reference import result_png
 

@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from actors.storage import Storage
-from jobs.execution.job import run_job
-from jobs.output.results import final_results, read_results
+from jobs.job import run_job
+from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
+from schemas.results import final_results
 from schemas.shards import OUTPUT_FORMATS
 from tests.conftest import write_manifest
 from tests.reference import assert_close_to_reference, load_png, load_result, max_level_difference, mode_reference
@@ -190,14 +191,14 @@ def test_bad_rows_are_error_rows_naming_the_problem(mixed: dict) -> None:
 
 def test_inpaint_rows_with_different_masks_never_share_a_call(tmp_path: Path, tiny_models: str, inputs: Path) -> None:
     # diffusers blends image[:1]/mask[:1] into every row of a call; sharing would corrupt later rows.
-    from jobs.planning.plan import make_plan
+    from jobs.planning.run_plan import manifest_work
 
     rows = absolute([r for r in good_rows() if r.get("mode") == "inpaint"], inputs)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = JobConfig(
         manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models), batch_size=8
     )
-    plan = make_plan(config)
+    plan = manifest_work(config)
     calls = [sorted(set(batch.column("id").to_pylist())) for batch in plan.batches]
     assert sorted(calls) == [["inpaint-a"], ["inpaint-b"], ["inpaint-resized"]]  # inpaint-a's 2 images share one
 
@@ -205,7 +206,7 @@ def test_inpaint_rows_with_different_masks_never_share_a_call(tmp_path: Path, ti
 def test_only_needed_decoders_load(tmp_path: Path, tiny_models: str) -> None:
     from actors.storage import Storage
     from jobs.execution.chain import build_chain
-    from jobs.planning.shards import plan_run
+    from jobs.planning.run_plan import plan_run
 
     rows = absolute([good_rows()[0], good_rows()[3]], tmp_path)
     manifest = write_manifest(tmp_path / "m.parquet", rows)

@@ -17,11 +17,12 @@ from PIL import Image
 
 from actors.storage import Storage
 from actors.writer import ShardWriter
-from jobs.output.markers import Candidates
-from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, fit_profile, load_calibration, unit_totals
+from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
+from jobs.reporting.calibrate import fit_profile
 from jobs.reporting.gallery import CELL, write_report
 from schemas.keys import sample_rank
 from schemas.results import SAMPLE_ERRORS, SAMPLE_SIZE, THUMBNAIL_SIDE, result_from_work, results_table
+from schemas.summary import Sample
 from tests.conftest import REPO, write_manifest
 
 
@@ -65,14 +66,12 @@ def decoded(rows: list[dict], *, errors: dict[str, str] | None = None) -> pa.Tab
     return pa.table(columns)
 
 
-def publish(root: Path, rows: list[dict], *, output_format: str = "files", **kwargs: object) -> Candidates:
+def publish(root: Path, rows: list[dict], *, output_format: str = "files", **kwargs: object) -> Sample:
     """Render ``rows`` through a real writer as one shard part and return the gallery candidates of its marker."""
     writer = ShardWriter(output=str(root), output_format=output_format, run_id="run-1")
     writer.add("shard-a", decoded(rows, **kwargs))
     summary = writer.finalize("shard-a")
-    candidates = Candidates()
-    candidates.add(summary["sample"])
-    return candidates
+    return Sample(summary.sample)
 
 
 class Links(HTMLParser):
@@ -140,13 +139,11 @@ def test_sample_merged_shard_by_shard_equals_ranking_everything() -> None:
          "rank": sample_rank(f"row-{i:03d}", 0)}
         for i in range(300)
     ]  # fmt: skip
-    everything = Candidates()
-    everything.add(entries)
-    merged = Candidates()
+    everything = Sample(entries)
+    merged = Sample()
     for shard in range(10):  # each shard's writer keeps its own lowest ranks, as a marker's sample does
-        own = Candidates()
-        own.add(entries[shard::10])
-        merged.add(own.entries())
+        own = Sample(entries[shard::10])
+        merged.add_entries(own.entries())
     chosen = merged.chosen()
     assert chosen == everything.chosen()
     assert len(chosen) == SAMPLE_SIZE and sum(e["status"] == "error" for e in chosen) == SAMPLE_ERRORS

@@ -20,12 +20,13 @@ import pytest
 from PIL import Image
 
 from actors.storage import Storage
-from jobs.execution.job import run_job
-from jobs.output.lease import LEASE_FILE, Lease, LeaseHeldError
-from jobs.output.results import final_results, read_results
+from jobs.job import run_job
+from jobs.publishing.lease import LEASE_FILE, Lease, LeaseHeldError
+from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.keys import image_key
 from schemas.models import ModelPaths
+from schemas.results import final_results
 from tests.conftest import REPO, write_manifest
 from tests.reference import load_png, max_level_difference
 

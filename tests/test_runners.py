@@ -12,10 +12,12 @@ import pyarrow as pa
 import pytest
 
 from actors.stage import Call, Outcome, Stage
-from cluster.resources import StagePlan
-from jobs.execution.runner import Deadlines, RayStagePipeline, run_ray
-from jobs.execution.stages import BatchDone, SinkSpec, StageSpec, Task, TaskDone, run_local
-from jobs.planning.plan import batch, group_batches, make_plan
+from cluster.resources import StageLayout
+from jobs.execution.contract import BatchDone, SinkSpec, StageSpec, Task, TaskDone
+from jobs.execution.local import run_local
+from jobs.execution.runner import Deadlines, RayStagePipeline, RunnerMeasures, run_ray
+from jobs.planning.batches import batch, group_batches
+from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
 from schemas.work import CALL_KEY, PRIOR_CALL_KEY
 from tests.conftest import write_manifest
@@ -62,7 +64,7 @@ def work_rows(rows: list[dict]) -> pa.Table:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_manifest(Path(tmp) / "m.parquet", rows)
         config = JobConfig(manifest=manifest, output=f"{tmp}/out", batch_size=1000)
-        return make_plan(config).batches.work
+        return manifest_work(config).batches.work
 
 
 MIXED = [
@@ -127,7 +129,7 @@ class Collector:
         self.rows.pop(tag, None)
 
 
-NONE = StagePlan(num_actors=1, num_gpus=0.0, num_cpus=0.0)
+NONE = StageLayout(num_actors=1, num_gpus=0.0, num_cpus=0.0)
 
 
 def _stages(*, first_batch: int | None = None, **last: object) -> list[StageSpec]:
@@ -137,13 +139,13 @@ def _stages(*, first_batch: int | None = None, **last: object) -> list[StageSpec
             name="last",
             cls=Tag,
             kwargs={"column": "last_rows", **last},
-            resources=StagePlan(num_actors=2, num_gpus=0.0, num_cpus=0.0),
+            resources=StageLayout(num_actors=2, num_gpus=0.0, num_cpus=0.0),
         ),
     ]
 
 
 def _sink(num_actors: int = 1, **kwargs: object) -> SinkSpec:
-    resources = StagePlan(num_actors=num_actors, num_gpus=0.0, num_cpus=0.0)
+    resources = StageLayout(num_actors=num_actors, num_gpus=0.0, num_cpus=0.0)
     return SinkSpec(name="sink", cls=Collector, kwargs=kwargs, resources=resources)
 
 
@@ -193,11 +195,11 @@ def test_local_runner_calls_first_stage_per_group_and_later_stages_per_batch() -
 def test_ray_runner_equals_local_and_records_a_timeline() -> None:
     batches = list(batch(work_rows(MIXED), batch_size=3))
     expected = _rows(list(run_local(_stages(), _sink(), _tasks(batches, max_rows=6))))
-    timeline: dict = {}
-    events = list(run_ray(_stages(), _sink(2), _tasks(batches, max_rows=6), timeline=timeline))
+    measures = RunnerMeasures(names=["first", "last", "sink"])
+    events = list(run_ray(_stages(), _sink(2), _tasks(batches, max_rows=6), measures=measures))
     assert _rows(events) == expected
-    assert timeline["started"] <= timeline["first_dispatch"] <= timeline["first_result"]
-    calls = dict(zip(timeline["names"], timeline["calls"]))
+    assert measures.started <= measures.moments["first_dispatch"] <= measures.moments["first_result"]
+    calls = measures.per_stage()["calls"]
     assert calls["last"] == len(batches) and calls["first"] < len(batches)
     assert calls["sink"] == len(batches) + 3  # one add per batch, one finalize per task
 
@@ -276,7 +278,7 @@ def test_ray_runner_raises_stage_bugs_and_start_failures() -> None:
 def test_a_stage_no_node_can_hold_stops_after_the_wait_naming_what_it_lacks() -> None:
     batches = list(batch(work_rows(MIXED[:2]), batch_size=2))
     greedy = StageSpec(
-        name="greedy", cls=Tag, kwargs={"column": "x"}, resources=StagePlan(num_actors=1, num_gpus=3.0, num_cpus=0.0)
+        name="greedy", cls=Tag, kwargs={"column": "x"}, resources=StageLayout(num_actors=1, num_gpus=3.0, num_cpus=0.0)
     )
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)stage greedy: no actor has been up for \d+ s.*needs 3 GPU.*of 2 GPUs"):
@@ -289,7 +291,7 @@ def test_plan_of_many_rows_stays_columnar(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
-    from jobs.planning.plan import plan_rows
+    from jobs.planning.work import shard_work
 
     n = 20_000
     rows = pa.table({"id": [f"id-{i:06d}" for i in range(n)], "prompt": ["p"] * n, "seed": np.arange(n)})
@@ -299,7 +301,7 @@ def test_plan_of_many_rows_stays_columnar(tmp_path: Path) -> None:
     table = read_whole(read_footer(uri, relpath))
     odd = [f"id-{i:06d}" for i in range(1, n, 2)]
     only = pa.table({"id": odd, "image_index": pa.array([0] * len(odd), pa.int32())})
-    plan = plan_rows(table, file=uri, config=config, movq_scales={}, only=only)
+    plan = shard_work(table, file=uri, config=config, movq_scales={}, only=only)
     assert plan.num_done == n // 2 and plan.num_to_render == n // 2 and plan.num_images == n
     assert len(plan.batches) == n // 8 and plan.batches.offsets.dtype == np.int64
     assert plan.batches[0].column("id").to_pylist() == ["id-000001", "id-000003", "id-000005", "id-000007"]

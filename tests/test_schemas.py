@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
-from jobs.planning.plan import make_plan
+from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
 from schemas.keys import image_key, image_seed
 from schemas.manifest import MANIFEST_COLUMNS, ManifestError, RenderDefaults
@@ -50,7 +50,7 @@ def _refusal(tmp_path: Path, rows: list[dict] | None = None, table: pa.Table | N
     else:
         write_manifest(path, rows or [])
     with pytest.raises(ManifestError) as info:
-        make_plan(_config(tmp_path, str(path)))
+        manifest_work(_config(tmp_path, str(path)))
     message = str(info.value)
     assert str(path) in message
     return message
@@ -99,7 +99,7 @@ def test_refuses_ids_repeated_across_files(tmp_path: Path) -> None:
     write_manifest(tmp_path / "in" / "a.parquet", [{"id": "same", "prompt": "x"}])
     write_manifest(tmp_path / "in" / "b.parquet", [{"id": "same", "prompt": "y"}])
     with pytest.raises(ManifestError, match="'same' appears in both"):
-        make_plan(_config(tmp_path, str(tmp_path / "in")))
+        manifest_work(_config(tmp_path, str(tmp_path / "in")))
 
 
 def test_manifest_uri_forms(tmp_path: Path) -> None:
@@ -130,7 +130,7 @@ def test_bad_values_become_error_rows_not_refusals(tmp_path: Path) -> None:
         {"id": "nan-guidance", "prompt": "x", "guidance_scale": float("nan")},
     ]
     path = write_manifest(tmp_path / "m.parquet", rows)
-    plan = make_plan(_config(tmp_path, path))
+    plan = manifest_work(_config(tmp_path, path))
     assert plan.num_to_render == 2  # "ok" and "later-mode"
     errors = {row["id"]: row["error"] for row in plan.refused.to_pylist()}
     assert errors["no-prompt"].startswith("prompt is null or empty")

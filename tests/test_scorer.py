@@ -14,7 +14,7 @@ import torch
 
 from actors.scorer import ScoreActor
 from actors.stage import with_errors
-from jobs.planning.plan import make_plan
+from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.work import SCORE_FIELDS
@@ -44,7 +44,7 @@ def decoded(tiny_models: str, tmp_path_factory: pytest.TempPathFactory) -> pa.Ta
     tmp = tmp_path_factory.mktemp("score")
     manifest = write_manifest(tmp / "m.parquet", ROWS)
     config = JobConfig(manifest=manifest, output=str(tmp / "o"), models=ModelPaths.resolve(models_dir=tiny_models))
-    work = make_plan(config).batches.work
+    work = manifest_work(config).batches.work
     broken = work.column("id").to_pylist().index("broken")
     work = with_errors(work, {broken: ("input_error", "image: cannot be read")})
     embeds = PriorActor(f"{tiny_models}/prior")(work)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from actors.stage import Call, Outcome, Stage
-from jobs.planning.plan import make_plan
+from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
 from schemas.models import HUB_MODELS, ModelPaths
 from schemas.modes import DECODER_INPUT_KWARGS, MODES, PRIOR_KINDS
@@ -176,7 +176,7 @@ def test_sizes_are_refused_at_plan_time_with_the_checkpoint_scale(tmp_path: Path
     ]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models))
-    plan = make_plan(config)
+    plan = manifest_work(config)
     assert plan.batches.work.column("id").to_pylist() == ["fine"]
     refused = {r["id"]: r for r in plan.refused.to_pylist()}
     assert refused["odd"]["error_kind"] == refused["cn"]["error_kind"] == "unsupported_size"
@@ -203,7 +203,7 @@ def test_decoder_out_of_memory_split_keeps_the_images(tmp_path: Path, tiny_model
              "num_inference_steps": 3, "prior_num_inference_steps": 2} for i in range(5)]  # fmt: skip
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models))
-    work = make_plan(config).batches.work
+    work = manifest_work(config).batches.work
     embeds = PriorActor(f"{tiny_models}/prior")(work)
     models = {"text2img": f"{tiny_models}/decoder"}
     plain = DecoderActor(models)(embeds).to_pylist()

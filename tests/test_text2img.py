@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.storage import Storage
-from jobs.execution.job import run_job
-from jobs.output.results import final_results, read_results
+from jobs.job import run_job
+from jobs.reporting.results import read_results
 from schemas.config import JobConfig, StageResources
 from schemas.models import ModelPaths
+from schemas.results import final_results
 from tests.conftest import write_manifest
 from tests.reference import load_png, max_level_difference, text2img_reference
 

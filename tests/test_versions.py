@@ -93,13 +93,13 @@ def test_actors_log_each_mismatch_once_per_process(
 def test_run_job_warns_about_untested_versions_and_records_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import jobs.execution.job
-    from jobs.execution.job import run_job
+    import jobs.job
+    from jobs.job import run_job
 
-    monkeypatch.setattr(jobs.execution.job, "version_mismatches", lambda: ["diffusers 0.43.0 is installed but ..."])
+    monkeypatch.setattr(jobs.job, "version_mismatches", lambda: ["diffusers 0.43.0 is installed but ..."])
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "no-prompt", "prompt": None}])
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), runner="local", models=ModelPaths())
-    with caplog.at_level(logging.WARNING, logger="jobs.execution.job"):
+    with caplog.at_level(logging.WARNING, logger="jobs.job"):
         summary = run_job(config)  # its one row is refused: no model loads
     assert summary.stats["num_refused"] == 1 and summary.stats["num_rendered"] == 0
     assert "untested package version: diffusers 0.43.0 is installed but ..." in caplog.messages

@@ -134,7 +134,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
                 marks = ", ".join(f"{mark} {at:.2f}" for mark, at in fixed[-1]["timeline"].items())
                 print(f"  timeline (s after start): {marks}; fixed cost {fixed[-1]['fixed_seconds']:.2f} s", flush=True)
     from actors.storage import Storage
-    from jobs.output.results import final_results, read_results
+    from jobs.reporting.results import read_results
+    from schemas.results import final_results
 
     final = final_results(read_results(Storage(str(ours_out)))).to_pylist()
     diffs = []

@@ -47,7 +47,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     from actors.decoder import DecoderActor
     from actors.prior import PriorActor
     from jobs.dev.tiny_models import build_tiny_models
-    from jobs.planning.plan import make_plan
+    from jobs.planning.run_plan import manifest_work
     from schemas.config import AccelOptions, JobConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "")
@@ -100,7 +100,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     # ours: the prior and decoder stage classes, as each actor runs them
     accel = AccelOptions(channels_last=args.channels_last, compile=args.compile)
     config = JobConfig(manifest=manifest, output=str(work_dir / "ours"), batch_size=max(batch_sizes))
-    work = make_plan(config).batches.work
+    work = manifest_work(config).batches.work
     prior = PriorActor(f"{models}/prior", dtype=dtype_name, device=device, accel=accel, worker="bench")
     prior_bs = max(batch_sizes)
     prior(work.slice(0, prior_bs))  # warm-up
@@ -171,7 +171,7 @@ def _precision_check(args: argparse.Namespace, *, models: str, device: str, work
 
     from actors.decoder import DecoderActor
     from actors.prior import PriorActor
-    from jobs.planning.plan import make_plan
+    from jobs.planning.run_plan import manifest_work
     from schemas.config import AccelOptions, JobConfig
 
     if args.check_rows <= 0:
@@ -199,7 +199,7 @@ def _precision_check(args: argparse.Namespace, *, models: str, device: str, work
         figures = {}
         for dtype_name in ("float32", args.dtype):
             config = JobConfig(manifest=manifest, output=str(work_dir / f"check-{dtype_name}"), batch_size=len(rows))
-            work = make_plan(config).batches.work
+            work = manifest_work(config).batches.work
             accel = AccelOptions(channels_last=args.channels_last)
             prior = PriorActor(f"{models}/prior", dtype=dtype_name, device=device, accel=accel)
             embeds = prior(work)

@@ -40,8 +40,16 @@ def write_manifests(root: Path, *, num_rows: int, num_files: int) -> None:
 
 
 def _schema() -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
-                      ("height", pa.int64()), ("width", pa.int64()), ("seed", pa.int64())])  # fmt: skip
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt", pa.string()),
+            ("negative_prompt", pa.string()),
+            ("height", pa.int64()),
+            ("width", pa.int64()),
+            ("seed", pa.int64()),
+        ]
+    )
 
 
 def _rows(start: int, stop: int) -> pa.Table:
@@ -85,15 +93,20 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     for num_rows in args.rows:
         root = work_dir / f"plan-{num_rows}"
         started = time.perf_counter()
-        _fixture(root / "manifests", functools.partial(write_manifests, root / "manifests", num_rows=num_rows,
-                                                       num_files=args.files))  # fmt: skip
+        _fixture(
+            root / "manifests",
+            functools.partial(write_manifests, root / "manifests", num_rows=num_rows, num_files=args.files),
+        )
         written = time.perf_counter() - started
         run = {"num_rows": num_rows, "num_files": args.files, "fixture_seconds": round(written, 1)}
         run |= _worker(["plan-worker", "--dir", str(root)])
         runs.append(run)
-        print(f"{num_rows:>11,} rows in {args.files} files: dry run {run['seconds']:.1f} s, peak RSS "
-              f"{run['peak_rss_mb']:.0f} MB (after imports {run['rss_after_imports_mb']:.0f} MB); "
-              f"{run['summary'][0]}", flush=True)  # fmt: skip
+        print(
+            f"{num_rows:>11,} rows in {args.files} files: dry run {run['seconds']:.1f} s, peak RSS "
+            f"{run['peak_rss_mb']:.0f} MB (after imports {run['rss_after_imports_mb']:.0f} MB); "
+            f"{run['summary'][0]}",
+            flush=True,
+        )
     result: dict[str, Any] = {"mode": "plan", "machine": machine(), **runs[-1], "runs": runs}
     if len(runs) >= 2:
         result["rows_growth"] = round(runs[-1]["num_rows"] / runs[0]["num_rows"], 2)
@@ -113,8 +126,13 @@ def _fixture(path: Path, write: Any) -> None:
 
 
 def _worker(command: list[str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "benchmark", *command], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "benchmark", *command],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark {command[0]} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -125,42 +143,76 @@ def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_ro
     gallery samples), one results and one data file per shard (placeholders: a rerun never reads them)."""
     from actors.scores import empty_scores
     from actors.storage import Storage
-    from jobs.output.markers import new_marker, write_marker, write_settings
     from jobs.planning.ids import files_digest
     from jobs.planning.manifests import cut_shards, list_manifest_paths, read_footer
+    from jobs.publishing.markers import new_marker, write_marker, write_settings
     from schemas.keys import sample_rank
     from schemas.shards import DatasetSettings, data_key, results_key
+    from schemas.summary import Counts, PartSummary
 
     storage = Storage(str(root / "out"))
     files = [read_footer(uri, rel) for uri, rel in list_manifest_paths(str(root / "manifests"))]
-    settings = DatasetSettings(manifest=str(root / "manifests"), output_format="webdataset", shard_rows=shard_rows,
-                               ids_checked=files_digest(files))  # fmt: skip
+    settings = DatasetSettings(
+        manifest=str(root / "manifests"),
+        output_format="webdataset",
+        shard_rows=shard_rows,
+        ids_checked=files_digest(files),
+    )
     write_settings(storage, settings)
     for file in files:
         for shard in cut_shards(file, shard_rows=shard_rows):
             ids = [f"m-{shard.start + k:010d}" for k in range(60)]
-            sample = [{"id": row_id, "image_index": 0, "status": "ok", "error": None, "error_kind": None, "seed": k,
-                       "width": 512, "height": 512, "mode": "text2img", "prompt": prompt(k),
-                       "rank": sample_rank(row_id, 0), "uri": f"data/{shard.name}.tar", "member": f"k{k}.png",
-                       "results": results_key(shard.name)} for k, row_id in enumerate(ids)]  # fmt: skip
-            summary = {"part": shard.name, "run_id": "previous", "results": results_key(shard.name),
-                       "data": data_key(shard.name, "webdataset"), "num_images": shard.num_rows,
-                       "by_status": {"ok": shard.num_rows}, "by_mode": {"text2img": {"ok": shard.num_rows}},
-                       "errors_by_kind": {}, "busy_seconds": {"prior": 1.0, "decoder": 50.0},
-                       "ok_busy_seconds": {"prior": 1.0, "decoder": 50.0, "images": shard.num_rows},
-                       "sample": sample, "scores": empty_scores()}  # fmt: skip
+            sample = [
+                {
+                    "id": row_id,
+                    "image_index": 0,
+                    "status": "ok",
+                    "error": None,
+                    "error_kind": None,
+                    "seed": k,
+                    "width": 512,
+                    "height": 512,
+                    "mode": "text2img",
+                    "prompt": prompt(k),
+                    "rank": sample_rank(row_id, 0),
+                    "uri": f"data/{shard.name}.tar",
+                    "member": f"k{k}.png",
+                    "results": results_key(shard.name),
+                }
+                for k, row_id in enumerate(ids)
+            ]
+            counts = Counts.from_dict(
+                {
+                    "num_images": shard.num_rows,
+                    "by_status": {"ok": shard.num_rows},
+                    "by_mode": {"text2img": {"ok": shard.num_rows}},
+                    "errors_by_kind": {},
+                }
+            )
+            summary = PartSummary(
+                part=shard.name,
+                shard=shard.name,
+                run_id="previous",
+                results=results_key(shard.name),
+                data=data_key(shard.name, "webdataset"),
+                counts=counts,
+                busy_seconds={"prior": 1.0, "decoder": 50.0},
+                ok_busy_seconds={"prior": 1.0, "decoder": 50.0, "images": shard.num_rows},
+                scores=empty_scores(),
+                sample=tuple(sample),
+            )
             write_marker(storage, new_marker(shard, summary, output_format="webdataset"))
             storage.write_bytes(results_key(shard.name), b"")
-            storage.write_bytes(summary["data"], b"")
+            storage.write_bytes(summary.data, b"")
 
 
 def startup_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Inside a fresh process: what a rerun does before its runner starts (lease, plan, orphans, scan, settings)."""
     from actors.storage import Storage
-    from jobs.output.lease import Lease
-    from jobs.output.markers import write_settings
-    from jobs.output.orphans import delete_orphans
-    from jobs.planning.shards import plan_run
+    from jobs.planning.run_plan import plan_run
+    from jobs.publishing.lease import Lease
+    from jobs.publishing.markers import write_settings
+    from jobs.publishing.orphans import delete_orphans
     from schemas.config import JobConfig
 
     root = Path(args.dir)
@@ -197,16 +249,19 @@ def run_startup(args: argparse.Namespace) -> dict[str, Any]:
     runs = [_worker(["startup-worker", "--dir", str(root)]) for _ in range(args.repeats)]
     best = min(runs, key=lambda r: r["seconds"])
     seconds = ", ".join(f"{run['seconds']:.2f}" for run in runs)
-    print(f"rerun over {best['num_images_final']:,} finished images in {best['num_shards']:,} shards: start-up "
-          f"{seconds} s, peak RSS {best['peak_rss_mb']:.0f} MB, {best['num_pending']} shard(s) to render",
-          flush=True)  # fmt: skip
+    print(
+        f"rerun over {best['num_images_final']:,} finished images in {best['num_shards']:,} shards: start-up "
+        f"{seconds} s, peak RSS {best['peak_rss_mb']:.0f} MB, {best['num_pending']} shard(s) to render",
+        flush=True,
+    )
     return {"mode": "startup", "machine": machine(), **best, "runs": runs}
 
 
 def add_arguments(plan: argparse.ArgumentParser) -> None:
     """Flags of ``benchmark plan``."""
-    plan.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000],
-                      help="manifest sizes")  # fmt: skip
+    plan.add_argument(
+        "--rows", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000], help="manifest sizes"
+    )
     plan.add_argument("--files", type=int, default=20, help="manifest files per size")
     plan.add_argument("--work-dir", help="where fixtures go (default: a new temp dir; reused when given)")
 

@@ -162,7 +162,7 @@ def _measure(args: argparse.Namespace, *, device: str, models: str, kind: str, w
     from actors.common import resolve_dtype
     from actors.decoder import DecoderActor
     from actors.scorer import ScoreActor
-    from jobs.planning.plan import make_plan
+    from jobs.planning.run_plan import manifest_work
     from schemas.config import AccelOptions, JobConfig
     from schemas.models import ModelPaths
 
@@ -177,7 +177,7 @@ def _measure(args: argparse.Namespace, *, device: str, models: str, kind: str, w
     manifest = write_manifest(work_dir / "manifest.parquet", num_rows=num_rows, size=size, steps=steps)
     paths = ModelPaths.resolve(models_dir=models)
     config = JobConfig(manifest=manifest, output=str(work_dir / "unused"), models=paths, batch_size=batch)
-    work = make_plan(config).batches.work
+    work = manifest_work(config).batches.work
     accel = AccelOptions(channels_last=args.channels_last)
 
     t0 = time.perf_counter()
@@ -249,8 +249,12 @@ def add_arguments(score: argparse.ArgumentParser) -> None:
     score.add_argument("--device", help="torch device (none: cuda; cpu only with --tiny)")
     score.add_argument("--tiny", action="store_true", help="tiny test models instead of real-size ones")
     score.add_argument("--models", help="checkpoints to use (DIR/prior, DIR/decoder) instead of building them")
-    score.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
-                       help="auto: float16 on CUDA, float32 on the CPU")  # fmt: skip
+    score.add_argument(
+        "--dtype",
+        choices=("auto", "float16", "bfloat16", "float32"),
+        default="auto",
+        help="auto: float16 on CUDA, float32 on the CPU",
+    )
     score.add_argument("--size", type=int, default=768, help="height and width of the decoded images")
     score.add_argument("--steps", type=int, default=50, help="decoder steps")
     score.add_argument("--batch-size", type=int, default=4, help="rows per decoder call and per scoring call")

@@ -1,6 +1,6 @@
 """Modes ``simulated``, ``ceiling`` and ``efficiency``: the whole render job with stand-in model stages.
 
-The job is the real one (`jobs.execution.job.run_job`): shards planned from real Parquet footers,
+The job is the real one (`jobs.job.run_job`): shards planned from real Parquet footers,
 the Ray runner, real writer actors encoding real PNGs into the chosen format, markers, stats.
 Only the prior and the decoder are stand-ins that sleep a fixed time per image and emit payloads of
 the real size (1280-float embeddings, a 5056-byte generator state, ``--image-size`` pixels), so the
@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from actors.stage import Call, Outcome, Stage, with_errors
-from cluster.resources import StagePlan, priors_needed
+from cluster.resources import StageLayout, priors_needed
 from jobs.benchmarks.common import Mode, machine, write_manifest
 from schemas.work import (
     CALL_KEY,
@@ -113,34 +113,49 @@ class SimulatedDecoder(Stage):
         return kept
 
 
-def simulated_chain(*, prior_seconds: float, decoder_seconds: float, image_size: int, num_priors: int,
-                    num_decoders: int) -> Any:  # fmt: skip
+def simulated_chain(
+    *, prior_seconds: float, decoder_seconds: float, image_size: int, num_priors: int, num_decoders: int
+) -> Any:
     """A `jobs.execution.chain.build_chain` stand-in: the real writers, sleeping model stages on logical GPUs."""
     from jobs.execution.chain import build_chain
-    from jobs.execution.stages import StageSpec
+    from jobs.execution.contract import StageSpec
 
     def build(config: Any, **chain: Any) -> Any:
         stages, sink = build_chain(config, **chain)
         prior, decoder = [spec for spec in stages if spec.name in ("prior", "decoder")]
         return [
-            StageSpec(name="prior", cls=SimulatedPrior, kwargs={"seconds_per_image": prior_seconds},
-                      resources=StagePlan(num_actors=num_priors, num_gpus=1.0, num_cpus=0.0),
-                      batch_size=prior.batch_size),
-            StageSpec(name="decoder", cls=SimulatedDecoder,
-                      kwargs={"seconds_per_image": decoder_seconds, "image_size": image_size},
-                      resources=StagePlan(num_actors=num_decoders, num_gpus=1.0, num_cpus=0.0),
-                      batch_size=decoder.batch_size),
-        ], sink  # fmt: skip
+            StageSpec(
+                name="prior",
+                cls=SimulatedPrior,
+                kwargs={"seconds_per_image": prior_seconds},
+                resources=StageLayout(num_actors=num_priors, num_gpus=1.0, num_cpus=0.0),
+                batch_size=prior.batch_size,
+            ),
+            StageSpec(
+                name="decoder",
+                cls=SimulatedDecoder,
+                kwargs={"seconds_per_image": decoder_seconds, "image_size": image_size},
+                resources=StageLayout(num_actors=num_decoders, num_gpus=1.0, num_cpus=0.0),
+                batch_size=decoder.batch_size,
+            ),
+        ], sink
 
     return build
 
 
-def simulate_once(args: argparse.Namespace, *, output: str, rows: int, num_decoders: int, num_priors: int,
-                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def simulate_once(
+    args: argparse.Namespace,
+    *,
+    output: str,
+    rows: int,
+    num_decoders: int,
+    num_priors: int,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One simulated job on the connected Ray; its figures from the job's own stats.json."""
     from actors.storage import Storage
     from jobs.dev.tiny_models import build_tiny_models
-    from jobs.execution.job import run_job
+    from jobs.job import run_job
     from schemas.config import JobConfig, StageResources
     from schemas.models import ModelPaths
 
@@ -164,8 +179,13 @@ def simulate_once(args: argparse.Namespace, *, output: str, rows: int, num_decod
         # Only the checkpoints' configs are read (the MoVQ scale of the size checks: 2, so any even side).
         models=ModelPaths.resolve(models_dir=build_tiny_models(str(work_dir / "models"))["prior"].rsplit("/", 1)[0]),
     )
-    build = simulated_chain(prior_seconds=prior_s, decoder_seconds=decoder_s, image_size=args.image_size,
-                            num_priors=num_priors, num_decoders=num_decoders)  # fmt: skip
+    build = simulated_chain(
+        prior_seconds=prior_s,
+        decoder_seconds=decoder_s,
+        image_size=args.image_size,
+        num_priors=num_priors,
+        num_decoders=num_decoders,
+    )
     called = time.monotonic()
     stats = run_job(config, build=build, runner_options={"wait_for_actors": True}).stats
     wall = time.monotonic() - called
@@ -216,8 +236,12 @@ def run_simulated(args: argparse.Namespace) -> dict[str, Any]:
 def run_objects(args: argparse.Namespace) -> dict[str, Any]:
     """Objects written per 1,000 images and per shard, for each output format (zero-cost stages), one Ray."""
     runs = _simulate_all(args, formats=["files", "webdataset", "parquet"])
-    figures = {run["output_format"]: {k: run[k] for k in ("objects_written", "objects_per_1000_images", "num_shards",
-                                                           "objects_per_shard", "rows")} for run in runs}  # fmt: skip
+    figures = {
+        run["output_format"]: {
+            k: run[k] for k in ("objects_written", "objects_per_1000_images", "num_shards", "objects_per_shard", "rows")
+        }
+        for run in runs
+    }
     return {"mode": "objects", "machine": machine(), "formats": figures}
 
 
@@ -227,13 +251,21 @@ def _simulate_all(args: argparse.Namespace, *, formats: list[str]) -> list[dict[
 
     counts = [args.num_decoders] if args.num_decoders else [1, 2, 4, 8]
     prior_s, decoder_s = args.prior_ms / 1000, args.decoder_ms / 1000
-    priors = {d: args.num_priors or (priors_needed(num_decoders=d, prior_seconds=prior_s, decoder_seconds=decoder_s)
-                                     if decoder_s else 1) for d in counts}  # fmt: skip
+    priors = {
+        d: args.num_priors
+        or (priors_needed(num_decoders=d, prior_seconds=prior_s, decoder_seconds=decoder_s) if decoder_s else 1)
+        for d in counts
+    }
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-")
     if ray.is_initialized():
         raise RuntimeError("this benchmark starts its own local Ray; call it without a Ray connection")
-    ray.init(num_cpus=os.cpu_count(), num_gpus=max(d + priors[d] for d in counts), include_dashboard=False,
-             log_to_driver=False, logging_level="ERROR")  # fmt: skip
+    ray.init(
+        num_cpus=os.cpu_count(),
+        num_gpus=max(d + priors[d] for d in counts),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
     server, options, runs = None, None, []
     try:
         if args.s3:
@@ -244,8 +276,9 @@ def _simulate_all(args: argparse.Namespace, *, formats: list[str]) -> list[dict[
                 rows = args.rows or args.rows_per_decoder * d
                 name = f"{output_format}-{d}"
                 output = f"s3://bench/{name}" if args.s3 else str(Path(args.work_dir) / f"out-{name}")
-                run = simulate_once(each, output=output, rows=rows, num_decoders=d, num_priors=priors[d],
-                                    storage_options=options)  # fmt: skip
+                run = simulate_once(
+                    each, output=output, rows=rows, num_decoders=d, num_priors=priors[d], storage_options=options
+                )
                 runs.append(run)
                 efficiency = "" if run["efficiency"] is None else f", efficiency {run['efficiency']:.3f}"
                 print(
@@ -280,26 +313,54 @@ def _loopback_s3() -> tuple[Any, dict[str, Any]]:
 
 
 def _add_arguments(sim: argparse.ArgumentParser, **defaults: Any) -> None:
-    settings = {"prior_ms": 20.0, "decoder_ms": 100.0, "image_size": 64, "batch_size": 4, "rows_per_decoder": 160,
-                "output_format": "webdataset", "shard_rows": 1000, **defaults}  # fmt: skip
-    sim.add_argument("--num-decoders", type=int, default=settings.get("num_decoders"),
-                     help="one run with this many decoders (default: 1, 2, 4 and 8)")  # fmt: skip
+    settings = {
+        "prior_ms": 20.0,
+        "decoder_ms": 100.0,
+        "image_size": 64,
+        "batch_size": 4,
+        "rows_per_decoder": 160,
+        "output_format": "webdataset",
+        "shard_rows": 1000,
+        **defaults,
+    }
+    sim.add_argument(
+        "--num-decoders",
+        type=int,
+        default=settings.get("num_decoders"),
+        help="one run with this many decoders (default: 1, 2, 4 and 8)",
+    )
     sim.add_argument("--num-priors", type=int, help="prior actors (default: enough for the decoders, +10%%)")
     sim.add_argument("--num-writers", type=int, help="writer actors (default: the job's: one per two decoders)")
     sim.add_argument("--prior-ms", type=float, default=settings["prior_ms"], help="prior cost per image")
     sim.add_argument("--decoder-ms", type=float, default=settings["decoder_ms"], help="decoder cost per image")
     sim.add_argument("--image-size", type=int, default=settings["image_size"], help="side of the emitted images")
     sim.add_argument("--rows", type=int, default=settings.get("rows"), help="images per run")
-    sim.add_argument("--rows-per-decoder", type=int, default=settings["rows_per_decoder"],
-                     help="images per decoder when --rows is unset")  # fmt: skip
+    sim.add_argument(
+        "--rows-per-decoder",
+        type=int,
+        default=settings["rows_per_decoder"],
+        help="images per decoder when --rows is unset",
+    )
     sim.add_argument("--batch-size", type=int, default=settings["batch_size"], help="images per decoder call")
-    sim.add_argument("--prior-batch-size", type=int, default=settings.get("prior_batch_size"),
-                     help="images per prior call (default: --batch-size)")  # fmt: skip
-    sim.add_argument("--output-format", choices=("files", "webdataset", "parquet"), default=settings["output_format"],
-                     help="output format the writers produce")  # fmt: skip
+    sim.add_argument(
+        "--prior-batch-size",
+        type=int,
+        default=settings.get("prior_batch_size"),
+        help="images per prior call (default: --batch-size)",
+    )
+    sim.add_argument(
+        "--output-format",
+        choices=("files", "webdataset", "parquet"),
+        default=settings["output_format"],
+        help="output format the writers produce",
+    )
     sim.add_argument("--shard-rows", type=int, default=settings["shard_rows"], help="manifest rows per shard")
-    sim.add_argument("--s3", action=argparse.BooleanOptionalAction, default=settings.get("s3", False),
-                     help="write to a loopback S3 endpoint (moto's server) instead of the local disk")  # fmt: skip
+    sim.add_argument(
+        "--s3",
+        action=argparse.BooleanOptionalAction,
+        default=settings.get("s3", False),
+        help="write to a loopback S3 endpoint (moto's server) instead of the local disk",
+    )
     sim.add_argument("--work-dir", help="where manifests and outputs go (default: a new temp dir)")
 
 

@@ -10,15 +10,17 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cluster.defaults import Machine
-from cluster.resources import StagePlan, fit_cpus, place_stages, resolve_score, resolve_stages, resolve_writer
+from cluster.resources import StageLayout, fit_cpus, place_stages, resolve_score, resolve_stages, resolve_writer
 from jobs.execution.connect import connect_ray
-from jobs.execution.machine import local_machine, ray_machine
-from jobs.execution.runner import Deadlines, run_ray
-from jobs.execution.stages import Event, SinkSpec, StageSpec, Task, run_local
-from jobs.planning.plan import prior_batch_size
-from jobs.reporting.timeline import Timeline
+from jobs.execution.contract import Event, SinkSpec, StageSpec, Task
+from jobs.execution.local import run_local
+from jobs.execution.runner import Deadlines, RunnerMeasures, run_ray
+from jobs.execution.timeline import Timeline
+from jobs.planning.batches import prior_batch_size
+from jobs.planning.machine import local_machine, ray_machine
 from schemas.config import JobConfig
 from schemas.modes import MODES
+from schemas.stages import DECODER, DEPTH, MODEL_STAGES, PRIOR, SCORE, SPLIT_AFTER, WRITER
 
 logger = logging.getLogger(__name__)
 
@@ -65,38 +67,29 @@ def build_chain(
                 f"the stages ask for {gpus:g} GPUs with the scoring stage; the cluster has {cluster_gpus:g}"
             )
     prior, decoder = place_stages(prior, decoder, stage_placement=config.stage_placement)
+    layouts = {DEPTH.name: depth, PRIOR.name: prior, DECODER.name: decoder, SCORE.name: score, WRITER.name: writer}
     inputs = {
         "storage_options": config.storage_options,
         "allowed_protocols": config.limits.allowed_protocols,
         "max_input_pixels": config.limits.max_input_pixels,
     }
-    stages = []
-    if depth is not None:
-        kwargs = {"model": config.models.depth, "revision": config.models.depth_hub_revision(), **inputs}
-        stages.append(StageSpec(name="depth", cls=DepthActor, kwargs=kwargs, resources=depth))
-    prior_kwargs = {"model": config.models.prior, "dtype": config.dtype, "accel": config.accel, **inputs}
-    stages.append(
-        StageSpec(
-            name="prior", cls=PriorActor, kwargs=prior_kwargs, resources=prior, batch_size=prior_batch_size(config)
-        )
-    )
-    decoder_kwargs = {
-        "models": {mode: config.models.for_checkpoint(MODES[mode].checkpoint) for mode in modes},
-        "movq_scales": movq_scales,
-        "dtype": config.dtype,
-        "accel": config.accel,
-        **inputs,
+    model = {"dtype": config.dtype, "accel": config.accel}
+    decoders = {mode: config.models.for_checkpoint(MODES[mode].checkpoint) for mode in modes}
+    # Per stage: its class, what it is built with, and its calls' batch size.
+    made: dict[str, tuple[type, dict[str, Any], int | None]] = {
+        DEPTH.name: (DepthActor, {"model": config.models.depth, "revision": config.models.depth_hub_revision()}, None),
+        PRIOR.name: (PriorActor, {"model": config.models.prior, **model}, prior_batch_size(config)),
+        DECODER.name: (DecoderActor, {"models": decoders, "movq_scales": movq_scales, **model}, config.batch_size),
+        SCORE.name: (ScoreActor, {"model": config.models.prior, **model}, config.batch_size),
     }
-    stages.append(
-        StageSpec(
-            name="decoder", cls=DecoderActor, kwargs=decoder_kwargs, resources=decoder, batch_size=config.batch_size
-        )
-    )
-    if score is not None:
-        score_kwargs = {"model": config.models.prior, "dtype": config.dtype, "accel": config.accel}
-        stages.append(
-            StageSpec(name="score", cls=ScoreActor, kwargs=score_kwargs, resources=score, batch_size=config.batch_size)
-        )
+    stages = []
+    for stage in MODEL_STAGES:
+        if layouts[stage.name] is not None:
+            cls, kwargs, batch_size = made[stage.name]
+            kwargs = kwargs if stage is SCORE else {**kwargs, **inputs}  # the scorer reads no input images
+            stages.append(
+                StageSpec(name=stage.name, cls=cls, kwargs=kwargs, resources=layouts[stage.name], batch_size=batch_size)
+            )
     sink_kwargs = {
         "output": config.output,
         "output_format": output_format,
@@ -106,15 +99,15 @@ def build_chain(
         "save_embeddings": config.save_embeddings,
         "min_clip_score": config.min_clip_score,
     }
-    return stages, SinkSpec(name="writer", cls=ShardWriter, kwargs=sink_kwargs, resources=writer)
+    return stages, SinkSpec(name=WRITER.name, cls=ShardWriter, kwargs=sink_kwargs, resources=writer)
 
 
 def split_index(stages: list[StageSpec]) -> int:
-    """Stages up to the prior see whole groups (one prior call serves several decoder batches)."""
-    return [spec.name for spec in stages].index("prior")
+    """Stages up to `schemas.stages.SPLIT_AFTER` (the prior) see whole groups: one call serves several batches."""
+    return [spec.name for spec in stages].index(SPLIT_AFTER)
 
 
-def describe(stage: StagePlan) -> dict[str, Any]:
+def describe(stage: StageLayout) -> dict[str, Any]:
     """A stage's resources as stats.json records them."""
     described = {"num_actors": stage.num_actors, "num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}
     if not stage.placement.is_any:
@@ -185,7 +178,7 @@ def execute(
         )
         specs = [dataclasses.replace(spec, resources=fit) for spec, fit in zip(specs, fitted)]
         stages, sink = specs[:-1], specs[-1]
-    marks: dict[str, Any] = {}
+    measures = RunnerMeasures(names=[spec.name for spec in specs])
     stage_info.update(
         runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: describe(spec.resources) for spec in specs}
     )
@@ -200,16 +193,16 @@ def execute(
             sink,
             tasks,
             split_after=split_index(stages),
-            timeline=marks,
+            measures=measures,
             deadlines=deadlines,
             max_tasks=config.shards_in_flight,
             **(runner_options or {}),
         )
     finally:
-        for name, at in marks.items():
-            if isinstance(at, float):
-                timeline.mark_monotonic("stages_starting" if name == "started" else name, at)
-    stage_info.update(_timing(marks))
+        timeline.mark_monotonic("stages_starting", measures.started)
+        for name, at in measures.moments.items():
+            timeline.mark_monotonic(name, at)
+    stage_info.update(measures.per_stage())
 
 
 def _import_stage_modules() -> None:
@@ -219,12 +212,3 @@ def _import_stage_modules() -> None:
     import actors.prior  # noqa: F401
     import actors.scorer  # noqa: F401
     import actors.writer  # noqa: F401
-
-
-def _timing(marks: dict[str, Any]) -> dict[str, Any]:
-    """stats.json's busy seconds and calls per stage, from the runner's counters."""
-    names = marks["names"]
-    return {
-        "busy_seconds": {name: round(s, 3) for name, s in zip(names, marks["busy_seconds"])},
-        "calls": dict(zip(names, marks["calls"])),
-    }

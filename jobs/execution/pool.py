@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.execution.stages import SinkSpec, StageSpec
+from jobs.execution.contract import SinkSpec, StageSpec, split_rows
 from schemas.work import from_ipc, to_ipc
 
 logger = logging.getLogger(__name__)
@@ -32,10 +32,10 @@ def ray_worker_tag() -> str:
     return f"gpus={gpu_ids or '-'} cuda={os.environ.get('CUDA_VISIBLE_DEVICES') or '-'}"
 
 
-class StageWorker:
-    """Body of one model-stage actor: builds the stage once, then maps Arrow IPC payloads through it."""
+class _Worker:
+    """What every actor body shares: its stage (or sink) built once in the constructor, a probe, its pid."""
 
-    def __init__(self, *, spec: StageSpec) -> None:
+    def __init__(self, *, spec: StageSpec | SinkSpec) -> None:
         self.name = spec.name
         self.instance = spec.build(worker=ray_worker_tag())
 
@@ -47,30 +47,20 @@ class StageWorker:
         """The actor's process id (tests, diagnostics)."""
         return os.getpid()
 
+
+class StageWorker(_Worker):
+    """Body of one model-stage actor: maps Arrow IPC payloads through its stage."""
+
     def run(self, payload: bytes, sizes: list[int]) -> tuple[Any, ...]:
         """Map one payload; return one payload per entry of ``sizes`` plus a small info dict, last."""
-        from jobs.execution.stages import split_rows
-
         started = time.perf_counter()
         table = self.instance(from_ipc(payload))
         pieces = [to_ipc(piece) for piece in split_rows(table, sizes)]
         return (*pieces, {"rows": table.num_rows, "seconds": time.perf_counter() - started})
 
 
-class SinkWorker:
+class SinkWorker(_Worker):
     """Body of one sink actor: takes batches of tasks and publishes each task when told to."""
-
-    def __init__(self, *, spec: SinkSpec) -> None:
-        self.name = spec.name
-        self.instance = spec.build(worker=ray_worker_tag())
-
-    def ready(self) -> str:
-        """Answers once the constructor is done."""
-        return self.name
-
-    def pid(self) -> int:
-        """The actor's process id (tests, diagnostics)."""
-        return os.getpid()
 
     def add(self, tag: str, payload: bytes) -> dict[str, Any]:
         """Give one batch of task ``tag`` to the sink; its info dict plus the call's seconds."""

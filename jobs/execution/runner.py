@@ -26,14 +26,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from jobs.execution.contract import BatchDone, Event, SinkSpec, StageSpec, Task, TaskDone, check_split
 from jobs.execution.pool import Actor, ray_error, record_probe, start_actor
-from jobs.execution.stages import BatchDone, Event, SinkSpec, StageSpec, Task, TaskDone, check_split
 from jobs.execution.watchdog import Deadlines, Watchdog
-from jobs.execution.work_state import Call, Group, Item, TaskState, count_call, mark, start_timeline
+from jobs.execution.work_state import Call, Group, Item, RunnerMeasures, TaskState
 from schemas.work import to_ipc
 
 logger = logging.getLogger(__name__)
-__all__ = ["Deadlines", "RayStagePipeline", "run_ray"]
+__all__ = ["Deadlines", "RayStagePipeline", "RunnerMeasures", "run_ray"]
 
 
 class RayStagePipeline:
@@ -51,7 +51,7 @@ class RayStagePipeline:
         max_attempts: int = 3,
         deadlines: Deadlines | None = None,
         wait_for_actors: bool = False,
-        timeline: dict[str, Any] | None = None,
+        measures: RunnerMeasures | None = None,
         stall_warning_s: float = 120.0,
     ) -> None:
         check_split(stages, split_after)
@@ -65,9 +65,9 @@ class RayStagePipeline:
         self.max_tasks = max_tasks or 2 * sink.resources.num_actors
         self.max_attempts = max_attempts
         self.wait_for_actors = wait_for_actors
-        self.timeline = start_timeline(timeline, [spec.name for spec in self.specs])
+        self.measures = measures or RunnerMeasures(names=[spec.name for spec in self.specs])
         self.watchdog = Watchdog(
-            self.specs, deadlines or Deadlines(), started=self.timeline["started"], stall_warning_s=stall_warning_s
+            self.specs, deadlines or Deadlines(), started=self.measures.started, stall_warning_s=stall_warning_s
         )
         self.calls: dict[Any, Call] = {}
         self.pools: list[list[Actor]] = [[] for _ in self.specs]
@@ -240,7 +240,7 @@ class RayStagePipeline:
     def _track(self, call: Call, info: Any) -> None:
         call.actor.inflight += 1
         call.actor.submitted.append(time.monotonic())
-        mark(self.timeline, "first_dispatch")
+        self.measures.mark("first_dispatch")
         self.calls[info] = call
 
     def _probe(self, actor: Actor) -> None:
@@ -271,7 +271,7 @@ class RayStagePipeline:
             self._failed(call, exc)
             return
         seconds = info["seconds"]
-        count_call(self.timeline, actor.stage, seconds)
+        self.measures.count_call(actor.stage, seconds)
         self.watchdog.finished_call(actor.stage, seconds)
         if call.kind == "add":
             yield from self._added(call, info)
@@ -310,7 +310,7 @@ class RayStagePipeline:
         state = call.task
         if call.attempt != state.attempt or state not in self.open:
             return
-        mark(self.timeline, "first_result")
+        self.measures.mark("first_result")
         state.remaining -= 1
         yield BatchDone(tag=state.task.tag, info=info)
         if state.remaining == 0:
@@ -329,9 +329,9 @@ class RayStagePipeline:
     def _probed(self, actor: Actor, error: BaseException | None) -> None:
         record_probe(actor, self.pools[actor.stage], error, name=self.specs[actor.stage].name)
         if actor.ready:
-            mark(self.timeline, f"{self.specs[actor.stage].name}_ready")
+            self.measures.mark(f"{self.specs[actor.stage].name}_ready")
         if actor.ready and all(pool and all(a.ready for a in pool) for pool in self.pools):
-            mark(self.timeline, "actors_ready")
+            self.measures.mark("actors_ready")
 
     def _failed(self, call: Call, exc: Exception) -> None:
         """Infrastructure failure of one call: re-run its work, a bounded number of times."""
@@ -364,8 +364,9 @@ class RayStagePipeline:
         group.failures += 1
         if group.failures >= self.max_attempts:
             raise RuntimeError(f"stage {name}: a batch failed {group.failures} times, last: {exc}") from exc
-        logger.warning("stage %s: call failed (%s); re-running %d batch(es) from the first stage", name, exc,
-                       len(positions))  # fmt: skip
+        logger.warning(
+            "stage %s: call failed (%s); re-running %d batch(es) from the first stage", name, exc, len(positions)
+        )
         group.wanted.update(positions)
         if call.group is not None or not group.queued:  # a group already on its way re-runs once, for all
             group.queued, group.stage, group.data = False, 0, None
@@ -379,18 +380,17 @@ def run_ray(
     *,
     split_after: int = 0,
     wait_for_actors: bool = False,
-    timeline: dict[str, Any] | None = None,
+    measures: RunnerMeasures | None = None,
     **options: Any,
 ) -> Iterator[Event]:
     """Ray Core actor pools per stage and for the sink (`RayStagePipeline`); Ray must be connected.
 
-    ``timeline`` (optional) receives monotonic timestamps (``started``, ``<stage>_ready`` when a
-    stage's first actor is up, ``actors_ready``, ``first_dispatch``, ``first_result``) and per-stage
-    ``busy_seconds`` and ``calls`` (the sink last).
+    ``measures`` (optional) receives monotonic moments (``<stage>_ready`` when a stage's first actor
+    is up, ``actors_ready``, ``first_dispatch``, ``first_result``) and per-stage busy seconds and calls.
     ``wait_for_actors`` holds all work until every actor is up (benchmarks).
     """
     pipeline = RayStagePipeline(
-        stages, sink, split_after=split_after, wait_for_actors=wait_for_actors, timeline=timeline, **options
+        stages, sink, split_after=split_after, wait_for_actors=wait_for_actors, measures=measures, **options
     )
     try:
         yield from pipeline.run(tasks)

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from jobs.execution.contract import SinkSpec, StageSpec
 from jobs.execution.pool import Actor, describe_resources
-from jobs.execution.stages import SinkSpec, StageSpec
 
 logger = logging.getLogger("jobs.execution.runner")  # its warnings are the runner's
 

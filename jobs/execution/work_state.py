@@ -1,5 +1,5 @@
 """What the Ray runner tracks while it runs: open tasks, groups and items of batches, calls in flight, and
-what it measures (the timeline dict of `jobs.execution.runner.run_ray`)."""
+what it measures (`RunnerMeasures`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from jobs.execution.contract import Task
 from jobs.execution.pool import Actor
-from jobs.execution.stages import Task
 
 
 @dataclass(eq=False, kw_only=True)
@@ -62,19 +62,33 @@ class Call:
     num_batches: int = 0
 
 
-def start_timeline(timeline: dict[str, Any] | None, names: list[str]) -> dict[str, Any]:
-    """``timeline`` (or a new dict) set up for a run of stages ``names``: its start, busy seconds and calls."""
-    timeline = timeline if timeline is not None else {}
-    timeline.update(started=time.monotonic(), names=names, busy_seconds=[0.0] * len(names), calls=[0] * len(names))
-    return timeline
+@dataclass(kw_only=True)
+class RunnerMeasures:
+    """What the Ray runner measures: the first time each moment happened (``time.monotonic()``) and, per
+    stage (the sink last), busy seconds and calls. The job turns the moments into its `Timeline` marks."""
 
+    names: list[str]
+    started: float = field(default_factory=time.monotonic)
+    moments: dict[str, float] = field(default_factory=dict)
+    busy_seconds: list[float] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
 
-def mark(timeline: dict[str, Any], name: str) -> None:
-    """Record the first time ``name`` happens (monotonic clock)."""
-    timeline.setdefault(name, time.monotonic())
+    def __post_init__(self) -> None:
+        self.busy_seconds = self.busy_seconds or [0.0] * len(self.names)
+        self.calls = self.calls or [0] * len(self.names)
 
+    def mark(self, name: str) -> None:
+        """Record the first time ``name`` happens."""
+        self.moments.setdefault(name, time.monotonic())
 
-def count_call(timeline: dict[str, Any], stage: int, seconds: float) -> None:
-    """One finished call of ``stage`` that was busy ``seconds``."""
-    timeline["busy_seconds"][stage] += seconds
-    timeline["calls"][stage] += 1
+    def count_call(self, stage: int, seconds: float) -> None:
+        """One finished call of ``stage`` that was busy ``seconds``."""
+        self.busy_seconds[stage] += seconds
+        self.calls[stage] += 1
+
+    def per_stage(self) -> dict[str, Any]:
+        """stats.json's busy seconds and calls per stage."""
+        return {
+            "busy_seconds": {name: round(s, 3) for name, s in zip(self.names, self.busy_seconds)},
+            "calls": dict(zip(self.names, self.calls)),
+        }

@@ -8,6 +8,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cluster.resources import parse_labels
@@ -20,31 +21,38 @@ from schemas.models import ModelPaths
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExampleInputs:
+    """What ``--example`` fills in when the flags leave it unset (the entry point makes the models)."""
+
+    manifest: str
+    output: str
+    models: str
+
+
 def run_options(args: argparse.Namespace) -> RunOptions:
     """The `RunOptions` part of parsed flags."""
     return instantiate(RunOptions, values_of(RunOptions, args))
 
 
-def config_from_args(args: argparse.Namespace, *, environ: Mapping[str, str] | None = None) -> JobConfig:
-    """Build a `JobConfig` from parsed flags (``--example`` fills manifest, models and output).
+def config_from_args(
+    args: argparse.Namespace, *, environ: Mapping[str, str] | None = None, example: ExampleInputs | None = None
+) -> JobConfig:
+    """Build a `JobConfig` from parsed flags.
 
-    ``environ`` (default ``os.environ``) supplies ``$KANDINSKY_RENDER_STORAGE_OPTIONS``. With
-    ``--dry-run`` the example's tiny models are not built. ValueError for missing or bad options.
+    ``environ`` (default ``os.environ``) supplies ``$KANDINSKY_RENDER_STORAGE_OPTIONS``. ``example``
+    (``--example``) fills the manifest, the output and the models the flags leave unset. ValueError
+    for missing or bad options.
     """
     run = run_options(args)
     values = values_of(JobConfig, args)
     overrides = values.pop("models")  # per-checkpoint flags; unset ones come from --models or the hub
     manifest, output, models_dir = values["manifest"], values["output"], run.models
-    if run.example:
-        from jobs.dev.example import example_manifest_path
-        from jobs.dev.tiny_models import build_tiny_models, default_tiny_models_dir
-
-        manifest = manifest or example_manifest_path()
-        output = output or "kandinsky-example"
+    if run.example and example is not None:
+        manifest = manifest or example.manifest
+        output = output or example.output
         if not (models_dir or overrides["prior"] or overrides["decoder"]):
-            models_dir = default_tiny_models_dir()
-            if not run.dry_run:
-                build_tiny_models(models_dir)
+            models_dir = example.models
     if not manifest or not output:
         flags = (option_at(JobConfig, "manifest").flag, option_at(JobConfig, "output").flag)
         example = option_at(RunOptions, "example").flag

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jobs.options.storage import ENV_VAR as STORAGE_ENV_VAR
-from jobs.reporting.progress import LOG_FORMATS
 from schemas.models import HUB_MODELS
 
 PROGRESS_MODES = ("auto", "live", "log", "off")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from schemas.config import JobConfig
-from schemas.models import is_hub_id
+from schemas.models import is_hub_id, movq_scale
 from schemas.modes import MODES
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def embedding_dim(path: str, *, storage_options: dict[str, Any] | None = None) -
         return PUBLIC_EMBEDDING_DIM
 
 
-def movq_scale(path: str, *, storage_options: dict[str, Any] | None = None) -> int:
+def checkpoint_movq_scale(path: str, *, storage_options: dict[str, Any] | None = None) -> int:
     """The spatial downsampling factor of the MoVQ of the decoder checkpoint at ``path`` (a folder or hub id).
 
     Read from ``movq/config.json`` (``2 ** (len(block_out_channels) - 1)``, as the pipelines compute
@@ -66,7 +66,7 @@ def movq_scale(path: str, *, storage_options: dict[str, Any] | None = None) -> i
     """
     try:
         config = _read_config(path, _MOVQ_CONFIG, json.dumps(storage_options or {}, sort_keys=True, default=str))
-        return 2 ** (len(config["block_out_channels"]) - 1)
+        return movq_scale(config["block_out_channels"])
     except Exception as exc:  # noqa: BLE001 - any failure to read means: fall back and say so
         logger.warning(
             "could not read %s of %s (%s: %s); assuming MoVQ scale %d for size checks",
@@ -95,7 +95,7 @@ class CheckpointScales(Mapping[str, int]):
             raise KeyError(name)
         if name not in self._scales:
             path = self.config.models.for_checkpoint(name)
-            self._scales[name] = movq_scale(path, storage_options=self.config.storage_options)
+            self._scales[name] = checkpoint_movq_scale(path, storage_options=self.config.storage_options)
         return self._scales[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -11,14 +11,15 @@ from typing import Any
 import pyarrow as pa
 
 from actors.storage import Storage
-from jobs.execution.machine import local_machine, plan_defaults
+from jobs.options.flags import option_at
+from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
-from jobs.planning.plan import Plan, group_batches, plan_needs_depth, prior_batch_size
-from jobs.planning.shards import RunPlan, plan_run
-from schemas.config import JobConfig
+from jobs.planning.machine import local_machine
+from jobs.planning.run_plan import RunPlan, plan_run, with_machine_defaults
+from jobs.planning.work import Work, needs_depth
+from schemas.config import JobConfig, StageResources
 from schemas.modes import PRIOR_KINDS
-
-STAGES = ("depth", "prior", "decoder", "score")
+from schemas.stages import ALWAYS, MODEL_STAGES, StageInfo
 
 
 @dataclass(kw_only=True)
@@ -33,28 +34,28 @@ class Census:
     units: collections.Counter[str] = field(default_factory=collections.Counter)
     num_to_render: int = 0
 
-    def add(self, plan: Plan, config: JobConfig) -> None:
-        """Count one shard's plan."""
-        work = plan.batches.work
+    def add(self, shard: Work, config: JobConfig) -> None:
+        """Count one shard's work."""
+        work = shard.batches.work
         self.num_to_render += work.num_rows
         for row in _grouped(work, ["mode", "height", "width"]):
             key = (row["mode"], row["height"], row["width"])
             self.images[key] += row["id_count"]
             self.rows[key] += row["id_count_distinct"]
-        for row in _grouped(plan.refused, ["error_kind"]):
+        for row in _grouped(shard.refused, ["error_kind"]):
             self.refused_images[row["error_kind"]] += row["id_count"]
             self.refused_rows[row["error_kind"]] += row["id_count_distinct"]
         size = prior_batch_size(config)
-        depth = plan.needs_depth
-        self.calls["decoder"] += len(plan.batches)
+        depth = shard.needs_depth
+        self.calls["decoder"] += len(shard.batches)
         if config.score:
-            self.calls["score"] += len(plan.batches)
-        for group in group_batches(plan.batches, max_rows=size):
+            self.calls["score"] += len(shard.batches)
+        for group in group_batches(shard.batches, max_rows=size):
             rows = sum(batch.num_rows for batch in group)
             self.calls["prior"] += (
                 rows if PRIOR_KINDS[group[0].column("prior_kind")[0].as_py()].alone else -(-rows // size)
             )
-            if depth and plan_needs_depth(pa.concat_tables(group)):
+            if depth and needs_depth(pa.concat_tables(group)):
                 self.calls["depth"] += 1
         if work.num_rows:
             self.units.update(unit_totals(work))
@@ -69,24 +70,20 @@ def _grouped(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
 def census(plan: RunPlan) -> Census:
     """Plan every pending shard, one at a time, keeping only counts."""
     counts = Census()
-    for work in plan.works():
-        counts.add(work.plan, plan.config)
+    for shard in plan.works():
+        counts.add(shard.work, plan.config)
     return counts
 
 
-def _stage_line(name: str, num_actors: int | None, num_gpus: float | None, placement: dict[str, Any]) -> str:
-    # None fields are decided by cluster.resources.resolve_stages when the job starts.
-    default_actors = {"decoder": "one actor per GPU left after the prior (1 on CPU clusters)",
-                      "score": "one actor per four decoders"}  # fmt: skip
-    default_gpus = {"score": "0.25 GPU each, beside the decoders' 0.75 (0 on CPU)"}
-    actors = f"{num_actors} actor(s)" if num_actors else default_actors.get(name, "1 actor")
-    if num_gpus is not None:
-        gpus = f"{num_gpus:g} GPU each"
-    else:
-        gpus = default_gpus.get(name, "1 GPU each (0.5 on a 1-GPU cluster, 0 on CPU)")
+def _stage_line(stage: StageInfo, resources: StageResources, placement: dict[str, Any]) -> str:
+    """One stage's resources; unset ones as ``--help`` says they are decided when the job starts."""
+    actors = option_at(JobConfig, stage.config_field, "num_actors")
+    gpus = option_at(JobConfig, stage.config_field, "num_gpus")
+    num_actors = f"{resources.num_actors} actor(s)" if resources.num_actors else f"actors: {actors.default_text or 1}"
+    num_gpus = f"{resources.num_gpus:g} GPU each" if resources.num_gpus is not None else f"GPUs: {gpus.default_text}"
     where = [f"accelerator type {placement['accelerator_type']}"] if placement.get("accelerator_type") else []
     where += [f"{key}={value}" for key, value in placement.get("label_selector", {}).items()]
-    return f"{name}: {actors}, {gpus}" + (f", on nodes with {', '.join(where)}" if where else "")
+    return f"{stage.name}: {num_actors}, {num_gpus}" + (f", on nodes with {', '.join(where)}" if where else "")
 
 
 def _table(rows: list[tuple[str, ...]], aligns: str) -> list[str]:
@@ -114,12 +111,12 @@ def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list
     body.append(("to render", "", str(sum(counts.rows.values())), str(counts.num_to_render)))
     lines += _table(body, "<<>>")
     sizes = f"decoder batch size {config.batch_size}, prior batch size {prior_batch_size(config)}"
-    stages = [name for name in STAGES if name in ("prior", "decoder") or counts.calls[name]]
+    stages = [stage.name for stage in MODEL_STAGES if stage.present == ALWAYS or counts.calls[stage.name]]
     lines += ["", f"model calls per stage ({sizes}): " + ", ".join(f"{name} {counts.calls[name]}" for name in stages)]
-    for name in stages:
-        resources = config.scorer if name == "score" else getattr(config, name)
-        placement = config.stage_placement.get(name, {})
-        lines.append("  " + _stage_line(name, resources.num_actors, resources.num_gpus, placement))
+    for stage in MODEL_STAGES:
+        if stage.name in stages:
+            placement = config.stage_placement.get(stage.name, {})
+            lines.append("  " + _stage_line(stage, getattr(config, stage.config_field), placement))
     lines += ["", f"estimated GPU-seconds (busy time of one GPU per actor), calibration {calibration}:"]
     scoring = bool(config.score)
     rows = [("profile", "prior", "decoder", *(["score"] if scoring else []), "total", "basis")]
@@ -146,7 +143,7 @@ def dry_run(config: JobConfig, *, calibration: str | None = None) -> str:
     plan = plan_run(config, Storage(config.output, storage_options=config.storage_options))
     scan = plan.scan()
     machine = local_machine()
-    plan, choices = plan_defaults(plan, scan, machine)
+    plan, choices = with_machine_defaults(plan, scan, machine)
     config = plan.config
     text = describe(config, plan, census(plan), profiles=profiles, calibration=path)
     if not choices:

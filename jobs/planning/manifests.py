@@ -160,7 +160,7 @@ def cut_shards(file: ManifestFile, *, shard_rows: int) -> list[Shard]:
 
 
 def read_whole(file: ManifestFile, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """Every row of a (small) manifest file, normalized; for in-memory plans (`jobs.planning.plan.make_plan`)."""
+    """Every row of a (small) manifest file, normalized; for in-memory plans (`jobs.planning.plan.manifest_work`)."""
     fs, path = url_to_fs(file.uri, **(storage_options or {}))
     table = _reading(
         f"read {file.uri}", lambda: pq.read_table(path, filesystem=fs), f"{file.uri}: cannot read as Parquet"

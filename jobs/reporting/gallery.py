@@ -171,7 +171,7 @@ def write_report(
     With scores (``scores_summary``, the output's merged `actors.scores` summary) also
     ``score_histogram.png`` and a section with the lowest- and highest-scoring images.
 
-    ``rows`` are gallery candidates (`jobs.output.markers.Candidates.chosen`); their previews come
+    ``rows`` are the gallery's sample (`schemas.summary.Sample.chosen`); their previews come
     from the results parts that hold them. On object stores the objects get their content type, so
     a browser shows them instead of downloading them.
     """

@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from jobs.options.run_options import LOG_FORMATS
+
 logger = logging.getLogger("kandinsky_render.progress")
 
-LOG_FORMATS = ("text", "json")
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -56,8 +56,11 @@ def histogram_png(scores: dict[str, Any], *, min_clip_score: float | None = None
     if min_clip_score is not None:
         x = margin + min_clip_score / SCORE_BIN_WIDTH * bar
         draw.line((x, margin, x, height - margin), fill=(200, 30, 30), width=2)
-    draw.text((margin, 8), f"CLIP score of {scores['count']} image(s), mean {scores['sum'] / scores['count']:.2f}",
-              fill=(0, 0, 0))  # fmt: skip
+    draw.text(
+        (margin, 8),
+        f"CLIP score of {scores['count']} image(s), mean {scores['sum'] / scores['count']:.2f}",
+        fill=(0, 0, 0),
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -65,10 +68,16 @@ def histogram_png(scores: dict[str, Any], *, min_clip_score: float | None = None
 
 def extremes_html(stats: dict[str, Any], thumbnails: dict[tuple[str, int], bytes | None]) -> str:
     """The gallery's score section: the histogram and the lowest- and highest-scoring images, with previews."""
-    parts = [f'<h2>CLIP scores</h2><p><img src="{HISTOGRAM_FILE}" alt="score histogram"></p>',
-             f"<p>{stats['count']} scored, mean {stats['mean']}, min {stats['min']}, max {stats['max']}"
-             + (f"; {stats['num_filtered']} below {stats['min_clip_score']} (filtered)" if stats["min_clip_score"]
-                is not None else "") + "</p>"]  # fmt: skip
+    parts = [
+        f'<h2>CLIP scores</h2><p><img src="{HISTOGRAM_FILE}" alt="score histogram"></p>',
+        f"<p>{stats['count']} scored, mean {stats['mean']}, min {stats['min']}, max {stats['max']}"
+        + (
+            f"; {stats['num_filtered']} below {stats['min_clip_score']} (filtered)"
+            if stats["min_clip_score"] is not None
+            else ""
+        )
+        + "</p>",
+    ]
     for title, entries in (("lowest scores", stats["lowest"]), ("highest scores", stats["highest"])):
         cards = []
         for entry in entries:

@@ -7,22 +7,20 @@ import datetime as dt
 import json
 import logging
 import platform
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
 from actors.storage import Storage
 from cluster.resources import suggest_stages
-from jobs.output.markers import STAGE_SECONDS
+from jobs.planning.run_plan import RunPlan
 from jobs.reporting.scores import score_stats
 from schemas.config import JobConfig
 from schemas.keys import STATS_FILE
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE, STATUS_OK
+from schemas.stages import TIMED_STAGES
+from schemas.summary import Counts, PartSummary
 from schemas.versions import installed_versions, version_mismatches
-
-if TYPE_CHECKING:
-    from jobs.output.markers import Counts
-    from jobs.planning.shards import RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +44,7 @@ def run_stats(
     config: JobConfig,
     plan: RunPlan,
     this_run: Counts,
-    parts: list[dict[str, Any]],
+    parts: list[PartSummary],
     stage_info: dict[str, Any],
     render_seconds: float,
     wall_seconds: float,
@@ -56,7 +54,7 @@ def run_stats(
     refused = sum(this_run.errors_by_kind.get(kind, 0) for kind in (ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE))
     num_errors = this_run.num_images - this_run.by_status.get(STATUS_OK, 0)
     rendered = this_run.num_images - refused
-    busy = {stage: round(sum(p["busy_seconds"].get(stage, 0.0) for p in parts), 3) for stage in STAGE_SECONDS}
+    busy = {stage: round(sum(p.busy_seconds.get(stage, 0.0) for p in parts), 3) for stage in TIMED_STAGES}
     return {
         "run_id": run_id,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -86,17 +84,18 @@ def run_stats(
     }
 
 
-def suggest(parts: list[dict[str, Any]], *, cluster_gpus: float) -> dict[str, Any] | None:
+def suggest(parts: list[PartSummary], *, cluster_gpus: float) -> dict[str, Any] | None:
     """Stage layout suggested for this cluster from this run's measured per-image stage costs (ok images)."""
-    images = sum(p["ok_busy_seconds"]["images"] for p in parts)
-    decoder = sum(p["ok_busy_seconds"]["decoder"] for p in parts)
+    images = sum(p.ok_busy_seconds["images"] for p in parts)
+    decoder = sum(p.ok_busy_seconds["decoder"] for p in parts)
     if not images or not decoder:
         return None
-    prior = sum(p["ok_busy_seconds"]["prior"] for p in parts) / images
-    score = sum(p["ok_busy_seconds"].get("score", 0.0) for p in parts) / images or None
+    prior = sum(p.ok_busy_seconds["prior"] for p in parts) / images
+    score = sum(p.ok_busy_seconds.get("score", 0.0) for p in parts) / images or None
     decoder /= images
-    suggestion = suggest_stages(prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus,
-                                score_seconds=score)  # fmt: skip
+    suggestion = suggest_stages(
+        prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus, score_seconds=score
+    )
     # On CPU the suggestion is always the same (nothing to split): a user cannot act on it.
     logger.log(
         logging.INFO if cluster_gpus else logging.DEBUG,

@@ -7,8 +7,9 @@ memory follows the shards in flight, not the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,28 +17,42 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.storage import Storage
-from jobs.output.markers import OutputIndex, read_settings, read_shard_results
+from cluster.defaults import Choice, Machine
+from jobs.planning.batches import batch
 from jobs.planning.checkpoints import CheckpointScales
 from jobs.planning.ids import check_ids, files_digest
-from jobs.planning.manifests import ManifestFile, ShardReader, cut_shards, list_manifest_paths, read_footer
-from jobs.planning.plan import Plan, plan_rows
+from jobs.planning.machine import local_machine, machine_defaults
+from jobs.planning.manifests import ManifestFile, ShardReader, cut_shards, list_manifest_paths, read_footer, read_whole
+from jobs.planning.output_index import OutputIndex, read_settings, read_shard_results
+from jobs.planning.work import Work, images_per_row, shard_work
 from schemas.config import JobConfig
 from schemas.manifest import Limits, ManifestError, RenderDefaults
 from schemas.modes import DEFAULT_MODE, MODES
 from schemas.results import STATUS_OK
-from schemas.shards import DEFAULT_SHARD_ROWS, FORMAT_FILES, DatasetSettings, Marker, Shard, part_name
+from schemas.shards import DEFAULT_SHARD_ROWS, FORMAT_FILES, DatasetSettings, Marker, Shard, marker_key, part_name
+from schemas.summary import Counts, ImageKey
+from schemas.work import WORK_SCHEMA
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
+class Retried:
+    """What a ``--retry-errors`` part renders again of a finished shard: its marker and the images' earlier counts."""
+
+    marker: Marker  # the shard's marker before this part (with its gallery sample)
+    counts: Counts  # the earlier final results of the images rendered again
+    keys: frozenset[ImageKey]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ShardWork:
-    """One shard to render in this run: its part (first rendering, or a retry of its errors) and its plan."""
+    """One shard to render in this run: its part (first rendering, or a retry of its errors) and its work."""
 
     shard: Shard
     part: str
-    plan: Plan
-    previous: Marker | None = None  # the shard's marker, for a --retry-errors part
+    work: Work
+    retried: Retried | None = None  # set for a --retry-errors part
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,8 +104,7 @@ class RunPlan:
                     needs_depth |= bool(failed & estimated)
                     continue
                 counts = pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images)
-                counts = counts.to_numpy(zero_copy_only=False)
-                num_images += int(np.where((counts >= 1) & (counts <= limits.max_num_images), counts, 1).sum())
+                num_images += int(images_per_row(counts, limits=limits).sum())
                 shard_modes = pc.unique(pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE))
                 shard_modes = set(shard_modes.to_pylist()) & set(MODES)
                 modes |= shard_modes
@@ -98,19 +112,37 @@ class RunPlan:
         return PendingScan(num_images=num_images, modes=sorted(modes), needs_depth=needs_depth, largest_pixels=largest)
 
     def works(self) -> Iterator[ShardWork]:
-        """The pending shards' plans, one shard's rows at a time."""
+        """The pending shards' work, one shard's rows at a time."""
         with ShardReader(storage_options=self.config.storage_options) as reader:
             for shard, previous in self.pending:
                 rows = reader.read(shard)
-                only = None
-                if previous is not None:
-                    columns = ["id", "image_index", "status", "finished_at"]
-                    final = read_shard_results(self.storage, previous, columns=columns)
-                    only = final.filter(pc.not_equal(final.column("status"), STATUS_OK))
-                plan = plan_rows(rows, file=shard.file, config=self.config, movq_scales=self.scales, only=only,
-                                 embedding_dim=self.scales.embedding_dim)  # fmt: skip
+                retried = None if previous is None else self._retried(previous)
+                only = (
+                    None
+                    if retried is None
+                    else pa.table({"id": [k[0] for k in retried.keys], "image_index": [k[1] for k in retried.keys]})
+                )
+                work = shard_work(
+                    rows,
+                    file=shard.file,
+                    config=self.config,
+                    movq_scales=self.scales,
+                    only=only,
+                    embedding_dim=self.scales.embedding_dim,
+                )
                 attempt = len(previous.parts) if previous is not None else 0
-                yield ShardWork(shard=shard, part=part_name(shard.name, attempt), plan=plan, previous=previous)
+                yield ShardWork(shard=shard, part=part_name(shard.name, attempt), work=work, retried=retried)
+
+    def _retried(self, previous: Marker) -> Retried:
+        """The images a ``--retry-errors`` part renders again (every image whose final result is an error)."""
+        marker = Marker.from_json(self.storage.read_bytes(marker_key(previous.shard)))
+        final = read_shard_results(self.storage, marker)
+        errors = final.filter(pc.not_equal(final.column("status"), STATUS_OK)).to_pylist()
+        counts = Counts()
+        for row in errors:
+            counts.count(status=row["status"], mode=row["mode"], error_kind=row["error_kind"])
+        keys = frozenset((row["id"], row["image_index"]) for row in errors)
+        return Retried(marker=marker, counts=counts, keys=keys)
 
 
 def _largest_pixels(columns: pa.Table, *, defaults: RenderDefaults, limits: Limits) -> int:
@@ -121,6 +153,26 @@ def _largest_pixels(columns: pa.Table, *, defaults: RenderDefaults, limits: Limi
         sides.append(np.where((side >= 1) & (side <= limits.max_side), side, 0))
     pixels = sides[0] * sides[1]
     return int(pixels.max()) if len(pixels) else 0
+
+
+def with_machine_defaults(plan: RunPlan, scan: PendingScan, machine: Machine) -> tuple[RunPlan, list[Choice]]:
+    """``plan`` with its config's machine-dependent options filled for ``machine`` and the work ``scan`` found."""
+    config, choices = machine_defaults(
+        plan.config,
+        machine,
+        modes=scan.modes,
+        largest_pixels=scan.largest_pixels,
+        needs_depth=scan.needs_depth,
+        num_images=scan.num_images,
+    )
+    return dataclasses.replace(plan, config=config), choices
+
+
+def read_manifest_files(config: JobConfig) -> list[ManifestFile]:
+    """The footers of every manifest file ``config.manifest`` names, sorted (`ManifestError` when there are none)."""
+    options = config.storage_options
+    paths = list_manifest_paths(config.manifest, storage_options=options)
+    return [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
 
 
 def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> DatasetSettings:
@@ -148,9 +200,7 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     """The plan of a run as the output is now (with ``--overwrite``: as if it were empty)."""
     pinned = None if config.overwrite else read_settings(storage)
     settings = run_settings(config, pinned)
-    options = config.storage_options
-    paths = list_manifest_paths(config.manifest, storage_options=options)
-    files = [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
+    files = read_manifest_files(config)
     index = OutputIndex() if config.overwrite else OutputIndex.read(storage)
     for file in files:
         rendered = index.files.get(file.relpath)
@@ -163,7 +213,7 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     digest = files_digest(files)
     ids_checked = digest != settings.ids_checked
     if ids_checked:
-        check_ids(files, storage_options=options)
+        check_ids(files, storage_options=config.storage_options)
         settings = DatasetSettings(**{**settings.__dict__, "ids_checked": digest})
     pending: list[tuple[Shard, Marker | None]] = []
     num_shards = 0
@@ -183,4 +233,38 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
         pending=pending,
         num_shards=num_shards,
         ids_checked=ids_checked,
+    )
+
+
+def manifest_work(config: JobConfig, *, movq_scales: Mapping[str, int] | None = None) -> Work:
+    """The whole manifest as one in-memory `Work`, for small manifests: tests, benchmarks, examples.
+
+    The render job never calls this (it plans shard by shard, `RunPlan.works`); ids are checked as
+    the job checks them; options left to the machine take this machine's defaults. Raises
+    `ManifestError` for malformed manifests.
+    """
+    if config.batch_size is None:  # what a job on this machine would choose (for the text2img checkpoint's size)
+        config, _ = machine_defaults(config, local_machine(), modes=[], largest_pixels=0, needs_depth=False)
+    files = read_manifest_files(config)
+    check_ids(files, storage_options=config.storage_options)
+    scales = movq_scales if movq_scales is not None else CheckpointScales(config)
+    works = [
+        shard_work(
+            read_whole(file, storage_options=config.storage_options),
+            file=file.uri,
+            config=config,
+            movq_scales=scales,
+            embedding_dim=getattr(scales, "embedding_dim", None),
+        )
+        for file in files
+    ]
+    return Work(
+        num_rows=sum(w.num_rows for w in works),
+        num_images=sum(w.num_images for w in works),
+        batches=batch(
+            pa.concat_tables([WORK_SCHEMA.empty_table(), *(w.batches.work for w in works)]),
+            batch_size=config.batch_size,
+        ),
+        refused=pa.concat_tables([WORK_SCHEMA.empty_table(), *(w.refused for w in works)]),
+        movq_scales=scales.read() if isinstance(scales, CheckpointScales) else dict(scales),
     )

@@ -1,7 +1,9 @@
-"""The render job: plan shards, stream them through the stages, publish each shard's marker, report.
+"""The render job, top to bottom: take the output's lease, plan, execute, publish each shard, report.
 
-Per shard: the writers publish its data and results; then the driver writes its marker (the shard
-is done). At the end: stats.json (merged from the markers), the gallery, then ``_SUCCESS``.
+One shard's trip: `jobs.planning` finds it pending and turns its rows into batches; `jobs.execution`
+runs them through the stages, and its writer publishes the shard's data and results and returns a
+`schemas.summary.PartSummary`; `jobs.publishing` writes the shard's marker from it (the shard is
+done); `jobs.reporting` adds it to the run's stats. At the end: stats.json, the gallery, ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -19,21 +21,22 @@ from actors.storage import Storage
 from cluster.defaults import Machine
 from jobs.execution.chain import ChainBuilder, execute, session
 from jobs.execution.connect import check_address
-from jobs.execution.machine import log_choices, plan_defaults, stats_record
-from jobs.execution.stages import BatchDone, Task, TaskDone
-from jobs.output.lease import Lease
-from jobs.output.markers import Counts, new_marker, retried_marker, write_marker, write_settings
-from jobs.output.orphans import delete_orphans, delete_output
-from jobs.planning.plan import group_batches, prior_batch_size
-from jobs.planning.shards import PendingScan, RunPlan, ShardWork, plan_run
+from jobs.execution.contract import BatchDone, Task, TaskDone
+from jobs.execution.timeline import Timeline
+from jobs.planning.batches import group_batches, prior_batch_size
+from jobs.planning.machine import log_choices, stats_record
+from jobs.planning.run_plan import PendingScan, RunPlan, ShardWork, plan_run, with_machine_defaults
+from jobs.publishing.lease import Lease
+from jobs.publishing.markers import new_marker, retried_marker, write_marker, write_settings
+from jobs.publishing.orphans import delete_orphans, delete_output
 from jobs.reporting.gallery import write_report
 from jobs.reporting.progress import Progress
 from jobs.reporting.stats import run_stats, write_stats
-from jobs.reporting.timeline import Timeline
 from schemas.config import JobConfig
 from schemas.keys import SUCCESS_FILE
 from schemas.modes import MODES
 from schemas.shards import FORMAT_FILES
+from schemas.summary import Counts, PartSummary
 from schemas.versions import version_mismatches
 from schemas.work import to_ipc
 
@@ -60,11 +63,11 @@ def new_run_id() -> str:
 
 def tasks(plan: RunPlan, config: JobConfig, open_works: dict[str, ShardWork]) -> Iterator[Task]:
     """One task per pending shard (its part), planned only when the runner asks for it."""
-    for work in plan.works():
-        open_works[work.part] = work
-        refused = to_ipc(work.plan.refused) if work.plan.refused.num_rows else None
-        groups = list(group_batches(work.plan.batches, max_rows=prior_batch_size(config)))
-        yield Task(tag=work.part, groups=groups, args={"refused": refused})
+    for shard in plan.works():
+        open_works[shard.part] = shard
+        refused = to_ipc(shard.work.refused) if shard.work.refused.num_rows else None
+        groups = list(group_batches(shard.work.batches, max_rows=prior_batch_size(config)))
+        yield Task(tag=shard.part, groups=groups, args={"refused": refused})
 
 
 def run_job(
@@ -77,7 +80,7 @@ def run_job(
     """Render every image of the manifests whose shard is not done in the output yet; see README.md.
 
     Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests,
-    ValueError for impossible settings and `jobs.output.lease.LeaseHeldError` when another run
+    ValueError for impossible settings and `jobs.publishing.lease.LeaseHeldError` when another run
     holds the output. A shard's results are published only after its images, its marker last.
     ``build`` and ``runner_options``: see `jobs.execution.chain.execute` (benchmarks).
     """
@@ -101,14 +104,24 @@ def run_job(
             planning = pool.submit(_plan, config, storage, timeline)
             with session(config, timeline) as machine:
                 plan, scan = planning.result()
-                plan, choices = plan_defaults(plan, scan, machine)
+                plan, choices = with_machine_defaults(plan, scan, machine)
                 log_choices(machine, choices)
-                stats = _render(plan, scan, storage, lease, progress, run_id=run_id, timeline=timeline,
-                                machine=machine, build=build, runner_options=runner_options,
-                                started=started)  # fmt: skip
+                stats = _render(
+                    plan,
+                    scan,
+                    storage,
+                    lease,
+                    progress,
+                    run_id=run_id,
+                    timeline=timeline,
+                    machine=machine,
+                    build=build,
+                    runner_options=runner_options,
+                    started=started,
+                )
                 stats["defaults"] = stats_record(machine, choices)
                 stats["timeline"] = timeline.seconds()
-                chosen = plan.index.candidates.chosen()
+                chosen = plan.index.sample.chosen()
                 stats["report"] = write_report(storage, chosen, stats=stats, scores_summary=plan.index.scores)
                 timeline.mark("gallery_written")  # before Ray shuts down: the gallery does not wait for it
                 stats["timeline"] = timeline.seconds()
@@ -158,7 +171,7 @@ def _render(
     storage.delete(SUCCESS_FILE)
     progress.start(run_id=run_id, num_images=scan.num_images)
     this_run = Counts()
-    parts: list[dict[str, Any]] = []
+    parts: list[PartSummary] = []
     stage_info: dict[str, Any] = {}
     open_works: dict[str, ShardWork] = {}
     render_started = time.monotonic()
@@ -185,19 +198,23 @@ def _render(
                 timeline.mark("first_image_stored")
             continue
         assert isinstance(event, TaskDone)
-        work, summary = open_works.pop(event.tag), event.result
-        if work.previous is None:
-            marker = new_marker(work.shard, summary, output_format=plan.settings.output_format)
+        shard, summary = open_works.pop(event.tag), event.result
+        if shard.retried is None:
+            marker = new_marker(shard.shard, summary, output_format=plan.settings.output_format)
+            plan.index.record(marker)
         else:
-            marker = retried_marker(storage, work.previous, summary)
+            marker = retried_marker(shard.retried, summary)
+            plan.index.record(
+                marker, previous=shard.retried.marker, added_scores=summary.scores, replaced=shard.retried.keys
+            )
         write_marker(storage, marker)
         timeline.mark("first_image_stored")  # other formats: a shard's images are stored when it is published
         timeline.mark("first_shard_published")
-        plan.index.record(marker, previous=work.previous)
-        this_run.add(summary)
+        this_run.add(summary.counts)
         parts.append(summary)
-        if work.plan.refused.num_rows:
-            progress.update(num_done=work.plan.refused.num_rows, num_errors=work.plan.refused.num_rows)
+        refused = shard.work.refused.num_rows
+        if refused:
+            progress.update(num_done=refused, num_errors=refused)
     progress.finish()
     timeline.mark("rendered")
     return run_stats(

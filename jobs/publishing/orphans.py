@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from actors.storage import Storage
-from jobs.output.markers import OutputIndex
+from jobs.planning.output_index import OutputIndex
 from schemas.keys import IMAGES_DIR, RESULTS_DIR, STATS_FILE, SUCCESS_FILE
-from schemas.shards import DATA_DIR, DATASET_FILE, SHARDS_DIR
+from schemas.shards import DATA_DIR, DATASET_FILE, SHARDS_DIR, part_shard
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def delete_orphans(storage: Storage, index: OutputIndex) -> list[str]:
         for key in storage.list_files(prefix):
             name = key.rsplit("/", 1)[-1]
             part = next((name[: -len(s)] for s in (".parquet", ".tar") if name.endswith(s)), name)
-            shard = part.split(".retry-")[0]
+            shard = part_shard(part)
             if shard in index.done and (shard not in index.with_errors or _listed(index, shard, part)):
                 continue
             logger.warning("deleting %s: written by a run that stopped before publishing its shard", key)

@@ -1,24 +1,20 @@
 """What machine the job runs on (`cluster.defaults.Machine`) and the defaults it chooses for it.
 
 `ray_machine` reads a connected Ray cluster (CPUs, GPUs, memory, GPU type), `local_machine` this
-machine without Ray (``--runner local``,
-``--dry-run``). `machine_defaults` fills the config's machine-dependent options from either.
+machine without Ray (``--runner local``, ``--dry-run``). `machine_defaults` fills the config's
+machine-dependent options from either.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cluster.defaults import REAL_DECODER_PARAMETERS, Choice, Machine, Workload, choose_defaults
 from schemas.config import JobConfig
 from schemas.models import is_hub_id
 from schemas.modes import DEFAULT_MODE, MODES
-
-if TYPE_CHECKING:
-    from jobs.planning.shards import PendingScan, RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +82,6 @@ def machine_defaults(
         num_images=num_images,
     )
     return choose_defaults(config, machine, workload)
-
-
-def plan_defaults(plan: RunPlan, scan: PendingScan, machine: Machine) -> tuple[RunPlan, list[Choice]]:
-    """``plan`` with its config's machine-dependent options filled for ``machine`` and the work ``scan`` found."""
-    config, choices = machine_defaults(
-        plan.config,
-        machine,
-        modes=scan.modes,
-        largest_pixels=scan.largest_pixels,
-        needs_depth=scan.needs_depth,
-        num_images=scan.num_images,
-    )
-    return dataclasses.replace(plan, config=config), choices
 
 
 def _weight_bytes(path: str, value_bytes: int) -> float:

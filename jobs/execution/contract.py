@@ -1,6 +1,7 @@
 """What a runner executes: a chain of model stages, a sink that owns the outputs, and tasks (one per shard).
 
-The runner knows nothing about Kandinsky; `jobs.execution.job` decides which stages exist. A stage
+The runners (`jobs.execution.local`, `jobs.execution.runner`) know nothing about Kandinsky;
+`jobs.execution.chain.build_chain` decides which stages exist. A stage
 is a plain class following `actors.stage.Stage` (a table in, the same rows out); the sink (e.g.
 `actors.writer.ShardWriter`) takes the last stage's output batch by batch with ``add(tag, table)``
 and publishes a task's outputs with ``finalize(tag, args)``.
@@ -15,13 +16,13 @@ of a task go to one sink instance, which is told to finalize the task once they 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from cluster.resources import StagePlan
+from cluster.resources import StageLayout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +36,7 @@ class StageSpec:
     name: str
     cls: type
     kwargs: dict[str, Any] = field(default_factory=dict)
-    resources: StagePlan = field(default_factory=lambda: StagePlan(num_actors=1, num_gpus=0.0, num_cpus=1.0))
+    resources: StageLayout = field(default_factory=lambda: StageLayout(num_actors=1, num_gpus=0.0, num_cpus=1.0))
     batch_size: int | None = None
 
     def build(self, *, worker: str) -> Any:
@@ -51,7 +52,7 @@ class SinkSpec:
     name: str
     cls: type
     kwargs: dict[str, Any] = field(default_factory=dict)
-    resources: StagePlan = field(default_factory=lambda: StagePlan(num_actors=1, num_gpus=0.0, num_cpus=1.0))
+    resources: StageLayout = field(default_factory=lambda: StageLayout(num_actors=1, num_gpus=0.0, num_cpus=1.0))
 
     def build(self, *, worker: str) -> Any:
         """An instance of the sink."""
@@ -107,27 +108,3 @@ def check_split(stages: Sequence[StageSpec], split_after: int) -> None:
         raise ValueError("at least one stage is needed")
     if not 0 <= split_after < len(stages):
         raise ValueError(f"split_after must name one of the {len(stages)} stages, got {split_after}")
-
-
-def run_local(
-    stages: Sequence[StageSpec], sink: SinkSpec, tasks: Iterable[Task], *, split_after: int = 0
-) -> Iterator[Event]:
-    """In-process: one instance per stage and one sink; tasks one after another, events in order.
-
-    Model stages are built when the first task with batches arrives, so a run of refused rows loads no model.
-    """
-    check_split(stages, split_after)
-    chain: list[Any] = []
-    writer = sink.build(worker="local")
-    for task in tasks:
-        if task.groups and not chain:
-            chain = [spec.build(worker="local") for spec in stages]
-        for group in task.groups:
-            table = pa.concat_tables(group)
-            for instance in chain[: split_after + 1]:
-                table = instance(table)
-            for piece in split_rows(table, [batch.num_rows for batch in group]):
-                for instance in chain[split_after + 1 :]:
-                    piece = instance(piece)
-                yield BatchDone(tag=task.tag, info=writer.add(task.tag, piece))
-        yield TaskDone(tag=task.tag, result=writer.finalize(task.tag, task.args))

@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.options.storage import resolve
 
     try:
-        count = reuse_embeddings(args.output, args.manifest, skip_filtered=args.skip_filtered,
-                                 storage_options=resolve(environ=os.environ))  # fmt: skip
+        count = reuse_embeddings(
+            args.output, args.manifest, skip_filtered=args.skip_filtered, storage_options=resolve(environ=os.environ)
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

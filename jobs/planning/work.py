@@ -1,4 +1,4 @@
-"""Planning: a shard's manifest rows -> per-image work (seeds, prior kind, refusals) -> decoder batches.
+"""Work: a shard's manifest rows -> one work row per output image (seeds, prior kind, refusals) -> batches.
 
 Everything here runs in the driver before any model loads, so a malformed row costs nothing; it
 works on one shard (or one small in-memory manifest) at a time, so memory follows the shard size.
@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import overload
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.planning.batches import Batches, batch
 from jobs.planning.checkpoints import CheckpointScales
 from schemas.config import JobConfig
 from schemas.keys import MAX_SEED, default_seed
@@ -24,7 +24,7 @@ from schemas.manifest import IMAGE_COLUMNS, IMAGE_REF, INTERPOLATE_TYPE, Limits,
 from schemas.modes import MODES, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE
 from schemas.validation import embedding_problems, row_problems, size_problems
-from schemas.work import CALL_KEY, PRIOR_CALL_KEY, WORK_SCHEMA
+from schemas.work import WORK_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -33,44 +33,17 @@ logger = logging.getLogger(__name__)
 PLAN_CHUNK_ROWS = 65_536
 
 
-class Batches(Sequence[pa.Table]):
-    """Planned batches as views of one sorted work table: batch ``i`` is rows ``offsets[i]:offsets[i + 1]``.
-
-    A list of a million small tables would cost gigabytes of Arrow bookkeeping; views are made
-    only when a batch is asked for, so a plan costs little more than its rows.
-    """
-
-    def __init__(self, work: pa.Table, offsets: np.ndarray) -> None:
-        self.work = work
-        self.offsets = offsets
-
-    def __len__(self) -> int:
-        return max(len(self.offsets) - 1, 0)
-
-    @overload
-    def __getitem__(self, index: int) -> pa.Table: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[pa.Table]: ...
-
-    def __getitem__(self, index: int | slice) -> pa.Table | list[pa.Table]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"batch {index} out of range ({len(self)} batches)")
-        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        return self.work.slice(start, stop - start)
-
-    def __iter__(self) -> Iterator[pa.Table]:
-        for i in range(len(self)):
-            yield self[i]
+def images_per_row(num_images: pa.Array | pa.ChunkedArray, *, limits: Limits) -> np.ndarray:
+    """Images each row asks for: its ``num_images`` (nulls already filled), or 1 when outside the limits
+    (such a row is refused with a single error image)."""
+    values = num_images.to_numpy(zero_copy_only=False)
+    return np.where((values >= 1) & (values <= limits.max_num_images), values, 1).astype(np.int64)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Plan:
-    """Work of one shard (or of a whole small manifest, `make_plan`): `batches` to render, `refused` rows.
+class Work:
+    """What one shard (or a whole small manifest, `jobs.planning.run_plan.manifest_work`) asks for:
+    `batches` to render and `refused` rows.
 
     Each batch is one decoder call; ``refused`` rows (``error`` set) go straight to the results.
     """
@@ -95,10 +68,10 @@ class Plan:
     @property
     def needs_depth(self) -> bool:
         """Whether some row of a hint-estimating mode has no hint, so the depth stage must run."""
-        return plan_needs_depth(self.batches.work)
+        return needs_depth(self.batches.work)
 
 
-def plan_needs_depth(work: pa.Table) -> bool:
+def needs_depth(work: pa.Table) -> bool:
     """Whether some row of ``work`` is of a hint-estimating mode and has no hint."""
     modes = sorted(name for name, mode in MODES.items() if mode.hint_estimated)
     estimated = pc.is_in(work.column("mode"), value_set=pa.array(modes, pa.string()))
@@ -131,8 +104,7 @@ def expand(
     sizes = size_problems(filled, scales=movq_scales)
     kinds = [ERROR_INVALID_ROW if p else (ERROR_UNSUPPORTED_SIZE if z else None) for p, z in zip(problems, sizes)]
     problems = [p or z for p, z in zip(problems, sizes)]
-    num_images = filled.column("num_images").to_numpy(zero_copy_only=False)
-    counts = np.where((num_images >= 1) & (num_images <= limits.max_num_images), num_images, 1).astype(np.int64)
+    counts = images_per_row(filled.column("num_images"), limits=limits)
     positions = np.repeat(np.arange(filled.num_rows), counts)
     starts = np.cumsum(counts) - counts
     image_index = np.arange(len(positions)) - np.repeat(starts, counts)
@@ -235,66 +207,6 @@ def resolve_relative_uris(table: pa.Table, *, base: str) -> pa.Table:
     return pa.table(columns)
 
 
-def batch(work: pa.Table, *, batch_size: int) -> Batches:
-    """Cut work rows into batches a single pipeline call can serve.
-
-    Rows are grouped by `CALL_KEY` and ordered by (id, image_index) inside a group, so batch
-    composition depends only on the set of work, not on manifest order or file layout. Every
-    batch holds ``batch_size`` rows except the last of each group.
-    """
-    if work.num_rows == 0:
-        return Batches(work, np.zeros(1, np.int64))
-    order = pc.sort_indices(
-        work.select([*CALL_KEY, "id", "image_index"]),
-        sort_keys=[(name, "ascending") for name in CALL_KEY] + [("id", "ascending"), ("image_index", "ascending")],
-    )
-    work = work.take(order)
-    n = work.num_rows
-    group_start = np.zeros(n, dtype=bool)
-    group_start[0] = True
-    for name in CALL_KEY:
-        column = work.column(name).combine_chunks()
-        changed = pc.not_equal(column.slice(1), column.slice(0, n - 1))
-        group_start[1:] |= changed.to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(group_start)
-    position = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
-    return Batches(work, np.append(np.flatnonzero(position % batch_size == 0), n).astype(np.int64))
-
-
-def prior_batch_size(config: JobConfig) -> int:
-    """Images per prior call: ``prior_batch_size``, else the decoder's ``batch_size``."""
-    return config.prior_batch_size or config.batch_size
-
-
-def group_batches(batches: Iterable[pa.Table], *, max_rows: int) -> Iterator[list[pa.Table]]:
-    """Consecutive batches that one prior call serves: equal `PRIOR_CALL_KEY`, at most ``max_rows`` rows.
-
-    A group holds at least one whole batch, so a batch larger than ``max_rows`` is a group alone
-    (the runner cuts the prior's calls to its batch size). A pure function of the batch sequence,
-    so prior batch composition is as deterministic as the batches themselves.
-    """
-    group: list[pa.Table] = []
-    group_key: tuple | None = None
-    num_rows = 0
-    for table in batches:
-        key = tuple(table.slice(0, 1).select(list(PRIOR_CALL_KEY)).to_pylist()[0].values())
-        if group and (key != group_key or num_rows + table.num_rows > max_rows):
-            yield group
-            group, num_rows = [], 0
-        group.append(table)
-        group_key = key
-        num_rows += table.num_rows
-    if group:
-        yield group
-
-
-def _without(work: pa.Table, done: pa.Table) -> pa.Table:
-    """Rows of ``work`` (in order) whose (id, image_index) is not in ``done`` (joins only the key columns)."""
-    keys = work.select(["id", "image_index"]).append_column("_row", pa.array(np.arange(work.num_rows)))
-    keep = keys.join(done, keys=["id", "image_index"], join_type="left anti").column("_row")
-    return work.take(pa.array(np.sort(keep.to_numpy()), pa.int64()))
-
-
 def _only(work: pa.Table, wanted: pa.Table) -> pa.Table:
     """Rows of ``work`` (in order) whose (id, image_index) is in ``wanted``."""
     keys = work.select(["id", "image_index"]).append_column("_row", pa.array(np.arange(work.num_rows)))
@@ -305,7 +217,7 @@ def _only(work: pa.Table, wanted: pa.Table) -> pa.Table:
 IMAGE_KEYS = pa.schema([("id", pa.string()), ("image_index", pa.int32())])
 
 
-def plan_rows(
+def shard_work(
     table: pa.Table,
     *,
     file: str,
@@ -313,15 +225,15 @@ def plan_rows(
     movq_scales: Mapping[str, int],
     only: pa.Table | None = None,
     embedding_dim: Callable[[], int] | None = None,
-) -> Plan:
-    """The plan of normalized manifest rows ``table`` (one shard): expand, refuse, batch.
+) -> Work:
+    """The work of normalized manifest rows ``table`` (one shard): expand, refuse, batch.
 
     ``only`` (``id``, ``image_index``): plan just those images (a ``--retry-errors`` rerun of a
     finished shard's error images); the rest count as done.
     """
     if config.batch_size is None:
         raise ValueError(
-            "plan_rows needs the machine's defaults chosen first (jobs.execution.machine.machine_defaults)"
+            "shard_work needs the machine's defaults chosen first (jobs.planning.machine.machine_defaults)"
         )
     works, refusals = [], []
     for start in range(0, table.num_rows, PLAN_CHUNK_ROWS):
@@ -342,50 +254,11 @@ def plan_rows(
     if only is not None:
         only = only.select(["id", "image_index"]).cast(IMAGE_KEYS)
         work, refused = _only(work, only), _only(refused, only)
-    return Plan(
+    return Work(
         num_rows=table.num_rows,
         num_images=num_images,
         num_done=num_images - work.num_rows - refused.num_rows,
         batches=batch(work, batch_size=config.batch_size),
         refused=refused,
         movq_scales=movq_scales.read() if isinstance(movq_scales, CheckpointScales) else dict(movq_scales),
-    )
-
-
-def make_plan(config: JobConfig, *, movq_scales: Mapping[str, int] | None = None) -> Plan:
-    """The whole manifest as one in-memory plan, for small manifests: tests, benchmarks, examples.
-
-    The render job never calls this (it plans shard by shard, `jobs.planning.run`); ids are checked
-    as the job checks them; options left to the machine take this machine's defaults. Raises
-    `ManifestError` for malformed manifests.
-    """
-    from jobs.execution.machine import local_machine, machine_defaults
-    from jobs.planning.ids import check_ids
-    from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
-
-    if config.batch_size is None:  # what a job on this machine would choose (for the text2img checkpoint's size)
-        config, _ = machine_defaults(config, local_machine(), modes=[], largest_pixels=0, needs_depth=False)
-
-    options = config.storage_options
-    paths = list_manifest_paths(config.manifest, storage_options=options)
-    files = [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
-    check_ids(files, storage_options=options)
-    scales = movq_scales if movq_scales is not None else CheckpointScales(config)
-    plans = [
-        plan_rows(
-            read_whole(file, storage_options=options),
-            file=file.uri,
-            config=config,
-            movq_scales=scales,
-            embedding_dim=getattr(scales, "embedding_dim", None),
-        )  # fmt: skip
-        for file in files
-    ]
-    work = pa.concat_tables([WORK_SCHEMA.empty_table(), *(p.batches.work for p in plans)])
-    return Plan(
-        num_rows=sum(p.num_rows for p in plans),
-        num_images=sum(p.num_images for p in plans),
-        batches=batch(work, batch_size=config.batch_size),
-        refused=pa.concat_tables([WORK_SCHEMA.empty_table(), *(p.refused for p in plans)]),
-        movq_scales=scales.read() if isinstance(scales, CheckpointScales) else dict(scales),
     )

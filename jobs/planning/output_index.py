@@ -1,0 +1,111 @@
+"""What an output holds, read at start-up in O(shards): its pinned settings and its shards' completion markers.
+
+A run lists ``shards/`` and reads every marker (concurrently, a few hundred bytes to a few KB each);
+it never reads results rows to know what is done. `OutputIndex` keeps only what the run needs of
+them: which shards are done, their errors and fingerprints, the output's totals and the gallery's
+sample. Markers are written by `jobs.publishing.markers`, last for each shard.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.scores import empty_scores, merge_scores
+from actors.storage import Storage
+from schemas.results import RESULTS_SCHEMA, final_results
+from schemas.shards import DATASET_FILE, SHARDS_DIR, DatasetSettings, Fingerprint, Marker
+from schemas.summary import Counts, ImageKey, Sample
+
+logger = logging.getLogger(__name__)
+
+READ_CHUNK = 256  # markers fetched per concurrent request batch
+
+
+def read_settings(storage: Storage) -> DatasetSettings | None:
+    """The output's pinned settings, or None for a new output."""
+    try:
+        return DatasetSettings.from_json(storage.read_bytes(DATASET_FILE))
+    except FileNotFoundError:
+        return None
+
+
+def read_markers(storage: Storage) -> Iterator[Marker]:
+    """Every marker under ``shards/`` (listed once, fetched ``READ_CHUNK`` at a time); unreadable ones are skipped."""
+    keys = storage.list_files(SHARDS_DIR, suffix=".json")
+    for start in range(0, len(keys), READ_CHUNK):
+        chunk = keys[start : start + READ_CHUNK]
+        for key, data in zip(chunk, storage.read_many(chunk)):
+            if data is None:
+                continue
+            try:
+                yield Marker.from_json(data)
+            except ValueError as exc:
+                logger.warning("ignoring %s: %s (its shard will be rendered again)", key, exc)
+
+
+@dataclass(kw_only=True)
+class OutputIndex:
+    """What a run knows about its output from the markers: done shards, totals, the gallery's sample.
+
+    Per done shard it keeps only its fingerprint, or its whole marker when it has error images (what
+    ``--retry-errors`` needs), so memory stays small per shard.
+    """
+
+    done: set[str] = field(default_factory=set)  # names of the shards with a marker
+    files: dict[str, Fingerprint] = field(default_factory=dict)  # relative path -> fingerprint when rendered
+    with_errors: dict[str, Marker] = field(default_factory=dict)  # shards with error images (without samples)
+    totals: Counts = field(default_factory=Counts)
+    sample: Sample = field(default_factory=Sample)
+    scores: dict[str, Any] = field(default_factory=empty_scores)  # CLIP scores of the output's ok images
+
+    @classmethod
+    def read(cls, storage: Storage) -> OutputIndex:
+        """From every marker of the output."""
+        index = cls()
+        for marker in read_markers(storage):
+            index.record(marker)
+        return index
+
+    def record(
+        self,
+        marker: Marker,
+        *,
+        previous: Marker | None = None,
+        added_scores: dict[str, Any] | None = None,
+        replaced: Iterable[ImageKey] = (),
+    ) -> None:
+        """Count a marker. A retried shard's marker replaces ``previous``: ``added_scores`` are its new part's
+        scores and ``replaced`` the images it rendered again (their earlier gallery entries go)."""
+        if previous is not None:
+            self.totals.add(previous.counts, sign=-1)
+        self.totals.add(marker.counts)
+        self.scores = merge_scores(self.scores, marker.extra.get("scores", {}) if previous is None else added_scores)
+        self.sample.drop(set(replaced))
+        self.sample.add_entries(marker.sample)
+        self.done.add(marker.shard)
+        self.files.setdefault(marker.relpath, marker.fingerprint)
+        self.with_errors.pop(marker.shard, None)
+        if marker.num_errors:
+            self.with_errors[marker.shard] = Marker(**{**marker.__dict__, "sample": ()})
+
+
+SHARD_RESULT_COLUMNS = ("id", "image_index", "status", "error_kind", "mode", "finished_at")
+
+
+def read_shard_results(
+    storage: Storage, marker: Marker, *, columns: tuple[str, ...] = SHARD_RESULT_COLUMNS
+) -> pa.Table:
+    """The final results of one shard over every part (ok wins, else the latest error)."""
+    schema = pa.schema([RESULTS_SCHEMA.field(name) for name in columns])
+    tables = [
+        pq.read_table(io.BytesIO(storage.read_bytes(part.results)), columns=list(columns)).cast(schema)
+        for part in marker.parts
+    ]
+    return final_results(pa.concat_tables(tables))

@@ -1,0 +1,29 @@
+"""Results tables read back: every shard part under OUTPUT/results/ as one table.
+
+The writers publish one results Parquet per shard part (`actors.writer`); a run itself never reads
+them all (it reads markers). This serves ``kandinsky-render calibrate``, tests and users;
+`schemas.results.final_results` reduces the table to the final row per image.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.storage import Storage
+from schemas.keys import RESULTS_DIR
+from schemas.results import RESULTS_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+
+def read_results(storage: Storage, *, columns: list[str] | None = None) -> pa.Table:
+    """Every results part under the output, concatenated (all runs and retry parts)."""
+    keys = storage.list_files(RESULTS_DIR, suffix=".parquet")
+    names = columns or RESULTS_SCHEMA.names
+    schema = pa.schema([RESULTS_SCHEMA.field(name) for name in names])
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(key)), columns=names).cast(schema) for key in keys]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
