@@ -1,1 +1,1 @@
-"""Output: results tables, completion records and the output lease."""
+"""Publishing: a shard becomes done (its marker, from the writer's part summary), pinned settings, orphans, the lease."""
