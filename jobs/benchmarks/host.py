@@ -12,76 +12,64 @@ from typing import Any
 from jobs.benchmarks.common import Mode, machine, write_manifest
 
 
+class Timed:
+    """Wraps a function; adds the wall and this thread's CPU seconds of each call to ``wall`` and ``cpu``."""
+
+    def __init__(self, function: Any) -> None:
+        self.function, self.wall, self.cpu = function, 0.0, 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            self.wall += time.perf_counter() - wall
+            self.cpu += time.thread_time() - cpu
+
+
+def _denormalize(images: Any) -> Any:
+    """What diffusers 0.42.1's text2img pipeline does on the device for ``output_type="np"``."""
+    images = (images * 0.5 + 0.5).clamp(0, 1)
+    if images.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(images.device)
+    return images
+
+
 class StubPipeline:
     """Stands in for a text2img decoder pipeline: returns a prepared device tensor at once.
 
     ``images``: (B, 3, H, W) in the model dtype on the device, the range of a raw MoVQ decode. For
-    ``output_type="np"`` (the decoder before issue 18) it does what diffusers 0.42.1's text2img
-    pipeline does after decoding (``* 0.5 + 0.5`` and ``clamp`` on the device, then ``.cpu()``,
-    channels last, ``.float()``, numpy); for "pt" it returns the tensor as it is.
+    ``output_type="np"`` (the decoder before issue 18) it then does what diffusers 0.42.1's text2img
+    pipeline does: ``device`` (`_denormalize`, timed), then ``.cpu()``, channels last, ``.float()``,
+    numpy; for "pt" it returns the tensor as it is.
     """
 
-    def __init__(self, pipe: Any, images: Any) -> None:
-        self.unet, self.movq, self.images = pipe.unet, pipe.movq, images
+    def __init__(self, pipe: Any, images: Any, *, device: Timed) -> None:
+        self.unet, self.movq, self.images, self.device = pipe.unet, pipe.movq, images, device
 
     def __call__(self, **kwargs: Any) -> tuple[Any]:
         images = self.images[: len(kwargs["generator"])]
         if kwargs.get("output_type") == "np":
-            images = (images * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+            images = self.device(images).cpu().permute(0, 2, 3, 1).float().numpy()
         return (images,)
 
 
-def _synchronize(tensor: Any) -> None:
-    import torch
+def time_device_work(device: Timed) -> str:
+    """Make ``device`` time the decoder's device-side image work inside its calls; returns which path that is.
 
-    if tensor.device.type == "cuda":
-        torch.cuda.synchronize(tensor.device)
-
-
-class Clock:
-    """Wall and this thread's CPU seconds of timed sections, by name; medians per image.
-
-    CPU seconds are the figure to read on a shared machine: a neighbour taking the cores stretches
-    wall time, not the work done. (With one torch thread, torch's CPU kernels run on this thread.)
+    With `actors.pixels` (issue 18): ``start_copy`` (uint8 and the finite flags on the device, the
+    copy started). Before it: the stub's `_denormalize` (the rest of diffusers' "np" path and
+    `to_uint8` ran on the host). Only the benchmark's own process is changed.
     """
+    import actors.decoder
 
-    def __init__(self) -> None:
-        self.wall: dict[str, list[float]] = {}
-        self.cpu: dict[str, list[float]] = {}
-        self._marks = (0.0, 0.0)
-
-    def start(self) -> None:
-        self._marks = (time.perf_counter(), time.thread_time())
-
-    def lap(self, name: str) -> None:
-        wall, cpu = time.perf_counter(), time.thread_time()
-        self.wall.setdefault(name, []).append(wall - self._marks[0])
-        self.cpu.setdefault(name, []).append(cpu - self._marks[1])
-        self._marks = (wall, cpu)
-
-    def ms_per_image(self, name: str, *, images: int, cpu: bool = True) -> float:
-        return 1000 * statistics.median((self.cpu if cpu else self.wall)[name]) / images
-
-
-def time_device_ops(images: Any, *, calls: int, clock: Clock) -> str:
-    """Time the decoder's device-side image work alone on ``images`` (``clock``'s "device"); returns the path.
-
-    With `actors.pixels` (issue 18): uint8 and the finite flags on the device and the copy to the
-    host (`start_copy(...).wait()`). Without it (the code before): diffusers' ``* 0.5 + 0.5`` and
-    ``clamp`` (the rest of its "np" path and `to_uint8` ran on the host, in the stage call).
-    """
-    try:
-        from actors.pixels import start_copy
-    except ImportError:
-        start_copy = None
-    for _ in range(calls):
-        clock.start()
-        if start_copy is not None:
-            start_copy(images, denormalized=False).wait()
-        else:
-            _synchronize((images * 0.5 + 0.5).clamp(0, 1))
-        clock.lap("device")
-    return "uint8 on the device" if start_copy else "np then to_uint8 on the host"
+    if not hasattr(actors.decoder, "start_copy"):
+        return "np then to_uint8 on the host"
+    device.function = actors.decoder.start_copy
+    actors.decoder.start_copy = device
+    return "uint8 on the device"
 
 
 def run_host(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,8 +78,8 @@ def run_host(args: argparse.Namespace) -> dict[str, Any]:
     The decoder's rows come from the tiny prior (text2img, ``--size`` square); its pipeline is a
     `StubPipeline`, so what is timed is everything the actor does around the model: restoring the
     generators, moving the embeddings, making pixels, building the output table, then
-    `schemas.work.to_ipc` as the Ray actor returns it. The device-side image work is timed apart and
-    taken out: on this CPU-only machine the "device" is the CPU, so it would otherwise count as host work.
+    `schemas.work.to_ipc` as the Ray actor returns it. The device-side image work is timed inside the
+    call (`time_device_work`) and, on a CPU device, taken out: there the CPU stands in for the GPU.
     """
     import torch
 
@@ -126,36 +114,43 @@ def run_host(args: argparse.Namespace) -> dict[str, Any]:
     shape = (args.batch_size, 3, args.size, args.size)
     values = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1  # a raw decode's range
     images = values.to(device=device, dtype=dtype)
-    actor.pipes["text2img"] = StubPipeline(actor.pipes["text2img"], images)
+    device_work = Timed(_denormalize)
+    actor.pipes["text2img"] = StubPipeline(actor.pipes["text2img"], images, device=device_work)
+    path = time_device_work(device_work)
     for _ in range(2):  # warm-up: allocators, pinned memory, first-call paths
         to_ipc(actor(embeds))
-    clock = Clock()
+    laps: dict[str, list[tuple[float, float]]] = {"stage": [], "ipc": [], "device": []}  # (cpu, wall) per call
     for _ in range(args.calls):
-        clock.start()
+        device_work.cpu = device_work.wall = 0.0
+        wall, cpu = time.perf_counter(), time.thread_time()
         table = actor(embeds)
-        clock.lap("stage")
+        laps["stage"].append((time.thread_time() - cpu, time.perf_counter() - wall))
+        laps["device"].append((device_work.cpu, device_work.wall))
+        wall, cpu = time.perf_counter(), time.thread_time()
         to_ipc(table)
-        clock.lap("ipc")
+        laps["ipc"].append((time.thread_time() - cpu, time.perf_counter() - wall))
         errors = [e for e in table.column("error").to_pylist() if e is not None]
         if errors:
             raise RuntimeError(f"the stub call produced error rows: {errors[:2]}")
-    path = time_device_ops(images, calls=args.calls, clock=clock)
     n = args.batch_size
     figures = {
-        f"{name}_{kind}_ms_per_image": clock.ms_per_image(name, images=n, cpu=kind == "cpu")
-        for name in ("stage", "ipc", "device")
-        for kind in ("cpu", "wall")
+        f"{name}_{kind}_ms_per_image": 1000 * statistics.median(lap[k] for lap in values) / n
+        for name, values in laps.items()
+        for k, kind in enumerate(("cpu", "wall"))
     }
     # On the CPU the device-side work is host work too: it comes out of the host figure. On a GPU
     # it runs on the GPU, and the stage call's CPU time holds only what the host does.
-    device_cpu = figures["device_cpu_ms_per_image"] if device == "cpu" else 0.0
-    host_ms = figures["stage_cpu_ms_per_image"] + figures["ipc_cpu_ms_per_image"] - device_cpu
+    host_laps = [
+        stage[0] + ipc[0] - (work[0] if device == "cpu" else 0.0)
+        for stage, ipc, work in zip(laps["stage"], laps["ipc"], laps["device"])
+    ]
+    host_ms = 1000 * statistics.median(host_laps) / n
     stands_in = " (the CPU stands in for the GPU: it also does the device-side work)" if device == "cpu" else ""
     print(f"decoder host work, {path}: {n} images of {args.size}x{args.size} per call, {device}{stands_in}, {dtype}")
     for name, what in (
         ("stage", "stage call (DecoderActor(table), stub pipeline)"),
         ("ipc", "IPC (schemas.work.to_ipc, as the Ray actor returns it)"),
-        ("device", "device-side image work, timed apart"),
+        ("device", "device-side image work, inside the stage call"),
     ):
         cpu, wall = figures[f"{name}_cpu_ms_per_image"], figures[f"{name}_wall_ms_per_image"]
         print(f"{what}: {cpu:.3f} ms CPU per image ({wall:.3f} ms wall)")
