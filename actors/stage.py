@@ -135,6 +135,9 @@ class Stage:
         self.max_batch_size = max_batch_size
         self.worker = worker
         self._device_lock = threading.Lock()
+        # Two calls' inputs load one call at a time (the loaders' caches are not thread-safe); either
+        # may load while the other holds the device.
+        self._load_lock = threading.Lock()
 
     @classmethod
     def concurrency(cls, device: str) -> int:
@@ -212,13 +215,14 @@ class Stage:
         n = len(rows)
         outcome = Outcome(outputs=[None] * n, errors={}, seconds=[None] * n)
         inputs: dict[int, Any] = {}
-        for i, row in enumerate(rows):
-            if row.get("error") is not None or not self.wants(row):
-                continue
-            try:
-                inputs[i] = self.load(row)
-            except InputError as exc:
-                outcome.errors[i] = (ERROR_INPUT, str(exc))
+        with self._load_lock:
+            for i, row in enumerate(rows):
+                if row.get("error") is not None or not self.wants(row):
+                    continue
+                try:
+                    inputs[i] = self.load(row)
+                except InputError as exc:
+                    outcome.errors[i] = (ERROR_INPUT, str(exc))
         for positions in self._calls(rows, sorted(inputs)):
             call = Call(positions=positions, rows=[rows[i] for i in positions], inputs=[inputs[i] for i in positions])
             self._serve(call, arrays, outcome)

@@ -22,8 +22,8 @@ GIB = 2**30
 # prior 1.03 B + CLIP image 1.84 B + text 0.69 B parameters (tests/test_benchmark.py checks them).
 REAL_SIZE_BYTES = 2 * (1.253 + 0.068 + 1.03 + 1.84 + 0.69) * 1e9
 # Dense fp16/bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name (the first
-# match wins: the PCIe H100 before the SXM one).
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+# match wins: the PCIe and NVL H100s before the SXM one).
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
 def peak_tflops(device_name: str, override: float | None) -> float | None:
