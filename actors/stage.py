@@ -291,7 +291,7 @@ class Stage:
                 for part in (slice(0, half), slice(half, None)):
                     self._serve(_part(call, part), arrays, outcome)
                 return
-            message = f"{self.name} ran out of {self.memory_name} rendering this row alone (batch of 1): {failure.text}"
+            message = f"{self.name} ran out of {self.memory_name} rendering this row alone: {failure.text}"
             outcome.errors[call.positions[0]] = (self.failure_kind, message)
             return
         if size == 1:

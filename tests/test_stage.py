@@ -122,7 +122,7 @@ def test_out_of_memory_splits_in_halves_and_keeps_the_smaller_size() -> None:
     assert stage.calls[-2:] == [["r0", "r1"], ["r2", "r3"]]  # later calls start at the smaller size
     single = Recorder(memory=0)
     message = single(table_of(["a"])).column("error").to_pylist()[0]
-    assert message.startswith("recorder ran out of memory rendering this row alone (batch of 1): OutOfMemoryError")
+    assert message.startswith("recorder ran out of memory rendering this row alone: OutOfMemoryError")
 
 
 # Allocation failures as torch 2.13 raises them (texts from torch's and the libraries' own checks).
@@ -166,7 +166,7 @@ def test_a_row_out_of_memory_alone_is_its_error_and_the_others_render() -> None:
     stage = Recorder(hungry="r1")
     out = stage(table_of(["a"] * 3)).to_pylist()
     assert [r["error_kind"] for r in out] == [None, "render_failed", None]
-    assert out[1]["error"].startswith("recorder ran out of memory rendering this row alone (batch of 1)")
+    assert out[1]["error"].startswith("recorder ran out of memory rendering this row alone: ")
     assert "CUDA out of memory" in out[1]["error"]
     assert [ids for ids in stage.calls] == [["r0"], ["r2"]]
 
