@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -9,8 +10,9 @@ import socket
 import numpy as np
 import torch
 
+from actors.accel import is_compile_failure, run_eagerly
 from actors.inputs import ImageLoader
-from actors.stage import Stage
+from actors.stage import Stage, describe_exception
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
 from schemas.versions import version_mismatches
 
@@ -90,7 +92,13 @@ class ModelStage(Stage):
     Library chatter silenced (first: importing the pipelines already logs), untested package
     versions warned about, ``device`` (default: CUDA when visible, else the CPU) and ``dtype``
     resolved, and an `ImageLoader` for the stage's input images (``storage_options``,
-    ``allowed_protocols``, ``max_input_pixels``). Subclasses load their model after ``super().__init__``.
+    ``allowed_protocols``, ``max_input_pixels``). Subclasses load their model after ``super().__init__``
+    and list the modules `actors.accel.prepare_pipeline` compiled in ``compiled``.
+
+    On CUDA: cuDNN picks the fastest convolution algorithm for each shape it meets
+    (``cudnn.benchmark``); after an out-of-memory failure the CUDA cache is emptied before the
+    split halves run; a failed ``torch.compile`` turns every compiled module of the actor back to
+    eager, with one warning line (`recover`).
     """
 
     def __init__(
@@ -112,3 +120,35 @@ class ModelStage(Stage):
         self.loader = ImageLoader(
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
         )
+        self.compiled: list[torch.nn.Module] = []  # filled by subclasses: modules torch.compile wraps
+        if self.device.type == "cuda":
+            # Fastest algorithm per convolution shape, found at the first call of each shape (batch
+            # sizes and image sizes repeat for a whole run). Pixels may differ by float noise between
+            # GPUs and runs, as they already do between GPU kinds.
+            torch.backends.cudnn.benchmark = True
+            self.memory_name = "GPU memory"
+
+    @property
+    def overlapping(self) -> bool:
+        """On CUDA, stages that `overlaps_host_work` hold the device lock only around `run`."""
+        return self.overlaps_host_work and self.device.type == "cuda"
+
+    def release_memory(self) -> None:
+        """Collect what the failed call left (reference cycles) and give CUDA's cached blocks back."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def recover(self, exc: BaseException) -> bool:
+        """A ``torch.compile`` failure: every compiled module of this actor runs eagerly from now on."""
+        if not self.compiled or not is_compile_failure(exc):
+            return False
+        run_eagerly(self.compiled)
+        self.compiled = []
+        logger.warning(
+            "%s actor on %s: torch.compile failed, running eagerly from now on: %s",
+            self.name,
+            self.worker,
+            describe_exception(exc)[:300],
+        )
+        return True

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
 
-from actors.accel import prepare_pipeline
-from actors.common import ModelStage, restore_generator
-from actors.images import to_uint8
+from actors.accel import compiled_modules, prepare_pipeline
+from actors.common import ModelStage, generator_state, restore_generator, seeded_generator
 from actors.inputs import hint_array
-from actors.stage import Call, InputError, Outcome, with_errors
+from actors.pixels import DENORMALIZED_PIPELINES, PixelCopy, Pixels, pixels_column, start_copy
+from actors.stage import Call, InputError, Outcome, is_out_of_memory, with_errors
 from schemas.config import AccelOptions
 from schemas.models import movq_scale
 from schemas.modes import DECODER_INPUT_KWARGS, MODES
@@ -22,6 +25,9 @@ from schemas.stages import DECODER
 from schemas.work import CALL_KEY, DECODED_FIELDS, DECODER_DROPS
 
 logger = logging.getLogger(__name__)
+
+Warmup = tuple[str, int, int, int]  # (mode, height, width, batch_size) of calls to compile for at start
+WARMUP_STEPS = 2  # denoising steps of a warm-up call: the UNet's graph does not depend on them
 
 
 class DecoderActor(ModelStage):
@@ -37,10 +43,23 @@ class DecoderActor(ModelStage):
     restored from the state the prior left, so an image equals a single-process diffusers run with
     that row's seed. Per-row failures (an input that cannot be loaded or has the wrong size, a
     non-finite output, a pipeline exception) become ``error`` rows; the rest of the batch is unaffected.
+
+    The hot path leaves the GPU nothing to wait for: pixels are made uint8 on the device and copied
+    once into pinned memory (`actors.pixels`), and the ``pixels`` column points into that copy. On
+    CUDA the actor takes two calls at once (``concurrency("cuda")`` is 2: the Ray actor's
+    ``max_concurrency``) and holds its device lock only while the pipeline runs, so one call's
+    inputs load and the other's copy, table and IPC happen while the GPU denoises.
+
+    With ``accel.compile``: the UNet runs with static shapes per call key (a partial batch is padded
+    to ``max_batch_size`` with copies of its last row, whose outputs are dropped; eager runs keep
+    their exact batch composition), and ``warmup`` lists the (mode, height, width, batch_size) calls
+    to compile for before the actor counts as ready (guidance > 1, as almost every row has). A
+    compile that fails turns the actor eager, with one warning line.
     """
 
     name = DECODER.name
     call_key = CALL_KEY
+    overlaps_host_work = True
 
     def __init__(
         self,
@@ -48,12 +67,20 @@ class DecoderActor(ModelStage):
         *,
         movq_scales: dict[str, int] | None = None,
         accel: AccelOptions | None = None,
+        warmup: Sequence[Warmup] = (),
         **stage: Any,
     ) -> None:
-        """Load the checkpoints of ``models``; ``stage``: see `actors.common.ModelStage`."""
+        """Load the checkpoints of ``models`` (compiled: see the class); ``stage``: see `actors.common.ModelStage`."""
         unknown = sorted(set(models) - set(MODES))
         if unknown:
             raise ValueError(f"DecoderActor cannot serve modes {unknown}; it serves {sorted(MODES)}")
+        warmup = [tuple(entry) for entry in warmup]
+        for entry in warmup:
+            mode, height, width, batch_size = entry
+            if mode not in models or min(height, width, batch_size) < 1:
+                raise ValueError(
+                    f"warmup entry {entry}: needs a mode this actor serves {sorted(models)} and sizes >= 1"
+                )
         super().__init__(**stage)
         import diffusers
 
@@ -76,6 +103,55 @@ class DecoderActor(ModelStage):
                     "the checkpoint changed after planning"
                 )
             self.pipes[mode] = pipe
+        self.compiled = list({id(m): m for pipe in loaded.values() for m in compiled_modules(pipe)}.values())
+        if self.compiled and warmup:
+            self._warm_up(warmup)
+
+    def _warm_up(self, warmup: Sequence[Warmup]) -> None:
+        """Compile for each (mode, height, width, batch_size) by rendering blank inputs; stops if compiling fails."""
+        started = time.perf_counter()
+        for mode, height, width, batch_size in dict.fromkeys(warmup):
+            batch_size = min(batch_size, self.max_batch_size or batch_size)  # run() pads to max_batch_size
+            call, arrays = self._blank_call(mode, height=height, width=width, batch_size=batch_size)
+            try:
+                self.collect(call, self.run(call, arrays))
+            except Exception as exc:
+                if self.recover(exc):  # logged: the actor runs eagerly, nothing left to warm up
+                    return
+                if is_out_of_memory(exc):
+                    self.release_memory()
+                logger.warning(
+                    "decoder warm-up at %s %dx%d, batch %d failed (%s); its first real call compiles instead",
+                    mode,
+                    height,
+                    width,
+                    batch_size,
+                    " ".join(str(exc).split())[:300],
+                )
+        logger.info("decoder: compiled for %d call shape(s) in %.1f s", len(set(warmup)), time.perf_counter() - started)
+
+    def _blank_call(self, mode_name: str, *, height: int, width: int, batch_size: int) -> tuple[Call, dict]:
+        """A call of ``batch_size`` rows of ``mode_name`` with zero embeddings and blank input images."""
+        mode, pipe = MODES[mode_name], self.pipes[mode_name]
+        row = {
+            "mode": mode_name,
+            "height": height,
+            "width": width,
+            "num_inference_steps": WARMUP_STEPS,
+            "guidance_scale": 4.0,
+            "strength": 1.0,
+            "generator_state": generator_state(seeded_generator(0)),
+        }
+        inputs: dict[str, Any] = {}
+        if "image" in mode.required:
+            inputs["image"] = Image.new("RGB", (width, height), (128, 128, 128))
+        if "mask" in mode.reads:
+            inputs["mask"] = Image.new("L", (width, height), 255)
+        if "hint" in mode.reads:
+            inputs["hint"] = hint_array(Image.new("RGB", (width, height)))
+        zeros = np.zeros((batch_size, int(pipe.unet.config.encoder_hid_dim)), np.float32)
+        call = Call(positions=list(range(batch_size)), rows=[row] * batch_size, inputs=[inputs] * batch_size)
+        return call, {"image_embeds": zeros, "negative_image_embeds": zeros}
 
     def load(self, row: dict[str, Any]) -> dict[str, Any]:
         """Load and check the images ``row``'s mode reads (`schemas.modes.Mode.reads`); raises `InputError`."""
@@ -104,55 +180,63 @@ class DecoderActor(ModelStage):
         return inputs
 
     @torch.inference_mode()
-    def run(self, call: Call, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One pipeline call for rows that share `CALL_KEY`; returns (H, W, 3) float arrays in [0, 1]."""
+    def run(self, call: Call, arrays: dict[str, np.ndarray]) -> PixelCopy:
+        """One pipeline call for rows that share `CALL_KEY`; returns the images on their way to the host."""
         first = call.rows[0]
         mode = MODES[first["mode"]]
         pipe = self.pipes[mode.name]
         dtype = pipe.unet.dtype
+        count = len(call.positions)
+        # A compiled UNet keeps one shape per call key: a partial batch is padded with copies of its
+        # last row (each with a generator of its own, so the real rows draw what they would alone).
+        padding = max(0, (self.max_batch_size or 0) - count) if self.compiled else 0
+        positions = call.positions + call.positions[-1:] * padding
+        rows = call.rows + call.rows[-1:] * padding
+        inputs = call.inputs + call.inputs[-1:] * padding
 
         def tensor(values: np.ndarray) -> torch.Tensor:
             # Decoders only cast embeddings and hints to the UNet dtype when guidance > 1 (diffusers 0.42.1).
             return torch.from_numpy(np.ascontiguousarray(values)).to(device=self.device, dtype=dtype)
 
         kwargs: dict[str, Any] = {
-            "image_embeds": tensor(arrays["image_embeds"][call.positions]),
-            "negative_image_embeds": tensor(arrays["negative_image_embeds"][call.positions]),
+            "image_embeds": tensor(arrays["image_embeds"][positions]),
+            "negative_image_embeds": tensor(arrays["negative_image_embeds"][positions]),
             "height": first["height"],
             "width": first["width"],
             "num_inference_steps": first["num_inference_steps"],
             "guidance_scale": first["guidance_scale"],
             "num_images_per_prompt": 1,
-            "generator": [restore_generator(row["generator_state"]) for row in call.rows],
-            "output_type": "np",
+            "generator": [restore_generator(row["generator_state"]) for row in rows],
+            "output_type": "pt",  # uint8 is made on the device (actors.pixels), as "np" + to_uint8 would
             "return_dict": False,
         }
-        for column in sorted(call.inputs[0]):
-            values = [item[column] for item in call.inputs]
+        for column in sorted(inputs[0]):
+            values = [item[column] for item in inputs]
             kwargs[DECODER_INPUT_KWARGS[column]] = tensor(np.stack(values)) if column == "hint" else values
         if mode.partial_schedule:
             kwargs["strength"] = first["strength"]
-        return list(pipe(**kwargs)[0])
+        images = pipe(**kwargs)[0]
+        return start_copy(images[:count], denormalized=mode.pipeline in DENORMALIZED_PIPELINES)
+
+    def collect(self, call: Call, produced: PixelCopy) -> list[Pixels]:
+        """Wait (outside the device lock) for the call's pixels to reach the host."""
+        return produced.wait()
 
     def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
-        """The rows with their pixels (or their errors), the inputs dropped."""
+        """The rows with their pixels (or their errors), the inputs dropped; the pixels are not copied."""
         n = table.num_rows
         errors = dict(outcome.errors)
-        pixels: list[bytes | None] = [None] * n
-        shapes: list[tuple[int | None, int | None]] = [(None, None)] * n
+        images: list[Pixels | None] = []
         for i, image in enumerate(outcome.outputs):
-            if image is None:
-                continue
-            if not np.isfinite(image).all():
+            if image is not None and not image.finite:  # NaN survives diffusers' clamp; inf does not
                 errors[i] = (ERROR_NON_FINITE, "decoder produced non-finite pixels (NaN/inf)")
-                continue
-            values = to_uint8(image)
-            pixels[i], shapes[i] = values.tobytes(), values.shape[:2]
+                image = None
+            images.append(image)
         kept = with_errors(table.drop_columns([c for c in DECODER_DROPS if c in table.column_names]), errors)
         columns = [
-            pa.array(pixels, pa.binary()),
-            pa.array([h for h, _ in shapes], pa.int32()),
-            pa.array([w for _, w in shapes], pa.int32()),
+            pixels_column(images),
+            pa.array([None if image is None else image.height for image in images], pa.int32()),
+            pa.array([None if image is None else image.width for image in images], pa.int32()),
             pa.array([self.worker] * n, pa.string()),
             pa.array(outcome.seconds, pa.float64()),
         ]

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.accel import prepare_pipeline, share_prior_caches
+from actors.accel import compiled_modules, prepare_pipeline, share_prior_caches
 from actors.common import ModelStage, generator_state, seeded_generator
 from actors.stage import Call, Outcome, with_errors
 from schemas.config import AccelOptions
@@ -47,6 +47,7 @@ class PriorActor(ModelStage):
         pipe = KandinskyV22PriorPipeline.from_pretrained(model, dtype=self.dtype)
         self.pipe = prepare_pipeline(pipe, device=self.device, options=accel)
         self.pipe.set_progress_bar_config(disable=True)
+        self.compiled = compiled_modules(self.pipe)  # a failed compile turns them eager (`recover`)
         self.emb2emb = share_prior_caches(self.pipe, KandinskyV22PriorEmb2EmbPipeline(**self.pipe.components))
         self.emb2emb.set_progress_bar_config(disable=True)
         self.embedding_dim = int(self.pipe.prior.config.embedding_dim)

@@ -2,30 +2,43 @@
 
 A stage (prior, decoder, depth, ...) is one file holding a subclass of `Stage` that says only what is
 particular to its model: its ``name``, its ``call_key`` (columns equal across one model call), which
-rows it serves (`wants`), how it loads a row's inputs (`load`), one model call (`run`) and how its
-outputs become the output table (`finish`). Everything else is written once, here:
+rows it serves (`wants`), how it loads a row's inputs (`load`), one model call (`run`), how that
+call's outputs reach the host (`collect`) and how the outputs become the output table (`finish`).
+Everything else is written once, here:
 
 - rows already carrying an ``error`` pass through, as do rows the stage does not serve;
 - served rows are grouped by ``call_key`` (rows a stage marks `alone` get a call each), in a
   deterministic order, and cut into calls of at most ``max_batch_size`` rows;
 - an input that cannot be loaded makes that row an ``input_error``;
-- a call that runs out of accelerator memory is split in halves and retried, and the smaller size
-  is kept for the rest of the run, before any row is given up;
-- any other failing call is retried row by row, so only the bad row becomes ``render_failed``;
-- each row's ``seconds`` is its share of its call's wall time;
+- a call that runs out of memory (`is_out_of_memory`: every CUDA allocation failure torch, cuBLAS
+  and cuDNN report) is dropped first (its exception and frames released, then `release_memory`),
+  then split in halves and retried; the smaller size is kept for the rest of the run. A row that
+  runs out of memory alone becomes ``render_failed`` saying so; the job goes on;
+- a failure the stage can recover from by changing itself (`recover`: a failed ``torch.compile``
+  falls back to eager) is retried once as it was;
+- any other failing call is retried row by row, so only the bad row becomes ``failure_kind``;
+- each row's ``seconds`` is its share of its call's device section (`run`): the time the stage is
+  busy with it, which is what sizing the stages needs (a call waiting for another is not counted);
 - the output must have exactly the input's rows, in order (checked).
+
+Overlap: a stage whose instance is `overlapping` (the decoder on a GPU) holds its device lock only
+around `run`, so an actor that accepts two calls at once (`concurrency`) loads the inputs of call
+N+1 and finishes call N (the copy's wait, the output table, the caller's IPC) while the device
+works. Otherwise the lock covers the whole call: one call at a time, as on the CPU.
 
 Fixed-size list columns (embeddings) reach `run` as 2-D numpy arrays (``arrays``), never as
 per-float Python objects; every other column reaches it as the row dicts of `Call.rows`. Binary
 columns a stage names in ``buffer_columns`` (decoded ``pixels``: 1.77 MB per 768x768 image) reach
 the hooks' row dicts as read-only uint8 numpy views of the Arrow buffers (None where null) instead of
-``bytes`` copies. A call that fails for one row makes that row a ``failure_kind`` error.
+``bytes`` copies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,6 +51,30 @@ from schemas.results import ERROR_INPUT, ERROR_RENDER
 from schemas.work import binary_views, embeds_numpy
 
 logger = logging.getLogger(__name__)
+
+# How each library reports a failed device (or host) allocation, as torch raises it. torch's caching
+# allocator raises torch.OutOfMemoryError ("CUDA out of memory. Tried to allocate ..."; ROCm: "HIP
+# out of memory"); a CUDA runtime or driver call that cannot allocate raises "CUDA error: out of
+# memory" / "CUDA driver error: out of memory" (torch.AcceleratorError); cuBLAS handle or workspace
+# creation "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"; cuDNN 8
+# "cuDNN error: CUDNN_STATUS_ALLOC_FAILED", cuDNN 9 "..._INTERNAL_ERROR_HOST_ALLOCATION_FAILED" and
+# "..._INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"; the CPU allocator "DefaultCPUAllocator: can't
+# allocate memory". (cuDNN has no NOT_ENOUGH_WORKSPACE status: torch retries other algorithms
+# itself when a workspace allocation fails, and raises OutOfMemoryError when none fits.)
+OUT_OF_MEMORY_MARKERS = (
+    "CUDA out of memory",
+    "HIP out of memory",
+    "MPS backend out of memory",
+    "CUDA error: out of memory",
+    "CUDA driver error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "HIPBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "MIOPEN_STATUS_ALLOC_FAILED",
+    "DefaultCPUAllocator: can't allocate memory",
+)
 
 
 class InputError(ValueError):
@@ -62,9 +99,22 @@ class Outcome:
     seconds: list[float | None]
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Failure:
+    """What is kept of a failed call once its exception (and the frames and tensors it holds) is gone."""
+
+    text: str  # `describe_exception`
+    out_of_memory: bool
+    recovered: bool  # the stage changed itself (`Stage.recover`): the same call may succeed now
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an accelerator out-of-memory error (``torch.cuda.OutOfMemoryError`` and kin)."""
-    return any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__)
+    """Whether ``exc`` is a failed allocation: ``torch.OutOfMemoryError`` and kin, `MemoryError`, or a
+    RuntimeError carrying one of `OUT_OF_MEMORY_MARKERS` (cuBLAS, cuDNN, CUDA runtime and driver)."""
+    if isinstance(exc, MemoryError) or any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    text = str(exc)
+    return any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
 
 
 class Stage:
@@ -74,12 +124,35 @@ class Stage:
     call_key: ClassVar[tuple[str, ...]] = ()
     buffer_columns: ClassVar[tuple[str, ...]] = ()  # binary columns handed over as numpy views, not bytes
     failure_kind: ClassVar[str] = ERROR_RENDER  # error_kind of a row the stage's call fails on
+    # Whether the stage's device work can overlap its host work (see `concurrency`); the instance
+    # decides for its device in `overlapping`.
+    overlaps_host_work: ClassVar[bool] = False
+    memory_name: str = "memory"  # what `run` allocates: "GPU memory" on CUDA (messages only)
 
     def __init__(self, *, max_batch_size: int | None = None, worker: str = "") -> None:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.worker = worker
+        self._device_lock = threading.Lock()
+        # Two calls' inputs load one call at a time (the loaders' caches are not thread-safe); either
+        # may load while the other holds the device.
+        self._load_lock = threading.Lock()
+
+    @classmethod
+    def concurrency(cls, device: str) -> int:
+        """How many calls one actor of this stage should run at once on a ``device`` ("cuda", "cpu"...).
+
+        2 for a stage that `overlaps_host_work` on an accelerator (the actor's ``max_concurrency``:
+        one call on the device while the other does host work), else 1. Safe to over-ask: an
+        instance that does not overlap runs its calls one at a time whatever the actor accepts.
+        """
+        return 2 if cls.overlaps_host_work and device != "cpu" else 1
+
+    @property
+    def overlapping(self) -> bool:
+        """Whether only `run` holds the device lock (see the module docstring); `ModelStage`: on CUDA."""
+        return False
 
     # ------------------------------------------------------------------ hooks
 
@@ -95,18 +168,38 @@ class Stage:
         """The inputs ``row`` needs (images...), loaded before its call; raises `InputError`."""
         return None
 
-    def run(self, call: Call, arrays: dict[str, np.ndarray]) -> list[Any]:
-        """One model call for ``call``'s rows (equal ``call_key``); one output per row, in order."""
+    def run(self, call: Call, arrays: dict[str, np.ndarray]) -> Any:
+        """One model call for ``call``'s rows (equal ``call_key``), under the device lock.
+
+        Returns one output per row, in order, or something `collect` turns into that list (e.g.
+        outputs still being copied off the device, so the lock is released before the copy ends).
+        """
         raise NotImplementedError
+
+    def collect(self, call: Call, produced: Any) -> list[Any]:
+        """One output per row of ``call`` from what `run` returned; runs outside the device lock."""
+        return produced
 
     def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
         """The output table for ``table`` (same rows, same order) given what the calls produced."""
         raise NotImplementedError
 
+    def release_memory(self) -> None:
+        """After an out-of-memory failure, once the failed call is gone: give cached memory back (GPU stages)."""
+
+    def recover(self, exc: BaseException) -> bool:
+        """Whether the stage changed itself so that the call that raised ``exc`` may now succeed
+        (e.g. a failed compile -> eager); such a call is retried once as it was. Logs what it did."""
+        return False
+
     # ------------------------------------------------------------------ the contract
 
     def __call__(self, table: pa.Table) -> pa.Table:
         """Map ``table`` through the stage (see the module docstring)."""
+        with contextlib.nullcontext() if self.overlapping else self._device_lock:
+            return self._map(table)
+
+    def _map(self, table: pa.Table) -> pa.Table:
         arrays = {
             name: embeds_numpy(table.column(name))
             for name, field in zip(table.column_names, table.schema)
@@ -122,13 +215,14 @@ class Stage:
         n = len(rows)
         outcome = Outcome(outputs=[None] * n, errors={}, seconds=[None] * n)
         inputs: dict[int, Any] = {}
-        for i, row in enumerate(rows):
-            if row.get("error") is not None or not self.wants(row):
-                continue
-            try:
-                inputs[i] = self.load(row)
-            except InputError as exc:
-                outcome.errors[i] = (ERROR_INPUT, str(exc))
+        with self._load_lock:
+            for i, row in enumerate(rows):
+                if row.get("error") is not None or not self.wants(row):
+                    continue
+                try:
+                    inputs[i] = self.load(row)
+                except InputError as exc:
+                    outcome.errors[i] = (ERROR_INPUT, str(exc))
         for positions in self._calls(rows, sorted(inputs)):
             call = Call(positions=positions, rows=[rows[i] for i in positions], inputs=[inputs[i] for i in positions])
             self._serve(call, arrays, outcome)
@@ -150,43 +244,64 @@ class Stage:
             calls.extend(positions[start : start + size] for start in range(0, len(positions), size))
         return calls
 
-    def _serve(self, call: Call, arrays: dict[str, np.ndarray], outcome: Outcome) -> None:
-        """Run one call; on out-of-memory split it, on any other failure fall back to one row per call."""
-        started = time.perf_counter()
+    def _attempt(self, call: Call, arrays: dict[str, np.ndarray]) -> tuple[list[Any], float] | _Failure:
+        """(outputs, seconds the device section took) of one call, or what is kept of its failure."""
         try:
-            outputs = self.run(call, arrays)
+            with self._device_lock if self.overlapping else contextlib.nullcontext():
+                started = time.perf_counter()
+                produced = self.run(call, arrays)
+                busy = time.perf_counter() - started
+            outputs = self.collect(call, produced)
         except Exception as exc:
-            if is_out_of_memory(exc) and len(call.positions) > 1:
-                half = (len(call.positions) + 1) // 2
+            # Only text and flags leave this block: the exception, its traceback and the failed call's
+            # tensors are freed when it ends, before any retry allocates again.
+            return _Failure(
+                text=describe_exception(exc), out_of_memory=is_out_of_memory(exc), recovered=self.recover(exc)
+            )
+        if len(outputs) != len(call.positions):
+            raise RuntimeError(f"stage {self.name}: a call returned {len(outputs)} outputs for {len(call.positions)}")
+        return outputs, busy
+
+    def _serve(self, call: Call, arrays: dict[str, np.ndarray], outcome: Outcome, *, retried: bool = False) -> None:
+        """Run one call; on out-of-memory split it, on any other failure fall back to one row per call."""
+        result = self._attempt(call, arrays)
+        if not isinstance(result, _Failure):
+            outputs, busy = result
+            share = busy / len(call.positions)
+            for i, output in zip(call.positions, outputs):
+                outcome.outputs[i], outcome.seconds[i] = output, share
+            return
+        failure, size = result, len(call.positions)
+        if failure.recovered and not retried:
+            self._serve(call, arrays, outcome, retried=True)
+            return
+        if failure.out_of_memory:
+            self.release_memory()
+            if size > 1:
+                half = (size + 1) // 2
                 if self.max_batch_size is None or self.max_batch_size > half:
                     logger.warning(
-                        "stage %s: a call of %d rows ran out of memory; batch size %d from now on",
+                        "stage %s: a call of %d rows ran out of %s; batch size %d from now on",
                         self.name,
-                        len(call.positions),
+                        size,
+                        self.memory_name,
                         half,
                     )
                     self.max_batch_size = half
                 for part in (slice(0, half), slice(half, None)):
                     self._serve(_part(call, part), arrays, outcome)
                 return
-            if len(call.positions) == 1:
-                message = f"{self.name} failed: {describe_exception(exc)}"
-                outcome.errors[call.positions[0]] = (self.failure_kind, message)
-                return
-            logger.warning(
-                "stage %s: a call of %d rows failed (%s); retrying them one by one",
-                self.name,
-                len(call.positions),
-                describe_exception(exc),
-            )
-            for k in range(len(call.positions)):
-                self._serve(_part(call, slice(k, k + 1)), arrays, outcome)
+            message = f"{self.name} ran out of {self.memory_name} rendering this row alone: {failure.text}"
+            outcome.errors[call.positions[0]] = (self.failure_kind, message)
             return
-        if len(outputs) != len(call.positions):
-            raise RuntimeError(f"stage {self.name}: a call returned {len(outputs)} outputs for {len(call.positions)}")
-        share = (time.perf_counter() - started) / len(call.positions)
-        for i, output in zip(call.positions, outputs):
-            outcome.outputs[i], outcome.seconds[i] = output, share
+        if size == 1:
+            outcome.errors[call.positions[0]] = (self.failure_kind, f"{self.name} failed: {failure.text}")
+            return
+        logger.warning(
+            "stage %s: a call of %d rows failed (%s); retrying them one by one", self.name, size, failure.text
+        )
+        for k in range(size):
+            self._serve(_part(call, slice(k, k + 1)), arrays, outcome)
 
 
 def _part(call: Call, part: slice) -> Call:

@@ -92,27 +92,79 @@ def test_cpu_runs_job_loop_and_ray_data_peer_with_equal_images(tmp_path: Path) -
     assert stats["suggested_stages"]["num_decoder_actors"] >= 1
 
 
-def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path) -> None:
-    result = run_benchmark(
-        "gpu", "--tiny", "--device", "cpu", "--size", "64", "--steps", "2", "--prior-steps", "2",
-        "--batch-sizes", "1", "2", "--timed-batches", "1", "--combined-rows", "1", "--check-rows", "2",
-        "--check-steps", "2", "--work-dir", str(tmp_path),
+def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str) -> None:
+    proc = benchmark_process(
+        "gpu", "--tiny", "--device", "cpu", "--models", tiny_models, "--dtype", "float32", "--size", "64",
+        "--steps", "2", "--prior-steps", "2", "--batch-sizes", "1", "2", "--matrix-batch", "2",
+        "--timed-batches", "1", "--combined-rows", "1", "--check-rows", "2", "--check-steps", "2",
+        "--budget-s", "3600", "--threads", "1", "--work-dir", str(tmp_path),
     )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json(proc.stdout)
     assert [b["batch_size"] for b in result["batches"]] == [1, 2]
-    assert all(b["errors"] == 0 for b in result["batches"])
+    assert all(b["calls_with_errors"] == 0 and b["timed_calls"] == 1 for b in result["batches"])
     assert result["combined_images_per_s"] > 0 and result["speedup_vs_combined"] > 0
+    # equal batch composition (one row per call on both sides): the same images
     assert result["vs_combined_float32"]["float32"]["max_level_difference"] <= 1
-    assert "max_level_difference" in result["vs_combined_float32"]["float16"]
+    # channels-last at the matrix batch next to the eager channels-first run (no compile on the CPU)
+    assert [(m["channels_last"], m["compile"]) for m in result["matrix"]] == [(False, False), (True, False)]
+    assert result["matrix"][0]["speedup_vs_eager"] == 1.0 and result["matrix"][1]["max_level_difference_vs_eager"] <= 1
+    flops = result["flops_per_image"]
+    assert flops["decoder"] == pytest.approx(2 * flops["unet_step"] + flops["movq"]) and flops["prior"] > 0
+    assert result["prior_seconds_per_image"] > 0 and result["decoder_seconds_per_image"] > 0
+    assert "--num-decoder-actors" in result["eight_gpus"]["flags"]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("summary: ")]
+    assert len(summary) == 8 and "fraction of peak: unknown for cpu" in summary[1]
 
 
-def test_gpu_refuses_without_a_gpu() -> None:
+def test_gpu_trims_timed_calls_to_its_budget(tmp_path: Path, tiny_models: str) -> None:
+    """With no budget left every figure comes from its warm-up call and later batch sizes are skipped."""
+    proc = benchmark_process(
+        "gpu", "--tiny", "--device", "cpu", "--models", tiny_models, "--dtype", "float32", "--size", "32",
+        "--steps", "2", "--prior-steps", "2", "--batch-sizes", "1", "2", "--matrix-batch", "1",
+        "--check-rows", "0", "--budget-s", "0", "--threads", "1", "--work-dir", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json(proc.stdout)
+    assert [(b["batch_size"], b["timed_calls"]) for b in result["batches"]] == [(1, 0)]
+    assert "decoder batch 2: skipped, the budget is spent" in proc.stdout
+    assert [m["channels_last"] for m in result["matrix"]] == [False]  # the channels-last run is skipped too
+    assert result["combined_images_per_s"] > 0 and "vs_combined_float32" not in result
+
+
+@pytest.mark.parametrize("args", [(), ("--device", "cpu")])
+def test_gpu_refuses_without_a_gpu(args: tuple[str, ...]) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = benchmark_process("gpu")
+    proc = benchmark_process("gpu", *args)
     assert proc.returncode == 2
-    assert "CUDA" in proc.stderr
+    assert "needs a CUDA device" in proc.stderr and "--device cpu --tiny" in proc.stderr
+
+
+def test_host_times_the_decoder_around_a_stub_pipeline(tmp_path: Path, tiny_models: str) -> None:
+    result = run_benchmark(
+        "host", "--models", tiny_models, "--size", "64", "--batch-size", "4", "--calls", "2",
+        "--work-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result["mode"] == "host" and result["path"] == "uint8 on the device" and result["machine"]["device"] == "cpu"
+    assert (result["size"], result["batch_size"], result["calls"], result["threads"]) == (64, 4, 2, 1)
+    for name in ("stage", "ipc", "device"):
+        assert result[f"{name}_cpu_ms_per_image"] > 0 and result[f"{name}_wall_ms_per_image"] > 0
+    # per call: the stage's CPU time, less its device-side part (on the CPU, standing in for a GPU), plus IPC
+    assert 0 < result["host_ms_per_image"] < result["stage_cpu_ms_per_image"] + result["ipc_cpu_ms_per_image"]
+
+
+def test_flop_count_of_the_real_architectures() -> None:
+    """The limit the GPU figures are read against: 204 TFLOP per 768x768 image at 50 guided steps."""
+    from jobs.dev.flops import flops_of
+    from jobs.dev.real_size import real_size_configs
+
+    flops = flops_of(real_size_configs(), height=768, width=768, steps=50, prior_steps=25)
+    assert flops.unet_step / 1e12 == pytest.approx(3.985, abs=0.001)  # two 96x96 samples (guidance)
+    assert flops.movq / 1e12 == pytest.approx(4.885, abs=0.001)
+    assert flops.decoder / 1e12 == pytest.approx(204.1, abs=0.1) and flops.prior / 1e12 == pytest.approx(8.23, abs=0.01)
 
 
 def test_score_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str) -> None:
@@ -185,5 +237,5 @@ def test_help_lists_every_mode() -> None:
         [sys.executable, "-m", "jobs.cli", "benchmark", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0
-    for mode in ("cpu", "simulated", "ceiling", "efficiency", "objects", "plan", "startup", "gpu", "score"):
+    for mode in ("cpu", "simulated", "ceiling", "efficiency", "objects", "plan", "startup", "gpu", "host", "score"):
         assert mode in proc.stdout

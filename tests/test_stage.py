@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actors.stage import Call, Outcome, Stage
+from actors.stage import Call, Outcome, Stage, is_out_of_memory
 from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
 from schemas.models import HUB_MODELS, ModelPaths
@@ -18,24 +21,50 @@ from schemas.work import binary_views, embeds_array, embeds_numpy
 from tests.conftest import write_manifest
 
 
+def cuda_out_of_memory() -> BaseException:
+    return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+class Activations:
+    """Stands for the tensors a failed call allocated (weak-referenceable)."""
+
+
 class Recorder(Stage):
-    """Records each call's ids; fails calls holding ``bad``; runs out of memory above ``memory`` rows."""
+    """Records each call's ids; fails calls holding ``bad``; runs out of memory above ``memory`` rows
+    (or in any call holding ``hungry``), raising a fresh ``oom()`` and leaving `Activations` in its frame."""
 
     name = "recorder"
     call_key = ("mode",)
 
-    def __init__(self, *, bad: str | None = None, memory: int | None = None, **base: object) -> None:
+    def __init__(
+        self,
+        *,
+        bad: str | None = None,
+        memory: int | None = None,
+        hungry: str | None = None,
+        oom: Callable[[], BaseException] = cuda_out_of_memory,
+        **base: object,
+    ) -> None:
         super().__init__(**base)
-        self.bad, self.memory, self.calls = bad, memory, []
+        self.bad, self.memory, self.hungry, self.oom, self.calls = bad, memory, hungry, oom, []
+        self.events: list[str] = []  # "release" and, per call, whether the last failed call's memory was alive
+        self.failed_call: weakref.ref | None = None
 
     def run(self, call: Call, arrays: dict) -> list[float]:
+        if self.failed_call is not None:
+            self.events.append("alive" if self.failed_call() is not None else "freed")
         ids = [row["id"] for row in call.rows]
-        if self.memory is not None and len(ids) > self.memory:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if (self.memory is not None and len(ids) > self.memory) or self.hungry in ids:
+            activations = Activations()
+            self.failed_call = weakref.ref(activations)
+            raise self.oom()
         if self.bad in ids:
             raise RuntimeError("cannot draw this one")
         self.calls.append(ids)
         return [float(arrays["image_embeds"][i].sum()) for i in call.positions]
+
+    def release_memory(self) -> None:
+        self.events.append("release")
 
     def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
         errors = [outcome.errors.get(i, (None, None)) for i in range(table.num_rows)]
@@ -92,7 +121,107 @@ def test_out_of_memory_splits_in_halves_and_keeps_the_smaller_size() -> None:
     stage(table_of(["a"] * 4))
     assert stage.calls[-2:] == [["r0", "r1"], ["r2", "r3"]]  # later calls start at the smaller size
     single = Recorder(memory=0)
-    assert single(table_of(["a"])).column("error").to_pylist()[0].startswith("recorder failed: OutOfMemoryError")
+    message = single(table_of(["a"])).column("error").to_pylist()[0]
+    assert message.startswith("recorder ran out of memory rendering this row alone: OutOfMemoryError")
+
+
+# Allocation failures as torch 2.13 raises them (texts from torch's and the libraries' own checks).
+ALLOCATION_FAILURES = {
+    "caching allocator": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (GPU 0)"),
+    "CUDA runtime": lambda: torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel errors might be ..."),
+    "CUDA driver": lambda: RuntimeError("CUDA driver error: out of memory"),
+    "cuBLAS": lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    "cuDNN 8": lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    "cuDNN 9 device": lambda: RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"),
+    "cuDNN 9 host": lambda: RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED"),
+    "ROCm": lambda: torch.OutOfMemoryError("HIP out of memory. Tried to allocate 2.00 GiB"),
+    "CPU": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+    "host": MemoryError,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ALLOCATION_FAILURES))
+def test_every_allocation_failure_frees_the_call_then_splits(kind: str) -> None:
+    """Each kind splits the call; before each retry the failed call's memory is gone and the cache released."""
+    stage = Recorder(memory=2, oom=ALLOCATION_FAILURES[kind])
+    out = stage(table_of(["a"] * 4))
+    assert stage.calls == [["r0", "r1"], ["r2", "r3"]] and stage.max_batch_size == 2
+    assert out.column("error").null_count == 4
+    assert stage.events == ["release", "freed", "freed"]  # released once, then both halves ran with it freed
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM"),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        ValueError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"),
+    ],
+)
+def test_other_failures_are_not_out_of_memory(exc: BaseException) -> None:
+    assert not is_out_of_memory(exc)
+
+
+def test_a_row_out_of_memory_alone_is_its_error_and_the_others_render() -> None:
+    stage = Recorder(hungry="r1")
+    out = stage(table_of(["a"] * 3)).to_pylist()
+    assert [r["error_kind"] for r in out] == [None, "render_failed", None]
+    assert out[1]["error"].startswith("recorder ran out of memory rendering this row alone: ")
+    assert "CUDA out of memory" in out[1]["error"]
+    assert [ids for ids in stage.calls] == [["r0"], ["r2"]]
+
+
+class Overlapper(Recorder):
+    """Takes two calls from two threads; ``overlap`` decides whether only `run` holds the device lock.
+
+    The first call's host work (`collect`) waits a while for the second call's `run` to start.
+    """
+
+    def __init__(self, *, overlap: bool) -> None:
+        super().__init__()
+        self.overlap = overlap
+        self.runs = 0
+        self.second_run = threading.Event()
+        self.overlapped: bool | None = None  # whether the second call ran during the first one's collect
+
+    @property
+    def overlapping(self) -> bool:
+        return self.overlap
+
+    def run(self, call: Call, arrays: dict) -> list[float]:
+        self.runs += 1
+        if self.runs == 2:
+            self.second_run.set()
+        return super().run(call, arrays)
+
+    def collect(self, call: Call, produced: list[float]) -> list[float]:
+        if self.runs == 1:
+            self.overlapped = self.second_run.wait(timeout=10 if self.overlap else 0.5)
+        return produced
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlapping_stages_hold_the_device_lock_only_while_running(overlap: bool) -> None:
+    """Overlapping: call 2 runs on the device while call 1 does its host work. Otherwise the whole call 1
+    holds the lock, so call 2 cannot start before call 1 ends (the CPU path: one call at a time)."""
+    stage = Overlapper(overlap=overlap)
+    threads = [threading.Thread(target=stage, args=(table_of(["a"]),)) for _ in range(2)]
+    threads[0].start()
+    while stage.runs == 0:  # call 1 is in its run or past it
+        threading.Event().wait(0.01)
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert stage.overlapped is overlap
+    assert stage.calls == [["r0"], ["r0"]]
+
+
+def test_only_overlapping_stages_ask_for_two_calls_at_once() -> None:
+    from actors.decoder import DecoderActor
+    from actors.prior import PriorActor
+
+    assert DecoderActor.concurrency("cuda") == 2 and DecoderActor.concurrency("cpu") == 1
+    assert PriorActor.concurrency("cuda") == 1 and Stage.concurrency("cuda") == 1
 
 
 def test_a_stage_must_keep_its_rows() -> None:
