@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -191,6 +193,12 @@ class Stage:
 
 def _part(call: Call, part: slice) -> Call:
     return Call(positions=call.positions[part], rows=call.rows[part], inputs=call.inputs[part])
+
+
+def worker_name(extra: str = "") -> str:
+    """``host:pid`` plus ``extra`` (the job adds the Ray GPU ids); recorded in every results row."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{name} {extra}".strip()
 
 
 def describe_exception(exc: BaseException) -> str:

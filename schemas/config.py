@@ -18,6 +18,12 @@ RUNNERS = ("ray", "local")
 # What --help says of an option whose default the job chooses for the machine it finds (cluster/defaults.py).
 MACHINE_DEFAULT = "chosen for the machine when the job starts, printed with its reason"
 ATTENTIONS = ("sdpa", "default")
+# How the model stages share processes and GPUs (cluster/layout.py): the CLIP stages (prior, scoring, depth) on
+# GPUs of their own, beside the decoders on the decoders' GPUs, or every stage in one process (CPU clusters).
+LAYOUT_DEDICATED = "dedicated"
+LAYOUT_CO_LOCATED = "co-located"
+LAYOUT_ONE_PROCESS = "one-process"
+LAYOUTS = (LAYOUT_DEDICATED, LAYOUT_CO_LOCATED, LAYOUT_ONE_PROCESS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,26 +119,44 @@ class JobConfig:
             "group": "execution",
         },
     )
+    layout: str | None = field(
+        default=None,
+        metadata={
+            "choices": LAYOUTS,
+            "help": "dedicated: the CLIP stages (prior, scoring, depth) on GPUs of their own; co-located: beside the "
+            "decoders on their GPUs; one-process: every model stage in each actor (CPU clusters)",
+            "default_help": MACHINE_DEFAULT,
+            "group": "execution",
+        },
+    )
     prior: StageResources = field(
         default_factory=StageResources,
         metadata={
+            "what": "CLIP (prior, and scoring and depth unless given their own)",
             "per_field": {
-                "num_actors": {"default_help": "1"},
-                "num_gpus": {"default_help": "1; 0.5 on a 1-GPU cluster"},
-            }
+                "num_actors": {"default_help": MACHINE_DEFAULT},
+                "num_gpus": {"default_help": "1 (dedicated) or 0.1 (co-located)"},
+            },
         },
     )
     decoder: StageResources = field(
         default_factory=StageResources,
         metadata={
             "per_field": {
-                "num_actors": {"default_help": "fill the cluster's remaining GPUs; 1 on CPU"},
-                "num_gpus": {"default_help": "as --prior-gpus"},
+                "num_actors": {"default_help": "one per GPU the CLIP actors leave; CPU: chosen for the machine"},
+                "num_gpus": {"default_help": "1 (dedicated) or 0.9 (co-located)"},
             }
         },
     )
     depth: StageResources = field(
-        default_factory=lambda: StageResources(num_actors=1, num_gpus=0.0), metadata={"what": "depth-estimation"}
+        default_factory=StageResources,
+        metadata={
+            "what": "depth-estimation",
+            "per_field": {
+                "num_actors": {"default_help": "none: depth runs in the CLIP actors"},
+                "num_gpus": {"default_help": "with --num-depth-actors: 0"},
+            },
+        },
     )
     batch_size: int | None = field(
         default=None,
@@ -225,8 +249,8 @@ class JobConfig:
             "stage": SCORE.name,
             "what": "scoring (--score)",
             "per_field": {
-                "num_actors": {"default_help": "one per four decoder actors"},
-                "num_gpus": {"default_help": "0.25, beside each decoder's 0.75; 0 on CPU"},
+                "num_actors": {"default_help": "none: scoring runs in the CLIP actors, on the prior's encoders"},
+                "num_gpus": {"default_help": "with --num-score-actors: 0"},
             },
         },
     )
@@ -319,6 +343,8 @@ class JobConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_clip_score is not None and self.score is None:
             raise ValueError("min_clip_score needs score='clip' (--score clip)")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if self.connect_wait_s <= 0:

@@ -8,14 +8,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jobs.benchmarks import cpu, gpu, plan, score, simulated
+from jobs.benchmarks import cpu, gpu, layout, plan, score, simulated
 from jobs.benchmarks.common import Mode
 
 # A mode is one module with a MODES tuple; register it here. Listed modes first, hidden helpers after.
 MODES: dict[str, Mode] = {
     mode.name: mode
     for mode in sorted(
-        (*cpu.MODES, *simulated.MODES, *plan.MODES, *gpu.MODES, *score.MODES), key=lambda mode: mode.help is None
+        (*cpu.MODES, *simulated.MODES, *layout.MODES, *plan.MODES, *gpu.MODES, *score.MODES),
+        key=lambda mode: mode.help is None,
     )
 }
 

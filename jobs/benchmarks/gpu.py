@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.resources import suggest_stages
+from cluster.layout import StageCosts, choose
 from jobs.benchmarks.common import Mode, machine, write_manifest
 from jobs.dev.real_size import build_real_size_models
 from jobs.dev.reference import combined_pipeline
@@ -137,7 +137,8 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     best = max(per_batch, key=lambda r: r["decoder_images_per_s"])
     decoder_seconds = 1 / best["decoder_images_per_s"]
     shared_rate = 1 / (decoder_seconds + prior_seconds)
-    eight = suggest_stages(prior_seconds=prior_seconds, decoder_seconds=decoder_seconds, cluster_gpus=8)
+    costs = StageCosts(prior=prior_seconds, decoder=decoder_seconds, source="measured by this benchmark")
+    eight = choose(num_gpus=8, costs=costs)
     print(
         f"per GPU, prior cost included: {shared_rate:.3f} images/s = {shared_rate / combined_rate:.2f}x Combined "
         f"(target >= 1.2x); decoder GPU alone {best['decoder_images_per_s']:.3f} images/s"

@@ -26,8 +26,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs.execution.contract import BatchDone, Event, SinkSpec, StageSpec, Task, TaskDone, check_split
-from jobs.execution.pool import Actor, ray_error, record_probe, start_actor
+from jobs.execution.contract import BatchDone, Event, SinkSpec, StageSpec, Task, TaskDone, check_split, stage_groups
+from jobs.execution.pool import Actor, Pool, ray_error, record_probe
 from jobs.execution.watchdog import Deadlines, Watchdog
 from jobs.execution.work_state import Call, Group, Item, RunnerMeasures, TaskState
 from schemas.work import to_ipc
@@ -59,9 +59,15 @@ class RayStagePipeline:
         self.specs = [*self.stages, sink]
         self.split_after = split_after
         self.calls_per_actor = calls_per_actor
-        later = sum(spec.resources.num_actors for spec in self.stages[split_after + 1 :])
-        later = later or self.stages[split_after].resources.num_actors
-        self.max_buffered = max_buffered or 2 * calls_per_actor * later
+        groups = stage_groups(self.stages)
+        self.pools = [
+            Pool(index=i, name=name, specs=[self.stages[s] for s in members], stages=tuple(members))
+            for i, (name, members) in enumerate(groups.items())
+        ]
+        self.pools.append(Pool(index=len(self.pools), name=sink.name, specs=[sink], stages=(len(self.stages),)))
+        self.stage_pool = [next(p.index for p in self.pools if s in p.stages) for s in range(len(self.specs))]
+        later = {self.stage_pool[s] for s in range(split_after + 1, len(self.stages))} or {self.stage_pool[split_after]}
+        self.max_buffered = max_buffered or 2 * calls_per_actor * sum(self.pools[p].resources.num_actors for p in later)
         self.max_tasks = max_tasks or 2 * sink.resources.num_actors
         self.max_attempts = max_attempts
         self.wait_for_actors = wait_for_actors
@@ -70,8 +76,7 @@ class RayStagePipeline:
             self.specs, deadlines or Deadlines(), started=self.measures.started, stall_warning_s=stall_warning_s
         )
         self.calls: dict[Any, Call] = {}
-        self.pools: list[list[Actor]] = [[] for _ in self.specs]
-        self._start_pool(len(self.stages))  # the sink; model stages start with the first task that has batches
+        self._start_pool(self.pools[-1])  # the sink; model stages start with the first task that has batches
         self.ready: list[collections.deque[Any]] = [collections.deque() for _ in self.stages]
         self.reopen: collections.deque[TaskState] = collections.deque()  # tasks to (re)start, first
         self.open: list[TaskState] = []
@@ -102,13 +107,9 @@ class RayStagePipeline:
                 for ref in dict.fromkeys(done + more):
                     yield from self._complete(ref)
 
-    def _start_pool(self, number: int) -> None:
-        spec = self.specs[number]
-        self.pools[number] = [
-            start_actor(spec, stage=number, sink=spec is self.sink) for _ in range(spec.resources.num_actors)
-        ]
-        self.watchdog.started_pool(number)
-        for actor in self.pools[number]:
+    def _start_pool(self, pool: Pool) -> None:
+        self.watchdog.started_pool(pool.index)
+        for actor in pool.start():
             self._probe(actor)
 
     def close(self) -> None:
@@ -116,7 +117,7 @@ class RayStagePipeline:
         import ray
 
         for pool in self.pools:
-            for actor in pool:
+            for actor in pool.actors:
                 ray.kill(actor.handle)
         self.pools, self.calls = [], {}
 
@@ -125,7 +126,7 @@ class RayStagePipeline:
     def _open_tasks(self, pending: Iterator[Task], exhausted: bool) -> bool:
         """Start tasks while there is room; returns True once ``pending`` is used up."""
         while len(self.open) < self.max_tasks and not self.ready[0] and self.num_buffered < self.max_buffered:
-            if self.wait_for_actors and self.pools[0] and not all(a.ready for pool in self.pools for a in pool):
+            if self.wait_for_actors and self.pools[0].started and not self._all_ready():
                 return exhausted
             sink = self._free_sink()
             if sink is None:
@@ -143,9 +144,9 @@ class RayStagePipeline:
         return exhausted
 
     def _start(self, state: TaskState, sink: Actor) -> None:
-        if state.task.num_batches and not self.pools[0]:
-            for number in range(len(self.stages)):
-                self._start_pool(number)
+        if state.task.num_batches and not self.pools[0].started:
+            for pool in self.pools[:-1]:
+                self._start_pool(pool)
         state.sink, state.remaining, state.finalizing = sink, state.task.num_batches, False
         sink.open_tasks += 1
         self.open.append(state)
@@ -156,7 +157,7 @@ class RayStagePipeline:
             self._finalize(state)
 
     def _free_sink(self) -> Actor | None:
-        candidates = [a for a in self.pools[-1] if a.ready]
+        candidates = [a for a in self.pools[-1].actors if a.ready]
         return min(candidates, key=lambda a: a.open_tasks) if candidates else None
 
     def _restart_task(self, state: TaskState, reason: BaseException) -> None:
@@ -179,15 +180,20 @@ class RayStagePipeline:
     def _finalize(self, state: TaskState) -> None:
         state.finalizing = True
         ref = state.sink.handle.finalize.options(num_returns=2).remote(state.task.tag, state.task.args)
-        self._track(
-            Call(actor=state.sink, kind="finalize", outputs=[ref[0]], task=state, attempt=state.attempt), ref[1]
+        call = Call(
+            actor=state.sink,
+            kind="finalize",
+            stage=len(self.stages),
+            outputs=[ref[0]],
+            task=state,
+            attempt=state.attempt,
         )
+        self._track(call, ref[1])
 
     # ------------------------------------------------------------------ dispatch
 
     def _free_actor(self, stage: int) -> Actor | None:
-        candidates = [a for a in self.pools[stage] if a.ready and a.inflight < self.calls_per_actor]
-        return min(candidates, key=lambda a: a.inflight) if candidates else None
+        return self.pools[self.stage_pool[stage]].free_actor(self.calls_per_actor)
 
     def _dispatch(self) -> None:
         """Submit every model call that has an input and a free actor (later stages first)."""
@@ -211,7 +217,7 @@ class RayStagePipeline:
                 if isinstance(work, Group):
                     self._submit_group(work, actor)
                 else:
-                    self._submit_item(work, actor)
+                    self._submit_item(work, actor, stage)
 
     def _submit_group(self, group: Group, actor: Actor) -> None:
         if group.stage == 0:
@@ -222,24 +228,29 @@ class RayStagePipeline:
             payload = group.data
         rows = [table.num_rows for table in group.batches]
         sizes = rows if group.stage == self.split_after else [sum(rows)]
-        refs = actor.handle.run.options(num_returns=len(sizes) + 1).remote(payload, sizes)
-        call = Call(actor=actor, kind="group", outputs=refs[:-1], group=group, attempt=group.attempt)
+        name = self.stages[group.stage].name
+        refs = actor.handle.run.options(num_returns=len(sizes) + 1).remote(name, payload, sizes)
+        call = Call(actor=actor, kind="group", stage=group.stage, outputs=refs[:-1], group=group, attempt=group.attempt)
         call.num_batches = len(group.wanted)
         self._track(call, refs[-1])
 
-    def _submit_item(self, item: Item, actor: Actor) -> None:
+    def _submit_item(self, item: Item, actor: Actor, stage: int) -> None:
         size = item.group.batches[item.position].num_rows
-        data, info = actor.handle.run.options(num_returns=2).remote(item.data, [size])
-        self._track(Call(actor=actor, kind="item", outputs=[data], item=item, attempt=item.group.attempt), info)
+        data, info = actor.handle.run.options(num_returns=2).remote(self.stages[stage].name, item.data, [size])
+        call = Call(actor=actor, kind="item", stage=stage, outputs=[data], item=item, attempt=item.group.attempt)
+        self._track(call, info)
 
     def _submit_add(self, item: Item) -> None:
         state = item.group.task
         info = state.sink.handle.add.remote(state.task.tag, item.data)
-        self._track(Call(actor=state.sink, kind="add", item=item, task=state, attempt=item.group.attempt), info)
+        call = Call(
+            actor=state.sink, kind="add", stage=len(self.stages), item=item, task=state, attempt=item.group.attempt
+        )
+        self._track(call, info)
 
     def _track(self, call: Call, info: Any) -> None:
         call.actor.inflight += 1
-        call.actor.submitted.append(time.monotonic())
+        call.actor.submitted.append((time.monotonic(), call.stage))
         self.measures.mark("first_dispatch")
         self.calls[info] = call
 
@@ -271,8 +282,8 @@ class RayStagePipeline:
             self._failed(call, exc)
             return
         seconds = info["seconds"]
-        self.measures.count_call(actor.stage, seconds)
-        self.watchdog.finished_call(actor.stage, seconds)
+        self.measures.count_call(call.stage, seconds)
+        self.watchdog.finished_call(call.stage, seconds)
         if call.kind == "add":
             yield from self._added(call, info)
         elif call.kind == "finalize":
@@ -282,7 +293,7 @@ class RayStagePipeline:
 
     def _advance(self, call: Call) -> None:
         """A model call finished: pass its outputs on (or to the sink after the last model stage)."""
-        stage = call.actor.stage
+        stage = call.stage
         group = call.group if call.group is not None else call.item.group
         if group.attempt != group.task.attempt:
             self.num_buffered -= call.num_batches if call.group is not None else 1
@@ -327,11 +338,16 @@ class RayStagePipeline:
         yield TaskDone(tag=state.task.tag, result=ray.get(call.outputs[0]))
 
     def _probed(self, actor: Actor, error: BaseException | None) -> None:
-        record_probe(actor, self.pools[actor.stage], error, name=self.specs[actor.stage].name)
+        pool = self.pools[actor.pool]
+        record_probe(actor, pool, error)
         if actor.ready:
-            self.measures.mark(f"{self.specs[actor.stage].name}_ready")
-        if actor.ready and all(pool and all(a.ready for a in pool) for pool in self.pools):
+            for stage in pool.stages:
+                self.measures.mark(f"{self.specs[stage].name}_ready")
+        if actor.ready and self._all_ready():
             self.measures.mark("actors_ready")
+
+    def _all_ready(self) -> bool:
+        return all(pool.actors and all(a.ready for a in pool.actors) for pool in self.pools)
 
     def _failed(self, call: Call, exc: Exception) -> None:
         """Infrastructure failure of one call: re-run its work, a bounded number of times."""
@@ -340,7 +356,7 @@ class RayStagePipeline:
         self.num_failures += 1
         actor = call.actor
         actor.failures += 1
-        name = self.specs[actor.stage].name
+        name = self.specs[call.stage].name
         if isinstance(exc, ray.exceptions.RayActorError) and actor.ready:
             actor.ready = False  # dead or restarting: no work until it answers again
             self._probe(actor)

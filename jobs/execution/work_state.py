@@ -54,6 +54,7 @@ class Call:
 
     actor: Actor
     kind: str  # group | item | add | finalize | probe | abandon
+    stage: int = -1  # index of the stage the call runs (the runner's stages, then the sink)
     outputs: list[Any] = field(default_factory=list)
     group: Group | None = None
     item: Item | None = None
