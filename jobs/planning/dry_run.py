@@ -29,6 +29,7 @@ from jobs.planning.work import Work, hint_estimates, needs_depth
 from schemas.config import JobConfig
 from schemas.modes import PRIOR_KINDS
 from schemas.stages import ALWAYS, MODEL_STAGES
+from schemas.work import PRIOR_CALL_KEY
 
 
 @dataclass(kw_only=True)
@@ -61,11 +62,11 @@ class Census:
         if config.score:
             self.calls["score"] += len(shard.batches)
         for group in group_batches(shard.batches, max_rows=size):
-            rows = sum(batch.num_rows for batch in group)
-            self.calls["prior"] += (
-                rows if PRIOR_KINDS[group[0].column("prior_kind")[0].as_py()].alone else -(-rows // size)
-            )
-            if depth and needs_depth(pa.concat_tables(group)):
+            rows = pa.concat_tables(group)
+            for key in _grouped(rows, list(PRIOR_CALL_KEY)):  # the prior's model calls: one per key, cut to size
+                count = key["id_count"]
+                self.calls["prior"] += count if PRIOR_KINDS[key["prior_kind"]].alone else -(-count // size)
+            if depth and needs_depth(rows):
                 self.calls["depth"] += 1
         if work.num_rows:
             self.units.update(unit_totals(work))
