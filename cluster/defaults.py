@@ -32,8 +32,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.layout import CLIP_GROUP, DECODER_GROUP, StageCosts, choose, sweep
-from schemas.config import LAYOUT_CO_LOCATED, LAYOUT_ONE_PROCESS, JobConfig, StageResources
+from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, choose, sweep
+from cluster.nodes import NodeShape, cpus_per_gpu_actor
+from schemas.config import LAYOUT_CO_LOCATED, LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig, StageResources
 from schemas.stages import DECODER, DEPTH, PRIOR, SCORE, STAGES, WRITER
 
 CPU_BATCH_SIZE = 16
@@ -90,6 +91,9 @@ class Machine:
     memory_bytes: float = 0.0  # Ray's schedulable memory (0: unknown)
     accelerator_type: str = ""  # the GPU type when every GPU node has the same one
     source: str = "the Ray cluster"  # where the numbers come from
+    nodes: tuple[NodeShape, ...] = ()  # the live nodes (empty: not known, e.g. a --plan-for cluster)
+    autoscaler: bool = False  # an autoscaler adds nodes on demand
+    planned_gpus: float = 0.0  # GPUs the cluster is planned for (--plan-for, autoscaler limits), beyond those up
 
     def gpu_memory(self) -> tuple[float, str]:
         """(bytes, whose) of one GPU, from the accelerator type; (0, "unknown") for logical or unlisted GPUs."""
@@ -98,8 +102,8 @@ class Machine:
         return 0.0, "unknown"
 
     def describe(self) -> dict[str, Any]:
-        """The machine as stats.json records it."""
-        return dataclasses.asdict(self)
+        """The machine as stats.json records it (nodes by their shape)."""
+        return {**dataclasses.asdict(self), "nodes": [node.describe() for node in self.nodes]}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,7 +149,7 @@ def image_bytes(workload: Workload) -> float:
 def choose_defaults(config: JobConfig, machine: Machine, workload: Workload) -> tuple[JobConfig, list[Choice]]:
     """``config`` with every machine-dependent option it leaves unset filled in, and a `Choice` per filled value."""
     choices: list[Choice] = []
-    if machine.gpus:
+    if machine.gpus or machine.planned_gpus:
         config = _gpu_defaults(config, machine, workload, choices)
     else:
         config = _cpu_defaults(config, machine, workload, choices)
@@ -218,7 +222,8 @@ def _cpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
 
 def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choices: list[Choice]) -> JobConfig:
     updates: dict[str, Any] = {}
-    gpus = max(1, math.floor(machine.gpus + 1e-9))
+    present = math.floor(machine.gpus + 1e-9)
+    gpus = max(1, present, math.floor(machine.planned_gpus + 1e-9))  # what the pools are sized up to
     costs = workload.costs or StageCosts(prior=0.0, decoder=1.0, source="no costs known")
     own = {s.name for s in STAGES if s.config_field in ("scorer", "depth") and _own_actors(config, s.config_field)}
     clip_stages = tuple(
@@ -240,18 +245,43 @@ def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
     prior, decoder = config.prior, config.decoder
     clip, decoders = chosen.group(CLIP_GROUP), chosen.group(DECODER_GROUP)
     if kind != LAYOUT_ONE_PROCESS and clip is not None and decoders is not None:
-        why = f"layout {kind}: {chosen.describe()} ({chosen.images_per_s / gpus:.3g} images/s per GPU predicted)"
-        prior = _set(prior, "num_actors", clip.num_actors, PRIOR.flag("actors"), why, choices)
+        # Pools start with what the GPUs up now hold and grow as nodes join: up to the planned cluster's layout,
+        # or without bound when nothing is planned.
+        now = _same_kind(kind, present, costs, clip_stages) if present < gpus else chosen
+        bound = (lambda n: str(n)) if present < gpus else (lambda n: "")
+        why = f"layout {kind}: {chosen.describe()} ({chosen.images_per_s / gpus:.3g} images/s per GPU predicted); " + (
+            f"{present} GPU(s) up of the {gpus} planned: pools start with what fits and grow as nodes join"
+            if present < gpus
+            else "more as GPU nodes join"
+        )
+        start = {name: (now.group(name).num_actors if now is not None else 0) for name in (CLIP_GROUP, DECODER_GROUP)}
+        prior = _set(
+            prior, "num_actors", f"{start[CLIP_GROUP]}:{bound(clip.num_actors)}", PRIOR.flag("actors"), why, choices
+        )
         prior = _set(prior, "num_gpus", clip.num_gpus, PRIOR.flag("gpus"), why, None)
-        decoder = _set(decoder, "num_actors", decoders.num_actors, DECODER.flag("actors"), why, choices)
+        decoder = _set(
+            decoder,
+            "num_actors",
+            f"{start[DECODER_GROUP]}:{bound(decoders.num_actors)}",
+            DECODER.flag("actors"),
+            why,
+            choices,
+        )
         decoder = _set(decoder, "num_gpus", decoders.num_gpus, DECODER.flag("gpus"), why, None)
     stages = {PRIOR.config_field: prior, DECODER.config_field: decoder}
+    # A CPU per actor beside its GPU, less where a GPU node has fewer CPUs than the actors its GPUs hold.
+    per_gpu = 2 if kind != LAYOUT_DEDICATED else 1
+    cpus = cpus_per_gpu_actor(machine.nodes, actors_per_gpu=per_gpu)
     one_cpu = "one CPU per actor beside its GPU: input decoding, batch assembly, Ray's own work"
+    if cpus < 1:
+        one_cpu = f"{cpus:g} CPU per actor: the GPU nodes' CPUs shared by the {per_gpu} actor(s) each GPU holds"
     for stage in STAGES:
         shown = stage.sink or stage.name in (PRIOR.name, DECODER.name) or stage.name in own
         recorded = choices if shown and stage.in_run(needs_depth=workload.needs_depth, score=workload.score) else None
         resources = stages.get(stage.config_field, getattr(config, stage.config_field))
-        stages[stage.config_field] = _set(resources, "num_cpus", 1.0, stage.flag("cpus"), one_cpu, recorded)
+        value = 1.0 if stage.sink else cpus
+        reason = "one CPU per writer: PNG encoding and uploads" if stage.sink else one_cpu
+        stages[stage.config_field] = _set(resources, "num_cpus", value, stage.flag("cpus"), reason, recorded)
     writer = stages[WRITER.config_field]
     if writer.num_actors is None:
         png = PNG_SECONDS_768 * workload.largest_pixels / (768 * 768)
@@ -294,6 +324,14 @@ def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
         )
         choices.append(Choice(flag="--channels-last", value=False, reason=reason))
     return dataclasses.replace(config, **updates)
+
+
+def _same_kind(kind: str, num_gpus: int, costs: StageCosts, clip_stages: tuple[str, ...]) -> Layout | None:
+    """The best layout of ``kind`` on ``num_gpus`` GPUs, None when it needs more (dedicated on one GPU, none up)."""
+    if num_gpus < 1:
+        return None
+    layouts = sweep(num_gpus=num_gpus, costs=costs, clip_stages=clip_stages)
+    return next((layout for layout in layouts if layout.kind == kind), None)
 
 
 def _own_actors(config: JobConfig, field: str) -> bool:

@@ -38,12 +38,23 @@ class StagePlacement:
 
 @dataclass(frozen=True, kw_only=True)
 class StageLayout:
-    """Resolved resources of one stage: every field concrete."""
+    """Resolved resources of one stage (or actor group): every field concrete.
+
+    ``num_actors`` start at once and are kept; with ``max_actors`` the pool grows up to that many
+    while work waits and a node can hold another (`schemas.config.UNBOUNDED`: as many as fit), and
+    idle actors above ``num_actors`` go. None: a fixed pool.
+    """
 
     num_actors: int
     num_gpus: float
     num_cpus: float
     placement: StagePlacement = field(default_factory=StagePlacement)
+    max_actors: int | None = None
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the pool may grow past ``num_actors``."""
+        return self.max_actors is not None and self.max_actors > self.num_actors
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +85,9 @@ def resolve_groups(
     placement = {name: StagePlacement(**config.stage_placement.get(name, {})) for name in (PRIOR.name, DECODER.name)}
     decoder = config.decoder
     if config.layout == LAYOUT_ONE_PROCESS:
-        count = decoder.num_actors or (max(1, math.floor(cluster_gpus / decoder.num_gpus)) if decoder.num_gpus else 1)
+        count = decoder.min_actors
+        if count is None:
+            count = max(1, math.floor(cluster_gpus / decoder.num_gpus)) if decoder.num_gpus else 1
         resources = _layout(
             decoder, actors=count, gpus=(1.0 if cluster_gpus else 0.0), placement=placement[DECODER.name]
         )
@@ -84,10 +97,12 @@ def resolve_groups(
         own = {s.name for s in (SCORE, DEPTH) if _set(getattr(config, s.config_field))}  # stages asked for apart
         clip_stages = tuple(s.name for s in present if s is not DECODER and s.name not in own)
         prior = _layout(config.prior, actors=1, gpus=1.0 if dedicated else CLIP_SHARE, placement=placement[PRIOR.name])
-        clip_gpus = prior.num_actors * prior.num_gpus if dedicated else 0.0
+        clip_gpus = prior.num_actors * prior.num_gpus if dedicated else 0.0  # the CLIP actors started at once
         decoder_gpus = decoder.num_gpus if decoder.num_gpus is not None else (1.0 if dedicated else 1 - CLIP_SHARE)
         left = cluster_gpus - clip_gpus
-        count = decoder.num_actors or max(1, math.floor(left + 1e-9) if decoder_gpus else 1)
+        count = decoder.min_actors
+        if count is None:
+            count = max(1, math.floor(left + 1e-9)) if decoder_gpus else 1
         groups = [
             StageGroup(name=CLIP_GROUP, stages=clip_stages, resources=prior),
             StageGroup(
@@ -121,12 +136,14 @@ def _set(resources: StageResources) -> bool:
 
 
 def _layout(resources: StageResources, *, actors: int, gpus: float, placement: StagePlacement) -> StageLayout:
-    """``resources`` with unset fields taken from these defaults (CPUs: 1)."""
+    """``resources`` with unset fields taken from these defaults (CPUs: 1; a fixed pool)."""
+    low, high = resources.min_actors, resources.max_actors
     return StageLayout(
-        num_actors=resources.num_actors or actors,
+        num_actors=actors if low is None else low,
         num_gpus=gpus if resources.num_gpus is None else resources.num_gpus,
         num_cpus=1.0 if resources.num_cpus is None else resources.num_cpus,
         placement=placement,
+        max_actors=high if high is not None and low is not None and high > low else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,16 +27,44 @@ LAYOUT_ONE_PROCESS = "one-process"
 LAYOUTS = (LAYOUT_DEDICATED, LAYOUT_CO_LOCATED, LAYOUT_ONE_PROCESS)
 
 
+UNBOUNDED = 1_000_000  # an actor pool's upper bound when none is given ("MIN:")
+
+
+def parse_actor_count(text: str) -> str:
+    """``--num-{stage}-actors``: ``N`` (a fixed pool) or ``MIN:MAX`` (``MIN:``: no upper bound), normalized."""
+    text = str(text).strip()
+    match = re.fullmatch(r"(\d+)(?:\s*:\s*(\d*))?", text)
+    if match is None:
+        raise ValueError(f"expected N or MIN:MAX actors (e.g. 4, 2:8, 1:), got {text!r}")
+    low, sep, high = match.group(1), ":" in text, match.group(2)
+    if not sep:
+        if int(low) < 1:
+            raise ValueError(f"a fixed pool needs at least 1 actor, got {text!r}")
+        return str(int(low))
+    if high and int(high) < max(int(low), 1):
+        raise ValueError(f"MAX must be >= MIN and >= 1, got {text!r}")
+    return f"{int(low)}:{int(high) if high else ''}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class StageResources:
     """Actors and Ray resources of one model stage. ``None`` means: decided from the cluster.
 
-    Flags are per stage: ``{stage}`` is the JobConfig field's name (or its ``stage`` metadata) and
-    ``{what}`` its ``what`` metadata (default: the stage).
+    ``num_actors`` is ``N`` (a fixed pool) or ``MIN:MAX``: MIN actors at once, more while work waits
+    and a node can hold another, up to MAX (``MIN:``: as many as the cluster holds); idle ones above
+    MIN go. An int is taken as ``N``. Flags are per stage: ``{stage}`` is the JobConfig field's name
+    (or its ``stage`` metadata) and ``{what}`` its ``what`` metadata (default: the stage).
     """
 
-    num_actors: int | None = field(
-        default=None, metadata={"flag": "--num-{stage}-actors", "help": "{what} actors", "group": "execution"}
+    num_actors: str | None = field(
+        default=None,
+        metadata={
+            "flag": "--num-{stage}-actors",
+            "parse": parse_actor_count,
+            "metavar": "N|MIN:MAX",
+            "help": "{what} actors: N, or MIN:MAX to grow from MIN to MAX as nodes join (MIN: no upper bound)",
+            "group": "execution",
+        },
     )
     num_gpus: float | None = field(
         default=None, metadata={"flag": "--{stage}-gpus", "help": "GPUs per {what} actor", "group": "execution"}
@@ -51,12 +80,27 @@ class StageResources:
     )
 
     def __post_init__(self) -> None:
-        if self.num_actors is not None and self.num_actors < 1:
-            raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.num_actors is not None:
+            if isinstance(self.num_actors, bool) or not isinstance(self.num_actors, (int, str)):
+                raise ValueError(f"num_actors must be N or MIN:MAX, got {self.num_actors!r}")
+            object.__setattr__(self, "num_actors", parse_actor_count(str(self.num_actors)))
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
         if self.num_cpus is not None and self.num_cpus < 0:
             raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
+
+    @property
+    def min_actors(self) -> int | None:
+        """Actors started at once (and kept), or None when unset."""
+        return None if self.num_actors is None else int(self.num_actors.split(":")[0])
+
+    @property
+    def max_actors(self) -> int | None:
+        """The most actors the pool may grow to (`UNBOUNDED` for ``MIN:``), or None when unset."""
+        if self.num_actors is None:
+            return None
+        low, _, high = self.num_actors.partition(":")
+        return int(low) if ":" not in self.num_actors else (int(high) if high else UNBOUNDED)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +170,25 @@ class JobConfig:
             "help": "dedicated: the CLIP stages (prior, scoring, depth) on GPUs of their own; co-located: beside the "
             "decoders on their GPUs; one-process: every model stage in each actor (CPU clusters)",
             "default_help": MACHINE_DEFAULT,
+            "group": "execution",
+        },
+    )
+    plan_for: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "repeatable": True,
+            "metavar": "NxTYPE",
+            "help": "the cluster to plan for: N GPUs of this type (e.g. 8xH100). A run sizes its pools for it and, "
+            "with no GPU up, asks the autoscaler for them and waits (--stage-wait); --dry-run forecasts the run on "
+            "each one given (repeatable): layout, images/s, wall time, GPU-hours, idle GPU shares",
+            "group": "execution",
+        },
+    )
+    idle_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "flag": "--idle-timeout",
+            "help": "seconds an actor above its pool's MIN may stay idle before it goes (its node can then scale down)",
             "group": "execution",
         },
     )

@@ -57,15 +57,6 @@ class RunOptions:
             "and exit without loading any model or writing anything"
         },
     )
-    plan_for: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "repeatable": True,
-            "metavar": "NxTYPE",
-            "help": "with --dry-run: forecast the run on a cluster of N GPUs of this type (e.g. 8xH100; repeatable): "
-            "the layout the job would choose there, predicted images/s, wall time, GPU-hours, idle GPU shares",
-        },
-    )
     json: bool = field(default=False, metadata={"help": "with --dry-run: print one JSON object instead of text"})
     calibration: str | None = field(
         default=None,

@@ -13,6 +13,7 @@ from typing import Any
 
 from cluster.defaults import REAL_DECODER_PARAMETERS, Choice, Machine, Workload, choose_defaults
 from cluster.layout import StageCosts
+from cluster.nodes import NodeShape
 from schemas.config import JobConfig
 from schemas.models import is_hub_id
 from schemas.modes import DEFAULT_MODE, MODES
@@ -38,7 +39,8 @@ def local_machine() -> Machine:
 
 
 def ray_machine() -> Machine:
-    """The connected Ray cluster: its schedulable CPUs, GPUs and memory, and the GPU type when there is one.
+    """The connected Ray cluster: its schedulable CPUs, GPUs and memory, its live nodes, the GPU type when there is
+    one, whether an autoscaler runs, and the GPUs its autoscaler may add (when Ray knows its node groups).
 
     Ray names each detected GPU's type in an ``accelerator_type:<type>`` resource; logical GPUs
     (``ray.init(num_gpus=2)``) have none, and then the GPU memory is unknown.
@@ -53,7 +55,65 @@ def ray_machine() -> Machine:
         memory_bytes=float(resources.get("memory", 0.0)),
         accelerator_type=types[0] if len(types) == 1 else "",
         source="the Ray cluster",
+        nodes=tuple(ray_nodes()),
+        autoscaler=autoscaler_running(),
+        planned_gpus=float((_max_resources() or {}).get("GPU", 0) or 0),
     )
+
+
+def ray_nodes() -> list[NodeShape]:
+    """The live nodes of the connected cluster: totals, what is free now, labels, whether each is being drained.
+
+    Reads Ray's GCS through ``ray._private.state`` (what ``ray status`` and Ray Serve's node cache read):
+    a private API, pinned by constraints.txt.
+    """
+    import ray
+    from ray._private.state import state
+
+    free = state.available_resources_per_node()
+    draining = set(state.get_draining_nodes())
+    shapes = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        node_id = node["NodeID"]
+        shapes.append(
+            NodeShape(
+                name=node_id[:8],
+                total=dict(node.get("Resources") or {}),
+                available=dict(free.get(node_id, {})),
+                labels=dict(node.get("Labels") or {}),
+                draining=node_id in draining,
+                node_id=node_id,
+            )
+        )
+    return shapes
+
+
+def autoscaler_running() -> bool:
+    """Whether an autoscaler manages the cluster (its monitor reports on node types, not only load)."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return False
+    try:
+        status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
+    except ValueError:
+        return False
+    return "autoscaler_report" in status
+
+
+def _max_resources() -> dict[str, float] | None:
+    """The most of each resource the cluster's node groups allow, when Ray was given its autoscaling config."""
+    from ray._private.state import state
+
+    try:
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or newer Ray without it: nothing declared
+        return None
 
 
 def machine_defaults(
