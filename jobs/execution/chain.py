@@ -11,12 +11,15 @@ from typing import Any
 
 from cluster.defaults import Machine
 from cluster.resources import fit_cpus, resolve_groups
+from jobs.execution.capacity import await_gpus
 from jobs.execution.connect import connect_ray
 from jobs.execution.contract import Event, SinkSpec, StageSpec, Task
 from jobs.execution.local import run_local
 from jobs.execution.runner import Deadlines, RunnerMeasures, run_ray
+from jobs.execution.scaling import Elasticity
 from jobs.execution.timeline import Timeline
 from jobs.planning.batches import prior_batch_size
+from jobs.planning.forecast import parse_clusters
 from jobs.planning.machine import local_machine, ray_machine
 from schemas.config import JobConfig
 from schemas.modes import MODES
@@ -129,11 +132,41 @@ def session(config: JobConfig, timeline: Timeline) -> Iterator[Machine]:
     preload.join()
     timeline.mark("imports_done")
     try:
-        yield ray_machine()
+        machine = planned_machine(config, ray_machine())
+        if machine.planned_gpus and not machine.gpus:  # scale from zero: ask for the planned GPUs and wait
+            machine = await_gpus(
+                machine, wait_s=config.stage_wait_s, read=lambda: planned_machine(config, ray_machine())
+            )
+            timeline.mark("gpus_up")
+        elif machine.autoscaler and not machine.gpus:
+            logger.warning(
+                "an autoscaler runs but no GPU is up and none is planned: the stages run on CPUs. If the cluster "
+                "has GPU node types, pass --plan-for NxTYPE (e.g. 8xL4) so the job asks for them and waits"
+            )
+        yield machine
     finally:
         if started:
             ray.shutdown()
             timeline.mark("ray_shutdown")
+
+
+def planned_machine(config: JobConfig, machine: Machine) -> Machine:
+    """``machine`` with the GPUs the run is planned for: ``--plan-for NxTYPE`` (one cluster), else the GPUs the
+    cluster's node groups allow when Ray knows them (`ray_machine`). ValueError for a bad or second value."""
+    if not config.plan_for:
+        return machine
+    if len(config.plan_for) > 1:
+        raise ValueError(
+            f"--plan-for: a run plans for one cluster, got {len(config.plan_for)} (--dry-run takes several)"
+        )
+    from jobs.planning.calibration import load_calibration
+
+    (cluster,) = parse_clusters(config.plan_for, profiles=load_calibration())
+    return dataclasses.replace(
+        machine,
+        planned_gpus=float(cluster.num_gpus),
+        accelerator_type=machine.accelerator_type or cluster.accelerator_type,
+    )
 
 
 def execute(
@@ -189,6 +222,7 @@ def execute(
             split_after=split_index(stages),
             measures=measures,
             deadlines=deadlines,
+            elasticity=Elasticity(idle_timeout_s=config.idle_timeout_s, autoscaler=machine.autoscaler),
             max_tasks=config.shards_in_flight,
             **(runner_options or {}),
         )

@@ -37,6 +37,10 @@ class Actor:
     probe_failures: int = 0
     reprobe_at: float | None = None
     open_tasks: int = 0  # sink actors: tasks assigned to this actor and not yet published
+    node_id: str = ""  # the node it last answered from
+    draining: bool = False  # its node is being drained: no new calls
+    answered: bool = False  # it has been up once
+    ready_since: float = 0.0
     # (monotonic time, stage) of each call in flight, oldest first; with `last_done` they bound when the
     # running call started (calls run one at a time, in order).
     submitted: deque[tuple[float, int]] = field(default_factory=deque)
@@ -83,9 +87,15 @@ class Pool:
         self.actors = [start_actor(self) for _ in range(self.resources.num_actors)]
         return list(self.actors)
 
+    def add_actor(self) -> Actor:
+        """Start one more actor (an elastic pool growing); it is not yet probed."""
+        actor = start_actor(self)
+        self.actors.append(actor)
+        return actor
+
     def free_actor(self, calls_per_actor: int) -> Actor | None:
-        """The least busy ready actor with room for another call, or None."""
-        candidates = [a for a in self.actors if a.ready and a.inflight < calls_per_actor]
+        """The least busy ready actor (not on a draining node) with room for another call, or None."""
+        candidates = [a for a in self.actors if a.ready and not a.draining and a.inflight < calls_per_actor]
         return min(candidates, key=lambda a: a.inflight) if candidates else None
 
     @property
@@ -121,15 +131,15 @@ def probe_outcome(exc: BaseException | None) -> str:
     return "retry"
 
 
-def ray_error(ref: Any) -> BaseException | None:
-    """The Ray error ``ref`` resolved to (an actor that died, restarts, is unreachable...), None if it succeeded."""
+def ray_result(ref: Any) -> tuple[Any, BaseException | None]:
+    """(value, None) for a ``ref`` that succeeded, (None, the Ray error) for one whose actor died, restarts or is
+    unreachable."""
     import ray
 
     try:
-        ray.get(ref)
+        return ray.get(ref), None
     except ray.exceptions.RayError as exc:
-        return exc
-    return None
+        return None, exc
 
 
 def record_probe(actor: Actor, pool: Pool, error: BaseException | None) -> None:
@@ -141,6 +151,8 @@ def record_probe(actor: Actor, pool: Pool, error: BaseException | None) -> None:
     name = pool.label
     outcome = probe_outcome(error)
     if outcome == "ready":
+        if not actor.ready:
+            actor.ready_since = time.monotonic()
         actor.ready, actor.probe_failures = True, 0
         return
     if outcome == "failed":

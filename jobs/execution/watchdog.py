@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from jobs.execution.contract import SinkSpec, StageSpec
@@ -61,13 +61,20 @@ class Watchdog:
             return self.deadlines.call_timeout_s
         return max(self.deadlines.call_timeout_floor_s, self.deadlines.call_timeout_factor * self.slowest[stage])
 
-    def check(self, pools: Sequence[Pool], *, probe: Callable[[Actor], None]) -> None:
-        """Send due re-probes, kill actors past their call deadline (then probe them), enforce stage waits."""
+    def check(
+        self, pools: Iterable[Pool], *, probe: Callable[[Actor], None], demand: Mapping[int, int] | None = None
+    ) -> None:
+        """Send due re-probes, kill actors past their call deadline (then probe them), enforce stage waits.
+
+        A pool waits while it has no actor up but has actors, or (an elastic pool at zero) work waiting for it.
+        """
         import ray
 
         now = time.monotonic()
+        demand = demand or {}
+        pools = list(pools)
         for pool in pools:
-            if pool.any_ready or not pool.actors:  # not started yet: nothing to wait for
+            if pool.any_ready or not (pool.actors or demand.get(pool.index)):  # not started: nothing to wait for
                 self.up_since[pool.index] = now
             elif now - self.up_since.setdefault(pool.index, now) > self.deadlines.stage_wait_s:
                 waited = now - self.up_since[pool.index]

@@ -23,9 +23,11 @@ class _Worker:
 
     name = ""
 
-    def ready(self) -> str:
-        """Answers once the constructor (model loading) is done."""
-        return self.name
+    def ready(self) -> dict[str, str]:
+        """Answers once the constructor (model loading) is done: what it runs and on which node."""
+        import ray
+
+        return {"name": self.name, "node_id": ray.get_runtime_context().get_node_id()}
 
     def pid(self) -> int:
         """The actor's process id (tests, diagnostics)."""
