@@ -19,7 +19,7 @@ from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, co_loc
 from cluster.resources import StageGroup, resolve_groups
 from jobs.planning.calibration import Profile, profiles_with_estimates, stage_costs
 from jobs.planning.machine import machine_defaults
-from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig
+from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, UNBOUNDED, JobConfig
 from schemas.stages import DECODER
 
 _CLUSTER = re.compile(r"^\s*(\d+)\s*[xX*]\s*([A-Za-z0-9_.-]+)\s*$")
@@ -108,6 +108,16 @@ def forecast(
         "layout": layout.kind,
         "groups": [dataclasses.asdict(g) for g in layout.groups],
         "writers": writers.num_actors,
+        # MIN:MAX of each actor group (MAX null: it grows with the cluster's nodes)
+        "bounds": {
+            g.name: [
+                g.resources.num_actors,
+                None
+                if (g.resources.max_actors or 0) >= UNBOUNDED
+                else g.resources.max_actors or g.resources.num_actors,
+            ]
+            for g in groups
+        },
         "images_per_s": round(layout.images_per_s, 4),
         "images_per_s_per_gpu": round(layout.images_per_s_per_gpu, 4),
         "wall_seconds": round(seconds, 1),
@@ -145,9 +155,11 @@ def describe_forecast(plan: dict[str, Any], *, num_images: int) -> list[str]:
     )
     layout = next((c["reason"] for c in plan["choices"] if c["flag"] == "--layout"), "as the flags ask")
     idle = ", ".join(f"{name} GPUs {share:.0%}" for name, share in plan["idle"].items())
+    bounds = ", ".join(f"{name} {low}:{'' if high is None else high}" for name, (low, high) in plan["bounds"].items())
     return [
         f"plan for {plan['cluster']} ({plan['costs']['source']}):",
         f"  layout {plan['layout']}: {groups or 'every stage in each actor'}; {plan['writers']} writer(s)",
+        f"    pools MIN:MAX (no MAX: they grow as GPU nodes join): {bounds}",
         f"    why: {layout}",
         f"  predicted {plan['images_per_s']:.3g} images/s ({plan['images_per_s_per_gpu']:.3g} per GPU): "
         f"{num_images} image(s) in {plan['wall_seconds']:.0f} s, {plan['gpu_hours']:.3g} GPU-hours; idle: {idle}",
