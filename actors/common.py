@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import socket
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from actors.accel import is_compile_failure, run_eagerly
 from actors.inputs import ImageLoader
-from actors.stage import Stage, describe_exception
+from actors.stage import Stage, describe_exception, worker_name
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
 from schemas.versions import version_mismatches
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 _warned_versions: set[str] = set()  # mismatch lines this process has logged already
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,10 +56,20 @@ def restore_generator(state: bytes) -> torch.Generator:
     return generator
 
 
-def worker_name(extra: str = "") -> str:
-    """``host:pid`` plus ``extra`` (the job adds the Ray GPU ids); recorded in every results row."""
-    name = f"{socket.gethostname()}:{os.getpid()}"
-    return f"{name} {extra}".strip()
+_SHARED: dict[tuple, Any] = {}
+
+
+def shared_model(key: tuple, load: Callable[[], T] | None = None) -> T | None:
+    """One copy per process of the model ``load`` makes for ``key``, so stages in one actor share weights (the
+    CLIP group's prior and scorer use the same CLIP encoders). Without ``load``: the copy if one was made, else None."""
+    if key not in _SHARED and load is not None:
+        _SHARED[key] = load()
+    return _SHARED.get(key)
+
+
+def prior_pipeline_key(model: str, *, dtype: torch.dtype, device: torch.device) -> tuple:
+    """`shared_model` key of a prior checkpoint's pipeline on a device."""
+    return ("prior-pipeline", model, str(dtype), str(device))
 
 
 def quiet_libraries() -> None:

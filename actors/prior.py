@@ -10,7 +10,7 @@ import pyarrow as pa
 import torch
 
 from actors.accel import compiled_modules, prepare_pipeline, share_prior_caches
-from actors.common import ModelStage, generator_state, seeded_generator
+from actors.common import ModelStage, generator_state, prior_pipeline_key, seeded_generator, shared_model
 from actors.stage import Call, Outcome, with_errors
 from schemas.config import AccelOptions
 from schemas.modes import PRIOR_EMBEDS, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_KINDS, PRIOR_TEXT
@@ -44,8 +44,11 @@ class PriorActor(ModelStage):
         super().__init__(**stage)
         from diffusers import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline
 
-        pipe = KandinskyV22PriorPipeline.from_pretrained(model, dtype=self.dtype)
-        self.pipe = prepare_pipeline(pipe, device=self.device, options=accel)
+        def load() -> Any:
+            pipe = KandinskyV22PriorPipeline.from_pretrained(model, dtype=self.dtype)
+            return prepare_pipeline(pipe, device=self.device, options=accel)
+
+        self.pipe = shared_model(prior_pipeline_key(model, dtype=self.dtype, device=self.device), load)
         self.pipe.set_progress_bar_config(disable=True)
         self.compiled = compiled_modules(self.pipe)  # a failed compile turns them eager (`recover`)
         self.emb2emb = share_prior_caches(self.pipe, KandinskyV22PriorEmb2EmbPipeline(**self.pipe.components))

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import torch
 
 from actors.accel import set_attention
-from actors.common import ModelStage
+from actors.common import ModelStage, prior_pipeline_key, shared_model
 from actors.stage import Call, InputError, Outcome, with_errors
 from schemas.config import AccelOptions
 from schemas.results import ERROR_SCORE
@@ -77,14 +77,19 @@ class ScoreActor(ModelStage):
             CLIPVisionModelWithProjection,
         )
 
-        self.text_encoder = CLIPTextModelWithProjection.from_pretrained(
-            model, subfolder="text_encoder", dtype=self.dtype
-        )
-        self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            model, subfolder="image_encoder", dtype=self.dtype
-        )
-        self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        self.processor = CLIPImageProcessor.from_pretrained(model, subfolder="image_processor")
+        prior = shared_model(prior_pipeline_key(model, dtype=self.dtype, device=self.device))
+        if prior is not None:  # the CLIP group: the prior in this process holds these encoders already
+            self.text_encoder, self.image_encoder = prior.text_encoder, prior.image_encoder
+            self.tokenizer, self.processor = prior.tokenizer, prior.image_processor
+        else:
+            self.text_encoder = CLIPTextModelWithProjection.from_pretrained(
+                model, subfolder="text_encoder", dtype=self.dtype
+            )
+            self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+                model, subfolder="image_encoder", dtype=self.dtype
+            )
+            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+            self.processor = CLIPImageProcessor.from_pretrained(model, subfolder="image_processor")
         encoders = {"text_encoder": self.text_encoder, "image_encoder": self.image_encoder}
         set_attention(types.SimpleNamespace(components=encoders), (accel or AccelOptions()).attention)
         for encoder in encoders.values():

@@ -38,6 +38,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -306,6 +308,12 @@ class Stage:
 
 def _part(call: Call, part: slice) -> Call:
     return Call(positions=call.positions[part], rows=call.rows[part], inputs=call.inputs[part])
+
+
+def worker_name(extra: str = "") -> str:
+    """``host:pid`` plus ``extra`` (the job adds the Ray GPU ids); recorded in every results row."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{name} {extra}".strip()
 
 
 def describe_exception(exc: BaseException) -> str:

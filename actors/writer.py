@@ -19,12 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from actors.common import worker_name
 from actors.formats import FORMATS, SAMPLE_META
 from actors.images import encode_png
 from actors.retry import StorageUnavailableError
 from actors.scores import ScoreStats
-from actors.stage import describe_exception
+from actors.stage import describe_exception, worker_name
 from actors.storage import Storage
 from schemas.keys import sample_key, sample_rank
 from schemas.results import ERROR_WRITE, STATUS_OK, THUMBNAIL_SIDE, ResultRow, result_from_work, results_table

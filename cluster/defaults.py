@@ -6,21 +6,23 @@ filled here, once, when the job starts: `choose_defaults` returns the concrete c
 the user set is never changed.
 
 CPU-only clusters (what `kandinsky-render benchmark cpu` measured best on 2 cores):
-- one decoder actor per CPU core (no more than the run has batches of images), each reserving one
+- layout ``one-process``: each model actor holds every model stage (prior, decoder, depth,
+  scoring), so no process is spent only on the small stages' start-up;
+- one such actor per CPU core (no more than the run has batches of images), each reserving one
   CPU, so one torch thread (Ray sets ``OMP_NUM_THREADS`` from the reservation): a multi-thread
   actor lost most of its speed whenever another process took a core (its OpenMP threads wait for
   each other), one-thread actors do not; fewer when the node's memory cannot hold that many copies
-  of the decoder;
-- every other stage (prior, depth, scorer, writers) reserves no CPU: their work is small beside the
-  decoders' and runs in the gaps;
+  of the decoder; writers reserve no CPU (their work runs in the gaps);
 - decoder batches of 16 (prior batches of 32: one prior call feeds two decoder batches), fewer
   when the memory estimate says so; channels-last convolutions.
 GPU clusters:
-- actors as `cluster.resources.resolve_stages` lays them out, with as many prior GPUs as the
-  calibration profile of the GPU type says keep the decoders fed (when a profile exists);
+- the layout `cluster.layout.choose` picks from the stages' per-image costs on the GPU type (a
+  calibration profile, measured or estimated from FLOP counts): CLIP GPUs of their own, or the CLIP
+  actors beside the decoders; one CPU per actor; writers as many as encode the predicted images/s;
 - the largest decoder batch (a power of two, at most 16) whose estimated memory at the
-  manifest's largest image fits the GPU; the estimate is rough, and a call that still runs out of
-  memory is split in halves by the actor (actors/stage.py), so a wrong guess costs speed, not images.
+  manifest's largest image fits the GPU (with the CLIP group's weights where they share it); the
+  estimate is rough, and a call that still runs out of memory is split in halves by the actor
+  (actors/stage.py), so a wrong guess costs speed, not images.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.config import JobConfig, StageResources
-from schemas.stages import DECODER, PRIOR, STAGES
+from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, choose, sweep
+from cluster.nodes import NodeShape, cpus_per_gpu_actor
+from schemas.config import LAYOUT_CO_LOCATED, LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig, StageResources
+from schemas.stages import DECODER, DEPTH, PRIOR, SCORE, STAGES, WRITER
 
 CPU_BATCH_SIZE = 16
 CPU_PRIOR_BATCH_SIZE = 32
@@ -45,19 +49,36 @@ REAL_DECODER_PARAMETERS = 1.29e9
 IMAGE_BYTES_768 = 1.5e9
 MEMORY_HEADROOM = 0.85  # of a GPU or a node's memory, what the defaults plan to use
 
-# GPU memory by Ray accelerator type (its ``accelerator_type:<type>`` resource).
-GPU_MEMORY_BYTES = {
-    "T4": 16e9,
-    "V100": 16e9,
-    "P100": 16e9,
-    "A10G": 24e9,
-    "L4": 24e9,
-    "L40S": 48e9,
-    "A100": 40e9,  # the smaller of the two A100s
-    "A100-40G": 40e9,
-    "A100-80G": 80e9,
-    "H100": 80e9,
-    "H200": 141e9,
+# Writers: CPU seconds to encode one 768x768 PNG at the writers' compression level 6 (actors/images.py) on one
+# core of the development machine (a photo-like image; level 1 took 0.108 s for 10% larger files), scaled by
+# pixels for other sizes.
+PNG_SECONDS_768 = 0.16
+WRITER_HEADROOM = 1.5  # writers kept this much faster than the decoders produce
+# Weights of the CLIP group's checkpoint (prior 1.03 B + CLIP ViT-bigG/14 image 1.84 B + text 0.69 B parameters):
+# what a co-located CLIP actor adds to a decoder's GPU.
+REAL_CLIP_PARAMETERS = 3.56e9
+
+
+@dataclass(frozen=True, kw_only=True)
+class Accelerator:
+    """What the defaults and the planner know of one GPU type (Ray's ``accelerator_type:<type>`` resource)."""
+
+    memory_bytes: float
+    peak_tflops: float  # dense fp16/bf16 tensor-core peak (vendor data sheets)
+
+
+ACCELERATORS = {
+    "T4": Accelerator(memory_bytes=16e9, peak_tflops=65),
+    "V100": Accelerator(memory_bytes=16e9, peak_tflops=125),
+    "P100": Accelerator(memory_bytes=16e9, peak_tflops=21),
+    "A10G": Accelerator(memory_bytes=24e9, peak_tflops=70),
+    "L4": Accelerator(memory_bytes=24e9, peak_tflops=121),
+    "L40S": Accelerator(memory_bytes=48e9, peak_tflops=362),
+    "A100": Accelerator(memory_bytes=40e9, peak_tflops=312),  # the smaller of the two A100s
+    "A100-40G": Accelerator(memory_bytes=40e9, peak_tflops=312),
+    "A100-80G": Accelerator(memory_bytes=80e9, peak_tflops=312),
+    "H100": Accelerator(memory_bytes=80e9, peak_tflops=989),
+    "H200": Accelerator(memory_bytes=141e9, peak_tflops=989),
 }
 
 
@@ -70,16 +91,19 @@ class Machine:
     memory_bytes: float = 0.0  # Ray's schedulable memory (0: unknown)
     accelerator_type: str = ""  # the GPU type when every GPU node has the same one
     source: str = "the Ray cluster"  # where the numbers come from
+    nodes: tuple[NodeShape, ...] = ()  # the live nodes (empty: not known, e.g. a --plan-for cluster)
+    autoscaler: bool = False  # an autoscaler adds nodes on demand
+    planned_gpus: float = 0.0  # GPUs the cluster is planned for (--plan-for, autoscaler limits), beyond those up
 
     def gpu_memory(self) -> tuple[float, str]:
         """(bytes, whose) of one GPU, from the accelerator type; (0, "unknown") for logical or unlisted GPUs."""
-        if self.accelerator_type in GPU_MEMORY_BYTES:
-            return GPU_MEMORY_BYTES[self.accelerator_type], f"a {self.accelerator_type}'s"
+        if self.accelerator_type in ACCELERATORS:
+            return ACCELERATORS[self.accelerator_type].memory_bytes, f"a {self.accelerator_type}'s"
         return 0.0, "unknown"
 
     def describe(self) -> dict[str, Any]:
-        """The machine as stats.json records it."""
-        return dataclasses.asdict(self)
+        """The machine as stats.json records it (nodes by their shape)."""
+        return {**dataclasses.asdict(self), "nodes": [node.describe() for node in self.nodes]}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,9 +130,7 @@ class Workload:
     largest_pixels: int  # height x width of the largest image
     decoder_weight_bytes: float  # one decoder actor's weights at the run's precision
     value_bytes: int  # bytes per activation value: 4 (float32) or 2
-    prior_seconds: float = 0.0  # busy seconds per image of the GPU type's calibration profile (0: none)
-    decoder_seconds: float = 0.0
-    profile: str = ""  # the profile's name, and whether it was measured
+    costs: StageCosts | None = None  # per-image stage costs on one GPU of the cluster's type (None: no GPU)
     needs_depth: bool = False
     score: bool = False
     num_images: int = 0  # images to render (0: unknown)
@@ -127,7 +149,7 @@ def image_bytes(workload: Workload) -> float:
 def choose_defaults(config: JobConfig, machine: Machine, workload: Workload) -> tuple[JobConfig, list[Choice]]:
     """``config`` with every machine-dependent option it leaves unset filled in, and a `Choice` per filled value."""
     choices: list[Choice] = []
-    if machine.gpus:
+    if machine.gpus or machine.planned_gpus:
         config = _gpu_defaults(config, machine, workload, choices)
     else:
         config = _cpu_defaults(config, machine, workload, choices)
@@ -137,9 +159,17 @@ def choose_defaults(config: JobConfig, machine: Machine, workload: Workload) -> 
 def _cpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choices: list[Choice]) -> JobConfig:
     cores = max(1, math.floor(machine.cpus + 1e-9))
     per_actor = workload.decoder_weight_bytes + CPU_BATCH_SIZE * image_bytes(workload)
+    updates: dict[str, Any] = {}
+    if config.layout is None:
+        reason = (
+            "no GPU: each model actor holds every stage (prior, decoder, depth, scoring), so no process is spent on "
+            "the small stages' start-up (torch and diffusers imports) and every core denoises"
+        )
+        updates["layout"] = LAYOUT_ONE_PROCESS
+        choices.append(Choice(flag="--layout", value=LAYOUT_ONE_PROCESS, reason=reason))
     decoder = config.decoder
     if decoder.num_actors is None:
-        count, reason = cores, f"one single-thread decoder per CPU core ({cores} found)"
+        count, reason = cores, f"one single-thread model actor per CPU core ({cores} found)"
         if machine.memory_bytes and per_actor * cores > machine.memory_bytes * MEMORY_HEADROOM:
             count = max(1, math.floor(machine.memory_bytes * MEMORY_HEADROOM / per_actor))
             reason += (
@@ -147,25 +177,27 @@ def _cpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
                 f"{machine.memory_bytes / 1e9:.1f} GB Ray may use"
             )
         batches = -(-workload.num_images // (config.batch_size or CPU_BATCH_SIZE)) if workload.num_images else count
-        if batches < count:  # a decoder that would get no batch only costs its start-up
+        if batches < count:  # an actor that would get no batch only costs its start-up
             count = max(1, batches)
             reason = (
                 f"the run has {workload.num_images} image(s), {batches} batch(es) of at most "
-                f"{config.batch_size or CPU_BATCH_SIZE}: one single-thread decoder per batch (per core otherwise, "
+                f"{config.batch_size or CPU_BATCH_SIZE}: one single-thread model actor per batch (per core otherwise, "
                 f"{cores} found)"
             )
         decoder = _set(decoder, "num_actors", count, "--num-decoder-actors", reason, choices)
     if decoder.num_cpus is None:
-        reason = "one core and one torch thread per decoder: one-thread actors keep their speed when a core is busy"
+        reason = "one core and one torch thread per actor: one-thread actors keep their speed when a core is busy"
         decoder = _set(decoder, "num_cpus", 1.0, "--decoder-cpus", reason, choices)
-    beside = "its work is small beside the decoders' and runs in their gaps"
-    updates: dict[str, Any] = {"decoder": decoder}
+    updates["decoder"] = decoder
+    beside = "no CPU reserved: its work is small beside the decoders' and runs in their gaps"
     for stage in STAGES:
-        if stage is not DECODER:
-            recorded = choices if stage.in_run(needs_depth=workload.needs_depth, score=workload.score) else None
+        if stage is not DECODER:  # the other stages share the model actors' cores unless given actors of their own
+            shown = stage.sink or getattr(config, stage.config_field).num_actors is not None
+            recorded = (
+                choices if shown and stage.in_run(needs_depth=workload.needs_depth, score=workload.score) else None
+            )
             resources = getattr(config, stage.config_field)
-            reason = f"no CPU reserved: {beside}"
-            updates[stage.config_field] = _set(resources, "num_cpus", 0.0, stage.flag("cpus"), reason, recorded)
+            updates[stage.config_field] = _set(resources, "num_cpus", 0.0, stage.flag("cpus"), beside, recorded)
     if config.batch_size is None:
         batch, reason = CPU_BATCH_SIZE, "on CPU, batches of 16 amortise each call's fixed work (benchmark cpu)"
         fits = _fitting_batch(machine.memory_bytes / max(cores, 1), workload, limit=CPU_BATCH_SIZE)
@@ -190,42 +222,89 @@ def _cpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
 
 def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choices: list[Choice]) -> JobConfig:
     updates: dict[str, Any] = {}
-    prior = config.prior
-    gpus = int(machine.gpus)
-    if (
-        prior.num_actors is None
-        and config.decoder.num_actors is None
-        and gpus >= 2
-        and workload.prior_seconds
-        and workload.decoder_seconds
-    ):
-        # Imported here: suggest_prior_decoder lives beside the resource mapping it feeds.
-        from cluster.resources import suggest_prior_decoder
-
-        suggestion = suggest_prior_decoder(
-            prior_seconds=workload.prior_seconds, decoder_seconds=workload.decoder_seconds, cluster_gpus=gpus
+    present = math.floor(machine.gpus + 1e-9)
+    gpus = max(1, present, math.floor(machine.planned_gpus + 1e-9))  # what the pools are sized up to
+    costs = workload.costs or StageCosts(prior=0.0, decoder=1.0, source="no costs known")
+    own = {s.name for s in STAGES if s.config_field in ("scorer", "depth") and _own_actors(config, s.config_field)}
+    clip_stages = tuple(
+        s.name
+        for s in STAGES
+        if s.name in (PRIOR.name, SCORE.name, DEPTH.name)
+        and s.in_run(needs_depth=workload.needs_depth, score=workload.score)
+        and s.name not in own
+    )
+    chosen = choose(num_gpus=gpus, costs=costs, clip_stages=clip_stages)
+    kind = config.layout
+    if kind is None:
+        kind = updates["layout"] = chosen.kind
+        choices.append(Choice(flag="--layout", value=kind, reason=chosen.note))
+    elif kind != chosen.kind and kind != LAYOUT_ONE_PROCESS:  # the user's kind: its best layout
+        chosen = next(
+            layout for layout in sweep(num_gpus=gpus, costs=costs, clip_stages=clip_stages) if layout.kind == kind
         )
-        reason = f"calibration profile {workload.profile}: {suggestion.note}"
-        prior = _set(prior, "num_actors", suggestion.num_prior_actors, "--num-prior-actors", reason, choices)
-    stages = {PRIOR.config_field: prior}
+    prior, decoder = config.prior, config.decoder
+    clip, decoders = chosen.group(CLIP_GROUP), chosen.group(DECODER_GROUP)
+    if kind != LAYOUT_ONE_PROCESS and clip is not None and decoders is not None:
+        # Pools start with what the GPUs up now hold and grow as nodes join: up to the planned cluster's layout,
+        # or without bound when nothing is planned.
+        now = _same_kind(kind, present, costs, clip_stages) if present < gpus else chosen
+        bound = (lambda n: str(n)) if present < gpus else (lambda n: "")
+        why = f"layout {kind}: {chosen.describe()} ({chosen.images_per_s / gpus:.3g} images/s per GPU predicted); " + (
+            f"{present} GPU(s) up of the {gpus} planned: pools start with what fits and grow as nodes join"
+            if present < gpus
+            else "more as GPU nodes join"
+        )
+        start = {name: (now.group(name).num_actors if now is not None else 0) for name in (CLIP_GROUP, DECODER_GROUP)}
+        prior = _set(
+            prior, "num_actors", f"{start[CLIP_GROUP]}:{bound(clip.num_actors)}", PRIOR.flag("actors"), why, choices
+        )
+        prior = _set(prior, "num_gpus", clip.num_gpus, PRIOR.flag("gpus"), why, None)
+        decoder = _set(
+            decoder,
+            "num_actors",
+            f"{start[DECODER_GROUP]}:{bound(decoders.num_actors)}",
+            DECODER.flag("actors"),
+            why,
+            choices,
+        )
+        decoder = _set(decoder, "num_gpus", decoders.num_gpus, DECODER.flag("gpus"), why, None)
+    stages = {PRIOR.config_field: prior, DECODER.config_field: decoder}
+    # A CPU per actor beside its GPU, less where a GPU node has fewer CPUs than the actors its GPUs hold.
+    per_gpu = 2 if kind != LAYOUT_DEDICATED else 1
+    cpus = cpus_per_gpu_actor(machine.nodes, actors_per_gpu=per_gpu)
     one_cpu = "one CPU per actor beside its GPU: input decoding, batch assembly, Ray's own work"
+    if cpus < 1:
+        one_cpu = f"{cpus:g} CPU per actor: the GPU nodes' CPUs shared by the {per_gpu} actor(s) each GPU holds"
     for stage in STAGES:
-        reason = "one CPU per writer: PNG encoding and uploads" if stage.sink else one_cpu
-        # stages the run does not have print nothing
-        recorded = choices if stage.in_run(needs_depth=workload.needs_depth, score=workload.score) else None
+        shown = stage.sink or stage.name in (PRIOR.name, DECODER.name) or stage.name in own
+        recorded = choices if shown and stage.in_run(needs_depth=workload.needs_depth, score=workload.score) else None
         resources = stages.get(stage.config_field, getattr(config, stage.config_field))
-        stages[stage.config_field] = _set(resources, "num_cpus", 1.0, stage.flag("cpus"), reason, recorded)
+        value = 1.0 if stage.sink else cpus
+        reason = "one CPU per writer: PNG encoding and uploads" if stage.sink else one_cpu
+        stages[stage.config_field] = _set(resources, "num_cpus", value, stage.flag("cpus"), reason, recorded)
+    writer = stages[WRITER.config_field]
+    if writer.num_actors is None:
+        png = PNG_SECONDS_768 * workload.largest_pixels / (768 * 768)
+        count = max(1, math.ceil(chosen.images_per_s * png * WRITER_HEADROOM - 1e-9))
+        why = (
+            f"{chosen.images_per_s:.3g} images/s predicted ({costs.source}) x {png:.3g} s of PNG encoding per image "
+            f"on one core, with {WRITER_HEADROOM:g}x headroom"
+        )
+        stages[WRITER.config_field] = _set(writer, "num_actors", count, WRITER.flag("actors"), why, choices)
     updates.update(stages)
     if config.batch_size is None:
         memory, where = machine.gpu_memory()
         if memory:
-            shared = 0 < machine.gpus < 2  # the prior's weights share the GPU
-            weights = workload.decoder_weight_bytes * (1.3 if shared else 1.0)
+            shared = kind == LAYOUT_CO_LOCATED or gpus < 2 or kind == LAYOUT_ONE_PROCESS  # CLIP weights on the GPU
+            clip_bytes = REAL_CLIP_PARAMETERS * workload.value_bytes if shared else 0.0
+            weights = workload.decoder_weight_bytes + clip_bytes
             batch = _fitting_batch(memory - weights / MEMORY_HEADROOM, workload, limit=GPU_MAX_BATCH_SIZE)
             side = math.isqrt(workload.largest_pixels)
             reason = (
                 f"the largest batch (at most {GPU_MAX_BATCH_SIZE}) whose estimated memory fits {where} "
-                f"{memory / 1e9:.0f} GB at the largest image (~{side}x{side}); a call that runs out of memory is halved"
+                f"{memory / 1e9:.0f} GB at the largest image (~{side}x{side})"
+                + (" beside the CLIP group's weights" if clip_bytes else "")
+                + "; a call that runs out of memory is halved"
             )
         else:
             batch = GPU_FALLBACK_BATCH_SIZE
@@ -239,9 +318,26 @@ def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
         choices.append(Choice(flag="--prior-batch-size", value=prior_batch, reason=reason))
     if config.accel.channels_last is None:
         updates["accel"] = dataclasses.replace(config.accel, channels_last=False)
-        reason = "diffusers' default memory format on GPUs (channels-last is unmeasured there; --channels-last to try)"
+        reason = (
+            "diffusers' default memory format: channels-last has not been measured on a GPU yet (`kandinsky-render "
+            "benchmark gpu` measures it with and without --compile); --channels-last to try"
+        )
         choices.append(Choice(flag="--channels-last", value=False, reason=reason))
     return dataclasses.replace(config, **updates)
+
+
+def _same_kind(kind: str, num_gpus: int, costs: StageCosts, clip_stages: tuple[str, ...]) -> Layout | None:
+    """The best layout of ``kind`` on ``num_gpus`` GPUs, None when it needs more (dedicated on one GPU, none up)."""
+    if num_gpus < 1:
+        return None
+    layouts = sweep(num_gpus=num_gpus, costs=costs, clip_stages=clip_stages)
+    return next((layout for layout in layouts if layout.kind == kind), None)
+
+
+def _own_actors(config: JobConfig, field: str) -> bool:
+    """Whether the user gave stage ``field`` actors of its own (else it runs in the CLIP actors)."""
+    resources = getattr(config, field)
+    return resources.num_actors is not None or resources.num_gpus is not None
 
 
 def _fitting_batch(memory_bytes: float, workload: Workload, *, limit: int) -> int:

@@ -185,6 +185,7 @@ def _render(
         runner_options=runner_options,
         modes=scan.modes,
         needs_depth=scan.needs_depth,
+        call_shapes=scan.call_shapes,
         movq_scales={MODES[mode].checkpoint: plan.scales[MODES[mode].checkpoint] for mode in scan.modes},
         output_format=plan.settings.output_format,
         run_id=run_id,

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         if run.dry_run:
             from jobs.planning.dry_run import dry_run
 
-            print(dry_run(config, calibration=run.calibration))
+            print(dry_run(config, calibration=run.calibration, plan_for=config.plan_for, as_json=run.json))
             return EXIT_OK
         live = {"auto": None, "live": True, "log": False, "off": False}[run.progress]
         every = float("inf") if run.progress == "off" else run.progress_every

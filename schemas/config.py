@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,18 +19,52 @@ RUNNERS = ("ray", "local")
 # What --help says of an option whose default the job chooses for the machine it finds (cluster/defaults.py).
 MACHINE_DEFAULT = "chosen for the machine when the job starts, printed with its reason"
 ATTENTIONS = ("sdpa", "default")
+# How the model stages share processes and GPUs (cluster/layout.py): the CLIP stages (prior, scoring, depth) on
+# GPUs of their own, beside the decoders on the decoders' GPUs, or every stage in one process (CPU clusters).
+LAYOUT_DEDICATED = "dedicated"
+LAYOUT_CO_LOCATED = "co-located"
+LAYOUT_ONE_PROCESS = "one-process"
+LAYOUTS = (LAYOUT_DEDICATED, LAYOUT_CO_LOCATED, LAYOUT_ONE_PROCESS)
+
+
+UNBOUNDED = 1_000_000  # an actor pool's upper bound when none is given ("MIN:")
+
+
+def parse_actor_count(text: str) -> str:
+    """``--num-{stage}-actors``: ``N`` (a fixed pool) or ``MIN:MAX`` (``MIN:``: no upper bound), normalized."""
+    text = str(text).strip()
+    match = re.fullmatch(r"(\d+)(?:\s*:\s*(\d*))?", text)
+    if match is None:
+        raise ValueError(f"expected N or MIN:MAX actors (e.g. 4, 2:8, 1:), got {text!r}")
+    low, sep, high = match.group(1), ":" in text, match.group(2)
+    if not sep:
+        if int(low) < 1:
+            raise ValueError(f"a fixed pool needs at least 1 actor, got {text!r}")
+        return str(int(low))
+    if high and int(high) < max(int(low), 1):
+        raise ValueError(f"MAX must be >= MIN and >= 1, got {text!r}")
+    return f"{int(low)}:{int(high) if high else ''}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class StageResources:
     """Actors and Ray resources of one model stage. ``None`` means: decided from the cluster.
 
-    Flags are per stage: ``{stage}`` is the JobConfig field's name (or its ``stage`` metadata) and
-    ``{what}`` its ``what`` metadata (default: the stage).
+    ``num_actors`` is ``N`` (a fixed pool) or ``MIN:MAX``: MIN actors at once, more while work waits
+    and a node can hold another, up to MAX (``MIN:``: as many as the cluster holds); idle ones above
+    MIN go. An int is taken as ``N``. Flags are per stage: ``{stage}`` is the JobConfig field's name
+    (or its ``stage`` metadata) and ``{what}`` its ``what`` metadata (default: the stage).
     """
 
-    num_actors: int | None = field(
-        default=None, metadata={"flag": "--num-{stage}-actors", "help": "{what} actors", "group": "execution"}
+    num_actors: str | None = field(
+        default=None,
+        metadata={
+            "flag": "--num-{stage}-actors",
+            "parse": parse_actor_count,
+            "metavar": "N|MIN:MAX",
+            "help": "{what} actors: N, or MIN:MAX to grow from MIN to MAX as nodes join (MIN: no upper bound)",
+            "group": "execution",
+        },
     )
     num_gpus: float | None = field(
         default=None, metadata={"flag": "--{stage}-gpus", "help": "GPUs per {what} actor", "group": "execution"}
@@ -45,12 +80,27 @@ class StageResources:
     )
 
     def __post_init__(self) -> None:
-        if self.num_actors is not None and self.num_actors < 1:
-            raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.num_actors is not None:
+            if isinstance(self.num_actors, bool) or not isinstance(self.num_actors, (int, str)):
+                raise ValueError(f"num_actors must be N or MIN:MAX, got {self.num_actors!r}")
+            object.__setattr__(self, "num_actors", parse_actor_count(str(self.num_actors)))
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
         if self.num_cpus is not None and self.num_cpus < 0:
             raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
+
+    @property
+    def min_actors(self) -> int | None:
+        """Actors started at once (and kept), or None when unset."""
+        return None if self.num_actors is None else int(self.num_actors.split(":")[0])
+
+    @property
+    def max_actors(self) -> int | None:
+        """The most actors the pool may grow to (`UNBOUNDED` for ``MIN:``), or None when unset."""
+        if self.num_actors is None:
+            return None
+        low, _, high = self.num_actors.partition(":")
+        return int(low) if ":" not in self.num_actors else (int(high) if high else UNBOUNDED)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,26 +163,63 @@ class JobConfig:
             "group": "execution",
         },
     )
+    layout: str | None = field(
+        default=None,
+        metadata={
+            "choices": LAYOUTS,
+            "help": "dedicated: the CLIP stages (prior, scoring, depth) on GPUs of their own; co-located: beside the "
+            "decoders on their GPUs; one-process: every model stage in each actor (CPU clusters)",
+            "default_help": MACHINE_DEFAULT,
+            "group": "execution",
+        },
+    )
+    plan_for: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "repeatable": True,
+            "metavar": "NxTYPE",
+            "help": "the cluster to plan for: N GPUs of this type (e.g. 8xH100). A run sizes its pools for it and, "
+            "with no GPU up, asks the autoscaler for them and waits (--stage-wait); --dry-run forecasts the run on "
+            "each one given (repeatable): layout, images/s, wall time, GPU-hours, idle GPU shares",
+            "group": "execution",
+        },
+    )
+    idle_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "flag": "--idle-timeout",
+            "help": "seconds an actor above its pool's MIN may stay idle before it goes (its node can then scale down)",
+            "group": "execution",
+        },
+    )
     prior: StageResources = field(
         default_factory=StageResources,
         metadata={
+            "what": "CLIP (prior, and scoring and depth unless given their own)",
             "per_field": {
-                "num_actors": {"default_help": "1"},
-                "num_gpus": {"default_help": "1; 0.5 on a 1-GPU cluster"},
-            }
+                "num_actors": {"default_help": MACHINE_DEFAULT},
+                "num_gpus": {"default_help": "1 (dedicated) or 0.1 (co-located)"},
+            },
         },
     )
     decoder: StageResources = field(
         default_factory=StageResources,
         metadata={
             "per_field": {
-                "num_actors": {"default_help": "fill the cluster's remaining GPUs; 1 on CPU"},
-                "num_gpus": {"default_help": "as --prior-gpus"},
+                "num_actors": {"default_help": "one per GPU the CLIP actors leave; CPU: chosen for the machine"},
+                "num_gpus": {"default_help": "1 (dedicated) or 0.9 (co-located)"},
             }
         },
     )
     depth: StageResources = field(
-        default_factory=lambda: StageResources(num_actors=1, num_gpus=0.0), metadata={"what": "depth-estimation"}
+        default_factory=StageResources,
+        metadata={
+            "what": "depth-estimation",
+            "per_field": {
+                "num_actors": {"default_help": "none: depth runs in the CLIP actors"},
+                "num_gpus": {"default_help": "with --num-depth-actors: 0"},
+            },
+        },
     )
     batch_size: int | None = field(
         default=None,
@@ -225,8 +312,8 @@ class JobConfig:
             "stage": SCORE.name,
             "what": "scoring (--score)",
             "per_field": {
-                "num_actors": {"default_help": "one per four decoder actors"},
-                "num_gpus": {"default_help": "0.25, beside each decoder's 0.75; 0 on CPU"},
+                "num_actors": {"default_help": "none: scoring runs in the CLIP actors, on the prior's encoders"},
+                "num_gpus": {"default_help": "with --num-score-actors: 0"},
             },
         },
     )
@@ -319,6 +406,8 @@ class JobConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_clip_score is not None and self.score is None:
             raise ValueError("min_clip_score needs score='clip' (--score clip)")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if self.connect_wait_s <= 0:

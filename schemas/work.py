@@ -23,20 +23,17 @@ PRIOR_CALL_KEY = (
     "has_negative_prompt",
 )
 # Parameters that must be equal for every row of one decoder call (the decoder stage's call key, and
-# the planner's batch key: a planned batch is one decoder call).
+# the planner's batch key: a planned batch is one decoder call). Prior-only settings are not among them:
+# rows that differ only in those share a decoder call, and the prior stage splits its own calls by
+# `PRIOR_CALL_KEY` (rows are sorted by it within a batch, so each kind stays together).
 CALL_KEY = (
     "mode",
-    "prior_kind",
     "inputs_key",
     "height",
     "width",
     "num_inference_steps",
     "guidance_scale",
-    "prior_num_inference_steps",
-    "prior_guidance_scale",
     "strength",
-    "prior_strength",
-    "has_negative_prompt",
 )
 
 WORK_SCHEMA = pa.schema(

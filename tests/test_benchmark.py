@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.resources import StageLayout, StagePlacement, fit_cpus, priors_needed, suggest_stages
+from cluster.resources import StageLayout, StagePlacement, fit_cpus
 from jobs.dev.real_size import build_real_size_modules
 from tests.conftest import REPO
 
@@ -89,7 +89,7 @@ def test_cpu_runs_job_loop_and_ray_data_peer_with_equal_images(tmp_path: Path) -
     stats = json.loads((tmp_path / "ours" / "stats.json").read_text())
     calls = stats["stages"]["calls"]  # one prior call served both decoder batches; one add each, one finalize
     assert calls == {"prior": 1, "decoder": 2, "writer": 3}
-    assert stats["suggested_stages"]["num_decoder_actors"] >= 1
+    assert stats["suggested_stages"]["decoder_seconds_per_image"] > 0  # measured; on CPU there is nothing to split
 
 
 def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str) -> None:
@@ -204,19 +204,6 @@ def test_real_size_architectures_have_the_documented_sizes() -> None:
     assert billions["prior"] == pytest.approx(1.03, abs=0.01)
     assert billions["image_encoder"] == pytest.approx(1.84, abs=0.01)
     assert billions["text_encoder"] == pytest.approx(0.69, abs=0.01)
-
-
-def test_stage_suggestions() -> None:
-    assert [priors_needed(num_decoders=d, prior_seconds=0.02, decoder_seconds=0.1) for d in (1, 4, 8)] == [1, 1, 2]
-    one = suggest_stages(prior_seconds=0.05, decoder_seconds=1.0, cluster_gpus=1)
-    assert (one.num_prior_actors, one.num_decoder_actors, one.prior_gpus, one.decoder_gpus) == (1, 1, 0.5, 0.5)
-    eight = suggest_stages(prior_seconds=0.04, decoder_seconds=1.0, cluster_gpus=8)
-    assert (eight.num_prior_actors, eight.num_decoder_actors) == (1, 7)
-    assert eight.images_per_s == pytest.approx(7.0) and "--num-decoder-actors 7" in eight.flags()
-    heavy = suggest_stages(prior_seconds=0.5, decoder_seconds=1.0, cluster_gpus=8)
-    assert heavy.num_prior_actors == 3 and heavy.decoder_busy <= 1.0
-    with pytest.raises(ValueError):
-        suggest_stages(prior_seconds=0.1, decoder_seconds=0.0, cluster_gpus=4)
 
 
 def test_cpu_reservations_fit_the_cluster() -> None:

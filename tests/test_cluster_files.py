@@ -15,14 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.resources import (
-    StageLayout,
-    StagePlacement,
-    node_accepts,
-    place_stages,
-    ray_remote_args,
-    resolve_stages,
-)
+from cluster.resources import StageLayout, StagePlacement, node_accepts, ray_remote_args, resolve_groups
 from jobs.options.config_file import parse_args
 from jobs.options.flags import build_parser
 from jobs.options.job_config import config_from_args
@@ -147,8 +140,10 @@ def mounted_files(docs: list[dict], spec: dict) -> dict[str, str]:
 def assert_stages_fit(config: JobConfig, groups: list[NodeGroup]) -> None:
     """The stage settings use exactly the GPUs of the node types their placement selects, and nothing else."""
     cluster_gpus = sum(group.gpus_per_node * group.num_nodes for group in groups)
-    prior, decoder, _ = resolve_stages(config.prior, config.decoder, cluster_gpus=cluster_gpus)
-    prior, decoder = place_stages(prior, decoder, stage_placement=config.stage_placement)
+    actor_groups, _ = resolve_groups(config, cluster_gpus=cluster_gpus, needs_depth=True)
+    resolved = {group.name: group.resources for group in actor_groups}
+    assert set(resolved) == {"clip", "decoder"}, "the CLIP stages (depth included) and the decoders"
+    prior, decoder = resolved["clip"], resolved["decoder"]
     assert prior.num_gpus > 0 and decoder.num_gpus > 0, "cluster configs are GPU clusters"
     claimed: set[str] = set()
     for name, stage in (("prior", prior), ("decoder", decoder)):

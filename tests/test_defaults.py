@@ -14,6 +14,7 @@ from cluster.defaults import (
     Workload,
     choose_defaults,
 )
+from cluster.layout import StageCosts
 from jobs.options.config_file import parse_args
 from jobs.options.flags import build_parser
 from jobs.options.job_config import config_from_args
@@ -30,21 +31,23 @@ def config(**fields) -> JobConfig:
 
 def test_cpu_machine_gets_the_layout_benchmark_cpu_measured_best() -> None:
     chosen, choices = choose_defaults(config(), Machine(cpus=2, memory_bytes=16e9), TINY)
-    assert chosen.decoder.num_actors == 2 and chosen.decoder.num_cpus == 1.0
+    assert chosen.decoder.min_actors == 2 and chosen.decoder.num_cpus == 1.0
     assert chosen.prior.num_cpus == 0.0 and chosen.writer.num_cpus == 0.0
     assert chosen.batch_size == CPU_BATCH_SIZE and chosen.prior_batch_size == CPU_PRIOR_BATCH_SIZE
     assert chosen.accel.channels_last is True
     flags = {choice.flag: choice for choice in choices}
-    assert set(flags) >= {"--num-decoder-actors", "--decoder-cpus", "--prior-cpus", "--writer-cpus", "--batch-size",
+    assert set(flags) >= {"--layout", "--num-decoder-actors", "--decoder-cpus", "--writer-cpus", "--batch-size",
                           "--prior-batch-size", "--channels-last"}  # fmt: skip
+    assert chosen.layout == "one-process" and "no GPU" in flags["--layout"].reason
     assert "2 found" in flags["--num-decoder-actors"].reason  # every value says why
     assert all(choice.reason for choice in choices)
-    # stages the run does not have take no CPU and print nothing
-    assert chosen.depth.num_cpus == 0.0 and "--depth-cpus" not in flags and "--score-cpus" not in flags
+    # stages without actors of their own (they run in the model actors) take no CPU and print nothing
+    assert chosen.depth.num_cpus == 0.0 and not {"--depth-cpus", "--score-cpus", "--prior-cpus"} & set(flags)
 
 
 def test_every_flag_the_user_set_is_kept_and_not_reported() -> None:
     mine = config(
+        layout="one-process",
         batch_size=3,
         prior_batch_size=5,
         decoder=StageResources(num_actors=1, num_cpus=2.0),
@@ -63,9 +66,9 @@ def test_every_flag_the_user_set_is_kept_and_not_reported() -> None:
 def test_cpu_decoders_are_capped_by_memory() -> None:
     # 64 cores but room for few copies of a real-size decoder and its batch
     chosen, choices = choose_defaults(config(), Machine(cpus=64, memory_bytes=60e9), REAL_768)
-    assert 1 <= chosen.decoder.num_actors < 64
+    assert 1 <= chosen.decoder.min_actors < 64
     reason = {c.flag: c.reason for c in choices}["--num-decoder-actors"]
-    assert "GB" in reason and str(chosen.decoder.num_actors) in reason
+    assert "GB" in reason and str(chosen.decoder.min_actors) in reason
 
 
 def test_gpu_batch_fits_the_gpu_type_memory_and_halves_with_pixels() -> None:
@@ -81,9 +84,10 @@ def test_gpu_batch_fits_the_gpu_type_memory_and_halves_with_pixels() -> None:
     assert big.decoder.num_cpus == 1.0 and big.prior.num_cpus == 1.0
     # every value chosen is reported with a reason, stages the run lacks excepted
     flags = {c.flag: c for c in choose_defaults(config(), h100, REAL_768)[1]}
-    assert {"--batch-size", "--prior-batch-size", "--channels-last", "--prior-cpus", "--decoder-cpus",
-            "--writer-cpus"} <= set(flags) and "--depth-cpus" not in flags  # fmt: skip
+    assert {"--layout", "--batch-size", "--prior-batch-size", "--channels-last", "--prior-cpus", "--decoder-cpus",
+            "--writer-cpus", "--num-writer-actors"} <= set(flags) and "--depth-cpus" not in flags  # fmt: skip
     assert all(choice.reason for choice in flags.values())
+    assert "not been measured on a GPU" in flags["--channels-last"].reason
 
 
 def test_gpu_of_unknown_type_falls_back_and_says_so() -> None:
@@ -92,15 +96,21 @@ def test_gpu_of_unknown_type_falls_back_and_says_so() -> None:
     assert "unknown" in {c.flag: c.reason for c in choices}["--batch-size"]
 
 
-def test_calibration_profile_sets_the_prior_decoder_ratio() -> None:
-    # a prior a third as costly as a decoder: 8 GPUs -> 2 prior GPUs feed 6 decoders
-    workload = dataclasses.replace(REAL_768, prior_seconds=0.3, decoder_seconds=1.0, profile="H100 (measured)")
-    chosen, choices = choose_defaults(config(), Machine(cpus=64, gpus=8, accelerator_type="H100"), workload)
-    assert chosen.prior.num_actors == 2
-    assert "calibration profile H100" in {c.flag: c.reason for c in choices}["--num-prior-actors"]
-    # without a profile the cluster resolver keeps one prior
-    plain, _ = choose_defaults(config(), Machine(cpus=64, gpus=8, accelerator_type="H100"), REAL_768)
-    assert plain.prior.num_actors is None
+def test_stage_costs_decide_the_layout() -> None:
+    h100 = Machine(cpus=64, gpus=8, accelerator_type="H100")
+    # a prior a third as costly as a decoder: 8 GPUs -> 2 dedicated CLIP GPUs feed 6 decoders
+    costly = dataclasses.replace(REAL_768, costs=StageCosts(prior=0.3, decoder=1.0, source="H100 (measured)"))
+    chosen, choices = choose_defaults(config(), h100, costly)
+    assert (chosen.layout, chosen.prior.min_actors, chosen.decoder.min_actors) == ("dedicated", 2, 6)
+    assert "H100 (measured)" in {c.flag: c.reason for c in choices}["--layout"]
+    # the real ratio (~4%): on 8 GPUs a dedicated CLIP GPU would idle, so the CLIP actor sits beside a decoder
+    cheap = dataclasses.replace(REAL_768, costs=StageCosts(prior=0.02, decoder=0.5))
+    chosen, choices = choose_defaults(config(), h100, cheap)
+    assert (chosen.layout, chosen.prior.min_actors, chosen.decoder.min_actors) == ("co-located", 1, 8)
+    assert chosen.prior.num_gpus + chosen.decoder.num_gpus == 1.0
+    # a layout the user names is kept, with that layout's best counts
+    mine, _ = choose_defaults(config(layout="dedicated"), h100, cheap)
+    assert (mine.layout, mine.prior.min_actors, mine.decoder.min_actors) == ("dedicated", 1, 7)
 
 
 def test_machine_defaults_reads_the_tiny_checkpoints_and_the_calibration(tiny_models: str) -> None:
@@ -109,11 +119,11 @@ def test_machine_defaults_reads_the_tiny_checkpoints_and_the_calibration(tiny_mo
     tiny = config(models=ModelPaths.resolve(models_dir=tiny_models))
     chosen, _ = machine_defaults(tiny, Machine(cpus=2, memory_bytes=8e9), modes=["text2img"], largest_pixels=0,
                                  needs_depth=False)  # fmt: skip
-    assert chosen.decoder.num_actors == 2  # the tiny decoder is a few MB: memory is no limit
-    # a hub checkpoint counts as the real model's size; an H100 profile (cluster/calibration.yaml) sets priors
+    assert chosen.decoder.min_actors == 2  # the tiny decoder is a few MB: memory is no limit
+    # a hub checkpoint counts as the real model's size; the H100 profile (estimated from FLOPs) lays out the stages
     h100 = Machine(cpus=64, gpus=8, memory_bytes=500e9, accelerator_type="H100")
     chosen, choices = machine_defaults(config(), h100, modes=["text2img"], largest_pixels=768 * 768, needs_depth=False)
-    assert chosen.prior.num_actors >= 1 and any("calibration profile H100" in c.reason for c in choices)
+    assert chosen.prior.min_actors >= 1 and any("H100 profile, estimated" in c.reason for c in choices)
 
 
 def test_local_machine_counts_this_process_cpus() -> None:
@@ -163,7 +173,7 @@ def test_a_run_prints_and_records_its_choices(tmp_path: Path, tiny_models: str, 
 def test_cpu_decoders_no_more_than_the_run_has_batches() -> None:
     few = dataclasses.replace(TINY, num_images=10)  # one batch of 16
     chosen, choices = choose_defaults(config(), Machine(cpus=8, memory_bytes=64e9), few)
-    assert chosen.decoder.num_actors == 1
+    assert chosen.decoder.min_actors == 1
     assert "the run has 10 image(s)" in {c.flag: c.reason for c in choices}["--num-decoder-actors"]
     many = dataclasses.replace(TINY, num_images=40)  # three batches
-    assert choose_defaults(config(), Machine(cpus=8, memory_bytes=64e9), many)[0].decoder.num_actors == 3
+    assert choose_defaults(config(), Machine(cpus=8, memory_bytes=64e9), many)[0].decoder.min_actors == 3

@@ -8,14 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jobs.benchmarks import cpu, gpu, host, plan, score, simulated
+from jobs.benchmarks import cpu, gpu, host, layout, plan, score, simulated
 from jobs.benchmarks.common import Mode
 
 # A mode is one module with a MODES tuple; register it here. Listed modes first, hidden helpers after.
 MODES: dict[str, Mode] = {
     mode.name: mode
     for mode in sorted(
-        (*cpu.MODES, *simulated.MODES, *plan.MODES, *gpu.MODES, *host.MODES, *score.MODES),
+        (*cpu.MODES, *simulated.MODES, *layout.MODES, *plan.MODES, *gpu.MODES, *host.MODES, *score.MODES),
         key=lambda mode: mode.help is None,
     )
 }

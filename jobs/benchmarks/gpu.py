@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cluster.resources import suggest_stages
+from cluster.layout import StageCosts, choose
 from jobs.benchmarks.common import Mode, machine, write_manifest
 from jobs.benchmarks.gpu_checks import (
     GIB,
@@ -28,12 +28,10 @@ from jobs.dev.reference import combined_pipeline
 
 
 def layout_for(num_gpus: int, *, prior_seconds: float, decoder_seconds: float) -> dict[str, Any]:
-    """LAYOUT HOOK: the layout the job would choose for ``num_gpus`` GPUs given measured busy seconds per image.
-
-    Today `cluster.resources.suggest_stages`; the layout planner (issue 18, part B) replaces this body.
-    """
-    suggestion = suggest_stages(prior_seconds=prior_seconds, decoder_seconds=decoder_seconds, cluster_gpus=num_gpus)
-    return {"flags": suggestion.flags(), "images_per_s": round(suggestion.images_per_s, 3), "note": suggestion.note}
+    """The layout `cluster.layout.choose` picks for ``num_gpus`` GPUs at these busy seconds per image."""
+    costs = StageCosts(prior=prior_seconds, decoder=decoder_seconds, source="measured by this benchmark")
+    chosen = choose(num_gpus=num_gpus, costs=costs)
+    return {"flags": chosen.flags(), "images_per_s": round(chosen.images_per_s, 3), "note": chosen.note}
 
 
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:

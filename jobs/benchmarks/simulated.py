@@ -10,9 +10,13 @@ figures measure the wiring, the driver and the writers, not a model.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from actors.stage import Call, Outcome, Stage, with_errors
-from cluster.resources import StageLayout, priors_needed
+from cluster.layout import HEADROOM
 from jobs.benchmarks.common import Mode, machine, write_manifest
 from schemas.work import (
     CALL_KEY,
@@ -41,18 +45,40 @@ def _sleep_until(deadline: float) -> None:
         time.sleep(remaining)
 
 
+@contextlib.contextmanager
+def _logical_gpu(enabled: bool) -> Iterator[None]:
+    """While held, no other stand-in on this actor's logical GPU (Ray's CUDA_VISIBLE_DEVICES) computes: actors that
+    share a GPU time-slice it, as co-located CLIP and decoder actors would (without the real GPU's switching loss)."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not enabled or not gpu:
+        yield
+        return
+    path = os.path.join(tempfile.gettempdir(), f"kandinsky-simulated-gpu-{os.environ.get('KR_SIM_SESSION', '')}-{gpu}")
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compute(seconds: float, *, gpu_lock: bool) -> None:
+    with _logical_gpu(gpu_lock):
+        _sleep_until(time.perf_counter() + seconds)
+
+
 class SimulatedPrior(Stage):
     """Stand-in prior: each call lasts ``seconds_per_image`` per row and emits real-size embeddings."""
 
     name = "prior"
     call_key = PRIOR_CALL_KEY
 
-    def __init__(self, *, seconds_per_image: float, embed_dim: int = 1280, **base: Any) -> None:
+    def __init__(self, *, seconds_per_image: float, embed_dim: int = 1280, gpu_lock: bool = False, **base: Any) -> None:
         super().__init__(**base)
-        self.seconds_per_image, self.embed_dim = seconds_per_image, embed_dim
+        self.seconds_per_image, self.embed_dim, self.gpu_lock = seconds_per_image, embed_dim, gpu_lock
 
     def run(self, call: Call, arrays: dict[str, np.ndarray]) -> list[bool]:
-        _sleep_until(time.perf_counter() + self.seconds_per_image * len(call.rows))
+        _compute(self.seconds_per_image * len(call.rows), gpu_lock=self.gpu_lock)
         return [True] * len(call.rows)
 
     def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
@@ -88,13 +114,13 @@ class SimulatedDecoder(Stage):
     name = "decoder"
     call_key = CALL_KEY
 
-    def __init__(self, *, seconds_per_image: float, image_size: int = 64, **base: Any) -> None:
+    def __init__(self, *, seconds_per_image: float, image_size: int = 64, gpu_lock: bool = False, **base: Any) -> None:
         super().__init__(**base)
-        self.seconds_per_image, self.image_size = seconds_per_image, image_size
+        self.seconds_per_image, self.image_size, self.gpu_lock = seconds_per_image, image_size, gpu_lock
         self.pixels = [natural_image(image_size, seed=k).tobytes() for k in range(8)]
 
     def run(self, call: Call, arrays: dict[str, np.ndarray]) -> list[bytes]:
-        _sleep_until(time.perf_counter() + self.seconds_per_image * len(call.rows))
+        _compute(self.seconds_per_image * len(call.rows), gpu_lock=self.gpu_lock)
         return [self.pixels[row["image_index"] % len(self.pixels)] for row in call.rows]
 
     def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
@@ -113,32 +139,28 @@ class SimulatedDecoder(Stage):
         return kept
 
 
-def simulated_chain(
-    *, prior_seconds: float, decoder_seconds: float, image_size: int, num_priors: int, num_decoders: int
-) -> Any:
-    """A `jobs.execution.chain.build_chain` stand-in: the real writers, sleeping model stages on logical GPUs."""
+def simulated_chain(*, prior_seconds: float, decoder_seconds: float, image_size: int, gpu_lock: bool = False) -> Any:
+    """A `jobs.execution.chain.build_chain` stand-in: the real chain (groups, resources, writers) with sleeping
+    prior and decoder stages; ``gpu_lock``: stages on one logical GPU sleep one at a time (they time-slice it)."""
+    import dataclasses
+
     from jobs.execution.chain import build_chain
-    from jobs.execution.contract import StageSpec
+
+    stand_ins = {
+        "prior": (SimulatedPrior, {"seconds_per_image": prior_seconds, "gpu_lock": gpu_lock}),
+        "decoder": (
+            SimulatedDecoder,
+            {"seconds_per_image": decoder_seconds, "image_size": image_size, "gpu_lock": gpu_lock},
+        ),
+    }
 
     def build(config: Any, **chain: Any) -> Any:
         stages, sink = build_chain(config, **chain)
-        prior, decoder = [spec for spec in stages if spec.name in ("prior", "decoder")]
-        return [
-            StageSpec(
-                name="prior",
-                cls=SimulatedPrior,
-                kwargs={"seconds_per_image": prior_seconds},
-                resources=StageLayout(num_actors=num_priors, num_gpus=1.0, num_cpus=0.0),
-                batch_size=prior.batch_size,
-            ),
-            StageSpec(
-                name="decoder",
-                cls=SimulatedDecoder,
-                kwargs={"seconds_per_image": decoder_seconds, "image_size": image_size},
-                resources=StageLayout(num_actors=num_decoders, num_gpus=1.0, num_cpus=0.0),
-                batch_size=decoder.batch_size,
-            ),
-        ], sink
+        replaced = []
+        for spec in stages:
+            cls, kwargs = stand_ins[spec.name]
+            replaced.append(dataclasses.replace(spec, cls=cls, kwargs=kwargs))
+        return replaced, sink
 
     return build
 
@@ -151,8 +173,13 @@ def simulate_once(
     num_decoders: int,
     num_priors: int,
     storage_options: dict[str, Any] | None = None,
+    layout: str = "dedicated",
+    prior_gpus: float = 1.0,
+    decoder_gpus: float = 1.0,
+    gpu_lock: bool = False,
 ) -> dict[str, Any]:
-    """One simulated job on the connected Ray; its figures from the job's own stats.json."""
+    """One simulated job on the connected Ray (its CLIP and decoder groups as ``layout`` and the counts and GPU
+    shares say); its figures from the job's own stats.json."""
     from actors.storage import Storage
     from jobs.dev.tiny_models import build_tiny_models
     from jobs.job import run_job
@@ -160,7 +187,7 @@ def simulate_once(
     from schemas.models import ModelPaths
 
     work_dir = Path(args.work_dir)
-    name = f"{args.output_format}-{num_decoders}d-{rows}"
+    name = f"{args.output_format}-{layout}-{num_priors}p{num_decoders}d-{rows}"
     manifest = write_manifest(work_dir / name / "manifest.parquet", num_rows=rows, size=args.image_size, steps=1)
     prior_s, decoder_s = args.prior_ms / 1000, args.decoder_ms / 1000
     config = JobConfig(
@@ -170,9 +197,10 @@ def simulate_once(
         prior_batch_size=args.prior_batch_size,
         shard_rows=args.shard_rows,
         output_format=args.output_format,
-        # The stand-ins replace these stages; their counts still size the job's defaults (writers).
-        prior=StageResources(num_actors=num_priors, num_gpus=1.0, num_cpus=0.0),
-        decoder=StageResources(num_actors=num_decoders, num_gpus=1.0, num_cpus=0.0),
+        # The stand-ins replace these stages, in the groups and on the GPU shares the layout gives them.
+        layout=layout,
+        prior=StageResources(num_actors=num_priors, num_gpus=prior_gpus, num_cpus=0.0),
+        decoder=StageResources(num_actors=num_decoders, num_gpus=decoder_gpus, num_cpus=0.0),
         writer=StageResources(num_actors=args.num_writers),
         storage_options=storage_options or {},
         overwrite=True,
@@ -180,11 +208,7 @@ def simulate_once(
         models=ModelPaths.resolve(models_dir=build_tiny_models(str(work_dir / "models"))["prior"].rsplit("/", 1)[0]),
     )
     build = simulated_chain(
-        prior_seconds=prior_s,
-        decoder_seconds=decoder_s,
-        image_size=args.image_size,
-        num_priors=num_priors,
-        num_decoders=num_decoders,
+        prior_seconds=prior_s, decoder_seconds=decoder_s, image_size=args.image_size, gpu_lock=gpu_lock
     )
     called = time.monotonic()
     stats = run_job(config, build=build, runner_options={"wait_for_actors": True}).stats
@@ -227,6 +251,13 @@ def simulate_once(
     }
 
 
+def _priors_needed(num_decoders: int, prior_s: float, decoder_s: float) -> int:
+    """Dedicated prior actors that feed ``num_decoders`` decoders (`cluster.layout.choose`'s headroom)."""
+    if not decoder_s:
+        return 1
+    return max(1, math.ceil(num_decoders * prior_s * HEADROOM / decoder_s - 1e-9))
+
+
 def run_simulated(args: argparse.Namespace) -> dict[str, Any]:
     """Simulated jobs on a local Ray with logical GPUs, for each decoder count."""
     runs = _simulate_all(args, formats=[args.output_format])
@@ -251,11 +282,7 @@ def _simulate_all(args: argparse.Namespace, *, formats: list[str]) -> list[dict[
 
     counts = [args.num_decoders] if args.num_decoders else [1, 2, 4, 8]
     prior_s, decoder_s = args.prior_ms / 1000, args.decoder_ms / 1000
-    priors = {
-        d: args.num_priors
-        or (priors_needed(num_decoders=d, prior_seconds=prior_s, decoder_seconds=decoder_s) if decoder_s else 1)
-        for d in counts
-    }
+    priors = {d: args.num_priors or _priors_needed(d, prior_s, decoder_s) for d in counts}
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-")
     if ray.is_initialized():
         raise RuntimeError("this benchmark starts its own local Ray; call it without a Ray connection")

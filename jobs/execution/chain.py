@@ -10,13 +10,16 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cluster.defaults import Machine
-from cluster.resources import StageLayout, fit_cpus, place_stages, resolve_score, resolve_stages, resolve_writer
+from cluster.resources import fit_cpus, resolve_groups
+from jobs.execution.capacity import await_gpus
 from jobs.execution.connect import connect_ray
 from jobs.execution.contract import Event, SinkSpec, StageSpec, Task
 from jobs.execution.local import run_local
 from jobs.execution.runner import Deadlines, RunnerMeasures, run_ray
+from jobs.execution.scaling import Elasticity
 from jobs.execution.timeline import Timeline
 from jobs.planning.batches import prior_batch_size
+from jobs.planning.forecast import parse_clusters
 from jobs.planning.machine import local_machine, ray_machine
 from schemas.config import JobConfig
 from schemas.modes import MODES
@@ -37,11 +40,14 @@ def build_chain(
     output_format: str,
     run_id: str,
     cluster_gpus: float,
+    call_shapes: Iterable[tuple[str, int, int]] = (),
 ) -> tuple[list[StageSpec], SinkSpec]:
-    """The model stages the run needs and its writer pool, with resources resolved for ``cluster_gpus``.
+    """The model stages the run needs and its writer pool, in actor groups resolved for ``cluster_gpus``.
 
-    [depth] -> prior -> decoder -> [score] -> writers. Decoder actors load the checkpoints of
-    ``modes`` only; the depth stage exists when ``needs_depth``, the scoring stage with ``--score``.
+    [depth] -> prior -> decoder -> [score] -> writers, grouped into processes by the config's layout
+    (`cluster.resources.resolve_groups`). Decoder actors load the checkpoints of ``modes`` only; the
+    depth stage exists when ``needs_depth``, the scoring stage with ``--score``. With ``--compile`` a decoder
+    actor compiles at start for each of ``call_shapes`` (mode, height, width) at the run's batch size.
     """
     from actors.decoder import DecoderActor
     from actors.depth import DepthActor
@@ -49,25 +55,8 @@ def build_chain(
     from actors.scorer import ScoreActor
     from actors.writer import ShardWriter
 
-    scorer = config.scorer if config.score else None
-    prior, decoder, depth = resolve_stages(
-        config.prior,
-        config.decoder,
-        cluster_gpus=cluster_gpus,
-        depth=config.depth if needs_depth else None,
-        score=scorer,
-    )
-    writer = resolve_writer(config.writer, num_decoders=decoder.num_actors)
-    score = None
-    if scorer is not None:
-        score = resolve_score(scorer, num_decoders=decoder.num_actors, cluster_gpus=cluster_gpus)
-        gpus = sum(p.num_actors * p.num_gpus for p in (prior, decoder, score, depth) if p is not None)
-        if gpus > cluster_gpus + 1e-9:
-            raise ValueError(
-                f"the stages ask for {gpus:g} GPUs with the scoring stage; the cluster has {cluster_gpus:g}"
-            )
-    prior, decoder = place_stages(prior, decoder, stage_placement=config.stage_placement)
-    layouts = {DEPTH.name: depth, PRIOR.name: prior, DECODER.name: decoder, SCORE.name: score, WRITER.name: writer}
+    groups, writer = resolve_groups(config, cluster_gpus=cluster_gpus, needs_depth=needs_depth)
+    group_of = {stage: group for group in groups for stage in group.stages}
     inputs = {
         "storage_options": config.storage_options,
         "allowed_protocols": config.limits.allowed_protocols,
@@ -75,21 +64,30 @@ def build_chain(
     }
     model = {"dtype": config.dtype, "accel": config.accel}
     decoders = {mode: config.models.for_checkpoint(MODES[mode].checkpoint) for mode in modes}
+    warmup = [(mode, h, w, config.batch_size) for mode, h, w in call_shapes if mode in decoders]
+    decoder = {"models": decoders, "movq_scales": movq_scales, "warmup": warmup if config.accel.compile else []}
     # Per stage: its class, what it is built with, and its calls' batch size.
     made: dict[str, tuple[type, dict[str, Any], int | None]] = {
         DEPTH.name: (DepthActor, {"model": config.models.depth, "revision": config.models.depth_hub_revision()}, None),
         PRIOR.name: (PriorActor, {"model": config.models.prior, **model}, prior_batch_size(config)),
-        DECODER.name: (DecoderActor, {"models": decoders, "movq_scales": movq_scales, **model}, config.batch_size),
+        DECODER.name: (DecoderActor, {**decoder, **model}, config.batch_size),
         SCORE.name: (ScoreActor, {"model": config.models.prior, **model}, config.batch_size),
     }
     stages = []
     for stage in MODEL_STAGES:
-        if layouts[stage.name] is not None:
+        group = group_of.get(stage.name)
+        if group is not None:
             cls, kwargs, batch_size = made[stage.name]
             kwargs = kwargs if stage is SCORE else {**kwargs, **inputs}  # the scorer reads no input images
-            stages.append(
-                StageSpec(name=stage.name, cls=cls, kwargs=kwargs, resources=layouts[stage.name], batch_size=batch_size)
+            spec = StageSpec(
+                name=stage.name,
+                cls=cls,
+                kwargs=kwargs,
+                resources=group.resources,
+                batch_size=batch_size,
+                group=group.name,
             )
+            stages.append(spec)
     sink_kwargs = {
         "output": config.output,
         "output_format": output_format,
@@ -107,9 +105,12 @@ def split_index(stages: list[StageSpec]) -> int:
     return [spec.name for spec in stages].index(SPLIT_AFTER)
 
 
-def describe(stage: StageLayout) -> dict[str, Any]:
-    """A stage's resources as stats.json records them."""
+def describe(spec: StageSpec | SinkSpec) -> dict[str, Any]:
+    """A stage's actors as stats.json records them: their group (the stages sharing them) and resources."""
+    stage = spec.resources
     described = {"num_actors": stage.num_actors, "num_gpus": stage.num_gpus, "num_cpus": stage.num_cpus}
+    if isinstance(spec, StageSpec):
+        described["group"] = spec.group_name
     if not stage.placement.is_any:
         described["placement"] = dataclasses.asdict(stage.placement)
     return described
@@ -135,11 +136,41 @@ def session(config: JobConfig, timeline: Timeline) -> Iterator[Machine]:
     preload.join()
     timeline.mark("imports_done")
     try:
-        yield ray_machine()
+        machine = planned_machine(config, ray_machine())
+        if machine.planned_gpus and not machine.gpus:  # scale from zero: ask for the planned GPUs and wait
+            machine = await_gpus(
+                machine, wait_s=config.stage_wait_s, read=lambda: planned_machine(config, ray_machine())
+            )
+            timeline.mark("gpus_up")
+        elif machine.autoscaler and not machine.gpus:
+            logger.warning(
+                "an autoscaler runs but no GPU is up and none is planned: the stages run on CPUs. If the cluster "
+                "has GPU node types, pass --plan-for NxTYPE (e.g. 8xL4) so the job asks for them and waits"
+            )
+        yield machine
     finally:
         if started:
             ray.shutdown()
             timeline.mark("ray_shutdown")
+
+
+def planned_machine(config: JobConfig, machine: Machine) -> Machine:
+    """``machine`` with the GPUs the run is planned for: ``--plan-for NxTYPE`` (one cluster), else the GPUs the
+    cluster's node groups allow when Ray knows them (`ray_machine`). ValueError for a bad or second value."""
+    if not config.plan_for:
+        return machine
+    if len(config.plan_for) > 1:
+        raise ValueError(
+            f"--plan-for: a run plans for one cluster, got {len(config.plan_for)} (--dry-run takes several)"
+        )
+    from jobs.planning.calibration import load_calibration
+
+    (cluster,) = parse_clusters(config.plan_for, profiles=load_calibration())
+    return dataclasses.replace(
+        machine,
+        planned_gpus=float(cluster.num_gpus),
+        accelerator_type=machine.accelerator_type or cluster.accelerator_type,
+    )
 
 
 def execute(
@@ -163,25 +194,25 @@ def execute(
     build = build or build_chain
     if config.runner == "local":
         stages, sink = build(config, cluster_gpus=0.0, **chain)
-        stage_info.update(runner="local", stages={spec.name: describe(spec.resources) for spec in [*stages, sink]})
+        stage_info.update(runner="local", stages={spec.name: describe(spec) for spec in [*stages, sink]})
         yield from run_local(stages, sink, tasks, split_after=split_index(stages))
         return
     cluster_gpus, cluster_cpus = machine.gpus, machine.cpus
     stages, sink = build(config, cluster_gpus=cluster_gpus, **chain)
-    specs = [*stages, sink]
-    fitted = fit_cpus([spec.resources for spec in specs], cluster_cpus=cluster_cpus)
-    if fitted != [spec.resources for spec in specs]:
+    # CPU reservations are fitted per actor group (the stages of a group share its actors).
+    groups = {spec.group_name: spec.resources for spec in stages} | {sink.name: sink.resources}
+    fitted = dict(zip(groups, fit_cpus(list(groups.values()), cluster_cpus=cluster_cpus)))
+    if fitted != groups:
         logger.warning(
             "the stages reserve more than the cluster's %g CPUs; CPU reservations scaled to %s",
             cluster_cpus,
-            [fit.num_cpus for fit in fitted],
+            {name: fit.num_cpus for name, fit in fitted.items()},
         )
-        specs = [dataclasses.replace(spec, resources=fit) for spec, fit in zip(specs, fitted)]
-        stages, sink = specs[:-1], specs[-1]
+        stages = [dataclasses.replace(spec, resources=fitted[spec.group_name]) for spec in stages]
+        sink = dataclasses.replace(sink, resources=fitted[sink.name])
+    specs = [*stages, sink]
     measures = RunnerMeasures(names=[spec.name for spec in specs])
-    stage_info.update(
-        runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: describe(spec.resources) for spec in specs}
-    )
+    stage_info.update(runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: describe(spec) for spec in specs})
     deadlines = Deadlines(
         call_timeout_s=config.call_timeout_s,
         call_timeout_floor_s=config.call_timeout_floor_s,
@@ -195,6 +226,7 @@ def execute(
             split_after=split_index(stages),
             measures=measures,
             deadlines=deadlines,
+            elasticity=Elasticity(idle_timeout_s=config.idle_timeout_s, autoscaler=machine.autoscaler),
             max_tasks=config.shards_in_flight,
             **(runner_options or {}),
         )

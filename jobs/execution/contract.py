@@ -30,7 +30,10 @@ class StageSpec:
     """One stage: `build` makes an instance (``cls(**kwargs, max_batch_size=batch_size, worker=...)``).
 
     ``cls`` follows the stage contract of `actors.stage.Stage` (which groups rows into model calls of
-    at most ``max_batch_size`` rows and keeps every input row, in order).
+    at most ``max_batch_size`` rows and keeps every input row, in order). Stages with the same
+    ``group`` run in the same actors (each actor builds all of them, in chain order), which then
+    reserve the group's ``resources`` (equal for every stage of the group); by default a stage is a
+    group of its own.
     """
 
     name: str
@@ -38,6 +41,12 @@ class StageSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     resources: StageLayout = field(default_factory=lambda: StageLayout(num_actors=1, num_gpus=0.0, num_cpus=1.0))
     batch_size: int | None = None
+    group: str = ""
+
+    @property
+    def group_name(self) -> str:
+        """The group whose actors run this stage."""
+        return self.group or self.name
 
     def build(self, *, worker: str) -> Any:
         """An instance of the stage."""
@@ -103,8 +112,20 @@ def split_rows(table: pa.Table, sizes: Sequence[int]) -> list[pa.Table]:
 
 
 def check_split(stages: Sequence[StageSpec], split_after: int) -> None:
-    """ValueError unless ``split_after`` names one of ``stages``."""
+    """ValueError unless ``split_after`` names one of ``stages`` and each group's stages agree on its resources."""
     if not stages:
         raise ValueError("at least one stage is needed")
     if not 0 <= split_after < len(stages):
         raise ValueError(f"split_after must name one of the {len(stages)} stages, got {split_after}")
+    for spec in stages:
+        first = next(other for other in stages if other.group_name == spec.group_name)
+        if spec.resources != first.resources:
+            raise ValueError(f"stages {first.name} and {spec.name} share group {spec.group_name} but not its resources")
+
+
+def stage_groups(stages: Sequence[StageSpec]) -> dict[str, list[int]]:
+    """Group name -> indices of its stages in ``stages``, groups in order of their first stage."""
+    groups: dict[str, list[int]] = {}
+    for index, spec in enumerate(stages):
+        groups.setdefault(spec.group_name, []).append(index)
+    return groups

@@ -1,7 +1,8 @@
-"""Ray actors of one runner: building them, knowing when each is up, and telling a restart from a failure.
+"""The runner's actor pools, one per group of stages (and one for the sink): starting actors, knowing when each
+is up, telling a restart from a failure, and choosing the least busy.
 
-A stage's actors are started with ``max_restarts=-1``: Ray brings a dead actor back (reloading its
-model) on any node that has room. The driver gives an actor work only once it has answered its
+A group's actors are started with ``max_restarts=-1``: Ray brings a dead actor back (reloading its
+models) on any node that has room. The driver gives an actor work only once it has answered its
 readiness probe; a probe that meets a restarting actor (``ActorUnavailableError``) or one that died
 is sent again with backoff, because on a GPU cluster a restart reloads gigabytes of weights and
 often takes minutes. Only an actor whose constructor raised (``actor_init_failed``) is a failed start.
@@ -10,80 +11,25 @@ often takes minutes. Only an actor whose constructor raised (``actor_init_failed
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.execution.contract import SinkSpec, StageSpec, split_rows
-from schemas.work import from_ipc, to_ipc
+from cluster.resources import StageLayout
+from jobs.execution.contract import SinkSpec, StageSpec
+from jobs.execution.workers import SinkWorker, StageWorker
 
 logger = logging.getLogger(__name__)
 
 MAX_PROBE_BACKOFF_S = 30.0
 
 
-def ray_worker_tag() -> str:
-    """``gpus=<ray gpu ids> cuda=<CUDA_VISIBLE_DEVICES>`` of the current Ray worker."""
-    import ray
-
-    gpu_ids = ",".join(str(gpu) for gpu in ray.get_gpu_ids())
-    return f"gpus={gpu_ids or '-'} cuda={os.environ.get('CUDA_VISIBLE_DEVICES') or '-'}"
-
-
-class _Worker:
-    """What every actor body shares: its stage (or sink) built once in the constructor, a probe, its pid."""
-
-    def __init__(self, *, spec: StageSpec | SinkSpec) -> None:
-        self.name = spec.name
-        self.instance = spec.build(worker=ray_worker_tag())
-
-    def ready(self) -> str:
-        """Answers once the constructor (model loading) is done."""
-        return self.name
-
-    def pid(self) -> int:
-        """The actor's process id (tests, diagnostics)."""
-        return os.getpid()
-
-
-class StageWorker(_Worker):
-    """Body of one model-stage actor: maps Arrow IPC payloads through its stage."""
-
-    def run(self, payload: bytes, sizes: list[int]) -> tuple[Any, ...]:
-        """Map one payload; return one payload per entry of ``sizes`` plus a small info dict, last."""
-        started = time.perf_counter()
-        table = self.instance(from_ipc(payload))
-        pieces = [to_ipc(piece) for piece in split_rows(table, sizes)]
-        return (*pieces, {"rows": table.num_rows, "seconds": time.perf_counter() - started})
-
-
-class SinkWorker(_Worker):
-    """Body of one sink actor: takes batches of tasks and publishes each task when told to."""
-
-    def add(self, tag: str, payload: bytes) -> dict[str, Any]:
-        """Give one batch of task ``tag`` to the sink; its info dict plus the call's seconds."""
-        started = time.perf_counter()
-        info = dict(self.instance.add(tag, from_ipc(payload)) or {})
-        return info | {"seconds": time.perf_counter() - started}
-
-    def finalize(self, tag: str, args: Any) -> tuple[Any, dict[str, Any]]:
-        """Publish task ``tag``; (what the sink returned, info with the call's seconds)."""
-        started = time.perf_counter()
-        result = self.instance.finalize(tag, args)
-        return result, {"seconds": time.perf_counter() - started}
-
-    def abandon(self, tag: str) -> None:
-        """Drop what the sink holds for task ``tag`` (it will be redone elsewhere)."""
-        self.instance.abandon(tag)
-
-
 @dataclass(eq=False, kw_only=True)
 class Actor:
     """One actor as the driver tracks it."""
 
-    stage: int  # index into the runner's stages; len(stages) is the sink
+    pool: int  # index into the runner's pools; the sink's pool is last
     handle: Any
     ready: bool = False
     inflight: int = 0
@@ -91,31 +37,100 @@ class Actor:
     probe_failures: int = 0
     reprobe_at: float | None = None
     open_tasks: int = 0  # sink actors: tasks assigned to this actor and not yet published
-    # Monotonic times the driver submitted each in-flight call, oldest first; with `last_done` they
-    # bound when the running call started (calls run one at a time, in order).
-    submitted: deque[float] = field(default_factory=deque)
+    node_id: str = ""  # the node it last answered from
+    draining: bool = False  # its node is being drained: no new calls
+    answered: bool = False  # it has been up once
+    ready_since: float = 0.0
+    # (monotonic time, stage) of each call in flight, oldest first; with `last_done` they bound when the
+    # running call started (calls run one at a time, in order).
+    submitted: deque[tuple[float, int]] = field(default_factory=deque)
     last_done: float = 0.0
 
-    def running_since(self) -> float | None:
-        """When the call this actor is running began (at the latest), or None when it has none."""
-        return max(self.submitted[0], self.last_done) if self.submitted else None
+    def running(self) -> tuple[float, int] | None:
+        """(when it began at the latest, its stage) of the call this actor is running, or None when it has none."""
+        if not self.submitted:
+            return None
+        at, stage = self.submitted[0]
+        return max(at, self.last_done), stage
 
 
-def start_actor(spec: StageSpec | SinkSpec, *, stage: int, sink: bool) -> Actor:
-    """One Ray actor for ``spec``, restarted by Ray when it dies, named after its stage."""
+@dataclass(eq=False, kw_only=True)
+class Pool:
+    """The actors of one group: the stages they serve (indices into the runner's stages) and what each reserves."""
+
+    index: int
+    name: str
+    specs: list[StageSpec] | list[SinkSpec]
+    stages: tuple[int, ...]
+    actors: list[Actor] = field(default_factory=list)
+    started: bool = False
+
+    @property
+    def sink(self) -> bool:
+        """Whether this is the sink's pool."""
+        return isinstance(self.specs[0], SinkSpec)
+
+    @property
+    def label(self) -> str:
+        """How messages name it: ``decoder``, or ``clip (prior, score)`` for a group of several stages."""
+        names = [spec.name for spec in self.specs]
+        return self.name if names == [self.name] else f"{self.name} ({', '.join(names)})"
+
+    @property
+    def resources(self) -> StageLayout:
+        """What the group asks for: actors, and each one's GPUs, CPUs and placement."""
+        return self.specs[0].resources
+
+    def start(self) -> list[Actor]:
+        """Start the group's actors; the new actors (not yet probed)."""
+        self.started = True
+        self.actors = [start_actor(self) for _ in range(self.resources.num_actors)]
+        return list(self.actors)
+
+    def add_actor(self) -> Actor:
+        """Start one more actor (an elastic pool growing); it is not yet probed."""
+        actor = start_actor(self)
+        self.actors.append(actor)
+        return actor
+
+    def free_actor(self, calls_per_actor: int) -> Actor | None:
+        """The least busy ready actor (not on a draining node) with room for another call, or None."""
+        candidates = [a for a in self.actors if a.ready and not a.draining and a.inflight < calls_per_actor]
+        return min(candidates, key=lambda a: a.inflight) if candidates else None
+
+    @property
+    def any_ready(self) -> bool:
+        """Whether some actor is up."""
+        return any(actor.ready for actor in self.actors)
+
+
+def start_actor(pool: Pool) -> Actor:
+    """One Ray actor of ``pool``, restarted by Ray when it dies, named after its group."""
     import ray
 
     from cluster.resources import ray_remote_args
 
-    body = SinkWorker if sink else StageWorker
-    # A subclass per stage so Ray (dashboard, state API, logs) names actors after their stage.
-    remote = ray.remote(type(f"{spec.name.title()}Stage", (body,), {}))
+    body = SinkWorker if pool.sink else StageWorker
+    # A subclass per group so Ray (dashboard, state API, logs) names actors after what they run.
+    remote = ray.remote(type(f"{pool.name.title()}Stage", (body,), {}))
+    args = {"spec": pool.specs[0]} if pool.sink else {"specs": pool.specs}
     handle = remote.options(
-        **ray_remote_args(spec.resources),  # num_gpus, num_cpus, accelerator type, node labels
+        **ray_remote_args(pool.resources),  # num_gpus, num_cpus, accelerator type, node labels
+        max_concurrency=max_concurrency(pool),
         max_restarts=-1,  # a dead actor comes back (model reloaded) ...
         max_task_retries=0,  # ... and the driver re-runs its work, from the first stage
-    ).remote(spec=spec)
-    return Actor(stage=stage, handle=handle)
+    ).remote(**args)
+    return Actor(pool=pool.index, handle=handle)
+
+
+def max_concurrency(pool: Pool) -> int:
+    """Calls one actor of ``pool`` runs at once: the most any of its stages asks for on the pool's device
+    (`actors.stage.Stage.concurrency`: 2 for a GPU decoder, whose host work overlaps the other call's
+    denoising); 1 for the sink and for CPU actors."""
+    if pool.sink:
+        return 1
+    device = "cuda" if pool.resources.num_gpus > 0 else "cpu"
+    return max(getattr(spec.cls, "concurrency", lambda _device: 1)(device) for spec in pool.specs)
 
 
 def probe_outcome(exc: BaseException | None) -> str:
@@ -127,32 +142,35 @@ def probe_outcome(exc: BaseException | None) -> str:
     return "retry"
 
 
-def ray_error(ref: Any) -> BaseException | None:
-    """The Ray error ``ref`` resolved to (an actor that died, restarts, is unreachable...), None if it succeeded."""
+def ray_result(ref: Any) -> tuple[Any, BaseException | None]:
+    """(value, None) for a ``ref`` that succeeded, (None, the Ray error) for one whose actor died, restarts or is
+    unreachable."""
     import ray
 
     try:
-        ray.get(ref)
+        return ray.get(ref), None
     except ray.exceptions.RayError as exc:
-        return exc
-    return None
+        return None, exc
 
 
-def record_probe(actor: Actor, pool: list[Actor], error: BaseException | None, *, name: str) -> None:
+def record_probe(actor: Actor, pool: Pool, error: BaseException | None) -> None:
     """What the answer to ``actor``'s readiness probe means: it is up; it failed to start (removed from
-    ``pool`` and killed; RuntimeError once no actor of stage ``name`` can start); or it is not up yet
-    (asked again after `probe_backoff`)."""
+    ``pool`` and killed; RuntimeError once no actor of the pool can start); or it is not up yet (asked
+    again after `probe_backoff`)."""
     import ray
 
+    name = pool.label
     outcome = probe_outcome(error)
     if outcome == "ready":
+        if not actor.ready:
+            actor.ready_since = time.monotonic()
         actor.ready, actor.probe_failures = True, 0
         return
     if outcome == "failed":
-        pool.remove(actor)
+        pool.actors.remove(actor)
         ray.kill(actor.handle)
         logger.warning("stage %s: an actor failed to start: %s", name, error)
-        if not pool:
+        if not pool.actors:
             raise RuntimeError(f"stage {name}: no actor could start: {error}") from error
         return
     actor.probe_failures += 1
@@ -165,12 +183,13 @@ def probe_backoff(actor: Actor) -> float:
     return min(MAX_PROBE_BACKOFF_S, 0.5 * 2 ** min(actor.probe_failures, 10))
 
 
-def describe_resources(spec: StageSpec | SinkSpec) -> str:
-    """What one actor of ``spec`` asks of a node, and what the cluster has free now, in words."""
+def describe_resources(pool: Pool) -> str:
+    """What one actor of ``pool`` asks of a node, and what the cluster has free now, in words."""
     import ray
 
-    want = f"{spec.resources.num_gpus:g} GPU and {spec.resources.num_cpus:g} CPU"
-    placement = spec.resources.placement
+    resources = pool.resources
+    want = f"{resources.num_gpus:g} GPU and {resources.num_cpus:g} CPU"
+    placement = resources.placement
     if placement.accelerator_type:
         want += f" of accelerator type {placement.accelerator_type}"
     if placement.label_selector:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from jobs.execution.contract import SinkSpec, StageSpec
-from jobs.execution.pool import Actor, describe_resources
+from jobs.execution.pool import Actor, Pool, describe_resources
 
 logger = logging.getLogger("jobs.execution.runner")  # its warnings are the runner's
 
@@ -31,7 +31,10 @@ class Deadlines:
 
 
 class Watchdog:
-    """Time checks over the runner's pools (one per spec, the sink last); `check` runs once per loop turn."""
+    """Time checks over the runner's pools (the sink's last); `check` runs once per loop turn.
+
+    Deadlines are per stage (``specs``: the runner's stages, then the sink); waits are per pool.
+    """
 
     def __init__(
         self, specs: Sequence[StageSpec | SinkSpec], deadlines: Deadlines, *, started: float, stall_warning_s: float
@@ -41,12 +44,12 @@ class Watchdog:
         self.started = started
         self.stall_warning_s = stall_warning_s
         self.slowest = [0.0] * len(specs)
-        self.up_since = [time.monotonic()] * len(specs)  # when each stage last had an actor up
+        self.up_since: dict[int, float] = {}  # pool index -> when it last had an actor up
         self._last_warning = time.monotonic()
 
-    def started_pool(self, stage: int) -> None:
-        """A stage's pool just started: its wait counts from now."""
-        self.up_since[stage] = time.monotonic()
+    def started_pool(self, pool: int) -> None:
+        """A pool just started: its wait counts from now."""
+        self.up_since[pool] = time.monotonic()
 
     def finished_call(self, stage: int, seconds: float) -> None:
         """A call of ``stage`` took ``seconds`` (its deadline follows the slowest)."""
@@ -58,32 +61,39 @@ class Watchdog:
             return self.deadlines.call_timeout_s
         return max(self.deadlines.call_timeout_floor_s, self.deadlines.call_timeout_factor * self.slowest[stage])
 
-    def check(self, pools: Sequence[Sequence[Actor]], *, probe: Callable[[Actor], None]) -> None:
-        """Send due re-probes, kill actors past their call deadline (then probe them), enforce stage waits."""
+    def check(
+        self, pools: Iterable[Pool], *, probe: Callable[[Actor], None], demand: Mapping[int, int] | None = None
+    ) -> None:
+        """Send due re-probes, kill actors past their call deadline (then probe them), enforce stage waits.
+
+        A pool waits while it has no actor up but has actors, or (an elastic pool at zero) work waiting for it.
+        """
         import ray
 
         now = time.monotonic()
-        for number, pool in enumerate(pools):
-            name = self.specs[number].name
-            if any(actor.ready for actor in pool) or not pool:  # not started yet: nothing to wait for
-                self.up_since[number] = now
-            elif now - self.up_since[number] > self.deadlines.stage_wait_s:
+        demand = demand or {}
+        pools = list(pools)
+        for pool in pools:
+            if pool.any_ready or not (pool.actors or demand.get(pool.index)):  # not started: nothing to wait for
+                self.up_since[pool.index] = now
+            elif now - self.up_since.setdefault(pool.index, now) > self.deadlines.stage_wait_s:
+                waited = now - self.up_since[pool.index]
                 raise RuntimeError(
-                    f"stage {name}: no actor has been up for {now - self.up_since[number]:.0f} s "
-                    f"(--stage-wait {self.deadlines.stage_wait_s:g}); {describe_resources(self.specs[number])}. "
+                    f"stage {pool.label}: no actor has been up for {waited:.0f} s "
+                    f"(--stage-wait {self.deadlines.stage_wait_s:g}); {describe_resources(pool)}. "
                     "Add nodes with these resources or ask for less; a rerun finishes the work."
                 )
-            for actor in pool:
+            for actor in pool.actors:
                 if actor.reprobe_at is not None and now >= actor.reprobe_at:
                     probe(actor)
-                since = actor.running_since()
-                if actor.ready and since is not None and now - since > self.deadline(number):
+                running = actor.running()
+                if actor.ready and running is not None and now - running[0] > self.deadline(running[1]):
                     logger.warning(
                         "stage %s: a call has run %.0f s, past its deadline of %.0f s: killing the actor "
                         "(Ray restarts it) and re-running its work",
-                        name,
-                        now - since,
-                        self.deadline(number),
+                        self.specs[running[1]].name,
+                        now - running[0],
+                        self.deadline(running[1]),
                     )
                     actor.ready = False
                     actor.submitted.clear()
@@ -91,12 +101,12 @@ class Watchdog:
                     probe(actor)
         if now - self._last_warning > self.stall_warning_s:
             self._last_warning = now
-            for number, pool in enumerate(pools):
-                if pool and not any(actor.ready for actor in pool):
+            for pool in pools:
+                if pool.actors and not pool.any_ready:
                     logger.warning(
                         "stage %s: no actor is up after %.0f s: still loading its model, restarting, or the "
                         "cluster lacks the resources (%s)",
-                        self.specs[number].name,
+                        pool.label,
                         now - self.started,
-                        describe_resources(self.specs[number]),
+                        describe_resources(pool),
                     )

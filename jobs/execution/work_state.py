@@ -54,6 +54,7 @@ class Call:
 
     actor: Actor
     kind: str  # group | item | add | finalize | probe | abandon
+    stage: int = -1  # index of the stage the call runs (the runner's stages, then the sink)
     outputs: list[Any] = field(default_factory=list)
     group: Group | None = None
     item: Item | None = None
@@ -72,6 +73,7 @@ class RunnerMeasures:
     moments: dict[str, float] = field(default_factory=dict)
     busy_seconds: list[float] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
+    pools: dict[str, Any] = field(default_factory=dict)  # `jobs.execution.scaling.ActorPools.stats`, at the end
 
     def __post_init__(self) -> None:
         self.busy_seconds = self.busy_seconds or [0.0] * len(self.names)
@@ -91,4 +93,5 @@ class RunnerMeasures:
         return {
             "busy_seconds": {name: round(s, 3) for name, s in zip(self.names, self.busy_seconds)},
             "calls": dict(zip(self.names, self.calls)),
+            "pools": self.pools,
         }

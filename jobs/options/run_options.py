@@ -57,6 +57,7 @@ class RunOptions:
             "and exit without loading any model or writing anything"
         },
     )
+    json: bool = field(default=False, metadata={"help": "with --dry-run: print one JSON object instead of text"})
     calibration: str | None = field(
         default=None,
         metadata={

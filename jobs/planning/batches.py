@@ -1,8 +1,9 @@
 """Batches: a shard's work rows cut into decoder calls, and consecutive calls grouped into prior calls.
 
 A planned batch is the rows one decoder call serves (equal `schemas.work.CALL_KEY`); consecutive
-batches that share `schemas.work.PRIOR_CALL_KEY` are grouped into one prior call. Both are pure
-functions of the work rows, so batch composition, and with it the pixels, never depends on scheduling.
+batches are grouped into one prior stage call, which the prior splits into model calls by its own
+`schemas.work.PRIOR_CALL_KEY`. Both are pure functions of the work rows, so batch composition, and
+with it the pixels, never depends on scheduling.
 """
 
 from __future__ import annotations
@@ -56,16 +57,15 @@ class Batches(Sequence[pa.Table]):
 def batch(work: pa.Table, *, batch_size: int) -> Batches:
     """Cut work rows into batches a single pipeline call can serve.
 
-    Rows are grouped by `CALL_KEY` and ordered by (id, image_index) inside a group, so batch
-    composition depends only on the set of work, not on manifest order or file layout. Every
-    batch holds ``batch_size`` rows except the last of each group.
+    Rows are grouped by `CALL_KEY` and ordered by `PRIOR_CALL_KEY` then (id, image_index) inside a
+    group (so rows one prior call can serve stay together), so batch composition depends only on the
+    set of work, not on manifest order or file layout. Every batch holds ``batch_size`` rows except
+    the last of each group.
     """
     if work.num_rows == 0:
         return Batches(work, np.zeros(1, np.int64))
-    order = pc.sort_indices(
-        work.select([*CALL_KEY, "id", "image_index"]),
-        sort_keys=[(name, "ascending") for name in CALL_KEY] + [("id", "ascending"), ("image_index", "ascending")],
-    )
+    keys = [*CALL_KEY, *PRIOR_CALL_KEY, "id", "image_index"]
+    order = pc.sort_indices(work.select(keys), sort_keys=[(name, "ascending") for name in keys])
     work = work.take(order)
     n = work.num_rows
     group_start = np.zeros(n, dtype=bool)
@@ -85,22 +85,19 @@ def prior_batch_size(config: JobConfig) -> int:
 
 
 def group_batches(batches: Iterable[pa.Table], *, max_rows: int) -> Iterator[list[pa.Table]]:
-    """Consecutive batches that one prior call serves: equal `PRIOR_CALL_KEY`, at most ``max_rows`` rows.
+    """Consecutive batches that one prior stage call serves, at most ``max_rows`` rows together.
 
     A group holds at least one whole batch, so a batch larger than ``max_rows`` is a group alone
-    (the runner cuts the prior's calls to its batch size). A pure function of the batch sequence,
-    so prior batch composition is as deterministic as the batches themselves.
+    (the prior cuts its model calls to its batch size, and by `PRIOR_CALL_KEY`). A pure function of
+    the batch sequence, so prior call composition is as deterministic as the batches themselves.
     """
     group: list[pa.Table] = []
-    group_key: tuple | None = None
     num_rows = 0
     for table in batches:
-        key = tuple(table.slice(0, 1).select(list(PRIOR_CALL_KEY)).to_pylist()[0].values())
-        if group and (key != group_key or num_rows + table.num_rows > max_rows):
+        if group and num_rows + table.num_rows > max_rows:
             yield group
             group, num_rows = [], 0
         group.append(table)
-        group_key = key
         num_rows += table.num_rows
     if group:
         yield group

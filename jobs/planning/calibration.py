@@ -26,11 +26,28 @@ import pyarrow.compute as pc
 import yaml
 
 import cluster
+from cluster.defaults import ACCELERATORS
+from cluster.layout import StageCosts
 from schemas.manifest import RenderDefaults
 from schemas.modes import DEFAULT_MODE, MODES
 
 REFERENCE_PIXELS = 512 * 512
 DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.abspath(cluster.__file__)), "calibration.yaml")
+
+
+# FLOPs per unit of work, counted with torch's FlopCounterMode on the real architectures built on the meta
+# device (jobs/dev/real_size.py; tests/test_benchmark.py recounts the decoder's): one guided UNet step of a
+# 512x512 image is 2 samples x 0.886 TFLOP (1.993 at 768x768), the MoVQ decode 2.18 TFLOP (4.9 at 768x768), a
+# guided prior step 0.34 TFLOP (8.5 per 25-step image); CLIP ViT-bigG/14 image + text encoding ~1 TFLOP per
+# scored image; DPT-large depth at 384x384 ~0.5 TFLOP per estimated hint.
+DECODER_STEP_TFLOP = 1.772
+DECODER_IMAGE_TFLOP = 2.18
+PRIOR_STEP_TFLOP = 0.34
+SCORE_IMAGE_TFLOP = 1.0
+DEPTH_IMAGE_TFLOP = 0.5
+# Share of the dense fp16 peak estimated profiles assume: diffusers' own A100 table for SD 1.5 at batch 16 is
+# 25% eager and 39% compiled. A measured profile (`kandinsky-render calibrate`) replaces the estimate.
+ESTIMATE_EFFICIENCY = 0.4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +61,38 @@ class Profile:
     measured: bool
     source: str
     score_image_seconds: float = 0.0
+    depth_image_seconds: float = 0.0
+
+
+def estimated_profile(name: str) -> Profile | None:
+    """A profile for accelerator type ``name`` from the FLOP counts at `ESTIMATE_EFFICIENCY` of its dense fp16
+    peak (`cluster.defaults.ACCELERATORS`); None for a type that table does not know."""
+    accelerator = ACCELERATORS.get(name)
+    if accelerator is None:
+        return None
+    rate = accelerator.peak_tflops * ESTIMATE_EFFICIENCY
+    return Profile(
+        name=name,
+        prior_step_seconds=PRIOR_STEP_TFLOP / rate,
+        decoder_step_seconds=DECODER_STEP_TFLOP / rate,
+        decoder_image_seconds=DECODER_IMAGE_TFLOP / rate,
+        score_image_seconds=SCORE_IMAGE_TFLOP / rate,
+        depth_image_seconds=DEPTH_IMAGE_TFLOP / rate,
+        measured=False,
+        source=f"estimate: FLOP counts at {ESTIMATE_EFFICIENCY:.0%} of the {name}'s {accelerator.peak_tflops:g} "
+        "TFLOP/s dense fp16 peak; replace with a profile measured by `kandinsky-render calibrate`",
+    )
+
+
+def profiles_with_estimates(profiles: list[Profile]) -> list[Profile]:
+    """``profiles`` (a calibration file's), then an estimated profile of every known accelerator type they lack."""
+    named = {profile.name for profile in profiles}
+    return [*profiles, *(p for name in ACCELERATORS if name not in named and (p := estimated_profile(name)))]
+
+
+def profile_for(accelerator: str, *, path: str = DEFAULT_CALIBRATION) -> Profile | None:
+    """The calibration file's profile for ``accelerator`` (measured or not), else its estimate; None if unknown."""
+    return {p.name: p for p in profiles_with_estimates(load_calibration(path))}.get(accelerator)
 
 
 def load_calibration(path: str = DEFAULT_CALIBRATION) -> list[Profile]:
@@ -66,6 +115,7 @@ def load_calibration(path: str = DEFAULT_CALIBRATION) -> list[Profile]:
                     decoder_step_seconds=float(values["decoder_step_seconds"]),
                     decoder_image_seconds=float(values["decoder_image_seconds"]),
                     score_image_seconds=float(values.get("score_image_seconds", 0.0)),
+                    depth_image_seconds=float(values.get("depth_image_seconds", 0.0)),
                     measured=bool(values.get("measured", False)),
                     source=str(values.get("source", "")),
                 )
@@ -121,3 +171,19 @@ def image_seconds(profile: Profile, *, defaults: RenderDefaults, pixels: int) ->
     row.update({name: [getattr(defaults, name)] for name in ("prior_num_inference_steps", "prior_guidance_scale")})
     row.update(height=[pixels], width=[1], mode=[DEFAULT_MODE])
     return estimate(unit_totals(pa.table(row)), profile)
+
+
+def stage_costs(
+    profile: Profile, totals: dict[str, float], *, num_images: int, score: bool, depth_images: int = 0
+) -> StageCosts:
+    """Per-image stage costs (the layout planner's input) of work with these `unit_totals` on ``profile``."""
+    seconds = estimate(totals, profile)
+    per = max(num_images, 1)
+    kind = "measured" if profile.measured else "estimated"
+    return StageCosts(
+        prior=seconds["prior"] / per,
+        decoder=max(seconds["decoder"] / per, 1e-12),
+        score=seconds["score"] / per if score else 0.0,
+        depth=depth_images * profile.depth_image_seconds / per,
+        source=f"{profile.name} profile, {kind}",
+    )

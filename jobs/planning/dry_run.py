@@ -5,21 +5,31 @@ and only their counts are kept, so a dry run over any manifest holds one shard's
 from __future__ import annotations
 
 import collections
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from actors.storage import Storage
-from jobs.options.flags import option_at
+from cluster.resources import StageLayout, resolve_groups
 from jobs.planning.batches import group_batches, prior_batch_size
-from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
+from jobs.planning.calibration import (
+    DEFAULT_CALIBRATION,
+    Profile,
+    estimate,
+    load_calibration,
+    profiles_with_estimates,
+    unit_totals,
+)
+from jobs.planning.forecast import describe_forecast, forecast, parse_clusters
 from jobs.planning.machine import local_machine
 from jobs.planning.run_plan import RunPlan, plan_run, with_machine_defaults
-from jobs.planning.work import Work, needs_depth
-from schemas.config import JobConfig, StageResources
+from jobs.planning.work import Work, hint_estimates, needs_depth
+from schemas.config import JobConfig
 from schemas.modes import PRIOR_KINDS
-from schemas.stages import ALWAYS, MODEL_STAGES, StageInfo
+from schemas.stages import ALWAYS, MODEL_STAGES
+from schemas.work import PRIOR_CALL_KEY
 
 
 @dataclass(kw_only=True)
@@ -33,6 +43,7 @@ class Census:
     calls: collections.Counter[str] = field(default_factory=collections.Counter)
     units: collections.Counter[str] = field(default_factory=collections.Counter)
     num_to_render: int = 0
+    depth_images: int = 0  # images whose hint the depth stage estimates
 
     def add(self, shard: Work, config: JobConfig) -> None:
         """Count one shard's work."""
@@ -51,14 +62,35 @@ class Census:
         if config.score:
             self.calls["score"] += len(shard.batches)
         for group in group_batches(shard.batches, max_rows=size):
-            rows = sum(batch.num_rows for batch in group)
-            self.calls["prior"] += (
-                rows if PRIOR_KINDS[group[0].column("prior_kind")[0].as_py()].alone else -(-rows // size)
-            )
-            if depth and needs_depth(pa.concat_tables(group)):
+            rows = pa.concat_tables(group)
+            for key in _grouped(rows, list(PRIOR_CALL_KEY)):  # the prior's model calls: one per key, cut to size
+                count = key["id_count"]
+                self.calls["prior"] += count if PRIOR_KINDS[key["prior_kind"]].alone else -(-count // size)
+            if depth and needs_depth(rows):
                 self.calls["depth"] += 1
         if work.num_rows:
             self.units.update(unit_totals(work))
+            self.depth_images += hint_estimates(work)
+
+    def totals(self, *, score: bool) -> dict[str, float]:
+        """The `unit_totals` of everything to render (scored images only with ``score``)."""
+        names = ("prior_steps", "decoder_steps", "decoder_images", "scored_images")
+        return {name: float(self.units[name]) if name != "scored_images" or score else 0.0 for name in names}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counts as ``--dry-run --json`` writes them."""
+        return {
+            "to_render": {"rows": sum(self.rows.values()), "images": self.num_to_render},
+            "by_mode_and_size": [
+                {"mode": m, "height": h, "width": w, "rows": self.rows[(m, h, w)], "images": n}
+                for (m, h, w), n in sorted(self.images.items())
+            ],
+            "refused": {
+                kind: {"rows": self.refused_rows[kind], "images": n} for kind, n in self.refused_images.items()
+            },
+            "calls": dict(self.calls),
+            "depth_images": self.depth_images,
+        }
 
 
 def _grouped(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
@@ -75,15 +107,11 @@ def census(plan: RunPlan) -> Census:
     return counts
 
 
-def _stage_line(stage: StageInfo, resources: StageResources, placement: dict[str, Any]) -> str:
-    """One stage's resources; unset ones as ``--help`` says they are decided when the job starts."""
-    actors = option_at(JobConfig, stage.config_field, "num_actors")
-    gpus = option_at(JobConfig, stage.config_field, "num_gpus")
-    num_actors = f"{resources.num_actors} actor(s)" if resources.num_actors else f"actors: {actors.default_text or 1}"
-    num_gpus = f"{resources.num_gpus:g} GPU each" if resources.num_gpus is not None else f"GPUs: {gpus.default_text}"
-    where = [f"accelerator type {placement['accelerator_type']}"] if placement.get("accelerator_type") else []
-    where += [f"{key}={value}" for key, value in placement.get("label_selector", {}).items()]
-    return f"{stage.name}: {num_actors}, {num_gpus}" + (f", on nodes with {', '.join(where)}" if where else "")
+def _resources(layout: StageLayout) -> str:
+    where = [f"accelerator type {layout.placement.accelerator_type}"] if layout.placement.accelerator_type else []
+    where += [f"{key}={value}" for key, value in layout.placement.label_selector.items()]
+    text = f"{layout.num_actors} actor(s) x {layout.num_gpus:g} GPU, {layout.num_cpus:g} CPU"
+    return text + (f", on nodes with {', '.join(where)}" if where else "")
 
 
 def _table(rows: list[tuple[str, ...]], aligns: str) -> list[str]:
@@ -113,17 +141,16 @@ def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list
     sizes = f"decoder batch size {config.batch_size}, prior batch size {prior_batch_size(config)}"
     stages = [stage.name for stage in MODEL_STAGES if stage.present == ALWAYS or counts.calls[stage.name]]
     lines += ["", f"model calls per stage ({sizes}): " + ", ".join(f"{name} {counts.calls[name]}" for name in stages)]
-    for stage in MODEL_STAGES:
-        if stage.name in stages:
-            placement = config.stage_placement.get(stage.name, {})
-            lines.append("  " + _stage_line(stage, getattr(config, stage.config_field), placement))
+    if config.layout is not None:  # the actors this machine's defaults give (a cluster's: --plan-for)
+        groups, writers = resolve_groups(config, cluster_gpus=0.0, needs_depth=counts.depth_images > 0)
+        for group in groups:
+            lines.append(f"  {group.name} ({', '.join(group.stages)}): {_resources(group.resources)}")
+        lines.append(f"  writer: {_resources(writers)}")
     lines += ["", f"estimated GPU-seconds (busy time of one GPU per actor), calibration {calibration}:"]
     scoring = bool(config.score)
     rows = [("profile", "prior", "decoder", *(["score"] if scoring else []), "total", "basis")]
     sources: dict[str, list[str]] = {}
-    totals = {name: counts.units[name] for name in ("prior_steps", "decoder_steps", "decoder_images", "scored_images")}
-    if not scoring:
-        totals["scored_images"] = 0.0
+    totals = counts.totals(score=scoring)
     for profile in profiles:
         seconds = estimate(totals, profile)
         basis = "measured" if profile.measured else "NOT measured"
@@ -136,20 +163,67 @@ def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list
     return "\n".join(lines)
 
 
-def dry_run(config: JobConfig, *, calibration: str | None = None) -> str:
-    """Plan ``config`` against its output as it is now and describe it (with ``--overwrite``: as if empty)."""
+# GPU types whose estimated GPU-seconds a dry run shows when no --plan-for names any.
+SHOWN_ESTIMATES = ("L4", "L40S", "A100", "H100", "H200")
+
+
+def dry_run(
+    config: JobConfig, *, calibration: str | None = None, plan_for: tuple[str, ...] = (), as_json: bool = False
+) -> str:
+    """Plan ``config`` against its output as it is now and describe it (with ``--overwrite``: as if empty).
+
+    ``plan_for``: hypothetical clusters (``8xH100``) to forecast the run on (`jobs.planning.forecast`);
+    ``as_json``: one JSON object instead of text. ValueError for an unknown GPU type or a cluster too
+    small for the flags, before anything is read.
+    """
     path = calibration or DEFAULT_CALIBRATION
-    profiles = load_calibration(path)
+    file_profiles = load_calibration(path)
+    clusters = parse_clusters(plan_for, profiles=file_profiles)
+    wanted = [c.accelerator_type for c in clusters] or list(SHOWN_ESTIMATES)
+    profiles = [p for p in profiles_with_estimates(file_profiles) if p in file_profiles or p.name in wanted]
     plan = plan_run(config, Storage(config.output, storage_options=config.storage_options))
     scan = plan.scan()
     machine = local_machine()
     plan, choices = with_machine_defaults(plan, scan, machine)
-    config = plan.config
-    text = describe(config, plan, census(plan), profiles=profiles, calibration=path)
+    counts = census(plan)
+    forecasts = [
+        forecast(
+            config,  # the flags as given: each cluster chooses its own defaults
+            cluster,
+            totals=counts.totals(score=bool(config.score)),
+            num_images=counts.num_to_render,
+            depth_images=counts.depth_images,
+            modes=scan.modes,
+            largest_pixels=scan.largest_pixels,
+            profiles=file_profiles,
+        )
+        for cluster in clusters
+    ]
+    if as_json:
+        return json.dumps(
+            {
+                "manifest": config.manifest,
+                "output": config.output,
+                "num_shards": plan.num_shards,
+                "num_shards_pending": len(plan.pending),
+                "num_images_final": plan.index.totals.num_images,
+                **counts.as_dict(),
+                "gpu_seconds": {
+                    p.name: {**estimate(counts.totals(score=bool(config.score)), p), "measured": p.measured}
+                    for p in profiles
+                },
+                "plans": forecasts,
+            },
+            indent=2,
+            default=str,
+        )
+    text = describe(plan.config, plan, counts, profiles=profiles, calibration=path)
+    for item in forecasts:
+        text += "\n\n" + "\n".join(describe_forecast(item, num_images=counts.num_to_render))
     if not choices:
         return text
     chosen = "\n".join(f"  {choice.line()}" for choice in choices)
     return (
         f"{text}\n\ndefaults chosen for this machine ({machine.cpus:g} CPUs, no GPU seen without Ray); a job on "
-        f"a cluster chooses for the cluster it finds:\n{chosen}"
+        f"a cluster chooses for the cluster it finds (--plan-for NxTYPE shows a GPU cluster's):\n{chosen}"
     )

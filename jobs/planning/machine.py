@@ -12,6 +12,8 @@ import os
 from typing import Any
 
 from cluster.defaults import REAL_DECODER_PARAMETERS, Choice, Machine, Workload, choose_defaults
+from cluster.layout import StageCosts
+from cluster.nodes import NodeShape
 from schemas.config import JobConfig
 from schemas.models import is_hub_id
 from schemas.modes import DEFAULT_MODE, MODES
@@ -20,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's resource naming each GPU node's type
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+REFERENCE_ACCELERATOR = "H100"  # whose estimated costs stand in for a GPU type no profile knows
 
 
 def local_machine() -> Machine:
@@ -36,7 +39,8 @@ def local_machine() -> Machine:
 
 
 def ray_machine() -> Machine:
-    """The connected Ray cluster: its schedulable CPUs, GPUs and memory, and the GPU type when there is one.
+    """The connected Ray cluster: its schedulable CPUs, GPUs and memory, its live nodes, the GPU type when there is
+    one, whether an autoscaler runs, and the GPUs its autoscaler may add (when Ray knows its node groups).
 
     Ray names each detected GPU's type in an ``accelerator_type:<type>`` resource; logical GPUs
     (``ray.init(num_gpus=2)``) have none, and then the GPU memory is unknown.
@@ -51,7 +55,65 @@ def ray_machine() -> Machine:
         memory_bytes=float(resources.get("memory", 0.0)),
         accelerator_type=types[0] if len(types) == 1 else "",
         source="the Ray cluster",
+        nodes=tuple(ray_nodes()),
+        autoscaler=autoscaler_running(),
+        planned_gpus=float((_max_resources() or {}).get("GPU", 0) or 0),
     )
+
+
+def ray_nodes() -> list[NodeShape]:
+    """The live nodes of the connected cluster: totals, what is free now, labels, whether each is being drained.
+
+    Reads Ray's GCS through ``ray._private.state`` (what ``ray status`` and Ray Serve's node cache read):
+    a private API, pinned by constraints.txt.
+    """
+    import ray
+    from ray._private.state import state
+
+    free = state.available_resources_per_node()
+    draining = set(state.get_draining_nodes())
+    shapes = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        node_id = node["NodeID"]
+        shapes.append(
+            NodeShape(
+                name=node_id[:8],
+                total=dict(node.get("Resources") or {}),
+                available=dict(free.get(node_id, {})),
+                labels=dict(node.get("Labels") or {}),
+                draining=node_id in draining,
+                node_id=node_id,
+            )
+        )
+    return shapes
+
+
+def autoscaler_running() -> bool:
+    """Whether an autoscaler manages the cluster (its monitor reports on node types, not only load)."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return False
+    try:
+        status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
+    except ValueError:
+        return False
+    return "autoscaler_report" in status
+
+
+def _max_resources() -> dict[str, float] | None:
+    """The most of each resource the cluster's node groups allow, when Ray was given its autoscaling config."""
+    from ray._private.state import state
+
+    try:
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or newer Ray without it: nothing declared
+        return None
 
 
 def machine_defaults(
@@ -62,21 +124,31 @@ def machine_defaults(
     largest_pixels: int,
     needs_depth: bool,
     num_images: int = 0,
+    units: dict[str, float] | None = None,
+    depth_images: int = 0,
 ) -> tuple[JobConfig, list[Choice]]:
-    """`cluster.defaults.choose_defaults` for the pending work: ``modes`` load, images up to ``largest_pixels``."""
+    """`cluster.defaults.choose_defaults` for the pending work: ``modes`` load, images up to ``largest_pixels``;
+    ``units`` (the work's `jobs.planning.calibration.unit_totals`) and ``depth_images`` price its stages."""
     gpu = bool(machine.gpus)
     value_bytes = 2 if config.dtype in ("float16", "bfloat16") or (config.dtype == "auto" and gpu) else 4
     checkpoints = {MODES[mode].checkpoint for mode in modes} or {MODES[DEFAULT_MODE].checkpoint}
     weights = max(_weight_bytes(config.models.for_checkpoint(name), value_bytes) for name in checkpoints)
     pixels = largest_pixels or config.defaults.height * config.defaults.width
-    prior_s, decoder_s, profile = (0.0, 0.0, "") if not gpu else _profile_costs(config, machine, pixels)
     workload = Workload(
         largest_pixels=pixels,
         decoder_weight_bytes=weights,
         value_bytes=value_bytes,
-        prior_seconds=prior_s,
-        decoder_seconds=decoder_s,
-        profile=profile,
+        costs=machine_costs(
+            config,
+            machine,
+            pixels=pixels,
+            needs_depth=needs_depth,
+            units=units,
+            num_images=num_images,
+            depth_images=depth_images,
+        )
+        if gpu
+        else None,
         needs_depth=needs_depth,
         score=bool(config.score),
         num_images=num_images,
@@ -94,16 +166,42 @@ def _weight_bytes(path: str, value_bytes: int) -> float:
     return float(total)
 
 
-def _profile_costs(config: JobConfig, machine: Machine, pixels: int) -> tuple[float, float, str]:
-    """Busy seconds per image of prior and decoder on the GPU type's calibration profile, at the defaults' steps."""
-    from jobs.planning.calibration import image_seconds, load_calibration
+def machine_costs(
+    config: JobConfig,
+    machine: Machine,
+    *,
+    pixels: int,
+    needs_depth: bool,
+    units: dict[str, float] | None = None,
+    num_images: int = 0,
+    depth_images: int = 0,
+) -> StageCosts:
+    """Per-image stage costs on one GPU of the machine's type: of the work whose `unit_totals` are ``units``
+    (``num_images`` images), else of one image of ``pixels`` at the defaults' steps.
 
-    profile = {profile.name: profile for profile in load_calibration()}.get(machine.accelerator_type)
+    From the calibration profile of the GPU type (measured, or estimated from FLOP counts); for a type
+    no profile knows (logical GPUs, an unlisted type) the FLOP estimate of an H100, whose ratios are
+    what the layout needs.
+    """
+    from jobs.planning.calibration import estimated_profile, image_seconds, profile_for, stage_costs
+
+    profile = profile_for(machine.accelerator_type) if machine.accelerator_type else None
+    note = ""
     if profile is None:
-        return 0.0, 0.0, ""
+        profile = estimated_profile(REFERENCE_ACCELERATOR)
+        note = f"; GPU type {machine.accelerator_type or 'unknown'}: {REFERENCE_ACCELERATOR} ratios"
+    if units and num_images:
+        costs = stage_costs(profile, units, num_images=num_images, score=bool(config.score), depth_images=depth_images)
+        return StageCosts(**{**costs.__dict__, "source": costs.source + note})
     seconds = image_seconds(profile, defaults=config.defaults, pixels=pixels)
-    kind = "measured" if profile.measured else "estimated, not measured"
-    return seconds["prior"], seconds["decoder"], f"{profile.name} ({kind})"
+    kind = "measured" if profile.measured else "estimated"
+    return StageCosts(
+        prior=seconds["prior"],
+        decoder=seconds["decoder"],
+        score=seconds["score"] if config.score else 0.0,
+        depth=profile.depth_image_seconds if needs_depth else 0.0,
+        source=f"{profile.name} profile, {kind}{note}",
+    )
 
 
 def log_choices(machine: Machine, choices: list[Choice]) -> None:

@@ -7,6 +7,7 @@ memory follows the shards in flight, not the manifest.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 from actors.storage import Storage
 from cluster.defaults import Choice, Machine
 from jobs.planning.batches import batch
+from jobs.planning.calibration import work_units
 from jobs.planning.checkpoints import CheckpointScales
 from jobs.planning.ids import check_ids, files_digest
 from jobs.planning.machine import local_machine, machine_defaults
@@ -63,6 +65,13 @@ class PendingScan:
     modes: list[str]  # modes that may occur (decides which decoder checkpoints load)
     needs_depth: bool  # a hint-estimating mode may lack hints (the depth stage starts); may over-estimate
     largest_pixels: int = 0  # height x width of the largest image asked for within the limits (the defaults' sizing)
+    # `jobs.planning.calibration.unit_totals` of the images first renderings ask for (the layout's stage costs),
+    # and how many of them may need an estimated hint (an over-estimate: footer statistics only)
+    units: dict[str, float] = field(default_factory=dict)
+    depth_images: int = 0
+    # (mode, height, width) of first renderings, most images first, at most `MAX_CALL_SHAPES` (a compiled decoder's
+    # warm-up; a shape not listed compiles at its first call)
+    call_shapes: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -93,9 +102,12 @@ class RunPlan:
         estimated = {name for name, mode in MODES.items() if mode.hint_estimated}
         num_images, modes, needs_depth = 0, set(), False
         largest = 0
+        units: collections.Counter[str] = collections.Counter()
+        shapes: collections.Counter[tuple[str, int, int]] = collections.Counter()
+        depth_images = 0
         with ShardReader(storage_options=self.config.storage_options) as reader:
             for shard, previous in self.pending:
-                columns, hints_null = reader.columns(shard, ["mode", "num_images", "height", "width"])
+                columns, hints_null = reader.columns(shard, ["mode", "num_images", *COST_COLUMNS])
                 largest = max(largest, _largest_pixels(columns, defaults=defaults, limits=limits))
                 if previous is not None:  # a retry renders the shard's error images
                     num_images += previous.num_errors
@@ -103,13 +115,28 @@ class RunPlan:
                     modes |= failed
                     needs_depth |= bool(failed & estimated)
                     continue
-                counts = pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images)
-                num_images += int(images_per_row(counts, limits=limits).sum())
-                shard_modes = pc.unique(pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE))
-                shard_modes = set(shard_modes.to_pylist()) & set(MODES)
+                counts = images_per_row(
+                    pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images), limits=limits
+                )
+                num_images += int(counts.sum())
+                filled = _filled(columns, defaults=defaults)
+                units.update({name: float((values * counts).sum()) for name, values in work_units(filled).items()})
+                shapes.update(_call_shapes(filled, counts, limits=limits))
+                shard_modes = set(pc.unique(filled.column("mode")).to_pylist()) & set(MODES)
                 modes |= shard_modes
-                needs_depth |= bool(shard_modes & estimated) and hints_null
-        return PendingScan(num_images=num_images, modes=sorted(modes), needs_depth=needs_depth, largest_pixels=largest)
+                if bool(shard_modes & estimated) and hints_null:
+                    needs_depth = True
+                    hinted = pc.is_in(filled.column("mode"), value_set=pa.array(sorted(estimated)))
+                    depth_images += int(counts[hinted.to_numpy(zero_copy_only=False)].sum())
+        return PendingScan(
+            num_images=num_images,
+            modes=sorted(modes),
+            needs_depth=needs_depth,
+            largest_pixels=largest,
+            units=dict(units),
+            depth_images=depth_images,
+            call_shapes=[shape for shape, _ in shapes.most_common(MAX_CALL_SHAPES)],
+        )
 
     def works(self) -> Iterator[ShardWork]:
         """The pending shards' work, one shard's rows at a time."""
@@ -145,6 +172,42 @@ class RunPlan:
         return Retried(marker=marker, counts=counts, keys=keys)
 
 
+# The manifest columns a row's cost depends on (`jobs.planning.calibration.work_units`), besides its mode.
+COST_COLUMNS = (
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "prior_num_inference_steps",
+    "prior_guidance_scale",
+    "strength",
+)
+
+
+def _filled(columns: pa.Table, *, defaults: RenderDefaults) -> pa.Table:
+    """The mode and `COST_COLUMNS` of scanned rows, nulls taking the job's defaults (as planning fills them)."""
+    filled = {"mode": pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE)}
+    for name in COST_COLUMNS:
+        kind = pa.int64() if isinstance(getattr(defaults, name), int) else pa.float64()
+        filled[name] = pc.fill_null(columns.column(name).cast(kind), getattr(defaults, name))
+    return pa.table(filled)
+
+
+# The most call shapes a compiled decoder warms up for at start (each one is a compile of the UNet).
+MAX_CALL_SHAPES = 8
+
+
+def _call_shapes(filled: pa.Table, counts: np.ndarray, *, limits: Limits) -> dict[tuple[str, int, int], int]:
+    """Images per (mode, height, width) among ``filled`` rows with a known mode and sizes within ``limits``."""
+    table = filled.select(["mode", "height", "width"]).append_column("images", pa.array(counts))
+    keep = pc.is_in(table["mode"], value_set=pa.array(sorted(MODES)))
+    for side in ("height", "width"):
+        keep = pc.and_(keep, pc.and_(pc.greater_equal(table[side], 1), pc.less_equal(table[side], limits.max_side)))
+    table = table.filter(keep)
+    grouped = table.group_by(["mode", "height", "width"]).aggregate([("images", "sum")]).to_pylist()
+    return {(row["mode"], row["height"], row["width"]): row["images_sum"] for row in grouped}
+
+
 def _largest_pixels(columns: pa.Table, *, defaults: RenderDefaults, limits: Limits) -> int:
     """The most pixels of one image among rows whose sizes are within ``limits`` (others are refused)."""
     sides = []
@@ -164,6 +227,8 @@ def with_machine_defaults(plan: RunPlan, scan: PendingScan, machine: Machine) ->
         largest_pixels=scan.largest_pixels,
         needs_depth=scan.needs_depth,
         num_images=scan.num_images,
+        units=scan.units,
+        depth_images=scan.depth_images,
     )
     return dataclasses.replace(plan, config=config), choices
 

@@ -73,9 +73,14 @@ class Work:
 
 def needs_depth(work: pa.Table) -> bool:
     """Whether some row of ``work`` is of a hint-estimating mode and has no hint."""
+    return hint_estimates(work) > 0
+
+
+def hint_estimates(work: pa.Table) -> int:
+    """Rows of ``work`` whose hint the depth stage estimates (a hint-estimating mode, no hint given)."""
     modes = sorted(name for name, mode in MODES.items() if mode.hint_estimated)
     estimated = pc.is_in(work.column("mode"), value_set=pa.array(modes, pa.string()))
-    return bool(pc.any(pc.and_(estimated, work.column("hint").is_null())).as_py())
+    return int(pc.sum(pc.and_(estimated, work.column("hint").is_null())).as_py() or 0)
 
 
 def expand(

@@ -1,1 +1,1 @@
-"""Publishing: a shard becomes done (its marker, from the writer's part summary), pinned settings, orphans, the lease."""
+"""Publishing: a shard becomes done (its marker, from the writer's part summary); pinned settings, orphans, lease."""

@@ -6,19 +6,20 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import platform
 from typing import Any
 
 import pyarrow as pa
 
 from actors.storage import Storage
-from cluster.resources import suggest_stages
+from cluster.layout import StageCosts, choose
 from jobs.planning.run_plan import RunPlan
 from jobs.reporting.scores import score_stats
 from schemas.config import JobConfig
 from schemas.keys import STATS_FILE
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE, STATUS_OK
-from schemas.stages import TIMED_STAGES
+from schemas.stages import PRIOR, SCORE, TIMED_STAGES
 from schemas.summary import Counts, PartSummary
 from schemas.versions import installed_versions, version_mismatches
 
@@ -91,28 +92,33 @@ def suggest(parts: list[PartSummary], *, cluster_gpus: float) -> dict[str, Any] 
     if not images or not decoder:
         return None
     prior = sum(p.ok_busy_seconds["prior"] for p in parts) / images
-    score = sum(p.ok_busy_seconds.get("score", 0.0) for p in parts) / images or None
+    score = sum(p.ok_busy_seconds.get("score", 0.0) for p in parts) / images
     decoder /= images
-    suggestion = suggest_stages(
-        prior_seconds=prior, decoder_seconds=decoder, cluster_gpus=cluster_gpus, score_seconds=score
-    )
-    # On CPU the suggestion is always the same (nothing to split): a user cannot act on it.
-    logger.log(
-        logging.INFO if cluster_gpus else logging.DEBUG,
+    measured = {
+        "prior_seconds_per_image": round(prior, 6),
+        "decoder_seconds_per_image": round(decoder, 6),
+        "score_seconds_per_image": round(score, 6) if score else None,
+        "cluster_gpus": cluster_gpus,
+    }
+    gpus = math.floor(cluster_gpus + 1e-9)
+    if not gpus:  # on CPU every model stage shares each actor: there is nothing to split
+        return measured
+    costs = StageCosts(prior=prior, decoder=decoder, score=score, source="this run's measured busy seconds")
+    layout = choose(num_gpus=gpus, costs=costs, clip_stages=(PRIOR.name, *((SCORE.name,) if score else ())))
+    logger.info(
         "measured %.3g s/image prior, %.3g s/image decoder; for %g GPUs: %s (%s)",
         prior,
         decoder,
-        cluster_gpus,
-        suggestion.flags(),
-        suggestion.note,
+        gpus,
+        layout.flags(),
+        layout.note,
     )
-    return {
-        "prior_seconds_per_image": round(prior, 6),
-        "decoder_seconds_per_image": round(decoder, 6),
-        "score_seconds_per_image": None if score is None else round(score, 6),
-        "cluster_gpus": cluster_gpus,
-        **dataclasses.asdict(suggestion),
-        "flags": suggestion.flags(),
+    return measured | {
+        "layout": layout.describe(),
+        "images_per_s": round(layout.images_per_s, 3),
+        "busy": {name: round(share, 3) for name, share in layout.busy.items()},
+        "note": layout.note,
+        "flags": layout.flags(),
     }
 
 

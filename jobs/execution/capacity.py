@@ -1,0 +1,112 @@
+"""Asking the cluster's autoscaler for what the stages need, and scaling from zero: waiting for planned GPUs.
+
+`ask_for_capacity` tells an autoscaler (Ray's ``request_resources``) the shape of every actor the
+pools may grow to, so it launches the nodes at once instead of one pending actor at a time;
+`withdraw_capacity` takes the request back when the run ends. `await_gpus` is the start of a run
+planned for GPUs (``--plan-for``, or node groups Ray knows) when none is up yet: it asks for them
+and waits, within ``--stage-wait``, saying what it asked for and what the cluster has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from cluster.defaults import Machine
+from jobs.execution.pool import Pool
+from jobs.execution.scaling import ActorPools
+from schemas.config import UNBOUNDED
+
+logger = logging.getLogger(__name__)
+
+
+def _bundle(pool: Pool) -> dict[str, float]:
+    resources = pool.resources
+    return {key: value for key, value in (("GPU", resources.num_gpus), ("CPU", resources.num_cpus)) if value}
+
+
+def capacity_bundles(pools: Iterable[Pool]) -> list[dict[str, float]]:
+    """One resource bundle per actor the pools may grow to (their MIN when they have no upper bound)."""
+    bundles = []
+    for pool in pools:
+        resources = pool.resources
+        count = resources.max_actors if resources.max_actors and resources.max_actors < UNBOUNDED else None
+        bundles += [_bundle(pool)] * max(count or resources.num_actors, 1 if pool.started else 0)
+    return [bundle for bundle in bundles if bundle]
+
+
+def ask_for_capacity(pools: ActorPools) -> None:
+    """Ask the autoscaler, when one runs, for the resources of every actor the model pools may grow to."""
+    bundles = capacity_bundles(pools.model_pools)
+    if bundles and pools.elasticity.autoscaler:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+        logger.info("asked the autoscaler for %s", describe_bundles(bundles))
+
+
+def withdraw_capacity(pools: ActorPools) -> None:
+    """Take back what `ask_for_capacity` asked for (idle nodes may then go)."""
+    if pools.elasticity.autoscaler:
+        from ray.autoscaler.sdk import request_resources
+
+        try:
+            request_resources(bundles=[])
+        except Exception as exc:  # noqa: BLE001 - the run is over; only say so
+            logger.info("could not withdraw the autoscaler request: %s", exc)
+
+
+def describe_bundles(bundles: list[dict[str, float]]) -> str:
+    """``8 x {GPU: 0.9, CPU: 1}, 1 x {GPU: 0.1, CPU: 1}``."""
+    counts: dict[tuple, int] = {}
+    for bundle in bundles:
+        key = tuple(sorted(bundle.items()))
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} x {{{', '.join(f'{k}: {v:g}' for k, v in key)}}}" for key, n in counts.items())
+
+
+def await_gpus(
+    machine: Machine, *, wait_s: float, read: Callable[[], Machine], poll_s: float = 2.0, heartbeat_s: float = 30.0
+) -> Machine:
+    """``machine`` once a GPU is up: a run planned for ``machine.planned_gpus`` GPUs with none up asks the
+    autoscaler for them and waits up to ``wait_s`` seconds (``read`` re-reads the cluster).
+
+    Raises RuntimeError naming what it asked for and what the cluster has when none comes.
+    """
+    if machine.gpus or not machine.planned_gpus:
+        return machine
+    asked = [{"GPU": 1.0}] * int(machine.planned_gpus)
+    if machine.autoscaler:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=asked)
+    what = f"{int(machine.planned_gpus)} GPU(s) ({describe_bundles(asked)})"
+    logger.info(
+        "no GPU is up yet; %s %s and waiting up to %.0f s (--stage-wait)",
+        "asked the autoscaler for" if machine.autoscaler else "no autoscaler runs: waiting for nodes with",
+        what,
+        wait_s,
+    )
+    started = last_line = time.monotonic()
+    while True:
+        current = read()
+        if current.gpus:
+            logger.info("%g GPU(s) up after %.0f s", current.gpus, time.monotonic() - started)
+            return dataclasses.replace(current, planned_gpus=machine.planned_gpus)
+        waited = time.monotonic() - started
+        if waited > wait_s:
+            shapes = ", ".join(node.describe() for node in current.nodes) or "none"
+            raise RuntimeError(
+                f"waited {waited:.0f} s (--stage-wait {wait_s:g}) for {what}: no GPU came up (nodes: {shapes}). "
+                + (
+                    "The autoscaler did not add a GPU node: check its node types, their max workers and quotas."
+                    if machine.autoscaler
+                    else "No autoscaler runs on this cluster: add GPU nodes, or leave out --plan-for."
+                )
+            )
+        if time.monotonic() - last_line >= heartbeat_s:
+            last_line = time.monotonic()
+            logger.info("still waiting for GPUs: %.0f s of %.0f s", waited, wait_s)
+        time.sleep(poll_s)

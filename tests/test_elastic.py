@@ -1,0 +1,153 @@
+"""Elastic pools on real Ray clusters on this machine: nodes that join, leave and come back mid-run, and a cluster
+that starts with no GPU and gets one from its (fake) autoscaler.
+
+Each test prints ELASTIC lines with its figures (node join to its first decoded image, images/s before and
+after a join, start to the first image from zero); images lost and duplicated are checked to be 0 and 0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import write_manifest
+from tests.ray_cluster import Cluster, Job
+from tests.test_robustness import assert_exactly_one_ok, raw_results, rows_of
+
+
+def _cluster(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> tuple[Cluster, Path]:
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    return Cluster(root, tmp_path_factory.mktemp(f"{prefix}logs")), root
+
+
+@pytest.fixture(scope="module")
+def cpu_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A head with CPUs only: every GPU comes with a worker node the test adds."""
+    cluster, root = _cluster(tmp_path_factory, "kre-")
+    try:
+        cluster.start_head(num_cpus=3, num_gpus=0)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def decoded(output: Path) -> list[tuple[float, int]]:
+    """(finished_at as epoch seconds, decoder pid) of every image in the published results, in time order."""
+    rows = []
+    for part in (output / "results").glob("*.parquet") if (output / "results").exists() else []:
+        table = pq.read_table(part, columns=["finished_at", "decoder_worker", "status"])
+        for at, worker, status in zip(*(table.column(i).to_pylist() for i in range(3))):
+            if status == "ok":
+                rows.append(
+                    (at.timestamp() if isinstance(at, datetime) else float(at), int(worker.split(":")[1].split()[0]))
+                )
+    return sorted(rows)
+
+
+def wait_until(condition, timeout: float, job: Job) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job.process.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def check_once(output: Path, rows: list[dict]) -> None:
+    results = raw_results(str(output))
+    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
+    assert len(results) == len(rows)  # nothing lost, nothing twice
+
+
+@pytest.mark.slow
+def test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back(
+    cpu_head: Cluster, tmp_path: Path, tiny_models: str
+) -> None:
+    """One 1-GPU worker at the start; a 2-GPU worker joins mid-run and decoders grow onto it; that worker dies
+    (its batches run again elsewhere) and a new 1-GPU worker lets the pool grow back. Every image once."""
+    first = cpu_head.add_worker(num_cpus=2, num_gpus=1)
+    rows = rows_of(96, num_inference_steps=40)
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    output = tmp_path / "out"
+    job = Job(cpu_head, manifest, output, tiny_models, "--idle-timeout", "600")
+    assert job.wait_for_markers(1), job.finish(10)[1][-3000:]
+    joined_at = time.time()
+    second = cpu_head.add_worker(num_cpus=2, num_gpus=2)
+    on_second = lambda: {pid for _, pid in decoded(output)} & cpu_head.pids(second)  # noqa: E731
+    assert wait_until(on_second, 240, job), job.finish(10)[1][-4000:]
+    first_on_join = min(at for at, pid in decoded(output) if pid in cpu_head.pids(second))
+    cpu_head.kill(second)
+    cpu_head.add_worker(num_cpus=2, num_gpus=1)
+    code, log = job.finish()
+    assert code == 0, log[-4000:]
+    check_once(output, rows)
+    stats = json.loads((output / "stats.json").read_text())
+    decoders = stats["stages"]["pools"]["decoder"]
+    assert decoders["grown"] >= 1 and decoders["peak"] >= 2, decoders
+    assert decoders["lost"] >= 1 and decoders["joined"] >= 1, decoders
+    pids = {pid for _, pid in decoded(output)}
+    assert pids & cpu_head.pids(first), "the first worker's decoder rendered"
+    times = [at for at, _ in decoded(output)]
+    before = [t for t in times if t < joined_at]
+    after = [t for t in times if first_on_join <= t <= first_on_join + 20]
+    rate_before = len(before) / max(before[-1] - before[0], 1e-3) if len(before) > 1 else 0.0
+    rate_after = len(after) / 20
+    print(
+        f"ELASTIC growth: node joined -> its first decoded image {first_on_join - joined_at:.1f} s; images/s "
+        f"{rate_before:.2f} before the join, {rate_after:.2f} in the 20 s after its first image; decoder pool "
+        f"{decoders['history']}; lost 0, duplicated 0"
+    )
+
+
+@pytest.fixture()
+def autoscaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A CPU head whose fake autoscaler adds, on demand, up to one node of 2 CPUs and 1 logical GPU."""
+    cluster, root = _cluster(tmp_path_factory, "kra-")
+    try:
+        cluster.start_autoscaling_head(
+            head_cpus=3, worker_types={"gpu": {"resources": {"CPU": 2, "GPU": 1}, "min_workers": 0, "max_workers": 1}}
+        )
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_from_zero_the_job_asks_the_autoscaler_and_renders_on_the_node_it_adds(
+    autoscaled: Cluster, tmp_path: Path, tiny_models: str
+) -> None:
+    rows = rows_of(6)
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    output = tmp_path / "out"
+    started = time.time()
+    code, log = Job(autoscaled, manifest, output, tiny_models, "--plan-for", "1xL4", "--stage-wait", "300").finish()
+    assert code == 0, log[-4000:]
+    assert "asked the autoscaler for 1 GPU(s)" in log and "GPU(s) up after" in log, log[-3000:]
+    check_once(output, rows)
+    first = decoded(output)[0][0]
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["defaults"]["machine"]["gpus"] == 1.0 and stats["stages"]["stages"]["decoder"]["num_gpus"] > 0
+    print(f"ELASTIC from zero: job start -> first image {first - started:.1f} s; lost 0, duplicated 0")
+
+
+@pytest.mark.slow
+def test_from_zero_a_wait_shorter_than_a_node_start_stops_naming_what_it_waited_for(
+    autoscaled: Cluster, tmp_path: Path, tiny_models: str
+) -> None:
+    manifest = write_manifest(tmp_path / "m.parquet", rows_of(2))
+    code, log = Job(autoscaled, manifest, tmp_path / "out", tiny_models, "--plan-for", "1xL4",
+                    "--stage-wait", "1").finish()  # fmt: skip
+    error = log.strip().splitlines()[-1]
+    assert code == 1, log[-3000:]
+    assert "waited" in error and "--stage-wait 1" in error and "1 GPU(s)" in error, error
+    assert "autoscaler" in error and not (tmp_path / "out" / "shards").exists()
