@@ -298,6 +298,7 @@ def test_config_file_errors_never_show_a_credential(tmp_path: Path, capsys: pyte
         for path, where in ((str(broken), "not valid YAML at line "), (typo, "num-decoder-actors: expected an int")):
             assert main(["--config", path]) == 2
             err = capsys.readouterr().err
-            assert where in err and secret not in err and "sig=" not in err, err
+            assert where in err, err
+            assert secret[:12] not in err and sas[:12] not in err, err  # PyYAML shows a line's first 75 characters
     finally:
         signal.signal(signal.SIGTERM, handler)

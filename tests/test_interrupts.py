@@ -25,7 +25,15 @@ def render(manifest: str, output: Path, models: str, *extra: str) -> list[str]:
 
 def stop_mid_run(command: list[str], output: Path, signum: int) -> tuple[int, str]:
     """Start ``command``, send ``signum`` once it has published a shard; (exit status, stderr)."""
-    driver = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell's background job ignores it
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None and not list(output.glob("shards/*.json")):
         time.sleep(0.1)
