@@ -38,30 +38,40 @@ STOPPED = (
 )
 
 
-class Terminated(BaseException):
+class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (a scheduler stopping the job): unwinds like Ctrl-C, releasing the lease and Ray on the way.
 
-    A BaseException, so that no ``except Exception`` on the way swallows it.
+    A KeyboardInterrupt: no ``except Exception`` on the way swallows it, and Ray's core worker, which runs
+    signal handlers inside its own calls (``ray.wait``), passes on only that (as a KeyboardInterrupt of its
+    own: `_signals` says which signal it was) and SystemExit; anything else turns into a SystemError.
     """
 
 
+_signals: list[int] = []  # the signals this process received while the job ran
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    _signals.append(signum)
     raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     """Run a render job; exit 0 when it completed, 2 for bad input, 1 for any other failure (see README.md,
     Exit status): 130 after Ctrl-C and 143 after SIGTERM, each with a one-line message."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)  # (`jobs.execution.connect` keeps it through Ray's start)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # kept through Ray's start
+    _signals.clear()
     try:
         return _main(argv, prog=prog)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated) or signal.SIGTERM in _signals:
+            _stopped(f"terminated (SIGTERM): {STOPPED}")
+            return EXIT_TERMINATED
         _stopped(f"interrupted (Ctrl-C): {STOPPED}")
         return EXIT_INTERRUPTED
-    except Terminated:
-        _stopped(f"terminated (SIGTERM): {STOPPED}")
-        return EXIT_TERMINATED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _stopped(message: str) -> None:

@@ -294,11 +294,9 @@ def test_config_file_errors_never_show_a_credential(tmp_path: Path, capsys: pyte
     broken.write_text(f'manifest: s3://b/m/\nstorage-option: {{secret: "{secret}", sas_token: "{sas}"\noutput: o\n')
     typo = write_yaml(tmp_path / "typo.yaml", {"storage-option": {"secret": secret}, "num-decoder-actors": secret})
     handler = signal.getsignal(signal.SIGTERM)
-    try:
-        for path, where in ((str(broken), "not valid YAML at line "), (typo, "num-decoder-actors: expected an int")):
-            assert main(["--config", path]) == 2
-            err = capsys.readouterr().err
-            assert where in err, err
-            assert secret[:12] not in err and sas[:12] not in err, err  # PyYAML shows a line's first 75 characters
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    for path, where in ((str(broken), "not valid YAML at line "), (typo, "num-decoder-actors: expected an int")):
+        assert main(["--config", path]) == 2
+        err = capsys.readouterr().err
+        assert where in err, err
+        assert secret[:12] not in err and sas[:12] not in err, err  # PyYAML shows a line's first 75 characters
+    assert signal.getsignal(signal.SIGTERM) is handler  # the entry point put its own back

@@ -31,7 +31,7 @@ def test_a_cpu_run_with_no_flag_but_the_models_matches_diffusers(tmp_path: Path,
     (tmp_path / "depth.png").write_bytes(buffer.getvalue())
     rows = [
         {"id": "t2i", "prompt": "a red fox in the snow", "seed": 11, "height": 64, "width": 64,
-         "num_inference_steps": 8},
+         "num_inference_steps": 4},
         {"id": "cn", "mode": "controlnet", "prompt": "a robot", "hint": "depth.png", "seed": 5, "num_images": 2,
          "height": 128, "width": 128, "num_inference_steps": 6},
     ]  # fmt: skip
