@@ -51,31 +51,36 @@ def test_the_output_is_never_listed_as_manifest_however_spelled(
         list_manifest_paths("in/*/*/*.parquet", exclude="in/out")
 
 
-def test_an_output_inside_the_manifest_prefix_renders_once_then_skips(
-    tmp_path: Path, tiny_models: str, s3_options: dict
-) -> None:
-    """A nightly job over a prefix holding its own output (parquet format: data/*.parquet too): the second run
-    renders nothing and succeeds. Locally (relative output, trailing slash) and on S3 (s3:// vs s3a://)."""
+def test_the_output_is_never_listed_as_manifest_on_object_storage(tmp_path: Path, s3_options: dict) -> None:
     import s3fs
 
+    bucket, options = s3_options["bucket"], s3_options["options"]
+    fs = s3fs.S3FileSystem(**options)
+    for key in ("nightly/day-1.parquet", "nightly/out/results/x.parquet", "nightly/out/data/y.parquet"):
+        fs.pipe_file(f"{bucket}/{key}", Path(write_manifest(tmp_path / "m.parquet", [{"id": key}])).read_bytes())
+    for manifest, output in ((f"s3://{bucket}/nightly/", f"s3a://{bucket}/nightly/out/"),
+                             (f"s3a://{bucket}/nightly", f"s3://{bucket}/nightly/out"),
+                             (f"s3://{bucket}/nightly/**/*.parquet", f"s3://{bucket}/nightly/out/")):  # fmt: skip
+        listed = [rel for _, rel in list_manifest_paths(manifest, storage_options=options, exclude=output)]
+        assert listed == ["day-1.parquet"], (manifest, output, listed)
+    with pytest.raises(ManifestError, match="the manifest lies inside the output"):
+        list_manifest_paths(f"s3://{bucket}/nightly/out/results/", storage_options=options, exclude=f"s3a://{bucket}")
+
+
+def test_an_output_inside_the_manifest_prefix_renders_once_then_skips(tmp_path: Path, tiny_models: str) -> None:
+    """A nightly job over a prefix holding its own output (parquet format: data/*.parquet too), spelled with a
+    trailing slash and a relative path: the second run renders nothing and succeeds."""
     rows = rows_of(3)
     prefix = tmp_path / "nightly"
     prefix.mkdir()
     write_manifest(prefix / "day-1.parquet", rows)
-    bucket, options = s3_options["bucket"], s3_options["options"]
-    fs = s3fs.S3FileSystem(**options)
-    fs.put(str(prefix / "day-1.parquet"), f"{bucket}/nightly/day-1.parquet")
-    for manifest, output, storage in (
-        (str(prefix) + "/", os.path.relpath(prefix / "out"), {}),
-        (f"s3://{bucket}/nightly/", f"s3a://{bucket}/nightly/out/", options),
-    ):
-        config = config_for(manifest, output, tiny_models, runner="local", output_format="parquet", shard_rows=2,
-                            storage_options=storage)  # fmt: skip
-        assert run_job(config).stats["num_rendered"] == 3
-        again = run_job(config)
-        assert again.stats["num_rendered"] == 0 and again.stats["num_skipped_already_final"] == 3
-        results = raw_results(output, **storage)
-        assert_exactly_one_ok(results, {(r["id"], 0) for r in rows}) and len(results) == 3
+    output = os.path.relpath(prefix / "out")
+    config = config_for(str(prefix) + "/", output, tiny_models, runner="local", output_format="parquet", shard_rows=2)
+    assert run_job(config).stats["num_rendered"] == 3
+    again = run_job(config)
+    assert again.stats["num_rendered"] == 0 and again.stats["num_skipped_already_final"] == 3
+    results = raw_results(output)
+    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows}) and len(results) == 3
 
 
 @contextlib.contextmanager
