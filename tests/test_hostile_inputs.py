@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import io
 import json
 import os
 import struct
@@ -12,7 +11,6 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -27,17 +25,10 @@ from schemas.manifest import Limits
 from schemas.results import final_results
 from tests.conftest import write_manifest
 from tests.faulty_proxy import Faults, FaultyProxy
+from tests.test_flaky_storage import png  # a noise PNG: it does not compress, so its size follows its side
 from tests.test_robustness import STEPS, config_for
 
 I2I = {"mode": "img2img", "prompt": "p", "strength": 0.7, **STEPS}
-
-
-def png(seed: int, side: int = 64) -> bytes:
-    """A noise PNG (noise: it does not compress, so its size follows its side)."""
-    pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def claiming(width: int, height: int) -> bytes:
