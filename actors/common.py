@@ -13,7 +13,7 @@ import torch
 from actors.accel import is_compile_failure, run_eagerly
 from actors.inputs import ImageLoader
 from actors.stage import Stage, describe_exception, worker_name
-from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
+from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
 from schemas.versions import version_mismatches
 
 logger = logging.getLogger(__name__)
@@ -103,8 +103,8 @@ class ModelStage(Stage):
     Library chatter silenced (first: importing the pipelines already logs), untested package
     versions warned about, ``device`` (default: CUDA when visible, else the CPU) and ``dtype``
     resolved, and an `ImageLoader` for the stage's input images (``storage_options``,
-    ``allowed_protocols``, ``max_input_pixels``). Subclasses load their model after ``super().__init__``
-    and list the modules `actors.accel.prepare_pipeline` compiled in ``compiled``.
+    ``allowed_protocols``, ``max_input_pixels``, ``max_input_bytes``). Subclasses load their model after
+    ``super().__init__`` and list the modules `actors.accel.prepare_pipeline` compiled in ``compiled``.
 
     On CUDA: cuDNN picks the fastest convolution algorithm for each shape it meets
     (``cudnn.benchmark``); after an out-of-memory failure the CUDA cache is emptied before the
@@ -120,6 +120,7 @@ class ModelStage(Stage):
         storage_options: dict | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
         max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
@@ -129,7 +130,10 @@ class ModelStage(Stage):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.loader = ImageLoader(
-            storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
+            storage_options=storage_options,
+            allowed_protocols=allowed_protocols,
+            max_pixels=max_input_pixels,
+            max_bytes=max_input_bytes,
         )
         self.compiled: list[torch.nn.Module] = []  # filled by subclasses: modules torch.compile wraps
         if self.device.type == "cuda":

@@ -13,17 +13,20 @@ Spooled formats publish nothing until the shard is finalized: the data file is u
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actors.retry import StorageFullError, no_space
 from actors.storage import Storage
 from schemas.keys import id_digest
 from schemas.shards import FORMAT_FILES, FORMAT_PARQUET, FORMAT_WEBDATASET
@@ -65,10 +68,24 @@ class _Spooled:
         self._spool = open(os.path.join(self._dir, "spool"), "w+b")
         self._entries: list[tuple[str, int, int, bytes, np.ndarray | None]] = []  # key, offset, size, json, embeds
 
+    @contextlib.contextmanager
+    def _room(self) -> Iterator[None]:
+        """A full spool disk stops the job naming the spool folder: it is not the fault of the image being added."""
+        try:
+            yield
+        except OSError as exc:
+            if not no_space(exc):
+                raise
+            raise StorageFullError(
+                f"spool {self._dir}: no space left on the device ({exc.strerror or exc}); give --spool-dir a "
+                "folder with room for a few shards' images and rerun: a rerun finishes the work"
+            ) from exc
+
     def add(self, key: str, png: bytes, meta: dict[str, Any], embeddings: np.ndarray | None = None) -> tuple[str, str]:
         """Spool one sample; (data file URI, member) it will have once published."""
         offset = self._spool.tell()
-        self._spool.write(png)
+        with self._room():
+            self._spool.write(png)
         encoded = json.dumps(meta, sort_keys=True, default=str).encode()
         self._entries.append((key, offset, len(png), encoded, embeddings))
         return self.data_uri, self.member(key)
@@ -83,9 +100,10 @@ class _Spooled:
 
     def close(self) -> str:
         """Write the data file next to the spool; its local path (the caller uploads it, then `abandon`)."""
-        self._spool.flush()
         path = os.path.join(self._dir, "data" + self.suffix)
-        self._write(path)
+        with self._room():
+            self._spool.flush()
+            self._write(path)
         return path
 
     def _write(self, path: str) -> None:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from schemas.text import first_line
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -62,6 +64,19 @@ PERMANENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryEr
 
 class StorageUnavailableError(OSError):
     """A storage operation kept failing with transient errors until its retries ran out; the message names it."""
+
+
+class StorageFullError(StorageUnavailableError):
+    """A write found no space left (ENOSPC, EDQUOT): the job stops naming the file; never retried."""
+
+
+# A full disk or an exhausted quota: writing again will not help, and no row is to blame.
+NO_SPACE_ERRNO = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk or an exhausted quota."""
+    return any(isinstance(link, OSError) and link.errno in NO_SPACE_ERRNO for link in _chain(exc))
 
 
 class TruncatedReadError(OSError):
@@ -158,10 +173,10 @@ class Retrier:
         if self.failures >= self.policy.attempts or elapsed + delay > self.policy.total_s:
             raise StorageUnavailableError(
                 f"{self.what}: the storage kept failing ({self.failures} attempt(s) over {elapsed:.0f} s, "
-                f"last: {type(exc).__name__}: {_first_line(exc)}). Check that the store is reachable and not "
+                f"last: {type(exc).__name__}: {first_line(exc)}). Check that the store is reachable and not "
                 f"throttling (or raise {ATTEMPTS_ENV} / {SECONDS_ENV}); a rerun finishes the work"
             ) from exc
-        logger.info("%s: %s: %s; retrying in %.1f s", self.what, type(exc).__name__, _first_line(exc), delay)
+        logger.info("%s: %s: %s; retrying in %.1f s", self.what, type(exc).__name__, first_line(exc), delay)
         self.sleep(delay)
 
 
@@ -173,8 +188,3 @@ def retry(operation: Callable[[], T], *, what: str, policy: RetryPolicy | None =
             return operation()
         except Exception as exc:  # noqa: BLE001 - `failed` re-raises what is not transient
             retrier.failed(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""

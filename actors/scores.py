@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.results import SCORE_BIN_WIDTH, SCORE_BINS, SCORE_EXTREMES, ResultRow
+from schemas.text import stored_entry
 
 ENTRY_FIELDS = ("id", "image_index", "seed", "width", "height", "mode", "prompt", "uri", "member", "clip_score")
 
@@ -72,7 +73,8 @@ class ScoreStats:
 
         def entries(heap: list, reverse: bool) -> list[dict[str, Any]]:
             rows = sorted((r for _, _, r, _ in heap), key=lambda r: r.clip_score, reverse=reverse)
-            return [{name: getattr(r, name) for name in ENTRY_FIELDS} | {"results": results} for r in rows]
+            fields = [{name: getattr(r, name) for name in ENTRY_FIELDS} | {"results": results} for r in rows]
+            return [stored_entry(entry) for entry in fields]
 
         scores = [r.clip_score for _, _, r, _ in self.low + self.high]
         return {

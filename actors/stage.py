@@ -50,6 +50,7 @@ import pyarrow as pa
 
 from schemas.manifest import EMBEDDING_TYPE
 from schemas.results import ERROR_INPUT, ERROR_RENDER
+from schemas.text import exception_text
 from schemas.work import binary_views, embeds_numpy
 
 logger = logging.getLogger(__name__)
@@ -317,9 +318,8 @@ def worker_name(extra: str = "") -> str:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """One line naming the exception type and message, for results rows."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:2000]
+    """One line naming the exception type and message, for results rows (`schemas.text.exception_text`)."""
+    return exception_text(exc)
 
 
 def with_errors(table: pa.Table, errors: dict[int, tuple[str, str]]) -> pa.Table:

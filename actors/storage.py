@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from actors.retry import retry
+from actors.retry import StorageFullError, no_space, retry
 
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
+# Local writes go to ``.<name>.tmp-<random>`` beside their target and are renamed over it: readers that skip
+# hidden files (pyarrow datasets, so pandas.read_parquet of a folder) never see one.
+TEMPORARY_MARK = ".tmp-"
 
 
 class Storage:
     """A folder on any fsspec filesystem (local path, file://, s3://, gs://, memory://...).
 
     Keys are ``/``-separated paths relative to the folder. Writes are atomic where the filesystem
-    allows it: local files are written to a temporary name and renamed; object stores publish an
-    object only when its upload completes. Every operation is retried on transient errors
-    (`actors.retry`); each is idempotent, so a retry after an answer that got lost changes nothing.
-    When retries run out, `actors.retry.StorageUnavailableError` names the object.
+    allows it: local files are written to a hidden temporary name and renamed (a failed write removes
+    its temporary file); object stores publish an object only when its upload completes. Every
+    operation is retried on transient errors (`actors.retry`); each is idempotent, so a retry after an
+    answer that got lost changes nothing. When retries run out, `actors.retry.StorageUnavailableError`
+    names the object; a full disk (ENOSPC, EDQUOT) is `actors.retry.StorageFullError`, naming the file.
     """
 
     def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None) -> None:
@@ -151,7 +157,21 @@ class Storage:
 
         found = retry(attempt, what=f"list {self.uri(prefix)}")
         keys = [posixpath.relpath(_strip(self.fs, p), self.root) for p in found]
-        return sorted(k for k in keys if k.endswith(suffix) and ".tmp-" not in k)
+        return sorted(k for k in keys if k.endswith(suffix) and TEMPORARY_MARK not in k)
+
+    def list_temporary(self, prefixes: tuple[str, ...]) -> list[str]:
+        """Keys of unfinished local writes (temporary names) in the folder itself and under ``prefixes``.
+
+        What a process killed mid-write leaves (including the visible ``<name>.tmp-*`` names of
+        earlier versions); object stores have none. Only the caller knows that no write is under way.
+        """
+        if not self.is_local:
+            return []
+        found = [posixpath.join(self.root, name) for name in _local_names(self.root)]
+        for prefix in prefixes:
+            found += retry(lambda p=prefix: _find_local(self.fs, self.path(p)), what=f"list {self.path(prefix)}")
+        keys = [posixpath.relpath(path, self.root) for path in found]
+        return sorted(k for k in keys if TEMPORARY_MARK in k.rsplit("/", 1)[-1])
 
     def delete(self, prefix: str) -> None:
         """Remove ``prefix`` recursively if present."""
@@ -169,22 +189,58 @@ class Storage:
 
 
 def _write_local(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _replace_local(path, write)
 
 
 def _copy_local(local_path: str, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    shutil.copyfile(local_path, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    def copy(tmp: str) -> None:
+        shutil.copyfile(local_path, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+
+    _replace_local(path, copy)
+
+
+def _replace_local(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a hidden temporary name beside ``path``, then rename it over ``path``.
+
+    A failed write removes its temporary file; a full disk raises `StorageFullError` naming ``path``.
+    """
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}{TEMPORARY_MARK}{uuid.uuid4().hex}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, OSError) and no_space(exc):
+            raise StorageFullError(
+                f"write {path}: no space left on the device ({exc.strerror or exc}); free some space (or write "
+                "elsewhere) and rerun: what was published is whole and a rerun finishes the work"
+            ) from exc
+        raise
+
+
+def _local_names(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
+def _find_local(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
+    try:
+        return fs.find(base)
+    except FileNotFoundError:
+        return []
 
 
 def _read_local(path: str) -> bytes | None:

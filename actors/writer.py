@@ -30,6 +30,7 @@ from schemas.results import ERROR_WRITE, STATUS_OK, THUMBNAIL_SIDE, ResultRow, r
 from schemas.shards import data_key, part_shard, results_key
 from schemas.stages import TIMED_STAGES
 from schemas.summary import Counts, PartSummary, Sample, zero_seconds
+from schemas.text import stored_entry
 from schemas.work import binary_views, embeds_array, embeds_numpy, from_ipc
 
 logger = logging.getLogger(__name__)
@@ -211,8 +212,10 @@ class ShardWriter:
             ok_busy["images"] += timed
         results = results_key(part.name)
         sample = [
-            {name: getattr(r, name) for name in _CANDIDATE_FIELDS}
-            | {"rank": sample_rank(r.id, r.image_index), "uri": r.uri, "member": r.member, "results": results}
+            stored_entry(
+                {name: getattr(r, name) for name in _CANDIDATE_FIELDS}
+                | {"rank": sample_rank(r.id, r.image_index), "uri": r.uri, "member": r.member, "results": results}
+            )
             for r in part.sample.entries()
         ]
         return PartSummary(

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
+from types import FrameType
 
 from jobs.options import storage as storage_options
 from jobs.options.config_file import parse_args
@@ -18,6 +21,7 @@ from jobs.options.job_config import ExampleInputs, config_from_args, run_options
 from jobs.reporting.progress import configure_logging
 from schemas.config import JobConfig
 from schemas.manifest import ManifestError
+from schemas.text import one_line
 
 logger = logging.getLogger("kandinsky_render")
 
@@ -26,10 +30,56 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_TOO_MANY_ERRORS = 3
 EXIT_OUTPUT_BUSY = 75  # EX_TEMPFAIL: another run holds the output's lease; try again later
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports SIGTERM
+STOPPED = (
+    "the run stopped; every shard it published is whole and counted, nothing half-written counts as done, and a "
+    "rerun renders the rest"
+)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a scheduler stopping the job): unwinds like Ctrl-C, releasing the lease and Ray on the way.
+
+    A KeyboardInterrupt: no ``except Exception`` on the way swallows it, and Ray's core worker, which runs
+    signal handlers inside its own calls (``ray.wait``), passes on only that (as a KeyboardInterrupt of its
+    own: `_signals` says which signal it was) and SystemExit; anything else turns into a SystemError.
+    """
+
+
+_signals: list[int] = []  # the signals this process received while the job ran
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    _signals.append(signum)
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    """Run a render job; exit 0 when it completed, 2 for bad input, 1 for any other failure."""
+    """Run a render job; exit 0 when it completed, 2 for bad input, 1 for any other failure (see README.md,
+    Exit status): 130 after Ctrl-C and 143 after SIGTERM, each with a one-line message."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # kept through Ray's start
+    _signals.clear()
+    try:
+        return _main(argv, prog=prog)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated) or signal.SIGTERM in _signals:
+            _stopped(f"terminated (SIGTERM): {STOPPED}")
+            return EXIT_TERMINATED
+        _stopped(f"interrupted (Ctrl-C): {STOPPED}")
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(message: str) -> None:
+    """The one line a stopped run ends with (on a new line after a live progress line)."""
+    print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
+
+
+def _main(argv: list[str] | None, *, prog: str) -> int:
     secrets = storage_options.secret_env_values(os.environ)
     try:
         args = parse_args(build_parser(prog), argv)
@@ -50,6 +100,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             build_example_models(config, example)
         secrets += storage_options.secret_values(config.storage_options)
         redactor.secrets = secrets
+        storage_options.check_options([config.manifest, config.output], config.storage_options)
         if run.dry_run:
             from jobs.planning.dry_run import dry_run
 
@@ -71,7 +122,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         logging.getLogger("kandinsky_render").error("job failed", exc_info=exc)
         cause = getattr(exc, "cause", None)  # a Ray task error: say what the actor raised, not where
         shown = cause if isinstance(cause, Exception) else exc
-        print(f"error: {type(shown).__name__}: {storage_options.redact(str(shown), secrets)}", file=sys.stderr)
+        text = storage_options.redact(one_line(str(shown), limit=4000), secrets)
+        print(f"error: {type(shown).__name__}: {text}", file=sys.stderr)
         return EXIT_FAILED
     output = summary.stats["output"]
     print(

@@ -330,7 +330,8 @@ class JobConfig:
         metadata={
             "flag": "--call-timeout",
             "help": "seconds a model or writer call may run before its actor is killed, restarted and its work re-run",
-            "default_help": "5 x the stage's slowest call so far, at least --call-timeout-floor",
+            "default_help": "5 x the stage's slowest call so far, at least --call-timeout-floor or, once a model "
+            "actor has finished a call, --call-timeout-warm-floor",
             "group": "execution",
         },
     )
@@ -338,7 +339,17 @@ class JobConfig:
         default=600.0,
         metadata={
             "flag": "--call-timeout-floor",
-            "help": "the least a call deadline can be, seconds",
+            "help": "the least a call deadline can be, seconds: for a model actor's first call (model load, compile, "
+            "warm-up) and for writer calls",
+            "group": "execution",
+        },
+    )
+    call_timeout_warm_floor_s: float = field(
+        default=60.0,
+        metadata={
+            "flag": "--call-timeout-warm-floor",
+            "help": "the least a call deadline can be, seconds, once a model actor has finished a call since it "
+            "(re)started: a frozen GPU costs about this plus a restart",
             "group": "execution",
         },
     )
@@ -412,7 +423,10 @@ class JobConfig:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if self.connect_wait_s <= 0:
             raise ValueError(f"connect_wait_s must be > 0, got {self.connect_wait_s}")
-        if self.call_timeout_floor_s <= 0 or self.stage_wait_s <= 0 or (self.call_timeout_s or 1) <= 0:
+        if (
+            min(self.call_timeout_floor_s, self.call_timeout_warm_floor_s, self.stage_wait_s) <= 0
+            or (self.call_timeout_s or 1) <= 0
+        ):
             raise ValueError("call timeouts and the stage wait must be > 0 seconds")
         for stage, placement in self.stage_placement.items():
             if stage not in ("prior", "decoder") or set(placement) - {"accelerator_type", "label_selector"}:

@@ -18,13 +18,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.modes import DEFAULT_MODE, MODE_NAMES
+from schemas.text import quoted
 
 # An image input: a URI (any allowed fsspec protocol; relative paths resolve against the manifest's
 # folder) or the encoded bytes inline. Exactly one field is set.
 IMAGE_REF = pa.struct([("uri", pa.string()), ("data", pa.binary())])
 INTERPOLATE_TYPE = pa.list_(pa.struct([("prompt", pa.string()), ("image", IMAGE_REF), ("weight", pa.float64())]))
 DEFAULT_MAX_INPUT_PIXELS = 40_000_000
-DEFAULT_ALLOWED_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
+# Above any encoded image within the pixel limit: 40 MP of RGBA is 160 MB uncompressed.
+DEFAULT_MAX_INPUT_BYTES = 200_000_000
+# Input URI protocols allowed by default (--allowed-protocols auto): object stores always; the
+# worker's own files only for a manifest that is itself local (a manifest on a bucket must not make
+# the cluster read /etc or /proc/self/environ and hand them back as images).
+OBJECT_STORE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
+LOCAL_PROTOCOLS = ("file", "local")
+AUTO_PROTOCOLS = "auto"
+# What an input loader allows when nobody says (actors built outside a job, tests): a local manifest's set.
+DEFAULT_ALLOWED_PROTOCOLS = OBJECT_STORE_PROTOCOLS + LOCAL_PROTOCOLS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +116,13 @@ class RenderDefaults:
     prior_strength: float = dataclasses.field(default=0.3, metadata={"help": "prior_strength of rows where it is null"})
 
 
+def _protocol_list(text: str) -> tuple[str, ...] | None:
+    """``--allowed-protocols`` text: comma-separated protocols, or ``auto`` (None: decided by the manifest's)."""
+    if text.strip().lower() == AUTO_PROTOCOLS:
+        return None
+    return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+
+
 @dataclass(frozen=True, kw_only=True)
 class Limits:
     """Bounds on row values; a row outside them becomes an ``error`` result (documented in README)."""
@@ -125,14 +142,43 @@ class Limits:
         default=DEFAULT_MAX_INPUT_PIXELS,
         metadata={"help": "decoded input images above this many pixels are refused (decompression bombs)"},
     )
+    max_input_bytes: int = dataclasses.field(
+        default=DEFAULT_MAX_INPUT_BYTES,
+        metadata={"help": "input images (files, objects, inline bytes) larger than this many bytes are refused"},
+    )
     max_interpolate_items: int = dataclasses.field(default=16, metadata={"help": "most interpolate items per row"})
-    allowed_protocols: tuple[str, ...] = dataclasses.field(
-        default=DEFAULT_ALLOWED_PROTOCOLS,
+    allowed_protocols: tuple[str, ...] | None = dataclasses.field(
+        default=None,
         metadata={
-            "help": "protocols input image URIs may use, comma-separated",
-            "parse": lambda text: tuple(part.strip().lower() for part in text.split(",") if part.strip()),
+            "help": "protocols input image URIs may use, comma-separated (file: local paths of the worker that "
+            "reads them); auto: the default",
+            "default_help": f"{AUTO_PROTOCOLS}: {','.join(OBJECT_STORE_PROTOCOLS)}, and {','.join(LOCAL_PROTOCOLS)} "
+            "only when the manifest itself is local",
+            "parse": _protocol_list,
         },
     )
+
+    def __post_init__(self) -> None:
+        for name in ("max_input_pixels", "max_input_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.allowed_protocols is not None and not self.allowed_protocols:
+            raise ValueError("allowed_protocols: name at least one protocol (or auto)")
+
+
+def uri_protocol(uri: str) -> str:
+    """The fsspec protocol of ``uri`` (``file`` for plain paths); chained URIs give the outermost one."""
+    head, sep, _ = uri.partition("://")
+    return head.split("::")[0].lower() if sep else "file"
+
+
+def input_protocols(limits: Limits, *, manifest: str) -> tuple[str, ...]:
+    """The protocols input URIs of rows read from ``manifest`` may use: ``limits.allowed_protocols`` when set,
+    else (auto) the object stores', plus local paths only when ``manifest`` is itself local."""
+    if limits.allowed_protocols is not None:
+        return limits.allowed_protocols
+    local = uri_protocol(manifest) in LOCAL_PROTOCOLS
+    return OBJECT_STORE_PROTOCOLS + (LOCAL_PROTOCOLS if local else ())
 
 
 class ManifestError(ValueError):
@@ -140,7 +186,7 @@ class ManifestError(ValueError):
 
 
 def _describe(values: Sequence[object], ids: Sequence[object], *, limit: int = 5) -> str:
-    shown = [f"id={row_id!r} value={value!r}" for row_id, value in list(zip(ids, values))[:limit]]
+    shown = [f"id={quoted(row_id)} value={quoted(value)}" for row_id, value in list(zip(ids, values))[:limit]]
     more = f" (and {len(values) - limit} more)" if len(values) > limit else ""
     return "; ".join(shown) + more
 
@@ -298,7 +344,7 @@ def _check_ids(table: pa.Table, *, file: str) -> None:
     if pc.count_distinct(ids).as_py() != len(ids):
         counts = pc.value_counts(ids)
         dupes = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
-        raise ManifestError(f"{file}: column 'id' has duplicate ids: {dupes[:5]}")
+        raise ManifestError(f"{file}: column 'id' has duplicate ids: [{', '.join(quoted(d) for d in dupes[:5])}]")
 
 
 def _check_modes(table: pa.Table, *, file: str) -> None:

@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas.text import one_line
+
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
@@ -132,12 +134,15 @@ def result_from_work(
     decoder_worker: str | None = None,
     decoder_seconds: float | None = None,
 ) -> ResultRow:
-    """The final result of one work row (a `schemas.work` row as a dict); ``error`` set means failed."""
+    """The final result of one work row (a `schemas.work` row as a dict); ``error`` set means failed.
+
+    The error is kept on one line, without memory addresses, at most `schemas.text.MAX_ERROR_CHARS` long.
+    """
     return ResultRow(
         id=row["id"],
         image_index=row["image_index"],
         status=STATUS_ERROR if error else STATUS_OK,
-        error=error,
+        error=one_line(error) if error else error,
         error_kind=error_kind if error else None,
         uri=None if error else uri,
         member=None if error else member,

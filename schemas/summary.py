@@ -16,6 +16,7 @@ from typing import Any
 
 from schemas.results import SAMPLE_ERRORS, SAMPLE_SIZE, STATUS_OK
 from schemas.stages import TIMED_STAGES
+from schemas.text import stored_id
 
 ImageKey = tuple[str, int]  # (id, image_index)
 
@@ -84,7 +85,9 @@ class Sample:
 
     Ranks are `schemas.keys.sample_rank` (hex); every part and every marker keeps its own lowest
     ranks, so merging them gives exactly the sample a ranking of every image would. Entries are
-    whatever the caller keeps per image (a results row, a marker's dict); one per image key.
+    whatever the caller keeps per image (a results row, a marker's dict); one per image key. An
+    image's key is its `schemas.text.stored_id` and index, so entries whose long ids were clipped
+    for a marker still match the image they stand for.
     """
 
     def __init__(self, entries: Iterable[Mapping[str, Any]] = ()) -> None:
@@ -108,6 +111,7 @@ class Sample:
 
     def add(self, *, key: ImageKey, ok: bool, rank: str, entry: Any) -> None:
         """Offer an image; it replaces any earlier entry of the same key (a retried image)."""
+        key = (stored_id(key[0]), key[1])
         self.drop({key})
         heap, item = self._heaps[ok], (-int(rank, 16), key, entry)
         if len(heap) < self._size(ok):
@@ -117,6 +121,7 @@ class Sample:
 
     def drop(self, keys: set[ImageKey]) -> None:
         """Forget the entries of these images."""
+        keys = {(stored_id(row_id), index) for row_id, index in keys}
         for ok, heap in self._heaps.items():
             kept = [item for item in heap if item[1] not in keys]
             if len(kept) != len(heap):

@@ -14,8 +14,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.keys import MAX_SEED
-from schemas.manifest import DECODER_IMAGE_COLUMNS, IMAGE_COLUMNS, Limits
+from schemas.manifest import (
+    DECODER_IMAGE_COLUMNS,
+    IMAGE_COLUMNS,
+    LOCAL_PROTOCOLS,
+    Limits,
+    input_protocols,
+    uri_protocol,
+)
 from schemas.modes import MODES, PRIOR_KINDS, uses_column
+from schemas.text import quoted
 
 
 def size_problems(table: pa.Table, *, scales: Mapping[str, int]) -> list[str | None]:
@@ -59,11 +67,13 @@ def embedding_problems(table: pa.Table, *, dim: int) -> list[str | None]:
     return problems
 
 
-def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
-    """Per row of a defaults-filled table: None when renderable, else the first problem, worded for users.
+def row_problems(table: pa.Table, *, limits: Limits, manifest: str) -> list[str | None]:
+    """Per row of a defaults-filled table read from ``manifest``: None when renderable, else the first problem,
+    worded for users. Input URIs are checked against `schemas.manifest.input_protocols` for ``manifest``.
 
     Vectorised per check; values are converted to Python only for the rows a check flags.
     """
+    protocols = input_protocols(limits, manifest=manifest)
     n = table.num_rows
     problems: list[str | None] = [None] * n
 
@@ -115,8 +125,8 @@ def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
 
     seed_values = pc.fill_null(table.column("seed"), 0).to_numpy(zero_copy_only=False)
     num_images = np_col("num_images")
-    flag(
-        (seed_values < 0) | (seed_values > MAX_SEED - np.clip(num_images, 0, None)),
+    flag(  # image i uses seed + i: the last one, seed + num_images - 1, must stay <= MAX_SEED (2**62 - 1)
+        (seed_values < 0) | (seed_values > MAX_SEED + 1 - np.clip(num_images, 1, None)),
         column="seed",
         fmt="{column}={value} is outside [0, 2**62 - num_images]",
     )
@@ -168,16 +178,18 @@ def row_problems(table: pa.Table, *, limits: Limits) -> list[str | None]:
     )
     for i in np.flatnonzero(has_interpolate):
         if problems[i] is None:
-            problems[i] = _interpolate_problem(table.column("interpolate")[int(i)].as_py(), limits=limits)
+            problems[i] = _interpolate_problem(
+                table.column("interpolate")[int(i)].as_py(), limits=limits, protocols=protocols
+            )
     for name in IMAGE_COLUMNS:
         column = table.column(name)
         for i in np.flatnonzero(is_set(name)):
             if problems[i] is None:
-                problems[i] = _ref_problem(column[int(i)].as_py(), column=name, limits=limits)
+                problems[i] = _ref_problem(column[int(i)].as_py(), column=name, limits=limits, protocols=protocols)
     return problems
 
 
-def _interpolate_problem(items: list[dict], *, limits: Limits) -> str | None:
+def _interpolate_problem(items: list[dict], *, limits: Limits, protocols: tuple[str, ...]) -> str | None:
     if not items:
         return "interpolate is an empty list"
     if len(items) > limits.max_interpolate_items:
@@ -190,30 +202,33 @@ def _interpolate_problem(items: list[dict], *, limits: Limits) -> str | None:
         if weight is None or not np.isfinite(weight):
             return f"interpolate[{k}].weight={weight} is not a finite number"
         if has_image:
-            problem = _ref_problem(item["image"], column=f"interpolate[{k}].image", limits=limits)
+            problem = _ref_problem(item["image"], column=f"interpolate[{k}].image", limits=limits, protocols=protocols)
             if problem:
                 return problem
     return None
 
 
-def uri_protocol(uri: str) -> str:
-    """The fsspec protocol of ``uri`` (``file`` for plain paths); chained URIs give the outermost one."""
-    head, sep, _ = uri.partition("://")
-    return head.split("::")[0].lower() if sep else "file"
-
-
-def _ref_problem(ref: dict, *, column: str, limits: Limits) -> str | None:
+def _ref_problem(ref: dict, *, column: str, limits: Limits, protocols: tuple[str, ...]) -> str | None:
     if ref["data"] is not None:
+        if len(ref["data"]) > limits.max_input_bytes:
+            size = len(ref["data"])
+            return f"{column} holds {size} bytes, above the limit of {limits.max_input_bytes} (--max-input-bytes)"
         return None if len(ref["data"]) else f"{column} holds empty bytes"
     uri = ref["uri"]
     if not uri or not uri.strip():
         return f"{column} is an empty URI"
     if any(ord(ch) < 32 for ch in uri):
-        return f"{column} URI {uri!r} contains control characters"
+        return f"{column} URI {quoted(uri)} contains control characters"
     protocol = uri_protocol(uri)
-    if protocol not in limits.allowed_protocols:
+    if protocol not in protocols:
+        local = (
+            " (worker-local files are read only when --allowed-protocols allows file; by default only for a local "
+            "manifest)"
+            if protocol in LOCAL_PROTOCOLS
+            else ""
+        )
         return (
-            f"{column} URI {uri!r} uses protocol {protocol!r}, which is not allowed "
-            f"(allowed: {', '.join(limits.allowed_protocols)}; see --allowed-protocols)"
+            f"{column} URI {quoted(uri)} uses protocol {quoted(protocol, 40)}, which is not allowed{local} "
+            f"(allowed: {', '.join(protocols)}; see --allowed-protocols)"
         )
     return None

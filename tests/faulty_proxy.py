@@ -1,8 +1,14 @@
-"""A fault-injecting HTTP proxy on loopback for tests: S3 503 SlowDown / 500 answers and dropped connections."""
+"""A fault-injecting HTTP proxy on loopback for tests: S3 503 SlowDown / 500 answers and dropped connections.
+
+It can also serve ``Content-Encoding: gzip`` objects decompressed, as GCS's decompressive transcoding
+does: a GET returns the decoded bytes while the object's metadata (HEAD, listings) keeps the
+stored, compressed size.
+"""
 
 from __future__ import annotations
 
 import collections
+import gzip
 import http.client
 import random
 import socket
@@ -22,8 +28,8 @@ INTERNAL = (
     b"<Message>We encountered an internal error. Please try again.</Message><RequestId>FAULTY</RequestId></Error>"
 )
 # What a faulty answer is: a 503 SlowDown, a 500 InternalError, a connection reset before the request
-# reaches the store, a reset after the store applied it (no answer), the answer cut off halfway
-# (``truncate``: its Content-Length says so; ``cut``: sent without one, delimited by a clean close, so
+# reaches the store, a reset after the store applied it (no answer), the answer cut off (``truncate``:
+# halfway, its Content-Length says so; ``cut``: at a random point, sent without one, delimited by a clean close, so
 # only a client that checks the object's size can tell).
 KINDS = ("slow_down", "internal", "reset_before", "reset_after", "truncate", "cut")
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
@@ -46,10 +52,11 @@ class FaultyProxy:
     number of requests forwarded cleanly and of each fault kind injected.
     """
 
-    def __init__(self, upstream: str, faults: Faults | None = None) -> None:
+    def __init__(self, upstream: str, faults: Faults | None = None, *, transcode_gzip: bool = False) -> None:
         host, port = upstream.replace("http://", "").rstrip("/").split(":")
         self.upstream = (host, int(port))
         self.faults = faults or Faults()
+        self.transcode_gzip = transcode_gzip
         self.counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._random = random.Random(self.faults.seed)
@@ -76,6 +83,11 @@ class FaultyProxy:
         with self._lock:
             self.faults = faults
             self._random = random.Random(faults.seed)
+
+    def cut_length(self, size: int) -> int:
+        """Where a ``cut`` answer of ``size`` bytes stops: anywhere inside it (two cuts rarely agree)."""
+        with self._lock:
+            return self._random.randint(1, size - 1)
 
     def draw(self, method: str, path: str) -> str | None:
         """The fault for one request, or None to forward it cleanly."""
@@ -159,19 +171,23 @@ def _handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
             if kind == "reset_before":
                 return self._reset()
             response, data = self._forward(body)
+            headers = response.getheaders()
+            if proxy.transcode_gzip and self.command == "GET" and response.getheader("Content-Encoding") == "gzip":
+                data = gzip.decompress(data)  # decompressive transcoding: the decoded bytes, a size that differs
+                headers = [(name, value) for name, value in headers if name.lower() != "content-encoding"]
             if kind == "reset_after":  # the store applied the request; its answer never arrives
                 return self._reset()
             if kind in ("truncate", "cut") and (len(data) < 2 or self.command == "HEAD"):
                 return self._reset()  # nothing to cut: no answer at all
             self.send_response(response.status, response.reason)
-            for name, value in response.getheaders():
+            for name, value in headers:
                 if name.lower() not in _HOP_HEADERS and name.lower() != "content-length":
                     self.send_header(name, value)
             length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
             if kind == "cut":
                 self.send_header("Connection", "close")
                 self.end_headers()
-                self.wfile.write(data[: len(data) // 2])
+                self.wfile.write(data[: proxy.cut_length(len(data))])
                 self.close_connection = True
                 return None
             if length is not None:

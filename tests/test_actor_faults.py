@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,12 +126,14 @@ def test_the_only_decoder_killed_on_a_loaded_machine_with_a_slow_restart(
 def test_a_frozen_decoder_is_killed_at_its_deadline_and_its_work_rerun(
     tmp_path: Path, tiny_models: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """SIGSTOP of the decoder actor mid-run: its call never returns; after --call-timeout the driver kills it,
-    Ray restarts it, and its batches run again."""
+    """SIGSTOP of the decoder actor mid-run, after its first calls: with the default deadlines (no --call-timeout,
+    the 600 s floor for first calls) its call is past its deadline once it runs 5 x the stage's slowest call, at
+    least --call-timeout-warm-floor; the driver kills it, Ray restarts it, and its batches run again."""
     rows = rows_of(12, num_inference_steps=6)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
-    config = config_for(manifest, str(output), tiny_models, batch_size=2, shard_rows=2, call_timeout_s=10.0)
+    config = config_for(manifest, str(output), tiny_models, batch_size=2, shard_rows=2, call_timeout_warm_floor_s=5.0)
+    assert config.call_timeout_s is None and config.call_timeout_floor_s == 600
     caplog.set_level(logging.WARNING, logger="jobs.execution.runner")
     started = time.monotonic()
     job, outcome = in_thread(config)
@@ -149,10 +152,42 @@ def test_a_frozen_decoder_is_killed_at_its_deadline_and_its_work_rerun(
     seconds = time.monotonic() - started
     assert not job.is_alive() and "error" not in outcome, outcome.get("error")
     report("decoder-sigstop", seconds, f"({time.monotonic() - stopped_at:.1f} s after the freeze)")
-    assert "past its deadline of 10 s: killing the actor" in caplog.text
+    deadlines = [
+        float(d) for d in re.findall(r"stage decoder: a call has run \d+ s, past its deadline of (\d+) s", caplog.text)
+    ]
+    assert deadlines and max(deadlines) < 300, caplog.text  # not the 600 s floor of first calls
     check_every_image_once(outcome["summary"], output, rows)
     assert worker not in {int(r["decoder_worker"].split(":")[1].split()[0]) for r in raw_results(str(output))[-2:]}
     baseline("decoder-sigstop", lambda: run_job(dataclasses.replace(config, output=str(tmp_path / "clean"))))
+
+
+def test_call_deadlines_are_long_for_first_calls_and_follow_measured_times_after() -> None:
+    """Unit view of the watchdog's deadlines: a model actor's first call (load, compile) gets the long floor;
+    once it has finished a call, 5 x the stage's slowest call, at least the warm floor; a restart (a failure, a
+    probe it has not answered yet) makes it cold again; writer calls keep the long floor; --call-timeout wins."""
+    from jobs.execution.contract import SinkSpec, StageSpec
+    from jobs.execution.pool import Actor
+    from jobs.execution.watchdog import Deadlines, Watchdog
+
+    stage, sink = StageSpec(name="decoder", cls=object), SinkSpec(name="writer", cls=object)
+    deadlines = Deadlines(call_timeout_floor_s=600, call_timeout_warm_floor_s=60)
+    watchdog = Watchdog([stage, sink], deadlines, started=time.monotonic(), stall_warning_s=120)
+    decoder, writer = Actor(stage=0, handle=None, ready=True), Actor(stage=1, handle=None, ready=True)
+    assert watchdog.deadline(0, decoder) == 600  # first call
+    decoder.last_done = writer.last_done = time.monotonic()  # each finished a call ...
+    watchdog.finished_call(0, 4.0)
+    watchdog.finished_call(1, 2.0)
+    assert watchdog.deadline(0, decoder) == 60 and watchdog.deadline(1, writer) == 600
+    watchdog.finished_call(0, 30.0)
+    assert watchdog.deadline(0, decoder) == 150  # 5 x the slowest call
+    decoder.failures += 1  # its call failed: it died (or was killed) and restarts
+    assert watchdog.deadline(0, decoder) == 600
+    decoder.last_done = time.monotonic() + 1
+    assert watchdog.deadline(0, decoder) == 150
+    decoder.ready = False  # waiting for its probe: a restart
+    assert watchdog.deadline(0, decoder) == 600
+    explicit = Watchdog([stage, sink], Deadlines(call_timeout_s=10), started=0.0, stall_warning_s=120)
+    assert explicit.deadline(0, decoder) == explicit.deadline(1, writer) == 10
 
 
 def _decoder_pid(output: Path) -> int | None:

@@ -280,3 +280,23 @@ def test_readme_config_file_example_is_valid() -> None:
     example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
     defaults = flag_defaults(example, source="README.md")
     assert defaults["storage_option"] == ["use_ssl=true"] and defaults["allowed_protocols"] == ("file", "s3")
+
+
+def test_config_file_errors_never_show_a_credential(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A YAML syntax error (PyYAML quotes the offending line) and a bad value next to a secret: exit 2, the place
+    of the error named, no credential printed."""
+    import signal
+
+    from jobs.render import main
+
+    secret, sas = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "sv=2022-11-02&sig=AbCdEf0123456789%3D"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f'manifest: s3://b/m/\nstorage-option: {{secret: "{secret}", sas_token: "{sas}"\noutput: o\n')
+    typo = write_yaml(tmp_path / "typo.yaml", {"storage-option": {"secret": secret}, "num-decoder-actors": secret})
+    handler = signal.getsignal(signal.SIGTERM)
+    for path, where in ((str(broken), "not valid YAML at line "), (typo, "num-decoder-actors: expected an int")):
+        assert main(["--config", path]) == 2
+        err = capsys.readouterr().err
+        assert where in err, err
+        assert secret[:12] not in err and sas[:12] not in err, err  # PyYAML shows a line's first 75 characters
+    assert signal.getsignal(signal.SIGTERM) is handler  # the entry point put its own back

@@ -22,6 +22,7 @@ from jobs.planning.batches import prior_batch_size
 from jobs.planning.forecast import parse_clusters
 from jobs.planning.machine import local_machine, ray_machine
 from schemas.config import JobConfig
+from schemas.manifest import input_protocols
 from schemas.modes import MODES
 from schemas.stages import DECODER, DEPTH, MODEL_STAGES, PRIOR, SCORE, SPLIT_AFTER, WRITER
 
@@ -59,8 +60,9 @@ def build_chain(
     group_of = {stage: group for group in groups for stage in group.stages}
     inputs = {
         "storage_options": config.storage_options,
-        "allowed_protocols": config.limits.allowed_protocols,
+        "allowed_protocols": input_protocols(config.limits, manifest=config.manifest),
         "max_input_pixels": config.limits.max_input_pixels,
+        "max_input_bytes": config.limits.max_input_bytes,
     }
     model = {"dtype": config.dtype, "accel": config.accel}
     decoders = {mode: config.models.for_checkpoint(MODES[mode].checkpoint) for mode in modes}
@@ -216,6 +218,7 @@ def execute(
     deadlines = Deadlines(
         call_timeout_s=config.call_timeout_s,
         call_timeout_floor_s=config.call_timeout_floor_s,
+        call_timeout_warm_floor_s=config.call_timeout_warm_floor_s,
         stage_wait_s=config.stage_wait_s,
     )
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -34,12 +36,20 @@ def connect_ray(address: str | None, *, wait_s: float = CONNECT_WAIT_S) -> bool:
     if ray.is_initialized():
         return False
     target = resolve_address(address, wait_s=wait_s)
-    if target is None:
-        # Only the processes a job needs: no dashboard (nobody can reach a private Ray's), no prestarted
-        # idle workers (each actor gets its own process anyway; idle ones only take CPU from the first actors).
-        ray.init(address="local", logging_level=logging.WARNING, include_dashboard=False, **PRIVATE_RAY_OPTIONS)
-    else:
-        ray.init(address=target, logging_level=logging.WARNING)
+    main = threading.current_thread() is threading.main_thread()
+    # ray.init replaces the SIGTERM handler with one that exits with status 15 (sys.exit(15)): the
+    # driver's own handler (jobs.render: exit 143 after releasing the lease) is put back.
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if target is None:
+            # Only the processes a job needs: no dashboard (nobody can reach a private Ray's), no prestarted
+            # idle workers (each actor gets its own process anyway; idle ones only take CPU from the first actors).
+            ray.init(address="local", logging_level=logging.WARNING, include_dashboard=False, **PRIVATE_RAY_OPTIONS)
+        else:
+            ray.init(address=target, logging_level=logging.WARNING)
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 

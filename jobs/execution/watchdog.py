@@ -1,8 +1,12 @@
 """The runner's clock: re-probes that are due, per-call deadlines, stage waits and stall warnings.
 
-- A call running longer than its stage's deadline (``max(call_timeout_floor_s, call_timeout_factor x
-  the slowest call seen)``, or ``call_timeout_s``) gets its actor killed (``ray.kill(no_restart=False)``:
-  Ray restarts it); its calls then fail and the runner re-runs their work.
+- A call running longer than its deadline gets its actor killed (``ray.kill(no_restart=False)``: Ray
+  restarts it); its calls then fail and the runner re-runs their work. The deadline is
+  ``call_timeout_s`` when set, else ``call_timeout_factor x`` the stage's slowest call so far, at
+  least ``call_timeout_floor_s`` (600 s: a first call may load, compile or warm up for minutes) or,
+  for a model actor that has already finished a call since it last started, at least
+  ``call_timeout_warm_floor_s`` (60 s): a wedged GPU then costs a minute or two, not ten. Writer
+  calls (batches, or publishing a whole shard) keep the long floor.
 - A stage with no actor up for ``stage_wait_s`` (a lost node took them and nothing else can hold
   them) stops the job with a message naming the stage and the resources it lacks.
 """
@@ -22,10 +26,12 @@ logger = logging.getLogger("jobs.execution.runner")  # its warnings are the runn
 
 @dataclass(frozen=True, kw_only=True)
 class Deadlines:
-    """Per-call deadlines: ``call_timeout_s`` if set, else ``max(floor, factor x slowest call of the stage)``."""
+    """Per-call deadlines: ``call_timeout_s`` if set, else ``max(floor, factor x slowest call of the stage)``,
+    where the floor is ``call_timeout_warm_floor_s`` for a model actor past its first call (see the module)."""
 
     call_timeout_s: float | None = None
     call_timeout_floor_s: float = 600.0
+    call_timeout_warm_floor_s: float = 60.0
     call_timeout_factor: float = 5.0
     stage_wait_s: float = 600.0
 
@@ -46,6 +52,9 @@ class Watchdog:
         self.slowest = [0.0] * len(specs)
         self.up_since: dict[int, float] = {}  # pool index -> when it last had an actor up
         self._last_warning = time.monotonic()
+        # Per actor: (its failure count, its last call's end) when it was last seen down or failing; a call
+        # finished since then (and no failure) means it is past its first call: warm.
+        self._cold_at: dict[Actor, tuple[int, float]] = {}
 
     def started_pool(self, pool: int) -> None:
         """A pool just started: its wait counts from now."""
@@ -55,11 +64,22 @@ class Watchdog:
         """A call of ``stage`` took ``seconds`` (its deadline follows the slowest)."""
         self.slowest[stage] = max(self.slowest[stage], seconds)
 
-    def deadline(self, stage: int) -> float:
-        """Seconds a call of ``stage`` may run."""
+    def warm(self, stage: int, actor: Actor) -> bool:
+        """Whether ``actor`` of ``stage`` is a model actor that has finished a call since it last (re)started."""
+        if isinstance(self.specs[stage], SinkSpec):
+            return False
+        seen = self._cold_at.get(actor)
+        if seen is None or not actor.ready or actor.failures != seen[0]:
+            self._cold_at[actor] = seen = (actor.failures, actor.last_done)
+        return actor.last_done > seen[1]
+
+    def deadline(self, stage: int, actor: Actor | None = None) -> float:
+        """Seconds a call of ``stage`` (on ``actor``, when given) may run."""
         if self.deadlines.call_timeout_s:
             return self.deadlines.call_timeout_s
-        return max(self.deadlines.call_timeout_floor_s, self.deadlines.call_timeout_factor * self.slowest[stage])
+        warm = actor is not None and self.warm(stage, actor)
+        floor = self.deadlines.call_timeout_warm_floor_s if warm else self.deadlines.call_timeout_floor_s
+        return max(floor, self.deadlines.call_timeout_factor * self.slowest[stage])
 
     def check(
         self, pools: Iterable[Pool], *, probe: Callable[[Actor], None], demand: Mapping[int, int] | None = None
@@ -87,13 +107,14 @@ class Watchdog:
                 if actor.reprobe_at is not None and now >= actor.reprobe_at:
                     probe(actor)
                 running = actor.running()
-                if actor.ready and running is not None and now - running[0] > self.deadline(running[1]):
+                deadline = self.deadline(running[1], actor) if running is not None else 0.0
+                if actor.ready and running is not None and now - running[0] > deadline:
                     logger.warning(
                         "stage %s: a call has run %.0f s, past its deadline of %.0f s: killing the actor "
                         "(Ray restarts it) and re-running its work",
                         self.specs[running[1]].name,
                         now - running[0],
-                        self.deadline(running[1]),
+                        deadline,
                     )
                     actor.ready = False
                     actor.submitted.clear()

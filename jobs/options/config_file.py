@@ -10,12 +10,18 @@ import yaml
 
 from jobs.options.flags import OPTIONS, Option, file_keys, file_value, option_at
 from jobs.options.run_options import RunOptions
+from jobs.options.storage import redact, secret_values
+from schemas.text import first_line
 
 CONFIG_FLAG = option_at(RunOptions, "config").flag
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """The mapping held by a YAML/JSON file (local path or fsspec URI); ValueError when it is not one."""
+    """The mapping held by a YAML/JSON file (local path or fsspec URI); ValueError when it is not one.
+
+    Errors never quote the file's lines: a line may hold a credential (a storage option, a SAS token)
+    that nothing could redact yet, since the file did not parse.
+    """
     from fsspec.core import url_to_fs
 
     from actors.retry import retry
@@ -26,12 +32,24 @@ def read_config_file(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ValueError(f"{CONFIG_FLAG} {path}: no such file") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{CONFIG_FLAG} {path}: not valid YAML: {exc}") from None
+        raise ValueError(f"{CONFIG_FLAG} {path}: not valid YAML{_where(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{CONFIG_FLAG} {path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"{CONFIG_FLAG} {path}: cannot read it: {type(exc).__name__}: {first_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         raise ValueError(f"{CONFIG_FLAG} {path}: expected a mapping of flag names to values, got {type(data).__name__}")
     return dict(data)
+
+
+def _where(exc: yaml.YAMLError) -> str:
+    """Where a YAML error is and what it is, without the text around it (PyYAML quotes the line)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = "; ".join(str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part)
+    return f"{place}: {what} (the line is not shown: it may hold a credential)"
 
 
 def flag_defaults(values: Mapping[str, Any], *, source: str, options: Sequence[Option] = OPTIONS) -> dict[str, Any]:
@@ -59,5 +77,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     known, _ = pre.parse_known_args(argv)
     if known.config:
         values = read_config_file(known.config)
-        parser.set_defaults(**flag_defaults(values, source=known.config))
+        try:
+            parser.set_defaults(**flag_defaults(values, source=known.config))
+        except ValueError as exc:  # it may quote a value: never one stored under a credential-like name
+            raise ValueError(redact(str(exc), secret_values(values))) from None
     return parser.parse_args(argv)

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from schemas.text import first_line
+
 ENV_VAR = "KANDINSKY_RENDER_STORAGE_OPTIONS"
 # Option names whose values are credentials (s3fs: key, secret, token; gcsfs: token; adlfs:
 # account_key, sas_token, client_secret...). Values under them are never printed.
@@ -129,6 +131,27 @@ def resolve(
     conveniences, then ``--storage-option`` pairs (each later source wins, key by key)."""
     conveniences = convenience_options(uris=uris, endpoint_url=endpoint_url, region=region, anon=anon, profile=profile)
     return merge(options_from_env(environ), conveniences, parse_pairs(pairs))
+
+
+def check_options(uris: Iterable[str], options: Mapping[str, Any]) -> None:
+    """Open the filesystem of each URI with ``options`` (for s3:// also its client: s3fs makes no request for
+    that), so that options the store's library refuses stop the job before any work, as bad input.
+
+    Raises ValueError naming the URI, the option names and the library's complaint (never a value).
+    """
+    from fsspec.core import url_to_fs
+
+    for uri in dict.fromkeys(uris):
+        try:
+            fs, _ = url_to_fs(uri, **options)
+            if protocol_of(uri) in _S3:
+                fs.connect()
+        except Exception as exc:  # noqa: BLE001 - no request was made: whatever failed is the configuration
+            names = ", ".join(sorted(options)) or "none"
+            raise ValueError(
+                f"cannot open {uri} with the storage options given (names: {names}; values are not shown): "
+                f"{type(exc).__name__}: {first_line(exc)}. See --storage-option and ${ENV_VAR}"
+            ) from None
 
 
 def secret_values(options: Mapping[str, Any]) -> list[str]:

@@ -27,6 +27,7 @@ from actors.retry import Retrier
 from jobs.planning.manifests import ManifestFile
 from schemas.manifest import ManifestError
 from schemas.modes import MODE_NAMES
+from schemas.text import quoted
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _check_batch(file: ManifestFile, first_row: int, batch: pa.RecordBatch) -> p
         unknown = pc.and_(modes.is_valid(), pc.invert(pc.is_in(modes, value_set=pa.array(MODE_NAMES))))
         if pc.any(unknown).as_py():
             shown = [
-                f"id={i!r} value={m!r}"
+                f"id={quoted(i)} value={quoted(m)}"
                 for i, m in zip(ids.filter(unknown).to_pylist()[:5], modes.filter(unknown).to_pylist()[:5])
             ]
             raise ManifestError(
@@ -142,8 +143,8 @@ def _confirm(files: Sequence[ManifestFile], suspects: np.ndarray, storage_option
             for row_id in ids.filter(pa.array(np.isin(_hashes(ids), suspects))).to_pylist():
                 other = first_file.get(row_id)
                 if other == file.uri:
-                    raise ManifestError(f"{file.uri}: column 'id' has duplicate ids: [{row_id!r}]")
+                    raise ManifestError(f"{file.uri}: column 'id' has duplicate ids: [{quoted(row_id)}]")
                 if other is not None:
-                    raise ManifestError(f"column 'id': id {row_id!r} appears in both {other} and {file.uri}")
+                    raise ManifestError(f"column 'id': id {quoted(row_id)} appears in both {other} and {file.uri}")
                 first_file[row_id] = file.uri
     logger.info("%d id hash collision(s) checked: different ids, no duplicate", len(suspects))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import logging
+import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,8 @@ from fsspec.core import url_to_fs
 from actors.retry import StorageUnavailableError, retry
 from schemas.manifest import ManifestError, check_schema, normalize
 from schemas.shards import Fingerprint, Shard
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,34 +39,82 @@ class ManifestFile:
     schema: pa.Schema
 
 
+def _protocols(fs: Any) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
 def _is_local(fs: Any) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols or "local" in protocols
+    return bool(_protocols(fs) & {"file", "local"})
 
 
-def list_manifest_paths(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+def list_manifest_paths(
+    uri: str, *, storage_options: dict[str, Any] | None = None, exclude: str | None = None
+) -> list[tuple[str, str]]:
     """(full URI, path relative to the manifest root) of each Parquet file ``uri`` names, sorted.
 
     ``uri`` is one file (root: its folder), a folder or prefix (recursive; names starting with ``_``
     or ``.`` are skipped, as Spark/Hive markers), or a glob (root: the folder before the first
-    wildcard). Raises `ManifestError` when nothing is found.
+    wildcard). Files under ``exclude`` (the job's output prefix, however either is spelled: relative
+    or absolute, ``file://`` or a plain path, a symlink, a trailing slash, ``s3://`` or ``s3a://``) are
+    left out: a job never reads its own results as manifest. Raises `ManifestError` when nothing is
+    found, or when ``uri`` itself lies inside ``exclude``.
     """
     fs, path = url_to_fs(uri, **(storage_options or {}))
     path = path.rstrip("/") or path
+    inside = _under(exclude, fs=fs, storage_options=storage_options) if exclude else None
+    if inside is not None and inside(_literal_prefix(path)):
+        raise ManifestError(
+            f"{uri}: the manifest lies inside the output {exclude}, where the job writes Parquet files of its own "
+            "(results/, data/) that must never be read as manifest; keep manifests outside the output prefix"
+        )
     root, found = retry(lambda: _find_files(fs, path, uri), what=f"list {uri}")
+    if inside is not None:
+        kept = [p for p in found if not inside(p)]
+        if len(kept) < len(found):
+            logger.info("%s: leaving out %d file(s) under the output %s", uri, len(found) - len(kept), exclude)
+        found = kept
     if not found:
         raise ManifestError(f"{uri}: no Parquet files found")
     local = _is_local(fs)
     return sorted((p if local else fs.unstrip_protocol(p), posixpath.relpath(p, root) if root else p) for p in found)
 
 
+def _literal_prefix(path: str) -> str:
+    """``path`` up to its first wildcard (a glob's root), or ``path`` itself."""
+    if not globlib.has_magic(path):
+        return path
+    parts = path.split("/")
+    return "/".join(parts[: next(i for i, part in enumerate(parts) if globlib.has_magic(part))])
+
+
+def _under(prefix: str, *, fs: Any, storage_options: dict[str, Any] | None) -> Callable[[str], bool] | None:
+    """A test of whether a path of ``fs`` lies at or under ``prefix`` (None when ``prefix`` is on another store).
+
+    Local paths are compared resolved (absolute, symlinks followed); object store paths as fsspec
+    strips them (``bucket/key``, no protocol, no trailing slash).
+    """
+    prefix_fs, prefix_path = url_to_fs(prefix, **(storage_options or {}))
+    if not _protocols(prefix_fs) & _protocols(fs):
+        return None
+    if _is_local(fs):
+
+        def normal(path: str) -> str:
+            return os.path.realpath(os.path.abspath(path))
+
+    else:
+
+        def normal(path: str) -> str:
+            return fs._strip_protocol(path).rstrip("/")
+
+    top = normal(prefix_path)
+    return lambda path: (found := normal(path)) == top or found.startswith(top.rstrip("/") + "/")
+
+
 def _find_files(fs: Any, path: str, uri: str) -> tuple[str, list[str]]:
     """(root, Parquet files) of a manifest ``path``: errors other than absence propagate (they may be retried)."""
     if globlib.has_magic(path):
-        parts = path.split("/")
-        first = next(i for i, part in enumerate(parts) if globlib.has_magic(part))
         matches = fs.glob(path, detail=True)
-        return "/".join(parts[:first]), [p for p, info in matches.items() if info.get("type") == "file"]
+        return _literal_prefix(path), [p for p, info in matches.items() if info.get("type") == "file"]
     try:
         kind = fs.info(path).get("type")
     except FileNotFoundError:

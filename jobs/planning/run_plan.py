@@ -234,9 +234,10 @@ def with_machine_defaults(plan: RunPlan, scan: PendingScan, machine: Machine) ->
 
 
 def read_manifest_files(config: JobConfig) -> list[ManifestFile]:
-    """The footers of every manifest file ``config.manifest`` names, sorted (`ManifestError` when there are none)."""
+    """The footers of every manifest file ``config.manifest`` names, sorted, leaving out anything under the job's
+    output (`ManifestError` when there are none, or when the manifest lies inside the output)."""
     options = config.storage_options
-    paths = list_manifest_paths(config.manifest, storage_options=options)
+    paths = list_manifest_paths(config.manifest, storage_options=options, exclude=config.output)
     return [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
 
 

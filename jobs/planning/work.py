@@ -102,7 +102,7 @@ def expand(
     embeddings are checked against ``embedding_dim()`` (the prior checkpoint's size, read on demand).
     """
     filled = resolve_relative_uris(fill_defaults(table, defaults), base=file)
-    problems = row_problems(filled, limits=limits)
+    problems = row_problems(filled, limits=limits, manifest=file)
     if embedding_dim is not None and filled.column("image_embeds").null_count < filled.num_rows:
         given = embedding_problems(filled, dim=embedding_dim())
         problems = [p or g for p, g in zip(problems, given)]
@@ -161,7 +161,7 @@ def _image_seeds(
     if len(missing):
         ids = rows.column("id").take(pa.array(missing)).to_pylist()
         base[missing] = [default_seed(job_seed, row_id) for row_id in ids]
-    valid = (base >= 0) & (base <= MAX_SEED - counts)
+    valid = (base >= 0) & (base <= MAX_SEED + 1 - counts)  # the last image's seed + counts - 1 <= MAX_SEED
     valid[missing] = True  # a derived seed is in [0, 2**62): seed + image_index still fits int64
     seeds = base[positions] + image_index
     return pa.array(seeds, pa.int64(), mask=~valid[positions])

@@ -1,4 +1,4 @@
-"""Keeping an output tidy: ``--overwrite`` deletes it; each run deletes what crashed runs left unpublished."""
+"""Keeping an output tidy: ``--overwrite`` deletes it; each run deletes what failed runs left unpublished."""
 
 from __future__ import annotations
 
@@ -21,13 +21,19 @@ def delete_output(storage: Storage) -> None:
 
 
 def delete_orphans(storage: Storage, index: OutputIndex) -> list[str]:
-    """Delete results and data files that no marker lists (a run died before publishing their shard).
+    """Delete results and data files that no marker lists (a run died before publishing their shard), and the
+    temporary files of writes a killed process left (local outputs) in the output's folder, ``results/``,
+    ``data/`` and ``shards/``. Call it holding the output's lease: then no write is under way.
 
     Only files of shards without a marker, or retry parts their shard's marker does not list, are
     orphans; listing ``results/`` and ``data/`` is O(shards). Returns the deleted keys. (PNGs of the
     files format are not listed: a shard rendered again writes the same keys.)
     """
     deleted = []
+    for key in storage.list_temporary((RESULTS_DIR, DATA_DIR, SHARDS_DIR)):
+        logger.warning("deleting %s: the temporary file of a write that never finished", key)
+        storage.delete(key)
+        deleted.append(key)
     for prefix in (RESULTS_DIR, DATA_DIR):
         for key in storage.list_files(prefix):
             name = key.rsplit("/", 1)[-1]

@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 
 from actors.storage import Storage
 from jobs.reporting.scores import HISTOGRAM_FILE, extremes_html, histogram_png
-from schemas.keys import STATS_FILE, image_key
+from schemas.keys import IMAGES_DIR, STATS_FILE, image_key
 from schemas.results import STATUS_OK, THUMBNAIL_SIDE
+from schemas.text import stored_entry, stored_id
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,14 @@ _CONTENT_TYPE_KWARG = {"s3": "ContentType", "s3a": "ContentType", "gs": "content
 
 
 def read_thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> dict[tuple[str, int], bytes | None]:
-    """The previews of the chosen ok images, read from the results Parquet part that holds each one."""
+    """The previews of the chosen ok images, read from the results Parquet part that holds each one.
+
+    Keyed by (`schemas.text.stored_id`, image_index): the ids gallery candidates keep.
+    """
     wanted: dict[str, set[tuple[str, int]]] = {}
     for row in rows:
         if row["status"] == STATUS_OK:
-            wanted.setdefault(row["results"], set()).add((row["id"], row["image_index"]))
+            wanted.setdefault(row["results"], set()).add((stored_id(row["id"]), row["image_index"]))
     found: dict[tuple[str, int], bytes | None] = {}
     for key, images in wanted.items():
         try:
@@ -43,8 +47,9 @@ def read_thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> dict[tuple[
             continue
         table = table.filter(table.column("thumbnail").is_valid())
         for entry in table.to_pylist():
-            if (entry["id"], entry["image_index"]) in images:
-                found[(entry["id"], entry["image_index"])] = entry["thumbnail"]
+            key = (stored_id(entry["id"]), entry["image_index"])
+            if key in images:
+                found[key] = entry["thumbnail"]
     return found
 
 
@@ -60,6 +65,7 @@ def gallery_html(
     HTML (the score section) follows the sample."""
     output = stats.get("output", {})
     by_status = output.get("by_status", {})
+    rows = [stored_entry(row) for row in rows]  # markers of older runs may hold whole row texts
     cards = "\n".join(_card(row, thumbnails.get((row["id"], row["image_index"]))) for row in rows)
     title = f"kandinsky-render: {num_images} image(s), {by_status.get('ok', 0)} ok, {by_status.get('error', 0)} error"
     return f"""<!doctype html>
@@ -108,7 +114,7 @@ def _card(row: dict[str, Any], thumbnail: bytes | None) -> str:
         # images inside shard files, so the card shows the preview inline. onerror marks a card whose
         # image is gone (e.g. deleted objects) instead of a broken icon.
         if row.get("member") is None:
-            source = html.escape(image_key(row["id"], row["image_index"]))
+            source = html.escape(_image_path(row))
         else:
             source = "data:image/png;base64," + base64.b64encode(thumbnail or b"").decode()
         visual = (
@@ -131,6 +137,13 @@ def _card(row: dict[str, Any], thumbnail: bytes | None) -> str:
     return f'<figure class="card">{visual}<figcaption>{"<br>".join(details)}</figcaption></figure>'
 
 
+def _image_path(row: dict[str, Any]) -> str:
+    """The files format's PNG of a candidate, relative to the output: the end of its URI (a long id is clipped
+    in candidates, so its key cannot be made again from it), else the key of its id."""
+    tail = "/".join((row.get("uri") or "").split("/")[-3:])
+    return tail if tail.startswith(f"{IMAGES_DIR}/") else image_key(row["id"], row["image_index"])
+
+
 def contact_sheet(rows: list[dict[str, Any]], images: dict[tuple[str, int], bytes | None]) -> bytes:
     """A PNG grid of the sampled images (``COLUMNS`` wide), each captioned with its id; errors in red."""
     from PIL import Image, ImageDraw
@@ -142,7 +155,7 @@ def contact_sheet(rows: list[dict[str, Any]], images: dict[tuple[str, int], byte
     draw = ImageDraw.Draw(sheet)
     for n, row in enumerate(rows):
         x, y = (n % columns) * CELL, (n // columns) * (CELL + caption)
-        data = images.get((row["id"], row["image_index"]))
+        data = images.get((stored_id(row["id"]), row["image_index"]))
         if row["status"] == STATUS_OK and data:
             thumb = Image.open(io.BytesIO(data)).convert("RGB")
             scale = (CELL - 4) / max(thumb.width, thumb.height)

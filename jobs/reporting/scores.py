@@ -8,6 +8,7 @@ import io
 from typing import Any
 
 from schemas.results import SCORE_BIN_WIDTH, SCORE_BINS
+from schemas.text import stored_entry
 
 HISTOGRAM_FILE = "score_histogram.png"
 
@@ -80,7 +81,7 @@ def extremes_html(stats: dict[str, Any], thumbnails: dict[tuple[str, int], bytes
     ]
     for title, entries in (("lowest scores", stats["lowest"]), ("highest scores", stats["highest"])):
         cards = []
-        for entry in entries:
+        for entry in map(stored_entry, entries):  # stats of older runs may hold whole row texts
             data = thumbnails.get((entry["id"], entry["image_index"])) or b""
             source = "data:image/png;base64," + base64.b64encode(data).decode()
             cards.append(

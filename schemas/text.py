@@ -1,0 +1,80 @@
+"""What is kept of user text and error messages: bounded lengths, one line, nothing that changes between runs.
+
+A row's fields can be of any size (a refused row may hold a 50 MB prompt) and error texts quote
+values and exceptions. What the job stores beyond the results rows themselves (markers, the
+gallery, stats.json) and every error message is bounded here, so a marker stays a few KB whatever
+the rows hold and start-up, which reads every marker, stays fast.
+"""
+
+from __future__ import annotations
+
+import re
+
+from schemas.keys import id_digest
+
+# Longest error message kept (results rows' ``error``, the gallery, log lines).
+MAX_ERROR_CHARS = 1000
+# Longest prompt (and id) kept in a gallery candidate (markers, the gallery, stats.json's score extremes).
+MAX_SAMPLE_TEXT_CHARS = 300
+# Longest value quoted inside an error message (a URI, an id).
+MAX_QUOTED_CHARS = 200
+
+# CPython's default repr of objects: "<_io.BytesIO object at 0x7f...>", "<function f at 0x...>".
+_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
+# What `stored_id` makes of a long id (recognised, so that storing a stored id changes nothing).
+_STORED_ID = re.compile(rf"(?s).{{{MAX_SAMPLE_TEXT_CHARS}}}… \(\d+ characters, sha256 [0-9a-f]{{16}}\)")
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` when it has at most ``limit`` characters, else its start and how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def clip_optional(text: str | None, limit: int) -> str | None:
+    """`clip` that passes None through."""
+    return None if text is None else clip(text, limit)
+
+
+def quoted(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``repr(value)`` for an error message, at most about ``limit`` characters."""
+    return clip(repr(value), limit)
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` on one line, without memory addresses (they differ between runs), at most ``limit`` characters."""
+    return clip(_ADDRESS.sub("", " ".join(text.split())), limit)
+
+
+def exception_text(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """``Type: message`` of an exception, as `one_line` keeps it (results rows, error messages)."""
+    return one_line(f"{type(exc).__name__}: {exc}", limit)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, without memory addresses, at most ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    return one_line(lines[0], limit) if lines else ""
+
+
+def stored_id(row_id: str) -> str:
+    """The id as a gallery candidate keeps it: itself, or (when longer than `MAX_SAMPLE_TEXT_CHARS`) its
+    start and 16 hex digits of its sha256, so two long ids never share a stored form. A stored id stays as it is."""
+    if len(row_id) <= MAX_SAMPLE_TEXT_CHARS or _STORED_ID.fullmatch(row_id):
+        return row_id
+    return f"{row_id[:MAX_SAMPLE_TEXT_CHARS]}… ({len(row_id)} characters, sha256 {id_digest(row_id)[:16]})"
+
+
+def stored_entry(entry: dict) -> dict:
+    """A gallery candidate (a marker's sample entry, a score extreme) with its row text bounded: ``id``
+    (`stored_id`), ``prompt`` and ``negative_prompt`` (`MAX_SAMPLE_TEXT_CHARS`), ``error`` (`MAX_ERROR_CHARS`)."""
+    bounded = dict(entry)
+    if isinstance(bounded.get("id"), str):
+        bounded["id"] = stored_id(bounded["id"])
+    for name in ("prompt", "negative_prompt"):
+        if isinstance(bounded.get(name), str):
+            bounded[name] = clip(bounded[name], MAX_SAMPLE_TEXT_CHARS)
+    if isinstance(bounded.get("error"), str):
+        bounded["error"] = one_line(bounded["error"])
+    return bounded
