@@ -153,6 +153,20 @@ class Storage:
         keys = [posixpath.relpath(_strip(self.fs, p), self.root) for p in found]
         return sorted(k for k in keys if k.endswith(suffix) and ".tmp-" not in k)
 
+    def list_folders(self, prefix: str) -> list[str]:
+        """Sorted names of the folders directly under ``prefix`` (one listing, not recursive); []: absent."""
+        base = self.path(prefix)
+
+        def attempt() -> list[str]:
+            self.fs.invalidate_cache(base)
+            try:
+                entries = self.fs.ls(base, detail=True)
+            except FileNotFoundError:
+                return []
+            return [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
+
+        return sorted(retry(attempt, what=f"list {self.uri(prefix)}"))
+
     def delete(self, prefix: str) -> None:
         """Remove ``prefix`` recursively if present."""
         base = self.path(prefix)

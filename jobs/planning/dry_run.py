@@ -14,6 +14,7 @@ from actors.storage import Storage
 from jobs.options.flags import option_at
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
+from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.machine import local_machine
 from jobs.planning.run_plan import RunPlan, plan_run, with_machine_defaults
 from jobs.planning.work import Work, needs_depth
@@ -67,10 +68,10 @@ def _grouped(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
     return table.select(["id", *keys]).group_by(keys).aggregate([("id", "count"), ("id", "count_distinct")]).to_pylist()
 
 
-def census(plan: RunPlan) -> Census:
-    """Plan every pending shard, one at a time, keeping only counts."""
+def census(plan: RunPlan, duplicates: DuplicateImages | None = None) -> Census:
+    """Plan every pending shard, one at a time, keeping only counts (and their images' signatures in ``duplicates``)."""
     counts = Census()
-    for shard in plan.works():
+    for shard in plan.works(duplicates):
         counts.add(shard.work, plan.config)
     return counts
 
@@ -145,7 +146,12 @@ def dry_run(config: JobConfig, *, calibration: str | None = None) -> str:
     machine = local_machine()
     plan, choices = with_machine_defaults(plan, scan, machine)
     config = plan.config
-    text = describe(config, plan, census(plan), profiles=profiles, calibration=path)
+    duplicates = DuplicateImages(num_images=scan.num_images, scratch_dir=config.spool_dir)
+    counts = census(plan, duplicates)
+    repeats = duplicates.finish()
+    text = describe(config, plan, counts, profiles=profiles, calibration=path)
+    if repeats.num_repeated:
+        text += f"\n\nduplicate images (the same prompt inputs, settings and seed): {repeats.line()}"
     if not choices:
         return text
     chosen = "\n".join(f"  {choice.line()}" for choice in choices)

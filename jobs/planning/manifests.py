@@ -39,6 +39,14 @@ def _is_local(fs: Any) -> bool:
     return "file" in protocols or "local" in protocols
 
 
+def manifest_location(uri: str, *, storage_options: dict[str, Any] | None = None) -> str:
+    """``uri`` in the form an output pins it: absolute (a local path no longer depends on the working
+    directory), with the store's protocol, without a trailing ``/``. It names the same files as ``uri``."""
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    path = path.rstrip("/") or path
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
 def list_manifest_paths(uri: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """(full URI, path relative to the manifest root) of each Parquet file ``uri`` names, sorted.
 

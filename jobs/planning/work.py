@@ -73,9 +73,14 @@ class Work:
 
 def needs_depth(work: pa.Table) -> bool:
     """Whether some row of ``work`` is of a hint-estimating mode and has no hint."""
-    modes = sorted(name for name, mode in MODES.items() if mode.hint_estimated)
-    estimated = pc.is_in(work.column("mode"), value_set=pa.array(modes, pa.string()))
-    return bool(pc.any(pc.and_(estimated, work.column("hint").is_null())).as_py())
+    return bool(pc.any(estimated_hints(work.column("mode"), work.column("hint"))).as_py())
+
+
+def estimated_hints(mode: pa.ChunkedArray, hint: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Per row: whether the depth stage estimates its hint (a hint-estimating mode without a given hint)."""
+    modes = sorted(name for name, entry in MODES.items() if entry.hint_estimated)
+    estimated = pc.is_in(mode, value_set=pa.array(modes, pa.string()))
+    return pc.fill_null(pc.and_(estimated, hint.is_null()), False)
 
 
 def expand(
@@ -134,6 +139,7 @@ def expand(
         "error_kind": pa.array(error_kinds, pa.string()),
         "image_embeds_given": rows.column("image_embeds"),
         "negative_image_embeds_given": rows.column("negative_image_embeds"),
+        "hint_estimated": estimated_hints(rows.column("mode"), rows.column("hint")),
     }
     for name in WORK_SCHEMA.names:
         if name not in columns:
