@@ -398,3 +398,17 @@ def test_image_signatures_see_what_decides_pixels_and_only_that() -> None:
     found = duplicates.finish()
     assert found.num_images == 7 and found.num_repeated == 2
     assert sorted(found.examples) == [(("a", 0), ("same-but-unused-strength", 0)), (("inline-1", 0), ("inline-2", 0))]
+
+
+def test_an_unpublished_files_part_leaves_no_metadata_for_datasets_to_read(tmp_path: Path) -> None:
+    from actors.storage import Storage
+    from jobs.planning.output_index import OutputIndex
+    from jobs.publishing.orphans import delete_orphans
+    from schemas.shards import data_key, image_key, shard_name
+
+    part = shard_name("m.parquet", 0, 4)
+    for key in (data_key(part, "files"), image_key(part, "a", 0), "images/ab/legacy-layout.png"):
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"x")
+    assert delete_orphans(Storage(str(tmp_path)), OutputIndex()) == [data_key(part, "files")]
+    assert (tmp_path / image_key(part, "a", 0)).is_file() and (tmp_path / "images/ab/legacy-layout.png").is_file()

@@ -217,7 +217,7 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
     for marker in done:  # a marker is written last: its tar and results are whole
         (part,) = marker["parts"]
         with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{bucket}/out/{part['data']}"))) as tar:
-            assert len(tar.getnames()) == 2 * part["num_images"]
+            assert len(tar.getnames()) == 3 * part["num_images"]  # <key>.json, .png and .txt per image
     first_done = sum(m["num_images"] for m in done)
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

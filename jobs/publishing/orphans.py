@@ -7,7 +7,7 @@ import logging
 from actors.storage import Storage
 from jobs.planning.output_index import OutputIndex
 from schemas.keys import CARD_FILE, IMAGES_DIR, RESULTS_DIR, STATS_FILE, SUCCESS_FILE
-from schemas.shards import DATA_DIR, DATASET_FILE, PART_NAME, SHARDS_DIR, part_images_dir, part_shard
+from schemas.shards import DATA_DIR, DATASET_FILE, FORMAT_FILES, PART_NAME, SHARDS_DIR, data_key, part_shard
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +25,10 @@ def delete_orphans(storage: Storage, index: OutputIndex) -> list[str]:
     """Delete results and data files that no marker lists (a run died before publishing their shard).
 
     Only files of shards without a marker, or retry parts their shard's marker does not list, are
-    orphans; listing ``results/`` and ``data/`` is O(shards), and the files format's part folders
-    (``images/<part>/``: PNGs and their metadata file) are listed without their contents. Returns the
-    deleted keys.
+    orphans; listing ``results/`` and ``data/`` is O(shards), and so is listing the files format's part
+    folders (``images/<part>/``) without their contents: an unpublished part's ``metadata.parquet``
+    goes (`datasets` reads the images its metadata lists, so its PNGs are not read; rendering the part
+    again writes the same keys over them). Returns the deleted keys.
     """
     deleted = []
     for prefix in (RESULTS_DIR, DATA_DIR):
@@ -38,7 +39,9 @@ def delete_orphans(storage: Storage, index: OutputIndex) -> list[str]:
                 deleted.append(_delete(storage, key))
     for folder in storage.list_folders(IMAGES_DIR):
         if PART_NAME.fullmatch(folder) and not _published(index, folder):
-            deleted.append(_delete(storage, part_images_dir(folder)))
+            metadata = data_key(folder, FORMAT_FILES)
+            if storage.exists(metadata):  # its PNGs stay: rendering the part again writes the same keys
+                deleted.append(_delete(storage, metadata))
     return deleted
 
 
