@@ -47,9 +47,8 @@ from schemas.work import binary_views, embeds_array, embeds_numpy, from_ipc
 
 logger = logging.getLogger(__name__)
 
-_CANDIDATE_FIELDS = (
-    *("id", "image_index", "status", "error", "error_kind", "seed", "width", "height", "mode", "prompt", "caption"),
-)
+_CANDIDATE_FIELDS = ("id", "image_index", "status", "error", "error_kind", "seed", "width", "height", "mode")
+_CANDIDATE_FIELDS += ("prompt", "caption")
 
 
 def thumbnail(pixels: np.ndarray) -> bytes:
