@@ -37,6 +37,8 @@ _ROWS_PER_PARTITION = 1 << 21  # 32 MB of signatures per partition
 _MAX_PARTITIONS = 128
 EXAMPLES = 5  # duplicate groups named
 EXAMPLE_MEMBERS = 3  # images named per group
+_SPILL_ROWS = 1 << 16  # images buffered before they go to their partitions (a few MB)
+_NAMES = pa.schema([("id", pa.string()), ("image_index", pa.int32())])  # beside the signatures, in the same order
 
 
 def _masked(work: pa.Table, name: str, used: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -99,12 +101,22 @@ def _embedding_digests(array: pa.ListArray) -> np.ndarray:
     return digests
 
 
+def _joined(columns: list[pa.ChunkedArray | pa.Array | np.ndarray]) -> np.ndarray:
+    """One string per row holding every column's value, unambiguously: ``<length>:<value>`` or ``-`` (null),
+    separated by ``|`` (so no two different rows of values give the same string)."""
+    fields = []
+    for column in columns:
+        column = pa.array(column, pa.string()) if isinstance(column, np.ndarray) else column.cast(pa.string())
+        prefix = pc.binary_join_element_wise(pc.utf8_length(column).cast(pa.string()), column, ":")
+        fields.append(pc.fill_null(prefix, "-"))
+    return pc.binary_join_element_wise(*fields, "|").to_numpy(zero_copy_only=False)
+
+
 def image_signatures(work: pa.Table) -> np.ndarray:
     """(rows, 2) uint64: a 128-bit signature of each work row's prompt inputs, settings and seed."""
     import pandas as pd
 
-    texts = [work.column(name).to_numpy(zero_copy_only=False).astype(object) for name in TEXT_COLUMNS]
-    texts += _described(work)
+    texts = _joined([work.column(name) for name in TEXT_COLUMNS] + _described(work))
     numbers = []
     for column in _parameter_columns(work):
         if pa.types.is_integer(column.type):  # null: a value no renderable row has
@@ -114,11 +126,8 @@ def image_signatures(work: pa.Table) -> np.ndarray:
             numbers.append(np.where(np.isnan(floats), np.nan, floats + 0.0).view(np.uint64))  # -0.0 == 0.0
     signatures = np.zeros((work.num_rows, 2), np.uint64)
     for k, key in enumerate(_HASH_KEYS):
-        key16 = key[:16]
         salt = np.uint64(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
-        h = np.zeros(work.num_rows, np.uint64)
-        for values in texts:
-            h = h * _MULTIPLIER + pd.util.hash_array(values, hash_key=key16, categorize=False)
+        h = pd.util.hash_array(texts, hash_key=key[:16], categorize=False)
         for values in numbers:
             h = h * _MULTIPLIER + pd.util.hash_array(values ^ salt, categorize=False)
         signatures[:, k] = h
@@ -166,35 +175,52 @@ class DuplicateImages:
         self._dir = tempfile.mkdtemp(prefix="kandinsky-duplicates-", dir=scratch_dir)
         count = 1 << self._bits
         self._signatures = [open(os.path.join(self._dir, f"{p:03d}.sig"), "wb") for p in range(count)]
-        self._names = [open(os.path.join(self._dir, f"{p:03d}.names"), "w", encoding="utf-8") for p in range(count)]
+        self._sinks = [pa.OSFile(os.path.join(self._dir, f"{p:03d}.names"), "wb") for p in range(count)]
+        self._names = [pa.ipc.new_stream(sink, _NAMES) for sink in self._sinks]
+        self._buffered: list[tuple[np.ndarray, pa.Table]] = []  # small shards are spilled together
+        self._num_buffered = 0
         self.num_images = 0
         # A run that fails before `finish` leaves no scratch files behind either.
-        weakref.finalize(self, _remove, self._dir, [*self._signatures, *self._names])
+        self._cleanup = weakref.finalize(self, _remove, self._dir, [*self._signatures, *self._sinks])
 
     def add(self, work: pa.Table) -> None:
         """Count the images of ``work`` (renderable `schemas.work.WORK_SCHEMA` rows)."""
         if not work.num_rows:
             return
-        signatures = image_signatures(work)
-        names = [
-            json.dumps([row_id, index])
-            for row_id, index in zip(work.column("id").to_pylist(), work.column("image_index").to_pylist())
-        ]
+        self._buffered.append((image_signatures(work), work.select(_NAMES.names).cast(_NAMES)))
+        self._num_buffered += work.num_rows
         self.num_images += work.num_rows
+        if self._num_buffered >= _SPILL_ROWS:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Write the buffered signatures (and names, in the same order) to their partitions."""
+        if not self._buffered:
+            return
+        signatures = np.concatenate([s for s, _ in self._buffered])
+        names = pa.concat_tables([n for _, n in self._buffered])
+        self._buffered, self._num_buffered = [], 0
         partition = (signatures[:, 0] >> np.uint64(64 - self._bits)).astype(np.int64) if self._bits else None
-        for p in range(len(self._signatures)):
-            rows = np.arange(work.num_rows) if partition is None else np.flatnonzero(partition == p)
-            if len(rows):
-                signatures[rows].tofile(self._signatures[p])
-                self._names[p].write("".join(names[i] + "\n" for i in rows))
+        if partition is None:
+            order, bounds = np.arange(len(signatures)), np.array([0, len(signatures)])
+        else:
+            order = np.argsort(partition, kind="stable")
+            bounds = np.searchsorted(partition[order], np.arange(len(self._signatures) + 1))
+        for p in np.flatnonzero(np.diff(bounds)):
+            rows = order[bounds[p] : bounds[p + 1]]
+            signatures[rows].tofile(self._signatures[p])
+            self._names[p].write_table(names.take(pa.array(rows, pa.int64())))
 
     def finish(self) -> Duplicates:
         """Sort each partition, count the repeats, name the first groups; removes the scratch files."""
         try:
-            for handle in (*self._signatures, *self._names):
-                handle.close()
+            self._spill()
+            for writer in self._names:
+                writer.close()
             repeated, examples = 0, []
             for p in range(len(self._signatures)):
+                self._signatures[p].close()
+                self._sinks[p].close()
                 values = np.fromfile(os.path.join(self._dir, f"{p:03d}.sig"), dtype=np.uint64).reshape(-1, 2)
                 order = np.lexsort((values[:, 1], values[:, 0]))
                 ordered = values[order]
@@ -205,7 +231,7 @@ class DuplicateImages:
                     examples += self._groups(p, order, same, EXAMPLES - len(examples))
             return Duplicates(num_images=self.num_images, num_repeated=repeated, examples=tuple(examples))
         finally:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._cleanup()
 
     def _groups(self, partition: int, order: np.ndarray, same: np.ndarray, limit: int) -> list[tuple[ImageKey, ...]]:
         """The first ``limit`` groups of equal signatures in a sorted partition, by name (read back from disk)."""
@@ -216,11 +242,8 @@ class DuplicateImages:
             while stop < len(same) and same[stop]:
                 stop += 1
             groups.append(sorted(order[start:stop][:EXAMPLE_MEMBERS].tolist()))
-        wanted = {row for group in groups for row in group}
-        found: dict[int, ImageKey] = {}
-        with open(os.path.join(self._dir, f"{partition:03d}.names"), encoding="utf-8") as lines:
-            for row, line in enumerate(lines):
-                if row in wanted:
-                    row_id, index = json.loads(line)
-                    found[row] = (row_id, index)
+        wanted = sorted({row for group in groups for row in group})
+        names = pa.ipc.open_stream(os.path.join(self._dir, f"{partition:03d}.names")).read_all()
+        chosen = names.take(pa.array(wanted, pa.int64())).to_pylist()
+        found = {row: (name["id"], name["image_index"]) for row, name in zip(wanted, chosen)}
         return [tuple(found[row] for row in group) for group in groups]

@@ -25,7 +25,7 @@ from jobs.planning.output_index import OutputIndex, read_markers, read_settings,
 from jobs.publishing.lease import LEASE_FILE
 from jobs.reporting.results import with_absolute_uris
 from schemas.keys import SUCCESS_FILE
-from schemas.results import RESULTS_SCHEMA, STATUS_OK
+from schemas.results import RESULTS_SCHEMA, STATUS_OK, with_pandas_metadata
 
 # Columns of the final view: everything but the previews (read the results files for those).
 VIEW_COLUMNS = tuple(name for name in RESULTS_SCHEMA.names if name not in ("thumbnail", "input_thumbnails"))
@@ -42,12 +42,14 @@ def iter_final(
 ) -> Iterator[pa.Table]:
     """The final view of ``output``, one table per shard (in shard order; rows sorted by id, image_index).
 
+    Memory: one shard's results and a chunk of markers at a time, whatever the output's size.
+
     ``errors_only``: only images whose final status is an error (shards without errors are not read).
     ``absolute_uris``: ``uri`` joined to the output's location (``False``: relative, as stored).
     """
     storage = Storage(output, storage_options=storage_options)
     wanted = list(dict.fromkeys(["id", "image_index", "status", "attempt", "finished_at", *columns]))
-    for marker in sorted(read_markers(storage), key=lambda m: m.shard):
+    for marker in read_markers(storage):  # listed in key order, fetched a chunk at a time
         if errors_only and not marker.num_errors:
             continue
         table = read_shard_results(storage, marker, columns=wanted)
@@ -172,7 +174,7 @@ def write_final(
     """Write the final view to the Parquet file ``path`` (any fsspec URI), shard by shard; rows written."""
     from fsspec.core import url_to_fs
 
-    schema = pa.schema([RESULTS_SCHEMA.field(name) for name in VIEW_COLUMNS], metadata=RESULTS_SCHEMA.metadata)
+    schema = with_pandas_metadata(pa.schema([RESULTS_SCHEMA.field(name) for name in VIEW_COLUMNS]))
     fs, target = url_to_fs(path, **(storage_options or {}))
     count = 0
     with fs.open(target, "wb") as handle, pq.ParquetWriter(handle, schema, compression="zstd") as writer:
