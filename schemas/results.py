@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -206,14 +207,23 @@ RESULT_FIELDS = tuple(field.name for field in dataclasses.fields(ResultRow))
 
 
 def describe_input(ref: Mapping[str, Any] | None, *, estimated: bool = False) -> str | None:
-    """How an input image (an `IMAGE_REF` value) is recorded: its URI, else ``sha256:<hex>`` of its bytes."""
+    """How an input image (an `IMAGE_REF` value) is recorded: its URI, else ``sha256:<hex>`` of its bytes.
+
+    A URI is recorded without user, password, query or fragment: what is published with the images
+    never carries a credential (a presigned URL's signature, ``user:token@``).
+    """
     if ref is None:
         return None
     if estimated:
         return HINT_ESTIMATED
-    if ref.get("uri"):
-        return ref["uri"]
-    return "sha256:" + hashlib.sha256(ref.get("data") or b"").hexdigest()
+    uri = ref.get("uri")
+    if not uri:
+        return "sha256:" + hashlib.sha256(ref.get("data") or b"").hexdigest()
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def interpolate_items(items: list[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:

@@ -412,3 +412,13 @@ def test_an_unpublished_files_part_leaves_no_metadata_for_datasets_to_read(tmp_p
         (tmp_path / key).write_bytes(b"x")
     assert delete_orphans(Storage(str(tmp_path)), OutputIndex()) == [data_key(part, "files")]
     assert (tmp_path / image_key(part, "a", 0)).is_file() and (tmp_path / "images/ab/legacy-layout.png").is_file()
+
+
+def test_recorded_input_uris_carry_no_credentials() -> None:
+    from schemas.results import describe_input, interpolate_items
+
+    presigned = {"uri": "https://user:token@images.example:8443/a/b.png?X-Amz-Signature=abc#part", "data": None}
+    assert describe_input(presigned) == "https://images.example:8443/a/b.png"
+    assert describe_input({"uri": "s3://bucket/a b.png", "data": None}) == "s3://bucket/a b.png"
+    assert describe_input({"uri": None, "data": b"x"}).startswith("sha256:")
+    assert interpolate_items([{"prompt": None, "image": presigned, "weight": 1.0}])[0]["image"].endswith("/a/b.png")
