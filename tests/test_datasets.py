@@ -29,7 +29,8 @@ from tests.conftest import REPO, write_manifest
 from tests.reference import load_result
 
 FORMATS = ("webdataset", "parquet", "files")
-SIZE = {"height": 64, "width": 64, "num_inference_steps": 2, "prior_num_inference_steps": 2}
+SIDE = 32  # tiny: the tiny MoVQ (scale 2) renders multiples of 4
+SIZE = {"height": SIDE, "width": SIDE, "num_inference_steps": 2, "prior_num_inference_steps": 2}
 # Sorted by key, the first samples have nulls (negative_prompt, interpolate, inputs); a duplicate by construction
 # (a-null-first #1 and b-twin #0 share prompt and seed 11); every prior input; three bad rows.
 ROWS = [
@@ -117,7 +118,7 @@ def check_sample(sample: dict, images: dict[tuple[str, int], np.ndarray]) -> tup
     meta = metadata(sample)
     key = (meta["id"], meta["image_index"])
     row = next(r for r in ROWS if r["id"] == key[0])
-    assert isinstance(meta["image_index"], int) and meta["width"] == 64 and meta["height"] == 64
+    assert isinstance(meta["image_index"], int) and meta["width"] == SIDE and meta["height"] == SIDE
     assert meta["seed"] == row["seed"] + key[1]
     assert meta["caption"] == (INTERP_CAPTION if key[0] == "d-interp" else row["prompt"])
     assert meta["negative_prompt"] == row.get("negative_prompt")
@@ -202,7 +203,7 @@ def test_readme_reader_examples_read_every_format(rendered: dict) -> None:
         columns = ["id", "image_index", "status", "attempt", "uri", "member", "seed", "caption"]
         pd.testing.assert_frame_equal(final[columns], library[columns], check_dtype=False)
     found = run_example(with_webdataset, rendered["webdataset"]["output"])
-    assert found["image"].size == (64, 64) and found["caption"] == found["meta"]["caption"]
+    assert found["image"].size == (SIDE, SIDE) and found["caption"] == found["meta"]["caption"]
 
 
 def test_webdataset_members_follow_the_conventions(rendered: dict) -> None:
@@ -217,7 +218,9 @@ def test_webdataset_members_follow_the_conventions(rendered: dict) -> None:
     assert len(samples) == len(OK_IMAGES)
     for sample in samples:
         assert sample["__key__"] == sample["json"]["key"] and sample["txt"] == sample["json"]["caption"]
-        assert sample["png"].size == (64, 64) and sample["npy"].shape == (2, 32) and sample["npy"].dtype == np.float16
+        assert (
+            sample["png"].size == (SIDE, SIDE) and sample["npy"].shape == (2, 32) and sample["npy"].dtype == np.float16
+        )
 
 
 def test_readme_embeddings_round_trip(rendered: dict, tmp_path: Path) -> None:
@@ -229,7 +232,7 @@ def test_readme_embeddings_round_trip(rendered: dict, tmp_path: Path) -> None:
         "OUT2": str(tmp_path / "again"),
     }
     tiny = f"--models {rendered['models']} --runner local --progress off"
-    small = f"{tiny} --height 96 --width 96 --num-inference-steps 2".split()  # the README's size, made tiny
+    small = f"{tiny} --height 48 --width 48 --num-inference-steps 2".split()  # the README's size, made tiny
     for argv in commands:
         argv = [places.get(arg, arg) for arg in argv]
         assert cli(argv + (small if argv[0] == "render" else [])) == 0, argv
@@ -240,7 +243,7 @@ def test_readme_embeddings_round_trip(rendered: dict, tmp_path: Path) -> None:
         row_id, index = row["id"].rsplit("/", 1)
         first = saved[(row_id, int(index))]
         assert row["status"] == "ok" and row["seed"] == first["seed"] and row["prompt"] == first["prompt"]
-        assert row["prior_seconds"] == 0.0 and row["width"] == 96  # no prior call; the new size
+        assert row["prior_seconds"] == 0.0 and row["width"] == 48  # no prior call; the new size
 
 
 def test_status_after_retry_errors_gives_one_row_per_image(
