@@ -263,30 +263,34 @@ def test_status_after_retry_errors_gives_one_row_per_image(
     assert stats["output"]["by_status"] == {"ok": len(OK_IMAGES) + 1, "error": 2}
     history = pd.read_parquet(output / "results")
     assert len(history) == len(OK_IMAGES) + len(ERRORS) + 1  # the superseded error stays in results/; refusals once
-    assert cli(["status", str(output), "--all", "--json"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    printed = {}  # README's status commands, as written, on this output: what each printed
+    (commands,) = readme_blocks("## Reading the output", "bash")
+    for line in commands.splitlines():
+        argv = line.split(">")[0].split()[1:]
+        argv = [
+            str(output) if a == "kandinsky-example" else str(tmp_path / a) if a == "final.parquet" else a for a in argv
+        ]
+        assert cli(argv) == 0, line
+        printed[" ".join(line.split()[3:])] = capsys.readouterr().out
+    rows = [json.loads(line) for line in printed["--all --json > final.jsonl"].splitlines()]
     assert len(rows) == len({(r["id"], r["image_index"]) for r in rows}) == len(OK_IMAGES) + len(ERRORS)
     final = {(r["id"], r["image_index"]): r for r in rows}
     assert final[("g-missing", 0)]["status"] == "ok" and final[("g-missing", 0)]["attempt"] == 1
-    assert {k: r["attempt"] for k, r in final.items() if r["status"] == "error"} == {
-        ("h-no-prompt", 0): 0,
-        ("i-bad-size", 0): 0,
-    }
+    errors = {key: row["attempt"] for key, row in final.items() if row["status"] == "error"}
+    assert errors == {("h-no-prompt", 0): 0, ("i-bad-size", 0): 0}  # kept, not written again
     library = read_final(str(output)).to_pylist()
-    assert [(r["id"], r["image_index"], r["status"], r["uri"]) for r in library] == [
-        (r["id"], r["image_index"], r["status"], r["uri"])
-        for r in sorted(rows, key=lambda r: (r["id"], r["image_index"]))
-    ]
+    listed = sorted(rows, key=lambda r: (r["id"], r["image_index"]))
+    assert [(r["id"], r["status"], r["uri"]) for r in library] == [(r["id"], r["status"], r["uri"]) for r in listed]
     (pandas_read,) = [b for b in readme_blocks("## Reading the output", "python") if "drop_duplicates" in b]
     assert len(run_example(pandas_read, output)["final"]) == len(rows)
-    assert cli(["status", str(output), "--errors"]) == 0
-    listed = capsys.readouterr().out
-    assert "h-no-prompt\t0\terror\tinvalid_row" in listed and "i-bad-size\t0\terror\tunsupported_size" in listed
+    assert pd.read_parquet(tmp_path / "final.parquet")["id"].tolist() == [r["id"] for r in library]
+    assert "h-no-prompt\t0\terror\tinvalid_row" in printed["--errors"]
+    assert "i-bad-size\t0\terror\tunsupported_size" in printed["--errors"]
+    assert "error invalid_row: 1 (first: h-no-prompt #0)" in printed[""]
     assert cli(["status", str(output), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["first_failed"] == {"invalid_row": [["h-no-prompt", 0]], "unsupported_size": [["i-bad-size", 0]]}
-    assert cli(["status", str(output), "--parquet", str(tmp_path / "final.parquet")]) == 0
-    assert pd.read_parquet(tmp_path / "final.parquet")["id"].tolist() == [r["id"] for r in library]
     assert cli(["status", str(tmp_path / "nothing-here")]) == 2
 
 
