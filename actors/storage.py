@@ -173,6 +173,20 @@ class Storage:
         keys = [posixpath.relpath(path, self.root) for path in found]
         return sorted(k for k in keys if TEMPORARY_MARK in k.rsplit("/", 1)[-1])
 
+    def list_folders(self, prefix: str) -> list[str]:
+        """Sorted names of the folders directly under ``prefix`` (one listing, not recursive); []: absent."""
+        base = self.path(prefix)
+
+        def attempt() -> list[str]:
+            self.fs.invalidate_cache(base)
+            try:
+                entries = self.fs.ls(base, detail=True)
+            except FileNotFoundError:
+                return []
+            return [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
+
+        return sorted(retry(attempt, what=f"list {self.uri(prefix)}"))
+
     def delete(self, prefix: str) -> None:
         """Remove ``prefix`` recursively if present."""
         base = self.path(prefix)

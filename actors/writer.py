@@ -9,6 +9,7 @@ writes the shard's marker, last. Nothing of a part is visible before its data is
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from dataclasses import dataclass, field
@@ -19,32 +20,77 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from actors.formats import FORMATS, SAMPLE_META
+from actors.formats import FORMATS
 from actors.images import encode_png
+from actors.inputs import ImageLoader
 from actors.retry import StorageUnavailableError
 from actors.scores import ScoreStats
 from actors.stage import describe_exception, worker_name
 from actors.storage import Storage
 from schemas.keys import sample_key, sample_rank
-from schemas.results import ERROR_WRITE, STATUS_OK, THUMBNAIL_SIDE, ResultRow, result_from_work, results_table
-from schemas.shards import data_key, part_shard, results_key
+from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
+from schemas.results import (
+    ERROR_WRITE,
+    RECORDED_IMAGES,
+    STATUS_OK,
+    THUMBNAIL_SIDE,
+    ResultRow,
+    describe_input,
+    result_from_work,
+    results_table,
+)
+from schemas.shards import data_key, part_attempt, part_shard, results_key
 from schemas.stages import TIMED_STAGES
-from schemas.summary import Counts, PartSummary, Sample, zero_seconds
+from schemas.summary import Counts, FailedImages, PartSummary, Sample, zero_seconds
 from schemas.text import stored_entry
 from schemas.work import binary_views, embeds_array, embeds_numpy, from_ipc
 
 logger = logging.getLogger(__name__)
 
-_CANDIDATE_FIELDS = ("id", "image_index", "status", "error", "error_kind", "seed", "width", "height", "mode", "prompt")
+_CANDIDATE_FIELDS = ("id", "image_index", "status", "error", "error_kind", "seed", "width", "height", "mode")
+_CANDIDATE_FIELDS += ("prompt", "caption")
 
 
 def thumbnail(pixels: np.ndarray) -> bytes:
     """A PNG preview at most `THUMBNAIL_SIDE` pixels on its longer side (smaller images as they are)."""
-    image = Image.fromarray(pixels, mode="RGB")
+    return preview(Image.fromarray(pixels, mode="RGB"))
+
+
+def preview(image: Image.Image) -> bytes:
+    """``image`` as a PNG at most `THUMBNAIL_SIDE` pixels on its longer side (RGB, or L for masks)."""
+    image = image.convert("L" if image.mode in ("L", "1", "I", "I;16", "F") else "RGB")
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def input_previews(row: dict[str, Any], loader: ImageLoader) -> list[dict[str, Any]]:
+    """Previews of a work row's inputs for the gallery: ``name`` (manifest column), ``label``, ``png``.
+
+    An input that cannot be loaded keeps its label, with the reason, and no picture; interpolation
+    items are labelled with their weight (text items have no picture).
+    """
+    found = []
+
+    def add(name: str, ref: dict[str, Any] | None, label: str) -> None:
+        png = None
+        if ref is not None:
+            try:
+                png = preview(loader.load(ref, column=name))
+            except Exception as exc:  # noqa: BLE001 - a preview is optional; the card says why it is missing
+                label = f"{label} (no preview: {describe_exception(exc)})"
+        found.append({"name": name, "label": label, "png": png})
+
+    for name in RECORDED_IMAGES:
+        ref = row.get(name)
+        if ref is not None:
+            add(name, ref, describe_input(ref, estimated=name == "hint" and bool(row.get("hint_estimated"))) or "")
+    for item in row.get("interpolate") or ():
+        text = item.get("prompt")
+        label = f"{item.get('weight', 0.0):g} x " + (repr(text) if text is not None else describe_input(item["image"]))
+        add("interpolate", None if text is not None else item.get("image"), label)
+    return found
 
 
 @dataclass(eq=False, kw_only=True)
@@ -76,11 +122,17 @@ class ShardWriter:
         spool_dir: str | None = None,
         save_embeddings: str | None = None,
         min_clip_score: float | None = None,
+        allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
+        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         worker: str = "",
     ) -> None:
         if output_format not in FORMATS:
             raise ValueError(f"output_format must be one of {sorted(FORMATS)}, got {output_format!r}")
         self.storage = Storage(output, storage_options=storage_options)
+        # The gallery's candidates show previews of their inputs, read again here (a few per part).
+        self.loader = ImageLoader(
+            storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
+        )
         self.output_format = output_format
         self.run_id = run_id
         self.spool_dir = spool_dir
@@ -92,10 +144,7 @@ class ShardWriter:
     def _part(self, name: str) -> _Part:
         part = self.parts.get(name)
         if part is None:
-            key = data_key(name, self.output_format)
-            output = FORMATS[self.output_format](
-                self.storage, data_uri=self.storage.uri(key) if key else None, spool_dir=self.spool_dir
-            )
+            output = FORMATS[self.output_format](self.storage, part=name, spool_dir=self.spool_dir)
             part = self.parts[name] = _Part(name=name, shard=part_shard(name), output=output)
         return part
 
@@ -117,10 +166,10 @@ class ShardWriter:
     def _result(
         self, part: _Part, row: dict[str, Any], buffer: np.ndarray | None, embeddings: np.ndarray | None = None
     ) -> ResultRow:
-        common = {"run_id": self.run_id, "shard": part.shard}
+        common = {"run_id": self.run_id, "shard": part.shard, "attempt": part_attempt(part.name)}
         if row["error"] is not None or buffer is None:
             result = result_from_work(row, error=row["error"], error_kind=row["error_kind"], **common)
-            self._consider(part, result, None)
+            self._consider(part, result, row, None)
             part.results.append(result)
             return result
         height, width = row["pixel_height"], row["pixel_width"]
@@ -128,33 +177,35 @@ class ShardWriter:
         key = sample_key(row["id"], row["image_index"])
         score = row.get("clip_score")
         filtered = None if score is None or self.min_clip_score is None else score < self.min_clip_score
-        meta = {name: row.get(name) for name in SAMPLE_META} | {"key": key, "run_id": self.run_id, "filtered": filtered}
+        result = result_from_work(row, width=width, height=height, filtered=filtered, **common)
         try:
-            uri, member = part.output.add(key, encode_png(pixels), meta, embeddings)
+            uri, member = part.output.add(key, encode_png(pixels), result.sample_meta(key), embeddings)
         except StorageUnavailableError:
             raise  # the store is down, not this image: the shard fails whole and a rerun renders it
         except Exception as exc:
             message = f"writing the image failed: {describe_exception(exc)}"
             result = result_from_work(row, error=message, error_kind=ERROR_WRITE, **common)
         else:
-            result = result_from_work(
-                row, uri=uri, member=member, width=width, height=height, filtered=filtered, **common
-            )
+            result = dataclasses.replace(result, uri=uri, member=member)
             if embeddings is not None:
                 part.embeddings[(result.id, result.image_index)] = embeddings
             if score is not None:
                 part.scores.add(result, lambda: thumbnail(pixels))
-        self._consider(part, result, pixels)
+        self._consider(part, result, row, pixels)
         part.results.append(result)
         return result
 
-    def _consider(self, part: _Part, result: ResultRow, pixels: np.ndarray | None) -> None:
-        """Keep ``result`` if it ranks among the part's gallery candidates (with a preview, for ok images)."""
+    def _consider(self, part: _Part, result: ResultRow, row: dict[str, Any], pixels: np.ndarray | None) -> None:
+        """Keep ``result`` if it ranks among the part's gallery candidates, with previews of the image (ok
+        images) and of its inputs."""
         ok, rank = result.status == STATUS_OK, sample_rank(result.id, result.image_index)
         if not part.sample.wants(ok=ok, rank=rank):
             return
-        if ok and pixels is not None:
-            result = ResultRow(**{**result.__dict__, "thumbnail": thumbnail(pixels)})
+        result = dataclasses.replace(
+            result,
+            thumbnail=thumbnail(pixels) if ok and pixels is not None else None,
+            input_thumbnails=input_previews(row, self.loader),
+        )
         part.sample.add(key=(result.id, result.image_index), ok=ok, rank=rank, entry=result)
 
     def finalize(self, name: str, args: dict[str, Any] | None = None) -> PartSummary:
@@ -168,13 +219,19 @@ class ShardWriter:
             for row in from_ipc(refused).to_pylist():
                 self._result(part, row | {"pixel_height": None, "pixel_width": None}, None)
         try:
-            local = part.output.close()
             data = data_key(name, self.output_format)
-            if local is not None and data is not None:
-                self.storage.put_file(data, local)
-            thumbnails = {(r.id, r.image_index): r.thumbnail for r in part.sample.entries()} | part.scores.thumbnails()
+            self.storage.put_file(data, part.output.close())
+            kept = {(r.id, r.image_index): r for r in part.sample.entries()}
+            thumbnails = {key: r.thumbnail for key, r in kept.items()} | part.scores.thumbnails()
             rows = sorted(part.results, key=lambda r: (r.id, r.image_index))
-            rows = [ResultRow(**{**r.__dict__, "thumbnail": thumbnails.get((r.id, r.image_index))}) for r in rows]
+            rows = [
+                dataclasses.replace(
+                    r,
+                    thumbnail=thumbnails.get((r.id, r.image_index)),
+                    input_thumbnails=getattr(kept.get((r.id, r.image_index)), "input_thumbnails", None),
+                )
+                for r in rows
+            ]
             buffer = io.BytesIO()
             pq.write_table(self._table(rows, part), buffer, compression="zstd")
             self.storage.write_bytes(results_key(name), buffer.getvalue())
@@ -200,10 +257,12 @@ class ShardWriter:
         return table
 
     def _summary(self, part: _Part, data: str | None, rows: list[ResultRow]) -> PartSummary:
-        counts = Counts()
+        counts, failed = Counts(), FailedImages()
         busy, ok_busy = zero_seconds(), zero_seconds(with_images=True)
         for r in rows:
             counts.count(status=r.status, mode=r.mode, error_kind=r.error_kind)
+            if r.status != STATUS_OK:
+                failed.add(r.error_kind, (r.id, r.image_index))
             timed = r.status == STATUS_OK and r.prior_seconds is not None and r.decoder_seconds is not None
             for stage in TIMED_STAGES:
                 seconds = getattr(r, f"{stage}_seconds") or 0.0
@@ -229,6 +288,7 @@ class ShardWriter:
             ok_busy_seconds=ok_busy,
             scores=part.scores.summary(results),
             sample=tuple(sample),
+            failed=failed.as_dict(),
         )
 
     def abandon(self, name: str) -> None:

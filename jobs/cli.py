@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "render": "render manifests (see `kandinsky-render render --help`)",
+    "status": "an output's final view: counts, failed images (--errors), every image (--all), --json",
     "tiny-models": "write tiny random-weight checkpoints for tests and the example",
     "calibrate": "fit a --dry-run GPU-seconds profile from a finished run's results",
     "reuse-embeddings": "turn a run's saved embeddings (--save-embeddings) into a manifest to render again",
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.render import main as render_main
 
         return render_main(rest)
+    if command == "status":
+        from jobs.reporting.status import main as status_main
+
+        return status_main(rest)
     if command == "calibrate":
         from jobs.reporting.calibrate import main as calibrate_main
 

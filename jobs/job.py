@@ -24,11 +24,13 @@ from jobs.execution.connect import check_address
 from jobs.execution.contract import BatchDone, Task, TaskDone
 from jobs.execution.timeline import Timeline
 from jobs.planning.batches import group_batches, prior_batch_size
+from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.machine import log_choices, stats_record
 from jobs.planning.run_plan import PendingScan, RunPlan, ShardWork, plan_run, with_machine_defaults
 from jobs.publishing.lease import Lease
 from jobs.publishing.markers import new_marker, retried_marker, write_marker, write_settings
 from jobs.publishing.orphans import delete_orphans, delete_output
+from jobs.reporting.card import write_card
 from jobs.reporting.gallery import write_report
 from jobs.reporting.progress import Progress
 from jobs.reporting.stats import run_stats, write_stats
@@ -61,9 +63,11 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def tasks(plan: RunPlan, config: JobConfig, open_works: dict[str, ShardWork]) -> Iterator[Task]:
+def tasks(
+    plan: RunPlan, config: JobConfig, open_works: dict[str, ShardWork], duplicates: DuplicateImages | None = None
+) -> Iterator[Task]:
     """One task per pending shard (its part), planned only when the runner asks for it."""
-    for shard in plan.works():
+    for shard in plan.works(duplicates):
         open_works[shard.part] = shard
         refused = to_ipc(shard.work.refused) if shard.work.refused.num_rows else None
         groups = list(group_batches(shard.work.batches, max_rows=prior_batch_size(config)))
@@ -166,9 +170,11 @@ def _render(
         len(plan.pending),
         scan.num_images,
     )
-    skipped = plan.index.totals.num_images - sum(previous.num_errors for _, previous in plan.pending if previous)
+    already_final = plan.index.totals.num_images  # less the images retries render again (known once planned)
     write_settings(storage, plan.settings)
+    write_card(storage, plan.settings, embeddings=saved_embeddings(plan))
     storage.delete(SUCCESS_FILE)
+    duplicates = DuplicateImages(num_images=scan.num_images, scratch_dir=config.spool_dir)
     progress.start(run_id=run_id, num_images=scan.num_images)
     this_run = Counts()
     parts: list[PartSummary] = []
@@ -177,7 +183,7 @@ def _render(
     render_started = time.monotonic()
     events = execute(
         config,
-        tasks(plan, config, open_works),
+        tasks(plan, config, open_works, duplicates),
         stage_info=stage_info,
         timeline=timeline,
         machine=machine,
@@ -204,6 +210,7 @@ def _render(
             marker = new_marker(shard.shard, summary, output_format=plan.settings.output_format)
             plan.index.record(marker)
         else:
+            already_final -= len(shard.retried.keys)
             marker = retried_marker(shard.retried, summary)
             plan.index.record(
                 marker, previous=shard.retried.marker, added_scores=summary.scores, replaced=shard.retried.keys
@@ -218,6 +225,9 @@ def _render(
             progress.update(num_done=refused, num_errors=refused)
     progress.finish()
     timeline.mark("rendered")
+    repeats = duplicates.finish()
+    if repeats.num_repeated:
+        logger.warning("duplicate images (the same prompt inputs, settings and seed): %s", repeats.line())
     return run_stats(
         run_id=run_id,
         config=config,
@@ -227,5 +237,12 @@ def _render(
         stage_info=stage_info,
         render_seconds=time.monotonic() - render_started,
         wall_seconds=time.monotonic() - started,
-        skipped=skipped,
+        skipped=already_final,
+        duplicates=repeats,
     )
+
+
+def saved_embeddings(plan: RunPlan) -> tuple[str, int] | None:
+    """(dtype, dim) of the embeddings this run saves with each image (``--save-embeddings``), or None."""
+    dtype = plan.config.save_embeddings
+    return None if dtype is None else (dtype, plan.scales.embedding_dim())

@@ -139,8 +139,13 @@ class AccelOptions:
 class JobConfig:
     """One render job. Paths are fsspec URIs; ``storage_options`` go to every fsspec filesystem."""
 
-    manifest: str = field(
-        metadata={"help": "Parquet file, folder/prefix of Parquet files, or glob; any fsspec URI", "group": "io"}
+    manifest: str | None = field(
+        default=None,
+        metadata={
+            "help": "Parquet file, folder/prefix of Parquet files, or glob; any fsspec URI",
+            "default_help": "the one the output pinned (required for a new output)",
+            "group": "io",
+        },
     )
     output: str = field(
         metadata={"help": "output prefix (fsspec URI): images/, results/, stats.json, _SUCCESS", "group": "io"}

@@ -9,6 +9,7 @@ IMAGES_DIR = "images"
 RESULTS_DIR = "results"
 STATS_FILE = "stats.json"
 SUCCESS_FILE = "_SUCCESS"
+CARD_FILE = "README.md"  # the dataset card: how `datasets` and the Hub read the output
 
 # Seeds are drawn from [0, 2**62) so that seed + image_index never overflows int64.
 MAX_SEED = 2**62 - 1
@@ -26,22 +27,15 @@ def sample_key(row_id: str, image_index: int) -> str:
 
     The slug keeps only ``[A-Za-z0-9_-]`` (at most 64 characters) so that no id can produce a path
     separator, ``..``, a control character or an over-long name; the 16 hex digits of the id's sha256
-    keep ids that share a slug apart. It names the PNG of the files format, the members
-    ``<key>.png`` / ``<key>.json`` of a webdataset sample, and the ``key`` column of the parquet format.
+    keep ids that share a slug apart. It names the PNG of the files format (`schemas.shards.image_key`),
+    the members ``<key>.png`` / ``<key>.json`` of a webdataset sample, and the ``key`` column of the
+    parquet format.
     """
     if image_index < 0:
         raise ValueError(f"image_index must be >= 0, got {image_index}")
     digest = id_digest(row_id)
     slug = _SLUG_CHARS.sub("_", row_id)[:_SLUG_LEN].strip("_") or "id"
     return f"{slug}-{digest[:16]}-{image_index}"
-
-
-def image_key(row_id: str, image_index: int) -> str:
-    """Relative key of one output image of the files format: ``images/<h2>/<sample_key>.png``.
-
-    The two-digit folder (of the id's sha256) keeps folders small on local disks.
-    """
-    return f"{IMAGES_DIR}/{id_digest(row_id)[:2]}/{sample_key(row_id, image_index)}.png"
 
 
 def sample_rank(row_id: str, image_index: int) -> str:

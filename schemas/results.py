@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas.modes import MODES, PRIOR_KINDS
 from schemas.text import one_line
 
 STATUS_OK = "ok"
@@ -24,6 +30,8 @@ ERROR_RENDER = "render_failed"  # the pipeline raised for this image
 ERROR_WRITE = "write_failed"
 # The scoring stage (--score) raised for an image: recorded in ``score_error`` (the image is kept), not a status.
 ERROR_SCORE = "score_failed"
+# Errors decided at planning from the row and the settings: a retry with the same settings gets them again.
+REFUSAL_KINDS = (ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE)
 
 
 # The gallery's stable sample: this many images, up to a quarter of them errors; previews this wide.
@@ -36,14 +44,60 @@ SCORE_BINS = 100 // SCORE_BIN_WIDTH
 SCORE_EXTREMES = 8
 
 
+# One input image as recorded: its URI, ``sha256:<hex>`` of inline bytes, or `HINT_ESTIMATED` for a depth
+# hint the depth stage estimated from ``image``. Recorded, never fetched again by readers.
+HINT_ESTIMATED = "estimated"
+INTERPOLATE_ITEM = pa.struct([("prompt", pa.string()), ("image", pa.string()), ("weight", pa.float64())])
+# Previews of a row's inputs (the gallery's cards): manifest column, a label (URI, or weight and prompt), a PNG.
+INPUT_THUMBNAIL = pa.struct([("name", pa.string()), ("label", pa.string()), ("png", pa.binary())])
+
+# What every written image carries with it in every format (webdataset ``<key>.json``, the parquet format's
+# columns, the files format's ``metadata.parquet``) and in its results row: what its row asked for and what
+# came out. Parameters its mode or prior input does not use are null (`recorded_parameters`).
+SAMPLE_FIELDS = (
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("image_index", pa.int32(), nullable=False),
+    pa.field("caption", pa.string()),  # the prompt; for interpolate rows its items with their weights
+    pa.field("seed", pa.int64()),
+    pa.field("mode", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("prior_image", pa.string()),
+    pa.field("prior_strength", pa.float64()),
+    pa.field("interpolate", pa.list_(INTERPOLATE_ITEM)),
+    pa.field("image", pa.string()),
+    pa.field("mask", pa.string()),
+    pa.field("hint", pa.string()),
+    pa.field("width", pa.int32()),  # of the written image (null: no image)
+    pa.field("height", pa.int32()),
+    pa.field("num_inference_steps", pa.int32()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("prior_num_inference_steps", pa.int32()),
+    pa.field("prior_guidance_scale", pa.float64()),
+    pa.field("strength", pa.float64()),
+    pa.field("manifest_file", pa.string()),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("clip_score", pa.float64()),
+    pa.field("filtered", pa.bool_()),
+)
+SAMPLE_META = tuple(f.name for f in SAMPLE_FIELDS)
+# The per-image metadata of the sharded formats: the sample key, then `SAMPLE_FIELDS`.
+SAMPLE_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), *SAMPLE_FIELDS])
+# Manifest image columns recorded as strings (see `HINT_ESTIMATED`).
+RECORDED_IMAGES = ("prior_image", "image", "mask", "hint")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ResultRow:
     """One outcome of one output image. ``uri`` (and ``member``) are set iff ``status == "ok"``.
 
-    Where the image is: ``files`` format: ``uri`` is the PNG; ``webdataset``: ``uri`` is the shard's
-    tar and ``member`` the PNG member (``<key>.png``); ``parquet``: ``uri`` is the shard's data file
-    and ``member`` its ``key`` value. ``thumbnail`` is a small PNG preview, kept only for the images
-    the gallery may show (else null).
+    Where the image is, relative to the output (``OUTPUT/<uri>`` is its absolute form): ``files``
+    format: ``uri`` is the PNG (``images/<part>/<key>.png``); ``webdataset``: ``uri`` is the part's
+    tar and ``member`` the PNG member (``<key>.png``); ``parquet``: ``uri`` is the part's data file
+    and ``member`` its ``key`` value. ``attempt`` numbers the shard's parts (0: its first rendering,
+    n: its n-th ``--retry-errors`` part): an image's final row is its row of the highest attempt.
+    ``thumbnail`` / ``input_thumbnails`` are small PNG previews of the image and of its inputs, kept
+    only for the images the gallery may show (else null).
     """
 
     id: str
@@ -54,12 +108,20 @@ class ResultRow:
     uri: str | None
     member: str | None
     shard: str | None
+    attempt: int
+    caption: str | None
     seed: int | None
-    width: int | None
-    height: int | None
     mode: str | None
     prompt: str | None
     negative_prompt: str | None
+    prior_image: str | None
+    prior_strength: float | None
+    interpolate: list[dict[str, Any]] | None
+    image: str | None
+    mask: str | None
+    hint: str | None
+    width: int | None
+    height: int | None
     num_inference_steps: int | None
     guidance_scale: float | None
     prior_num_inference_steps: int | None
@@ -67,6 +129,8 @@ class ResultRow:
     strength: float | None
     manifest_file: str | None
     run_id: str
+    clip_score: float | None  # --score clip: 100 x cos(image, prompt) of CLIP, clamped at 0
+    filtered: bool | None  # --min-clip-score: the image scored below it (kept, flagged)
     prior_worker: str | None
     decoder_worker: str | None
     prior_seconds: float | None  # this image's share of its prior call's wall time
@@ -74,34 +138,59 @@ class ResultRow:
     score_seconds: float | None  # this image's share of its scoring call's wall time (--score)
     finished_at: dt.datetime
     thumbnail: bytes | None
-    clip_score: float | None  # --score clip: 100 x cos(image, prompt) of CLIP, clamped at 0
-    filtered: bool | None  # --min-clip-score: the image scored below it (kept, flagged)
+    input_thumbnails: list[dict[str, Any]] | None
     score_error: str | None  # why an ok image has no score
 
+    def sample_meta(self, key: str) -> dict[str, Any]:
+        """The metadata this image carries in its sample (`SAMPLE_SCHEMA`)."""
+        return {"key": key} | {name: getattr(self, name) for name in SAMPLE_META}
 
+
+def with_pandas_metadata(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with the ``pandas`` metadata that makes pandas read its nullable integer and boolean
+    columns as ``Int32`` / ``Int64`` / ``boolean`` (not float64 / object when a value is null)."""
+    nullable = {pa.int32(): "Int32", pa.int64(): "Int64", pa.bool_(): "boolean"}
+    columns = [
+        {
+            "name": f.name,
+            "field_name": f.name,
+            "pandas_type": "bool" if f.type == pa.bool_() else str(f.type),
+            "numpy_type": nullable[f.type],
+            "metadata": None,
+        }
+        for f in schema
+        if f.type in nullable
+    ]
+    others = [
+        {"name": f.name, "field_name": f.name, "pandas_type": "object", "numpy_type": "object", "metadata": None}
+        for f in schema
+        if f.type not in nullable
+    ]
+    order = {name: i for i, name in enumerate(schema.names)}
+    metadata = {
+        "index_columns": [],
+        "column_indexes": [],
+        "columns": sorted(columns + others, key=lambda c: order[c["name"]]),
+        "creator": {"library": "kandinsky-render"},
+        "pandas_version": "2.2.3",
+    }
+    # pandas reads only the columns it finds here with an extension type name; the others convert as usual.
+    return schema.with_metadata({**(schema.metadata or {}), b"pandas": json.dumps(metadata).encode()})
+
+
+_SAMPLE = {f.name: f for f in SAMPLE_FIELDS}
 RESULTS_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("image_index", pa.int32(), nullable=False),
+        _SAMPLE["id"],
+        _SAMPLE["image_index"],
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),
         pa.field("uri", pa.string()),
         pa.field("member", pa.string()),
         pa.field("shard", pa.string()),
-        pa.field("seed", pa.int64()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("mode", pa.string()),
-        pa.field("prompt", pa.string()),
-        pa.field("negative_prompt", pa.string()),
-        pa.field("num_inference_steps", pa.int32()),
-        pa.field("guidance_scale", pa.float64()),
-        pa.field("prior_num_inference_steps", pa.int32()),
-        pa.field("prior_guidance_scale", pa.float64()),
-        pa.field("strength", pa.float64()),
-        pa.field("manifest_file", pa.string()),
-        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("attempt", pa.int32(), nullable=False),
+        *(f for f in SAMPLE_FIELDS if f.name not in ("id", "image_index")),
         pa.field("prior_worker", pa.string()),
         pa.field("decoder_worker", pa.string()),
         pa.field("prior_seconds", pa.float64()),
@@ -109,19 +198,76 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("score_seconds", pa.float64()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("thumbnail", pa.binary()),
-        pa.field("clip_score", pa.float64()),
-        pa.field("filtered", pa.bool_()),
+        pa.field("input_thumbnails", pa.list_(INPUT_THUMBNAIL)),
         pa.field("score_error", pa.string()),
     ]
 )
+RESULTS_SCHEMA = with_pandas_metadata(RESULTS_SCHEMA)
 
 RESULT_FIELDS = tuple(field.name for field in dataclasses.fields(ResultRow))
+
+
+def describe_input(ref: Mapping[str, Any] | None, *, estimated: bool = False) -> str | None:
+    """How an input image (an `IMAGE_REF` value) is recorded: its URI, else ``sha256:<hex>`` of its bytes.
+
+    A URI is recorded without user, password, query or fragment: what is published with the images
+    never carries a credential (a presigned URL's signature, ``user:token@``).
+    """
+    if ref is None:
+        return None
+    if estimated:
+        return HINT_ESTIMATED
+    uri = ref.get("uri")
+    if not uri:
+        return "sha256:" + hashlib.sha256(ref.get("data") or b"").hexdigest()
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def interpolate_items(items: list[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """A row's ``interpolate`` items as recorded: prompt, image (`describe_input`) and weight each."""
+    if items is None:
+        return None
+    return [
+        {"prompt": item.get("prompt"), "image": describe_input(item.get("image")), "weight": item.get("weight")}
+        for item in items
+    ]
+
+
+def caption(prompt: str | None, items: list[Mapping[str, Any]] | None) -> str | None:
+    """The image's caption: its prompt, or for an interpolation the items with their weights
+    (``a red house (0.6) + [image house.png] (0.4)``); None when the row has neither (given embeddings)."""
+    if prompt is not None or not items:
+        return prompt
+    parts = []
+    for item in items:
+        text = item.get("prompt")
+        if text is None:
+            text = f"[image {str(item.get('image') or '').rsplit('/', 1)[-1]}]"
+        parts.append(f"{text} ({item.get('weight', 0.0):g})")
+    return " + ".join(parts)
+
+
+def recorded_parameters(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A work row's parameters as recorded: those its mode or prior input does not use are null."""
+    mode, kind = MODES.get(row.get("mode") or ""), PRIOR_KINDS.get(row.get("prior_kind") or "")
+    uses_prior = kind is None or kind.pipeline is not None
+    return {
+        "strength": row.get("strength") if mode is None or mode.partial_schedule else None,
+        "prior_strength": row.get("prior_strength") if kind is not None and kind.partial_schedule else None,
+        "prior_num_inference_steps": row.get("prior_num_inference_steps") if uses_prior else None,
+        "prior_guidance_scale": row.get("prior_guidance_scale") if uses_prior else None,
+    }
 
 
 def result_from_work(
     row: dict,
     *,
     run_id: str,
+    attempt: int = 0,
     error: str | None = None,
     error_kind: str | None = None,
     uri: str | None = None,
@@ -137,7 +283,14 @@ def result_from_work(
     """The final result of one work row (a `schemas.work` row as a dict); ``error`` set means failed.
 
     The error is kept on one line, without memory addresses, at most `schemas.text.MAX_ERROR_CHARS` long.
+    The row's input images, when it still has them (``image``, ``mask``, ``hint``, ``prior_image``,
+    ``interpolate``), are recorded as `describe_input` strings.
     """
+    items = interpolate_items(row.get("interpolate"))
+    inputs = {
+        name: describe_input(row.get(name), estimated=name == "hint" and bool(row.get("hint_estimated")))
+        for name in RECORDED_IMAGES
+    }
     return ResultRow(
         id=row["id"],
         image_index=row["image_index"],
@@ -147,19 +300,23 @@ def result_from_work(
         uri=None if error else uri,
         member=None if error else member,
         shard=shard,
+        attempt=attempt,
+        caption=caption(row.get("prompt"), items),
         seed=row["seed"],
+        mode=row["mode"],
+        prompt=row.get("prompt"),
+        negative_prompt=row.get("negative_prompt"),
+        interpolate=items,
+        **inputs,
         width=width,
         height=height,
-        mode=row["mode"],
-        prompt=row["prompt"],
-        negative_prompt=row["negative_prompt"],
-        num_inference_steps=row["num_inference_steps"],
-        guidance_scale=row["guidance_scale"],
-        prior_num_inference_steps=row["prior_num_inference_steps"],
-        prior_guidance_scale=row["prior_guidance_scale"],
-        strength=row["strength"],
-        manifest_file=row["manifest_file"],
+        num_inference_steps=row.get("num_inference_steps"),
+        guidance_scale=row.get("guidance_scale"),
+        **recorded_parameters(row),
+        manifest_file=row.get("manifest_file"),
         run_id=run_id,
+        clip_score=None if error else row.get("clip_score"),
+        filtered=None if error else filtered,
         prior_worker=row.get("prior_worker"),
         decoder_worker=decoder_worker if decoder_worker is not None else row.get("decoder_worker"),
         prior_seconds=row.get("prior_seconds"),
@@ -167,8 +324,7 @@ def result_from_work(
         score_seconds=row.get("score_seconds"),
         finished_at=dt.datetime.now(dt.timezone.utc),
         thumbnail=thumbnail,
-        clip_score=None if error else row.get("clip_score"),
-        filtered=None if error else filtered,
+        input_thumbnails=None,
         score_error=None if error else row.get("score_error"),
     )
 
@@ -180,13 +336,14 @@ def results_table(rows: list[ResultRow]) -> pa.Table:
 
 
 def final_results(table: pa.Table) -> pa.Table:
-    """One row per (id, image_index): the ``ok`` row if any, else the latest error row."""
+    """One row per (id, image_index), sorted by it: its row of the highest ``attempt`` (the latest part
+    that rendered it; an ``ok`` image is never rendered again), ties broken by ``finished_at``."""
     if table.num_rows == 0:
         return table
     rank = pc.if_else(pc.equal(table.column("status"), STATUS_OK), 1, 0)
-    ranked = table.append_column("_ok", rank).sort_by(
-        [("id", "ascending"), ("image_index", "ascending"), ("_ok", "descending"), ("finished_at", "descending")]
-    )
+    keys = [("id", "ascending"), ("image_index", "ascending"), ("_ok", "descending")]
+    keys += [("attempt", "descending")] if "attempt" in table.column_names else []
+    ranked = table.append_column("_ok", rank).sort_by([*keys, ("finished_at", "descending")])
     ids = ranked.column("id").to_numpy(zero_copy_only=False)
     index = ranked.column("image_index").to_numpy()
     first = np.ones(len(ids), dtype=bool)

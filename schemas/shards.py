@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.keys import IMAGES_DIR, sample_key
 from schemas.summary import Counts
 
 FORMAT_FILES = "files"  # one PNG per image under images/ (small runs, browsing)
@@ -27,6 +28,7 @@ DATA_SUFFIX = {FORMAT_WEBDATASET: ".tar", FORMAT_PARQUET: ".parquet"}
 
 SHARDS_DIR = "shards"  # completion markers (and per-shard stats)
 DATA_DIR = "data"  # webdataset tars / parquet data files
+IMAGES_METADATA = "metadata.parquet"  # files format: the metadata of a part's PNGs, beside them
 DATASET_FILE = "_dataset.json"  # the output's pinned settings
 DEFAULT_SHARD_ROWS = 1_000
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
@@ -47,6 +49,8 @@ def shard_name(relpath: str, start: int, stop: int) -> str:
 
 
 RETRY_SEPARATOR = ".retry-"
+# What `part_name` makes of a `shard_name`: tells an output's part folders from anything else in images/.
+PART_NAME = re.compile(r"[A-Za-z0-9_-]+-[0-9a-f]{8}-[0-9]{10}-[0-9]{10}(\.retry-[0-9]+)?")
 
 
 def part_name(shard: str, attempt: int) -> str:
@@ -59,6 +63,12 @@ def part_shard(part: str) -> str:
     return part.split(RETRY_SEPARATOR)[0]
 
 
+def part_attempt(part: str) -> int:
+    """The attempt a part is of its shard (inverse of `part_name`): 0, then n for ``<shard>.retry-<n>``."""
+    _, separator, attempt = part.partition(RETRY_SEPARATOR)
+    return int(attempt) if separator else 0
+
+
 def marker_key(shard: str) -> str:
     """Key of a shard's completion marker."""
     return f"{SHARDS_DIR}/{shard}.json"
@@ -69,10 +79,25 @@ def results_key(part: str) -> str:
     return f"results/{part}.parquet"
 
 
-def data_key(part: str, output_format: str) -> str | None:
-    """Key of a shard part's data file, or None for the files format (one object per image)."""
-    suffix = DATA_SUFFIX.get(output_format)
-    return None if suffix is None else f"{DATA_DIR}/{part}{suffix}"
+def data_key(part: str, output_format: str) -> str:
+    """Key of a shard part's data file: its tar or Parquet file, or for the files format (one PNG per image
+    in ``images/<part>/``) the images' ``metadata.parquet`` beside them (what `datasets`' imagefolder reads)."""
+    if output_format == FORMAT_FILES:
+        return f"{part_images_dir(part)}/{IMAGES_METADATA}"
+    return f"{DATA_DIR}/{part}{DATA_SUFFIX[output_format]}"
+
+
+def part_images_dir(part: str) -> str:
+    """The folder of a files-format part's PNGs (and their metadata file)."""
+    return f"{IMAGES_DIR}/{part}"
+
+
+def image_key(part: str, row_id: str, image_index: int) -> str:
+    """Relative key of one image of the files format: ``images/<part>/<sample_key>.png``.
+
+    Part names and sample keys hold only ``[A-Za-z0-9_.-]`` (no separator, no ``..``): no id leaves the folder.
+    """
+    return f"{part_images_dir(part)}/{sample_key(row_id, image_index)}.png"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,6 +191,7 @@ class Marker:
     sample: tuple[dict[str, Any], ...] = ()
     finished_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    failed: dict[str, list[list[Any]]] = field(default_factory=dict)  # first failed images per error kind
 
     @property
     def num_errors(self) -> int:

@@ -139,6 +139,48 @@ class Sample:
         return [item[2] for item in sorted(errors + oks, key=lambda item: item[1])]
 
 
+FAILED_EXAMPLES = 5  # failed images named per error kind (summary, stats.json, markers)
+
+
+class FailedImages:
+    """The first failed images per error kind: the `FAILED_EXAMPLES` smallest (id, image_index) of each.
+
+    Mergeable like `Sample`: every part and marker keeps its own first ones, so merging them names the
+    same images a sort of every failure would.
+    """
+
+    def __init__(self, by_kind: Mapping[str, Iterable[Iterable[Any]]] | None = None) -> None:
+        self._by_kind: dict[str, list[ImageKey]] = {}
+        for kind, keys in (by_kind or {}).items():
+            for row_id, index in keys:
+                self.add(kind, (row_id, int(index)))
+
+    def add(self, kind: str | None, key: ImageKey) -> None:
+        """Offer one failed image of ``kind``."""
+        kept = self._by_kind.setdefault(str(kind), [])
+        if key not in kept:
+            kept.append(key)
+            kept.sort()
+            del kept[FAILED_EXAMPLES:]
+
+    def merge(self, other: FailedImages) -> None:
+        """Offer every image ``other`` names."""
+        for kind, keys in other._by_kind.items():
+            for key in keys:
+                self.add(kind, key)
+
+    def drop(self, keys: set[ImageKey]) -> None:
+        """Forget these images (rendered again)."""
+        for kind in list(self._by_kind):
+            self._by_kind[kind] = [key for key in self._by_kind[kind] if key not in keys]
+            if not self._by_kind[kind]:
+                del self._by_kind[kind]
+
+    def as_dict(self) -> dict[str, list[list[Any]]]:
+        """``{kind: [[id, image_index], ...]}``, kinds sorted (what markers and stats.json hold)."""
+        return {kind: [list(key) for key in keys] for kind, keys in sorted(self._by_kind.items())}
+
+
 @dataclass(frozen=True, kw_only=True)
 class PartSummary:
     """What the writer returns when it publishes a shard part: everything its marker and the stats need.
@@ -147,6 +189,7 @@ class PartSummary:
     on the part's images; ``ok_busy_seconds`` the same over ok images only, plus ``images``, their
     count (what the stage suggestion divides by). ``scores``: the mergeable CLIP score summary
     (`actors.scores`). ``sample``: the part's gallery candidates (`Sample` entries as dicts).
+    ``failed``: its first failed images per error kind (`FailedImages`).
     """
 
     part: str
@@ -159,6 +202,7 @@ class PartSummary:
     ok_busy_seconds: dict[str, float]
     scores: dict[str, Any]
     sample: tuple[dict[str, Any], ...] = ()
+    failed: dict[str, list[list[Any]]] = field(default_factory=dict)  # `FailedImages.as_dict` of its errors
 
 
 def zero_seconds(*, with_images: bool = False) -> dict[str, float]:

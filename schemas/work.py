@@ -60,6 +60,7 @@ WORK_SCHEMA = pa.schema(
         pa.field("image", IMAGE_REF),
         pa.field("mask", IMAGE_REF),
         pa.field("hint", IMAGE_REF),  # given, or a depth map (PNG bytes) added by the depth stage
+        pa.field("hint_estimated", pa.bool_(), nullable=False),  # the depth stage makes (made) this row's hint
         pa.field("prior_image", IMAGE_REF),
         pa.field("interpolate", INTERPOLATE_TYPE),
         # Embeddings the manifest gives (prior_kind "embeds"); the prior passes them on as its output.
@@ -139,7 +140,8 @@ def binary_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
     return views
 
 
-# What the decoder adds to each row (and the inputs it drops): what the writers turn into outputs.
+# What the decoder adds to each row (and the inputs it drops): what the writers turn into outputs. The
+# input images stay (mostly URIs): the results record them and the gallery previews a few.
 DECODED_FIELDS = (
     pa.field("pixels", pa.binary()),  # (pixel_height, pixel_width, 3) uint8, row-major; null for error rows
     pa.field("pixel_height", pa.int32()),
@@ -147,16 +149,7 @@ DECODED_FIELDS = (
     pa.field("decoder_worker", pa.string()),
     pa.field("decoder_seconds", pa.float64()),  # this image's share of its decoder call's wall time
 )
-DECODER_DROPS = (
-    "image",
-    "mask",
-    "hint",
-    "prior_image",
-    "interpolate",
-    "generator_state",
-    "image_embeds_given",
-    "negative_image_embeds_given",
-)
+DECODER_DROPS = ("generator_state", "image_embeds_given", "negative_image_embeds_given")
 
 # What the scoring stage (``--score clip``, actors/scorer.py) adds to each decoded row; null where not scored.
 SCORE_FIELDS = (

@@ -57,7 +57,7 @@ def test_objects_per_format(tmp_path: Path) -> None:
     result = run_benchmark("objects", "--rows", "40", "--shard-rows", "20", "--work-dir", str(tmp_path))
     formats = result["formats"]
     assert formats["webdataset"]["objects_per_shard"] == formats["parquet"]["objects_per_shard"] == 3
-    assert formats["files"]["objects_per_shard"] == 22  # 20 PNGs, results, marker
+    assert formats["files"]["objects_per_shard"] == 23  # 20 PNGs, their metadata.parquet, results, marker
 
 
 def test_plan_and_startup_print_memory_and_time(tmp_path: Path) -> None:

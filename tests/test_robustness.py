@@ -24,9 +24,9 @@ from jobs.job import run_job
 from jobs.publishing.lease import LEASE_FILE, Lease, LeaseHeldError
 from jobs.reporting.results import read_results
 from schemas.config import JobConfig
-from schemas.keys import image_key
 from schemas.models import ModelPaths
 from schemas.results import final_results
+from schemas.shards import image_key, shard_name
 from tests.conftest import REPO, write_manifest
 from tests.reference import load_png, max_level_difference
 
@@ -113,15 +113,14 @@ def test_a_dozen_kinds_of_broken_rows_among_good_ones(tmp_path: Path, tiny_model
 def test_failed_write_is_an_error_row_and_others_render(tmp_path: Path, tiny_models: str) -> None:
     rows = rows_of(6)
     output = tmp_path / "out"
-    blocked = image_key("r2", 0).rsplit("/", 1)[0]  # images/<shard> of r2
-    (output / blocked).parent.mkdir(parents=True)
-    (output / blocked).write_text("a file where a folder must go")
+    blocked = image_key(shard_name("m.parquet", 0, len(rows)), "r2", 0)  # where r2's PNG must go
+    (output / blocked).mkdir(parents=True)  # a folder in the way
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     run_job(config_for(manifest, str(output), tiny_models, runner="local"))
     results = {r["id"]: r for r in final_results(read_results(Storage(str(output)))).to_pylist()}
     assert results["r2"]["status"] == "error" and results["r2"]["error_kind"] == "write_failed"
-    others = [r for key, r in results.items() if image_key(key, 0).rsplit("/", 1)[0] != blocked]
-    assert others and all(r["status"] == "ok" and Path(r["uri"]).is_file() for r in others)
+    others = [r for key, r in results.items() if key != "r2"]
+    assert len(others) == 5 and all(r["status"] == "ok" and Path(r["uri"]).is_file() for r in others)
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
@@ -218,7 +217,7 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
     for marker in done:  # a marker is written last: its tar and results are whole
         (part,) = marker["parts"]
         with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{bucket}/out/{part['data']}"))) as tar:
-            assert len(tar.getnames()) == 2 * part["num_images"]
+            assert len(tar.getnames()) == 3 * part["num_images"]  # <key>.json, .png and .txt per image
     first_done = sum(m["num_images"] for m in done)
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

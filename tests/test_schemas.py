@@ -11,10 +11,11 @@ import pytest
 from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
 from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
-from schemas.keys import image_key, image_seed
+from schemas.keys import image_seed
 from schemas.manifest import MANIFEST_COLUMNS, ManifestError, RenderDefaults
 from schemas.models import ModelPaths
 from schemas.results import RESULTS_SCHEMA, ResultRow
+from schemas.shards import image_key, shard_name
 from tests.conftest import write_manifest
 
 
@@ -169,7 +170,7 @@ def test_every_documented_column_is_accepted(tmp_path: Path) -> None:
     ],
 )
 def test_image_keys_stay_inside_images(row_id: str) -> None:
-    key = image_key(row_id, 3)
+    key = image_key(shard_name("../m.parquet", 0, 10), row_id, 3)
     parts = key.split("/")
     assert parts[0] == "images" and len(parts) == 3
     assert all(part not in ("", ".", "..") for part in parts)
@@ -179,8 +180,8 @@ def test_image_keys_stay_inside_images(row_id: str) -> None:
 
 def test_image_keys_do_not_collide() -> None:
     ids = ["a/b", "a_b", "a b", "a\x00b", "A/B", "a" * 200, "a" * 201]
-    assert len({image_key(i, 0) for i in ids}) == len(ids)
-    assert image_key("x", 0) != image_key("x", 1)
+    assert len({image_key("p", i, 0) for i in ids}) == len(ids)
+    assert image_key("p", "x", 0) != image_key("p", "x", 1)
 
 
 def test_seeds() -> None:

@@ -53,18 +53,17 @@ def config_from_args(
         output = output or example.output
         if not (models_dir or overrides["prior"] or overrides["decoder"]):
             models_dir = example.models
-    if not manifest or not output:
-        flags = (option_at(JobConfig, "manifest").flag, option_at(JobConfig, "output").flag)
-        example = option_at(RunOptions, "example").flag
-        raise ValueError(f"{flags[0]} and {flags[1]} are required (or use {example})")
+    if not output:  # the manifest may be left out: the output's pinned one (jobs.planning.run_plan.run_settings)
+        flag, example = option_at(JobConfig, "output").flag, option_at(RunOptions, "example").flag
+        raise ValueError(f"{flag} is required (or use {example})")
     values.update(
-        manifest=manifest,
+        manifest=manifest or None,
         output=output,
         models=ModelPaths.resolve(models_dir=models_dir, **overrides),
         storage_options=storage_options.resolve(
             environ=os.environ if environ is None else environ,
             pairs=run.storage_option,
-            uris=[manifest, output],
+            uris=[uri for uri in (manifest, output) if uri],
             endpoint_url=run.storage_endpoint_url,
             region=run.storage_region,
             anon=run.storage_anon,

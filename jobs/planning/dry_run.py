@@ -22,6 +22,7 @@ from jobs.planning.calibration import (
     profiles_with_estimates,
     unit_totals,
 )
+from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.forecast import describe_forecast, forecast, parse_clusters
 from jobs.planning.machine import local_machine
 from jobs.planning.run_plan import RunPlan, plan_run, with_machine_defaults
@@ -99,10 +100,10 @@ def _grouped(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
     return table.select(["id", *keys]).group_by(keys).aggregate([("id", "count"), ("id", "count_distinct")]).to_pylist()
 
 
-def census(plan: RunPlan) -> Census:
-    """Plan every pending shard, one at a time, keeping only counts."""
+def census(plan: RunPlan, duplicates: DuplicateImages | None = None) -> Census:
+    """Plan every pending shard, one at a time, keeping only counts (and their images' signatures in ``duplicates``)."""
     counts = Census()
-    for shard in plan.works():
+    for shard in plan.works(duplicates):
         counts.add(shard.work, plan.config)
     return counts
 
@@ -185,7 +186,9 @@ def dry_run(
     scan = plan.scan()
     machine = local_machine()
     plan, choices = with_machine_defaults(plan, scan, machine)
-    counts = census(plan)
+    duplicates = DuplicateImages(num_images=scan.num_images, scratch_dir=config.spool_dir)
+    counts = census(plan, duplicates)
+    repeats = duplicates.finish()
     forecasts = [
         forecast(
             config,  # the flags as given: each cluster chooses its own defaults
@@ -213,11 +216,14 @@ def dry_run(
                     for p in profiles
                 },
                 "plans": forecasts,
+                "duplicates": repeats.as_dict(),
             },
             indent=2,
             default=str,
         )
     text = describe(plan.config, plan, counts, profiles=profiles, calibration=path)
+    if repeats.num_repeated:
+        text += f"\n\nduplicate images (the same prompt inputs, settings and seed): {repeats.line()}"
     for item in forecasts:
         text += "\n\n" + "\n".join(describe_forecast(item, num_images=counts.num_to_render))
     if not choices:

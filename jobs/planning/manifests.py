@@ -47,6 +47,14 @@ def _is_local(fs: Any) -> bool:
     return bool(_protocols(fs) & {"file", "local"})
 
 
+def manifest_location(uri: str, *, storage_options: dict[str, Any] | None = None) -> str:
+    """``uri`` in the form an output pins it: absolute (a local path no longer depends on the working
+    directory), with the store's protocol, without a trailing ``/``. It names the same files as ``uri``."""
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    path = path.rstrip("/") or path
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
 def list_manifest_paths(
     uri: str, *, storage_options: dict[str, Any] | None = None, exclude: str | None = None
 ) -> list[tuple[str, str]]:

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.scores import empty_scores, merge_scores
 from actors.storage import Storage
 from schemas.results import RESULTS_SCHEMA, final_results
-from schemas.shards import DATASET_FILE, SHARDS_DIR, DatasetSettings, Fingerprint, Marker
-from schemas.summary import Counts, ImageKey, Sample
+from schemas.shards import DATASET_FILE, SHARDS_DIR, DatasetSettings, Fingerprint, Marker, Part, part_attempt
+from schemas.summary import Counts, FailedImages, ImageKey, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class OutputIndex:
     totals: Counts = field(default_factory=Counts)
     sample: Sample = field(default_factory=Sample)
     scores: dict[str, Any] = field(default_factory=empty_scores)  # CLIP scores of the output's ok images
+    failed: FailedImages = field(default_factory=FailedImages)  # the first failed images per error kind
 
     @classmethod
     def read(cls, storage: Storage) -> OutputIndex:
@@ -89,6 +91,8 @@ class OutputIndex:
         self.scores = merge_scores(self.scores, marker.extra.get("scores", {}) if previous is None else added_scores)
         self.sample.drop(set(replaced))
         self.sample.add_entries(marker.sample)
+        self.failed.drop(set(replaced))
+        self.failed.merge(FailedImages(marker.failed))
         self.done.add(marker.shard)
         self.files.setdefault(marker.relpath, marker.fingerprint)
         self.with_errors.pop(marker.shard, None)
@@ -96,16 +100,30 @@ class OutputIndex:
             self.with_errors[marker.shard] = Marker(**{**marker.__dict__, "sample": ()})
 
 
-SHARD_RESULT_COLUMNS = ("id", "image_index", "status", "error_kind", "mode", "finished_at")
+SHARD_RESULT_COLUMNS = ("id", "image_index", "status", "error", "error_kind", "mode", "attempt", "finished_at")
 
 
-def read_shard_results(
-    storage: Storage, marker: Marker, *, columns: tuple[str, ...] = SHARD_RESULT_COLUMNS
-) -> pa.Table:
-    """The final results of one shard over every part (ok wins, else the latest error)."""
-    schema = pa.schema([RESULTS_SCHEMA.field(name) for name in columns])
-    tables = [
-        pq.read_table(io.BytesIO(storage.read_bytes(part.results)), columns=list(columns)).cast(schema)
-        for part in marker.parts
-    ]
-    return final_results(pa.concat_tables(tables))
+def read_part_results(storage: Storage, part: Part, *, columns: Sequence[str] | None = None) -> pa.Table:
+    """One part's results (``columns`` of `RESULTS_SCHEMA`, default all), typed as `RESULTS_SCHEMA` says.
+
+    Columns a part written by an earlier version lacks read as nulls (``attempt``: the part's own).
+    """
+    names = list(columns or RESULTS_SCHEMA.names)
+    parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(part.results)))
+    present = [name for name in names if name in parquet.schema_arrow.names]
+    table = parquet.read(columns=present)
+    arrays = []
+    for name in names:
+        field = RESULTS_SCHEMA.field(name)
+        if name in present:
+            arrays.append(table.column(name).cast(field.type))
+        elif name == "attempt":
+            arrays.append(pa.array(np.full(table.num_rows, part_attempt(part.name)), field.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema([RESULTS_SCHEMA.field(name) for name in names]))
+
+
+def read_shard_results(storage: Storage, marker: Marker, *, columns: Sequence[str] = SHARD_RESULT_COLUMNS) -> pa.Table:
+    """The final results of one shard over every part (`schemas.results.final_results`), sorted by image."""
+    return final_results(pa.concat_tables([read_part_results(storage, part, columns=columns) for part in marker.parts]))

@@ -19,20 +19,30 @@ import pyarrow.compute as pc
 
 from actors.storage import Storage
 from cluster.defaults import Choice, Machine
+from jobs.options.flags import option_at
 from jobs.planning.batches import batch
 from jobs.planning.calibration import work_units
 from jobs.planning.checkpoints import CheckpointScales
+from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.ids import check_ids, files_digest
 from jobs.planning.machine import local_machine, machine_defaults
-from jobs.planning.manifests import ManifestFile, ShardReader, cut_shards, list_manifest_paths, read_footer, read_whole
+from jobs.planning.manifests import (
+    ManifestFile,
+    ShardReader,
+    cut_shards,
+    list_manifest_paths,
+    manifest_location,
+    read_footer,
+    read_whole,
+)
 from jobs.planning.output_index import OutputIndex, read_settings, read_shard_results
 from jobs.planning.work import Work, images_per_row, shard_work
 from schemas.config import JobConfig
 from schemas.manifest import Limits, ManifestError, RenderDefaults
 from schemas.modes import DEFAULT_MODE, MODES
-from schemas.results import STATUS_OK
+from schemas.results import REFUSAL_KINDS, STATUS_OK
 from schemas.shards import DEFAULT_SHARD_ROWS, FORMAT_FILES, DatasetSettings, Marker, Shard, marker_key, part_name
-from schemas.summary import Counts, ImageKey
+from schemas.summary import Counts, FailedImages, ImageKey
 from schemas.work import WORK_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -40,11 +50,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class Retried:
-    """What a ``--retry-errors`` part renders again of a finished shard: its marker and the images' earlier counts."""
+    """What a ``--retry-errors`` part renders again of a finished shard: its marker and the images' earlier counts.
+
+    Images whose earlier error was a refusal that this run makes again, word for word (`REFUSAL_KINDS`:
+    the row cannot succeed with these settings), are not rendered again: their earlier row stays final.
+    """
 
     marker: Marker  # the shard's marker before this part (with its gallery sample)
     counts: Counts  # the earlier final results of the images rendered again
-    keys: frozenset[ImageKey]
+    keys: frozenset[ImageKey]  # the images rendered again
+    kept_failed: FailedImages = field(default_factory=FailedImages)  # errors that stay final (repeated refusals)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,8 +124,8 @@ class RunPlan:
             for shard, previous in self.pending:
                 columns, hints_null = reader.columns(shard, ["mode", "num_images", *COST_COLUMNS])
                 largest = max(largest, _largest_pixels(columns, defaults=defaults, limits=limits))
-                if previous is not None:  # a retry renders the shard's error images
-                    num_images += previous.num_errors
+                if previous is not None:  # a retry renders the shard's error images (its refusals repeat)
+                    num_images += retry_estimate(previous)
                     failed = {m for m, c in previous.by_mode.items() if sum(c.values()) > c.get(STATUS_OK, 0)}
                     modes |= failed
                     needs_depth |= bool(failed & estimated)
@@ -138,38 +153,61 @@ class RunPlan:
             call_shapes=[shape for shape, _ in shapes.most_common(MAX_CALL_SHAPES)],
         )
 
-    def works(self) -> Iterator[ShardWork]:
-        """The pending shards' work, one shard's rows at a time."""
+    def works(self, duplicates: DuplicateImages | None = None) -> Iterator[ShardWork]:
+        """The pending shards' work, one shard's rows at a time; each shard's images go to ``duplicates``."""
         with ShardReader(storage_options=self.config.storage_options) as reader:
             for shard, previous in self.pending:
                 rows = reader.read(shard)
-                retried = None if previous is None else self._retried(previous)
-                only = (
-                    None
-                    if retried is None
-                    else pa.table({"id": [k[0] for k in retried.keys], "image_index": [k[1] for k in retried.keys]})
-                )
+                marker, errors = (None, None) if previous is None else self._errors(previous)
                 work = shard_work(
                     rows,
                     file=shard.file,
                     config=self.config,
                     movq_scales=self.scales,
-                    only=only,
+                    only=None if errors is None else errors.select(["id", "image_index"]),
                     embedding_dim=self.scales.embedding_dim,
                 )
+                retried = None
+                if marker is not None and errors is not None:
+                    work, retried = _without_repeated_refusals(work, marker, errors)
+                if duplicates is not None:
+                    duplicates.add(work.batches.work)
                 attempt = len(previous.parts) if previous is not None else 0
                 yield ShardWork(shard=shard, part=part_name(shard.name, attempt), work=work, retried=retried)
 
-    def _retried(self, previous: Marker) -> Retried:
-        """The images a ``--retry-errors`` part renders again (every image whose final result is an error)."""
+    def _errors(self, previous: Marker) -> tuple[Marker, pa.Table]:
+        """A finished shard's marker and its images whose final result is an error (what a retry renders again)."""
         marker = Marker.from_json(self.storage.read_bytes(marker_key(previous.shard)))
         final = read_shard_results(self.storage, marker)
-        errors = final.filter(pc.not_equal(final.column("status"), STATUS_OK)).to_pylist()
-        counts = Counts()
-        for row in errors:
+        return marker, final.filter(pc.not_equal(final.column("status"), STATUS_OK))
+
+
+def _without_repeated_refusals(work: Work, marker: Marker, errors: pa.Table) -> tuple[Work, Retried]:
+    """``work`` (a retry of ``errors``) less the refusals it repeats word for word, and what it renders again."""
+    keys = ["id", "image_index", "error_kind", "error"]
+    earlier = errors.filter(pc.is_in(errors.column("error_kind"), value_set=pa.array(REFUSAL_KINDS)))
+    refused = work.refused.append_column("_row", pa.array(np.arange(work.refused.num_rows), pa.int64()))
+    again = refused.select([*keys, "_row"]).join(earlier.select(keys).cast(refused.select(keys).schema), keys=keys)
+    repeated = again.select(["id", "image_index"]).to_pylist()
+    same = {(row["id"], row["image_index"]) for row in repeated}
+    kept = np.setdiff1d(np.arange(work.refused.num_rows), again.column("_row").to_numpy())
+    work = dataclasses.replace(
+        work, refused=work.refused.take(pa.array(kept, pa.int64())), num_done=work.num_done + len(same)
+    )
+    counts, kept_failed = Counts(), FailedImages()
+    for row in errors.to_pylist():
+        key = (row["id"], row["image_index"])
+        if key in same:
+            kept_failed.add(row["error_kind"], key)
+        else:
             counts.count(status=row["status"], mode=row["mode"], error_kind=row["error_kind"])
-        keys = frozenset((row["id"], row["image_index"]) for row in errors)
-        return Retried(marker=marker, counts=counts, keys=keys)
+    retried_keys = frozenset(zip(errors.column("id").to_pylist(), errors.column("image_index").to_pylist())) - same
+    return work, Retried(marker=marker, counts=counts, keys=retried_keys, kept_failed=kept_failed)
+
+
+def retry_estimate(previous: Marker) -> int:
+    """Images a retry of shard ``previous`` renders again, assuming its refusals repeat (the same settings)."""
+    return previous.num_errors - sum(previous.errors_by_kind.get(kind, 0) for kind in REFUSAL_KINDS)
 
 
 # The manifest columns a row's cost depends on (`jobs.planning.calibration.work_units`), besides its mode.
@@ -236,6 +274,8 @@ def with_machine_defaults(plan: RunPlan, scan: PendingScan, machine: Machine) ->
 def read_manifest_files(config: JobConfig) -> list[ManifestFile]:
     """The footers of every manifest file ``config.manifest`` names, sorted, leaving out anything under the job's
     output (`ManifestError` when there are none, or when the manifest lies inside the output)."""
+    if config.manifest is None:
+        raise ValueError(f"{option_at(JobConfig, 'manifest').flag} is required")
     options = config.storage_options
     paths = list_manifest_paths(config.manifest, storage_options=options, exclude=config.output)
     return [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
@@ -244,10 +284,21 @@ def read_manifest_files(config: JobConfig) -> list[ManifestFile]:
 def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> DatasetSettings:
     """This run's output settings: the flags, else what the output pinned, else the defaults.
 
-    Raises ValueError when a flag contradicts what the output pinned (naming both).
+    The manifest is pinned as `manifest_location` gives it, so the same files named from another working
+    directory, or by an absolute path, are the same manifest. Raises ValueError when a flag contradicts
+    what the output pinned (naming both), or when a new output is given no manifest.
     """
+    options = config.storage_options
+    if pinned is not None:
+        pinned = dataclasses.replace(pinned, manifest=manifest_location(pinned.manifest, storage_options=options))
+    if config.manifest is None and pinned is None:
+        raise ValueError(
+            f"{option_at(JobConfig, 'manifest').flag} is required: {config.output} has no manifest pinned yet "
+            "(a later run on an output may leave it out)"
+        )
+    manifest = pinned.manifest if config.manifest is None and pinned is not None else config.manifest
     wanted = DatasetSettings(
-        manifest=config.manifest,
+        manifest=manifest_location(manifest, storage_options=options),
         output_format=config.output_format or (pinned.output_format if pinned else FORMAT_FILES),
         shard_rows=config.shard_rows or (pinned.shard_rows if pinned else DEFAULT_SHARD_ROWS),
         ids_checked=pinned.ids_checked if pinned else "",
@@ -263,9 +314,13 @@ def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> DatasetSe
 
 
 def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
-    """The plan of a run as the output is now (with ``--overwrite``: as if it were empty)."""
+    """The plan of a run as the output is now (with ``--overwrite``: as if it were empty).
+
+    The plan's config names the manifest the run reads (the pinned one when ``config`` gives none).
+    """
     pinned = None if config.overwrite else read_settings(storage)
     settings = run_settings(config, pinned)
+    config = dataclasses.replace(config, manifest=settings.manifest)
     files = read_manifest_files(config)
     index = OutputIndex() if config.overwrite else OutputIndex.read(storage)
     for file in files:

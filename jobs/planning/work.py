@@ -78,9 +78,14 @@ def needs_depth(work: pa.Table) -> bool:
 
 def hint_estimates(work: pa.Table) -> int:
     """Rows of ``work`` whose hint the depth stage estimates (a hint-estimating mode, no hint given)."""
-    modes = sorted(name for name, mode in MODES.items() if mode.hint_estimated)
-    estimated = pc.is_in(work.column("mode"), value_set=pa.array(modes, pa.string()))
-    return int(pc.sum(pc.and_(estimated, work.column("hint").is_null())).as_py() or 0)
+    return int(pc.sum(estimated_hints(work.column("mode"), work.column("hint"))).as_py() or 0)
+
+
+def estimated_hints(mode: pa.ChunkedArray, hint: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Per row: whether the depth stage estimates its hint (a hint-estimating mode without a given hint)."""
+    modes = sorted(name for name, entry in MODES.items() if entry.hint_estimated)
+    estimated = pc.is_in(mode, value_set=pa.array(modes, pa.string()))
+    return pc.fill_null(pc.and_(estimated, hint.is_null()), False)
 
 
 def expand(
@@ -139,6 +144,7 @@ def expand(
         "error_kind": pa.array(error_kinds, pa.string()),
         "image_embeds_given": rows.column("image_embeds"),
         "negative_image_embeds_given": rows.column("negative_image_embeds"),
+        "hint_estimated": estimated_hints(rows.column("mode"), rows.column("hint")),
     }
     for name in WORK_SCHEMA.names:
         if name not in columns:

@@ -14,7 +14,7 @@ from actors.scores import merge_scores
 from actors.storage import Storage
 from jobs.planning.run_plan import Retried
 from schemas.shards import DATASET_FILE, DatasetSettings, Marker, Part, Shard, marker_key
-from schemas.summary import PartSummary, Sample
+from schemas.summary import FailedImages, PartSummary, Sample
 
 
 def write_settings(storage: Storage, settings: DatasetSettings) -> None:
@@ -40,7 +40,7 @@ def part_record(summary: PartSummary) -> Part:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def new_marker(shard: Shard, summary: PartSummary, *, output_format: str) -> Marker:
@@ -61,6 +61,7 @@ def new_marker(shard: Shard, summary: PartSummary, *, output_format: str) -> Mar
         sample=summary.sample,
         finished_at=_now(),
         extra={"scores": summary.scores},
+        failed=summary.failed,
     )
 
 
@@ -73,6 +74,8 @@ def retried_marker(retried: Retried, summary: PartSummary) -> Marker:
     sample = Sample(previous.sample)
     sample.drop(set(retried.keys))
     sample.add_entries(summary.sample)
+    failed = FailedImages(retried.kept_failed.as_dict())  # the errors not rendered again stay; the new part's add
+    failed.merge(FailedImages(summary.failed))
     busy = {stage: previous.busy_seconds.get(stage, 0.0) + s for stage, s in summary.busy_seconds.items()}
     ok_busy = {key: previous.ok_busy_seconds.get(key, 0) + s for key, s in summary.ok_busy_seconds.items()}
     return Marker(
@@ -84,6 +87,7 @@ def retried_marker(retried: Retried, summary: PartSummary) -> Marker:
             "busy_seconds": busy,
             "ok_busy_seconds": ok_busy,
             "sample": tuple(sample.entries()),
+            "failed": failed.as_dict(),
             "finished_at": _now(),
             # The re-rendered images had no score (they were errors), so the new part's scores add exactly.
             "extra": {**previous.extra, "scores": merge_scores(previous.extra.get("scores", {}), summary.scores)},

@@ -7,6 +7,7 @@ they open straight from a local folder or an object store's web endpoint (no ser
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 import io
 import logging
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 
 from actors.storage import Storage
 from jobs.reporting.scores import HISTOGRAM_FILE, extremes_html, histogram_png
-from schemas.keys import IMAGES_DIR, STATS_FILE, image_key
+from schemas.keys import IMAGES_DIR, STATS_FILE
 from schemas.results import STATUS_OK, THUMBNAIL_SIDE
 from schemas.text import stored_entry, stored_id
 
@@ -30,27 +31,41 @@ COLUMNS = 8
 _CONTENT_TYPE_KWARG = {"s3": "ContentType", "s3a": "ContentType", "gs": "content_type", "gcs": "content_type"}
 
 
-def read_thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> dict[tuple[str, int], bytes | None]:
-    """The previews of the chosen ok images, read from the results Parquet part that holds each one.
+ImagePreviews = dict[tuple[str, int], Any]
 
-    Keyed by (`schemas.text.stored_id`, image_index): the ids gallery candidates keep.
+
+def read_previews(storage: Storage, rows: list[dict[str, Any]]) -> tuple[ImagePreviews, ImagePreviews]:
+    """(image previews, input previews) of the chosen images, read from the results part that holds each one.
+
+    Image previews exist for ok images; input previews (lists of ``name``, ``label``, ``png``) for
+    every image a part kept as a gallery candidate (results written before they existed have none). Keyed
+    by (`schemas.text.stored_id`, image_index): the ids gallery candidates keep.
     """
     wanted: dict[str, set[tuple[str, int]]] = {}
     for row in rows:
-        if row["status"] == STATUS_OK:
-            wanted.setdefault(row["results"], set()).add((stored_id(row["id"]), row["image_index"]))
-    found: dict[tuple[str, int], bytes | None] = {}
-    for key, images in wanted.items():
+        wanted.setdefault(row["results"], set()).add((stored_id(row["id"]), row["image_index"]))
+    images: ImagePreviews = {}
+    inputs: ImagePreviews = {}
+    for key, chosen in wanted.items():
         try:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(key)), columns=["id", "image_index", "thumbnail"])
+            parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(key)))
         except FileNotFoundError:
             continue
-        table = table.filter(table.column("thumbnail").is_valid())
+        columns = [c for c in ("id", "image_index", "thumbnail", "input_thumbnails") if c in parquet.schema_arrow.names]
+        table = parquet.read(columns=columns)
         for entry in table.to_pylist():
-            key = (stored_id(entry["id"]), entry["image_index"])
-            if key in images:
-                found[key] = entry["thumbnail"]
-    return found
+            image = (stored_id(entry["id"]), entry["image_index"])
+            if image in chosen:
+                if entry.get("thumbnail") is not None:
+                    images[image] = entry["thumbnail"]
+                if entry.get("input_thumbnails") is not None:
+                    inputs[image] = entry["input_thumbnails"]
+    return images, inputs
+
+
+def read_thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> ImagePreviews:
+    """The image previews of the chosen ok images (`read_previews`)."""
+    return read_previews(storage, [row for row in rows if row["status"] == STATUS_OK])[0]
 
 
 def gallery_html(
@@ -58,15 +73,19 @@ def gallery_html(
     *,
     stats: dict[str, Any],
     num_images: int,
-    thumbnails: dict[tuple[str, int], bytes | None],
+    thumbnails: ImagePreviews,
+    inputs: ImagePreviews | None = None,
     extra: str = "",
 ) -> str:
-    """The gallery page: one card per sampled image (picture, prompt, mode, seed, size, status); ``extra``
-    HTML (the score section) follows the sample."""
+    """The gallery page: one card per sampled image (its inputs, then the picture, caption, mode, seed, size,
+    status); ``extra`` HTML (the score section) follows the sample."""
     output = stats.get("output", {})
     by_status = output.get("by_status", {})
     rows = [stored_entry(row) for row in rows]  # markers of older runs may hold whole row texts
-    cards = "\n".join(_card(row, thumbnails.get((row["id"], row["image_index"]))) for row in rows)
+    cards = "\n".join(
+        _card(row, thumbnails.get((row["id"], row["image_index"])), (inputs or {}).get((row["id"], row["image_index"])))
+        for row in rows
+    )
     title = f"kandinsky-render: {num_images} image(s), {by_status.get('ok', 0)} ok, {by_status.get('error', 0)} error"
     return f"""<!doctype html>
 <html lang="en">
@@ -84,6 +103,9 @@ figure .placeholder {{ aspect-ratio: 1; background: #f3d6d6; display: flex; alig
 figure.missing img {{ display: none; }}
 figure.missing figcaption::before {{ content: "image missing"; color: #8a1c1c; font-weight: bold; display: block; }}
 figcaption {{ font-size: .8rem; line-height: 1.3; margin-top: .4rem; overflow-wrap: anywhere; }}
+.inputs {{ display: flex; flex-wrap: wrap; gap: .3rem; margin-bottom: .4rem; }}
+.inputs figure {{ border: none; padding: 0; width: 4.5rem; font-size: .65rem; }}
+.inputs figcaption {{ font-size: .65rem; margin-top: .1rem; }}
 .status-ok {{ color: #1b6e2a; }} .status-error {{ color: #8a1c1c; font-weight: bold; }}
 .prompt {{ font-style: italic; }}
 </style>
@@ -93,7 +115,7 @@ figcaption {{ font-size: .8rem; line-height: 1.3; margin-top: .4rem; overflow-wr
 <h1>{html.escape(title)}</h1>
 <p>Showing {len(rows)} of {num_images} image(s), a stable sample (errors first).
 Last run <code>{html.escape(str(stats.get("run_id", "")))}</code>,
-finished {html.escape(str(stats.get("finished_at", "")))}:
+finished {html.escape(_when(stats.get("finished_at")))}:
 {stats.get("num_rendered", 0)} rendered, {stats.get("images_per_s", 0)} images/s.</p>
 <p><a href="{CONTACT_SHEET_FILE}">contact sheet</a> · <a href="{STATS_FILE}">stats.json</a> ·
 results in <code>results/*.parquet</code>, shards in <code>shards/*.json</code></p>
@@ -107,7 +129,30 @@ results in <code>results/*.parquet</code>, shards in <code>shards/*.json</code><
 """
 
 
-def _card(row: dict[str, Any], thumbnail: bytes | None) -> str:
+def _when(timestamp: Any) -> str:
+    """An ISO timestamp to the second (older stats.json files kept microseconds)."""
+    text = str(timestamp or "")
+    try:
+        return dt.datetime.fromisoformat(text).isoformat(timespec="seconds")
+    except ValueError:
+        return text
+
+
+def _inputs(previews: list[dict[str, Any]] | None) -> str:
+    """The row's inputs, small, above its image: each with its picture (when it has one) and label."""
+    if not previews:
+        return ""
+    items = []
+    for entry in previews:
+        picture = ""
+        if entry.get("png"):
+            picture = f'<img src="data:image/png;base64,{base64.b64encode(entry["png"]).decode()}" alt="">'
+        label = f"{html.escape(entry['name'])}: {html.escape(entry.get('label') or '')}"
+        items.append(f"<figure>{picture}<figcaption>{label}</figcaption></figure>")
+    return f'<div class="inputs">{"".join(items)}</div>'
+
+
+def _card(row: dict[str, Any], thumbnail: bytes | None, inputs: list[dict[str, Any]] | None = None) -> str:
     ok = row["status"] == STATUS_OK
     if ok:
         # The files format links the PNG itself (relative: opens from any prefix); other formats keep
@@ -126,7 +171,7 @@ def _card(row: dict[str, Any], thumbnail: bytes | None) -> str:
     size = f"{row['width']}x{row['height']}" if row["width"] else ""
     details = [
         f"<b>{html.escape(row['id'])}</b> #{row['image_index']}",
-        f'<span class="prompt">{html.escape(row["prompt"] or "")}</span>',
+        f'<span class="prompt">{html.escape(row.get("caption") or row["prompt"] or "")}</span>',
         f"{html.escape(row['mode'] or '')} · seed {row['seed']} {size}",
         f'<span class="status-{html.escape(row["status"])}">{html.escape(row["status"])}</span>',
     ]
@@ -134,14 +179,18 @@ def _card(row: dict[str, Any], thumbnail: bytes | None) -> str:
         details.append(html.escape(row["error"] or ""))
     elif row.get("member") is not None:
         details.append(f"<code>{html.escape(row['uri'].rsplit('/', 1)[-1])}</code>: {html.escape(row['member'])}")
-    return f'<figure class="card">{visual}<figcaption>{"<br>".join(details)}</figcaption></figure>'
+    return f'<figure class="card">{_inputs(inputs)}{visual}<figcaption>{"<br>".join(details)}</figcaption></figure>'
 
 
 def _image_path(row: dict[str, Any]) -> str:
-    """The files format's PNG of a candidate, relative to the output: the end of its URI (a long id is clipped
-    in candidates, so its key cannot be made again from it), else the key of its id."""
-    tail = "/".join((row.get("uri") or "").split("/")[-3:])
-    return tail if tail.startswith(f"{IMAGES_DIR}/") else image_key(row["id"], row["image_index"])
+    """The files format's PNG of a candidate, relative to the output: its URI as candidates keep it (relative),
+    or the ``images/...`` end of an absolute one (markers of older runs)."""
+    uri = row.get("uri") or ""
+    if "://" not in uri and not uri.startswith("/"):
+        return uri
+    tail = uri.split("/")
+    start = max((k for k, name in enumerate(tail) if name == IMAGES_DIR), default=len(tail) - 1)
+    return "/".join(tail[start:])
 
 
 def contact_sheet(rows: list[dict[str, Any]], images: dict[tuple[str, int], bytes | None]) -> bytes:
@@ -188,7 +237,7 @@ def write_report(
     from the results parts that hold them. On object stores the objects get their content type, so
     a browser shows them instead of downloading them.
     """
-    thumbnails = read_thumbnails(storage, rows)
+    thumbnails, inputs = read_previews(storage, rows)
     _write(storage, CONTACT_SHEET_FILE, contact_sheet(rows, thumbnails), content_type="image/png")
     num_images = stats.get("output", {}).get("num_images", len(rows))
     extra, keys = "", {"gallery": GALLERY_FILE, "contact_sheet": CONTACT_SHEET_FILE}
@@ -201,7 +250,7 @@ def write_report(
         )
         extra = extremes_html(scores, read_thumbnails(storage, extremes))
         keys["score_histogram"] = HISTOGRAM_FILE
-    page = gallery_html(rows, stats=stats, num_images=num_images, thumbnails=thumbnails, extra=extra)
+    page = gallery_html(rows, stats=stats, num_images=num_images, thumbnails=thumbnails, inputs=inputs, extra=extra)
     _write(storage, GALLERY_FILE, page.encode("utf-8"), content_type="text/html; charset=utf-8")
     logger.info("gallery of %d image(s) at %s", len(rows), storage.uri(GALLERY_FILE))
     return keys

@@ -205,6 +205,8 @@ def summary_table(stats: dict[str, Any]) -> str:
         )
         rows.append(("images filtered (low score)", "", str(scores["num_filtered"])))
     rows.append(("skipped (already final)", str(stats.get("num_skipped_already_final", 0)), ""))
+    if (stats.get("duplicates") or {}).get("num_repeated"):
+        rows.append(("duplicate images (same inputs, seed)", str(stats["duplicates"]["num_repeated"]), ""))
     rows.append(("images/s", f"{stats.get('images_per_s', 0.0):g}", ""))
     for stage, seconds in stats.get("busy_seconds", {}).items():
         if seconds:  # a stage this run did not have (scoring, depth) has none
@@ -216,7 +218,18 @@ def summary_table(stats: dict[str, Any]) -> str:
     rows.append(("wall seconds", f"{stats.get('wall_seconds', 0.0):.1f}", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"  {a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}".rstrip() for a, b, c in rows]
-    return f"run {stats.get('run_id', '?')} summary\n" + "\n".join(lines)
+    return f"run {stats.get('run_id', '?')} summary\n" + "\n".join(lines + _named(stats))
+
+
+def _named(stats: dict[str, Any]) -> list[str]:
+    """Lines naming this run's first failed images per error kind and its duplicate images, if any."""
+    lines = []
+    for kind, keys in stats.get("this_run", {}).get("first_failed", {}).items():
+        lines.append(f"  first failed ({kind}): " + ", ".join(f"{row_id} #{index}" for row_id, index in keys))
+    repeats = stats.get("duplicates") or {}
+    for group in repeats.get("examples", []) if repeats.get("num_repeated") else []:
+        lines.append("  same inputs, settings and seed: " + " = ".join(f"{row_id} #{index}" for row_id, index in group))
+    return lines
 
 
 def _count(section: dict[str, Any], group: str, key: str) -> str:

@@ -14,13 +14,14 @@ import pyarrow as pa
 
 from actors.storage import Storage
 from cluster.layout import StageCosts, choose
+from jobs.planning.duplicates import Duplicates
 from jobs.planning.run_plan import RunPlan
 from jobs.reporting.scores import score_stats
 from schemas.config import JobConfig
 from schemas.keys import STATS_FILE
-from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE, STATUS_OK
+from schemas.results import REFUSAL_KINDS, STATUS_OK
 from schemas.stages import PRIOR, SCORE, TIMED_STAGES
-from schemas.summary import Counts, PartSummary
+from schemas.summary import Counts, FailedImages, PartSummary
 from schemas.versions import installed_versions, version_mismatches
 
 logger = logging.getLogger(__name__)
@@ -50,15 +51,23 @@ def run_stats(
     render_seconds: float,
     wall_seconds: float,
     skipped: int,
+    duplicates: Duplicates | None = None,
 ) -> dict[str, Any]:
-    """stats.json: this run (from its shard parts' summaries) next to the whole output (from the markers)."""
-    refused = sum(this_run.errors_by_kind.get(kind, 0) for kind in (ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE))
+    """stats.json: this run (from its shard parts' summaries) next to the whole output (from the markers).
+
+    ``output`` and ``this_run`` add ``first_failed`` (the first failed images per error kind) to their
+    counts; ``duplicates`` counts this run's images that repeat another's inputs, settings and seed.
+    """
+    failed = FailedImages()
+    for part in parts:
+        failed.merge(FailedImages(part.failed))
+    refused = sum(this_run.errors_by_kind.get(kind, 0) for kind in REFUSAL_KINDS)
     num_errors = this_run.num_images - this_run.by_status.get(STATUS_OK, 0)
     rendered = this_run.num_images - refused
     busy = {stage: round(sum(p.busy_seconds.get(stage, 0.0) for p in parts), 3) for stage in TIMED_STAGES}
     return {
         "run_id": run_id,
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "manifest_files": [file.uri for file in plan.files],
         "num_rows": plan.num_rows,
         "num_shards": plan.num_shards,
@@ -72,8 +81,9 @@ def run_stats(
         "render_seconds": round(render_seconds, 3),
         "images_per_s": round(rendered / render_seconds, 3) if render_seconds > 0 and rendered else 0.0,
         "wall_seconds": round(wall_seconds, 3),
-        "output": plan.index.totals.as_dict(),
-        "this_run": this_run.as_dict(),
+        "output": {**plan.index.totals.as_dict(), "first_failed": plan.index.failed.as_dict()},
+        "this_run": {**this_run.as_dict(), "first_failed": failed.as_dict()},
+        "duplicates": None if duplicates is None else duplicates.as_dict(),
         "busy_seconds": busy,
         "stages": stage_info,
         "suggested_stages": suggest(parts, cluster_gpus=stage_info.get("cluster_gpus", 0.0)),

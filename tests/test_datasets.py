@@ -1,0 +1,431 @@
+"""Outputs the dataset ecosystem reads as they are: each format of one mixed manifest, rendered once, read with
+Hugging Face `datasets` (the output's card; streaming and not), `webdataset` and pandas, as README.md shows;
+the final view after ``--retry-errors`` (`kandinsky-render status`); duplicates; the pinned manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from jobs.cli import main as cli
+from jobs.job import run_job
+from jobs.reporting.card import feature
+from jobs.reporting.status import read_final
+from schemas.config import JobConfig
+from schemas.models import ModelPaths
+from schemas.results import RESULTS_SCHEMA, SAMPLE_SCHEMA
+from tests.conftest import REPO, write_manifest
+from tests.reference import load_result
+
+FORMATS = ("webdataset", "parquet", "files")
+SIDE = 32  # tiny: the tiny MoVQ (scale 2) renders multiples of 4
+SIZE = {"height": SIDE, "width": SIDE, "num_inference_steps": 2, "prior_num_inference_steps": 2}
+# Sorted by key, the first samples have nulls (negative_prompt, interpolate, inputs); a duplicate by construction
+# (a-null-first #1 and b-twin #0 share prompt and seed 11); every prior input; three bad rows.
+ROWS = [
+    {"id": "a-null-first", "prompt": "a lighthouse", "seed": 10, "num_images": 2},
+    {"id": "b-twin", "prompt": "a lighthouse", "seed": 11},
+    {"id": "c-negative", "prompt": "a cat", "negative_prompt": "blurry", "seed": 3},
+    {"id": "d-interp", "seed": 4, "interpolate": [
+        {"prompt": "a red fox", "image": None, "weight": 0.6}, {"prompt": None, "image": "source.png", "weight": 0.4}]},
+    {"id": "e-img2img", "mode": "img2img", "prompt": "a sunset", "image": "source.png", "strength": 0.5, "seed": 5},
+    {"id": "f-guided", "prompt": "a statue", "prior_image": "source.png", "prior_strength": 0.5, "seed": 6},
+    {"id": "g-missing", "mode": "img2img", "prompt": "a boat", "image": "late.png", "strength": 0.5, "seed": 7},
+    {"id": "h-no-prompt", "seed": 8},
+    {"id": "i-bad-size", "prompt": "a tree", "seed": 9, "height": 65},
+]  # fmt: skip
+OK_IMAGES = {
+    ("a-null-first", 0),
+    ("a-null-first", 1),
+    ("b-twin", 0),
+    ("c-negative", 0),
+    ("d-interp", 0),
+    ("e-img2img", 0),
+    ("f-guided", 0),
+}
+ERRORS = {("g-missing", 0): "input_error", ("h-no-prompt", 0): "invalid_row", ("i-bad-size", 0): "unsupported_size"}
+INTERP_CAPTION = "a red fox (0.6) + [image source.png] (0.4)"
+
+
+def manifest_rows() -> tuple[list[dict], pa.Schema]:
+    item = pa.struct([("prompt", pa.string()), ("image", pa.string()), ("weight", pa.float64())])
+    texts = ("id", "mode", "prompt", "negative_prompt", "image", "prior_image")
+    schema = pa.schema(
+        [*((name, pa.string()) for name in texts), ("interpolate", pa.list_(item))]
+        + [(name, pa.float64()) for name in ("prior_strength", "strength")]
+        + [(name, pa.int64()) for name in ("seed", "num_images", *SIZE)]
+    )
+    return [{name: ({**SIZE, **row}).get(name) for name in schema.names} for row in ROWS], schema
+
+
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`datasets` converts what it loads into a cache: this module's, not the user's home."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets-cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory, tiny_models: str) -> dict:
+    """The mixed manifest rendered once into each format (in-process: Ray adds nothing to reading outputs)."""
+    root = tmp_path_factory.mktemp("datasets")
+    shutil.copy(REPO / "jobs/dev/examples/source.png", root / "source.png")
+    rows, schema = manifest_rows()
+    manifest = write_manifest(root / "manifest.parquet", rows, schema=schema)
+    models = ModelPaths.resolve(models_dir=tiny_models)
+    found = {"root": root, "manifest": manifest, "models": tiny_models}
+    for output_format in FORMATS:
+        output = root / output_format
+        config = JobConfig(
+            manifest=manifest,
+            output=str(output),
+            models=models,
+            runner="local",
+            score="clip",
+            save_embeddings="float16",
+            output_format=output_format,
+        )
+        found[output_format] = {"output": output, "stats": run_job(config).stats}
+    return found
+
+
+def expected_images(found: dict) -> dict[tuple[str, int], np.ndarray]:
+    """Each ok image's pixels, read back through its results row (the ground truth of the readers below)."""
+    final = read_final(str(found["output"])).to_pylist()
+    return {(r["id"], r["image_index"]): load_result(r) for r in final if r["status"] == "ok"}
+
+
+def metadata(sample: dict) -> dict:
+    return sample["json"] if "json" in sample else sample  # webdataset: the sample's json; else columns
+
+
+def check_sample(sample: dict, images: dict[tuple[str, int], np.ndarray]) -> tuple[str, int]:
+    """One image as `datasets` gives it: typed metadata, its caption and seed, the pixels of its results row."""
+    meta = metadata(sample)
+    key = (meta["id"], meta["image_index"])
+    row = next(r for r in ROWS if r["id"] == key[0])
+    assert isinstance(meta["image_index"], int) and meta["width"] == SIDE and meta["height"] == SIDE
+    assert meta["seed"] == row["seed"] + key[1]
+    assert meta["caption"] == (INTERP_CAPTION if key[0] == "d-interp" else row["prompt"])
+    assert meta["negative_prompt"] == row.get("negative_prompt")
+    assert isinstance(meta["clip_score"], float) or key[0] == "d-interp"  # no prompt to score an interpolation by
+    assert meta["strength"] == (0.5 if key[0] == "e-img2img" else None)
+    np.testing.assert_array_equal(np.asarray(sample["png"].convert("RGB")), images[key])
+    if "json" in sample:
+        assert sample["txt"] == meta["caption"] and np.asarray(sample["npy"]).shape == (2, 32)
+    else:
+        assert len(sample["image_embeds"]) == 32
+    return key
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_every_format_loads_typed_from_its_dataset_card(rendered: dict, output_format: str) -> None:
+    import datasets
+
+    found, output = rendered[output_format], str(rendered[output_format]["output"])
+    images = expected_images(found)
+    assert set(images) == OK_IMAGES
+    loaded = datasets.load_dataset(output, split="train")
+    features = loaded.features["json"] if output_format == "webdataset" else loaded.features
+    assert isinstance(loaded.features["png"], datasets.Image)
+    assert features["negative_prompt"] == datasets.Value("string") and features["width"] == datasets.Value("int32")
+    assert {check_sample(sample, images) for sample in loaded} == OK_IMAGES
+    streamed = datasets.load_dataset(output, split="train", streaming=True)
+    assert {check_sample(sample, images) for sample in streamed} == OK_IMAGES
+    results = datasets.load_dataset(output, data_dir="results", split="train")
+    assert results.num_rows == len(OK_IMAGES) + len(ERRORS) and results.features["width"] == datasets.Value("int32")
+    if output_format == "parquet":  # the one format whose results are a config of the card too (datasets#7101)
+        assert datasets.load_dataset(output, "results", split="train").num_rows == results.num_rows
+
+
+def test_results_record_inputs_relative_uris_and_integer_sizes(rendered: dict) -> None:
+    root = rendered["root"]
+    for output_format in FORMATS:
+        output = rendered[output_format]["output"]
+        frame = pd.read_parquet(output / "results")
+        assert str(frame["width"].dtype) == "Int32" and str(frame["attempt"].dtype) == "Int32"
+        rows = {(r["id"], r["image_index"]): r for r in frame.to_dict("records")}
+        assert {k: r["error_kind"] for k, r in rows.items() if r["status"] == "error"} == ERRORS
+        for key in OK_IMAGES:  # relative to the output: the folder can move
+            assert not rows[key]["uri"].startswith("/") and (output / rows[key]["uri"]).is_file()
+        source = str(root / "source.png")
+        items = [
+            {"prompt": "a red fox", "image": None, "weight": 0.6},
+            {"prompt": None, "image": source, "weight": 0.4},
+        ]
+        assert [dict(item) for item in rows[("d-interp", 0)]["interpolate"]] == items
+        assert pd.isna(rows[("d-interp", 0)]["prompt"]) and rows[("d-interp", 0)]["caption"] == INTERP_CAPTION
+        assert rows[("f-guided", 0)]["prior_image"] == source and rows[("f-guided", 0)]["prior_strength"] == 0.5
+        assert rows[("e-img2img", 0)]["image"] == source and rows[("e-img2img", 0)]["strength"] == 0.5
+        assert pd.isna(rows[("c-negative", 0)]["strength"]) and pd.isna(rows[("c-negative", 0)]["prior_strength"])
+        assert pd.isna(rows[("h-no-prompt", 0)]["width"])  # no image: a null Int32, not NaN in a float column
+
+
+def readme_blocks(section: str, language: str) -> list[str]:
+    """The ``language`` code blocks of README.md's ``section`` (a heading), in order."""
+    text = (REPO / "README.md").read_text().split(section, 1)[1].split("\n## ", 1)[0]
+    return [re.sub(r"^  ", "", block, flags=re.M) for block in re.findall(rf"```{language}\n(.*?)```", text, re.S)]
+
+
+def run_example(code: str, output: Path) -> dict:
+    assert 'OUTPUT = "kandinsky-example"' in code
+    namespace: dict = {}
+    exec(code.replace('OUTPUT = "kandinsky-example"', f"OUTPUT = {str(output)!r}"), namespace)
+    return namespace
+
+
+def test_readme_reader_examples_read_every_format(rendered: dict) -> None:
+    with_datasets, with_webdataset, with_pandas = readme_blocks("## Reading the output", "python")
+    for output_format in FORMATS:
+        output = rendered[output_format]["output"]
+        found = run_example(with_datasets, output)
+        assert len(found["images"]) == len(OK_IMAGES) and found["meta"]["caption"] == found["meta"]["prompt"]
+        assert metadata(found["sample"])["key"] and found["results"].num_rows == len(OK_IMAGES) + len(ERRORS)
+        found = run_example(with_pandas, output)
+        final = found["final"]
+        assert len(final) == len(OK_IMAGES) + len(ERRORS) and set(found["failed"]["id"]) == {k for k, _ in ERRORS}
+        assert all(Path(path).is_file() for path in found["paths"])
+        library = read_final(str(output), absolute_uris=False).to_pandas()
+        columns = ["id", "image_index", "status", "attempt", "uri", "member", "seed", "caption"]
+        pd.testing.assert_frame_equal(final[columns], library[columns], check_dtype=False)
+    found = run_example(with_webdataset, rendered["webdataset"]["output"])
+    assert found["image"].size == (SIDE, SIDE) and found["caption"] == found["meta"]["caption"]
+
+
+def test_webdataset_members_follow_the_conventions(rendered: dict) -> None:
+    import webdataset as wds
+
+    tars = sorted((rendered["webdataset"]["output"] / "data").glob("*.tar"))
+    with tarfile.open(tars[0]) as tar:
+        names = tar.getnames()
+    keys = {name.split(".", 1)[0] for name in names}
+    assert sorted(names) == sorted(f"{key}.{ext}" for key in keys for ext in ("json", "npy", "png", "txt"))
+    samples = list(wds.WebDataset([str(t) for t in tars], shardshuffle=False).decode("pil"))
+    assert len(samples) == len(OK_IMAGES)
+    for sample in samples:
+        assert sample["__key__"] == sample["json"]["key"] and sample["txt"] == sample["json"]["caption"]
+        assert (
+            sample["png"].size == (SIDE, SIDE) and sample["npy"].shape == (2, 32) and sample["npy"].dtype == np.float16
+        )
+
+
+def test_readme_embeddings_round_trip(rendered: dict, tmp_path: Path) -> None:
+    (block,) = readme_blocks("## Embeddings and scores in the same pass", "bash")
+    commands = [line.split()[1:] for line in block.splitlines() if line.startswith("kandinsky-render ")]
+    places = {
+        "OUTPUT": str(rendered["webdataset"]["output"]),
+        "NEW_MANIFEST": str(tmp_path / "again-manifest"),
+        "OUT2": str(tmp_path / "again"),
+    }
+    tiny = f"--models {rendered['models']} --runner local --progress off"
+    small = f"{tiny} --height 48 --width 48 --num-inference-steps 2".split()  # the README's size, made tiny
+    for argv in commands:
+        argv = [places.get(arg, arg) for arg in argv]
+        assert cli(argv + (small if argv[0] == "render" else [])) == 0, argv
+    saved = {(r["id"], r["image_index"]): r for r in read_final(places["OUTPUT"]).to_pylist()}
+    again = read_final(places["OUT2"]).to_pylist()
+    assert {r["id"] for r in again} == {f"{i}/{n}" for i, n in OK_IMAGES}
+    for row in again:
+        row_id, index = row["id"].rsplit("/", 1)
+        first = saved[(row_id, int(index))]
+        assert row["status"] == "ok" and row["seed"] == first["seed"] and row["prompt"] == first["prompt"]
+        assert row["prior_seconds"] == 0.0 and row["width"] == 48  # no prior call; the new size
+
+
+def test_status_after_retry_errors_gives_one_row_per_image(
+    rendered: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    output = tmp_path / "retried"
+    shutil.copytree(rendered["webdataset"]["output"], output)
+    shutil.copy(rendered["root"] / "source.png", rendered["root"] / "late.png")  # the missing input arrives
+    try:
+        tiny = f"--models {rendered['models']} --runner local --progress off"
+        assert cli(["render", "--output", str(output), "--retry-errors", *tiny.split()]) == 0  # the pinned manifest
+    finally:
+        (rendered["root"] / "late.png").unlink()
+    capsys.readouterr()
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["this_run"]["num_images"] == 1 and stats["num_skipped_already_final"] == len(OK_IMAGES) + 2
+    assert stats["output"]["by_status"] == {"ok": len(OK_IMAGES) + 1, "error": 2}
+    history = pd.read_parquet(output / "results")
+    assert len(history) == len(OK_IMAGES) + len(ERRORS) + 1  # the superseded error stays in results/; refusals once
+
+    printed = {}  # README's status commands, as written, on this output: what each printed
+    (commands,) = readme_blocks("## Reading the output", "bash")
+    for line in commands.splitlines():
+        argv = line.split(">")[0].split()[1:]
+        argv = [
+            str(output) if a == "kandinsky-example" else str(tmp_path / a) if a == "final.parquet" else a for a in argv
+        ]
+        assert cli(argv) == 0, line
+        printed[" ".join(line.split()[3:])] = capsys.readouterr().out
+    rows = [json.loads(line) for line in printed["--all --json > final.jsonl"].splitlines()]
+    assert len(rows) == len({(r["id"], r["image_index"]) for r in rows}) == len(OK_IMAGES) + len(ERRORS)
+    final = {(r["id"], r["image_index"]): r for r in rows}
+    assert final[("g-missing", 0)]["status"] == "ok" and final[("g-missing", 0)]["attempt"] == 1
+    errors = {key: row["attempt"] for key, row in final.items() if row["status"] == "error"}
+    assert errors == {("h-no-prompt", 0): 0, ("i-bad-size", 0): 0}  # kept, not written again
+    library = read_final(str(output)).to_pylist()
+    listed = sorted(rows, key=lambda r: (r["id"], r["image_index"]))
+    assert [(r["id"], r["status"], r["uri"]) for r in library] == [(r["id"], r["status"], r["uri"]) for r in listed]
+    (pandas_read,) = [b for b in readme_blocks("## Reading the output", "python") if "drop_duplicates" in b]
+    assert len(run_example(pandas_read, output)["final"]) == len(rows)
+    assert pd.read_parquet(tmp_path / "final.parquet")["id"].tolist() == [r["id"] for r in library]
+    assert "h-no-prompt\t0\terror\tinvalid_row" in printed["--errors"]
+    assert "i-bad-size\t0\terror\tunsupported_size" in printed["--errors"]
+    assert "error invalid_row: 1 (first: h-no-prompt #0)" in printed[""]
+    assert cli(["status", str(output), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["first_failed"] == {"invalid_row": [["h-no-prompt", 0]], "unsupported_size": [["i-bad-size", 0]]}
+    assert cli(["status", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_duplicates_and_first_failures_are_named(rendered: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from jobs.reporting.progress import summary_table
+
+    stats = rendered["files"]["stats"]
+    assert stats["duplicates"]["num_repeated"] == 1
+    assert stats["duplicates"]["examples"] == [[["a-null-first", 1], ["b-twin", 0]]]
+    assert stats["this_run"]["first_failed"] == {kind: [[key[0], 0]] for key, kind in ERRORS.items()}
+    table = summary_table(stats)
+    assert "same inputs, settings and seed: a-null-first #1 = b-twin #0" in table
+    assert "first failed (input_error): g-missing #0" in table
+    argv = [
+        "render",
+        "--manifest",
+        rendered["manifest"],
+        "--output",
+        str(tmp_path / "new"),
+        "--dry-run",
+        "--models",
+        rendered["models"],
+    ]
+    assert cli(argv) == 0
+    out = capsys.readouterr().out  # 8 renderable images (g-missing's input is found missing only when rendering)
+    assert "duplicate images (the same prompt inputs, settings and seed): 1 of 8 image(s), e.g. a-null-first #1" in out
+
+
+def test_gallery_shows_each_cards_inputs_and_captions(rendered: dict) -> None:
+    page = (rendered["webdataset"]["output"] / "index.html").read_text()
+    sample = page.split("<main>", 1)[1].split("</main>", 1)[0]  # the sample's cards (the score section follows)
+    cards = {re.search(r"<b>([^<]+)</b>", card).group(1): card for card in sample.split('<figure class="card">')[1:]}
+    assert 'class="inputs"' in cards["e-img2img"] and "image: " in cards["e-img2img"]
+    assert "prior_image: " in cards["f-guided"] and "data:image/png;base64," in cards["f-guided"].split("<img")[1]
+    assert "interpolate: 0.6 x &#x27;a red fox&#x27;" in cards["d-interp"] and INTERP_CAPTION in cards["d-interp"]
+    assert 'class="inputs"' not in cards["c-negative"]  # nothing but text went in
+    finished = re.search(r"finished (.+):\n", page).group(1)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", finished), finished
+
+
+def test_pinned_manifest_does_not_depend_on_the_working_directory(
+    rendered: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    output = str(rendered["parquet"]["output"])
+    pinned = json.loads(Path(output, "_dataset.json").read_text())["manifest"]
+    assert pinned == rendered["manifest"] and Path(pinned).is_absolute()
+    dry = ["--dry-run", "--models", rendered["models"]]
+    monkeypatch.chdir(rendered["root"])
+    assert cli(["render", "--manifest", "manifest.parquet", "--output", output, *dry]) == 0  # relative, same file
+    monkeypatch.chdir(tmp_path)
+    assert cli(["render", "--output", output, *dry]) == 0  # left out: the pinned one
+    assert "0 shard(s) to render" in capsys.readouterr().out
+    write_manifest(tmp_path / "manifest.parquet", [{"id": "x", "prompt": "p"}])
+    assert cli(["render", "--manifest", "manifest.parquet", "--output", output, *dry]) == 2  # another file
+    assert cli(["render", "--output", str(tmp_path / "new"), *dry]) == 2
+    assert "--manifest is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schema", [SAMPLE_SCHEMA, RESULTS_SCHEMA], ids=["sample", "results"])
+def test_card_features_are_the_ones_datasets_writes(schema: pa.Schema) -> None:
+    import datasets
+
+    ours = [feature(f.name, f.type) for f in schema]
+    assert ours == datasets.Features.from_arrow_schema(schema.remove_metadata())._to_yaml_list()
+
+
+def test_parts_written_before_attempt_existed_read_with_their_part_number(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from actors.storage import Storage
+    from jobs.planning.output_index import read_part_results
+    from schemas.shards import Part
+
+    (tmp_path / "results").mkdir()
+    old = pa.table({"id": ["a"], "image_index": pa.array([0], pa.int32()), "status": ["ok"]})
+    pq.write_table(old, tmp_path / "results" / "s.retry-2.parquet")
+    part = Part(
+        name="s.retry-2", run_id="r", results="results/s.retry-2.parquet", data=None, num_images=1, by_status={"ok": 1}
+    )
+    table = read_part_results(Storage(str(tmp_path)), part, columns=["id", "attempt", "caption"])
+    assert table.to_pylist() == [{"id": "a", "attempt": 2, "caption": None}]
+
+
+def test_png_previews_decode(rendered: dict) -> None:
+    frame = pd.read_parquet(rendered["files"]["output"] / "results")
+    previews = [p for value in frame["input_thumbnails"].dropna() for p in value if p["png"] is not None]
+    assert previews and all(Image.open(io.BytesIO(p["png"])).size[0] <= 160 for p in previews)
+
+
+def test_image_signatures_see_what_decides_pixels_and_only_that() -> None:
+    from jobs.planning.duplicates import DuplicateImages
+    from schemas.work import WORK_SCHEMA
+
+    base = {name: None for name in WORK_SCHEMA.names} | {
+        "id": "a", "image_index": 0, "seed": 1, "mode": "text2img", "prompt": "p", "has_negative_prompt": False,
+        "height": 64, "width": 64, "num_inference_steps": 3, "guidance_scale": 4.0, "prior_num_inference_steps": 2,
+        "prior_guidance_scale": 4.0, "strength": 0.3, "prior_strength": 0.3, "prior_kind": "text", "inputs_key": "",
+        "manifest_file": "m", "hint_estimated": False,
+    }  # fmt: skip
+    inline = {"uri": None, "data": b"png bytes"}
+    variants = [
+        {"id": "same-but-unused-strength", "strength": 0.9},  # text2img does not use strength
+        {"id": "other-seed", "seed": 2},
+        {"id": "other-negative", "negative_prompt": ""},  # "" is a negative prompt, null is none
+        {"id": "inline-1", "mode": "img2img", "image": inline},
+        {"id": "inline-2", "mode": "img2img", "image": inline},
+        {"id": "inline-other-strength", "mode": "img2img", "image": inline, "strength": 0.5},
+    ]
+    table = pa.Table.from_pylist([base, *({**base, **v} for v in variants)], schema=WORK_SCHEMA)
+    duplicates = DuplicateImages(num_images=10**7)  # several partitions on disk
+    duplicates.add(table)
+    found = duplicates.finish()
+    assert found.num_images == 7 and found.num_repeated == 2
+    assert sorted(found.examples) == [(("a", 0), ("same-but-unused-strength", 0)), (("inline-1", 0), ("inline-2", 0))]
+
+
+def test_an_unpublished_files_part_leaves_no_metadata_for_datasets_to_read(tmp_path: Path) -> None:
+    from actors.storage import Storage
+    from jobs.planning.output_index import OutputIndex
+    from jobs.publishing.orphans import delete_orphans
+    from schemas.shards import data_key, image_key, shard_name
+
+    part = shard_name("m.parquet", 0, 4)
+    for key in (data_key(part, "files"), image_key(part, "a", 0), "images/ab/legacy-layout.png"):
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"x")
+    assert delete_orphans(Storage(str(tmp_path)), OutputIndex()) == [data_key(part, "files")]
+    assert (tmp_path / image_key(part, "a", 0)).is_file() and (tmp_path / "images/ab/legacy-layout.png").is_file()
+
+
+def test_recorded_input_uris_carry_no_credentials() -> None:
+    from schemas.results import describe_input, interpolate_items
+
+    presigned = {"uri": "https://user:token@images.example:8443/a/b.png?X-Amz-Signature=abc#part", "data": None}
+    assert describe_input(presigned) == "https://images.example:8443/a/b.png"
+    assert describe_input({"uri": "s3://bucket/a b.png", "data": None}) == "s3://bucket/a b.png"
+    assert describe_input({"uri": None, "data": b"x"}).startswith("sha256:")
+    assert interpolate_items([{"prompt": None, "image": presigned, "weight": 1.0}])[0]["image"].endswith("/a/b.png")
