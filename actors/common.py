@@ -11,6 +11,7 @@ import torch
 
 from actors.inputs import ImageLoader
 from actors.stage import Stage
+from actors.weights import local_checkpoint
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
 from schemas.versions import version_mismatches
 
@@ -90,7 +91,8 @@ class ModelStage(Stage):
     Library chatter silenced (first: importing the pipelines already logs), untested package
     versions warned about, ``device`` (default: CUDA when visible, else the CPU) and ``dtype``
     resolved, and an `ImageLoader` for the stage's input images (``storage_options``,
-    ``allowed_protocols``, ``max_input_pixels``). Subclasses load their model after ``super().__init__``.
+    ``allowed_protocols``, ``max_input_pixels``). Subclasses load their model after ``super().__init__``,
+    from `checkpoint` (``storage_options`` also reach checkpoints on object storage).
     """
 
     def __init__(
@@ -109,6 +111,11 @@ class ModelStage(Stage):
         warn_untested_versions(self.name)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.storage_options = storage_options
         self.loader = ImageLoader(
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
         )
+
+    def checkpoint(self, path: str) -> str:
+        """What ``from_pretrained`` loads ``path`` from: a checkpoint on object storage is synced to this node first."""
+        return local_checkpoint(path, storage_options=self.storage_options)

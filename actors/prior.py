@@ -44,7 +44,7 @@ class PriorActor(ModelStage):
         super().__init__(**stage)
         from diffusers import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline
 
-        pipe = KandinskyV22PriorPipeline.from_pretrained(model, dtype=self.dtype)
+        pipe = KandinskyV22PriorPipeline.from_pretrained(self.checkpoint(model), dtype=self.dtype)
         self.pipe = prepare_pipeline(pipe, device=self.device, options=accel)
         self.pipe.set_progress_bar_config(disable=True)
         self.emb2emb = share_prior_caches(self.pipe, KandinskyV22PriorEmb2EmbPipeline(**self.pipe.components))

@@ -70,6 +70,7 @@ class ScoreActor(ModelStage):
         """Load the four CLIP parts of ``model``; ``accel``: only ``attention`` applies (no UNet or prior here);
         ``stage``: see `actors.common.ModelStage`."""
         super().__init__(**stage)
+        model = self.checkpoint(model)
         from transformers import (
             CLIPImageProcessor,
             CLIPTextModelWithProjection,

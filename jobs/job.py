@@ -13,16 +13,17 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from threading import Thread
 from typing import Any
 
 from actors.storage import Storage
 from cluster.defaults import Machine
-from jobs.execution.chain import ChainBuilder, execute, session
+from jobs.execution.chain import ChainBuilder, execute, session, start_imports
 from jobs.execution.connect import check_address
 from jobs.execution.contract import BatchDone, Task, TaskDone
 from jobs.execution.timeline import Timeline
+from jobs.planning.availability import check_models
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.machine import log_choices, stats_record
 from jobs.planning.run_plan import PendingScan, RunPlan, ShardWork, plan_run, with_machine_defaults
@@ -99,45 +100,89 @@ def run_job(
         timeline.mark("lease_taken")
         if config.overwrite:
             delete_output(storage)
-        # Planning reads storage while Ray starts (its processes, the stage imports) on this thread.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as pool:
-            planning = pool.submit(_plan, config, storage, timeline)
-            with session(config, timeline) as machine:
-                plan, scan = planning.result()
-                plan, choices = with_machine_defaults(plan, scan, machine)
-                log_choices(machine, choices)
-                stats = _render(
-                    plan,
-                    scan,
-                    storage,
-                    lease,
-                    progress,
-                    run_id=run_id,
-                    timeline=timeline,
-                    machine=machine,
-                    build=build,
-                    runner_options=runner_options,
-                    started=started,
-                )
-                stats["defaults"] = stats_record(machine, choices)
-                stats["timeline"] = timeline.seconds()
-                chosen = plan.index.sample.chosen()
-                stats["report"] = write_report(storage, chosen, stats=stats, scores_summary=plan.index.scores)
-                timeline.mark("gallery_written")  # before Ray shuts down: the gallery does not wait for it
-                stats["timeline"] = timeline.seconds()
-                write_stats(storage, stats)
-                storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
+        # Planning and the model checks come first: a run with nothing pending, or one that lacks a model, stops
+        # before Ray starts. The stage modules (torch, diffusers) import meanwhile once there is work.
+        plan, scan, imports = _plan(config, storage, timeline)
+        if not plan.pending:
+            stats = _nothing_pending(plan, storage, progress, run_id=run_id, timeline=timeline, started=started)
+            return JobSummary(run_id=run_id, plan=plan, stats=stats)
+        with session(config, timeline, imports=imports) as machine:
+            plan, choices = with_machine_defaults(plan, scan, machine)
+            log_choices(machine, choices)
+            stats = _render(
+                plan,
+                scan,
+                storage,
+                lease,
+                progress,
+                run_id=run_id,
+                timeline=timeline,
+                machine=machine,
+                build=build,
+                runner_options=runner_options,
+                started=started,
+            )
+            stats["defaults"] = stats_record(machine, choices)
+            _report(plan, storage, stats, run_id=run_id, timeline=timeline)  # before Ray shuts down: no wait for it
         stats["timeline"] = timeline.seconds()  # with Ray's shutdown, for the caller (stats.json has it without)
     return JobSummary(run_id=run_id, plan=plan, stats=stats)
 
 
-def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunPlan, PendingScan]:
-    """The run's plan and the scan of its pending shards (what the stages and the defaults depend on)."""
+def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunPlan, PendingScan, Thread | None]:
+    """The run's plan and what its pending shards need, each needed model checked to be loadable.
+
+    Also starts importing the stage modules (a thread, returned) once there is work. Raises
+    `jobs.planning.availability.ModelUnavailableError` when a needed model cannot be loaded.
+    """
     plan = plan_run(config, storage)
+    imports = start_imports(config) if plan.pending else None
     delete_orphans(storage, plan.index)
-    scan = plan.scan()
+    scan = check_models(plan, plan.scan())
     timeline.mark("planned")
-    return plan, scan
+    return plan, scan, imports
+
+
+def _report(plan: RunPlan, storage: Storage, stats: dict[str, Any], *, run_id: str, timeline: Timeline) -> None:
+    """The end of a run: the gallery, stats.json, then ``_SUCCESS``."""
+    stats["timeline"] = timeline.seconds()
+    chosen = plan.index.sample.chosen()
+    stats["report"] = write_report(storage, chosen, stats=stats, scores_summary=plan.index.scores)
+    timeline.mark("gallery_written")
+    stats["timeline"] = timeline.seconds()
+    write_stats(storage, stats)
+    storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
+
+
+def _nothing_pending(
+    plan: RunPlan, storage: Storage, progress: Progress, *, run_id: str, timeline: Timeline, started: float
+) -> dict[str, Any]:
+    """A run whose every shard is done already: no Ray, no model; the report is made again from the markers."""
+    logger.info(
+        "run %s: nothing to render: all %d shard(s) of the %d manifest file(s) are done in %s (%d image(s)); "
+        "Ray not started",
+        run_id,
+        plan.num_shards,
+        len(plan.files),
+        plan.config.output,
+        plan.index.totals.num_images,
+    )
+    write_settings(storage, plan.settings)
+    progress.start(run_id=run_id, num_images=0)
+    progress.finish()
+    timeline.mark("rendered")
+    stats = run_stats(
+        run_id=run_id,
+        config=plan.config,
+        plan=plan,
+        this_run=Counts(),
+        parts=[],
+        stage_info={"runner": "none: nothing to render"},
+        render_seconds=0.0,
+        wall_seconds=time.monotonic() - started,
+        skipped=plan.index.totals.num_images,
+    )
+    _report(plan, storage, stats, run_id=run_id, timeline=timeline)
+    return stats
 
 
 def _render(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from jobs.dev.tokenizer import write_clip_tokenizer
+from schemas.models import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -271,10 +272,7 @@ def default_tiny_models_dir() -> str:
 
     ``KANDINSKY_RENDER_CACHE`` defaults to ``~/.cache/kandinsky-render``.
     """
-    cache = os.environ.get("KANDINSKY_RENDER_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "kandinsky-render"
-    )
-    return os.path.join(cache, "tiny-models")
+    return os.path.join(cache_root(), "tiny-models")
 
 
 def _paths(root: Path) -> dict[str, str]:

@@ -86,7 +86,8 @@ def build_chain(
     for stage in MODEL_STAGES:
         if layouts[stage.name] is not None:
             cls, kwargs, batch_size = made[stage.name]
-            kwargs = kwargs if stage is SCORE else {**kwargs, **inputs}  # the scorer reads no input images
+            # The scorer reads no input images; storage options still reach its checkpoint.
+            kwargs = {**kwargs, "storage_options": config.storage_options} if stage is SCORE else {**kwargs, **inputs}
             stages.append(
                 StageSpec(name=stage.name, cls=cls, kwargs=kwargs, resources=layouts[stage.name], batch_size=batch_size)
             )
@@ -115,24 +116,33 @@ def describe(stage: StageLayout) -> dict[str, Any]:
     return described
 
 
+def start_imports(config: JobConfig) -> threading.Thread | None:
+    """Import the stage modules (torch, diffusers: seconds) in a thread, for a Ray run; None with ``--runner local``."""
+    if config.runner == "local":
+        return None
+    thread = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
+    thread.start()
+    return thread
+
+
 @contextlib.contextmanager
-def session(config: JobConfig, timeline: Timeline) -> Iterator[Machine]:
+def session(config: JobConfig, timeline: Timeline, *, imports: threading.Thread | None = None) -> Iterator[Machine]:
     """The machine the stages will run on, for the length of a run: a connected Ray cluster, or this machine.
 
     ``--runner ray``: joins the cluster the config names, else starts a private local Ray (shut
-    down at exit), while a thread imports the stage modules (torch, diffusers): Ray's start-up
-    mostly waits on its own processes, so the two overlap. ``--runner local``: this machine, no Ray.
+    down at exit), while ``imports`` (`start_imports`, started here when not given) imports the stage
+    modules: Ray's start-up mostly waits on its own processes, so the two overlap. ``--runner
+    local``: this machine, no Ray.
     """
     if config.runner == "local":
         yield local_machine()
         return
     import ray
 
-    preload = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
-    preload.start()
+    imports = imports or start_imports(config)
     started = connect_ray(config.address, wait_s=config.connect_wait_s)
     timeline.mark("ray_connected")
-    preload.join()
+    imports.join()
     timeline.mark("imports_done")
     try:
         yield ray_machine()

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from actors.storage import Storage
 from jobs.options.flags import option_at
+from jobs.planning.availability import check_models
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
 from jobs.planning.machine import local_machine
@@ -137,11 +138,14 @@ def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list
 
 
 def dry_run(config: JobConfig, *, calibration: str | None = None) -> str:
-    """Plan ``config`` against its output as it is now and describe it (with ``--overwrite``: as if empty)."""
+    """Plan ``config`` against its output as it is now and describe it (with ``--overwrite``: as if empty).
+
+    Raises `jobs.planning.availability.ModelUnavailableError` when the run would lack a model it needs.
+    """
     path = calibration or DEFAULT_CALIBRATION
     profiles = load_calibration(path)
     plan = plan_run(config, Storage(config.output, storage_options=config.storage_options))
-    scan = plan.scan()
+    scan = check_models(plan, plan.scan())  # a model the run would lack fails the dry run too, naming it
     machine = local_machine()
     plan, choices = with_machine_defaults(plan, scan, machine)
     config = plan.config

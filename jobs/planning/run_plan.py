@@ -7,6 +7,7 @@ memory follows the shards in flight, not the manifest.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
@@ -24,9 +25,10 @@ from jobs.planning.ids import check_ids, files_digest
 from jobs.planning.machine import local_machine, machine_defaults
 from jobs.planning.manifests import ManifestFile, ShardReader, cut_shards, list_manifest_paths, read_footer, read_whole
 from jobs.planning.output_index import OutputIndex, read_settings, read_shard_results
-from jobs.planning.work import Work, images_per_row, shard_work
+from jobs.planning.work import PLAN_CHUNK_ROWS, Work, images_per_row, shard_work
 from schemas.config import JobConfig
 from schemas.manifest import Limits, ManifestError, RenderDefaults
+from schemas.models import HUB_MODELS
 from schemas.modes import DEFAULT_MODE, MODES
 from schemas.results import STATUS_OK
 from schemas.shards import DEFAULT_SHARD_ROWS, FORMAT_FILES, DatasetSettings, Marker, Shard, marker_key, part_name
@@ -34,6 +36,11 @@ from schemas.summary import Counts, ImageKey
 from schemas.work import WORK_SCHEMA
 
 logger = logging.getLogger(__name__)
+
+PRIOR_MODEL, DEPTH_MODEL = "prior", "depth"  # keys of HUB_MODELS: the prior and the depth estimator
+assert {PRIOR_MODEL, DEPTH_MODEL} <= set(HUB_MODELS)
+# Rows `RunPlan.confirm` may plan before it counts every model not yet confirmed as needed (bounds start-up).
+CONFIRM_ROWS = 100_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,12 +64,18 @@ class ShardWork:
 
 @dataclass(frozen=True, kw_only=True)
 class PendingScan:
-    """What the pending shards need, known before any is planned: the stages and the progress total depend on it."""
+    """What the pending shards need, known before any is planned: the stages and the progress total depend on it.
+
+    `RunPlan.scan` reads small columns only, so ``modes`` and ``needs_depth`` may count rows that planning will
+    refuse; `RunPlan.confirm` settles what matters (`jobs.planning.availability.check_models`).
+    """
 
     num_images: int  # images the pending shards' rows ask for (retries: their error images)
-    modes: list[str]  # modes that may occur (decides which decoder checkpoints load)
-    needs_depth: bool  # a hint-estimating mode may lack hints (the depth stage starts); may over-estimate
+    modes: list[str]  # modes that occur (decides which decoder checkpoints load)
+    needs_depth: bool  # some ControlNet row lacks a hint (the depth stage starts)
     largest_pixels: int = 0  # height x width of the largest image asked for within the limits (the defaults' sizing)
+    # HUB_MODELS name (checkpoint, "depth") -> positions in `RunPlan.pending` of the shards whose rows may need it
+    shards_needing: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -88,50 +101,99 @@ class RunPlan:
         return sum(file.num_rows for file in self.files)
 
     def scan(self) -> PendingScan:
-        """Images, modes and depth needs of the pending shards, from small columns and footer statistics only."""
+        """Images, modes and depth needs of the pending shards, from small columns and footer statistics only.
+
+        A shard's ``hint`` column is read only when it has ControlNet rows and its statistics do not
+        rule out missing hints, so a manifest whose ControlNet rows all give hints never starts the depth stage.
+        """
         limits, defaults = self.config.limits, self.config.defaults
         estimated = {name for name, mode in MODES.items() if mode.hint_estimated}
-        num_images, modes, needs_depth = 0, set(), False
-        largest = 0
+        num_images, modes, largest = 0, set(), 0
+        needing: dict[str, list[int]] = collections.defaultdict(list)
         with ShardReader(storage_options=self.config.storage_options) as reader:
-            for shard, previous in self.pending:
+            for position, (shard, previous) in enumerate(self.pending):
                 columns, hints_null = reader.columns(shard, ["mode", "num_images", "height", "width"])
                 largest = max(largest, _largest_pixels(columns, defaults=defaults, limits=limits))
                 if previous is not None:  # a retry renders the shard's error images
                     num_images += previous.num_errors
-                    failed = {m for m, c in previous.by_mode.items() if sum(c.values()) > c.get(STATUS_OK, 0)}
-                    modes |= failed
-                    needs_depth |= bool(failed & estimated)
-                    continue
-                counts = pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images)
-                num_images += int(images_per_row(counts, limits=limits).sum())
-                shard_modes = pc.unique(pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE))
-                shard_modes = set(shard_modes.to_pylist()) & set(MODES)
+                    shard_modes = {m for m, c in previous.by_mode.items() if sum(c.values()) > c.get(STATUS_OK, 0)}
+                    depth = bool(shard_modes & estimated)
+                else:
+                    counts = pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images)
+                    num_images += int(images_per_row(counts, limits=limits).sum())
+                    shard_modes = set(_modes(columns).to_pylist()) & set(MODES)
+                    depth = bool(shard_modes & estimated) and hints_null and _lacks_hint(reader, shard, estimated)
                 modes |= shard_modes
-                needs_depth |= bool(shard_modes & estimated) and hints_null
-        return PendingScan(num_images=num_images, modes=sorted(modes), needs_depth=needs_depth, largest_pixels=largest)
+                for name in {MODES[mode].checkpoint for mode in shard_modes} | ({DEPTH_MODEL} if depth else set()):
+                    needing[name].append(position)
+        return PendingScan(
+            num_images=num_images,
+            modes=sorted(modes),
+            needs_depth=DEPTH_MODEL in needing,
+            largest_pixels=largest,
+            shards_needing=dict(needing),
+        )
+
+    def confirm(self, scan: PendingScan, names: set[str]) -> set[str]:
+        """Which of ``names`` (keys of `schemas.models.HUB_MODELS`) some row that will render needs.
+
+        Plans (reads and validates) the pending shards `scan` found may need them, in order, until
+        each is confirmed: a refused row needs no model. The prior is needed by any row that renders.
+        After `CONFIRM_ROWS` planned rows the names not yet confirmed count as needed (said in the log).
+        """
+        positions = {name: set(scan.shards_needing.get(name, ())) for name in names}
+        if PRIOR_MODEL in names:
+            positions[PRIOR_MODEL] = set(range(len(self.pending)))
+        confirmed: set[str] = set()
+        planned = 0
+        # Only which rows render matters here, not how they batch (the machine's batch size is not chosen yet).
+        config = self.config if self.config.batch_size else dataclasses.replace(self.config, batch_size=PLAN_CHUNK_ROWS)
+        with ShardReader(storage_options=self.config.storage_options) as reader:
+            for position in sorted(set().union(*positions.values())):
+                open_names = {name for name in names - confirmed if position in positions[name]}
+                if not open_names:
+                    continue
+                if planned >= CONFIRM_ROWS:
+                    rest = sorted(name for name in names - confirmed if max(positions[name]) >= position)
+                    logger.info("%d rows planned to see which models are needed; counting %s as needed", planned, rest)
+                    return confirmed | set(rest)
+                shard, previous = self.pending[position]
+                work = self._shard_work(reader, shard, previous, config=config).work
+                planned += shard.num_rows
+                found = {MODES[mode].checkpoint for mode in work.modes} | ({DEPTH_MODEL} if work.needs_depth else set())
+                confirmed |= (found | ({PRIOR_MODEL} if work.num_to_render else set())) & open_names
+                if confirmed >= names:
+                    break
+        return confirmed
 
     def works(self) -> Iterator[ShardWork]:
         """The pending shards' work, one shard's rows at a time."""
         with ShardReader(storage_options=self.config.storage_options) as reader:
             for shard, previous in self.pending:
-                rows = reader.read(shard)
-                retried = None if previous is None else self._retried(previous)
-                only = (
-                    None
-                    if retried is None
-                    else pa.table({"id": [k[0] for k in retried.keys], "image_index": [k[1] for k in retried.keys]})
-                )
-                work = shard_work(
-                    rows,
-                    file=shard.file,
-                    config=self.config,
-                    movq_scales=self.scales,
-                    only=only,
-                    embedding_dim=self.scales.embedding_dim,
-                )
-                attempt = len(previous.parts) if previous is not None else 0
-                yield ShardWork(shard=shard, part=part_name(shard.name, attempt), work=work, retried=retried)
+                yield self._shard_work(reader, shard, previous)
+
+    def _shard_work(
+        self, reader: ShardReader, shard: Shard, previous: Marker | None, *, config: JobConfig | None = None
+    ) -> ShardWork:
+        """One pending shard's rows, validated and planned with ``config`` (default the plan's; a retry: the
+        shard's error images only)."""
+        rows = reader.read(shard)
+        retried = None if previous is None else self._retried(previous)
+        only = (
+            None
+            if retried is None
+            else pa.table({"id": [k[0] for k in retried.keys], "image_index": [k[1] for k in retried.keys]})
+        )
+        work = shard_work(
+            rows,
+            file=shard.file,
+            config=config or self.config,
+            movq_scales=self.scales,
+            only=only,
+            embedding_dim=self.scales.embedding_dim,
+        )
+        attempt = len(previous.parts) if previous is not None else 0
+        return ShardWork(shard=shard, part=part_name(shard.name, attempt), work=work, retried=retried)
 
     def _retried(self, previous: Marker) -> Retried:
         """The images a ``--retry-errors`` part renders again (every image whose final result is an error)."""
@@ -143,6 +205,21 @@ class RunPlan:
             counts.count(status=row["status"], mode=row["mode"], error_kind=row["error_kind"])
         keys = frozenset((row["id"], row["image_index"]) for row in errors)
         return Retried(marker=marker, counts=counts, keys=keys)
+
+
+def _modes(columns: pa.Table) -> pa.Array:
+    """The distinct modes of a shard's ``mode`` column (null: the default mode)."""
+    return pc.unique(pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE))
+
+
+def _lacks_hint(reader: ShardReader, shard: Shard, estimated: set[str]) -> bool:
+    """Whether some row of a hint-estimating mode in ``shard`` has no ``hint`` (reads the mode and hint columns)."""
+    columns, _ = reader.columns(shard, ["mode", "hint"])
+    modes = pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE)
+    lacking = pc.and_(
+        pc.is_in(modes, value_set=pa.array(sorted(estimated), pa.string())), columns.column("hint").is_null()
+    )
+    return bool(pc.any(lacking).as_py())
 
 
 def _largest_pixels(columns: pa.Table, *, defaults: RenderDefaults, limits: Limits) -> int:
