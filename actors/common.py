@@ -92,7 +92,7 @@ class ModelStage(Stage):
     versions warned about, ``device`` (default: CUDA when visible, else the CPU) and ``dtype``
     resolved, and an `ImageLoader` for the stage's input images (``storage_options``,
     ``allowed_protocols``, ``max_input_pixels``). Subclasses load their model after ``super().__init__``,
-    from `checkpoint` (``storage_options`` also reach checkpoints on object storage).
+    from `checkpoint` (a checkpoint on object storage is synced into ``model_cache`` with ``storage_options``).
     """
 
     def __init__(
@@ -103,6 +103,7 @@ class ModelStage(Stage):
         storage_options: dict | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        model_cache: str | None = None,
         max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
@@ -111,11 +112,11 @@ class ModelStage(Stage):
         warn_untested_versions(self.name)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.storage_options = storage_options
+        self.storage_options, self.model_cache = storage_options, model_cache
         self.loader = ImageLoader(
             storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
         )
 
     def checkpoint(self, path: str) -> str:
         """What ``from_pretrained`` loads ``path`` from: a checkpoint on object storage is synced to this node first."""
-        return local_checkpoint(path, storage_options=self.storage_options)
+        return local_checkpoint(path, storage_options=self.storage_options, cache=self.model_cache)

@@ -52,12 +52,12 @@ class Synced:
     seconds: float
 
 
-def local_checkpoint(path: str, *, storage_options: dict[str, Any] | None = None) -> str:
+def local_checkpoint(path: str, *, storage_options: dict[str, Any] | None = None, cache: str | None = None) -> str:
     """What to give ``from_pretrained`` for the checkpoint at ``path``: a local folder or hub id as it is, an
-    fsspec URI as this node's synced copy (`sync_checkpoint`)."""
+    fsspec URI as this node's synced copy in ``cache`` (default `models_cache`; see `sync_checkpoint`)."""
     if not is_remote(path):
         return local_path(path)
-    return sync_checkpoint(path, storage_options=storage_options).path
+    return sync_checkpoint(path, storage_options=storage_options, cache=cache).path
 
 
 def models_cache() -> str:
@@ -89,14 +89,14 @@ def sync_checkpoint(uri: str, *, storage_options: dict[str, Any] | None = None, 
             logger.warning("cannot list %s (%s); using the copy synced earlier at %s", uri, exc, target)
             return _synced(target, recorded, downloaded=False, started=started)
         if recorded != listing:
-            _download(uri, listing, root=root, key=key, storage_options=storage_options or {})
+            _download(uri, listing, root=root, key=key, storage_options=storage_options or {}, recorded=recorded)
             synced = _synced(target, listing, downloaded=True, started=started)
             logger.info(
-                "synced %s into %s: %d file(s), %.1f MB in %.1f s",
+                "synced %s into %s: %d file(s), %s in %.1f s",
                 uri,
                 target,
                 synced.num_files,
-                synced.num_bytes / 1e6,
+                _size(synced.num_bytes),
                 synced.seconds,
             )
             return synced
@@ -171,17 +171,29 @@ def _recorded(target: Path) -> dict[str, dict[str, Any]] | None:
         return None
 
 
-def _download(uri: str, listing: dict[str, dict[str, Any]], *, root: Path, key: str, storage_options: dict) -> None:
-    """Every file of ``listing`` into a temporary folder, checked against its listed size, then renamed to ``key``."""
+def _download(
+    uri: str,
+    listing: dict[str, dict[str, Any]],
+    *,
+    root: Path,
+    key: str,
+    storage_options: dict,
+    recorded: dict[str, dict[str, Any]] | None,
+) -> None:
+    """Every file of ``listing`` into a temporary folder, checked against its listed size, then renamed to ``key``.
+
+    Files the previous copy holds unchanged (``recorded``) are linked from it, not downloaded again.
+    """
     from fsspec.core import url_to_fs
 
     fs, base = url_to_fs(uri, **storage_options)
-    need = sum(int(entry["size"]) for entry in listing.values())
+    kept = {relative for relative, entry in listing.items() if recorded and recorded.get(relative) == entry}
+    need = sum(int(entry["size"]) for relative, entry in listing.items() if relative not in kept)
     free = shutil.disk_usage(root).free
     if need > free:
         raise OSError(
             errno.ENOSPC,
-            f"syncing {uri} needs {need / 1e9:.2f} GB but {root} has {free / 1e9:.2f} GB free "
+            f"syncing {uri} needs {_size(need)} but {root} has {_size(free)} free "
             f"(${CACHE_ENV} chooses the cache folder)",
         )
     temporary = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=root))
@@ -189,6 +201,9 @@ def _download(uri: str, listing: dict[str, dict[str, Any]], *, root: Path, key: 
         for relative, entry in listing.items():
             destination = temporary / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
+            if relative in kept:
+                os.link(root / key / relative, destination)  # same file system: no copy, no download
+                continue
             source = posixpath.join(base.rstrip("/"), relative)
 
             def fetch(source: str = source, destination: Path = destination, size: int = int(entry["size"])) -> None:
@@ -211,3 +226,11 @@ def _download(uri: str, listing: dict[str, dict[str, Any]], *, root: Path, key: 
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def _size(num_bytes: float) -> str:
+    """``1.2 GB``, ``340 MB``, ``500 B``: a size for messages."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{int(num_bytes)} B"

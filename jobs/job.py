@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,11 +23,12 @@ from cluster.defaults import Machine
 from jobs.execution.chain import ChainBuilder, execute, session, start_imports
 from jobs.execution.connect import check_address
 from jobs.execution.contract import BatchDone, Task, TaskDone
+from jobs.execution.metrics import MetricsRecorder
 from jobs.execution.timeline import Timeline
 from jobs.planning.availability import check_models
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.machine import log_choices, stats_record
-from jobs.planning.run_plan import PendingScan, RunPlan, ShardWork, plan_run, with_machine_defaults
+from jobs.planning.run_plan import DEPTH_MODEL, PendingScan, RunPlan, ShardWork, plan_run, with_machine_defaults
 from jobs.publishing.lease import Lease
 from jobs.publishing.markers import new_marker, retried_marker, write_marker, write_settings
 from jobs.publishing.orphans import delete_orphans, delete_output
@@ -77,20 +79,37 @@ def run_job(
     progress: Progress | None = None,
     build: ChainBuilder | None = None,
     runner_options: dict[str, Any] | None = None,
+    started_at: float | None = None,
 ) -> JobSummary:
     """Render every image of the manifests whose shard is not done in the output yet; see README.md.
 
     Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests,
     ValueError for impossible settings and `jobs.publishing.lease.LeaseHeldError` when another run
     holds the output. A shard's results are published only after its images, its marker last.
-    ``build`` and ``runner_options``: see `jobs.execution.chain.execute` (benchmarks).
+    ``build`` and ``runner_options``: see `jobs.execution.chain.execute` (benchmarks). The timeline counts
+    from ``started_at`` (epoch seconds; default now): the CLI passes its command's start.
     """
-    timeline = Timeline()
+    timeline = Timeline(started=started_at)
     timeline.mark("run_started")
     for line in version_mismatches():  # the actors log their own workers' mismatches at start-up
         logger.warning("untested package version: %s", line)
     progress = progress or Progress(live=False)
-    started = time.monotonic()
+    progress.begin(started_at=timeline.started)  # log mode: a line at least every --progress-every seconds
+    try:
+        return _run(config, progress, timeline, build=build, runner_options=runner_options)
+    finally:
+        progress.close()
+
+
+def _run(
+    config: JobConfig,
+    progress: Progress,
+    timeline: Timeline,
+    *,
+    build: ChainBuilder | None,
+    runner_options: dict[str, Any] | None,
+) -> JobSummary:
+    started = time.monotonic() - (time.time() - timeline.started)  # wall seconds count from the timeline's start
     if config.runner == "ray":
         # an address that does not answer fails now, not after planning
         check_address(config.address, wait_s=config.connect_wait_s)
@@ -102,11 +121,20 @@ def run_job(
             delete_output(storage)
         # Planning and the model checks come first: a run with nothing pending, or one that lacks a model, stops
         # before Ray starts. The stage modules (torch, diffusers) import meanwhile once there is work.
+        progress.phase(f"planning: reading the manifest's footers and the markers of {config.output}")
         plan, scan, imports = _plan(config, storage, timeline)
         if not plan.pending:
             stats = _nothing_pending(plan, storage, progress, run_id=run_id, timeline=timeline, started=started)
             return JobSummary(run_id=run_id, plan=plan, stats=stats)
+        progress.phase(
+            f"planned: {len(plan.pending)} shard(s) to render ({scan.num_images} image(s)); models checked: "
+            + ", ".join(sorted({"prior", *(MODES[mode].checkpoint for mode in scan.modes)} | _depth(scan)))
+        )
+        address = config.address or os.environ.get("RAY_ADDRESS")
+        if config.runner == "ray":
+            progress.phase(f"joining the Ray cluster at {address}" if address else "starting a private local Ray")
         with session(config, timeline, imports=imports) as machine:
+            progress.phase(f"{machine.source}: {machine.cpus:g} CPU(s), {machine.gpus:g} GPU(s)")
             plan, choices = with_machine_defaults(plan, scan, machine)
             log_choices(machine, choices)
             stats = _render(
@@ -123,6 +151,7 @@ def run_job(
                 started=started,
             )
             stats["defaults"] = stats_record(machine, choices)
+            progress.phase("every shard published; writing the gallery, stats.json and _SUCCESS")
             _report(plan, storage, stats, run_id=run_id, timeline=timeline)  # before Ray shuts down: no wait for it
         stats["timeline"] = timeline.seconds()  # with Ray's shutdown, for the caller (stats.json has it without)
     return JobSummary(run_id=run_id, plan=plan, stats=stats)
@@ -215,6 +244,8 @@ def _render(
     write_settings(storage, plan.settings)
     storage.delete(SUCCESS_FILE)
     progress.start(run_id=run_id, num_images=scan.num_images)
+    metrics = MetricsRecorder(run_id)  # Ray's metrics (a no-op without Ray)
+    metrics.set("run_images", scan.num_images, state="total")
     this_run = Counts()
     parts: list[PartSummary] = []
     stage_info: dict[str, Any] = {}
@@ -233,14 +264,16 @@ def _render(
         movq_scales={MODES[mode].checkpoint: plan.scales[MODES[mode].checkpoint] for mode in scan.modes},
         output_format=plan.settings.output_format,
         run_id=run_id,
+        watcher=progress,
+        metrics=metrics,
     )
     for event in events:
         if lease.lost.is_set():
             raise LeaseLostError(f"run {run_id} lost the lease on {config.output}; stopping")
         if isinstance(event, BatchDone):
-            progress.update(num_done=event.info["rows"], num_errors=event.info["errors"])
+            _done(progress, metrics, num_done=event.info["rows"], num_errors=event.info["errors"])
             if plan.settings.output_format == FORMAT_FILES:  # each image is on storage once its batch is added
-                timeline.mark("first_image_stored")
+                _first_image(timeline, progress)
             continue
         assert isinstance(event, TaskDone)
         shard, summary = open_works.pop(event.tag), event.result
@@ -253,13 +286,14 @@ def _render(
                 marker, previous=shard.retried.marker, added_scores=summary.scores, replaced=shard.retried.keys
             )
         write_marker(storage, marker)
-        timeline.mark("first_image_stored")  # other formats: a shard's images are stored when it is published
+        metrics.published(summary.counts)
+        _first_image(timeline, progress)  # other formats: a shard's images are stored when it is published
         timeline.mark("first_shard_published")
         this_run.add(summary.counts)
         parts.append(summary)
         refused = shard.work.refused.num_rows
         if refused:
-            progress.update(num_done=refused, num_errors=refused)
+            _done(progress, metrics, num_done=refused, num_errors=refused)
     progress.finish()
     timeline.mark("rendered")
     return run_stats(
@@ -273,3 +307,20 @@ def _render(
         wall_seconds=time.monotonic() - started,
         skipped=skipped,
     )
+
+
+def _done(progress: Progress, metrics: MetricsRecorder, *, num_done: int, num_errors: int) -> None:
+    """Images that got a result: the progress lines and the run's gauges."""
+    progress.update(num_done=num_done, num_errors=num_errors)
+    metrics.set("run_images", progress.num_done, state="done")
+    metrics.set("run_images", progress.num_errors, state="errors")
+
+
+def _first_image(timeline: Timeline, progress: Progress) -> None:
+    if "first_image_stored" not in timeline.marks:
+        timeline.mark("first_image_stored")
+        progress.phase("first image stored")
+
+
+def _depth(scan: PendingScan) -> set[str]:
+    return {DEPTH_MODEL} if scan.needs_depth else set()

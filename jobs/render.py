@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from jobs.execution.timeline import command_started
 from jobs.options import storage as storage_options
 from jobs.options.config_file import parse_args
 from jobs.options.flags import PROG, build_parser
@@ -30,6 +31,7 @@ EXIT_OUTPUT_BUSY = 75  # EX_TEMPFAIL: another run holds the output's lease; try 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     """Run a render job; exit 0 when it completed, 2 for bad input, 1 for any other failure."""
+    started_at = command_started()
     secrets = storage_options.secret_env_values(os.environ)
     try:
         args = parse_args(build_parser(prog), argv)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             return EXIT_OK
         live = {"auto": None, "live": True, "log": False, "off": False}[run.progress]
         every = float("inf") if run.progress == "off" else run.progress_every
-        summary = run_job(config, progress=Progress(live=live, log_every_s=every))
+        summary = run_job(config, progress=Progress(live=live, log_every_s=every), started_at=started_at)
     except LeaseHeldError as exc:
         print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_OUTPUT_BUSY

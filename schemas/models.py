@@ -68,6 +68,17 @@ class ModelPaths:
         },
     )
 
+    # Where each node keeps its copy of checkpoints given as fsspec URIs (actors/weights.py).
+    cache: str | None = field(
+        default=None,
+        metadata={
+            "flag": "--model-cache",
+            "metavar": "DIR",
+            "help": "folder on each node where checkpoints given as URIs (s3://, gs://, ...) are synced, once per node",
+            "default_help": f"${CACHE_ENV}/models, else ~/.cache/kandinsky-render/models",
+        },
+    )
+
     def depth_hub_revision(self) -> str | None:
         """The revision to load `depth` at: for a hub id ``depth_revision`` (the pinned one for the default
         id), None for a folder or URI."""
@@ -83,7 +94,12 @@ class ModelPaths:
 
     @classmethod
     def resolve(
-        cls, *, models_dir: str | None = None, depth_revision: str | None = None, **overrides: str | None
+        cls,
+        *,
+        models_dir: str | None = None,
+        depth_revision: str | None = None,
+        cache: str | None = None,
+        **overrides: str | None,
     ) -> ModelPaths:
         """Per component: an explicit override, else ``models_dir/<name>``, else the hub id.
 
@@ -102,7 +118,7 @@ class ModelPaths:
                 values[attr] = hub_id
         if overrides:
             raise ValueError(f"unknown model components: {sorted(overrides)}")
-        return cls(**values, depth_revision=depth_revision)
+        return cls(**values, depth_revision=depth_revision, cache=cache)
 
 
 def is_hub_id(path: str) -> bool:

@@ -189,3 +189,89 @@ def test_the_hub_cache_serves_a_machine_without_hub_access(tiny_models: str, tmp
     )
     proc = run_cli([*args[:3], str(tmp_path / "out2"), *args[4:]], env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "lacks the component folder(s) unet" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.fixture()
+def counted_s3(s3_options: dict) -> Iterator[tuple[dict, list[tuple[str, str]]]]:
+    """Storage options reaching moto through a proxy that records every request (method, path)."""
+    from tests.faulty_proxy import Faults, FaultyProxy
+
+    requests: list[tuple[str, str]] = []
+    upstream = s3_options["options"]["client_kwargs"]["endpoint_url"]
+    proxy = FaultyProxy(upstream, Faults(applies=lambda method, path: requests.append((method, path)) or False)).start()
+    options = {**s3_options["options"], "client_kwargs": {"endpoint_url": proxy.url}}
+    try:
+        yield {"bucket": s3_options["bucket"], "options": options}, requests
+    finally:
+        proxy.stop()
+
+
+def weight_gets(requests: list[tuple[str, str]], name: str) -> int:
+    """GET requests of the checkpoint ``name``'s weight files (its downloads)."""
+    return sum(
+        1 for method, path in requests if method == "GET" and f"/models/{name}/" in path and ".safetensors" in path
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_checkpoints_on_s3_are_synced_once_per_node(
+    tiny_models: str, counted_s3: tuple[dict, list], tmp_path: Path
+) -> None:
+    """--models s3://...: the prior and two decoder actors on one node start together; each checkpoint's weights
+    are downloaded once into the node's cache, later syncs download only what changed on storage."""
+    import s3fs
+
+    from actors.weights import sync_checkpoint
+    from schemas.config import StageResources
+
+    s3, requests = counted_s3
+    fs = s3fs.S3FileSystem(**s3["options"])
+    for name in ("prior", "decoder"):
+        fs.put(str(Path(tiny_models) / name), f"{s3['bucket']}/models/{name}", recursive=True)
+    models = f"s3://{s3['bucket']}/models"
+    cache = str(tmp_path / "cache")
+    requests.clear()
+    config = JobConfig(
+        manifest=write_manifest(tmp_path / "m.parquet", text2img(4)),
+        output=str(tmp_path / "out"),
+        models=ModelPaths.resolve(models_dir=models, cache=cache),
+        storage_options=s3["options"],
+        prior=StageResources(num_actors=1, num_gpus=1),
+        decoder=StageResources(num_actors=2, num_gpus=0.5),
+        batch_size=2,
+    )
+    summary = run_job(config)
+    assert summary.stats["output"]["by_status"] == {"ok": 4}
+    assert summary.stats["stages"]["stages"]["decoder"]["num_actors"] == 2
+    for name in ("prior", "decoder"):  # each weight file fetched once, whatever the number of actors
+        files = [path for path in fs.find(f"{s3['bucket']}/models/{name}") if path.endswith(".safetensors")]
+        assert weight_gets(requests, name) == len(files) > 0, name
+    (copy,) = Path(cache).glob("decoder-*[0-9a-f]")
+    assert (copy / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not list(Path(cache).glob("*.tmp-*"))
+
+    requests.clear()
+    again = sync_checkpoint(f"{models}/decoder", storage_options=s3["options"], cache=cache)
+    assert (again.path, again.downloaded) == (str(copy), False) and weight_gets(requests, "decoder") == 0
+    fs.pipe(f"{s3['bucket']}/models/decoder/scheduler/scheduler_config.json", b'{"_class_name": "DDPMScheduler"}')
+    changed = sync_checkpoint(f"{models}/decoder", storage_options=s3["options"], cache=cache)
+    assert changed.downloaded and weight_gets(requests, "decoder") == 0  # only the changed file is fetched
+    assert (copy / "scheduler" / "scheduler_config.json").read_bytes() == b'{"_class_name": "DDPMScheduler"}'
+
+
+def test_a_sync_that_cannot_fit_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache disk too small for the checkpoint: a clear ENOSPC naming the cache folder, no partial copy."""
+    import errno
+
+    import fsspec
+
+    from actors import weights
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe({"/ckpt/model_index.json": b"{}", "/ckpt/unet/weights.safetensors": b"\0" * 1000})
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6, 500))
+    with pytest.raises(OSError, match="needs 1.0 kB but .* has 500 B free") as raised:
+        weights.sync_checkpoint("memory://ckpt", cache=str(tmp_path))
+    assert raised.value.errno == errno.ENOSPC
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []

@@ -14,8 +14,10 @@ from cluster.resources import StageLayout, fit_cpus, place_stages, resolve_score
 from jobs.execution.connect import connect_ray
 from jobs.execution.contract import Event, SinkSpec, StageSpec, Task
 from jobs.execution.local import run_local
+from jobs.execution.metrics import MetricsRecorder
 from jobs.execution.runner import Deadlines, RunnerMeasures, run_ray
 from jobs.execution.timeline import Timeline
+from jobs.execution.watch import Watcher
 from jobs.planning.batches import prior_batch_size
 from jobs.planning.machine import local_machine, ray_machine
 from schemas.config import JobConfig
@@ -73,11 +75,19 @@ def build_chain(
         "allowed_protocols": config.limits.allowed_protocols,
         "max_input_pixels": config.limits.max_input_pixels,
     }
-    model = {"dtype": config.dtype, "accel": config.accel}
+    model = {"dtype": config.dtype, "accel": config.accel, "model_cache": config.models.cache}
     decoders = {mode: config.models.for_checkpoint(MODES[mode].checkpoint) for mode in modes}
     # Per stage: its class, what it is built with, and its calls' batch size.
     made: dict[str, tuple[type, dict[str, Any], int | None]] = {
-        DEPTH.name: (DepthActor, {"model": config.models.depth, "revision": config.models.depth_hub_revision()}, None),
+        DEPTH.name: (
+            DepthActor,
+            {
+                "model": config.models.depth,
+                "revision": config.models.depth_hub_revision(),
+                "model_cache": config.models.cache,
+            },
+            None,
+        ),
         PRIOR.name: (PriorActor, {"model": config.models.prior, **model}, prior_batch_size(config)),
         DECODER.name: (DecoderActor, {"models": decoders, "movq_scales": movq_scales, **model}, config.batch_size),
         SCORE.name: (ScoreActor, {"model": config.models.prior, **model}, config.batch_size),
@@ -161,6 +171,8 @@ def execute(
     machine: Machine,
     build: ChainBuilder | None = None,
     runner_options: dict[str, Any] | None = None,
+    watcher: Watcher | None = None,
+    metrics: MetricsRecorder | None = None,
     **chain: Any,
 ) -> Iterator[Event]:
     """Run ``tasks`` through the chain inside a `session`; ``stage_info`` receives what stats.json shows.
@@ -168,7 +180,8 @@ def execute(
     ``build`` (default `build_chain`) makes the stages: benchmarks swap in stand-in model stages and
     keep everything else real. ``runner_options`` go to `jobs.execution.runner.RayStagePipeline`.
     ``timeline`` receives when the stages were ready, the first dispatch and the first result;
-    ``machine`` is what the `session` found (its GPUs and CPUs size the stages).
+    ``machine`` is what the `session` found (its GPUs and CPUs size the stages). ``watcher`` receives
+    the Ray runner's phase lines and status, ``metrics`` its metrics (`jobs.execution.watch`).
     """
     build = build or build_chain
     if config.runner == "local":
@@ -188,7 +201,7 @@ def execute(
         )
         specs = [dataclasses.replace(spec, resources=fit) for spec, fit in zip(specs, fitted)]
         stages, sink = specs[:-1], specs[-1]
-    measures = RunnerMeasures(names=[spec.name for spec in specs])
+    measures = RunnerMeasures(names=[spec.name for spec in specs], watcher=watcher, metrics=metrics)
     stage_info.update(
         runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: describe(spec.resources) for spec in specs}
     )

@@ -92,6 +92,7 @@ class RayStagePipeline:
             if exhausted and not self.open and not self.reopen:
                 return
             self.watchdog.check(self.pools, probe=self._probe)
+            self.measures.tick(self)  # status, phase lines and metrics (jobs.execution.watch)
             refs = list(self.calls)
             if not refs:
                 time.sleep(0.05)  # only re-probes are due: nothing to wait on yet
@@ -271,7 +272,7 @@ class RayStagePipeline:
             self._failed(call, exc)
             return
         seconds = info["seconds"]
-        self.measures.count_call(actor.stage, seconds)
+        self.measures.count_call(actor.stage, seconds, info.get("rows", 0))
         self.watchdog.finished_call(actor.stage, seconds)
         if call.kind == "add":
             yield from self._added(call, info)
