@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     configure_logging(level=run.log_level, log_format=run.log_format)
     redactor = storage_options.install_redaction(secrets)
     from jobs.job import run_job
+    from jobs.planning.availability import ModelUnavailableError
     from jobs.publishing.lease import LeaseHeldError
     from jobs.reporting.progress import Progress, summary_table
 
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         return EXIT_OUTPUT_BUSY
     except ManifestError as exc:
         print(f"error: manifest refused: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModelUnavailableError as exc:
+        if exc.report:  # a dry run: the plan, then why the run would stop
+            print(exc.report)
+        print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as exc:
         print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)

@@ -355,9 +355,9 @@ def _install(tmp: Path, root: Path, params: dict[str, object], *, overwrite: boo
             shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``tiny-models DIR [--seed N] [--movq-scale-factor {2,8}] [--overwrite]``; prints the paths."""
-    parser = argparse.ArgumentParser(prog="tiny-models", description=__doc__)
+def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.dev.tiny_models") -> int:
+    """CLI: ``kandinsky-render tiny-models DIR [--seed N] [--movq-scale-factor {2,8}] [--overwrite]``; prints paths."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("out_dir", metavar="DIR", help="directory to build the tiny checkpoints in")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         choices=MOVQ_SCALE_FACTORS,
         default=2,
-        help="MoVQ spatial scale factor: 2 (fastest) or 8 (the real one)",
+        help="MoVQ spatial scale factor: 2 (fastest) or 8 (the real one) (default 2)",
     )
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if DIR is already complete")
     args = parser.parse_args(argv)

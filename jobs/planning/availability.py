@@ -32,18 +32,36 @@ HUB_TIMEOUT_S = 10.0  # one HEAD request to the hub; no retries (the libraries' 
 
 
 class ModelUnavailableError(ValueError):
-    """A checkpoint the run needs cannot be loaded; the message names each one and how to provide it."""
+    """A checkpoint the run needs cannot be loaded; the message names each one and how to provide it.
+
+    ``report``: what a dry run planned before it found that (printed before the error).
+    """
+
+    def __init__(self, message: str, *, report: str = "") -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def check_models(plan: RunPlan, scan: PendingScan) -> PendingScan:
-    """``scan`` with the models the pending work needs, each checked to be loadable.
+    """``scan`` with the models the pending work needs, each checked to be loadable (`needed_models`).
 
-    Raises `ModelUnavailableError` naming every needed checkpoint that cannot be loaded. A checkpoint
-    that cannot be loaded but that no row which will render uses is left out (its rows are refused
-    for other reasons), as is the depth stage when every ControlNet row that renders has a hint.
+    Raises `ModelUnavailableError` naming every needed checkpoint that cannot be loaded.
+    """
+    scan, missing = needed_models(plan, scan)
+    if missing:
+        raise ModelUnavailableError(missing)
+    return scan
+
+
+def needed_models(plan: RunPlan, scan: PendingScan) -> tuple[PendingScan, str | None]:
+    """``scan`` with the models the pending work needs, and what is wrong (None: each can be loaded).
+
+    A checkpoint that cannot be loaded but that no row which will render uses is left out (its
+    rows are refused for other reasons), as is the depth stage when every ControlNet row that
+    renders has a hint. Rows of a mode whose checkpoint cannot be loaded get no size check.
     """
     if not plan.pending:
-        return scan
+        return scan, None
     config = plan.config
     candidates = [PRIOR_MODEL, *sorted({MODES[mode].checkpoint for mode in scan.modes})]
     candidates += [DEPTH_MODEL] if scan.needs_depth else []
@@ -52,12 +70,11 @@ def check_models(plan: RunPlan, scan: PendingScan) -> PendingScan:
     unsure = set(problems) | ({DEPTH_MODEL} if scan.needs_depth else set())
     confirmed = plan.confirm(scan, unsure) if unsure else set()
     missing = {name: problem for name, problem in problems.items() if name in confirmed}
-    if missing:
-        raise ModelUnavailableError(describe_missing(config, scan, missing))
     for name in sorted(set(problems) - confirmed):
         logger.info("model %s cannot be loaded (%s) but no row that renders needs it", name, problems[name])
-    modes = [mode for mode in scan.modes if MODES[mode].checkpoint not in problems]
-    return dataclasses.replace(scan, modes=modes, needs_depth=DEPTH_MODEL in confirmed)
+    modes = [mode for mode in scan.modes if MODES[mode].checkpoint not in set(problems) - confirmed]
+    scan = dataclasses.replace(scan, modes=modes, needs_depth=DEPTH_MODEL in confirmed)
+    return scan, describe_missing(config, scan, missing) if missing else None
 
 
 def checkpoint_problems(config: JobConfig, names: list[str]) -> dict[str, str]:

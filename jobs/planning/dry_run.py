@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from actors.storage import Storage
 from jobs.options.flags import option_at
-from jobs.planning.availability import check_models
+from jobs.planning.availability import ModelUnavailableError, needed_models
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
 from jobs.planning.machine import local_machine
@@ -140,20 +140,23 @@ def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list
 def dry_run(config: JobConfig, *, calibration: str | None = None) -> str:
     """Plan ``config`` against its output as it is now and describe it (with ``--overwrite``: as if empty).
 
-    Raises `jobs.planning.availability.ModelUnavailableError` when the run would lack a model it needs.
+    Raises `jobs.planning.availability.ModelUnavailableError` when the run would lack a model it needs (its
+    ``report`` holds the plan: a dry run on a machine without the models still shows it).
     """
     path = calibration or DEFAULT_CALIBRATION
     profiles = load_calibration(path)
     plan = plan_run(config, Storage(config.output, storage_options=config.storage_options))
-    scan = check_models(plan, plan.scan())  # a model the run would lack fails the dry run too, naming it
+    scan, missing = needed_models(plan, plan.scan())
     machine = local_machine()
     plan, choices = with_machine_defaults(plan, scan, machine)
     config = plan.config
     text = describe(config, plan, census(plan), profiles=profiles, calibration=path)
-    if not choices:
-        return text
-    chosen = "\n".join(f"  {choice.line()}" for choice in choices)
-    return (
-        f"{text}\n\ndefaults chosen for this machine ({machine.cpus:g} CPUs, no GPU seen without Ray); a job on "
-        f"a cluster chooses for the cluster it finds:\n{chosen}"
-    )
+    if choices:
+        chosen = "\n".join(f"  {choice.line()}" for choice in choices)
+        text += (
+            f"\n\ndefaults chosen for this machine ({machine.cpus:g} CPUs, no GPU seen without Ray); a job on "
+            f"a cluster chooses for the cluster it finds:\n{chosen}"
+        )
+    if missing:  # the run would stop before starting any model: say so, after the plan
+        raise ModelUnavailableError(missing, report=text)
+    return text
