@@ -1,10 +1,12 @@
-"""Every file in cluster/ parses, its entrypoints run real modules with valid flags, and its GPUs fit the job."""
+"""Every file in cluster/ parses and is valid for what reads it (the KubeRay CRDs, Ray's launcher schema, Docker's
+build context rules), its entrypoints run real modules with valid flags, and its GPUs fit the job."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
 import math
+import os
 import re
 import shlex
 import shutil
@@ -39,7 +41,7 @@ RAYJOB_FIELDS = {
     "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
     "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
     "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
-    "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend",
+    "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "preRunningDeadlineSeconds",
 }  # fmt: skip
 RAYCRONJOB_FIELDS = {"schedule", "jobTemplate", "suspend", "timeZone"}
 WORKER_GROUP_FIELDS = {
@@ -138,6 +140,8 @@ def mounted_files(docs: list[dict], spec: dict) -> dict[str, str]:
     volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
     files = {}
     for mount in pod["containers"][0].get("volumeMounts", []):
+        if "configMap" not in volumes[mount["name"]]:
+            continue  # the model cache
         config_map = config_maps[volumes[mount["name"]]["configMap"]["name"]]
         for key, content in config_map.items():
             files[f"{mount['mountPath']}/{key}"] = content
@@ -165,13 +169,194 @@ def assert_stages_fit(config: JobConfig, groups: list[NodeGroup]) -> None:
     assert claimed == {group.name for group in groups if group.gpus_per_node}, "a GPU node type serves no stage"
 
 
+# The KubeRay CRDs (v1.7.0's rayjobs.yaml and raycronjobs.yaml, as the operator installs them) live outside the
+# repository: $KANDINSKY_RENDER_KUBERAY_CRDS, else ../shared/kuberay-crds/v1.7.0 beside the checkout.
+CRDS = Path(os.environ.get("KANDINSKY_RENDER_KUBERAY_CRDS") or REPO.parent / "shared" / "kuberay-crds" / "v1.7.0")
+CRD_FILES = {"RayJob": "rayjobs.yaml", "RayCronJob": "raycronjobs.yaml"}
+
+
+def strict(schema: dict) -> dict:
+    """``schema`` refusing unknown fields as ``kubectl apply`` does (strict field validation), except where the
+    CRD keeps them (``x-kubernetes-preserve-unknown-fields``) or maps any key (``additionalProperties``)."""
+    if isinstance(schema, dict):
+        schema = {key: strict(value) for key, value in schema.items()}
+        open_ended = schema.get("x-kubernetes-preserve-unknown-fields") or "additionalProperties" in schema
+        if schema.get("type") == "object" and "properties" in schema and not open_ended:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(item) for item in schema]
+    return schema
+
+
+def crd_validator(kind: str) -> object:
+    """A JSON-schema validator of a ``kind`` object from its CRD's served v1 openAPIV3Schema (skips without CRDs)."""
+    import jsonschema
+
+    path = CRDS / CRD_FILES[kind]
+    if not path.is_file():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (set KANDINSKY_RENDER_KUBERAY_CRDS): manifests not validated")
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft4Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+def schema_errors(validator: object, doc: dict) -> list[str]:
+    return [f"{'.'.join(map(str, error.path))}: {error.message}" for error in validator.iter_errors(doc)]
+
+
+def kuberay_rule_errors(spec: dict) -> list[str]:
+    """The RayJob rules KubeRay v1.7.0's controller checks beyond the schema (controllers/ray/utils/validation.go)."""
+    errors = []
+    if not spec.get("shutdownAfterJobFinishes") and spec.get("ttlSecondsAfterFinished", 0) > 0:
+        errors.append("ttlSecondsAfterFinished needs shutdownAfterJobFinishes")
+    rules = (spec.get("deletionStrategy") or {}).get("deletionRules") or []
+    if rules and spec.get("shutdownAfterJobFinishes"):
+        errors.append("shutdownAfterJobFinishes and deletionRules are mutually exclusive")
+    order = {"DeleteWorkers": 0, "DeleteCluster": 1, "DeleteSelf": 2}
+    ttls: dict[tuple[str, str], dict[str, int]] = {}
+    for rule in rules:
+        condition = rule["condition"]
+        if ("jobStatus" in condition) == ("jobDeploymentStatus" in condition):
+            errors.append(f"{rule}: exactly one of jobStatus and jobDeploymentStatus")
+        key = ("jobStatus", condition["jobStatus"]) if "jobStatus" in condition else ("jobDeploymentStatus", "")
+        key = key if "jobStatus" in condition else ("jobDeploymentStatus", condition.get("jobDeploymentStatus"))
+        by_policy = ttls.setdefault(key, {})
+        if rule["policy"] in by_policy:
+            errors.append(f"duplicate rule {rule}")
+        by_policy[rule["policy"]] = condition.get("ttlSeconds", 0)
+    for key, by_policy in ttls.items():
+        ordered = [by_policy[p] for p in sorted(by_policy, key=order.get) if p in order]
+        if ordered != sorted(ordered):
+            errors.append(f"{key}: TTLs must grow DeleteWorkers <= DeleteCluster <= DeleteSelf, got {by_policy}")
+    if spec.get("backoffLimit", 0) < 0:
+        errors.append("backoffLimit must be >= 0")
+    return errors
+
+
+@pytest.mark.parametrize("name", KUBE_FILES)
+def test_kuberay_manifests_are_valid_for_the_crds_and_the_controller(name: str) -> None:
+    """Each RayJob / RayCronJob validates against KubeRay v1.7.0's CRD schema with unknown fields refused (what
+    kubectl apply with strict field validation does), and against the controller's own RayJob rules."""
+    docs = load_docs(name)
+    (doc,) = [doc for doc in docs if doc.get("kind") in CRD_FILES]
+    validator = crd_validator(doc["kind"])
+    assert schema_errors(validator, doc) == []
+    assert kuberay_rule_errors(ray_job_spec(docs)) == []
+    # The checks bite: a misspelt field deep in a pod template, a wrong type, rules beside shutdownAfterJobFinishes.
+    typo = copy.deepcopy(doc)
+    ray_job_spec([typo])["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "volumeMount"
+    ] = []
+    assert any("volumeMount" in error for error in schema_errors(validator, typo))
+    wrong = copy.deepcopy(doc)
+    ray_job_spec([wrong])["backoffLimit"] = "one"
+    assert any("'one' is not of type 'integer'" in error for error in schema_errors(validator, wrong))
+    both = dict(ray_job_spec(docs), shutdownAfterJobFinishes=True)
+    both["deletionStrategy"] = {"deletionRules": [{"policy": "DeleteSelf", "condition": {"jobStatus": "FAILED"}}]}
+    assert kuberay_rule_errors(both) == ["shutdownAfterJobFinishes and deletionRules are mutually exclusive"]
+
+
+def pod_specs(spec: dict) -> dict[str, dict]:
+    """Group name ("head" for the head) -> pod spec of a RayJob spec's cluster."""
+    cluster = spec["rayClusterSpec"]
+    pods = {"head": cluster["headGroupSpec"]["template"]["spec"]}
+    pods.update({group["groupName"]: group["template"]["spec"] for group in cluster["workerGroupSpecs"]})
+    return pods
+
+
+@pytest.mark.parametrize("name", KUBE_FILES)
+def test_every_pod_shares_the_model_cache_and_reads_the_hub_token_from_a_secret(name: str) -> None:
+    docs = load_docs(name)
+    (claim,) = [doc for doc in docs if doc.get("kind") == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # one copy of the weights for every pod and run
+    for group, pod in pod_specs(ray_job_spec(docs)).items():
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        (container,) = pod["containers"]
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        assert set(mounts.values()) <= set(volumes), group
+        cache = volumes[mounts["/home/ray/.cache"]]  # HF_HOME's and the job's caches both live under ~/.cache
+        assert cache["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], group
+        (token,) = [env for env in container["env"] if env["name"] == "HF_TOKEN"]
+        assert token["valueFrom"]["secretKeyRef"] == {
+            "name": "kandinsky-render-hub",
+            "key": "HF_TOKEN",
+            "optional": True,
+        }
+        assert pod["securityContext"]["fsGroup"] == 100, group
+        if group == "head":
+            continue
+        # GPU nodes by any of several platforms' labels, not GKE's alone; GPU taints tolerated.
+        assert "nodeSelector" not in pod, group
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        keys = {expression["key"] for term in terms for expression in term["matchExpressions"]}
+        assert {"cloud.google.com/gke-accelerator", "nvidia.com/gpu.product"} <= keys, group
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_the_nightly_run_is_not_retried_is_bounded_and_cleans_up() -> None:
+    """An overlapping night's run exits 75 (the lease): with backoffLimit 0 it does not start a second cluster
+    just to exit again; its cluster goes when it ends, its RayJob a week later (RayCronJob never deletes them)."""
+    cron = by_kind(load_docs("raycronjob.yaml"), "RayCronJob")["spec"]["jobTemplate"]
+    assert cron["backoffLimit"] == 0
+    assert 0 < cron["preRunningDeadlineSeconds"] < cron["activeDeadlineSeconds"] < 24 * 3600
+    rules = {(r["policy"], *r["condition"].values()) for r in cron["deletionStrategy"]["deletionRules"]}
+    for status in ("SUCCEEDED", "FAILED"):
+        assert ("DeleteCluster", status, 0) in rules and ("DeleteSelf", status, 7 * 24 * 3600) in rules
+    assert "shutdownAfterJobFinishes" not in cron and "ttlSecondsAfterFinished" not in cron
+    values = yaml.safe_load((CLUSTER / "kuberay-operator-values.yaml").read_text())
+    gates = {gate["name"]: gate["enabled"] for gate in values["featureGates"]}
+    assert gates["RayCronJob"] and gates["RayJobDeletionPolicy"] and len(gates) >= 8  # the chart's whole list
+
+
+def test_docker_build_context_holds_only_what_the_dockerfile_copies(tmp_path: Path) -> None:
+    """What `docker build -f cluster/Dockerfile .` sends, by .dockerignore's rules as docker-py applies them, from
+    a checkout holding the quick start's .venv and kandinsky-example/, .git, a model folder and bytecode."""
+    docker_build = pytest.importorskip("docker.utils.build")
+    tree = tmp_path / "checkout"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "kandinsky-example"))
+    junk = {".venv/lib/torch.so": 2**20, "kandinsky-example/images/a.png": 3, ".git/objects/x": 9,
+            "models/decoder/unet/weights.safetensors": 2**20, "jobs/__pycache__/job.pyc": 5}  # fmt: skip
+    for name, size in junk.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(b"\0" * size)
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    patterns = [line for line in patterns if line and not line.startswith("#")]
+    sent = {path for path in docker_build.exclude_paths(str(tree), patterns, "cluster/Dockerfile")}
+    files = {path for path in sent if (tree / path).is_file()}
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    copied = [
+        source for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", dockerfile, re.M) for source in line.split()[:-1]
+    ]
+    for source in copied:  # every file the image needs is in the context
+        expected = (
+            [p.relative_to(tree).as_posix() for p in (tree / source).rglob("*.py")]
+            if (tree / source).is_dir()
+            else [source]
+        )
+        assert set(expected) <= files, source
+    assert {path.split("/")[0] for path in files} <= {*copied, ".dockerignore"}
+    assert not any("__pycache__" in path or path.endswith(".pyc") for path in files)
+    assert sum((tree / path).stat().st_size for path in files) < 2 * 2**20
+    # Layer order: torch, then the dependencies from pyproject.toml and constraints.txt only, then the source.
+    steps = [line.split()[0] for line in dockerfile.splitlines() if line and not line.startswith((" ", "#"))]
+    first_copy = dockerfile.index("\nCOPY")
+    assert dockerfile.index("pip install --no-cache-dir torch") < first_copy
+    assert copied[:2] == ["pyproject.toml", "constraints.txt"]
+    assert dockerfile.index("-r /tmp/requirements.txt") < dockerfile.index("COPY --chown=ray:users schemas")
+    assert steps[-1] == "RUN" and dockerfile.rstrip().endswith("pip install --no-cache-dir --no-deps .")
+
+
 @pytest.mark.parametrize("name", KUBE_FILES)
 def test_kuberay_manifests(name: str, tmp_path: Path) -> None:
     docs = load_docs(name)
     assert {doc["apiVersion"] for doc in docs if doc["kind"] in ("RayJob", "RayCronJob")} == {"ray.io/v1"}
     spec = ray_job_spec(docs)
     assert set(spec) <= RAYJOB_FIELDS, set(spec) - RAYJOB_FIELDS
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    # The cluster goes when the job ends: shutdownAfterJobFinishes (rayjob.yaml) or deletionRules (raycronjob.yaml).
+    rules = (spec.get("deletionStrategy") or {}).get("deletionRules", [])
+    assert (spec.get("shutdownAfterJobFinishes") and spec["ttlSecondsAfterFinished"] > 0) or any(
+        rule["policy"] == "DeleteCluster" for rule in rules
+    )
     config = entrypoint_config(spec["entrypoint"], mounted_files(docs, spec), tmp_path)
     assert config.output.startswith("s3://") and not config.storage_options.get("key")
     assert_stages_fit(config, kube_groups(spec))
