@@ -464,3 +464,21 @@ def test_ray_remote_args_only_pin_when_asked() -> None:
     assert not node_accepts(selector, labels={"zone": "a", "market": "spot"})
     assert node_accepts(StagePlacement(accelerator_type="L4"), labels={"ray.io/accelerator-type": "L4"})
     assert not node_accepts(StagePlacement(accelerator_type="L4"), labels={"ray.io/accelerator-type": "A100"})
+
+
+def test_grafana_dashboard_uses_the_jobs_metrics() -> None:
+    """Every metric the dashboard queries is one the job exports (jobs/execution/metrics.py), and each is shown."""
+    import json
+
+    from jobs.execution.metrics import METRICS
+
+    dashboard = json.loads((CLUSTER / "grafana-dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for query in queries for name in re.findall(r"ray_kandinsky_render_\w+", query)}
+    exported = {spec.exported for spec in METRICS}
+    histograms = {f"{spec.exported}_bucket" for spec in METRICS if spec.kind == "histogram"}
+    assert used <= exported | histograms, used - exported - histograms
+    assert {spec.exported for spec in METRICS} <= {name.removesuffix("_bucket") for name in used}
+    assert all("$run_id" in query for query in queries)  # one run or all, chosen at the top
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

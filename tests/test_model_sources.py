@@ -137,8 +137,8 @@ def closed_port() -> int:
 
 @pytest.mark.parametrize(
     ("extra", "hub"),
-    [([], "unreachable"), (["--dry-run"], "offline")],
-    ids=["render-hub-unreachable", "dry-run-offline"],
+    [([], "unreachable"), (["--dry-run"], "unreachable"), ([], "offline"), (["--dry-run"], "offline")],
+    ids=["render-hub-unreachable", "dry-run-hub-unreachable", "render-offline", "dry-run-offline"],
 )
 def test_without_hub_access_or_models_a_run_fails_fast_naming_the_models(
     extra: list[str], hub: str, tmp_path: Path, ray_tmpdir: Path
@@ -158,6 +158,8 @@ def test_without_hub_access_or_models_a_run_fails_fast_naming_the_models(
         assert f"- {name}, needed by" in proc.stderr and f"{flag} PATH" in proc.stderr
         assert HUB_MODELS[name] in proc.stderr
     assert "--models DIR" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Retrying" not in proc.stderr  # no hub retries anywhere (they took 24 s per config file read)
+    assert ("dry run: no model loaded" in proc.stdout) == bool(extra)  # a dry run still shows its plan
     assert "HF_HUB_OFFLINE is set" in proc.stderr if hub == "offline" else "cannot be reached" in proc.stderr
     assert not (ray_tmpdir / "ray").exists(), "Ray was started"
 

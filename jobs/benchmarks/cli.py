@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jobs.benchmarks import cpu, gpu, plan, score, simulated
+from jobs.benchmarks import cpu, gpu, heartbeat, plan, score, simulated
 from jobs.benchmarks.common import Mode
 from jobs.options.flags import DefaultsHelpFormatter
 
@@ -16,7 +16,8 @@ from jobs.options.flags import DefaultsHelpFormatter
 MODES: dict[str, Mode] = {
     mode.name: mode
     for mode in sorted(
-        (*cpu.MODES, *simulated.MODES, *plan.MODES, *gpu.MODES, *score.MODES), key=lambda mode: mode.help is None
+        (*cpu.MODES, *simulated.MODES, *plan.MODES, *gpu.MODES, *score.MODES, *heartbeat.MODES),
+        key=lambda mode: mode.help is None,
     )
 }
 

@@ -242,7 +242,9 @@ def with_machine_defaults(plan: RunPlan, scan: PendingScan, machine: Machine) ->
         needs_depth=scan.needs_depth,
         num_images=scan.num_images,
     )
-    return dataclasses.replace(plan, config=config), choices
+    filled = dataclasses.replace(plan, config=config)
+    filled.scales = plan.scales  # what was read and left out (unloadable checkpoints) holds: the models are the same
+    return filled, choices
 
 
 def read_manifest_files(config: JobConfig) -> list[ManifestFile]:

@@ -145,7 +145,7 @@ class Progress:
 
     def _beat(self) -> None:
         """The heartbeat: a line whenever ``log_every_s`` passed without one."""
-        while not self._stop.wait(min(1.0, self.log_every_s / 4)):
+        while not self._stop.wait(min(0.25, self.log_every_s / 4)):  # a line at most a quarter second late
             if self.clock() - self._last_log >= self.log_every_s:
                 self._log("running" if self._started is not None else "waiting", with_status=True)
 
