@@ -126,21 +126,30 @@ def _locked(lock: Path, *, what: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            waited = time.monotonic()
-            logger.info("waiting for another process on this node that is syncing %s", what)
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    time.sleep(0.2)
-                    if time.monotonic() - waited > LOCK_LOG_S:
-                        waited = time.monotonic()
-                        logger.info("still waiting for the sync of %s by another process on this node", what)
+            _wait_for(handle, what=what)
+        except OSError as exc:  # a file system without locks (some FUSE mounts): copies are renamed whole anyway
+            logger.warning("no lock on %s (%s): syncing %s unlocked; a second download may happen", lock, exc, what)
+            yield
+            return
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _wait_for(handle: Any, *, what: str) -> None:
+    """Block until the lock of ``handle`` is ours, saying every `LOCK_LOG_S` that another process holds it."""
+    waited = time.monotonic()
+    logger.info("waiting for another process on this node that is syncing %s", what)
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.2)
+            if time.monotonic() - waited > LOCK_LOG_S:
+                waited = time.monotonic()
+                logger.info("still waiting for the sync of %s by another process on this node", what)
 
 
 def _listing(uri: str, storage_options: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -201,8 +210,11 @@ def _download(
         for relative, entry in listing.items():
             destination = temporary / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
-            if relative in kept:
-                os.link(root / key / relative, destination)  # same file system: no copy, no download
+            if relative in kept:  # unchanged on storage: taken from the previous copy, not downloaded
+                try:
+                    os.link(root / key / relative, destination)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(root / key / relative, destination)
                 continue
             source = posixpath.join(base.rstrip("/"), relative)
 

@@ -380,3 +380,11 @@ def test_a_rerun_with_nothing_pending_stops_before_starting_ray(
     assert again.stats["num_skipped_already_final"] == 2 and again.stats["output"]["by_status"] == {"ok": 2}
     assert (tmp_path / "out" / "_SUCCESS").read_text().strip() == again.run_id != first.run_id
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["run_id"] == again.run_id
+
+    # A shell that runs something first and then execs the command keeps its process (and its start time):
+    # the summary's times count from the command's own start, not the shell's (before: 6 s more).
+    command = f"sleep 6 && exec {sys.executable} -m jobs.render --manifest {config.manifest} --output {config.output}"
+    shell = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert shell.returncode == 0, shell.stderr[-2000:]
+    timeline = json.loads((tmp_path / "out" / "stats.json").read_text())["timeline"]
+    assert timeline["run_started"] < 6 and timeline["gallery_written"] < 6, timeline
