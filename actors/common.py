@@ -13,6 +13,7 @@ import torch
 from actors.accel import is_compile_failure, run_eagerly
 from actors.inputs import ImageLoader
 from actors.stage import Stage, describe_exception, worker_name
+from actors.weights import local_checkpoint
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
 from schemas.versions import version_mismatches
 
@@ -104,7 +105,8 @@ class ModelStage(Stage):
     versions warned about, ``device`` (default: CUDA when visible, else the CPU) and ``dtype``
     resolved, and an `ImageLoader` for the stage's input images (``storage_options``,
     ``allowed_protocols``, ``max_input_pixels``, ``max_input_bytes``). Subclasses load their model after
-    ``super().__init__`` and list the modules `actors.accel.prepare_pipeline` compiled in ``compiled``.
+    ``super().__init__``, from `checkpoint` (a checkpoint on object storage is synced into ``model_cache``
+    with ``storage_options``), and list the modules `actors.accel.prepare_pipeline` compiled in ``compiled``.
 
     On CUDA: cuDNN picks the fastest convolution algorithm for each shape it meets
     (``cudnn.benchmark``); after an out-of-memory failure the CUDA cache is emptied before the
@@ -121,6 +123,7 @@ class ModelStage(Stage):
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+        model_cache: str | None = None,
         max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
@@ -129,6 +132,7 @@ class ModelStage(Stage):
         warn_untested_versions(self.name)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.storage_options, self.model_cache = storage_options, model_cache
         self.loader = ImageLoader(
             storage_options=storage_options,
             allowed_protocols=allowed_protocols,
@@ -167,3 +171,7 @@ class ModelStage(Stage):
             describe_exception(exc)[:300],
         )
         return True
+
+    def checkpoint(self, path: str) -> str:
+        """What ``from_pretrained`` loads ``path`` from: a checkpoint on object storage is synced to this node first."""
+        return local_checkpoint(path, storage_options=self.storage_options, cache=self.model_cache)

@@ -40,7 +40,9 @@ class DepthActor(ModelStage):
         super().__init__(**stage)
         from transformers import pipeline
 
-        self.estimator = pipeline("depth-estimation", model=model, revision=revision, device=self.device)
+        self.estimator = pipeline(
+            "depth-estimation", model=self.checkpoint(model), revision=revision, device=self.device
+        )
 
     def wants(self, row: dict[str, Any]) -> bool:
         return needs_depth(row)

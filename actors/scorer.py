@@ -82,6 +82,7 @@ class ScoreActor(ModelStage):
             self.text_encoder, self.image_encoder = prior.text_encoder, prior.image_encoder
             self.tokenizer, self.processor = prior.tokenizer, prior.image_processor
         else:
+            model = self.checkpoint(model)
             self.text_encoder = CLIPTextModelWithProjection.from_pretrained(
                 model, subfolder="text_encoder", dtype=self.dtype
             )

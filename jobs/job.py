@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from threading import Thread
 from typing import Any
 
 from actors.storage import Storage
 from cluster.defaults import Machine
-from jobs.execution.chain import ChainBuilder, execute, session
+from jobs.execution.chain import ChainBuilder, execute, session, start_imports
 from jobs.execution.connect import check_address
 from jobs.execution.contract import BatchDone, Task, TaskDone
+from jobs.execution.metrics import MetricsRecorder
 from jobs.execution.timeline import Timeline
+from jobs.planning.availability import check_models
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.machine import log_choices, stats_record
-from jobs.planning.run_plan import PendingScan, RunPlan, ShardWork, plan_run, with_machine_defaults
+from jobs.planning.run_plan import DEPTH_MODEL, PendingScan, RunPlan, ShardWork, plan_run, with_machine_defaults
 from jobs.publishing.lease import Lease
 from jobs.publishing.markers import new_marker, retried_marker, write_marker, write_settings
 from jobs.publishing.orphans import delete_orphans, delete_output
@@ -80,20 +83,37 @@ def run_job(
     progress: Progress | None = None,
     build: ChainBuilder | None = None,
     runner_options: dict[str, Any] | None = None,
+    started_at: float | None = None,
 ) -> JobSummary:
     """Render every image of the manifests whose shard is not done in the output yet; see README.md.
 
     Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests,
     ValueError for impossible settings and `jobs.publishing.lease.LeaseHeldError` when another run
     holds the output. A shard's results are published only after its images, its marker last.
-    ``build`` and ``runner_options``: see `jobs.execution.chain.execute` (benchmarks).
+    ``build`` and ``runner_options``: see `jobs.execution.chain.execute` (benchmarks). The timeline counts
+    from ``started_at`` (epoch seconds; default now): the CLI passes its command's start.
     """
-    timeline = Timeline()
+    timeline = Timeline(started=started_at)
     timeline.mark("run_started")
     for line in version_mismatches():  # the actors log their own workers' mismatches at start-up
         logger.warning("untested package version: %s", line)
     progress = progress or Progress(live=False)
-    started = time.monotonic()
+    progress.begin(started_at=timeline.started)  # log mode: a line at least every --progress-every seconds
+    try:
+        return _run(config, progress, timeline, build=build, runner_options=runner_options)
+    finally:
+        progress.close()
+
+
+def _run(
+    config: JobConfig,
+    progress: Progress,
+    timeline: Timeline,
+    *,
+    build: ChainBuilder | None,
+    runner_options: dict[str, Any] | None,
+) -> JobSummary:
+    started = time.monotonic() - (time.time() - timeline.started)  # wall seconds count from the timeline's start
     if config.runner == "ray":
         # an address that does not answer fails now, not after planning
         check_address(config.address, wait_s=config.connect_wait_s)
@@ -103,45 +123,99 @@ def run_job(
         timeline.mark("lease_taken")
         if config.overwrite:
             delete_output(storage)
-        # Planning reads storage while Ray starts (its processes, the stage imports) on this thread.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as pool:
-            planning = pool.submit(_plan, config, storage, timeline)
-            with session(config, timeline) as machine:
-                plan, scan = planning.result()
-                plan, choices = with_machine_defaults(plan, scan, machine)
-                log_choices(machine, choices)
-                stats = _render(
-                    plan,
-                    scan,
-                    storage,
-                    lease,
-                    progress,
-                    run_id=run_id,
-                    timeline=timeline,
-                    machine=machine,
-                    build=build,
-                    runner_options=runner_options,
-                    started=started,
-                )
-                stats["defaults"] = stats_record(machine, choices)
-                stats["timeline"] = timeline.seconds()
-                chosen = plan.index.sample.chosen()
-                stats["report"] = write_report(storage, chosen, stats=stats, scores_summary=plan.index.scores)
-                timeline.mark("gallery_written")  # before Ray shuts down: the gallery does not wait for it
-                stats["timeline"] = timeline.seconds()
-                write_stats(storage, stats)
-                storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
+        # Planning and the model checks come first: a run with nothing pending, or one that lacks a model, stops
+        # before Ray starts. The stage modules (torch, diffusers) import meanwhile once there is work.
+        progress.phase(f"planning: reading the manifest's footers and the markers of {config.output}")
+        plan, scan, imports = _plan(config, storage, timeline)
+        if not plan.pending:
+            stats = _nothing_pending(plan, storage, progress, run_id=run_id, timeline=timeline, started=started)
+            return JobSummary(run_id=run_id, plan=plan, stats=stats)
+        progress.phase(
+            f"planned: {len(plan.pending)} shard(s) to render ({scan.num_images} image(s)); models checked: "
+            + ", ".join(sorted({"prior", *(MODES[mode].checkpoint for mode in scan.modes)} | _depth(scan)))
+        )
+        address = config.address or os.environ.get("RAY_ADDRESS")
+        if config.runner == "ray":
+            progress.phase(f"joining the Ray cluster at {address}" if address else "starting a private local Ray")
+        with session(config, timeline, imports=imports) as machine:
+            progress.phase(f"{machine.source}: {machine.cpus:g} CPU(s), {machine.gpus:g} GPU(s)")
+            plan, choices = with_machine_defaults(plan, scan, machine)
+            log_choices(machine, choices)
+            stats = _render(
+                plan,
+                scan,
+                storage,
+                lease,
+                progress,
+                run_id=run_id,
+                timeline=timeline,
+                machine=machine,
+                build=build,
+                runner_options=runner_options,
+                started=started,
+            )
+            stats["defaults"] = stats_record(machine, choices)
+            progress.phase("every shard published; writing the gallery, stats.json and _SUCCESS")
+            _report(plan, storage, stats, run_id=run_id, timeline=timeline)  # before Ray shuts down: no wait for it
         stats["timeline"] = timeline.seconds()  # with Ray's shutdown, for the caller (stats.json has it without)
     return JobSummary(run_id=run_id, plan=plan, stats=stats)
 
 
-def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunPlan, PendingScan]:
-    """The run's plan and the scan of its pending shards (what the stages and the defaults depend on)."""
+def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunPlan, PendingScan, Thread | None]:
+    """The run's plan and what its pending shards need, each needed model checked to be loadable.
+
+    Also starts importing the stage modules (a thread, returned) once there is work. Raises
+    `jobs.planning.availability.ModelUnavailableError` when a needed model cannot be loaded.
+    """
     plan = plan_run(config, storage)
+    imports = start_imports(config) if plan.pending else None
     delete_orphans(storage, plan.index)
-    scan = plan.scan()
+    scan = check_models(plan, plan.scan())
     timeline.mark("planned")
-    return plan, scan
+    return plan, scan, imports
+
+
+def _report(plan: RunPlan, storage: Storage, stats: dict[str, Any], *, run_id: str, timeline: Timeline) -> None:
+    """The end of a run: the gallery, stats.json, then ``_SUCCESS``."""
+    stats["timeline"] = timeline.seconds()
+    chosen = plan.index.sample.chosen()
+    stats["report"] = write_report(storage, chosen, stats=stats, scores_summary=plan.index.scores)
+    timeline.mark("gallery_written")
+    stats["timeline"] = timeline.seconds()
+    write_stats(storage, stats)
+    storage.write_bytes(SUCCESS_FILE, f"{run_id}\n".encode())
+
+
+def _nothing_pending(
+    plan: RunPlan, storage: Storage, progress: Progress, *, run_id: str, timeline: Timeline, started: float
+) -> dict[str, Any]:
+    """A run whose every shard is done already: no Ray, no model; the report is made again from the markers."""
+    logger.info(
+        "run %s: nothing to render: all %d shard(s) of the %d manifest file(s) are done in %s (%d image(s)); "
+        "Ray not started",
+        run_id,
+        plan.num_shards,
+        len(plan.files),
+        plan.config.output,
+        plan.index.totals.num_images,
+    )
+    write_settings(storage, plan.settings)
+    progress.start(run_id=run_id, num_images=0)
+    progress.finish()
+    timeline.mark("rendered")
+    stats = run_stats(
+        run_id=run_id,
+        config=plan.config,
+        plan=plan,
+        this_run=Counts(),
+        parts=[],
+        stage_info={"runner": "none: nothing to render"},
+        render_seconds=0.0,
+        wall_seconds=time.monotonic() - started,
+        skipped=plan.index.totals.num_images,
+    )
+    _report(plan, storage, stats, run_id=run_id, timeline=timeline)
+    return stats
 
 
 def _render(
@@ -176,6 +250,8 @@ def _render(
     storage.delete(SUCCESS_FILE)
     duplicates = DuplicateImages(num_images=scan.num_images, scratch_dir=config.spool_dir)
     progress.start(run_id=run_id, num_images=scan.num_images)
+    metrics = MetricsRecorder(run_id)  # Ray's metrics (a no-op without Ray)
+    metrics.set("run_images", scan.num_images, state="total")
     this_run = Counts()
     parts: list[PartSummary] = []
     stage_info: dict[str, Any] = {}
@@ -195,14 +271,16 @@ def _render(
         movq_scales={MODES[mode].checkpoint: plan.scales[MODES[mode].checkpoint] for mode in scan.modes},
         output_format=plan.settings.output_format,
         run_id=run_id,
+        watcher=progress,
+        metrics=metrics,
     )
     for event in events:
         if lease.lost.is_set():
             raise LeaseLostError(f"run {run_id} lost the lease on {config.output}; stopping")
         if isinstance(event, BatchDone):
-            progress.update(num_done=event.info["rows"], num_errors=event.info["errors"])
+            _done(progress, metrics, num_done=event.info["rows"], num_errors=event.info["errors"])
             if plan.settings.output_format == FORMAT_FILES:  # each image is on storage once its batch is added
-                timeline.mark("first_image_stored")
+                _first_image(timeline, progress)
             continue
         assert isinstance(event, TaskDone)
         shard, summary = open_works.pop(event.tag), event.result
@@ -216,13 +294,14 @@ def _render(
                 marker, previous=shard.retried.marker, added_scores=summary.scores, replaced=shard.retried.keys
             )
         write_marker(storage, marker)
-        timeline.mark("first_image_stored")  # other formats: a shard's images are stored when it is published
+        metrics.published(summary.counts)
+        _first_image(timeline, progress)  # other formats: a shard's images are stored when it is published
         timeline.mark("first_shard_published")
         this_run.add(summary.counts)
         parts.append(summary)
         refused = shard.work.refused.num_rows
         if refused:
-            progress.update(num_done=refused, num_errors=refused)
+            _done(progress, metrics, num_done=refused, num_errors=refused)
     progress.finish()
     timeline.mark("rendered")
     repeats = duplicates.finish()
@@ -246,3 +325,20 @@ def saved_embeddings(plan: RunPlan) -> tuple[str, int] | None:
     """(dtype, dim) of the embeddings this run saves with each image (``--save-embeddings``), or None."""
     dtype = plan.config.save_embeddings
     return None if dtype is None else (dtype, plan.scales.embedding_dim())
+
+
+def _done(progress: Progress, metrics: MetricsRecorder, *, num_done: int, num_errors: int) -> None:
+    """Images that got a result: the progress lines and the run's gauges."""
+    progress.update(num_done=num_done, num_errors=num_errors)
+    metrics.set("run_images", progress.num_done, state="done")
+    metrics.set("run_images", progress.num_errors, state="errors")
+
+
+def _first_image(timeline: Timeline, progress: Progress) -> None:
+    if "first_image_stored" not in timeline.marks:
+        timeline.mark("first_image_stored")
+        progress.phase("first image stored")
+
+
+def _depth(scan: PendingScan) -> set[str]:
+    return {DEPTH_MODEL} if scan.needs_depth else set()

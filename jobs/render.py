@@ -14,6 +14,7 @@ import sys
 import threading
 from types import FrameType
 
+from jobs.execution.timeline import command_started
 from jobs.options import storage as storage_options
 from jobs.options.config_file import parse_args
 from jobs.options.flags import PROG, build_parser
@@ -80,6 +81,7 @@ def _stopped(message: str) -> None:
 
 
 def _main(argv: list[str] | None, *, prog: str) -> int:
+    started_at = command_started()
     secrets = storage_options.secret_env_values(os.environ)
     try:
         args = parse_args(build_parser(prog), argv)
@@ -90,6 +92,7 @@ def _main(argv: list[str] | None, *, prog: str) -> int:
     configure_logging(level=run.log_level, log_format=run.log_format)
     redactor = storage_options.install_redaction(secrets)
     from jobs.job import run_job
+    from jobs.planning.availability import ModelUnavailableError
     from jobs.publishing.lease import LeaseHeldError
     from jobs.reporting.progress import Progress, summary_table
 
@@ -108,12 +111,17 @@ def _main(argv: list[str] | None, *, prog: str) -> int:
             return EXIT_OK
         live = {"auto": None, "live": True, "log": False, "off": False}[run.progress]
         every = float("inf") if run.progress == "off" else run.progress_every
-        summary = run_job(config, progress=Progress(live=live, log_every_s=every))
+        summary = run_job(config, progress=Progress(live=live, log_every_s=every), started_at=started_at)
     except LeaseHeldError as exc:
         print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_OUTPUT_BUSY
     except ManifestError as exc:
         print(f"error: manifest refused: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModelUnavailableError as exc:
+        if exc.report:  # a dry run: the plan, then why the run would stop
+            print(exc.report)
+        print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as exc:
         print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)

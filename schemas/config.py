@@ -162,8 +162,8 @@ class JobConfig:
     address: str | None = field(
         default=None,
         metadata={
-            "help": "Ray cluster to join: host:port of its head, ray://host:port, or auto (the local head "
-            "`ray start` recorded)",
+            "help": "Ray cluster to join: host:port of its head's GCS, ray://host:port, or auto (the local head "
+            "that ray start recorded)",
             "default_help": "RAY_ADDRESS, else start a private local Ray",
             "group": "execution",
         },

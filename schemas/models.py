@@ -16,6 +16,11 @@ HUB_MODELS = {
 }
 # Hub revisions the default ids load at (transformers pins Intel/dpt-large at bc15f29 for its default).
 HUB_REVISIONS = {"depth": "bc15f29"}
+# The file that makes a folder a checkpoint: diffusers pipelines list their components in model_index.json;
+# the depth estimator is a transformers model.
+INDEX_FILES = {name: "config.json" if name == "depth" else "model_index.json" for name in HUB_MODELS}
+# The job's files on each node (synced checkpoints, the example's tiny models); default ~/.cache/kandinsky-render.
+CACHE_ENV = "KANDINSKY_RENDER_CACHE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +68,17 @@ class ModelPaths:
         },
     )
 
+    # Where each node keeps its copy of checkpoints given as fsspec URIs (actors/weights.py).
+    cache: str | None = field(
+        default=None,
+        metadata={
+            "flag": "--model-cache",
+            "metavar": "DIR",
+            "help": "folder on each node where checkpoints given as URIs (s3://, gs://, ...) are synced, once per node",
+            "default_help": f"${CACHE_ENV}/models, else ~/.cache/kandinsky-render/models",
+        },
+    )
+
     def depth_hub_revision(self) -> str | None:
         """The revision to load `depth` at: for a hub id ``depth_revision`` (the pinned one for the default
         id), None for a folder or URI."""
@@ -78,7 +94,12 @@ class ModelPaths:
 
     @classmethod
     def resolve(
-        cls, *, models_dir: str | None = None, depth_revision: str | None = None, **overrides: str | None
+        cls,
+        *,
+        models_dir: str | None = None,
+        depth_revision: str | None = None,
+        cache: str | None = None,
+        **overrides: str | None,
     ) -> ModelPaths:
         """Per component: an explicit override, else ``models_dir/<name>``, else the hub id.
 
@@ -97,12 +118,31 @@ class ModelPaths:
                 values[attr] = hub_id
         if overrides:
             raise ValueError(f"unknown model components: {sorted(overrides)}")
-        return cls(**values, depth_revision=depth_revision)
+        return cls(**values, depth_revision=depth_revision, cache=cache)
 
 
 def is_hub_id(path: str) -> bool:
     """Whether ``path`` names a hub repository (``org/name``) rather than a local folder or an fsspec URI."""
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None and not os.path.isdir(path)
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is an fsspec URI of another filesystem than this machine's (``s3://``, ``gs://``, ``hf://``...)."""
+    protocol, sep, _ = path.partition("://")
+    return bool(sep) and protocol not in ("file", "local")
+
+
+def local_path(path: str) -> str:
+    """``path`` without a ``file://`` or ``local://`` prefix."""
+    for prefix in ("file://", "local://"):
+        if path.startswith(prefix):
+            return path[len(prefix) :]
+    return path
+
+
+def cache_root() -> str:
+    """The job's local cache folder on this node: ``$KANDINSKY_RENDER_CACHE``, default ``~/.cache/kandinsky-render``."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "kandinsky-render")
 
 
 def movq_scale(block_out_channels: list[int] | tuple[int, ...]) -> int:

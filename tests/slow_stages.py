@@ -1,4 +1,4 @@
-"""Test stages: a decoder whose restarts take long, as reloading gigabytes of weights on a busy node does."""
+"""Test stages: decoders whose loads or restarts take long, as loading gigabytes of weights on a busy node does."""
 
 from __future__ import annotations
 
@@ -28,3 +28,11 @@ def starts(starts_file: str) -> list[int]:
         return []
     with open(starts_file, encoding="utf-8") as handle:
         return [int(line) for line in handle if line.strip()]
+
+
+class SlowLoadDecoder(DecoderActor):
+    """`DecoderActor` whose every start sleeps ``load_delay_s`` first: a model load that takes long."""
+
+    def __init__(self, *, load_delay_s: float, **kwargs: Any) -> None:
+        time.sleep(load_delay_s)
+        super().__init__(**kwargs)

@@ -53,6 +53,15 @@ def test_simulated_runs_the_whole_job_and_prints_efficiency_json(tmp_path: Path)
     assert result["num_shards"] == 3 and result["objects_per_shard"] == 3  # webdataset: tar, results, marker
 
 
+def test_heartbeat_prints_the_gaps_between_progress_lines(tmp_path: Path) -> None:
+    proc = benchmark_process("heartbeat", "--load-seconds", "1", "--progress-every", "1", "--rows", "2",
+                             "--work-dir", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json(proc.stdout)
+    assert result["images_ok"] == 2 and result["num_lines"] > result["num_phase_lines"] >= 8
+    assert isinstance(result["max_gap_s"], float) and "stage decoder: ready" in proc.stdout
+
+
 def test_objects_per_format(tmp_path: Path) -> None:
     result = run_benchmark("objects", "--rows", "40", "--shard-rows", "20", "--work-dir", str(tmp_path))
     formats = result["formats"]
@@ -224,5 +233,18 @@ def test_help_lists_every_mode() -> None:
         [sys.executable, "-m", "jobs.cli", "benchmark", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0
-    for mode in ("cpu", "simulated", "ceiling", "efficiency", "objects", "plan", "startup", "gpu", "host", "score"):
+    for mode in (
+        "cpu",
+        "simulated",
+        "ceiling",
+        "efficiency",
+        "objects",
+        "layout",
+        "plan",
+        "startup",
+        "gpu",
+        "host",
+        "score",
+        "heartbeat",
+    ):
         assert mode in proc.stdout

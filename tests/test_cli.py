@@ -134,3 +134,32 @@ def test_s3_manifest_and_output_on_loopback_endpoint(tmp_path: Path, tiny_models
         fs.get(result["uri"], str(fetched))
         row = next(r for r in rows if r["id"] == result["id"])
         assert max_level_difference(load_png(str(fetched)), text2img_reference(tiny_models, row, result["seed"])) <= 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["render"], ["calibrate"], ["reuse-embeddings"], ["tiny-models"], ["benchmark"], ["benchmark", "cpu"],
+     ["benchmark", "plan"], ["benchmark", "gpu"], ["benchmark", "score"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_every_help_reads_cleanly(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    """No ==SUPPRESS==, no '(default: None)' on a required option, no raw backticks; named as the user types it."""
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: kandinsky-render {' '.join(command)} ")
+    for wrong in ("==SUPPRESS==", "(default: None)", "(default: )", "`"):
+        assert wrong not in text, wrong
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    from jobs.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("kandinsky-render 0.1.0 (python ")
+    with pytest.raises(SystemExit):
+        main(["render", "--version"])
+    assert " ray 2." in capsys.readouterr().out

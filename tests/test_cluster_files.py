@@ -1,4 +1,5 @@
-"""Every file in cluster/ parses, its entrypoints run real modules with valid flags, and its GPUs fit the job."""
+"""Every file in cluster/ parses and is valid for what reads it (the KubeRay CRDs, Ray's launcher schema, Docker's
+build context rules), its entrypoints run real modules with valid flags, and its GPUs fit the job."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ RAYJOB_FIELDS = {
     "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
     "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
     "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
-    "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend",
+    "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "preRunningDeadlineSeconds",
 }  # fmt: skip
 RAYCRONJOB_FIELDS = {"schedule", "jobTemplate", "suspend", "timeZone"}
 WORKER_GROUP_FIELDS = {
@@ -131,6 +132,8 @@ def mounted_files(docs: list[dict], spec: dict) -> dict[str, str]:
     volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
     files = {}
     for mount in pod["containers"][0].get("volumeMounts", []):
+        if "configMap" not in volumes[mount["name"]]:
+            continue  # the model cache
         config_map = config_maps[volumes[mount["name"]]["configMap"]["name"]]
         for key, content in config_map.items():
             files[f"{mount['mountPath']}/{key}"] = content
@@ -160,13 +163,55 @@ def assert_stages_fit(config: JobConfig, groups: list[NodeGroup]) -> None:
     assert claimed == {group.name for group in groups if group.gpus_per_node}, "a GPU node type serves no stage"
 
 
+def test_docker_build_context_holds_only_what_the_dockerfile_copies(tmp_path: Path) -> None:
+    """What `docker build -f cluster/Dockerfile .` sends, by .dockerignore's rules as docker-py applies them, from
+    a checkout holding the quick start's .venv and kandinsky-example/, .git, a model folder and bytecode."""
+    docker_build = pytest.importorskip("docker.utils.build")
+    tree = tmp_path / "checkout"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "kandinsky-example"))
+    junk = {".venv/lib/torch.so": 2**20, "kandinsky-example/images/a.png": 3, ".git/objects/x": 9,
+            "models/decoder/unet/weights.safetensors": 2**20, "jobs/__pycache__/job.pyc": 5}  # fmt: skip
+    for name, size in junk.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(b"\0" * size)
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    patterns = [line for line in patterns if line and not line.startswith("#")]
+    sent = {path for path in docker_build.exclude_paths(str(tree), patterns, "cluster/Dockerfile")}
+    files = {path for path in sent if (tree / path).is_file()}
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    copied = [
+        source for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", dockerfile, re.M) for source in line.split()[:-1]
+    ]
+    for source in copied:  # every file the image needs is in the context
+        expected = (
+            [p.relative_to(tree).as_posix() for p in (tree / source).rglob("*.py")]
+            if (tree / source).is_dir()
+            else [source]
+        )
+        assert set(expected) <= files, source
+    assert {path.split("/")[0] for path in files} <= {*copied, ".dockerignore"}
+    assert not any("__pycache__" in path or path.endswith(".pyc") for path in files)
+    assert sum((tree / path).stat().st_size for path in files) < 2 * 2**20
+    # Layer order: torch, then the dependencies from pyproject.toml and constraints.txt only, then the source.
+    steps = [line.split()[0] for line in dockerfile.splitlines() if line and not line.startswith((" ", "#"))]
+    first_copy = dockerfile.index("\nCOPY")
+    assert dockerfile.index("pip install --no-cache-dir torch") < first_copy
+    assert copied[:2] == ["pyproject.toml", "constraints.txt"]
+    assert dockerfile.index("-r /tmp/requirements.txt") < dockerfile.index("COPY --chown=ray:users schemas")
+    assert steps[-1] == "RUN" and dockerfile.rstrip().endswith("pip install --no-cache-dir --no-deps .")
+
+
 @pytest.mark.parametrize("name", KUBE_FILES)
 def test_kuberay_manifests(name: str, tmp_path: Path) -> None:
     docs = load_docs(name)
     assert {doc["apiVersion"] for doc in docs if doc["kind"] in ("RayJob", "RayCronJob")} == {"ray.io/v1"}
     spec = ray_job_spec(docs)
     assert set(spec) <= RAYJOB_FIELDS, set(spec) - RAYJOB_FIELDS
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    # The cluster goes when the job ends: shutdownAfterJobFinishes (rayjob.yaml) or deletionRules (raycronjob.yaml).
+    rules = (spec.get("deletionStrategy") or {}).get("deletionRules", [])
+    assert (spec.get("shutdownAfterJobFinishes") and spec["ttlSecondsAfterFinished"] > 0) or any(
+        rule["policy"] == "DeleteCluster" for rule in rules
+    )
     config = entrypoint_config(spec["entrypoint"], mounted_files(docs, spec), tmp_path)
     assert config.output.startswith("s3://") and not config.storage_options.get("key")
     assert_stages_fit(config, kube_groups(spec))
@@ -274,3 +319,21 @@ def test_ray_remote_args_only_pin_when_asked() -> None:
     assert not node_accepts(selector, labels={"zone": "a", "market": "spot"})
     assert node_accepts(StagePlacement(accelerator_type="L4"), labels={"ray.io/accelerator-type": "L4"})
     assert not node_accepts(StagePlacement(accelerator_type="L4"), labels={"ray.io/accelerator-type": "A100"})
+
+
+def test_grafana_dashboard_uses_the_jobs_metrics() -> None:
+    """Every metric the dashboard queries is one the job exports (jobs/execution/metrics.py), and each is shown."""
+    import json
+
+    from jobs.execution.metrics import METRICS
+
+    dashboard = json.loads((CLUSTER / "grafana-dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for query in queries for name in re.findall(r"ray_kandinsky_render_\w+", query)}
+    exported = {spec.exported for spec in METRICS}
+    histograms = {f"{spec.exported}_bucket" for spec in METRICS if spec.kind == "histogram"}
+    assert used <= exported | histograms, used - exported - histograms
+    assert {spec.exported for spec in METRICS} <= {name.removesuffix("_bucket") for name in used}
+    assert all("$run_id" in query for query in queries)  # one run or all, chosen at the top
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

@@ -89,7 +89,8 @@ def test_without_a_file_flags_and_defaults_are_unchanged() -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ({"num-decoder-actor": 3}, "unknown option 'num-decoder-actor'"),
+        ({"num-decoder-actor": 3}, "unknown option 'num-decoder-actor'; did you mean 'num-decoder-actors'?"),
+        ({"no-such-thing": 3}, "unknown option 'no-such-thing'; kandinsky-render render --help lists every option"),
         ({"batch-size": "many"}, "batch-size: expected an integer"),
         ({"batch-size": 2.5}, "batch-size: expected an integer"),
         ({"retry-errors": "yes"}, "retry-errors: expected true or false"),
@@ -132,8 +133,8 @@ def test_help_documents_every_option_with_its_default(monkeypatch: pytest.Monkey
     text = build_parser().format_help()
     usage = text.split("options:", 1)[0]
     negations = {f"--no-{option.key}" for option in OPTIONS if option.negatable}
-    # The parser has exactly the table's flags: no option is declared anywhere else.
-    assert set(re.findall(r"--[a-z0-9-]+", usage)) == {option.flag for option in OPTIONS} | negations
+    # The parser has exactly the table's flags (and --version, which sets nothing): no option is declared elsewhere.
+    assert set(re.findall(r"--[a-z0-9-]+", usage)) == {option.flag for option in OPTIONS} | negations | {"--version"}
     entries = help_entries(text)
     for option in OPTIONS:
         entry = entries[option.flag]
@@ -243,12 +244,12 @@ def test_readme_default_tables_match_the_options() -> None:
         assert option.parse(written) == option.default, f"README.md says {flag} defaults to {written!r}"
 
 
-def test_cli_config_file_with_dry_run(tmp_path: Path) -> None:
+def test_cli_config_file_with_dry_run(tmp_path: Path, tiny_models: str) -> None:
     """A user's view: `render --config job.yaml --dry-run`, then the same with a flag on top."""
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "prompt": "p", "height": 64} for i in range(5)])
-    config_file = write_yaml(
-        tmp_path / "job.yaml", {"manifest": manifest, "output": str(tmp_path / "out"), "batch-size": 2}
-    )
+    # The models a run needs must be there for a dry run too (it checks them, tests/test_model_sources.py).
+    values = {"manifest": manifest, "output": str(tmp_path / "out"), "batch-size": 2, "models": tiny_models}
+    config_file = write_yaml(tmp_path / "job.yaml", values)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = [sys.executable, "-m", "jobs.render", "--config", config_file, "--dry-run"]
     first = subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)

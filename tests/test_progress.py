@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from jobs.execution import chain
+from jobs.job import run_job
 from jobs.reporting.progress import JsonFormatter, Progress, summary_table
+from schemas.config import JobConfig, StageResources
+from schemas.models import ModelPaths
+from tests.conftest import write_manifest
+from tests.slow_stages import SlowLoadDecoder
+
+STEPS = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "height": 64, "width": 64}
 
 
 class FakeClock:
@@ -116,3 +127,45 @@ def test_summary_table_compares_this_run_with_the_output() -> None:
     assert "error 1 ok 3" in lines["text2img"]
     assert lines["busy seconds decoder"].split()[-1] == "2.5"
     assert lines["skipped (already final)"].split()[-1] == "7"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_log_mode_says_what_happens_at_least_every_interval_through_a_slow_model_load(
+    tmp_path: Path, tiny_models: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decoder whose model takes 8 s to load, --progress-every 1: before, nothing was logged until an image
+    finished; now phase lines (each stage starting and up, the first image, publishing) and a heartbeat saying
+    what the job waits for come at least every interval (plus this loaded machine's scheduling slack)."""
+    build_chain = chain.build_chain
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        stages, sink = build_chain(*args, **kwargs)
+        slow = {"load_delay_s": 8.0}
+        stages = [
+            dataclasses.replace(s, cls=SlowLoadDecoder, kwargs={**s.kwargs, **slow}) if s.name == "decoder" else s
+            for s in stages
+        ]
+        return stages, sink
+
+    monkeypatch.setattr(chain, "build_chain", slow_load)
+    rows = [{"id": f"r{i}", "prompt": f"picture {i}", "seed": i, **STEPS} for i in range(2)]
+    config = JobConfig(
+        manifest=write_manifest(tmp_path / "m.parquet", rows),
+        output=str(tmp_path / "out"),
+        models=ModelPaths.resolve(models_dir=tiny_models),
+        decoder=StageResources(num_actors=1, num_gpus=1),
+    )
+    with caplog.at_level(logging.INFO, logger="kandinsky_render.progress"):
+        summary = run_job(config, progress=Progress(live=False, log_every_s=1.0))
+    assert summary.stats["output"]["by_status"] == {"ok": 2}
+    records = [record for record in caplog.records if hasattr(record, "progress")]
+    gaps = [later.created - earlier.created for earlier, later in zip(records, records[1:])]
+    assert max(gaps) < 1.0 + 2.0, f"a {max(gaps):.1f} s gap between lines"
+    events = [record.progress["event"] for record in records if record.progress["phase"] == "phase"]
+    for expected in ("planning", "stage decoder: starting 1 actor(s)", "stage decoder: ready", "first image stored"):
+        assert any(event.startswith(expected) for event in events), (expected, events)
+    assert any(event.startswith("every shard published; writing the gallery") for event in events)
+    waiting = [r.progress.get("status", "") for r in records if r.progress["phase"] == "running"]
+    assert any("decoder 0/1 up" in status for status in waiting), waiting  # the heartbeat says what it waits for
+    assert all(record.progress["since_start_s"] >= 0 for record in records)

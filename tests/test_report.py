@@ -218,7 +218,8 @@ def test_dry_run_plans_without_models_or_writes(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
+    # The plan is printed; the run would stop before any model, for lack of them: exit 2, naming them.
+    assert proc.returncode == 2 and "/does/not/exist/prior does not exist" in proc.stderr, proc.stderr
     assert "LOADED []" in proc.stdout
     table = {
         " ".join(match.group(1).split()): (int(match.group(2)), int(match.group(3)))

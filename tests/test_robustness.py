@@ -360,3 +360,30 @@ def test_retry_errors_overwrite_and_exit_status_policy(tmp_path: Path, tiny_mode
     results = raw_results(output)
     assert len(results) == 3 and len({r["run_id"] for r in results}) == 1
     assert pq.read_table(tmp_path / "m.parquet").num_rows == 3
+
+
+def test_a_rerun_with_nothing_pending_stops_before_starting_ray(
+    tmp_path: Path, tiny_models: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every shard done: the rerun (a Ray run) reads footers and markers, says so, rewrites the report from the
+    markers and ends without starting Ray or any actor (before: Ray and the writers started, then stopped)."""
+    import dataclasses
+    import logging
+
+    config = config_for(write_manifest(tmp_path / "m.parquet", rows_of(2)), str(tmp_path / "out"), tiny_models)
+    first = run_job(dataclasses.replace(config, runner="local"))
+    with caplog.at_level(logging.INFO, logger="jobs.job"):
+        again = run_job(config)
+    assert "nothing to render: all 1 shard(s)" in caplog.text and "Ray not started" in caplog.text
+    assert "ray_connected" not in again.stats["timeline"] and not again.stats["stages"]["runner"].startswith("ray")
+    assert again.stats["num_skipped_already_final"] == 2 and again.stats["output"]["by_status"] == {"ok": 2}
+    assert (tmp_path / "out" / "_SUCCESS").read_text().strip() == again.run_id != first.run_id
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["run_id"] == again.run_id
+
+    # A shell that runs something first and then execs the command keeps its process (and its start time):
+    # the summary's times count from the command's own start, not the shell's (before: 6 s more).
+    command = f"sleep 6 && exec {sys.executable} -m jobs.render --manifest {config.manifest} --output {config.output}"
+    shell = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert shell.returncode == 0, shell.stderr[-2000:]
+    timeline = json.loads((tmp_path / "out" / "stats.json").read_text())["timeline"]
+    assert timeline["run_started"] < 6 and timeline["gallery_written"] < 6, timeline

@@ -8,28 +8,37 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jobs.benchmarks import cpu, gpu, host, layout, plan, score, simulated
+from jobs.benchmarks import cpu, gpu, heartbeat, host, layout, plan, score, simulated
 from jobs.benchmarks.common import Mode
+from jobs.options.flags import DefaultsHelpFormatter
 
 # A mode is one module with a MODES tuple; register it here. Listed modes first, hidden helpers after.
 MODES: dict[str, Mode] = {
     mode.name: mode
     for mode in sorted(
-        (*cpu.MODES, *simulated.MODES, *layout.MODES, *plan.MODES, *gpu.MODES, *host.MODES, *score.MODES),
+        (
+            *cpu.MODES,
+            *simulated.MODES,
+            *layout.MODES,
+            *plan.MODES,
+            *gpu.MODES,
+            *host.MODES,
+            *score.MODES,
+            *heartbeat.MODES,
+        ),
         key=lambda mode: mode.help is None,
     )
 }
 
 
 def build_parser(prog: str = "kandinsky-render benchmark") -> argparse.ArgumentParser:
-    """The ``benchmark`` command line: one sub-command per mode."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    """The ``benchmark`` command line: one sub-command per mode (helper modes work but are not listed)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Speed, memory and scale figures (see BENCHMARKS.md).")
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode in MODES.values():
-        if mode.help is None:
-            sub = modes.add_parser(mode.name, help=argparse.SUPPRESS)
-        else:
-            sub = modes.add_parser(mode.name, help=mode.help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # A sub-command given no help is left out of the list (help=SUPPRESS would print "==SUPPRESS==").
+        listed = {} if mode.help is None else {"help": mode.help}
+        sub = modes.add_parser(mode.name, formatter_class=DefaultsHelpFormatter, description=mode.help, **listed)
         mode.add_arguments(sub)
     return parser
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from jobs.dev.tokenizer import write_clip_tokenizer
+from schemas.models import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -271,10 +272,7 @@ def default_tiny_models_dir() -> str:
 
     ``KANDINSKY_RENDER_CACHE`` defaults to ``~/.cache/kandinsky-render``.
     """
-    cache = os.environ.get("KANDINSKY_RENDER_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "kandinsky-render"
-    )
-    return os.path.join(cache, "tiny-models")
+    return os.path.join(cache_root(), "tiny-models")
 
 
 def _paths(root: Path) -> dict[str, str]:
@@ -357,9 +355,9 @@ def _install(tmp: Path, root: Path, params: dict[str, object], *, overwrite: boo
             shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``tiny-models DIR [--seed N] [--movq-scale-factor {2,8}] [--overwrite]``; prints the paths."""
-    parser = argparse.ArgumentParser(prog="tiny-models", description=__doc__)
+def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.dev.tiny_models") -> int:
+    """CLI: ``kandinsky-render tiny-models DIR [--seed N] [--movq-scale-factor {2,8}] [--overwrite]``; prints paths."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("out_dir", metavar="DIR", help="directory to build the tiny checkpoints in")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
@@ -367,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         choices=MOVQ_SCALE_FACTORS,
         default=2,
-        help="MoVQ spatial scale factor: 2 (fastest) or 8 (the real one)",
+        help="MoVQ spatial scale factor: 2 (fastest) or 8 (the real one) (default 2)",
     )
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if DIR is already complete")
     args = parser.parse_args(argv)

@@ -15,9 +15,11 @@ from jobs.execution.capacity import await_gpus
 from jobs.execution.connect import connect_ray
 from jobs.execution.contract import Event, SinkSpec, StageSpec, Task
 from jobs.execution.local import run_local
+from jobs.execution.metrics import MetricsRecorder
 from jobs.execution.runner import Deadlines, RunnerMeasures, run_ray
 from jobs.execution.scaling import Elasticity
 from jobs.execution.timeline import Timeline
+from jobs.execution.watch import Watcher
 from jobs.planning.batches import prior_batch_size
 from jobs.planning.forecast import parse_clusters
 from jobs.planning.machine import local_machine, ray_machine
@@ -64,13 +66,21 @@ def build_chain(
         "max_input_pixels": config.limits.max_input_pixels,
         "max_input_bytes": config.limits.max_input_bytes,
     }
-    model = {"dtype": config.dtype, "accel": config.accel}
+    model = {"dtype": config.dtype, "accel": config.accel, "model_cache": config.models.cache}
     decoders = {mode: config.models.for_checkpoint(MODES[mode].checkpoint) for mode in modes}
     warmup = [(mode, h, w, config.batch_size) for mode, h, w in call_shapes if mode in decoders]
     decoder = {"models": decoders, "movq_scales": movq_scales, "warmup": warmup if config.accel.compile else []}
     # Per stage: its class, what it is built with, and its calls' batch size.
     made: dict[str, tuple[type, dict[str, Any], int | None]] = {
-        DEPTH.name: (DepthActor, {"model": config.models.depth, "revision": config.models.depth_hub_revision()}, None),
+        DEPTH.name: (
+            DepthActor,
+            {
+                "model": config.models.depth,
+                "revision": config.models.depth_hub_revision(),
+                "model_cache": config.models.cache,
+            },
+            None,
+        ),
         PRIOR.name: (PriorActor, {"model": config.models.prior, **model}, prior_batch_size(config)),
         DECODER.name: (DecoderActor, {**decoder, **model}, config.batch_size),
         SCORE.name: (ScoreActor, {"model": config.models.prior, **model}, config.batch_size),
@@ -80,7 +90,8 @@ def build_chain(
         group = group_of.get(stage.name)
         if group is not None:
             cls, kwargs, batch_size = made[stage.name]
-            kwargs = kwargs if stage is SCORE else {**kwargs, **inputs}  # the scorer reads no input images
+            # The scorer reads no input images; storage options still reach its checkpoint.
+            kwargs = {**kwargs, "storage_options": config.storage_options} if stage is SCORE else {**kwargs, **inputs}
             spec = StageSpec(
                 name=stage.name,
                 cls=cls,
@@ -120,24 +131,33 @@ def describe(spec: StageSpec | SinkSpec) -> dict[str, Any]:
     return described
 
 
+def start_imports(config: JobConfig) -> threading.Thread | None:
+    """Import the stage modules (torch, diffusers: seconds) in a thread, for a Ray run; None with ``--runner local``."""
+    if config.runner == "local":
+        return None
+    thread = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
+    thread.start()
+    return thread
+
+
 @contextlib.contextmanager
-def session(config: JobConfig, timeline: Timeline) -> Iterator[Machine]:
+def session(config: JobConfig, timeline: Timeline, *, imports: threading.Thread | None = None) -> Iterator[Machine]:
     """The machine the stages will run on, for the length of a run: a connected Ray cluster, or this machine.
 
     ``--runner ray``: joins the cluster the config names, else starts a private local Ray (shut
-    down at exit), while a thread imports the stage modules (torch, diffusers): Ray's start-up
-    mostly waits on its own processes, so the two overlap. ``--runner local``: this machine, no Ray.
+    down at exit), while ``imports`` (`start_imports`, started here when not given) imports the stage
+    modules: Ray's start-up mostly waits on its own processes, so the two overlap. ``--runner
+    local``: this machine, no Ray.
     """
     if config.runner == "local":
         yield local_machine()
         return
     import ray
 
-    preload = threading.Thread(target=_import_stage_modules, name="import-stages", daemon=True)
-    preload.start()
+    imports = imports or start_imports(config)
     started = connect_ray(config.address, wait_s=config.connect_wait_s)
     timeline.mark("ray_connected")
-    preload.join()
+    imports.join()
     timeline.mark("imports_done")
     try:
         machine = planned_machine(config, ray_machine())
@@ -186,6 +206,8 @@ def execute(
     machine: Machine,
     build: ChainBuilder | None = None,
     runner_options: dict[str, Any] | None = None,
+    watcher: Watcher | None = None,
+    metrics: MetricsRecorder | None = None,
     **chain: Any,
 ) -> Iterator[Event]:
     """Run ``tasks`` through the chain inside a `session`; ``stage_info`` receives what stats.json shows.
@@ -193,7 +215,8 @@ def execute(
     ``build`` (default `build_chain`) makes the stages: benchmarks swap in stand-in model stages and
     keep everything else real. ``runner_options`` go to `jobs.execution.runner.RayStagePipeline`.
     ``timeline`` receives when the stages were ready, the first dispatch and the first result;
-    ``machine`` is what the `session` found (its GPUs and CPUs size the stages).
+    ``machine`` is what the `session` found (its GPUs and CPUs size the stages). ``watcher`` receives
+    the Ray runner's phase lines and status, ``metrics`` its metrics (`jobs.execution.watch`).
     """
     build = build or build_chain
     if config.runner == "local":
@@ -215,7 +238,7 @@ def execute(
         stages = [dataclasses.replace(spec, resources=fitted[spec.group_name]) for spec in stages]
         sink = dataclasses.replace(sink, resources=fitted[sink.name])
     specs = [*stages, sink]
-    measures = RunnerMeasures(names=[spec.name for spec in specs])
+    measures = RunnerMeasures(names=[spec.name for spec in specs], watcher=watcher, metrics=metrics)
     stage_info.update(runner="ray", cluster_gpus=cluster_gpus, stages={spec.name: describe(spec) for spec in specs})
     deadlines = Deadlines(
         call_timeout_s=config.call_timeout_s,

@@ -41,7 +41,7 @@ class Completions:
             self._failed(call, exc)
             return
         seconds = info["seconds"]
-        self.measures.count_call(call.stage, seconds)
+        self.measures.count_call(call.stage, seconds, info.get("rows", 0))
         self.watchdog.finished_call(call.stage, seconds)
         if call.kind == "add":
             yield from self._added(call, info)

@@ -101,6 +101,7 @@ class RayStagePipeline(Completions):
             demand = self._demand()
             self.pools.scale(demand=demand, nodes=ray_nodes, kill=self._retire)
             self.watchdog.check(self.pools, probe=self._probe, demand=demand)
+            self.measures.tick(self)  # status, phase lines and metrics (jobs.execution.watch)
             refs = list(self.calls)
             if not refs:
                 time.sleep(0.05)  # only re-probes are due: nothing to wait on yet

@@ -11,7 +11,9 @@ from typing import Any
 import pyarrow as pa
 
 from jobs.execution.contract import Task
+from jobs.execution.metrics import MetricsRecorder
 from jobs.execution.pool import Actor
+from jobs.execution.watch import PipelineWatch, Watcher
 
 
 @dataclass(eq=False, kw_only=True)
@@ -66,7 +68,10 @@ class Call:
 @dataclass(kw_only=True)
 class RunnerMeasures:
     """What the Ray runner measures: the first time each moment happened (``time.monotonic()``) and, per
-    stage (the sink last), busy seconds and calls. The job turns the moments into its `Timeline` marks."""
+    stage (the sink last), busy seconds and calls. The job turns the moments into its `Timeline` marks.
+
+    ``watcher`` (phase lines, status) and ``metrics`` (Ray metrics) receive what `tick` observes of the
+    runner (`jobs.execution.watch`) and the calls `count_call` counts; both optional."""
 
     names: list[str]
     started: float = field(default_factory=time.monotonic)
@@ -74,19 +79,37 @@ class RunnerMeasures:
     busy_seconds: list[float] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
     pools: dict[str, Any] = field(default_factory=dict)  # `jobs.execution.scaling.ActorPools.stats`, at the end
+    watcher: Watcher | None = None
+    metrics: MetricsRecorder | None = None
+    tick_every_s: float = 1.0
 
     def __post_init__(self) -> None:
         self.busy_seconds = self.busy_seconds or [0.0] * len(self.names)
         self.calls = self.calls or [0] * len(self.names)
+        self._watch = PipelineWatch(self.watcher, self.metrics)
+        self._ticked = float("-inf")
 
     def mark(self, name: str) -> None:
         """Record the first time ``name`` happens."""
         self.moments.setdefault(name, time.monotonic())
 
-    def count_call(self, stage: int, seconds: float) -> None:
-        """One finished call of ``stage`` that was busy ``seconds``."""
+    def count_call(self, stage: int, seconds: float, rows: int = 0) -> None:
+        """One finished call of ``stage`` that was busy ``seconds`` on ``rows`` images."""
         self.busy_seconds[stage] += seconds
         self.calls[stage] += 1
+        if self.metrics is not None:
+            name = self.names[stage]
+            self.metrics.add("stage_busy_seconds", seconds, stage=name)
+            self.metrics.add("stage_calls", stage=name)
+            if rows:
+                self.metrics.observe("seconds_per_image", seconds / rows, stage=name)
+
+    def tick(self, pipeline: Any) -> None:
+        """Let the watcher and the metrics look at ``pipeline``'s state (at most once per ``tick_every_s``)."""
+        now = time.monotonic()
+        if now - self._ticked >= self.tick_every_s:
+            self._ticked = now
+            self._watch.observe(pipeline)
 
     def per_stage(self) -> dict[str, Any]:
         """stats.json's busy seconds and calls per stage."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,10 +65,17 @@ def flag_defaults(values: Mapping[str, Any], *, source: str, options: Sequence[O
     for raw_key, value in values.items():
         option = keys.get(str(raw_key).lstrip("-").replace("-", "_"))
         if option is None:
-            known = ", ".join(sorted(option.key for option in options if option.in_file))
-            raise ValueError(f"{source}: unknown option {raw_key!r}; known options: {known}")
+            raise ValueError(f"{source}: unknown option {raw_key!r}; {_suggest(str(raw_key), options)}")
         defaults[option.dest] = file_value(option, value, where=f"{source}: {raw_key}")
     return defaults
+
+
+def _suggest(key: str, options: Sequence[Option]) -> str:
+    """``did you mean 'x'?`` for the closest config-file key, and where every key is listed."""
+    known = sorted({option.key for option in options if option.in_file} | {a for o in options for a in o.aliases})
+    close = difflib.get_close_matches(key.lstrip("-").replace("_", "-"), known, n=1, cutoff=0.6)
+    listed = "kandinsky-render render --help lists every option (a key is its flag without the dashes)"
+    return f"did you mean {close[0]!r}? {listed}" if close else listed
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import platform
 import shutil
 import textwrap
 import types
@@ -272,9 +273,39 @@ def option_at(root: type, *path: str, options: Sequence[Option] = OPTIONS) -> Op
     raise KeyError(".".join((root.__name__, *path)))
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` showing an option's default only when there is one to show (not for required options, None,
+    empty strings or switches): the formatter of the sub-commands other than ``render``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, "", False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def plain(text: str) -> str:
+    """A docstring line as --help shows it: without reStructuredText quotes."""
+    return text.replace("``", "").replace("`", "")
+
+
+def version_text() -> str:
+    """``kandinsky-render 0.1.0 (python 3.11.7, ray 2.60.0, ...)``, from package metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("ray", "torch", "diffusers", "transformers"))
+    return f"kandinsky-render {installed('kandinsky-render')} (python {platform.python_version()}, {libraries})"
+
+
 def build_parser(prog: str = PROG, options: Sequence[Option] = OPTIONS) -> argparse.ArgumentParser:
     """The ``render`` command line: one flag per option, grouped, each with its default in its help."""
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text())
     used = list(dict.fromkeys(option.group for option in options if option.group))
     order = [*[key for key in GROUPS if key in used], *[key for key in used if key not in GROUPS]]
     groups = {key: parser.add_argument_group(GROUPS.get(key, key)) for key in order}

@@ -63,7 +63,7 @@ class RunOptions:
         metadata={
             "metavar": "FILE",
             "help": "calibration YAML for --dry-run's GPU-seconds",
-            "default_help": "cluster/calibration.yaml; make a profile with `kandinsky-render calibrate OUTPUT`",
+            "default_help": "cluster/calibration.yaml; make a profile with: kandinsky-render calibrate OUTPUT",
         },
     )
     example: bool = field(

@@ -90,6 +90,10 @@ class CheckpointScales(Mapping[str, int]):
         self._names = sorted({mode.checkpoint for mode in MODES.values()})
         self._scales: dict[str, int] = {}
 
+    def exclude(self, names: set[str]) -> None:
+        """Leave out checkpoints that cannot be loaded: no row uses them, so sizes are not checked for them."""
+        self._names = [name for name in self._names if name not in names]
+
     def __getitem__(self, name: str) -> int:
         if name not in self._names:
             raise KeyError(name)

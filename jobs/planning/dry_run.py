@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from actors.storage import Storage
 from cluster.resources import StageLayout, resolve_groups
+from jobs.planning.availability import ModelUnavailableError, needed_models
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.calibration import (
     DEFAULT_CALIBRATION,
@@ -175,7 +176,9 @@ def dry_run(
 
     ``plan_for``: hypothetical clusters (``8xH100``) to forecast the run on (`jobs.planning.forecast`);
     ``as_json``: one JSON object instead of text. ValueError for an unknown GPU type or a cluster too
-    small for the flags, before anything is read.
+    small for the flags, before anything is read. Raises `jobs.planning.availability.ModelUnavailableError`
+    when the run would lack a model it needs (its ``report`` holds the plan: a dry run on a machine without
+    the models still shows it).
     """
     path = calibration or DEFAULT_CALIBRATION
     file_profiles = load_calibration(path)
@@ -183,7 +186,7 @@ def dry_run(
     wanted = [c.accelerator_type for c in clusters] or list(SHOWN_ESTIMATES)
     profiles = [p for p in profiles_with_estimates(file_profiles) if p in file_profiles or p.name in wanted]
     plan = plan_run(config, Storage(config.output, storage_options=config.storage_options))
-    scan = plan.scan()
+    scan, missing = needed_models(plan, plan.scan())
     machine = local_machine()
     plan, choices = with_machine_defaults(plan, scan, machine)
     duplicates = DuplicateImages(num_images=scan.num_images, scratch_dir=config.spool_dir)
@@ -203,7 +206,7 @@ def dry_run(
         for cluster in clusters
     ]
     if as_json:
-        return json.dumps(
+        text = json.dumps(
             {
                 "manifest": config.manifest,
                 "output": config.output,
@@ -221,15 +224,20 @@ def dry_run(
             indent=2,
             default=str,
         )
+        if missing:
+            raise ModelUnavailableError(missing, report=text)
+        return text
     text = describe(plan.config, plan, counts, profiles=profiles, calibration=path)
     if repeats.num_repeated:
         text += f"\n\nduplicate images (the same prompt inputs, settings and seed): {repeats.line()}"
     for item in forecasts:
         text += "\n\n" + "\n".join(describe_forecast(item, num_images=counts.num_to_render))
-    if not choices:
-        return text
-    chosen = "\n".join(f"  {choice.line()}" for choice in choices)
-    return (
-        f"{text}\n\ndefaults chosen for this machine ({machine.cpus:g} CPUs, no GPU seen without Ray); a job on "
-        f"a cluster chooses for the cluster it finds (--plan-for NxTYPE shows a GPU cluster's):\n{chosen}"
-    )
+    if choices:
+        chosen = "\n".join(f"  {choice.line()}" for choice in choices)
+        text += (
+            f"\n\ndefaults chosen for this machine ({machine.cpus:g} CPUs, no GPU seen without Ray); a job on "
+            f"a cluster chooses for the cluster it finds (--plan-for NxTYPE shows a GPU cluster's):\n{chosen}"
+        )
+    if missing:  # the run would stop before starting any model: say so, after the plan
+        raise ModelUnavailableError(missing, report=text)
+    return text

@@ -15,7 +15,7 @@ from cluster.defaults import REAL_DECODER_PARAMETERS, Choice, Machine, Workload,
 from cluster.layout import StageCosts
 from cluster.nodes import NodeShape
 from schemas.config import JobConfig
-from schemas.models import is_hub_id
+from schemas.models import is_hub_id, is_remote, local_path
 from schemas.modes import DEFAULT_MODE, MODES
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,9 @@ def machine_defaults(
     gpu = bool(machine.gpus)
     value_bytes = 2 if config.dtype in ("float16", "bfloat16") or (config.dtype == "auto" and gpu) else 4
     checkpoints = {MODES[mode].checkpoint for mode in modes} or {MODES[DEFAULT_MODE].checkpoint}
-    weights = max(_weight_bytes(config.models.for_checkpoint(name), value_bytes) for name in checkpoints)
+    weights = max(
+        _weight_bytes(config.models.for_checkpoint(name), value_bytes, config.storage_options) for name in checkpoints
+    )
     pixels = largest_pixels or config.defaults.height * config.defaults.width
     workload = Workload(
         largest_pixels=pixels,
@@ -156,8 +158,19 @@ def machine_defaults(
     return choose_defaults(config, machine, workload)
 
 
-def _weight_bytes(path: str, value_bytes: int) -> float:
-    """One decoder checkpoint's weights in memory: its files' size when local, the real model's when a hub id."""
+def _weight_bytes(path: str, value_bytes: int, storage_options: dict[str, Any]) -> float:
+    """One decoder checkpoint's weights in memory: its files' size when a folder or on object storage, the real
+    model's when a hub id (or when they cannot be listed)."""
+    if is_remote(path):
+        from fsspec.core import url_to_fs
+
+        try:
+            fs, root = url_to_fs(path, **storage_options)
+            found = fs.find(root, detail=True)
+        except Exception:  # noqa: BLE001 - only an estimate: assume the real model
+            return REAL_DECODER_PARAMETERS * value_bytes
+        return float(sum(info.get("size") or 0 for name, info in found.items() if name.endswith(_WEIGHT_SUFFIXES)))
+    path = local_path(path)
     if is_hub_id(path) or not os.path.isdir(path):
         return REAL_DECODER_PARAMETERS * value_bytes
     total = 0

@@ -288,11 +288,12 @@ class ShardReader:
         The second answer comes from the row groups' statistics (null counts), without reading hints.
         """
         table = self.raw(shard, names)
-        schema = self._parquet.schema_arrow
+        metadata = self._parquet.metadata
         hints_null = True
-        if "hint" in schema.names:
-            column = schema.names.index("hint")
-            stats = [self._parquet.metadata.row_group(g).column(column).statistics for g in shard.row_groups]
+        # Row groups index leaf columns: a nested column before ``hint`` shifts its position from the schema's.
+        leaves = [i for i in range(metadata.num_columns) if metadata.schema.column(i).path == "hint"]
+        if leaves:
+            stats = [metadata.row_group(g).column(leaves[0]).statistics for g in shard.row_groups]
             hints_null = any(s is None or not s.has_null_count or s.null_count > 0 for s in stats)
         for name in names:
             if name not in table.column_names:

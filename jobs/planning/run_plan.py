@@ -36,9 +36,10 @@ from jobs.planning.manifests import (
     read_whole,
 )
 from jobs.planning.output_index import OutputIndex, read_settings, read_shard_results
-from jobs.planning.work import Work, images_per_row, shard_work
+from jobs.planning.work import PLAN_CHUNK_ROWS, Work, images_per_row, shard_work
 from schemas.config import JobConfig
 from schemas.manifest import Limits, ManifestError, RenderDefaults
+from schemas.models import HUB_MODELS
 from schemas.modes import DEFAULT_MODE, MODES
 from schemas.results import REFUSAL_KINDS, STATUS_OK
 from schemas.shards import DEFAULT_SHARD_ROWS, FORMAT_FILES, DatasetSettings, Marker, Shard, marker_key, part_name
@@ -46,6 +47,11 @@ from schemas.summary import Counts, FailedImages, ImageKey
 from schemas.work import WORK_SCHEMA
 
 logger = logging.getLogger(__name__)
+
+PRIOR_MODEL, DEPTH_MODEL = "prior", "depth"  # keys of HUB_MODELS: the prior and the depth estimator
+assert {PRIOR_MODEL, DEPTH_MODEL} <= set(HUB_MODELS)
+# Rows `RunPlan.confirm` may plan before it counts every model not yet confirmed as needed (bounds start-up).
+CONFIRM_ROWS = 100_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,11 +80,15 @@ class ShardWork:
 
 @dataclass(frozen=True, kw_only=True)
 class PendingScan:
-    """What the pending shards need, known before any is planned: the stages and the progress total depend on it."""
+    """What the pending shards need, known before any is planned: the stages and the progress total depend on it.
+
+    `RunPlan.scan` reads small columns only, so ``modes`` and ``needs_depth`` may count rows that planning will
+    refuse; `RunPlan.confirm` settles what matters (`jobs.planning.availability.check_models`).
+    """
 
     num_images: int  # images the pending shards' rows ask for (retries: their error images)
-    modes: list[str]  # modes that may occur (decides which decoder checkpoints load)
-    needs_depth: bool  # a hint-estimating mode may lack hints (the depth stage starts); may over-estimate
+    modes: list[str]  # modes that occur (decides which decoder checkpoints load)
+    needs_depth: bool  # some ControlNet row lacks a hint (the depth stage starts)
     largest_pixels: int = 0  # height x width of the largest image asked for within the limits (the defaults' sizing)
     # `jobs.planning.calibration.unit_totals` of the images first renderings ask for (the layout's stage costs),
     # and how many of them may need an estimated hint (an over-estimate: footer statistics only)
@@ -87,6 +97,8 @@ class PendingScan:
     # (mode, height, width) of first renderings, most images first, at most `MAX_CALL_SHAPES` (a compiled decoder's
     # warm-up; a shape not listed compiles at its first call)
     call_shapes: list[tuple[str, int, int]] = field(default_factory=list)
+    # HUB_MODELS name (checkpoint, "depth") -> positions in `RunPlan.pending` of the shards whose rows may need it
+    shards_needing: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -112,68 +124,119 @@ class RunPlan:
         return sum(file.num_rows for file in self.files)
 
     def scan(self) -> PendingScan:
-        """Images, modes and depth needs of the pending shards, from small columns and footer statistics only."""
+        """Images, modes and depth needs of the pending shards, from small columns and footer statistics only.
+
+        A shard's ``hint`` column is read only when it has ControlNet rows and its statistics do not
+        rule out missing hints, so a manifest whose ControlNet rows all give hints never starts the depth stage.
+        """
         limits, defaults = self.config.limits, self.config.defaults
         estimated = {name for name, mode in MODES.items() if mode.hint_estimated}
-        num_images, modes, needs_depth = 0, set(), False
-        largest = 0
+        num_images, modes, largest = 0, set(), 0
+        needing: dict[str, list[int]] = collections.defaultdict(list)
         units: collections.Counter[str] = collections.Counter()
         shapes: collections.Counter[tuple[str, int, int]] = collections.Counter()
         depth_images = 0
         with ShardReader(storage_options=self.config.storage_options) as reader:
-            for shard, previous in self.pending:
+            for position, (shard, previous) in enumerate(self.pending):
                 columns, hints_null = reader.columns(shard, ["mode", "num_images", *COST_COLUMNS])
                 largest = max(largest, _largest_pixels(columns, defaults=defaults, limits=limits))
                 if previous is not None:  # a retry renders the shard's error images (its refusals repeat)
                     num_images += retry_estimate(previous)
-                    failed = {m for m, c in previous.by_mode.items() if sum(c.values()) > c.get(STATUS_OK, 0)}
-                    modes |= failed
-                    needs_depth |= bool(failed & estimated)
-                    continue
-                counts = images_per_row(
-                    pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images), limits=limits
-                )
-                num_images += int(counts.sum())
-                filled = _filled(columns, defaults=defaults)
-                units.update({name: float((values * counts).sum()) for name, values in work_units(filled).items()})
-                shapes.update(_call_shapes(filled, counts, limits=limits))
-                shard_modes = set(pc.unique(filled.column("mode")).to_pylist()) & set(MODES)
+                    shard_modes = {m for m, c in previous.by_mode.items() if sum(c.values()) > c.get(STATUS_OK, 0)}
+                    depth = bool(shard_modes & estimated)
+                else:
+                    counts = images_per_row(
+                        pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images), limits=limits
+                    )
+                    num_images += int(counts.sum())
+                    filled = _filled(columns, defaults=defaults)
+                    units.update({name: float((values * counts).sum()) for name, values in work_units(filled).items()})
+                    shapes.update(_call_shapes(filled, counts, limits=limits))
+                    shard_modes = set(pc.unique(filled.column("mode")).to_pylist()) & set(MODES)
+                    depth = bool(shard_modes & estimated) and hints_null and _lacks_hint(reader, shard, estimated)
+                    if depth:
+                        hinted = pc.is_in(filled.column("mode"), value_set=pa.array(sorted(estimated)))
+                        depth_images += int(counts[hinted.to_numpy(zero_copy_only=False)].sum())
                 modes |= shard_modes
-                if bool(shard_modes & estimated) and hints_null:
-                    needs_depth = True
-                    hinted = pc.is_in(filled.column("mode"), value_set=pa.array(sorted(estimated)))
-                    depth_images += int(counts[hinted.to_numpy(zero_copy_only=False)].sum())
+                for name in {MODES[mode].checkpoint for mode in shard_modes} | ({DEPTH_MODEL} if depth else set()):
+                    needing[name].append(position)
         return PendingScan(
             num_images=num_images,
             modes=sorted(modes),
-            needs_depth=needs_depth,
+            needs_depth=DEPTH_MODEL in needing,
             largest_pixels=largest,
             units=dict(units),
             depth_images=depth_images,
             call_shapes=[shape for shape, _ in shapes.most_common(MAX_CALL_SHAPES)],
+            shards_needing=dict(needing),
         )
+
+    def confirm(self, scan: PendingScan, names: set[str]) -> set[str]:
+        """Which of ``names`` (keys of `schemas.models.HUB_MODELS`) some row that will render needs.
+
+        Plans (reads and validates) the pending shards `scan` found may need them, in order, until
+        each is confirmed: a refused row needs no model. The prior is needed by any row that renders.
+        After `CONFIRM_ROWS` planned rows the names not yet confirmed count as needed (said in the log).
+        """
+        positions = {name: set(scan.shards_needing.get(name, ())) for name in names}
+        if PRIOR_MODEL in names:
+            positions[PRIOR_MODEL] = set(range(len(self.pending)))
+        confirmed: set[str] = set()
+        planned = 0
+        # Only which rows render matters here, not how they batch (the machine's batch size is not chosen yet).
+        config = self.config if self.config.batch_size else dataclasses.replace(self.config, batch_size=PLAN_CHUNK_ROWS)
+        with ShardReader(storage_options=self.config.storage_options) as reader:
+            for position in sorted(set().union(*positions.values())):
+                open_names = {name for name in names - confirmed if position in positions[name]}
+                if not open_names:
+                    continue
+                if planned >= CONFIRM_ROWS:
+                    rest = sorted(name for name in names - confirmed if max(positions[name]) >= position)
+                    logger.info("%d rows planned to see which models are needed; counting %s as needed", planned, rest)
+                    return confirmed | set(rest)
+                shard, previous = self.pending[position]
+                work = self._shard_work(reader, shard, previous, config=config).work
+                planned += shard.num_rows
+                found = {MODES[mode].checkpoint for mode in work.modes} | ({DEPTH_MODEL} if work.needs_depth else set())
+                confirmed |= (found | ({PRIOR_MODEL} if work.num_to_render else set())) & open_names
+                if confirmed >= names:
+                    break
+        return confirmed
 
     def works(self, duplicates: DuplicateImages | None = None) -> Iterator[ShardWork]:
         """The pending shards' work, one shard's rows at a time; each shard's images go to ``duplicates``."""
         with ShardReader(storage_options=self.config.storage_options) as reader:
             for shard, previous in self.pending:
-                rows = reader.read(shard)
-                marker, errors = (None, None) if previous is None else self._errors(previous)
-                work = shard_work(
-                    rows,
-                    file=shard.file,
-                    config=self.config,
-                    movq_scales=self.scales,
-                    only=None if errors is None else errors.select(["id", "image_index"]),
-                    embedding_dim=self.scales.embedding_dim,
-                )
-                retried = None
-                if marker is not None and errors is not None:
-                    work, retried = _without_repeated_refusals(work, marker, errors)
-                if duplicates is not None:
-                    duplicates.add(work.batches.work)
-                attempt = len(previous.parts) if previous is not None else 0
-                yield ShardWork(shard=shard, part=part_name(shard.name, attempt), work=work, retried=retried)
+                yield self._shard_work(reader, shard, previous, duplicates=duplicates)
+
+    def _shard_work(
+        self,
+        reader: ShardReader,
+        shard: Shard,
+        previous: Marker | None,
+        *,
+        config: JobConfig | None = None,
+        duplicates: DuplicateImages | None = None,
+    ) -> ShardWork:
+        """One pending shard's rows, validated and planned with ``config`` (default the plan's; a retry: the
+        shard's error images only, less the refusals it repeats); its images go to ``duplicates``."""
+        rows = reader.read(shard)
+        marker, errors = (None, None) if previous is None else self._errors(previous)
+        work = shard_work(
+            rows,
+            file=shard.file,
+            config=config or self.config,
+            movq_scales=self.scales,
+            only=None if errors is None else errors.select(["id", "image_index"]),
+            embedding_dim=self.scales.embedding_dim,
+        )
+        retried = None
+        if marker is not None and errors is not None:
+            work, retried = _without_repeated_refusals(work, marker, errors)
+        if duplicates is not None:
+            duplicates.add(work.batches.work)
+        attempt = len(previous.parts) if previous is not None else 0
+        return ShardWork(shard=shard, part=part_name(shard.name, attempt), work=work, retried=retried)
 
     def _errors(self, previous: Marker) -> tuple[Marker, pa.Table]:
         """A finished shard's marker and its images whose final result is an error (what a retry renders again)."""
@@ -246,6 +309,16 @@ def _call_shapes(filled: pa.Table, counts: np.ndarray, *, limits: Limits) -> dic
     return {(row["mode"], row["height"], row["width"]): row["images_sum"] for row in grouped}
 
 
+def _lacks_hint(reader: ShardReader, shard: Shard, estimated: set[str]) -> bool:
+    """Whether some row of a hint-estimating mode in ``shard`` has no ``hint`` (reads the mode and hint columns)."""
+    columns, _ = reader.columns(shard, ["mode", "hint"])
+    modes = pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE)
+    lacking = pc.and_(
+        pc.is_in(modes, value_set=pa.array(sorted(estimated), pa.string())), columns.column("hint").is_null()
+    )
+    return bool(pc.any(lacking).as_py())
+
+
 def _largest_pixels(columns: pa.Table, *, defaults: RenderDefaults, limits: Limits) -> int:
     """The most pixels of one image among rows whose sizes are within ``limits`` (others are refused)."""
     sides = []
@@ -268,7 +341,9 @@ def with_machine_defaults(plan: RunPlan, scan: PendingScan, machine: Machine) ->
         units=scan.units,
         depth_images=scan.depth_images,
     )
-    return dataclasses.replace(plan, config=config), choices
+    filled = dataclasses.replace(plan, config=config)
+    filled.scales = plan.scales  # what was read and left out (unloadable checkpoints) holds: the models are the same
+    return filled, choices
 
 
 def read_manifest_files(config: JobConfig) -> list[ManifestFile]:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
+from jobs.options.flags import DefaultsHelpFormatter
 from jobs.planning.calibration import Profile, numbers, work_units
 
 
@@ -74,11 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kandinsky-render calibrate",
         description="Fit a --dry-run calibration profile from the results of a finished run and print it as YAML.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("output", help="output prefix of a finished run (fsspec URI)")
     parser.add_argument("--name", required=True, help="profile name, e.g. the accelerator type (H100, A100, L4)")
-    parser.add_argument("--source", default="", help="free text recorded with the profile (cluster, date, batch size)")
+    parser.add_argument(
+        "--source",
+        default="",
+        help="free text recorded with the profile (cluster, date, batch size; default: the output)",
+    )
     args = parser.parse_args(argv)
     from actors.storage import Storage
     from jobs.options.storage import resolve

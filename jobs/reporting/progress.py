@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -18,13 +20,18 @@ TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class Progress:
-    """Counts results as they arrive and shows them.
+    """Counts results as they arrive and shows them, with the run's phases.
 
     On a terminal (``live``) it redraws one status line on ``stream``: images done / total,
-    images/s, ETA and errors. Elsewhere (cluster logs, ``ray job logs``) it stays off the stream
-    and emits a ``progress`` log record at the start, every ``log_every_s`` seconds and at the end,
-    carrying the same numbers as structured fields (``record.progress``). ``clock`` is injectable
-    so tests need no sleeping.
+    images/s, ETA and errors (before the first image: the current phase). Elsewhere (cluster logs,
+    ``ray job logs``) it stays off the stream and emits log records: a line per phase as it
+    happens (`phase`: planning, starting Ray, each stage's actors starting and up, a stage waiting
+    for capacity, the first image, publishing), each with the seconds since the job started, and,
+    from `begin` to `close`, a heartbeat thread makes sure a line comes at least every
+    ``log_every_s`` seconds whatever the job is doing: ``running: 12/40 images ... | <status>``, the
+    status being what the runner last reported (`status`: actors up per stage, calls running,
+    what a waiting stage lacks). Each record carries its numbers as structured fields
+    (``record.progress``). ``clock`` is injectable so tests need no sleeping.
     """
 
     def __init__(
@@ -43,15 +50,53 @@ class Progress:
         self.num_images = 0
         self.num_done = 0
         self.num_errors = 0
-        self._started = 0.0
+        self.current = ""  # the latest phase or status
+        self._begun = time.time()  # epoch seconds the job started (`begin`): phase lines count from it
+        self._started: float | None = None  # clock reading at `start`
         self._last_log = 0.0
         self._last_draw = float("-inf")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def begin(self, *, started_at: float | None = None) -> None:
+        """The job started at epoch seconds ``started_at`` (default now): start the heartbeat (log mode)."""
+        self._begun = time.time() if started_at is None else started_at
+        self._last_log = self.clock()
+        if self.live or not math.isfinite(self.log_every_s) or self._heartbeat is not None:
+            return
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._beat, name="progress-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def close(self) -> None:
+        """Stop the heartbeat."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+            self._heartbeat = None
+
+    def phase(self, text: str) -> None:
+        """Something happened (``text``): a log line now (log mode), the live line's text until images arrive."""
+        self.current = text
+        if self.live:
+            self._draw(force=True)
+        elif math.isfinite(self.log_every_s):
+            self._log("phase", message=f"{text} ({self.elapsed():.1f} s)", event=text)
+
+    def status(self, text: str) -> None:
+        """What is going on now; shown by the next periodic line."""
+        self.current = text
+
+    def elapsed(self) -> float:
+        """Seconds since the job started (`begin`)."""
+        return max(time.time() - self._begun, 0.0)
 
     def start(self, *, run_id: str, num_images: int) -> None:
         """Begin a run that has ``num_images`` images to give a result (rendered or refused)."""
         self.run_id, self.num_images = run_id, num_images
         self.num_done, self.num_errors = 0, 0
-        self._started = self._last_log = self.clock()
+        self._started = self.clock()
         self._log("started")
         self._draw(force=True)
 
@@ -59,9 +104,7 @@ class Progress:
         """Count ``num_done`` images that just got a result, ``num_errors`` of them errors."""
         self.num_done += num_done
         self.num_errors += num_errors
-        now = self.clock()
-        if not self.live and now - self._last_log >= self.log_every_s:
-            self._last_log = now
+        if not self.live and self.clock() - self._last_log >= self.log_every_s:
             self._log("running")
         self._draw()
 
@@ -75,7 +118,7 @@ class Progress:
 
     def snapshot(self) -> dict[str, Any]:
         """The numbers shown: done/total images, errors, elapsed seconds, images/s, ETA seconds (None if unknown)."""
-        elapsed = max(self.clock() - self._started, 0.0)
+        elapsed = max(self.clock() - self._started, 0.0) if self._started is not None else 0.0
         rate = self.num_done / elapsed if elapsed > 0 and self.num_done else 0.0
         remaining = max(self.num_images - self.num_done, 0)
         eta = remaining / rate if rate > 0 else (0.0 if not remaining else None)
@@ -100,6 +143,12 @@ class Progress:
             f"ETA {eta}  {snap['num_errors']} error(s)"
         )
 
+    def _beat(self) -> None:
+        """The heartbeat: a line whenever ``log_every_s`` passed without one."""
+        while not self._stop.wait(min(0.25, self.log_every_s / 4)):  # a line at most a quarter second late
+            if self.clock() - self._last_log >= self.log_every_s:
+                self._log("running" if self._started is not None else "waiting", with_status=True)
+
     def _draw(self, *, force: bool = False) -> None:
         if not self.live:
             return
@@ -107,11 +156,30 @@ class Progress:
         if not force and now - self._last_draw < 0.2:  # a redraw per batch can outpace any terminal
             return
         self._last_draw = now
-        self.stream.write(f"\r\x1b[Krendering {self.line()}")
+        text = self.line() if self.num_done or not self.current else f"{self.current} ({self.elapsed():.0f} s)"
+        self.stream.write(f"\r\x1b[Krendering {text}")
         self.stream.flush()
 
-    def _log(self, phase: str) -> None:
-        logger.info("%s: %s", phase, self.line(), extra={"progress": {"phase": phase, **self.snapshot()}})
+    def _log(
+        self, phase: str, *, message: str | None = None, event: str | None = None, with_status: bool = False
+    ) -> None:
+        with self._lock:
+            self._last_log = self.clock()
+        fields: dict[str, Any] = {"phase": phase, "since_start_s": round(self.elapsed(), 1)}
+        if event is not None:
+            fields["event"] = event
+        else:
+            fields.update(self.snapshot())
+        if message is None:
+            started = self._started is not None
+            message = f"{phase}: {self.line()}" if started else f"{phase}: {self.current or 'starting'}"
+            if with_status and started and self.current:
+                message += f" | {self.current}"
+            if with_status:
+                message += f" ({self.elapsed():.1f} s)"
+        if with_status and self.current:
+            fields["status"] = self.current
+        logger.info("%s", message, extra={"progress": fields})
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -177,7 +245,7 @@ def configure_logging(*, level: str, log_format: str) -> None:
     root.addHandler(handler)
 
 
-# Moments of stats.json's timeline the summary shows (seconds since the process started).
+# Moments of stats.json's timeline the summary shows (seconds since the job started).
 TIMELINE_ROWS = (
     ("first_dispatch", "seconds to first model call"),
     ("first_image_stored", "seconds to first image stored"),

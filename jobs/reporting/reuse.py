@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from actors.storage import Storage
+from jobs.options.flags import plain
 from schemas.keys import RESULTS_DIR
 from schemas.results import STATUS_OK
 
@@ -64,7 +65,9 @@ def reuse_embeddings(
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; exit 2 when the output holds no saved embeddings."""
-    parser = argparse.ArgumentParser(prog="kandinsky-render reuse-embeddings", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="kandinsky-render reuse-embeddings", description=plain(__doc__.split("\n")[0])
+    )
     parser.add_argument("output", help="output prefix of a run with --save-embeddings (fsspec URI)")
     parser.add_argument("manifest", help="manifest prefix to write (one Parquet file per results part)")
     parser.add_argument("--skip-filtered", action="store_true", help="leave out images below --min-clip-score")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import importlib.metadata
 import json
 import logging
 import math
@@ -29,12 +30,10 @@ logger = logging.getLogger(__name__)
 
 def versions() -> dict[str, Any]:
     """Versions of the libraries that decide the pixels (and Ray's, pyarrow's); ``mismatches``: those not tested."""
-    import ray
-
     return {
         **installed_versions(),  # the packages of schemas.versions.TESTED_VERSIONS (metadata: nothing imported)
         "python": platform.python_version(),
-        "ray": ray.__version__,
+        "ray": importlib.metadata.version("ray"),  # not `import ray` (a second): a run with nothing to do skips Ray
         "pyarrow": pa.__version__,
         "mismatches": version_mismatches(),
     }

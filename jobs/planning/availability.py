@@ -1,0 +1,213 @@
+"""Which checkpoints a run needs, and whether each can be loaded: checked before Ray starts or any row renders.
+
+A checkpoint is a folder on this machine, an fsspec URI (``s3://``, ``gs://``, ...: each node syncs it
+into its cache, `actors.weights`) or a Hugging Face hub id (loaded through the hub's cache,
+``$HF_HOME``). Each check reads a few small files or answers one HEAD request, with no retries, so
+a machine without hub access learns at once what it lacks instead of after minutes of retries in
+every actor. A needed checkpoint that cannot be loaded stops the job with `ModelUnavailableError`
+naming it, where it was looked for, the flags that choose it and its public hub id; one that only
+rows refused at planning would use is not needed, and its stage never starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from jobs.options.flags import option_at
+from jobs.options.run_options import RunOptions
+from jobs.planning.run_plan import DEPTH_MODEL, PRIOR_MODEL, PendingScan, RunPlan
+from schemas.config import JobConfig
+from schemas.models import HUB_MODELS, INDEX_FILES, is_hub_id, is_remote, local_path
+from schemas.modes import MODES
+
+logger = logging.getLogger(__name__)
+
+HUB_TIMEOUT_S = 10.0  # one HEAD request to the hub; no retries (the libraries' own retries take minutes)
+
+
+class ModelUnavailableError(ValueError):
+    """A checkpoint the run needs cannot be loaded; the message names each one and how to provide it.
+
+    ``report``: what a dry run planned before it found that (printed before the error).
+    """
+
+    def __init__(self, message: str, *, report: str = "") -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def check_models(plan: RunPlan, scan: PendingScan) -> PendingScan:
+    """``scan`` with the models the pending work needs, each checked to be loadable (`needed_models`).
+
+    Raises `ModelUnavailableError` naming every needed checkpoint that cannot be loaded.
+    """
+    scan, missing = needed_models(plan, scan)
+    if missing:
+        raise ModelUnavailableError(missing)
+    return scan
+
+
+def needed_models(plan: RunPlan, scan: PendingScan) -> tuple[PendingScan, str | None]:
+    """``scan`` with the models the pending work needs, and what is wrong (None: each can be loaded).
+
+    A checkpoint that cannot be loaded but that no row which will render uses is left out (its
+    rows are refused for other reasons), as is the depth stage when every ControlNet row that
+    renders has a hint. Rows of a mode whose checkpoint cannot be loaded get no size check.
+    """
+    if not plan.pending:
+        return scan, None
+    config = plan.config
+    candidates = [PRIOR_MODEL, *sorted({MODES[mode].checkpoint for mode in scan.modes})]
+    candidates += [DEPTH_MODEL] if scan.needs_depth else []
+    problems = checkpoint_problems(config, candidates)
+    plan.scales.exclude(set(problems))  # no size checks against a checkpoint nobody can load
+    unsure = set(problems) | ({DEPTH_MODEL} if scan.needs_depth else set())
+    confirmed = plan.confirm(scan, unsure) if unsure else set()
+    missing = {name: problem for name, problem in problems.items() if name in confirmed}
+    for name in sorted(set(problems) - confirmed):
+        logger.info("model %s cannot be loaded (%s) but no row that renders needs it", name, problems[name])
+    modes = [mode for mode in scan.modes if MODES[mode].checkpoint not in set(problems) - confirmed]
+    scan = dataclasses.replace(scan, modes=modes, needs_depth=DEPTH_MODEL in confirmed)
+    return scan, describe_missing(config, scan, missing) if missing else None
+
+
+def checkpoint_problems(config: JobConfig, names: list[str]) -> dict[str, str]:
+    """Name -> why it cannot be loaded, for each of ``names`` (keys of `HUB_MODELS`) that cannot; in parallel."""
+    revisions = {DEPTH_MODEL: config.models.depth_hub_revision()}
+    with ThreadPoolExecutor(max_workers=max(1, len(names)), thread_name_prefix="model-check") as pool:
+        found = {
+            name: pool.submit(
+                checkpoint_problem,
+                config.models.for_checkpoint(name),
+                index_file=INDEX_FILES[name],
+                revision=revisions.get(name),
+                storage_options=config.storage_options,
+            )
+            for name in names
+        }
+        return {name: problem for name, future in found.items() if (problem := future.result()) is not None}
+
+
+def checkpoint_problem(
+    path: str, *, index_file: str, revision: str | None = None, storage_options: dict[str, Any] | None = None
+) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded, or None when it can.
+
+    ``index_file`` is the file every such checkpoint holds (``model_index.json`` for a diffusers
+    pipeline, whose components must then all be there; ``config.json`` for a transformers model).
+    """
+    if is_hub_id(path):
+        return _hub_problem(path, index_file=index_file, revision=revision)
+    if is_remote(path):
+        return _remote_problem(path, index_file=index_file, storage_options=storage_options or {})
+    return _folder_problem(local_path(path), index_file=index_file)
+
+
+def _folder_problem(folder: str, *, index_file: str) -> str | None:
+    where = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        return f"{where} does not exist" if not os.path.exists(folder) else f"{where} is not a folder"
+    try:
+        with open(os.path.join(folder, index_file), "rb") as handle:
+            index = handle.read()
+    except OSError as exc:
+        return f"{where} holds no readable {index_file} ({type(exc).__name__}); not a save_pretrained folder"
+    return _components_problem(index, set(os.listdir(folder)), where=where, index_file=index_file)
+
+
+def _remote_problem(uri: str, *, index_file: str, storage_options: dict[str, Any]) -> str | None:
+    from fsspec.core import url_to_fs
+
+    from actors.retry import retry
+
+    try:
+        fs, root = url_to_fs(uri, **storage_options)
+        index = retry(lambda: fs.cat_file(posixpath.join(root, index_file)), what=f"read {uri}/{index_file}")
+        names = retry(lambda: fs.ls(root, detail=False), what=f"list {uri}")
+    except FileNotFoundError:
+        return f"{uri} holds no {index_file}: no checkpoint there"
+    except Exception as exc:  # noqa: BLE001 - any failure to read it means it cannot be loaded; say why
+        return f"{uri} cannot be read ({type(exc).__name__}: {_first_line(exc)})"
+    listed = {posixpath.basename(name.rstrip("/")) for name in names}
+    return _components_problem(index, listed, where=uri, index_file=index_file)
+
+
+def _components_problem(index: bytes, names: set[str], *, where: str, index_file: str) -> str | None:
+    """For a diffusers pipeline folder: which components its ``model_index.json`` lists but ``names`` lacks."""
+    if index_file != "model_index.json":
+        return None
+    try:
+        listed = json.loads(index)
+    except ValueError:
+        return f"{where}/{index_file} is not valid JSON"
+    wanted = [key for key, value in listed.items() if isinstance(value, list) and value and value[0] is not None]
+    lacking = sorted(set(wanted) - names)
+    if lacking:
+        return f"{where} lacks the component folder(s) {', '.join(lacking)} that its {index_file} lists"
+    return None
+
+
+def _hub_problem(repo_id: str, *, index_file: str, revision: str | None) -> str | None:
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, index_file, revision=revision)
+    if isinstance(cached, str):
+        snapshot = os.path.dirname(cached)
+        with open(cached, "rb") as handle:
+            partial = _components_problem(
+                handle.read(), set(os.listdir(snapshot)), where=snapshot, index_file=index_file
+            )
+        if partial is None or not constants.is_offline_mode():
+            return None  # in the hub cache (what is missing there downloads when the hub is reachable)
+        return f"{repo_id} is a hub id, HF_HUB_OFFLINE is set and the hub cache holds it in part: {partial}"
+    cache = f"hub cache {constants.HF_HUB_CACHE}"
+    if constants.is_offline_mode():
+        return f"{repo_id} is a hub id, HF_HUB_OFFLINE is set and the {cache} does not hold it (whole)"
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, index_file, revision=revision), timeout=HUB_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - not found, gated, unreachable: each means it cannot be loaded
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            reason = f"the hub refused access ({status}): a gated or private repository needs HF_TOKEN"
+        elif status == 404:
+            reason = f"the hub has no such repository or revision ({revision or 'main'})"
+        else:
+            reason = f"the hub cannot be reached ({type(exc).__name__}: {_first_line(exc)})"
+        # A path that is no folder here looks like a hub id too (e.g. --models models, run from the wrong folder).
+        where = "" if repo_id in HUB_MODELS.values() else f"; there is no folder {os.path.abspath(repo_id)} either"
+        return f"{repo_id} is a hub id and {reason}, and the {cache} does not hold it{where}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+# Why a run needs each model, for messages.
+WHY = {
+    PRIOR_MODEL: "every row that renders (prompts and images -> embeddings; --score clip too)",
+    DEPTH_MODEL: "ControlNet rows without a hint",
+}
+
+
+def describe_missing(config: JobConfig, scan: PendingScan, missing: dict[str, str]) -> str:
+    """The message of `ModelUnavailableError`: per missing model, why it is needed, the problem and how to fix it."""
+    models_flag = option_at(RunOptions, "models").flag
+    lines = [f"{len(missing)} model(s) this run needs cannot be loaded (checked before starting any model):"]
+    for name, problem in sorted(missing.items()):
+        flag = option_at(JobConfig, "models", name.replace("-", "_")).flag
+        modes = [mode for mode in scan.modes if MODES[mode].checkpoint == name]
+        why = WHY.get(name) or f"{', '.join(modes)} rows"
+        lines.append(
+            f"- {name}, needed by {why}: {problem}. Give {flag} PATH (a folder, an fsspec URI such as "
+            f"s3://bucket/models/{name}, or a hub id), or {models_flag} DIR holding {name}/, or leave both out "
+            f"to load {HUB_MODELS[name]} from the Hugging Face hub (cached in $HF_HOME)."
+        )
+    return "\n".join(lines)
