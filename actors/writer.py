@@ -28,7 +28,7 @@ from actors.scores import ScoreStats
 from actors.stage import describe_exception, worker_name
 from actors.storage import Storage
 from schemas.keys import sample_key, sample_rank
-from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_PIXELS
+from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
 from schemas.results import (
     ERROR_WRITE,
     RECORDED_IMAGES,
@@ -124,6 +124,7 @@ class ShardWriter:
         min_clip_score: float | None = None,
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
         worker: str = "",
     ) -> None:
         if output_format not in FORMATS:
@@ -131,7 +132,10 @@ class ShardWriter:
         self.storage = Storage(output, storage_options=storage_options)
         # The gallery's candidates show previews of their inputs, read again here (a few per part).
         self.loader = ImageLoader(
-            storage_options=storage_options, allowed_protocols=allowed_protocols, max_pixels=max_input_pixels
+            storage_options=storage_options,
+            allowed_protocols=allowed_protocols,
+            max_pixels=max_input_pixels,
+            max_bytes=max_input_bytes,
         )
         self.output_format = output_format
         self.run_id = run_id

@@ -29,7 +29,8 @@ from jobs.planning.availability import check_models
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.machine import log_choices, stats_record
-from jobs.planning.run_plan import DEPTH_MODEL, PendingScan, RunPlan, ShardWork, plan_run, with_machine_defaults
+from jobs.planning.run_plan import RunPlan, ShardWork, plan_run, with_machine_defaults
+from jobs.planning.scan import DEPTH_MODEL, PendingScan
 from jobs.publishing.lease import Lease
 from jobs.publishing.markers import new_marker, retried_marker, write_marker, write_settings
 from jobs.publishing.orphans import delete_orphans, delete_output

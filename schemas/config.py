@@ -30,19 +30,31 @@ LAYOUTS = (LAYOUT_DEDICATED, LAYOUT_CO_LOCATED, LAYOUT_ONE_PROCESS)
 UNBOUNDED = 1_000_000  # an actor pool's upper bound when none is given ("MIN:")
 
 
+_ACTOR_COUNT = re.compile(r"(\d+)(?:\s*:\s*(\d*))?")
+
+
+def actor_count(text: str) -> str:
+    """``--num-{stage}-actors`` as given on the command line or in a file: ``N`` or ``MIN:MAX`` (the numbers are
+    checked with the rest of the config, by `parse_actor_count`)."""
+    text = str(text).strip()
+    if _ACTOR_COUNT.fullmatch(text) is None:
+        raise ValueError(f"expected N or MIN:MAX (e.g. 4, 2:8, 1:), got {text!r}")
+    return text
+
+
 def parse_actor_count(text: str) -> str:
     """``--num-{stage}-actors``: ``N`` (a fixed pool) or ``MIN:MAX`` (``MIN:``: no upper bound), normalized."""
     text = str(text).strip()
-    match = re.fullmatch(r"(\d+)(?:\s*:\s*(\d*))?", text)
+    match = _ACTOR_COUNT.fullmatch(text)
     if match is None:
-        raise ValueError(f"expected N or MIN:MAX actors (e.g. 4, 2:8, 1:), got {text!r}")
+        raise ValueError(f"num_actors must be N or MIN:MAX (e.g. 4, 2:8, 1:), got {text!r}")
     low, sep, high = match.group(1), ":" in text, match.group(2)
     if not sep:
         if int(low) < 1:
-            raise ValueError(f"a fixed pool needs at least 1 actor, got {text!r}")
+            raise ValueError(f"num_actors must be >= 1 for a fixed pool, got {text!r}")
         return str(int(low))
     if high and int(high) < max(int(low), 1):
-        raise ValueError(f"MAX must be >= MIN and >= 1, got {text!r}")
+        raise ValueError(f"num_actors MIN:MAX needs MAX >= MIN and MAX >= 1, got {text!r}")
     return f"{int(low)}:{int(high) if high else ''}"
 
 
@@ -60,7 +72,7 @@ class StageResources:
         default=None,
         metadata={
             "flag": "--num-{stage}-actors",
-            "parse": parse_actor_count,
+            "parse": actor_count,  # the numbers are checked and normalized by `parse_actor_count` in __post_init__
             "metavar": "N|MIN:MAX",
             "help": "{what} actors: N, or MIN:MAX to grow from MIN to MAX as nodes join (MIN: no upper bound)",
             "group": "execution",

@@ -56,7 +56,7 @@ def test_every_kind_of_flag_from_a_file_and_flags_win(tmp_path: Path) -> None:
         "s3://bucket/out",
         "/models/prior",
     )
-    assert config.decoder.num_actors == 3 and config.prior.num_gpus == 0.5 and config.decoder.num_gpus == 1.0
+    assert config.decoder.num_actors == "3" and config.prior.num_gpus == 0.5 and config.decoder.num_gpus == 1.0
     assert config.dtype == "float16" and config.retry_errors is True
     assert config.defaults.height == 768 and config.limits.max_side == 1024
     assert config.batch_size == 2  # the flag overrides the file
@@ -176,7 +176,7 @@ def test_new_fields_get_flags_file_keys_and_help_from_their_metadata(tmp_path: P
         "--shard-rows",
         "--save-embeddings",
     ]
-    assert option_at(FutureConfig, "score", "num_actors", options=options).default == 2
+    assert option_at(FutureConfig, "score", "num_actors", options=options).default == "2"  # normalized: N or MIN:MAX
     parser = build_parser(options=options)
     assert "CPUs per score actor (on CPU also its torch threads) (default: chosen for the machine" in " ".join(
         parser.format_help().split()
@@ -188,7 +188,7 @@ def test_new_fields_get_flags_file_keys_and_help_from_their_metadata(tmp_path: P
     parser.set_defaults(**flag_defaults({"num_score_actors": 3, "shard-rows": "10"}, source="f.yaml", options=options))
     args = parser.parse_args([])
     assert values_of(FutureConfig, args, options=options) == {
-        "score": {"num_actors": 3, "num_gpus": None, "num_cpus": None},
+        "score": {"num_actors": "3", "num_gpus": None, "num_cpus": None},
         "shard_rows": 10,
         "save_embeddings": True,
     }
@@ -295,7 +295,7 @@ def test_config_file_errors_never_show_a_credential(tmp_path: Path, capsys: pyte
     broken.write_text(f'manifest: s3://b/m/\nstorage-option: {{secret: "{secret}", sas_token: "{sas}"\noutput: o\n')
     typo = write_yaml(tmp_path / "typo.yaml", {"storage-option": {"secret": secret}, "num-decoder-actors": secret})
     handler = signal.getsignal(signal.SIGTERM)
-    for path, where in ((str(broken), "not valid YAML at line "), (typo, "num-decoder-actors: expected an int")):
+    for path, where in ((str(broken), "not valid YAML at line "), (typo, "num-decoder-actors: expected N or MIN:MAX")):
         assert main(["--config", path]) == 2
         err = capsys.readouterr().err
         assert where in err, err

@@ -109,8 +109,8 @@ def build_chain(
         "spool_dir": config.spool_dir,
         "save_embeddings": config.save_embeddings,
         "min_clip_score": config.min_clip_score,
-        "allowed_protocols": config.limits.allowed_protocols,  # the gallery previews a few rows' inputs
-        "max_input_pixels": config.limits.max_input_pixels,
+        # the gallery previews a few rows' inputs, read under the same limits
+        **{name: value for name, value in inputs.items() if name != "storage_options"},
     }
     return stages, SinkSpec(name=WRITER.name, cls=ShardWriter, kwargs=sink_kwargs, resources=writer)
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from jobs.options.flags import option_at
 from jobs.options.run_options import RunOptions
-from jobs.planning.run_plan import DEPTH_MODEL, PRIOR_MODEL, PendingScan, RunPlan
+from jobs.planning.run_plan import RunPlan
+from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan
 from schemas.config import JobConfig
 from schemas.models import HUB_MODELS, INDEX_FILES, is_hub_id, is_remote, local_path
 from schemas.modes import MODES
