@@ -66,6 +66,19 @@ class StageGroup:
     resources: StageLayout
 
 
+def requested_gpus(config: JobConfig) -> float:
+    """GPUs the flags ask for at start: MIN actors x GPUs of each model stage whose flags set both (else 0).
+
+    On a cluster with an autoscaler they are asked for, not refused for want of GPUs up now.
+    """
+    total = 0.0
+    for stage in MODEL_STAGES:
+        resources: StageResources = getattr(config, stage.config_field)
+        if resources.num_gpus and resources.min_actors:
+            total += resources.min_actors * resources.num_gpus
+    return total
+
+
 def resolve_groups(
     config: JobConfig, *, cluster_gpus: float, needs_depth: bool
 ) -> tuple[list[StageGroup], StageLayout]:

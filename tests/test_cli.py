@@ -19,7 +19,7 @@ from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.results import final_results
 from tests.conftest import REPO, write_manifest
-from tests.reference import load_png, max_level_difference, text2img_reference
+from tests.reference import assert_close_to_reference, load_png, text2img_reference
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -133,7 +133,9 @@ def test_s3_manifest_and_output_on_loopback_endpoint(tmp_path: Path, tiny_models
         fetched = tmp_path / "fetched.png"
         fs.get(result["uri"], str(fetched))
         row = next(r for r in rows if r["id"] == result["id"])
-        assert max_level_difference(load_png(str(fetched)), text2img_reference(tiny_models, row, result["seed"])) <= 1
+        assert_close_to_reference(
+            load_png(str(fetched)), text2img_reference(tiny_models, row, result["seed"]), what=row["id"]
+        )
 
 
 @pytest.mark.parametrize(

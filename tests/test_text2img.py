@@ -14,7 +14,7 @@ from schemas.config import JobConfig, StageResources
 from schemas.models import ModelPaths
 from schemas.results import final_results
 from tests.conftest import write_manifest
-from tests.reference import load_png, max_level_difference, text2img_reference
+from tests.reference import assert_close_to_reference, load_png, max_level_difference, text2img_reference
 
 STEPS = {"num_inference_steps": 4, "prior_num_inference_steps": 3}
 ROWS = [
@@ -86,7 +86,7 @@ def test_every_image_matches_combined_pipeline(local_results: dict, tiny_models:
         got = load_png(result["uri"])
         assert got.shape == (row["height"], row["width"], 3)
         assert (result["height"], result["width"]) == (row["height"], row["width"])
-        assert max_level_difference(got, expected) <= 1, (row_id, index)
+        assert_close_to_reference(got, expected, what=(row_id, index))
 
 
 def test_null_seeds_are_stable_and_distinct(local_results: dict) -> None:
@@ -112,7 +112,7 @@ def test_other_checkpoints_any_valid_directory(tmp_path: Path) -> None:
         for index in range(row.get("num_images", 1)):
             result = results[(row["id"], index)]
             expected = text2img_reference(models, row, result["seed"])
-            assert max_level_difference(load_png(result["uri"]), expected) <= 1
+            assert_close_to_reference(load_png(result["uri"]), expected, what=(row["id"], index))
     bad = results[("bad-size", 0)]
     assert bad["status"] == "error" and bad["error_kind"] == "unsupported_size"
     assert "height=96 is not a multiple of 64" in bad["error"] and "128" in bad["error"]
@@ -131,7 +131,7 @@ def test_ray_two_gpus_pins_stages_and_equals_in_process(
     for key, result in results.items():
         assert result["status"] == "ok"
         assert result["seed"] == local_results[key]["seed"]
-        assert max_level_difference(load_png(result["uri"]), load_png(local_results[key]["uri"])) <= 1
+        assert_close_to_reference(load_png(result["uri"]), load_png(local_results[key]["uri"]), what=key)
 
 
 def test_order_batch_size_and_actor_count_do_not_change_images(
@@ -149,7 +149,7 @@ def test_order_batch_size_and_actor_count_do_not_change_images(
     workers = {r["decoder_worker"] for r in results.values()}
     assert len(workers) == 2, workers
     for key, result in results.items():
-        assert max_level_difference(load_png(result["uri"]), load_png(local_results[key]["uri"])) <= 1
+        assert_close_to_reference(load_png(result["uri"]), load_png(local_results[key]["uri"]), what=key)
 
 
 def test_two_runs_give_byte_identical_pngs(tmp_path: Path, tiny_models: str, ray_two_gpus: None) -> None:

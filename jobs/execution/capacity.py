@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from cluster.defaults import Machine
+from cluster.resources import ACCELERATOR_LABEL
 from jobs.execution.pool import Pool
 from jobs.execution.scaling import ActorPools
 from schemas.config import UNBOUNDED
@@ -27,24 +28,35 @@ def _bundle(pool: Pool) -> dict[str, float]:
     return {key: value for key, value in (("GPU", resources.num_gpus), ("CPU", resources.num_cpus)) if value}
 
 
-def capacity_bundles(pools: Iterable[Pool]) -> list[dict[str, float]]:
-    """One resource bundle per actor the pools may grow to (their MIN when they have no upper bound)."""
+def _selector(pool: Pool) -> dict[str, str]:
+    """The node labels an actor of ``pool`` needs (its ``--*-node-label`` and ``--*-accelerator-type``)."""
+    placement = pool.resources.placement
+    selector = dict(placement.label_selector)
+    if placement.accelerator_type:
+        selector.setdefault(ACCELERATOR_LABEL, placement.accelerator_type)
+    return selector
+
+
+def capacity_bundles(pools: Iterable[Pool]) -> list[tuple[dict[str, float], dict[str, str]]]:
+    """One (resource bundle, node label selector) per actor the pools may grow to (their MIN when they have no
+    upper bound), so the autoscaler starts the node types the stages are pinned to."""
     bundles = []
     for pool in pools:
         resources = pool.resources
         count = resources.max_actors if resources.max_actors and resources.max_actors < UNBOUNDED else None
-        bundles += [_bundle(pool)] * max(count or resources.num_actors, 1 if pool.started else 0)
-    return [bundle for bundle in bundles if bundle]
+        bundles += [(_bundle(pool), _selector(pool))] * max(count or resources.num_actors, 1 if pool.started else 0)
+    return [(bundle, selector) for bundle, selector in bundles if bundle]
 
 
 def ask_for_capacity(pools: ActorPools) -> None:
     """Ask the autoscaler, when one runs, for the resources of every actor the model pools may grow to."""
-    bundles = capacity_bundles(pools.model_pools)
-    if bundles and pools.elasticity.autoscaler:
+    wanted = capacity_bundles(pools.model_pools)
+    if wanted and pools.elasticity.autoscaler:
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=bundles)
-        logger.info("asked the autoscaler for %s", describe_bundles(bundles))
+        bundles, selectors = [bundle for bundle, _ in wanted], [selector for _, selector in wanted]
+        request_resources(bundles=bundles, bundle_label_selectors=selectors if any(selectors) else None)
+        logger.info("asked the autoscaler for %s", describe_bundles(bundles, selectors))
 
 
 def withdraw_capacity(pools: ActorPools) -> None:
@@ -58,13 +70,17 @@ def withdraw_capacity(pools: ActorPools) -> None:
             logger.info("could not withdraw the autoscaler request: %s", exc)
 
 
-def describe_bundles(bundles: list[dict[str, float]]) -> str:
-    """``8 x {GPU: 0.9, CPU: 1}, 1 x {GPU: 0.1, CPU: 1}``."""
+def describe_bundles(bundles: list[dict[str, float]], selectors: list[dict[str, str]] | None = None) -> str:
+    """``8 x {GPU: 0.9, CPU: 1}, 1 x {GPU: 1, CPU: 1} on kandinsky-render/stage=prior``."""
     counts: dict[tuple, int] = {}
-    for bundle in bundles:
-        key = tuple(sorted(bundle.items()))
+    for bundle, selector in zip(bundles, selectors or [{}] * len(bundles)):
+        key = (tuple(sorted(bundle.items())), tuple(sorted(selector.items())))
         counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{n} x {{{', '.join(f'{k}: {v:g}' for k, v in key)}}}" for key, n in counts.items())
+    parts = []
+    for (bundle, selector), n in counts.items():
+        where = f" on {', '.join(f'{k}={v}' for k, v in selector)}" if selector else ""
+        parts.append(f"{n} x {{{', '.join(f'{k}: {v:g}' for k, v in bundle)}}}{where}")
+    return ", ".join(parts)
 
 
 def await_gpus(

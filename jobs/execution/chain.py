@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cluster.defaults import Machine
-from cluster.resources import fit_cpus, resolve_groups
+from cluster.resources import fit_cpus, requested_gpus, resolve_groups
 from jobs.execution.capacity import await_gpus
 from jobs.execution.connect import connect_ray
 from jobs.execution.contract import Event, SinkSpec, StageSpec, Task
@@ -166,6 +166,12 @@ def session(config: JobConfig, timeline: Timeline, *, imports: threading.Thread 
                 machine, wait_s=config.stage_wait_s, read=lambda: planned_machine(config, ray_machine())
             )
             timeline.mark("gpus_up")
+        elif machine.autoscaler and not machine.gpus and requested_gpus(config):
+            logger.info(
+                "no GPU is up yet: the stages' GPU actors (%g GPUs at start, by the flags) wait for the nodes the "
+                "autoscaler adds, within --stage-wait",
+                requested_gpus(config),
+            )
         elif machine.autoscaler and not machine.gpus:
             logger.warning(
                 "an autoscaler runs but no GPU is up and none is planned: the stages run on CPUs. If the cluster "
@@ -225,11 +231,14 @@ def execute(
         yield from run_local(stages, sink, tasks, split_after=split_index(stages))
         return
     cluster_gpus, cluster_cpus = machine.gpus, machine.cpus
+    if machine.autoscaler:  # nodes may join: GPUs the flags or --plan-for ask for are asked of it, not refused
+        cluster_gpus = max(cluster_gpus, machine.planned_gpus, requested_gpus(config))
     stages, sink = build(config, cluster_gpus=cluster_gpus, **chain)
-    # CPU reservations are fitted per actor group (the stages of a group share its actors).
+    # CPU reservations are fitted per actor group (the stages of a group share its actors); with an autoscaler
+    # the nodes it adds bring their CPUs, so nothing is scaled down to what is up now.
     groups = {spec.group_name: spec.resources for spec in stages} | {sink.name: sink.resources}
     fitted = dict(zip(groups, fit_cpus(list(groups.values()), cluster_cpus=cluster_cpus)))
-    if fitted != groups:
+    if fitted != groups and not machine.autoscaler:
         logger.warning(
             "the stages reserve more than the cluster's %g CPUs; CPU reservations scaled to %s",
             cluster_cpus,

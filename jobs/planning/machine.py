@@ -91,7 +91,12 @@ def ray_nodes() -> list[NodeShape]:
 
 
 def autoscaler_running() -> bool:
-    """Whether an autoscaler manages the cluster (its monitor reports on node types, not only load)."""
+    """Whether an autoscaler that can add nodes manages the cluster.
+
+    Autoscaler v1 reports on node types in the GCS; a Ray started without an autoscaling config (``ray.init()``,
+    ``ray start`` by hand) runs the same monitor over a read-only provider whose node types are ``node_<id>``
+    (it adds nothing, so it does not count). Autoscaler v2 (KubeRay's ``version: v2``) marks itself in the GCS.
+    """
     import json
 
     from ray._private import ray_constants
@@ -99,11 +104,24 @@ def autoscaler_running() -> bool:
 
     if not _internal_kv_initialized():
         return False
+    if _autoscaler_v2():
+        return True
     try:
         status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
     except ValueError:
         return False
-    return "autoscaler_report" in status
+    report = status.get("autoscaler_report") or {}
+    mapping = report.get("node_type_mapping") or {}
+    return bool(report) and any(kind != f"node_{node_id}" for node_id, kind in mapping.items())
+
+
+def _autoscaler_v2() -> bool:
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return bool(is_autoscaler_v2(fetch_from_server=True))
+    except Exception:  # noqa: BLE001 - a Ray without autoscaler v2: only v1 reports count
+        return False
 
 
 def _max_resources() -> dict[str, float] | None:
