@@ -36,7 +36,7 @@ from typing import Any
 
 from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, choose, sweep
 from cluster.nodes import NodeShape, cpus_per_gpu_actor
-from schemas.config import LAYOUT_CO_LOCATED, LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig, StageResources
+from schemas.config import LAYOUT_CO_LOCATED, LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, UNBOUNDED, JobConfig, StageResources
 from schemas.stages import DECODER, DEPTH, PRIOR, SCORE, STAGES, WRITER
 
 CPU_BATCH_SIZE = 16
@@ -260,14 +260,24 @@ def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
             else "more as GPU nodes join"
         )
         start = {name: (now.group(name).num_actors if now is not None else 0) for name in (CLIP_GROUP, DECODER_GROUP)}
+        most = {CLIP_GROUP: clip.num_actors, DECODER_GROUP: decoders.num_actors}
+        # A count the user set is kept: the other group's default leaves room for it (now and at the bound).
+        mine = {CLIP_GROUP: (prior, clip.num_gpus), DECODER_GROUP: (decoder, decoders.num_gpus)}
+        for name, other in ((CLIP_GROUP, DECODER_GROUP), (DECODER_GROUP, CLIP_GROUP)):
+            (defaulted, its_gpus), (fixed, fixed_gpus) = mine[name], mine[other]
+            if defaulted.num_actors is None and fixed.min_actors is not None:
+                per_actor = defaulted.num_gpus if defaulted.num_gpus is not None else its_gpus
+                used = fixed.min_actors * (fixed.num_gpus if fixed.num_gpus is not None else fixed_gpus)
+                start[name] = min(start[name], _room(max(present, 1) - used, per_actor))
+                most[name] = min(most[name], _room(gpus - used, per_actor))
         prior = _set(
-            prior, "num_actors", f"{start[CLIP_GROUP]}:{bound(clip.num_actors)}", PRIOR.flag("actors"), why, choices
+            prior, "num_actors", f"{start[CLIP_GROUP]}:{bound(most[CLIP_GROUP])}", PRIOR.flag("actors"), why, choices
         )
         prior = _set(prior, "num_gpus", clip.num_gpus, PRIOR.flag("gpus"), why, None)
         decoder = _set(
             decoder,
             "num_actors",
-            f"{start[DECODER_GROUP]}:{bound(decoders.num_actors)}",
+            f"{start[DECODER_GROUP]}:{bound(most[DECODER_GROUP])}",
             DECODER.flag("actors"),
             why,
             choices,
@@ -295,6 +305,16 @@ def _gpu_defaults(config: JobConfig, machine: Machine, workload: Workload, choic
             f"{chosen.images_per_s:.3g} images/s predicted ({costs.source}) x {png:.3g} s of PNG encoding per image "
             f"on one core, with {WRITER_HEADROOM:g}x headroom"
         )
+        # ... but no more than the CPUs the model actors leave: writers start first and must not take theirs.
+        model_cpus = sum(
+            (r.min_actors or 0) * (r.num_cpus or 0)
+            for r in (stages[s.config_field] for s in STAGES if not s.sink)
+            if r.num_gpus
+        )
+        per_writer = stages[WRITER.config_field].num_cpus or 1.0
+        spare = math.floor((machine.cpus - model_cpus) / per_writer + 1e-9)
+        if machine.cpus and 1 <= spare < count:
+            count, why = spare, f"{why}; capped at the {spare} writer(s) the CPUs left beside the GPU actors hold"
         stages[WRITER.config_field] = _set(writer, "num_actors", count, WRITER.flag("actors"), why, choices)
     updates.update(stages)
     if config.batch_size is None:
@@ -355,6 +375,11 @@ def _fitting_batch(memory_bytes: float, workload: Workload, *, limit: int) -> in
     while batch * 2 <= min(fits, limit):
         batch *= 2
     return batch
+
+
+def _room(gpus: float, per_actor: float) -> int:
+    """Actors of ``per_actor`` GPUs that fit in ``gpus`` (at least one: an oversized ask is refused later, by name)."""
+    return max(1, math.floor(gpus / per_actor + 1e-9)) if per_actor > 0 else UNBOUNDED
 
 
 def _set(

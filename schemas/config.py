@@ -281,7 +281,7 @@ class JobConfig:
         default=None,
         metadata={
             "help": "shards open at a time (the driver holds their work; each writer actor builds its shards' files)",
-            "default_help": "2 per writer actor",
+            "default_help": "2 per writer actor, more while small shards leave the decoders' batch buffer short",
             "group": "execution",
         },
     )

@@ -25,6 +25,7 @@ import pytest
 from tests.conftest import REPO, free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
+TEST_NODE_LABEL = "kandinsky-render-test/node"  # each worker a value of its own: found alive by it
 NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port")  # fmt: skip
 
@@ -62,7 +63,7 @@ class Cluster:
         head = ["--head", "--port", self.gcs.split(":")[1], "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus),
                 "--include-dashboard", "false", "--ray-client-server-port", str(free_port())]  # fmt: skip
         self._start("head", [*head, *(["--labels", labels] if labels else [])], self.root / "ray")
-        self.wait_nodes(1)
+        self.wait_nodes(lambda alive: len(alive) == 1, what="1 live node")
 
     def start_autoscaling_head(self, *, head_cpus: int, worker_types: dict[str, dict]) -> None:
         """A CPU head whose autoscaler (Ray's fake multi-node provider) adds nodes of ``worker_types`` on demand:
@@ -90,29 +91,38 @@ class Cluster:
                 "--include-dashboard", "false", "--ray-client-server-port", str(free_port()),
                 f"--autoscaling-config={path}"]  # fmt: skip
         self._start("head", head, self.root / "ray", env)
-        self.wait_nodes(1)
+        self.wait_nodes(lambda alive: len(alive) == 1, what="1 live node")
 
     def add_worker(self, *, num_cpus: int = 2, num_gpus: int = 2, labels: str | None = None) -> subprocess.Popen:
-        """A worker node, once the head counts it alive."""
+        """A worker node, once the head counts it alive (found by a label of its own: a node killed just before
+        may still count as alive for a while)."""
         self.workers += 1
-        alive = self.alive()
+        name = f"{TEST_NODE_LABEL}=worker{self.workers}"
         args = ["--address", self.gcs, "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus)]
-        node = self._start(f"worker{self.workers}", [*args, *(["--labels", labels] if labels else [])],
+        node = self._start(f"worker{self.workers}", [*args, "--labels", f"{labels},{name}" if labels else name],
                            self.root / f"w{self.workers}")  # fmt: skip
-        self.wait_nodes(alive + 1)
+        self.wait_nodes(lambda alive: name in alive, what=f"its node {name} alive")
         return node
 
-    def alive(self) -> int:
-        code = "import ray, json; ray.init(address='auto'); print(json.dumps(sum(n['Alive'] for n in ray.nodes())))"
+    def alive(self) -> list[str]:
+        """One entry per live node: its test label ``key=value`` (the head: ``head``)."""
+        code = (
+            "import ray; ray.init(address='auto'); "
+            f"[print('ALIVE', n['Labels'].get({TEST_NODE_LABEL!r}, 'head')) for n in ray.nodes() if n['Alive']]"
+        )
         probe = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
-        return int(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 and probe.stdout.strip() else 0
+        # Ray may print its own lines (e.g. about lagging heartbeats) on stdout: read only ours
+        names = [line.split()[1] for line in probe.stdout.splitlines() if line.startswith("ALIVE ")]
+        return (
+            [name if name == "head" else f"{TEST_NODE_LABEL}={name}" for name in names] if probe.returncode == 0 else []
+        )
 
-    def wait_nodes(self, count: int, timeout: float = 120) -> None:
+    def wait_nodes(self, reached: Callable[[list[str]], bool], *, what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while self.alive() != count:
+        while not reached(self.alive()):
             if time.monotonic() > deadline or self.nodes[-1].poll() is not None:
                 logs = "\n".join(p.read_text()[-1500:] for p in sorted(self.logs.glob("*.log")))
-                pytest.fail(f"the cluster did not reach {count} live node(s):\n{logs}")
+                pytest.fail(f"the cluster did not reach {what}:\n{logs}")
             time.sleep(1)
 
     def pids(self, node: subprocess.Popen) -> set[int]:

@@ -113,6 +113,33 @@ def test_stage_costs_decide_the_layout() -> None:
     assert (mine.layout, mine.prior.min_actors, mine.decoder.min_actors) == ("dedicated", 1, 7)
 
 
+def test_a_count_the_user_sets_leaves_room_for_the_other_group() -> None:
+    four = Machine(cpus=16, gpus=4, accelerator_type="H100")
+    heavy_prior = dataclasses.replace(REAL_768, costs=StageCosts(prior=2.0, decoder=1.0))
+    alone, _ = choose_defaults(config(layout="dedicated"), four, heavy_prior)
+    assert alone.prior.min_actors == 2  # the costs alone ask for 2 CLIP GPUs
+    decoders = config(layout="dedicated", decoder=StageResources(num_actors="3", num_gpus=1.0))
+    chosen, choices = choose_defaults(decoders, four, heavy_prior)
+    assert (chosen.prior.num_actors, chosen.decoder.num_actors) == ("1:", "3")
+    assert {c.flag: c.value for c in choices}["--num-prior-actors"] == "1:"
+    clips = config(layout="dedicated", prior=StageResources(num_actors="3", num_gpus=1.0))
+    chosen, _ = choose_defaults(clips, four, heavy_prior)
+    assert (chosen.prior.num_actors, chosen.decoder.num_actors) == ("3", "1:")
+    planned = Machine(cpus=16, gpus=2, planned_gpus=8, accelerator_type="H100")
+    chosen, _ = choose_defaults(decoders, planned, heavy_prior)  # 2 up of 8: start with 1 CLIP, grow to 5
+    assert chosen.prior.num_actors == "1:5"
+
+
+def test_writers_leave_the_gpu_actors_their_cpus() -> None:
+    fast = dataclasses.replace(REAL_768, costs=StageCosts(prior=0.001, decoder=0.01))
+    roomy, _ = choose_defaults(config(), Machine(cpus=64, gpus=2, accelerator_type="H100"), fast)
+    assert roomy.writer.min_actors > 3  # as many as encode the predicted images/s
+    tight, choices = choose_defaults(config(), Machine(cpus=5, gpus=2, accelerator_type="H100"), fast)
+    model_cpus = tight.prior.min_actors * tight.prior.num_cpus + tight.decoder.min_actors * tight.decoder.num_cpus
+    assert tight.writer.min_actors == int(5 - model_cpus) >= 1
+    assert "CPUs left beside the GPU actors" in {c.flag: c.reason for c in choices}["--num-writer-actors"]
+
+
 def test_machine_defaults_reads_the_tiny_checkpoints_and_the_calibration(tiny_models: str) -> None:
     from schemas.models import ModelPaths
 

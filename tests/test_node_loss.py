@@ -24,7 +24,18 @@ from tests.test_robustness import assert_exactly_one_ok, raw_results, rows_of
 PRIOR_LABEL = "kandinsky-render/stage=prior"
 DECODER_LABEL = "kandinsky-render/stage=decoder"
 # The layout these tests were written for: the CLIP stages on the head's labelled GPUs, decoders 1 GPU each.
-PINNED = ("--layout", "dedicated", "--prior-gpus", "1", "--decoder-gpus", "1", "--prior-node-label", PRIOR_LABEL)
+PINNED = (
+    "--layout",
+    "dedicated",
+    "--prior-gpus",
+    "1",
+    "--decoder-gpus",
+    "1",
+    "--prior-node-label",
+    PRIOR_LABEL,
+    "--num-writer-actors",
+    "1",
+)
 
 
 @pytest.fixture(scope="module")

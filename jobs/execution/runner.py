@@ -71,7 +71,7 @@ class RayStagePipeline(Completions):
         # Work is buffered for the actors after the split (their pools may grow: the bound follows them).
         self._later = {self.pools.stage_pool[s] for s in range(split_after, len(self.stages))}
         self._max_buffered = max_buffered
-        self.max_tasks = max_tasks or 2 * sink.resources.num_actors
+        self._max_tasks = max_tasks
         self.max_attempts = max_attempts
         self.wait_for_actors = wait_for_actors
         self.watchdog = Watchdog(
@@ -119,6 +119,14 @@ class RayStagePipeline(Completions):
             return self._max_buffered
         actors = sum(max(len(self.pools[p].actors), self.pools[p].resources.num_actors, 1) for p in self._later)
         return 2 * self.calls_per_actor * actors
+
+    @property
+    def max_tasks(self) -> int:
+        """Tasks (shards) open at most: the one given, else 2 per sink actor and at least as many as it takes to fill
+        the batch buffer (so small shards still feed every actor a grown pool has)."""
+        if self._max_tasks:
+            return self._max_tasks
+        return max(2 * max(len(self.pools.sink.actors), self.sink.resources.num_actors), self.max_buffered)
 
     def _demand(self) -> dict[int, int]:
         """Pool index -> calls waiting for its actors."""
