@@ -117,6 +117,22 @@ class Cluster:
             [name if name == "head" else f"{TEST_NODE_LABEL}={name}" for name in names] if probe.returncode == 0 else []
         )
 
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until no actor holds a GPU or CPU: a job that just ended frees its actors' resources asynchronously."""
+        code = (
+            "import ray; ray.init(address='auto'); total, free = ray.cluster_resources(), ray.available_resources(); "
+            "print('BUSY', sum(total.get(k, 0) - free.get(k, 0) for k in ('CPU', 'GPU')))"
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe = subprocess.run(
+                [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120
+            )
+            busy = [float(line.split()[1]) for line in probe.stdout.splitlines() if line.startswith("BUSY ")]
+            if busy and busy[-1] < 1e-6:
+                return
+            time.sleep(1)
+
     def wait_nodes(self, reached: Callable[[list[str]], bool], *, what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not reached(self.alive()):
@@ -183,6 +199,7 @@ class Job:
         command = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", str(output), "--models",
                    models, "--address", "auto", "--batch-size", "2", "--shard-rows", "2", "--progress", "log",
                    "--progress-every", "5", *extra]  # fmt: skip
+        cluster.wait_idle()  # the last job's actors gone: this one starts on the whole cluster
         self.output = output
         self.started = time.monotonic()
         self.log = cluster.logs / f"job-{time.monotonic_ns()}.log"
