@@ -103,7 +103,7 @@ def _main(argv: list[str] | None, *, prog: str) -> int:
             build_example_models(config, example)
         secrets += storage_options.secret_values(config.storage_options)
         redactor.secrets = secrets
-        storage_options.check_options([config.manifest, config.output], config.storage_options)
+        storage_options.check_options([u for u in (config.manifest, config.output) if u], config.storage_options)
         if run.dry_run:
             from jobs.planning.dry_run import dry_run
 

@@ -172,7 +172,7 @@ def test_call_deadlines_are_long_for_first_calls_and_follow_measured_times_after
     stage, sink = StageSpec(name="decoder", cls=object), SinkSpec(name="writer", cls=object)
     deadlines = Deadlines(call_timeout_floor_s=600, call_timeout_warm_floor_s=60)
     watchdog = Watchdog([stage, sink], deadlines, started=time.monotonic(), stall_warning_s=120)
-    decoder, writer = Actor(stage=0, handle=None, ready=True), Actor(stage=1, handle=None, ready=True)
+    decoder, writer = Actor(pool=0, handle=None, ready=True), Actor(pool=1, handle=None, ready=True)
     assert watchdog.deadline(0, decoder) == 600  # first call
     decoder.last_done = writer.last_done = time.monotonic()  # each finished a call ...
     watchdog.finished_call(0, 4.0)

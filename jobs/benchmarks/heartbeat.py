@@ -58,7 +58,7 @@ def run_heartbeat(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=4,
         overwrite=True,
     )
-    base = simulated_chain(prior_seconds=0.01, decoder_seconds=0.05, image_size=64, num_priors=1, num_decoders=1)
+    base = simulated_chain(prior_seconds=0.01, decoder_seconds=0.05, image_size=64)
 
     def build(job: Any, **chain: Any) -> Any:
         stages, sink = base(job, **chain)

@@ -98,7 +98,10 @@ class Completions:
 
     def _probed(self, actor: Actor, value: Any, error: BaseException | None) -> None:
         pool = self.pools[actor.pool]
+        was_ready = actor.ready
         self.pools.answered(actor, value, error)
+        if actor.ready and not was_ready:
+            self.measures.came_up()
         if actor.ready:
             for stage in pool.stages:
                 self.measures.mark(f"{self.specs[stage].name}_ready")

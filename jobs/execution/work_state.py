@@ -88,6 +88,7 @@ class RunnerMeasures:
         self.calls = self.calls or [0] * len(self.names)
         self._watch = PipelineWatch(self.watcher, self.metrics)
         self._ticked = float("-inf")
+        self._came_up = False  # an actor came up since the last look
 
     def mark(self, name: str) -> None:
         """Record the first time ``name`` happens."""
@@ -104,10 +105,16 @@ class RunnerMeasures:
             if rows:
                 self.metrics.observe("seconds_per_image", seconds / rows, stage=name)
 
+    def came_up(self) -> None:
+        """An actor answered its probe for the first time since it (re)started: look at the pipeline next tick."""
+        self._came_up = True
+
     def tick(self, pipeline: Any) -> None:
-        """Let the watcher and the metrics look at ``pipeline``'s state (at most once per ``tick_every_s``)."""
+        """Let the watcher and the metrics look at ``pipeline``'s state (at most once per ``tick_every_s``, or now
+        when an actor just came up: its phase line is not missed by a run that ends within the interval)."""
         now = time.monotonic()
-        if now - self._ticked >= self.tick_every_s:
+        if now - self._ticked >= self.tick_every_s or self._came_up:
+            self._came_up = False
             self._ticked = now
             self._watch.observe(pipeline)
 
