@@ -36,7 +36,8 @@ from typing import Any
 
 from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, choose, sweep
 from cluster.nodes import NodeShape, cpus_per_gpu_actor
-from schemas.config import LAYOUT_CO_LOCATED, LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, UNBOUNDED, JobConfig, StageResources
+from schemas.config import LAYOUT_CO_LOCATED, LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig
+from schemas.resources import UNBOUNDED, StageResources
 from schemas.stages import DECODER, DEPTH, PRIOR, SCORE, STAGES, WRITER
 
 CPU_BATCH_SIZE = 16

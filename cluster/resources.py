@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.layout import CLIP_GROUP, CLIP_SHARE, DECODER_GROUP, MODEL_GROUP
-from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig, StageResources
+from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig
+from schemas.resources import StageResources
 from schemas.stages import DECODER, DEPTH, MODEL_STAGES, PRIOR, SCORE
 
 # Ray's default node label naming the GPU model (set on every accelerator node, KubeRay or not).
@@ -41,7 +42,7 @@ class StageLayout:
     """Resolved resources of one stage (or actor group): every field concrete.
 
     ``num_actors`` start at once and are kept; with ``max_actors`` the pool grows up to that many
-    while work waits and a node can hold another (`schemas.config.UNBOUNDED`: as many as fit), and
+    while work waits and a node can hold another (`schemas.resources.UNBOUNDED`: as many as fit), and
     idle actors above ``num_actors`` go. None: a fixed pool.
     """
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.manifest import Limits, RenderDefaults
 from schemas.models import ModelPaths
+from schemas.resources import MACHINE_DEFAULT, StageResources
 from schemas.shards import DEFAULT_SHARD_ROWS, OUTPUT_FORMATS
 from schemas.stages import SCORE
 
@@ -16,8 +16,6 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCORERS = ("clip",)
 EMBEDDING_DTYPES = ("float32", "float16")
 RUNNERS = ("ray", "local")
-# What --help says of an option whose default the job chooses for the machine it finds (cluster/defaults.py).
-MACHINE_DEFAULT = "chosen for the machine when the job starts, printed with its reason"
 ATTENTIONS = ("sdpa", "default")
 # How the model stages share processes and GPUs (cluster/layout.py): the CLIP stages (prior, scoring, depth) on
 # GPUs of their own, beside the decoders on the decoders' GPUs, or every stage in one process (CPU clusters).
@@ -25,94 +23,6 @@ LAYOUT_DEDICATED = "dedicated"
 LAYOUT_CO_LOCATED = "co-located"
 LAYOUT_ONE_PROCESS = "one-process"
 LAYOUTS = (LAYOUT_DEDICATED, LAYOUT_CO_LOCATED, LAYOUT_ONE_PROCESS)
-
-
-UNBOUNDED = 1_000_000  # an actor pool's upper bound when none is given ("MIN:")
-
-
-_ACTOR_COUNT = re.compile(r"(\d+)(?:\s*:\s*(\d*))?")
-
-
-def actor_count(text: str) -> str:
-    """``--num-{stage}-actors`` as given on the command line or in a file: ``N`` or ``MIN:MAX`` (the numbers are
-    checked with the rest of the config, by `parse_actor_count`)."""
-    text = str(text).strip()
-    if _ACTOR_COUNT.fullmatch(text) is None:
-        raise ValueError(f"expected N or MIN:MAX (e.g. 4, 2:8, 1:), got {text!r}")
-    return text
-
-
-def parse_actor_count(text: str) -> str:
-    """``--num-{stage}-actors``: ``N`` (a fixed pool) or ``MIN:MAX`` (``MIN:``: no upper bound), normalized."""
-    text = str(text).strip()
-    match = _ACTOR_COUNT.fullmatch(text)
-    if match is None:
-        raise ValueError(f"num_actors must be N or MIN:MAX (e.g. 4, 2:8, 1:), got {text!r}")
-    low, sep, high = match.group(1), ":" in text, match.group(2)
-    if not sep:
-        if int(low) < 1:
-            raise ValueError(f"num_actors must be >= 1 for a fixed pool, got {text!r}")
-        return str(int(low))
-    if high and int(high) < max(int(low), 1):
-        raise ValueError(f"num_actors MIN:MAX needs MAX >= MIN and MAX >= 1, got {text!r}")
-    return f"{int(low)}:{int(high) if high else ''}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageResources:
-    """Actors and Ray resources of one model stage. ``None`` means: decided from the cluster.
-
-    ``num_actors`` is ``N`` (a fixed pool) or ``MIN:MAX``: MIN actors at once, more while work waits
-    and a node can hold another, up to MAX (``MIN:``: as many as the cluster holds); idle ones above
-    MIN go. An int is taken as ``N``. Flags are per stage: ``{stage}`` is the JobConfig field's name
-    (or its ``stage`` metadata) and ``{what}`` its ``what`` metadata (default: the stage).
-    """
-
-    num_actors: str | None = field(
-        default=None,
-        metadata={
-            "flag": "--num-{stage}-actors",
-            "parse": actor_count,  # the numbers are checked and normalized by `parse_actor_count` in __post_init__
-            "metavar": "N|MIN:MAX",
-            "help": "{what} actors: N, or MIN:MAX to grow from MIN to MAX as nodes join (MIN: no upper bound)",
-            "group": "execution",
-        },
-    )
-    num_gpus: float | None = field(
-        default=None, metadata={"flag": "--{stage}-gpus", "help": "GPUs per {what} actor", "group": "execution"}
-    )
-    num_cpus: float | None = field(
-        default=None,
-        metadata={
-            "flag": "--{stage}-cpus",
-            "help": "CPUs per {what} actor (on CPU also its torch threads)",
-            "default_help": MACHINE_DEFAULT,
-            "group": "execution",
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.num_actors is not None:
-            if isinstance(self.num_actors, bool) or not isinstance(self.num_actors, (int, str)):
-                raise ValueError(f"num_actors must be N or MIN:MAX, got {self.num_actors!r}")
-            object.__setattr__(self, "num_actors", parse_actor_count(str(self.num_actors)))
-        if self.num_gpus is not None and self.num_gpus < 0:
-            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
-        if self.num_cpus is not None and self.num_cpus < 0:
-            raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
-
-    @property
-    def min_actors(self) -> int | None:
-        """Actors started at once (and kept), or None when unset."""
-        return None if self.num_actors is None else int(self.num_actors.split(":")[0])
-
-    @property
-    def max_actors(self) -> int | None:
-        """The most actors the pool may grow to (`UNBOUNDED` for ``MIN:``), or None when unset."""
-        if self.num_actors is None:
-            return None
-        low, _, high = self.num_actors.partition(":")
-        return int(low) if ":" not in self.num_actors else (int(high) if high else UNBOUNDED)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,8 @@ import yaml
 from jobs.options.config_file import flag_defaults, parse_args
 from jobs.options.flags import OPTIONS, build_parser, option_at, option_table
 from jobs.options.job_config import config_from_args, instantiate, values_of
-from schemas.config import JobConfig, StageResources
+from schemas.config import JobConfig
+from schemas.resources import StageResources
 from tests.conftest import REPO, write_manifest
 
 

@@ -19,7 +19,8 @@ from jobs.options.config_file import parse_args
 from jobs.options.flags import build_parser
 from jobs.options.job_config import config_from_args
 from jobs.planning.machine import local_machine, machine_defaults
-from schemas.config import JobConfig, StageResources
+from schemas.config import JobConfig
+from schemas.resources import StageResources
 
 TINY = Workload(largest_pixels=128 * 128, decoder_weight_bytes=2e6, value_bytes=4)
 REAL_768 = Workload(largest_pixels=768 * 768, decoder_weight_bytes=2.6e9, value_bytes=2)

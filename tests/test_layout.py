@@ -10,7 +10,8 @@ import pytest
 
 from cluster.layout import CLIP_SHARE, StageCosts, choose, co_located, dedicated, sweep
 from cluster.resources import resolve_groups
-from schemas.config import JobConfig, StageResources
+from schemas.config import JobConfig
+from schemas.resources import StageResources
 from tests.conftest import REPO
 
 # ~4% (a 768x768, 50-step decoder image against a 25-step prior, both guided): the real models' ratio

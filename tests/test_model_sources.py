@@ -225,7 +225,7 @@ def test_checkpoints_on_s3_are_synced_once_per_node(
     import s3fs
 
     from actors.weights import sync_checkpoint
-    from schemas.config import StageResources
+    from schemas.resources import StageResources
 
     s3, requests = counted_s3
     fs = s3fs.S3FileSystem(**s3["options"])

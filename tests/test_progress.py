@@ -14,8 +14,9 @@ import pytest
 from jobs.execution import chain
 from jobs.job import run_job
 from jobs.reporting.progress import JsonFormatter, Progress, summary_table
-from schemas.config import JobConfig, StageResources
+from schemas.config import JobConfig
 from schemas.models import ModelPaths
+from schemas.resources import StageResources
 from tests.conftest import write_manifest
 from tests.slow_stages import SlowLoadDecoder
 

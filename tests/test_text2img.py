@@ -10,8 +10,9 @@ import pytest
 from actors.storage import Storage
 from jobs.job import run_job
 from jobs.reporting.results import read_results
-from schemas.config import JobConfig, StageResources
+from schemas.config import JobConfig
 from schemas.models import ModelPaths
+from schemas.resources import StageResources
 from schemas.results import final_results
 from tests.conftest import write_manifest
 from tests.reference import assert_close_to_reference, load_png, max_level_difference, text2img_reference

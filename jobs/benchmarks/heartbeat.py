@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.benchmarks.common import Mode, machine, write_manifest
-from jobs.benchmarks.simulated import SimulatedDecoder, simulated_chain
+from jobs.benchmarks.stand_ins import SimulatedDecoder, simulated_chain
 
 
 class SlowLoadingDecoder(SimulatedDecoder):
@@ -44,8 +44,9 @@ def run_heartbeat(args: argparse.Namespace) -> dict[str, Any]:
     from jobs.dev.tiny_models import build_tiny_models
     from jobs.job import run_job
     from jobs.reporting.progress import Progress
-    from schemas.config import JobConfig, StageResources
+    from schemas.config import JobConfig
     from schemas.models import ModelPaths
+    from schemas.resources import StageResources
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kandinsky-bench-"))
     models = build_tiny_models(str(work_dir / "models"))["prior"].rsplit("/", 1)[0]  # configs only (size checks)

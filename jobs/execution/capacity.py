@@ -18,7 +18,7 @@ from cluster.defaults import Machine
 from cluster.resources import ACCELERATOR_LABEL
 from jobs.execution.pool import Pool
 from jobs.execution.scaling import ActorPools
-from schemas.config import UNBOUNDED
+from schemas.resources import UNBOUNDED
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, co_loc
 from cluster.resources import StageGroup, resolve_groups
 from jobs.planning.calibration import Profile, profiles_with_estimates, stage_costs
 from jobs.planning.machine import machine_defaults
-from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, UNBOUNDED, JobConfig
+from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig
+from schemas.resources import UNBOUNDED
 from schemas.stages import DECODER
 
 _CLUSTER = re.compile(r"^\s*(\d+)\s*[xX*]\s*([A-Za-z0-9_.-]+)\s*$")
