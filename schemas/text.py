@@ -68,11 +68,12 @@ def stored_id(row_id: str) -> str:
 
 def stored_entry(entry: dict) -> dict:
     """A gallery candidate (a marker's sample entry, a score extreme) with its row text bounded: ``id``
-    (`stored_id`), ``prompt`` and ``negative_prompt`` (`MAX_SAMPLE_TEXT_CHARS`), ``error`` (`MAX_ERROR_CHARS`)."""
+    (`stored_id`), ``prompt``, ``negative_prompt`` and ``caption`` (`MAX_SAMPLE_TEXT_CHARS`), ``error``
+    (`MAX_ERROR_CHARS`)."""
     bounded = dict(entry)
     if isinstance(bounded.get("id"), str):
         bounded["id"] = stored_id(bounded["id"])
-    for name in ("prompt", "negative_prompt"):
+    for name in ("prompt", "negative_prompt", "caption"):
         if isinstance(bounded.get(name), str):
             bounded[name] = clip(bounded[name], MAX_SAMPLE_TEXT_CHARS)
     if isinstance(bounded.get("error"), str):

@@ -210,7 +210,8 @@ def test_only_needed_decoders_load(tmp_path: Path, tiny_models: str) -> None:
 
     rows = absolute([good_rows()[0], good_rows()[3]], tmp_path)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=ModelPaths.resolve(models_dir=tiny_models))
+    models = ModelPaths.resolve(models_dir=tiny_models)
+    config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=models, layout="one-process")
     scan = plan_run(config, Storage(config.output)).scan()
     assert (scan.modes, scan.needs_depth, scan.num_images) == (["inpaint", "text2img"], False, 3)
     stages, sink = build_chain(config, modes=scan.modes, needs_depth=scan.needs_depth, movq_scales={},

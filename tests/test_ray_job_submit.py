@@ -138,7 +138,8 @@ def test_ray_job_submit_renders_the_example_and_the_gallery_opens(ray_head: dict
     shot = tmp_path / "gallery.png"
     subprocess.run([*flags, f"--screenshot={shot}", gallery], capture_output=True, timeout=120, check=True)
     dom = subprocess.run([*flags, "--dump-dom", gallery], capture_output=True, text=True, timeout=120, check=True)
-    assert dom.stdout.count("<img ") == expected and "card missing" not in dom.stdout
+    inputs = dom.stdout.count('alt="">')  # the rows' input previews (source, mask, hint) above their images
+    assert dom.stdout.count("<img ") - inputs == expected and "card missing" not in dom.stdout
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 100  # the tiny models draw saturated noise
     assert saturated.mean() > 0.05, "the screenshot shows no rendered images"

@@ -157,7 +157,7 @@ def test_depth_stage_gets_the_revision(tmp_path: Path) -> None:
 
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "cn", "prompt": "a robot"}])
     for models, revision in ((ModelPaths(), "bc15f29"), (ModelPaths.resolve(models_dir=str(tmp_path)), None)):
-        config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=models)
+        config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), models=models, layout="one-process")
         stages, _ = build_chain(config, modes=["controlnet"], needs_depth=True, movq_scales={}, output_format="files",
                                 run_id="r", cluster_gpus=0)  # fmt: skip
         depth = stages[0]

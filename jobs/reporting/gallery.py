@@ -20,7 +20,7 @@ from actors.storage import Storage
 from jobs.reporting.scores import HISTOGRAM_FILE, extremes_html, histogram_png
 from schemas.keys import IMAGES_DIR, STATS_FILE
 from schemas.results import STATUS_OK, THUMBNAIL_SIDE
-from schemas.text import stored_entry, stored_id
+from schemas.text import MAX_QUOTED_CHARS, clip, stored_entry, stored_id
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _inputs(previews: list[dict[str, Any]] | None) -> str:
         picture = ""
         if entry.get("png"):
             picture = f'<img src="data:image/png;base64,{base64.b64encode(entry["png"]).decode()}" alt="">'
-        label = f"{html.escape(entry['name'])}: {html.escape(entry.get('label') or '')}"
+        label = f"{html.escape(entry['name'])}: {html.escape(clip(entry.get('label') or '', MAX_QUOTED_CHARS))}"
         items.append(f"<figure>{picture}<figcaption>{label}</figcaption></figure>")
     return f'<div class="inputs">{"".join(items)}</div>'
 
