@@ -8,6 +8,7 @@ after a join, start to the first image from zero); images lost and duplicated ar
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from cluster.defaults import Machine
+from jobs.execution.capacity import await_gpus
 from tests.conftest import write_manifest
 from tests.ray_cluster import Cluster, Job
 from tests.test_robustness import assert_exactly_one_ok, raw_results, rows_of
@@ -66,6 +69,39 @@ def check_once(output: Path, rows: list[dict]) -> None:
     results = raw_results(str(output))
     assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
     assert len(results) == len(rows)  # nothing lost, nothing twice
+
+
+def test_a_run_planned_for_gpus_waits_exactly_the_stage_wait_then_takes_its_request_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[list[dict]] = []
+    monkeypatch.setattr("ray.autoscaler.sdk.request_resources", lambda *, bundles: asked.append(bundles))
+    planned = Machine(cpus=4, autoscaler=True, planned_gpus=2)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as error:
+        await_gpus(planned, wait_s=0.3, read=lambda: Machine(cpus=4, autoscaler=True), poll_s=0.1)
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert re.search(r"waited 0\.[3-9] s \(--stage-wait 0\.3\) for 2 GPU\(s\)", str(error.value)), error.value
+    assert "autoscaler did not add a GPU node" in str(error.value), error.value
+    assert asked == [[{"GPU": 1.0}, {"GPU": 1.0}], []]  # asked, then taken back: no node launched for nothing
+    reads = iter([Machine(cpus=4), Machine(cpus=4), Machine(cpus=6, gpus=1)])
+    up = await_gpus(Machine(cpus=4, planned_gpus=2), wait_s=10, read=lambda: next(reads), poll_s=0.01)
+    assert (up.gpus, up.planned_gpus, up.cpus) == (1, 2, 6)
+
+
+@pytest.mark.slow
+def test_planned_gpus_that_never_come_stop_the_job_after_the_stage_wait_naming_what_it_waited_for(
+    cpu_head: Cluster, tmp_path: Path, tiny_models: str
+) -> None:
+    """Before any worker joins ``cpu_head``: no GPU and no autoscaler to add one."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows_of(2))
+    code, log = Job(cpu_head, manifest, tmp_path / "out", tiny_models, "--plan-for", "1xL4",
+                    "--stage-wait", "1").finish()  # fmt: skip
+    error = log.strip().splitlines()[-1]
+    assert code == 1, log[-3000:]
+    assert re.search(r"waited 1(\.\d)? s \(--stage-wait 1\) for 1 GPU\(s\)", error), error
+    assert "No autoscaler runs" in error, error
+    assert not (tmp_path / "out" / "shards").exists()
 
 
 @pytest.mark.slow
@@ -142,16 +178,3 @@ def test_from_zero_the_job_asks_the_autoscaler_and_renders_on_the_node_it_adds(
     stats = json.loads((output / "stats.json").read_text())
     assert stats["defaults"]["machine"]["gpus"] == 1.0 and stats["stages"]["stages"]["decoder"]["num_gpus"] > 0
     print(f"ELASTIC from zero: job start -> first image {first - started:.1f} s; lost 0, duplicated 0")
-
-
-@pytest.mark.slow
-def test_from_zero_a_wait_shorter_than_a_node_start_stops_naming_what_it_waited_for(
-    autoscaled: Cluster, tmp_path: Path, tiny_models: str
-) -> None:
-    manifest = write_manifest(tmp_path / "m.parquet", rows_of(2))
-    code, log = Job(autoscaled, manifest, tmp_path / "out", tiny_models, "--plan-for", "1xL4",
-                    "--stage-wait", "1").finish()  # fmt: skip
-    error = log.strip().splitlines()[-1]
-    assert code == 1, log[-3000:]
-    assert "waited" in error and "--stage-wait 1" in error and "1 GPU(s)" in error, error
-    assert "autoscaler" in error and not (tmp_path / "out" / "shards").exists()

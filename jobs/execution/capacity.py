@@ -89,7 +89,8 @@ def await_gpus(
     """``machine`` once a GPU is up: a run planned for ``machine.planned_gpus`` GPUs with none up asks the
     autoscaler for them and waits up to ``wait_s`` seconds (``read`` re-reads the cluster).
 
-    Raises RuntimeError naming what it asked for and what the cluster has when none comes.
+    Raises RuntimeError naming what it asked for and what the cluster has when none comes, after taking the
+    request back.
     """
     if machine.gpus or not machine.planned_gpus:
         return machine
@@ -112,10 +113,13 @@ def await_gpus(
             logger.info("%g GPU(s) up after %.0f s", current.gpus, time.monotonic() - started)
             return dataclasses.replace(current, planned_gpus=machine.planned_gpus)
         waited = time.monotonic() - started
-        if waited > wait_s:
+        if waited >= wait_s:
+            if machine.autoscaler:  # the run gives up: a node launched now would only idle until it times out
+                request_resources(bundles=[])
             shapes = ", ".join(node.describe() for node in current.nodes) or "none"
             raise RuntimeError(
-                f"waited {waited:.0f} s (--stage-wait {wait_s:g}) for {what}: no GPU came up (nodes: {shapes}). "
+                f"waited {round(waited, 1):g} s (--stage-wait {wait_s:g}) for {what}: no GPU came up "
+                f"(nodes: {shapes}). "
                 + (
                     "The autoscaler did not add a GPU node: check its node types, their max workers and quotas."
                     if machine.autoscaler
@@ -125,4 +129,4 @@ def await_gpus(
         if time.monotonic() - last_line >= heartbeat_s:
             last_line = time.monotonic()
             logger.info("still waiting for GPUs: %.0f s of %.0f s", waited, wait_s)
-        time.sleep(poll_s)
+        time.sleep(min(poll_s, wait_s - waited))  # the last look is at the end of the wait, not past it
