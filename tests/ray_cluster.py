@@ -195,10 +195,13 @@ def _process(pid: int) -> psutil.Process | None:
 class Job:
     """The job's CLI joining the cluster with ``--address auto``; output to files, log mode progress."""
 
-    def __init__(self, cluster: Cluster, manifest: str, output: Path, models: str, *extra: str) -> None:
-        command = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", str(output), "--models",
-                   models, "--address", "auto", "--batch-size", "2", "--shard-rows", "2", "--progress", "log",
-                   "--progress-every", "5", *extra]  # fmt: skip
+    def __init__(
+        self, cluster: Cluster, manifest: str, output: Path, models: str, *extra: str, entry: tuple[str, ...] = ()
+    ) -> None:
+        """``entry``: the module and its own arguments, when not ``jobs.render`` (e.g. `tests.gated_render`)."""
+        command = [sys.executable, "-m", *(entry or ("jobs.render",)), "--manifest", manifest, "--output",
+                   str(output), "--models", models, "--address", "auto", "--batch-size", "2", "--shard-rows", "2",
+                   "--progress", "log", "--progress-every", "5", *extra]  # fmt: skip
         cluster.wait_idle()  # the last job's actors gone: this one starts on the whole cluster
         self.output = output
         self.started = time.monotonic()

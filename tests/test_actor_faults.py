@@ -22,7 +22,7 @@ from jobs.execution import chain
 from jobs.job import JobSummary, run_job
 from tests.conftest import write_manifest
 from tests.fault_timing import baseline, report
-from tests.slow_stages import SlowRestartDecoder, starts
+from tests.slow_stages import SlowRestartDecoder, starts, with_decoder
 from tests.test_robustness import assert_exactly_one_ok, config_for, raw_results, rows_of
 
 
@@ -85,17 +85,7 @@ def test_the_only_decoder_killed_on_a_loaded_machine_with_a_slow_restart(
     """SIGKILL of the job's one decoder actor while a CPU hog loads the machine; its restart sleeps 10 s first
     (a model reload on a busy node): the driver waits for it, re-runs the lost batches, and nothing is lost."""
     starts_file = str(tmp_path / "decoder-starts")
-    build_chain = chain.build_chain
-
-    def slow_restarts(*args: Any, **kwargs: Any) -> Any:
-        stages, sink = build_chain(*args, **kwargs)
-        slow = {"starts_file": starts_file, "restart_delay_s": 10.0}
-        stages = [
-            dataclasses.replace(s, cls=SlowRestartDecoder, kwargs={**s.kwargs, **slow}) if s.name == "decoder" else s
-            for s in stages
-        ]
-        return stages, sink
-
+    slow_restarts = with_decoder(chain.build_chain, SlowRestartDecoder, starts_file=starts_file, restart_delay_s=10.0)
     monkeypatch.setattr(chain, "build_chain", slow_restarts)
     rows = rows_of(8, num_inference_steps=4)
     manifest = write_manifest(tmp_path / "m.parquet", rows)

@@ -65,6 +65,10 @@ def wait_until(condition, timeout: float, job: Job) -> bool:
     return False
 
 
+PACE_S = 4.0  # seconds each decoder call sleeps while a test holds the gate (`tests.gated_render`)
+AFTER_S = 10.0  # seconds after a joined node's first image over which the rate is measured
+
+
 def check_once(output: Path, rows: list[dict]) -> None:
     results = raw_results(str(output))
     assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
@@ -109,21 +113,31 @@ def test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back(
     cpu_head: Cluster, tmp_path: Path, tiny_models: str
 ) -> None:
     """One 1-GPU worker at the start; a 2-GPU worker joins mid-run and decoders grow onto it; that worker dies
-    (its batches run again elsewhere) and a new 1-GPU worker lets the pool grow back. Every image once."""
+    (its batches run again elsewhere) and a new 1-GPU worker lets the pool grow back. Every image once.
+
+    Decoder calls sleep ``PACE_S`` (a stand-in for GPU time: logical GPUs add no compute here) until the new
+    worker's decoder has rendered; then the gate opens and the rest renders at full speed."""
     first = cpu_head.add_worker(num_cpus=2, num_gpus=1)
-    rows = rows_of(96, num_inference_steps=40)
+    rows = rows_of(112)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
-    job = Job(cpu_head, manifest, output, tiny_models, "--idle-timeout", "600")
-    assert job.wait_for_markers(4), job.finish(10)[1][-3000:]  # a few batches: a rate before the join
+    gate = tmp_path / "gate"
+    gate.touch()
+    job = Job(cpu_head, manifest, output, tiny_models, "--idle-timeout", "600",
+              entry=("tests.gated_render", str(gate), str(PACE_S)))  # fmt: skip
+    assert job.wait_for_markers(3), job.finish(10)[1][-3000:]  # a few batches: a rate before the join
     first_pids = cpu_head.pids(first)  # now: the job's actors are gone once it ends
     joined_at = time.time()
     second = cpu_head.add_worker(num_cpus=2, num_gpus=2)
-    on_second = lambda: {pid for _, pid in decoded(output)} & cpu_head.pids(second)  # noqa: E731
-    assert wait_until(on_second, 240, job), job.finish(10)[1][-4000:]
+    on = lambda node: lambda: {pid for _, pid in decoded(output)} & cpu_head.pids(node)  # noqa: E731
+    assert wait_until(on(second), 240, job), job.finish(10)[1][-4000:]
     first_on_join = min(at for at, pid in decoded(output) if pid in cpu_head.pids(second))
+    time.sleep(max(0.0, first_on_join + AFTER_S - time.time()))  # a rate with the joined node's decoders
+    after = [at for at, _ in decoded(output) if first_on_join <= at <= first_on_join + AFTER_S]
     cpu_head.kill(second)
-    cpu_head.add_worker(num_cpus=2, num_gpus=1)
+    third = cpu_head.add_worker(num_cpus=2, num_gpus=1)
+    assert wait_until(on(third), 240, job), job.finish(10)[1][-4000:]
+    gate.unlink()
     code, log = job.finish()
     assert code == 0, log[-4000:]
     check_once(output, rows)
@@ -135,15 +149,13 @@ def test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back(
     assert decoders["lost"] >= 1 and max(sizes[low:]) > sizes[low], decoders  # shrank with the node, grew back
     pids = {pid for _, pid in decoded(output)}
     assert pids & first_pids, "the first worker's decoder rendered"
-    times = [at for at, _ in decoded(output)]
-    before = [t for t in times if t < joined_at]
-    after = [t for t in times if first_on_join <= t <= first_on_join + 20]
+    before = [at for at, _ in decoded(output) if at < joined_at]
     rate_before = (len(before) - 1) / (joined_at - before[0]) if len(before) > 1 else 0.0  # first image to join
-    rate_after = len(after) / 20
     print(
-        f"ELASTIC growth: node joined -> its first decoded image {first_on_join - joined_at:.1f} s; images/s "
-        f"{rate_before:.2f} before the join, {rate_after:.2f} in the 20 s after its first image; decoder pool "
-        f"{decoders['history']}; lost 0, duplicated 0"
+        f"ELASTIC growth: node joined -> its first decoded image {first_on_join - joined_at:.1f} s; images/s at "
+        f"{PACE_S:g} s per decoder call: {rate_before:.2f} before the join, {len(after) / AFTER_S:.2f} in the "
+        f"{AFTER_S:g} s after "
+        f"its first image; decoder pool {decoders['history']}; lost 0, duplicated 0"
     )
 
 
