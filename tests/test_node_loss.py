@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,9 +54,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def Job(cluster: Cluster, manifest: str, output: Path, models: str, *extra: str) -> RenderJob:  # noqa: N802
+def Job(cluster: Cluster, manifest: str, output: Path, models: str, *extra: str, **kwargs: Any) -> RenderJob:  # noqa: N802
     """The job on this module's pinned layout."""
-    return RenderJob(cluster, manifest, output, models, *PINNED, *extra)
+    return RenderJob(cluster, manifest, output, models, *PINNED, *extra, **kwargs)
 
 
 def check_every_image_once(output: Path, rows: list[dict]) -> None:
@@ -71,20 +72,25 @@ def test_a_lost_worker_node_costs_its_batches_not_its_images(
     cluster: Cluster, tmp_path: Path, tiny_models: str
 ) -> None:
     """Prior pinned to the head; 3 decoders on 3 GPUs: one on the head, two on the worker. The worker node dies
-    mid-run with its actors and objects; the job finishes on the head's decoder, each image exactly once."""
+    mid-run with its actors and objects; the job finishes on the head's decoder, each image exactly once.
+
+    Decoder calls sleep 2 s until the kill (`tests.gated_render`): the worker's decoders hold calls when it dies."""
     worker = cluster.add_worker(labels=DECODER_LABEL)
-    rows = rows_of(24, num_inference_steps=20)
+    rows = rows_of(24)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
     decoders = ("--num-decoder-actors", "3")
     baseline("worker-node-sigkill", lambda: Job(cluster, manifest, tmp_path / "clean", tiny_models, *decoders).finish())
     started = time.monotonic()
-    job = Job(cluster, manifest, output, tiny_models, *decoders)
+    gate = tmp_path / "gate"
+    gate.touch()
+    job = Job(cluster, manifest, output, tiny_models, *decoders, entry=("tests.gated_render", str(gate), "2"))
     # kill it once it is busy: a shard it decoded is published (so more of its calls are in flight)
     busy = job.wait_for_markers(1, decoded_on=lambda: cluster.pids(worker))
     assert busy, job.finish(10)[1][-3000:]
     killed_at = time.monotonic()
     cluster.kill(worker)
+    gate.unlink()
     code, log = job.finish()
     seconds = time.monotonic() - started
     after = time.monotonic() - killed_at
