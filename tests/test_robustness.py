@@ -25,6 +25,7 @@ from jobs.publishing.lease import LEASE_FILE, Lease, LeaseHeldError
 from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
+from schemas.resources import StageResources
 from schemas.results import final_results
 from schemas.shards import image_key, shard_name
 from tests.conftest import REPO, write_manifest
@@ -37,7 +38,14 @@ def rows_of(n: int, prefix: str = "r", **extra: object) -> list[dict]:
     return [{"id": f"{prefix}{i}", "prompt": f"picture number {i}", "seed": i, **STEPS, **extra} for i in range(n)]
 
 
+# One CLIP and one decoder actor unless a test asks for more: each model actor imports torch and diffusers
+# (~7 CPU-seconds here), and 2 cores start 4 of them in ~15 s. Tests of the defaults and of actor counts
+# build their configs themselves.
+FEW_ACTORS = {"prior": StageResources(num_actors=1), "decoder": StageResources(num_actors=1)}
+
+
 def config_for(manifest: str, output: str, models: str, **kwargs: object) -> JobConfig:
+    kwargs = {**FEW_ACTORS, **kwargs}
     return JobConfig(manifest=manifest, output=output, models=ModelPaths.resolve(models_dir=models), **kwargs)
 
 
@@ -263,7 +271,7 @@ def test_scheduled_increments_on_s3_render_each_row_once(tmp_path: Path, tiny_mo
 def test_killed_decoder_actor_is_replaced_and_nothing_is_lost(tmp_path: Path, tiny_models: str) -> None:
     import ray
 
-    rows = rows_of(12, num_inference_steps=12)
+    rows = rows_of(12, num_inference_steps=6)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     calm = run_job(config_for(manifest, str(tmp_path / "calm"), tiny_models, batch_size=2))
     assert calm.stats["num_rendered"] == 12

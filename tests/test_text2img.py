@@ -119,10 +119,15 @@ def test_other_checkpoints_any_valid_directory(tmp_path: Path) -> None:
     assert "height=96 is not a multiple of 64" in bad["error"] and "128" in bad["error"]
 
 
-def test_ray_two_gpus_pins_stages_and_equals_in_process(
-    tmp_path: Path, tiny_models: str, local_results: dict, ray_two_gpus: None
-) -> None:
-    results = render(tmp_path, tiny_models, ROWS, runner="ray", batch_size=4)
+@pytest.fixture(scope="module")
+def ray_results(tmp_path_factory: pytest.TempPathFactory, tiny_models: str, ray_two_gpus: None) -> tuple[Path, dict]:
+    """The rows rendered on Ray (2 logical GPUs): the output folder and the results."""
+    tmp = tmp_path_factory.mktemp("ray")
+    return tmp, render(tmp, tiny_models, ROWS, runner="ray", batch_size=4)
+
+
+def test_ray_two_gpus_pins_stages_and_equals_in_process(ray_results: tuple[Path, dict], local_results: dict) -> None:
+    tmp_path, results = ray_results
     prior_gpus = {r["prior_worker"].split("gpus=")[1].split()[0] for r in results.values()}
     decoder_gpus = {r["decoder_worker"].split("gpus=")[1].split()[0] for r in results.values()}
     assert len(prior_gpus) == 1 and len(decoder_gpus) == 1, (prior_gpus, decoder_gpus)
@@ -153,9 +158,9 @@ def test_order_batch_size_and_actor_count_do_not_change_images(
         assert_close_to_reference(load_png(result["uri"]), load_png(local_results[key]["uri"]), what=key)
 
 
-def test_two_runs_give_byte_identical_pngs(tmp_path: Path, tiny_models: str, ray_two_gpus: None) -> None:
-    first = render(tmp_path / "a", tiny_models, ROWS, runner="ray", batch_size=4)
-    second = render(tmp_path / "b", tiny_models, ROWS, runner="ray", batch_size=4)
+def test_two_runs_give_byte_identical_pngs(tmp_path: Path, tiny_models: str, ray_results: tuple[Path, dict]) -> None:
+    first = ray_results[1]
+    second = render(tmp_path, tiny_models, ROWS, runner="ray", batch_size=4)
     for key, result in first.items():
         assert Path(result["uri"]).read_bytes() == Path(second[key]["uri"]).read_bytes(), key
 
