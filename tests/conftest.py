@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.dev.tiny_models import build_tiny_models
+from schemas.resources import StageResources
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,6 +26,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_models(str(root))
     return str(root)
+
+
+# One CLIP and one decoder actor unless a test asks for more: each model actor imports torch and diffusers
+# (~7 CPU-seconds here), and 2 cores start 4 of them in ~15 s. Tests of the defaults and of actor counts
+# build their configs themselves.
+FEW_ACTORS = {"prior": StageResources(num_actors=1), "decoder": StageResources(num_actors=1)}
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from schemas.config import JobConfig
 from schemas.keys import sample_key
 from schemas.models import ModelPaths
 from schemas.results import final_results
-from tests.conftest import write_manifest
+from tests.conftest import FEW_ACTORS, write_manifest
 from tests.reference import result_png
 
 STEPS = {"num_inference_steps": 3, "prior_num_inference_steps": 2, "height": 64, "width": 64}
@@ -46,7 +46,7 @@ def outputs(
         output = f"s3://formats/{output_format}"
         models = ModelPaths.resolve(models_dir=tiny_models)
         config = JobConfig(manifest="s3://formats/in/", output=output, models=models, storage_options=options,
-                           output_format=output_format, shard_rows=3, batch_size=2)  # fmt: skip
+                           output_format=output_format, shard_rows=3, batch_size=2, **FEW_ACTORS)  # fmt: skip
         summary = run_job(config)
         fs.invalidate_cache()
         fs.get(f"formats/{output_format}", str(local / output_format), recursive=True)

@@ -25,10 +25,9 @@ from jobs.publishing.lease import LEASE_FILE, Lease, LeaseHeldError
 from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
-from schemas.resources import StageResources
 from schemas.results import final_results
 from schemas.shards import image_key, shard_name
-from tests.conftest import REPO, write_manifest
+from tests.conftest import FEW_ACTORS, REPO, write_manifest
 from tests.reference import load_png, max_level_difference
 
 STEPS = {"num_inference_steps": 3, "prior_num_inference_steps": 2, "height": 64, "width": 64}
@@ -36,12 +35,6 @@ STEPS = {"num_inference_steps": 3, "prior_num_inference_steps": 2, "height": 64,
 
 def rows_of(n: int, prefix: str = "r", **extra: object) -> list[dict]:
     return [{"id": f"{prefix}{i}", "prompt": f"picture number {i}", "seed": i, **STEPS, **extra} for i in range(n)]
-
-
-# One CLIP and one decoder actor unless a test asks for more: each model actor imports torch and diffusers
-# (~7 CPU-seconds here), and 2 cores start 4 of them in ~15 s. Tests of the defaults and of actor counts
-# build their configs themselves.
-FEW_ACTORS = {"prior": StageResources(num_actors=1), "decoder": StageResources(num_actors=1)}
 
 
 def config_for(manifest: str, output: str, models: str, **kwargs: object) -> JobConfig:
