@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,7 +16,7 @@ from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.resources import StageResources
 from tests.conftest import write_manifest
-from tests.slow_stages import SlowLoadDecoder
+from tests.slow_stages import SlowLoadDecoder, with_decoder
 
 STEPS = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "height": 64, "width": 64}
 
@@ -138,18 +136,7 @@ def test_log_mode_says_what_happens_at_least_every_interval_through_a_slow_model
     """A decoder whose model takes 8 s to load, --progress-every 1: before, nothing was logged until an image
     finished; now phase lines (each stage starting and up, the first image, publishing) and a heartbeat saying
     what the job waits for come at least every interval (plus this loaded machine's scheduling slack)."""
-    build_chain = chain.build_chain
-
-    def slow_load(*args: Any, **kwargs: Any) -> Any:
-        stages, sink = build_chain(*args, **kwargs)
-        slow = {"load_delay_s": 8.0}
-        stages = [
-            dataclasses.replace(s, cls=SlowLoadDecoder, kwargs={**s.kwargs, **slow}) if s.name == "decoder" else s
-            for s in stages
-        ]
-        return stages, sink
-
-    monkeypatch.setattr(chain, "build_chain", slow_load)
+    monkeypatch.setattr(chain, "build_chain", with_decoder(chain.build_chain, SlowLoadDecoder, load_delay_s=8.0))
     rows = [{"id": f"r{i}", "prompt": f"picture {i}", "seed": i, **STEPS} for i in range(2)]
     config = JobConfig(
         manifest=write_manifest(tmp_path / "m.parquet", rows),
