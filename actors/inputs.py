@@ -31,7 +31,7 @@ from schemas.manifest import (
     LOCAL_PROTOCOLS,
     uri_protocol,
 )
-from schemas.text import first_line, quoted
+from schemas.text import first_line, public_uri, quoted, uri_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -81,20 +81,25 @@ class ImageLoader:
             raise InputError(f"{column}: neither a URI nor bytes")
         protocol = uri_protocol(uri)
         if protocol not in self.allowed_protocols:
-            raise InputError(f"{column}: protocol {quoted(protocol, 40)} of {quoted(uri)} is not allowed")
-        from fsspec.core import url_to_fs
+            raise InputError(f"{column}: protocol {quoted(protocol, 40)} of {quoted(public_uri(uri))} is not allowed")
+        from actors.storage import open_fs
 
         try:
-            fs, path = url_to_fs(uri, **self.storage_options)
+            fs, path = open_fs(uri, self.storage_options)
             if protocol in LOCAL_PROTOCOLS:
                 return retry(lambda: self._read_local(path, column=column), what=f"{column}: read {uri}")
             return retry(lambda: self._read_object(fs, path, column=column, uri=uri), what=f"{column}: read {uri}")
         except (StorageUnavailableError, InputError):
             raise
         except FileNotFoundError as exc:
-            raise InputError(f"{column}: {quoted(uri)} does not exist") from exc
+            raise InputError(f"{column}: {quoted(public_uri(uri))} does not exist") from exc
         except Exception as exc:
-            raise InputError(f"{column}: cannot read {quoted(uri)}: {type(exc).__name__}: {first_line(exc)}") from exc
+            reason = first_line(exc)
+            for secret in uri_secrets(uri):  # a library's message may quote the whole URI
+                reason = reason.replace(secret, "<redacted>")
+            raise InputError(
+                f"{column}: cannot read {quoted(public_uri(uri))}: {type(exc).__name__}: {reason}"
+            ) from exc
 
     def _check_bytes(self, size: int, *, column: str, source: str) -> None:
         if size > self.max_bytes:
@@ -118,9 +123,9 @@ class ImageLoader:
         reads disagree with the size and with each other (a transfer cut short: retried)."""
         size = fs.size(path)
         if size is not None:
-            self._check_bytes(size, column=column, source=quoted(uri))
+            self._check_bytes(size, column=column, source=quoted(public_uri(uri)))
         data = fs.cat_file(path)
-        self._check_bytes(len(data), column=column, source=quoted(uri))
+        self._check_bytes(len(data), column=column, source=quoted(public_uri(uri)))
         if size is None or len(data) == size:
             return data
         again = fs.cat_file(path)
@@ -149,7 +154,7 @@ class ImageLoader:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        source = quoted(uri) if uri else "inline bytes"
+        source = quoted(public_uri(uri)) if uri else "inline bytes"
         try:
             image = self.decode(self.fetch(ref, column=column), column=column, source=source)
         except _Undecodable:

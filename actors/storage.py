@@ -6,6 +6,7 @@ import contextlib
 import os
 import posixpath
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +17,39 @@ from fsspec.core import url_to_fs
 from actors.retry import StorageFullError, no_space, retry
 
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
+# Filesystems that take no storage options: they hold no credentials, and options meant for an object store
+# (s3fs's client_kwargs) would break them (aiohttp refuses an endpoint_url).
+_PLAIN_PROTOCOLS = _LOCAL_PROTOCOLS | {"", "http", "https", "memory"}
+# The most bytes read of an object of the output unless the caller says: results Parquet files with previews.
+MAX_READ_BYTES = 1 << 30
 # Local writes go to ``.<name>.tmp-<random>`` beside their target and are renamed over it: readers that skip
 # hidden files (pyarrow datasets, so pandas.read_parquet of a folder) never see one.
 TEMPORARY_MARK = ".tmp-"
+
+
+class UnsafeObjectError(ValueError):
+    """An object the job refuses to touch: a key that leads outside the folder (absolute, ``..``, or through a
+    symlink), something other than a regular file, or a file above its size cap. The message names it."""
+
+
+def options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The storage options that apply to ``uri``: none for local paths, http(s) URLs and memory://, else all."""
+    protocol = uri.partition("://")[0].lower() if "://" in uri else ""
+    return {} if protocol in _PLAIN_PROTOCOLS or not storage_options else dict(storage_options)
+
+
+def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs`` with the options that apply to ``uri`` (`options_for`)."""
+    return url_to_fs(uri, **options_for(uri, storage_options))
+
+
+def check_key(key: str, *, where: str) -> str:
+    """``key`` when it names something inside a folder (relative, no ``.``/``..``/empty segments, no NUL);
+    else `UnsafeObjectError` naming ``where``. A trailing ``/`` is allowed."""
+    parts = key.rstrip("/").split("/")
+    if key and (key.startswith("/") or "\x00" in key or any(part in ("", ".", "..") for part in parts)):
+        raise UnsafeObjectError(f"{key!r} does not name an object inside {where}: refused")
+    return key
 
 
 class Storage:
@@ -34,13 +65,25 @@ class Storage:
 
     def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url.rstrip("/") or url
-        self.fs, root = url_to_fs(self.url, **(storage_options or {}))
+        self.fs, root = open_fs(self.url, storage_options)
         self.root = root.rstrip("/") if root not in ("/", "") else root
         self.is_local = bool(set(_protocols(self.fs)) & _LOCAL_PROTOCOLS)
+        self._real_root: str | None = None
 
     def path(self, key: str) -> str:
-        """Filesystem path of ``key``."""
-        return posixpath.join(self.root, key) if key else self.root
+        """Filesystem path of ``key``; `UnsafeObjectError` when ``key`` leads outside the folder (an absolute key,
+        ``..``; locally also a symlink on the way that resolves outside it)."""
+        check_key(key, where=self.url)
+        path = posixpath.join(self.root, key) if key else self.root
+        if self.is_local and key:
+            if self._real_root is None:
+                self._real_root = os.path.realpath(self.root)
+            real = os.path.realpath(path)
+            if real != self._real_root and not real.startswith(self._real_root.rstrip("/") + "/"):
+                raise UnsafeObjectError(
+                    f"{path} leads outside the folder {self.root} (to {real}, through a symbolic link): refused"
+                )
+        return path
 
     def uri(self, key: str) -> str:
         """Full URI of ``key`` as users see it (protocol included for remote filesystems)."""
@@ -105,24 +148,32 @@ class Storage:
 
         return retry(attempt, what=f"create {self.uri(key)}")
 
-    def read_bytes(self, key: str) -> bytes:
-        """Bytes of ``key``; raises FileNotFoundError when absent."""
+    def read_bytes(self, key: str, *, max_bytes: int = MAX_READ_BYTES) -> bytes:
+        """Bytes of ``key``; FileNotFoundError when absent, `UnsafeObjectError` when it is not a regular file
+        (locally: a FIFO, a device, a folder) or holds more than ``max_bytes``."""
         path = self.path(key)
-        return retry(lambda: self.fs.cat_file(path), what=f"read {self.uri(key)}")
-
-    def read_many(self, keys: list[str]) -> list[bytes | None]:
-        """Bytes of each key (None for a key that is absent), fetched concurrently on object stores.
-
-        Only a missing key reads as None: any other error is retried (the failed keys only) or raised.
-        """
-        paths = [self.path(key) for key in keys]
         if self.is_local:
-            return [retry(lambda p=path: _read_local(p), what=f"read {path}") for path in paths]
+            data = retry(lambda: _read_local(path, max_bytes), what=f"read {path}")
+            if data is None:
+                raise FileNotFoundError(path)
+            return data
+        data = retry(lambda: _read_remote(self.fs, path, max_bytes), what=f"read {self.uri(key)}")
+        return _capped(data, max_bytes, self.uri(key))
+
+    def read_many(self, keys: list[str], *, max_bytes: int = MAX_READ_BYTES) -> list[bytes | None | UnsafeObjectError]:
+        """Bytes of each key, fetched concurrently on object stores: None for a key that is absent, an
+        `UnsafeObjectError` (returned, not raised) for one that is not a regular file or is too large.
+
+        Any other error is retried (the failed keys only) or raised.
+        """
+        if self.is_local:
+            return [self._read_one_local(key, max_bytes) for key in keys]
+        paths = [self.path(key) for key in keys]
         found: dict[str, bytes | None] = {}
 
         def attempt() -> None:
             todo = [_strip(self.fs, path) for path in paths if _strip(self.fs, path) not in found]
-            fetched = {_strip(self.fs, p): data for p, data in self.fs.cat(todo, on_error="return").items()}
+            fetched = _cat_capped(self.fs, todo, max_bytes)
             failed = None
             for path in todo:
                 data = fetched.get(path, FileNotFoundError(path))
@@ -137,7 +188,21 @@ class Storage:
 
         if paths:
             retry(attempt, what=f"read {len(paths)} object(s) under {self.url}")
-        return [found[_strip(self.fs, path)] for path in paths]
+        results: list[bytes | None | UnsafeObjectError] = []
+        for key, path in zip(keys, paths):
+            data = found[_strip(self.fs, path)]
+            try:
+                results.append(None if data is None else _capped(data, max_bytes, self.uri(key)))
+            except UnsafeObjectError as exc:
+                results.append(exc)
+        return results
+
+    def _read_one_local(self, key: str, max_bytes: int) -> bytes | None | UnsafeObjectError:
+        try:
+            path = self.path(key)
+            return retry(lambda: _read_local(path, max_bytes), what=f"read {path}")
+        except UnsafeObjectError as exc:
+            return exc
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists."""
@@ -158,6 +223,25 @@ class Storage:
         found = retry(attempt, what=f"list {self.uri(prefix)}")
         keys = [posixpath.relpath(_strip(self.fs, p), self.root) for p in found]
         return sorted(k for k in keys if k.endswith(suffix) and TEMPORARY_MARK not in k)
+
+    def list_sizes(self, prefix: str) -> dict[str, int]:
+        """Key -> size of every file under ``prefix`` (recursive; one listing, no temporary files); {} when absent."""
+        base = self.path(prefix)
+
+        def attempt() -> dict[str, Any]:
+            self.fs.invalidate_cache(base)
+            try:
+                return self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+
+        found = retry(attempt, what=f"list {self.uri(prefix)}")
+        sizes = {}
+        for path, info in found.items():
+            key = posixpath.relpath(_strip(self.fs, path), self.root)
+            if TEMPORARY_MARK not in key and info.get("type", "file") == "file":
+                sizes[key] = int(info.get("size") or 0)
+        return sizes
 
     def list_temporary(self, prefixes: tuple[str, ...]) -> list[str]:
         """Keys of unfinished local writes (temporary names) in the folder itself and under ``prefixes``.
@@ -186,6 +270,40 @@ class Storage:
             return [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
 
         return sorted(retry(attempt, what=f"list {self.uri(prefix)}"))
+
+    def list_top(self) -> list[str]:
+        """Sorted names directly in the folder (files and folders, one listing); [] when it is absent or empty."""
+        base = self.path("")
+
+        def attempt() -> list[str]:
+            self.fs.invalidate_cache(base)
+            try:
+                entries = self.fs.ls(base, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            names = [posixpath.basename(_strip(self.fs, e["name"]).rstrip("/")) for e in entries]
+            return [name for name in names if name and _strip(self.fs, base).rstrip("/") != name]
+
+        return sorted(retry(attempt, what=f"list {self.url}"))
+
+    def delete_keys(self, keys: list[str]) -> None:
+        """Remove these files (one batched request per thousand keys on object stores); absent ones are skipped."""
+        paths = [self.path(key) for key in keys]
+        if self.is_local:
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    retry(lambda p=path: os.remove(p), what=f"delete {path}")
+            return
+        for start in range(0, len(paths), 1000):
+            chunk = paths[start : start + 1000]
+
+            def attempt(chunk: list[str] = chunk) -> None:
+                try:
+                    self.fs.rm(chunk)
+                except FileNotFoundError:
+                    pass
+
+            retry(attempt, what=f"delete {len(chunk)} object(s) under {self.url}")
 
     def delete(self, prefix: str) -> None:
         """Remove ``prefix`` recursively if present."""
@@ -257,26 +375,75 @@ def _find_local(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
         return []
 
 
-def _read_local(path: str) -> bytes | None:
+def _read_local(path: str, max_bytes: int) -> bytes | None:
+    """A regular file's bytes (None when absent). Opened without blocking, so a FIFO is refused, not waited on."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise UnsafeObjectError(f"{path} is a folder, not a file: refused") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeObjectError(f"{path} is not a regular file (a FIFO, a device or a socket): refused")
+        if info.st_size > max_bytes:
+            raise UnsafeObjectError(f"{path} holds {info.st_size} bytes, more than the {max_bytes} expected: refused")
+        os.set_blocking(fd, True)
+        data = handle.read(max_bytes + 1)
+    return _capped(data, max_bytes, path)
 
 
-def _precondition_failed(exc: BaseException) -> bool:
-    """Whether ``exc`` is an HTTP 412 answer (a conditional write that found the object there)."""
+def _capped(data: bytes, max_bytes: int, where: str) -> bytes:
+    if len(data) > max_bytes:
+        raise UnsafeObjectError(f"{where} holds more than the {max_bytes} bytes expected: refused")
+    return data
+
+
+def _read_remote(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of an object, in one ranged request (no size lookup first)."""
+    try:
+        return fs.cat_file(path, start=0, end=max_bytes + 1)
+    except OSError as exc:
+        if not _range_refused(exc):
+            raise
+    return fs.cat_file(path)  # an empty object answers a range with 416: read it whole
+
+
+def _cat_capped(fs: fsspec.AbstractFileSystem, paths: list[str], max_bytes: int) -> dict[str, Any]:
+    """`_read_remote` of each path, concurrently: path -> bytes, or the exception its read raised."""
+    if not paths:
+        return {}
+    try:
+        fetched = fs.cat_ranges(paths, [0] * len(paths), [max_bytes + 1] * len(paths), on_error="return")
+    except (NotImplementedError, TypeError):
+        fetched = [fs.cat_file(path) for path in paths]
+    found = dict(zip(paths, fetched))
+    for path, data in found.items():
+        if isinstance(data, OSError) and _range_refused(data):
+            found[path] = fs.cat_file(path)
+    return found
+
+
+def _answered(exc: BaseException | None, codes: tuple[str, ...], status: int) -> bool:
+    """Whether ``exc`` (or what caused it) is an object store's answer with one of ``codes`` or HTTP ``status``."""
     while exc is not None:
         response = getattr(exc, "response", None)
         if isinstance(response, dict):
             code = (response.get("Error") or {}).get("Code")
-            return (
-                code in ("PreconditionFailed", "412")
-                or (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == 412
-            )
+            return code in codes or (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == status
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _range_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is an HTTP 416 answer (a range request on an empty object)."""
+    return _answered(exc, ("InvalidRange", "416"), 416) or "InvalidRange" in str(exc)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is an HTTP 412 answer (a conditional write that found the object there)."""
+    return _answered(exc, ("PreconditionFailed", "412"), 412)
 
 
 def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:

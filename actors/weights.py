@@ -154,9 +154,9 @@ def _wait_for(handle: Any, *, what: str) -> None:
 
 def _listing(uri: str, storage_options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Relative path -> size and version (ETag, else modification time) of every file under ``uri``."""
-    from fsspec.core import url_to_fs
+    from actors.storage import open_fs
 
-    fs, root = url_to_fs(uri, **storage_options)
+    fs, root = open_fs(uri, storage_options)
     root = root.rstrip("/")
     found = retry(lambda: fs.find(root, detail=True, withdirs=False), what=f"list {uri}")
     listing = {}
@@ -193,9 +193,9 @@ def _download(
 
     Files the previous copy holds unchanged (``recorded``) are linked from it, not downloaded again.
     """
-    from fsspec.core import url_to_fs
+    from actors.storage import open_fs
 
-    fs, base = url_to_fs(uri, **storage_options)
+    fs, base = open_fs(uri, storage_options)
     kept = {relative for relative, entry in listing.items() if recorded and recorded.get(relative) == entry}
     need = sum(int(entry["size"]) for relative, entry in listing.items() if relative not in kept)
     free = shutil.disk_usage(root).free

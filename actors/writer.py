@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,7 +225,9 @@ class ShardWriter:
                 self._result(part, row | {"pixel_height": None, "pixel_width": None}, None)
         try:
             data = data_key(name, self.output_format)
-            self.storage.put_file(data, part.output.close())
+            local = part.output.close()
+            sizes = {"data_size": os.path.getsize(local)}
+            self.storage.put_file(data, local)
             kept = {(r.id, r.image_index): r for r in part.sample.entries()}
             thumbnails = {key: r.thumbnail for key, r in kept.items()} | part.scores.thumbnails()
             rows = sorted(part.results, key=lambda r: (r.id, r.image_index))
@@ -239,10 +242,11 @@ class ShardWriter:
             buffer = io.BytesIO()
             pq.write_table(self._table(rows, part), buffer, compression="zstd")
             self.storage.write_bytes(results_key(name), buffer.getvalue())
+            sizes["results_size"] = buffer.getbuffer().nbytes
         finally:
             part.output.abandon()
             del self.parts[name]
-        return self._summary(part, data, rows)
+        return self._summary(part, data, rows, sizes=sizes)
 
     def _table(self, rows: list[ResultRow], part: _Part) -> pa.Table:
         """The part's results table, with the embedding columns (fixed-size lists) under ``--save-embeddings``."""
@@ -260,7 +264,7 @@ class ShardWriter:
             table = table.append_column(pa.field(name, column.type), column)
         return table
 
-    def _summary(self, part: _Part, data: str | None, rows: list[ResultRow]) -> PartSummary:
+    def _summary(self, part: _Part, data: str | None, rows: list[ResultRow], *, sizes: dict[str, int]) -> PartSummary:
         counts, failed = Counts(), FailedImages()
         busy, ok_busy = zero_seconds(), zero_seconds(with_images=True)
         for r in rows:
@@ -293,6 +297,7 @@ class ShardWriter:
             scores=part.scores.summary(results),
             sample=tuple(sample),
             failed=failed.as_dict(),
+            **sizes,
         )
 
     def abandon(self, name: str) -> None:

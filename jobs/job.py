@@ -43,6 +43,7 @@ from schemas.keys import SUCCESS_FILE
 from schemas.modes import MODES
 from schemas.shards import FORMAT_FILES
 from schemas.summary import Counts, PartSummary
+from schemas.text import public_uri
 from schemas.versions import version_mismatches
 from schemas.work import to_ipc
 
@@ -122,12 +123,15 @@ def _run(
     run_id = new_run_id()
     with Lease(storage, run_id=run_id, ttl_s=config.lease_ttl_s, wait_s=config.lease_wait_s) as lease:
         timeline.mark("lease_taken")
-        if config.overwrite:
-            delete_output(storage)
         # Planning and the model checks come first: a run with nothing pending, or one that lacks a model, stops
         # before Ray starts. The stage modules (torch, diffusers) import meanwhile once there is work.
-        progress.phase(f"planning: reading the manifest's footers and the markers of {config.output}")
+        progress.phase(f"planning: reading the manifest's footers and the markers of {public_uri(config.output)}")
         plan, scan, imports = _plan(config, storage, timeline)
+        # Destructive steps last: every check has passed, and only the job's own files go.
+        if config.overwrite:
+            delete_output(storage)
+        else:
+            delete_orphans(storage, plan.index)
         if not plan.pending:
             stats = _nothing_pending(plan, storage, progress, run_id=run_id, timeline=timeline, started=started)
             return JobSummary(run_id=run_id, plan=plan, stats=stats)
@@ -170,7 +174,6 @@ def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunP
     """
     plan = plan_run(config, storage)
     imports = start_imports(config) if plan.pending else None
-    delete_orphans(storage, plan.index)
     scan = check_models(plan, plan.scan())
     timeline.mark("planned")
     return plan, scan, imports

@@ -22,7 +22,7 @@ from jobs.options.job_config import ExampleInputs, config_from_args, run_options
 from jobs.reporting.progress import configure_logging
 from schemas.config import JobConfig
 from schemas.manifest import ManifestError
-from schemas.text import one_line
+from schemas.text import one_line, printable, public_uri, uri_secrets
 
 logger = logging.getLogger("kandinsky_render")
 
@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _error(text: str, secrets: list[str]) -> None:
+    """``error: <text>`` on stderr, without a credential and safe for a terminal (control characters escaped)."""
+    print(f"error: {printable(storage_options.redact(text, secrets), keep_newlines=True)}", file=sys.stderr)
+
+
 def _stopped(message: str) -> None:
     """The one line a stopped run ends with (on a new line after a live progress line)."""
     print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
@@ -82,13 +87,15 @@ def _stopped(message: str) -> None:
 
 def _main(argv: list[str] | None, *, prog: str) -> int:
     started_at = command_started()
-    secrets = storage_options.secret_env_values(os.environ)
+    # Credentials in the environment and in URIs given (user:password@, a presigned URL's query) are never printed.
+    tokens = sys.argv[1:] if argv is None else argv
+    secrets = storage_options.secret_env_values(os.environ) + [s for t in tokens for s in uri_secrets(t)]
     try:
         args = parse_args(build_parser(prog), argv)
-    except ValueError as exc:  # a bad --config file
-        print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+        run = run_options(args)
+    except ValueError as exc:  # a bad --config file, a run option out of range
+        _error(str(exc), secrets)
         return EXIT_BAD_INPUT
-    run = run_options(args)
     configure_logging(level=run.log_level, log_format=run.log_format)
     redactor = storage_options.install_redaction(secrets)
     from jobs.job import run_job
@@ -102,52 +109,60 @@ def _main(argv: list[str] | None, *, prog: str) -> int:
         if example is not None and not run.dry_run:
             build_example_models(config, example)
         secrets += storage_options.secret_values(config.storage_options)
+        secrets += [
+            s for uri in (config.manifest, *dataclasses.asdict(config.models).values()) for s in uri_secrets(uri)
+        ]
         redactor.secrets = secrets
         storage_options.check_options([u for u in (config.manifest, config.output) if u], config.storage_options)
+        if config.plan_for and not run.dry_run:
+            from jobs.planning.forecast import planned_cluster
+
+            planned_cluster(config)  # one cluster of a known GPU type, checked before anything starts
         if run.dry_run:
             from jobs.planning.dry_run import dry_run
 
-            print(dry_run(config, calibration=run.calibration, plan_for=config.plan_for, as_json=run.json))
+            report = dry_run(config, calibration=run.calibration, plan_for=config.plan_for, as_json=run.json)
+            print(printable(storage_options.redact(report, secrets), keep_newlines=True))
             return EXIT_OK
         live = {"auto": None, "live": True, "log": False, "off": False}[run.progress]
         every = float("inf") if run.progress == "off" else run.progress_every
         summary = run_job(config, progress=Progress(live=live, log_every_s=every), started_at=started_at)
     except LeaseHeldError as exc:
-        print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+        _error(str(exc), secrets)
         return EXIT_OUTPUT_BUSY
     except ManifestError as exc:
-        print(f"error: manifest refused: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+        _error(f"manifest refused: {exc}", secrets)
         return EXIT_BAD_INPUT
     except ModelUnavailableError as exc:
         if exc.report:  # a dry run: the plan, then why the run would stop
-            print(exc.report)
-        print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+            print(printable(storage_options.redact(exc.report, secrets), keep_newlines=True))
+        _error(str(exc), secrets)
         return EXIT_BAD_INPUT
     except ValueError as exc:
-        print(f"error: {storage_options.redact(str(exc), secrets)}", file=sys.stderr)
+        _error(str(exc), secrets)
         return EXIT_BAD_INPUT
     except Exception as exc:  # anything else still must not print a credential
         logging.getLogger("kandinsky_render").error("job failed", exc_info=exc)
         cause = getattr(exc, "cause", None)  # a Ray task error: say what the actor raised, not where
         shown = cause if isinstance(cause, Exception) else exc
-        text = storage_options.redact(one_line(str(shown), limit=4000), secrets)
-        print(f"error: {type(shown).__name__}: {text}", file=sys.stderr)
+        _error(f"{type(shown).__name__}: {one_line(str(shown), limit=4000)}", secrets)
         return EXIT_FAILED
-    output = summary.stats["output"]
-    print(
+    output, where = summary.stats["output"], public_uri(config.output)
+    shown = [
         f"run {summary.run_id}: rendered {summary.stats['num_rendered']} image(s) "
         f"({summary.stats['images_per_s']} images/s), skipped {summary.stats['num_skipped_already_final']} "
         "already final; "
         f"output now holds {output['by_status'].get('ok', 0)} ok and {output['by_status'].get('error', 0)} error "
-        f"image(s) -> {config.output}"
-    )
-    print(summary_table(summary.stats))
-    print(f"gallery: {_joined(config.output, summary.stats['report']['gallery'])}")
+        f"image(s) -> {where}",
+        summary_table(summary.stats),
+        f"gallery: {_joined(where, summary.stats['report']['gallery'])}",
+    ]
+    print(printable(storage_options.redact("\n".join(shown), secrets), keep_newlines=True))
     fraction = summary.stats["error_fraction_this_run"]
     if fraction > config.max_error_fraction:
         print(
             f"error: {summary.stats['num_errors_this_run']} of this run's images ended in error ({fraction:.1%}), "
-            f"above --max-error-fraction {config.max_error_fraction}; see {config.output}/results",
+            f"above --max-error-fraction {config.max_error_fraction}; see {where}/results",
             file=sys.stderr,
         )
         return EXIT_TOO_MANY_ERRORS

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.keys import MAX_SEED
 from schemas.manifest import Limits, RenderDefaults
 from schemas.models import ModelPaths
+from schemas.numbers import DAY_S, MAX_WAIT_S, check_range
 from schemas.resources import MACHINE_DEFAULT, StageResources
 from schemas.shards import DEFAULT_SHARD_ROWS, OUTPUT_FORMATS
 from schemas.stages import SCORE
+from schemas.text import public_uri
+from schemas.validation import value_bounds
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCORERS = ("clip",)
@@ -23,6 +28,13 @@ LAYOUT_DEDICATED = "dedicated"
 LAYOUT_CO_LOCATED = "co-located"
 LAYOUT_ONE_PROCESS = "one-process"
 LAYOUTS = (LAYOUT_DEDICATED, LAYOUT_CO_LOCATED, LAYOUT_ONE_PROCESS)
+# Bounds that keep a mistyped number from exhausting memory (a batch, the shards held open, a planned cluster).
+MAX_BATCH_SIZE = 1 << 16  # also what planning uses to cut work without batching it
+MAX_SHARD_ROWS = 10_000_000
+MAX_SHARDS_IN_FLIGHT = 10_000
+MAX_PLANNED_GPUS = 100_000
+# ``--plan-for`` values: N GPUs of a type (``8xH100``); the type is checked against the calibration profiles.
+PLAN_FOR = re.compile(r"\s*(\d+)\s*[xX*]\s*([A-Za-z0-9_.-]+)\s*")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,8 +65,7 @@ class AccelOptions:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.prompt_cache_size < 0:
-            raise ValueError(f"prompt_cache_size must be >= 0, got {self.prompt_cache_size}")
+        check_range("prompt_cache_size", self.prompt_cache_size, low=0, high=1_000_000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,7 +308,22 @@ class JobConfig:
             "group": "execution",
         },
     )
-    overwrite: bool = field(default=False, metadata={"help": "delete previous outputs and start fresh", "group": "io"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "start the output over: once every check has passed, delete what earlier runs wrote there (only "
+            "the job's own files; anything else in the folder stays)",
+            "group": "io",
+        },
+    )
+    allow_other_files: bool = field(
+        default=False,
+        metadata={
+            "help": "render into a folder that already holds files the job did not write (they are never deleted or "
+            "replaced); without it such a folder is refused",
+            "group": "io",
+        },
+    )
     retry_errors: bool = field(
         default=False, metadata={"help": "render again images whose result is an error", "group": "io"}
     )
@@ -327,40 +353,54 @@ class JobConfig:
     )
 
     def __post_init__(self) -> None:
+        for name, low, high, low_open in (
+            ("idle_timeout_s", 0.0, MAX_WAIT_S, False),
+            ("call_timeout_s", 0.0, MAX_WAIT_S, True),
+            ("call_timeout_floor_s", 0.0, MAX_WAIT_S, True),
+            ("call_timeout_warm_floor_s", 0.0, MAX_WAIT_S, True),
+            ("stage_wait_s", 0.0, MAX_WAIT_S, True),
+            ("connect_wait_s", 0.0, DAY_S, True),
+            ("lease_ttl_s", 0.0, DAY_S, True),
+            ("lease_wait_s", 0.0, MAX_WAIT_S, False),
+            ("max_error_fraction", 0.0, 1.0, False),
+            ("min_clip_score", 0.0, 100.0, False),
+            ("seed", 0, MAX_SEED, False),
+            ("batch_size", 1, MAX_BATCH_SIZE, False),
+            ("prior_batch_size", 1, MAX_BATCH_SIZE, False),
+            ("shard_rows", 1, MAX_SHARD_ROWS, False),
+            ("shards_in_flight", 1, MAX_SHARDS_IN_FLIGHT, False),
+        ):
+            check_range(name, getattr(self, name), low=low, high=high, low_open=low_open)
+        if self.writer.min_actors == 0:
+            raise ValueError("writer.num_actors must be N or MIN:MAX with MIN >= 1: writers cannot start from 0")
+        for value in self.plan_for:
+            match = PLAN_FOR.fullmatch(value)
+            if match is None or not 1 <= int(match.group(1)) <= MAX_PLANNED_GPUS:
+                raise ValueError(f"plan_for {value!r}: expected NxTYPE with 1 <= N <= {MAX_PLANNED_GPUS}, e.g. 8xH100")
+        for name, (low, high) in value_bounds(self.limits).items():
+            if hasattr(self.defaults, name):
+                check_range(f"defaults.{name}", getattr(self.defaults, name), low=low, high=high)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.prior_batch_size is not None and self.prior_batch_size < 1:
-            raise ValueError(f"prior_batch_size must be >= 1, got {self.prior_batch_size}")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
-        if self.lease_ttl_s <= 0 or self.lease_wait_s < 0:
-            raise ValueError("lease_ttl_s must be > 0 and lease_wait_s >= 0")
-        for name in ("shard_rows", "shards_in_flight"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_clip_score is not None and self.score is None:
             raise ValueError("min_clip_score needs score='clip' (--score clip)")
         if self.layout is not None and self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
-        if self.connect_wait_s <= 0:
-            raise ValueError(f"connect_wait_s must be > 0, got {self.connect_wait_s}")
-        if (
-            min(self.call_timeout_floor_s, self.call_timeout_warm_floor_s, self.stage_wait_s) <= 0
-            or (self.call_timeout_s or 1) <= 0
-        ):
-            raise ValueError("call timeouts and the stage wait must be > 0 seconds")
         for stage, placement in self.stage_placement.items():
             if stage not in ("prior", "decoder") or set(placement) - {"accelerator_type", "label_selector"}:
                 raise ValueError(f"stage_placement: unknown stage or field in {stage!r}: {sorted(placement)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready copy with storage options redacted (they may hold credentials)."""
+        """A JSON-ready copy with storage options redacted and URIs without user, password, query or fragment
+        (`schemas.text.public_uri`): they may hold credentials."""
         data = dataclasses.asdict(self)
         data["storage_options"] = {key: "<redacted>" for key in self.storage_options}
+        for name in ("manifest", "output", "spool_dir", "address"):
+            if isinstance(data[name], str):
+                data[name] = public_uri(data[name])
+        data["models"] = {key: public_uri(v) if isinstance(v, str) else v for key, v in data["models"].items()}
         return data

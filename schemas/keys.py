@@ -10,11 +10,17 @@ RESULTS_DIR = "results"
 STATS_FILE = "stats.json"
 SUCCESS_FILE = "_SUCCESS"
 CARD_FILE = "README.md"  # the dataset card: how `datasets` and the Hub read the output
+LEASE_FILE = "_LEASE.json"  # who renders into the output now (jobs/publishing/lease.py)
+GALLERY_FILE = "index.html"
+CONTACT_SHEET_FILE = "contact_sheet.png"
+HISTOGRAM_FILE = "score_histogram.png"  # --score clip: the scores' histogram, beside the gallery
 
 # Seeds are drawn from [0, 2**62) so that seed + image_index never overflows int64.
 MAX_SEED = 2**62 - 1
 _SLUG_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _SLUG_LEN = 64
+# What `sample_key` makes: tells an output's own images from other files in its folders.
+SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]{0,64}-[0-9a-f]{16}-[0-9]+")
 
 
 def id_digest(row_id: str) -> str:

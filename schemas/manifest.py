@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.modes import DEFAULT_MODE, MODE_NAMES
+from schemas.numbers import check_range
 from schemas.text import quoted
 
 # An image input: a URI (any allowed fsspec protocol; relative paths resolve against the manifest's
@@ -159,9 +160,12 @@ class Limits:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_input_pixels", "max_input_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_input_pixels", "max_input_bytes", "max_prompt_chars", "max_interpolate_items"):
+            check_range(name, getattr(self, name), low=1)
+        check_range("max_num_images", self.max_num_images, low=1, high=1024)
+        check_range("max_side", self.max_side, low=1, high=16384)
+        check_range("max_num_inference_steps", self.max_num_inference_steps, low=1, high=100_000)
+        check_range("max_guidance_scale", self.max_guidance_scale, low=0)
         if self.allowed_protocols is not None and not self.allowed_protocols:
             raise ValueError("allowed_protocols: name at least one protocol (or auto)")
 

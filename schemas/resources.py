@@ -6,10 +6,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from schemas.numbers import check_range
+
 # What --help says of an option whose default the job chooses for the machine it finds (cluster/defaults.py).
 MACHINE_DEFAULT = "chosen for the machine when the job starts, printed with its reason"
 
 UNBOUNDED = 1_000_000  # an actor pool's upper bound when none is given ("MIN:")
+MAX_RESOURCES_PER_ACTOR = 1024  # GPUs or CPUs one actor may ask for
 
 
 _ACTOR_COUNT = re.compile(r"(\d+)(?:\s*:\s*(\d*))?")
@@ -78,10 +81,8 @@ class StageResources:
             if isinstance(self.num_actors, bool) or not isinstance(self.num_actors, (int, str)):
                 raise ValueError(f"num_actors must be N or MIN:MAX, got {self.num_actors!r}")
             object.__setattr__(self, "num_actors", parse_actor_count(str(self.num_actors)))
-        if self.num_gpus is not None and self.num_gpus < 0:
-            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
-        if self.num_cpus is not None and self.num_cpus < 0:
-            raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus}")
+        check_range("num_gpus", self.num_gpus, low=0, high=MAX_RESOURCES_PER_ACTOR)
+        check_range("num_cpus", self.num_cpus, low=0, high=MAX_RESOURCES_PER_ACTOR)
 
     @property
     def min_actors(self) -> int | None:

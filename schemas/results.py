@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.modes import MODES, PRIOR_KINDS
-from schemas.text import one_line
+from schemas.text import one_line, public_uri
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -220,11 +219,7 @@ def describe_input(ref: Mapping[str, Any] | None, *, estimated: bool = False) ->
     uri = ref.get("uri")
     if not uri:
         return "sha256:" + hashlib.sha256(ref.get("data") or b"").hexdigest()
-    if "://" not in uri:
-        return uri
-    parts = urllib.parse.urlsplit(uri)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return public_uri(uri)
 
 
 def interpolate_items(items: list[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:

@@ -17,7 +17,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.keys import IMAGES_DIR, sample_key
+from schemas.keys import (
+    CARD_FILE,
+    CONTACT_SHEET_FILE,
+    GALLERY_FILE,
+    HISTOGRAM_FILE,
+    IMAGES_DIR,
+    LEASE_FILE,
+    RESULTS_DIR,
+    SAMPLE_KEY,
+    STATS_FILE,
+    SUCCESS_FILE,
+    sample_key,
+)
+from schemas.records import from_json, from_mapping
+from schemas.results import SCORE_BINS
 from schemas.summary import Counts
 
 FORMAT_FILES = "files"  # one PNG per image under images/ (small runs, browsing)
@@ -31,6 +45,11 @@ DATA_DIR = "data"  # webdataset tars / parquet data files
 IMAGES_METADATA = "metadata.parquet"  # files format: the metadata of a part's PNGs, beside them
 DATASET_FILE = "_dataset.json"  # the output's pinned settings
 DEFAULT_SHARD_ROWS = 1_000
+# The names an output's top level holds, all written by the job; nothing else in an output is the job's.
+OUTPUT_FILES = (
+    DATASET_FILE, SUCCESS_FILE, LEASE_FILE, CARD_FILE, STATS_FILE, GALLERY_FILE, CONTACT_SHEET_FILE, HISTOGRAM_FILE
+)  # fmt: skip
+OUTPUT_FOLDERS = (SHARDS_DIR, RESULTS_DIR, DATA_DIR, IMAGES_DIR)
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -49,8 +68,21 @@ def shard_name(relpath: str, start: int, stop: int) -> str:
 
 
 RETRY_SEPARATOR = ".retry-"
-# What `part_name` makes of a `shard_name`: tells an output's part folders from anything else in images/.
-PART_NAME = re.compile(r"[A-Za-z0-9_-]+-[0-9a-f]{8}-[0-9]{10}-[0-9]{10}(\.retry-[0-9]+)?")
+# What `shard_name` makes, and `part_name` of it: tells an output's own files from anything else under its folders.
+SHARD_NAME = re.compile(r"[A-Za-z0-9_-]+-[0-9a-f]{8}-[0-9]{10}-[0-9]{10}")
+PART_NAME = re.compile(SHARD_NAME.pattern + r"(\.retry-[0-9]+)?")
+
+
+_OWN_KEYS = re.compile(
+    rf"{SHARDS_DIR}/{SHARD_NAME.pattern}\.json|{RESULTS_DIR}/{PART_NAME.pattern}\.parquet"
+    rf"|{DATA_DIR}/{PART_NAME.pattern}\.(tar|parquet)"
+    rf"|{IMAGES_DIR}/{PART_NAME.pattern}/({SAMPLE_KEY.pattern}\.png|{re.escape(IMAGES_METADATA)})"
+)
+
+
+def is_own_key(key: str) -> bool:
+    """Whether ``key`` (relative to an output) is a name the job writes there: what a clean-up may delete."""
+    return key in OUTPUT_FILES or _OWN_KEYS.fullmatch(key) is not None
 
 
 def part_name(shard: str, attempt: int) -> str:
@@ -102,33 +134,53 @@ def image_key(part: str, row_id: str, image_index: int) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class Fingerprint:
-    """What identifies a manifest file's content without reading its rows.
+    """What identifies a manifest file's content without reading its rows (except, once, a local file's bytes).
 
     ``size`` and ``footer`` (a digest of the Parquet footer, which holds every column chunk's offset,
-    size and statistics) decide; the store's ``etag`` or ``mtime`` is recorded for people, not
-    compared, so a copy or a ``touch`` of an unchanged file is not a change.
+    size and statistics) always decide. The store's own identity of the bytes decides too when both
+    fingerprints have it: ``etag`` (S3's ETag, GCS's etag), ``version`` (S3 version id, GCS
+    generation: a new upload of the same bytes is a new version, so only compared with no etag) and,
+    for local files, ``content`` (sha256 of the bytes). ``mtime`` is recorded, not compared: a copy
+    or a ``touch`` of an unchanged file is not a change.
     """
 
     size: int
     footer: str
     etag: str | None = None
     mtime: str | None = None
+    content: str | None = None
+    version: str | None = None
 
     @classmethod
-    def from_info(cls, info: dict[str, Any], *, footer: str) -> Fingerprint:
-        """From an fsspec ``info()`` mapping (s3fs ``ETag``, gcsfs ``etag``/``md5Hash``, local ``mtime``)."""
+    def from_info(cls, info: dict[str, Any], *, footer: str, content: str | None = None) -> Fingerprint:
+        """From an fsspec ``info()`` mapping (s3fs ``ETag``/``VersionId``, gcsfs ``etag``/``md5Hash``/``generation``,
+        local ``mtime``) and, for a local file, the sha256 of its bytes."""
         etag = next((str(info[k]).strip('"') for k in ("ETag", "etag", "md5Hash") if info.get(k)), None)
+        version = next((str(info[k]) for k in ("VersionId", "version_id", "generation") if info.get(k)), None)
         mtime = next((str(info[k]) for k in ("mtime", "LastModified", "updated", "last_modified") if info.get(k)), None)
-        return cls(size=int(info.get("size") or 0), footer=footer, etag=etag, mtime=None if etag else mtime)
+        return cls(
+            size=int(info.get("size") or 0), footer=footer, etag=etag, mtime=mtime, content=content, version=version
+        )
 
     def differs(self, other: Fingerprint) -> str | None:
         """How ``other``'s content differs from this fingerprint's, in words; None when it is the same."""
+        names = ["size", "footer", "etag", "content"]
+        if self.etag is None or other.etag is None:
+            names.append("version")
         changes = [
             f"{name} {getattr(self, name)} -> {getattr(other, name)}"
-            for name in ("size", "footer")
+            for name in names
             if getattr(self, name) != getattr(other, name)
+            and (name in ("size", "footer") or None not in (getattr(self, name), getattr(other, name)))
         ]
         return ", ".join(changes) or None
+
+    def same_bytes(self, other: Fingerprint) -> bool:
+        """Whether ``other`` is known to hold the same bytes: equal size and footer, and an equal etag or content
+        digest (what tells a renamed file from a new one)."""
+        if self.differs(other) is not None:
+            return False
+        return any(None not in (getattr(self, n), getattr(other, n)) for n in ("etag", "content"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +215,9 @@ class Part:
     data: str | None  # key of the data file (None: files format)
     num_images: int
     by_status: dict[str, int]
+    # Bytes published (None in markers of earlier versions): a rerun checks the listed objects against them.
+    results_size: int | None = None
+    data_size: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,15 +264,80 @@ class Marker:
 
     @classmethod
     def from_json(cls, data: bytes) -> Marker:
-        """Inverse of `to_json`; ValueError for a file that is not a marker."""
-        try:
-            raw = json.loads(data)
-            raw["fingerprint"] = Fingerprint(**raw["fingerprint"])
-            raw["parts"] = tuple(Part(**part) for part in raw["parts"])
-            raw["sample"] = tuple(raw.get("sample") or ())
-            return cls(**raw)
-        except (TypeError, KeyError, ValueError) as exc:
-            raise ValueError(f"not a shard marker: {type(exc).__name__}: {exc}") from None
+        """Inverse of `to_json`; ValueError for a file that is not a marker, or one naming objects that are not its
+        shard's (a part of another shard, a results path that is not the part's key: ``../``, absolute, a bucket)."""
+        marker = from_json(cls, data, what="not a shard marker")
+        problem = marker._problem()
+        if problem:
+            raise ValueError(f"not a shard marker: {problem}")
+        return marker
+
+    def _problem(self) -> str | None:
+        """What makes this record impossible for a marker the job wrote, or None."""
+        if not SHARD_NAME.fullmatch(self.shard) or not 0 <= self.start < self.stop:
+            return f"shard {self.shard!r} rows [{self.start}, {self.stop}) is not a shard"
+        if self.output_format not in OUTPUT_FORMATS or not self.parts:
+            return f"output format {self.output_format!r} with {len(self.parts)} part(s)"
+        results = set()
+        for part in self.parts:
+            expected = data_key(part.name, self.output_format)
+            if not PART_NAME.fullmatch(part.name) or part_shard(part.name) != self.shard:
+                return f"part {part.name!r} is not a part of shard {self.shard}"
+            if part.results != results_key(part.name) or part.data not in (expected, None):
+                return f"part {part.name} names {part.results!r} and {part.data!r}, not its own files"
+            results.add(part.results)
+        for entry in (*self.sample, *self._score_entries()):
+            if not _entry_ok(entry, results):
+                return "a gallery entry does not name one of the shard's own images"
+        for kind, keys in self.failed.items():
+            if not all(len(key) == 2 and isinstance(key[0], str) and type(key[1]) is int for key in keys):
+                return f"failed images of {kind!r} are not [id, image_index] pairs"
+        scores = self.extra.get("scores")
+        if scores is not None:
+            try:
+                summary = from_mapping(ScoreSummary, scores, what="scores")
+            except ValueError as exc:
+                return str(exc)
+            if len(summary.histogram) != SCORE_BINS:
+                return f"scores.histogram has {len(summary.histogram)} bins, not {SCORE_BINS}"
+        return None
+
+    def _score_entries(self) -> list[Any]:
+        scores = self.extra.get("scores")
+        if not isinstance(scores, dict):
+            return []
+        return [*(scores.get("lowest") or []), *(scores.get("highest") or [])]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreSummary:
+    """The shape of a marker's ``extra.scores`` (`actors.scores`): checked when a marker is read back."""
+
+    count: int
+    sum: float
+    min: float | None
+    max: float | None
+    histogram: list[int]
+    num_filtered: int
+    lowest: list[dict[str, Any]]
+    highest: list[dict[str, Any]]
+
+
+def _entry_ok(entry: Any, results: set[str]) -> bool:
+    """Whether a gallery or score entry of a marker names an image of the shard: id, index, and its part's results."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("id"), str)
+        and type(entry.get("image_index")) is int
+        and entry.get("results") in results
+        and all(isinstance(entry.get(name), (str, type(None))) for name in ("uri", "member", "status", "rank"))
+        and (entry.get("rank") is None or re.fullmatch(r"[0-9a-f]{1,64}", entry["rank"]) is not None)
+        and (entry.get("uri") is None or _RELATIVE_KEY.fullmatch(entry["uri"]) is not None)
+    )
+
+
+# An image's location as results rows and markers record it: a key inside the output (no protocol, no ``..``).
+_RELATIVE_KEY = re.compile(r"(?!/)(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_.=/-]+")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,8 +359,14 @@ class DatasetSettings:
 
     @classmethod
     def from_json(cls, data: bytes) -> DatasetSettings:
-        """Inverse of `to_json`."""
-        return cls(**json.loads(data))
+        """Inverse of `to_json`; ValueError for a file that is not the settings of an output."""
+        settings = from_json(cls, data, what="not the pinned settings of a kandinsky-render output")
+        if settings.output_format not in OUTPUT_FORMATS or settings.shard_rows < 1:
+            raise ValueError(
+                "not the pinned settings of a kandinsky-render output: "
+                f"output_format {settings.output_format!r}, shard_rows {settings.shard_rows}"
+            )
+        return settings
 
     def conflicts(self, other: DatasetSettings) -> list[str]:
         """The pinned settings ``other`` would change, in words."""

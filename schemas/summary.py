@@ -203,6 +203,8 @@ class PartSummary:
     scores: dict[str, Any]
     sample: tuple[dict[str, Any], ...] = ()
     failed: dict[str, list[list[Any]]] = field(default_factory=dict)  # `FailedImages.as_dict` of its errors
+    results_size: int | None = None  # bytes published of the results Parquet and of the data file
+    data_size: int | None = None
 
 
 def zero_seconds(*, with_images: bool = False) -> dict[str, float]:

@@ -9,6 +9,8 @@ the rows hold and start-up, which reads every marker, stays fast.
 from __future__ import annotations
 
 import re
+import unicodedata
+import urllib.parse
 
 from schemas.keys import id_digest
 
@@ -79,3 +81,53 @@ def stored_entry(entry: dict) -> dict:
     if isinstance(bounded.get("error"), str):
         bounded["error"] = one_line(bounded["error"])
     return bounded
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` as it may be recorded or shown: without user, password, query or fragment.
+
+    What is written into an output (results rows, markers, ``_dataset.json``, the card, stats.json) and
+    what is printed never carries a credential: a presigned URL's signature, ``user:token@``. Plain paths
+    (no ``://``) are kept as they are.
+    """
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def uri_secrets(uri: str | None) -> list[str]:
+    """The parts of ``uri`` that `public_uri` drops and that may be credentials (user info, query, fragment), to
+    be redacted wherever the whole URI might still be printed (error messages of the libraries that read it)."""
+    if not uri or "://" not in uri:
+        return []
+    parts = urllib.parse.urlsplit(uri)
+    found = [parts.netloc.rpartition("@")[0], parts.query, parts.fragment, parts.password or ""]
+    found += [value for _, value in urllib.parse.parse_qsl(parts.query)]
+    return sorted({text for text in found if len(text) >= 4}, key=len, reverse=True)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, *, keep_newlines: bool = False) -> str:
+    """``text`` safe to print on a terminal: control and format characters (escape sequences, carriage returns,
+    bidirectional overrides) shown as ``\\x1b``-style escapes; newlines and tabs kept when ``keep_newlines``."""
+    text = str(text)
+    keep = "\n\t" if keep_newlines else ""
+    return "".join(
+        _escaped(char) if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") and char not in keep else char
+        for char in text
+    )
+
+
+def markdown_code(text: str) -> str:
+    """``text`` as an inline Markdown code span on one line: `printable`, fenced by more backticks than it holds."""
+    text = printable(text)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"

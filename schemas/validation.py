@@ -23,7 +23,7 @@ from schemas.manifest import (
     uri_protocol,
 )
 from schemas.modes import MODES, PRIOR_KINDS, uses_column
-from schemas.text import quoted
+from schemas.text import public_uri, quoted
 
 
 def size_problems(table: pa.Table, *, scales: Mapping[str, int]) -> list[str | None]:
@@ -67,6 +67,21 @@ def embedding_problems(table: pa.Table, *, dim: int) -> list[str | None]:
     return problems
 
 
+def value_bounds(limits: Limits) -> dict[str, tuple[int | float, int | float]]:
+    """Each numeric manifest column (and job default) -> its inclusive bounds: what a row may ask for."""
+    return {
+        "num_images": (1, limits.max_num_images),
+        "height": (1, limits.max_side),
+        "width": (1, limits.max_side),
+        "num_inference_steps": (1, limits.max_num_inference_steps),
+        "prior_num_inference_steps": (1, limits.max_num_inference_steps),
+        "guidance_scale": (0.0, limits.max_guidance_scale),
+        "prior_guidance_scale": (0.0, limits.max_guidance_scale),
+        "strength": (0.0, 1.0),
+        "prior_strength": (0.0, 1.0),
+    }
+
+
 def row_problems(table: pa.Table, *, limits: Limits, manifest: str) -> list[str | None]:
     """Per row of a defaults-filled table read from ``manifest``: None when renderable, else the first problem,
     worded for users. Input URIs are checked against `schemas.manifest.input_protocols` for ``manifest``.
@@ -103,22 +118,7 @@ def row_problems(table: pa.Table, *, limits: Limits, manifest: str) -> list[str 
     neg_len = pc.fill_null(pc.utf8_length(table.column("negative_prompt")), 0).to_numpy(zero_copy_only=False)
     flag(neg_len > limits.max_prompt_chars, f"negative_prompt is longer than {limits.max_prompt_chars} characters")
 
-    int_bounds = {
-        "num_images": (1, limits.max_num_images),
-        "height": (1, limits.max_side),
-        "width": (1, limits.max_side),
-        "num_inference_steps": (1, limits.max_num_inference_steps),
-        "prior_num_inference_steps": (1, limits.max_num_inference_steps),
-    }
-    for name, (low, high) in int_bounds.items():
-        values = np_col(name)
-        flag((values < low) | (values > high), column=name, fmt=f"{{column}}={{value}} is outside [{low}, {high}]")
-    for name, (low, high) in {
-        "guidance_scale": (0.0, limits.max_guidance_scale),
-        "prior_guidance_scale": (0.0, limits.max_guidance_scale),
-        "strength": (0.0, 1.0),
-        "prior_strength": (0.0, 1.0),
-    }.items():
+    for name, (low, high) in value_bounds(limits).items():
         values = np_col(name).astype(np.float64)
         bad = ~np.isfinite(values) | (values < low) | (values > high)
         flag(bad, column=name, fmt=f"{{column}}={{value}} is outside [{low}, {high}]")
@@ -218,7 +218,7 @@ def _ref_problem(ref: dict, *, column: str, limits: Limits, protocols: tuple[str
     if not uri or not uri.strip():
         return f"{column} is an empty URI"
     if any(ord(ch) < 32 for ch in uri):
-        return f"{column} URI {quoted(uri)} contains control characters"
+        return f"{column} URI {quoted(public_uri(uri))} contains control characters"
     protocol = uri_protocol(uri)
     if protocol not in protocols:
         local = (
@@ -228,7 +228,7 @@ def _ref_problem(ref: dict, *, column: str, limits: Limits, protocols: tuple[str
             else ""
         )
         return (
-            f"{column} URI {quoted(uri)} uses protocol {quoted(protocol, 40)}, which is not allowed{local} "
+            f"{column} URI {quoted(public_uri(uri))} uses protocol {quoted(protocol, 40)}, which is not allowed{local} "
             f"(allowed: {', '.join(protocols)}; see --allowed-protocols)"
         )
     return None

@@ -22,8 +22,8 @@ from jobs.execution import chain
 from jobs.job import JobSummary, run_job
 from tests.conftest import write_manifest
 from tests.fault_timing import baseline, report
+from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of
 from tests.slow_stages import SlowRestartDecoder, starts, with_decoder
-from tests.test_robustness import assert_exactly_one_ok, config_for, raw_results, rows_of
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ import pytest
 from jobs.execution.connect import RayUnreachableError, check_reachable, host_port, resolve_address
 from tests.conftest import REPO, free_port, write_manifest
 from tests.fault_timing import baseline, report
-from tests.test_robustness import rows_of
+from tests.helpers.rows import rows_of
 
 
 @pytest.fixture()

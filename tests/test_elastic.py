@@ -22,8 +22,8 @@ import pytest
 from cluster.defaults import Machine
 from jobs.execution.capacity import await_gpus
 from tests.conftest import write_manifest
+from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of
 from tests.ray_cluster import Cluster, Job
-from tests.test_robustness import assert_exactly_one_ok, raw_results, rows_of
 
 
 def _cluster(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> tuple[Cluster, Path]:

@@ -37,7 +37,7 @@ from jobs.job import run_job
 from tests.conftest import REPO, write_manifest
 from tests.fault_timing import baseline, report
 from tests.faulty_proxy import KINDS, Faults, FaultyProxy
-from tests.test_robustness import STEPS, assert_exactly_one_ok, config_for, raw_results
+from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results
 
 
 @pytest.fixture()

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.publishing.lease import LEASE_FILE
+from schemas.keys import LEASE_FILE
 from tests.conftest import REPO, write_manifest
-from tests.test_robustness import assert_exactly_one_ok, raw_results, rows_of
+from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of
 
 ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 

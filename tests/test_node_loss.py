@@ -18,9 +18,9 @@ import pytest
 
 from tests.conftest import write_manifest
 from tests.fault_timing import baseline, report
+from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of
 from tests.ray_cluster import Cluster
 from tests.ray_cluster import Job as RenderJob
-from tests.test_robustness import assert_exactly_one_ok, raw_results, rows_of
 
 PRIOR_LABEL = "kandinsky-render/stage=prior"
 DECODER_LABEL = "kandinsky-render/stage=decoder"

@@ -21,7 +21,7 @@ from jobs.job import run_job
 from jobs.planning.manifests import list_manifest_paths
 from schemas.manifest import ManifestError
 from tests.conftest import write_manifest
-from tests.test_robustness import assert_exactly_one_ok, config_for, raw_results, rows_of
+from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of
 
 
 def test_the_output_is_never_listed_as_manifest_however_spelled(

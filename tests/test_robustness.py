@@ -21,35 +21,14 @@ from PIL import Image
 
 from actors.storage import Storage
 from jobs.job import run_job
-from jobs.publishing.lease import LEASE_FILE, Lease, LeaseHeldError
+from jobs.publishing.lease import Lease, LeaseHeldError
 from jobs.reporting.results import read_results
-from schemas.config import JobConfig
-from schemas.models import ModelPaths
+from schemas.keys import LEASE_FILE
 from schemas.results import final_results
 from schemas.shards import image_key, shard_name
-from tests.conftest import FEW_ACTORS, REPO, write_manifest
+from tests.conftest import REPO, write_manifest
+from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, rows_of
 from tests.reference import load_png, max_level_difference
-
-STEPS = {"num_inference_steps": 3, "prior_num_inference_steps": 2, "height": 64, "width": 64}
-
-
-def rows_of(n: int, prefix: str = "r", **extra: object) -> list[dict]:
-    return [{"id": f"{prefix}{i}", "prompt": f"picture number {i}", "seed": i, **STEPS, **extra} for i in range(n)]
-
-
-def config_for(manifest: str, output: str, models: str, **kwargs: object) -> JobConfig:
-    kwargs = {**FEW_ACTORS, **kwargs}
-    return JobConfig(manifest=manifest, output=output, models=ModelPaths.resolve(models_dir=models), **kwargs)
-
-
-def raw_results(output: str, **options: object) -> list[dict]:
-    return read_results(Storage(output, storage_options=options or None)).to_pylist()
-
-
-def assert_exactly_one_ok(results: list[dict], expected: set[tuple[str, int]]) -> None:
-    ok = [(r["id"], r["image_index"]) for r in results if r["status"] == "ok"]
-    assert len(ok) == len(set(ok)), "duplicate ok results"
-    assert set(ok) == expected
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -21,7 +21,7 @@ from jobs.execution.scaling import Elasticity
 from jobs.execution.timeline import Timeline
 from jobs.execution.watch import Watcher
 from jobs.planning.batches import prior_batch_size
-from jobs.planning.forecast import parse_clusters
+from jobs.planning.forecast import planned_cluster
 from jobs.planning.machine import local_machine, ray_machine
 from schemas.config import JobConfig
 from schemas.manifest import input_protocols
@@ -189,13 +189,7 @@ def planned_machine(config: JobConfig, machine: Machine) -> Machine:
     cluster's node groups allow when Ray knows them (`ray_machine`). ValueError for a bad or second value."""
     if not config.plan_for:
         return machine
-    if len(config.plan_for) > 1:
-        raise ValueError(
-            f"--plan-for: a run plans for one cluster, got {len(config.plan_for)} (--dry-run takes several)"
-        )
-    from jobs.planning.calibration import load_calibration
-
-    (cluster,) = parse_clusters(config.plan_for, profiles=load_calibration())
+    cluster = planned_cluster(config)
     return dataclasses.replace(
         machine,
         planned_gpus=float(cluster.num_gpus),

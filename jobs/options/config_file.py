@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,23 +18,85 @@ from schemas.text import first_line
 CONFIG_FLAG = option_at(RunOptions, "config").flag
 
 
+# What a config file may be: a small mapping of options. These bounds make a hostile file (an alias bomb, 20,000
+# nested brackets, a huge file) a clear error instead of a hang or a crash.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIASES = 16
+MAX_DEPTH = 32
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a budget of aliases and nesting, duplicate keys refused, and only ``true`` and
+    ``false`` read as booleans (YAML 1.2: ``off``, ``on``, ``yes`` and ``no`` are the words they are)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_ALIASES} aliases", self.peek_event().start_mark
+                )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: construct_mapping refuses it itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {str(key)[:80]!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """The mapping held by a YAML/JSON file (local path or fsspec URI); ValueError when it is not one.
 
-    Errors never quote the file's lines: a line may hold a credential (a storage option, a SAS token)
-    that nothing could redact yet, since the file did not parse.
+    Loaded with `ConfigLoader` from at most `MAX_CONFIG_BYTES`. Errors never quote the file's lines: a
+    line may hold a credential (a storage option, a SAS token) that nothing could redact yet, since the
+    file did not parse.
     """
-    from fsspec.core import url_to_fs
-
     from actors.retry import retry
+    from actors.storage import open_fs
 
     try:
-        fs, local = url_to_fs(path)
-        data = yaml.safe_load(retry(lambda: fs.cat_file(local), what=f"read {path}").decode("utf-8"))
+        fs, local = open_fs(path)
+        raw = retry(lambda: fs.cat_file(local, start=0, end=MAX_CONFIG_BYTES + 1), what=f"read {path}")
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"{CONFIG_FLAG} {path}: larger than {MAX_CONFIG_BYTES} bytes; a config file is small")
+        data = yaml.load(raw.decode("utf-8"), Loader=ConfigLoader)  # noqa: S506 - a safe loader, bounded
     except FileNotFoundError:
         raise ValueError(f"{CONFIG_FLAG} {path}: no such file") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{CONFIG_FLAG} {path}: not valid YAML{_where(exc)}") from None
+    except RecursionError:
+        raise ValueError(f"{CONFIG_FLAG} {path}: nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{CONFIG_FLAG} {path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import shutil
 import textwrap
@@ -102,6 +103,17 @@ class Option:
     def help_text(self) -> str:
         """The --help text: what it does, then its default."""
         return self.help if self.default_text is None else f"{self.help} (default: {self.default_text})"
+
+
+def finite_float(text: str) -> float:
+    """A float option from the command line: finite (``nan`` and ``inf`` are refused, as in config files)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -202,7 +214,7 @@ def _leaf(
         default=default,
         default_text=default_text,
         help=_format(meta["help"], context, where=where),
-        parse=meta.get("parse") or {tuple: comma_list}.get(kind, kind),
+        parse=meta.get("parse") or {tuple: comma_list, float: finite_float}.get(kind, kind),
         choices=choices,
         metavar=meta.get("metavar"),
         group=group,
@@ -380,10 +392,14 @@ def _number(kind: type, value: Any, *, where: str) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{where}: expected a number, got {value!r}")
     word = "an integer" if kind is int else "a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
     try:
         converted = kind(value)
     except ValueError:
         raise ValueError(f"{where}: expected {word}, got {value!r}") from None
+    if kind is float and not math.isfinite(converted):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
     if kind is int and isinstance(value, float) and value != converted:
         raise ValueError(f"{where}: expected an integer, got {value!r}")
     return converted

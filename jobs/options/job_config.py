@@ -126,8 +126,8 @@ def instantiate(
     try:
         return cls(**kwargs)
     except ValueError as exc:
-        field_name = str(exc).split(" ", 1)[0]
+        field_path = tuple(str(exc).split(" ", 1)[0].split("."))
         for option in options:
-            if option.root is root and option.path == (*path, field_name):
+            if option.root is root and option.path == (*path, *field_path):
                 raise ValueError(f"{option.flag}: {exc}") from None
         raise

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 from jobs.options.storage import ENV_VAR as STORAGE_ENV_VAR
 from schemas.models import HUB_MODELS
+from schemas.numbers import DAY_S, check_range
 
 PROGRESS_MODES = ("auto", "live", "log", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
 
@@ -119,4 +121,10 @@ class RunOptions:
         default="text",
         metadata={"choices": LOG_FORMATS, "help": "json: one JSON object per line", "group": "watching"},
     )
-    log_level: str = field(default="INFO", metadata={"help": "driver log level", "group": "watching"})
+    log_level: str = field(
+        default="INFO",
+        metadata={"choices": LOG_LEVELS, "parse": str.upper, "help": "driver log level", "group": "watching"},
+    )
+
+    def __post_init__(self) -> None:
+        check_range("progress_every", self.progress_every, low=1.0, high=DAY_S)

@@ -139,11 +139,11 @@ def check_options(uris: Iterable[str], options: Mapping[str, Any]) -> None:
 
     Raises ValueError naming the URI, the option names and the library's complaint (never a value).
     """
-    from fsspec.core import url_to_fs
+    from actors.storage import open_fs
 
     for uri in dict.fromkeys(uris):
         try:
-            fs, _ = url_to_fs(uri, **options)
+            fs, _ = open_fs(uri, dict(options))
             if protocol_of(uri) in _S3:
                 fs.connect()
         except Exception as exc:  # noqa: BLE001 - no request was made: whatever failed is the configuration

@@ -123,12 +123,11 @@ def _folder_problem(folder: str, *, index_file: str) -> str | None:
 
 
 def _remote_problem(uri: str, *, index_file: str, storage_options: dict[str, Any]) -> str | None:
-    from fsspec.core import url_to_fs
-
     from actors.retry import retry
+    from actors.storage import open_fs
 
     try:
-        fs, root = url_to_fs(uri, **storage_options)
+        fs, root = open_fs(uri, storage_options)
         index = retry(lambda: fs.cat_file(posixpath.join(root, index_file)), what=f"read {uri}/{index_file}")
         names = retry(lambda: fs.ls(root, detail=False), what=f"list {uri}")
     except FileNotFoundError:

@@ -28,12 +28,11 @@ def _read_config(path: str, name: str, options_json: str) -> dict[str, Any]:
 
         with open(hf_hub_download(path, name), encoding="utf-8") as handle:
             return json.load(handle)
-    from fsspec.core import url_to_fs
-
     from actors.retry import retry
+    from actors.storage import open_fs
 
     uri = posixpath.join(path.rstrip("/"), name)
-    fs, local = url_to_fs(uri, **json.loads(options_json))
+    fs, local = open_fs(uri, json.loads(options_json))
     return json.loads(retry(lambda: fs.cat_file(local), what=f"read {uri}"))
 
 

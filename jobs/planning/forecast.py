@@ -10,20 +10,18 @@ sweep of the alternatives finds (`cluster.layout.sweep`).
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from cluster.defaults import Machine
 from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, co_located, dedicated, sweep
 from cluster.resources import StageGroup, resolve_groups
-from jobs.planning.calibration import Profile, profiles_with_estimates, stage_costs
+from jobs.planning.calibration import Profile, load_calibration, profiles_with_estimates, stage_costs
 from jobs.planning.machine import machine_defaults
-from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig
+from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, PLAN_FOR, JobConfig
 from schemas.resources import UNBOUNDED
 from schemas.stages import DECODER
 
-_CLUSTER = re.compile(r"^\s*(\d+)\s*[xX*]\s*([A-Za-z0-9_.-]+)\s*$")
 CPUS_PER_GPU = 8  # what a hypothetical cluster is assumed to have beside each GPU (1 per actor is enough)
 
 
@@ -46,7 +44,7 @@ def parse_clusters(values: tuple[str, ...], *, profiles: list[Profile]) -> list[
     gpu_types = sorted(name for name in known if not name.startswith("cpu"))  # CPU profiles are not GPU types
     clusters = []
     for value in values:
-        match = _CLUSTER.match(value)
+        match = PLAN_FOR.fullmatch(value)
         if match is None:
             raise ValueError(
                 f"--plan-for {value!r}: expected NxTYPE, e.g. 8xH100 (known types: {', '.join(gpu_types)})"
@@ -58,6 +56,16 @@ def parse_clusters(values: tuple[str, ...], *, profiles: list[Profile]) -> list[
             raise ValueError(f"--plan-for {value!r}: a cluster needs at least 1 GPU")
         clusters.append(Hypothetical(num_gpus=count, accelerator_type=kind))
     return clusters
+
+
+def planned_cluster(config: JobConfig) -> Hypothetical:
+    """A run's ``--plan-for``: exactly one cluster of a known GPU type; ValueError otherwise."""
+    if len(config.plan_for) != 1:
+        raise ValueError(
+            f"--plan-for: a run plans for one cluster, got {len(config.plan_for)} (--dry-run takes several)"
+        )
+    (cluster,) = parse_clusters(config.plan_for, profiles=load_calibration())
+    return cluster
 
 
 def forecast(

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from actors.retry import Retrier
+from actors.storage import open_fs
 from jobs.planning.manifests import ManifestFile
 from schemas.manifest import ManifestError
 from schemas.modes import MODE_NAMES
@@ -41,7 +41,8 @@ def files_digest(files: Sequence[ManifestFile]) -> str:
     digest = hashlib.sha256()
     for file in sorted(files, key=lambda f: f.relpath):
         fp = file.fingerprint
-        digest.update(f"{file.relpath}\x00{fp.size}\x00{fp.footer}\n".encode("utf-8", "surrogatepass"))
+        identity = "\x00".join(str(part) for part in (file.relpath, fp.size, fp.footer, fp.etag, fp.content))
+        digest.update(f"{identity}\n".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
 
 
@@ -51,7 +52,7 @@ def _batches(file: ManifestFile, storage_options: dict[str, Any] | None) -> Iter
     A transient storage error mid-file reopens it at the row group it was reading and skips the rows
     already given out, so every row is yielded exactly once (a repeated row would look like a duplicate id).
     """
-    fs, path = url_to_fs(file.uri, **(storage_options or {}))
+    fs, path = open_fs(file.uri, storage_options)
     columns = [name for name in ("id", "mode") if name in file.schema.names]
     starts = np.concatenate([[0], np.cumsum(file.row_group_rows, dtype=np.int64)])
     retrier = Retrier(f"read the ids of {file.uri}")

@@ -180,10 +180,10 @@ def _weight_bytes(path: str, value_bytes: int, storage_options: dict[str, Any]) 
     """One decoder checkpoint's weights in memory: its files' size when a folder or on object storage, the real
     model's when a hub id (or when they cannot be listed)."""
     if is_remote(path):
-        from fsspec.core import url_to_fs
+        from actors.storage import open_fs
 
         try:
-            fs, root = url_to_fs(path, **storage_options)
+            fs, root = open_fs(path, storage_options)
             found = fs.find(root, detail=True)
         except Exception:  # noqa: BLE001 - only an estimate: assume the real model
             return REAL_DECODER_PARAMETERS * value_bytes

@@ -7,6 +7,7 @@ spent, and is not a storage outage, is a `ManifestError`.
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import hashlib
 import logging
@@ -18,11 +19,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from actors.retry import StorageUnavailableError, retry
+from actors.storage import open_fs
 from schemas.manifest import ManifestError, check_schema, normalize
 from schemas.shards import Fingerprint, Shard
+from schemas.text import public_uri
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def _is_local(fs: Any) -> bool:
 def manifest_location(uri: str, *, storage_options: dict[str, Any] | None = None) -> str:
     """``uri`` in the form an output pins it: absolute (a local path no longer depends on the working
     directory), with the store's protocol, without a trailing ``/``. It names the same files as ``uri``."""
-    fs, path = url_to_fs(uri, **(storage_options or {}))
+    fs, path = open_fs(uri, storage_options)
     path = path.rstrip("/") or path
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 
@@ -67,7 +69,7 @@ def list_manifest_paths(
     left out: a job never reads its own results as manifest. Raises `ManifestError` when nothing is
     found, or when ``uri`` itself lies inside ``exclude``.
     """
-    fs, path = url_to_fs(uri, **(storage_options or {}))
+    fs, path = open_fs(uri, storage_options)
     path = path.rstrip("/") or path
     inside = _under(exclude, fs=fs, storage_options=storage_options) if exclude else None
     if inside is not None and inside(_literal_prefix(path)):
@@ -84,7 +86,15 @@ def list_manifest_paths(
     if not found:
         raise ManifestError(f"{uri}: no Parquet files found")
     local = _is_local(fs)
-    return sorted((p if local else fs.unstrip_protocol(p), posixpath.relpath(p, root) if root else p) for p in found)
+    return sorted((p if local else fs.unstrip_protocol(p), _relpath(p, root)) for p in found)
+
+
+def _relpath(path: str, root: str) -> str:
+    """A manifest file's path under its root, as shard names use it: for a URL without its query or fragment (a
+    presigned URL's signature must not name folders in the output)."""
+    if "://" in path:
+        path, root = public_uri(path), public_uri(root) if root else root
+    return posixpath.relpath(path, root) if root else path
 
 
 def _literal_prefix(path: str) -> str:
@@ -101,7 +111,7 @@ def _under(prefix: str, *, fs: Any, storage_options: dict[str, Any] | None) -> C
     Local paths are compared resolved (absolute, symlinks followed); object store paths as fsspec
     strips them (``bucket/key``, no protocol, no trailing slash).
     """
-    prefix_fs, prefix_path = url_to_fs(prefix, **(storage_options or {}))
+    prefix_fs, prefix_path = open_fs(prefix, storage_options)
     if not _protocols(prefix_fs) & _protocols(fs):
         return None
     if _is_local(fs):
@@ -116,6 +126,30 @@ def _under(prefix: str, *, fs: Any, storage_options: dict[str, Any] | None) -> C
 
     top = normal(prefix_path)
     return lambda path: (found := normal(path)) == top or found.startswith(top.rstrip("/") + "/")
+
+
+def inside_test(prefix: str, *, storage_options: dict[str, Any] | None = None) -> Callable[[str], bool]:
+    """A test of whether a URI (or plain path) lies at or under ``prefix``, however either is spelled: built once,
+    then cheap per URI (no request; a local path is resolved once per call)."""
+    fs, _ = open_fs(prefix, storage_options)
+    under = _under(prefix, fs=fs, storage_options=storage_options)
+    protocols = _protocols(fs) | ({"file", "local", ""} if _is_local(fs) else set())
+
+    def inside(uri: str) -> bool:
+        protocol = uri.partition("://")[0].split("::")[0].lower() if "://" in uri else ""
+        return under is not None and protocol in protocols and under(fs._strip_protocol(uri))
+
+    return inside
+
+
+def overlap(first: str, second: str, *, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether two locations (any fsspec URIs or paths, however spelled) are the same or one lies inside the other."""
+    for a, b in ((first, second), (second, first)):
+        fs, path = open_fs(a, storage_options)
+        inside = _under(b, fs=fs, storage_options=storage_options)
+        if inside is not None and inside(path.rstrip("/") or path):
+            return True
+    return False
 
 
 def _find_files(fs: Any, path: str, uri: str) -> tuple[str, list[str]]:
@@ -151,7 +185,7 @@ def _reading(what: str, operation: Any, error: str) -> Any:
 
 def read_footer(uri: str, relpath: str, *, storage_options: dict[str, Any] | None = None) -> ManifestFile:
     """The footer of one manifest file; `ManifestError` for a file that is not Parquet or has a bad schema."""
-    fs, path = url_to_fs(uri, **(storage_options or {}))
+    fs, path = open_fs(uri, storage_options)
 
     def read() -> tuple[dict[str, Any], Any, pa.Schema, str]:
         info = fs.info(path)
@@ -169,6 +203,31 @@ def read_footer(uri: str, relpath: str, *, storage_options: dict[str, Any] | Non
         row_group_rows=tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)),
         schema=schema,
     )
+
+
+def with_content_digest(file: ManifestFile, *, known: Fingerprint | None) -> ManifestFile:
+    """``file`` with the sha256 of its bytes in its fingerprint when it is local (object stores give an etag).
+
+    The digest an output recorded for the file is reused while its size and mtime are unchanged; otherwise the
+    file is read whole once (a new file, or a ``touch``: an edit that keeps size and footer shows here).
+    """
+    fs, path = open_fs(file.uri)
+    if not _is_local(fs):
+        return file
+    fingerprint = file.fingerprint
+    if known is not None and known.content and (known.size, known.mtime) == (fingerprint.size, fingerprint.mtime):
+        content = known.content
+    else:
+
+        def read() -> str:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+
+        content = _reading(f"read {file.uri}", read, f"{file.uri}: cannot read")
+    return dataclasses.replace(file, fingerprint=dataclasses.replace(fingerprint, content=content))
 
 
 def _footer_digest(handle: Any, size: int) -> str:
@@ -222,7 +281,7 @@ def cut_shards(file: ManifestFile, *, shard_rows: int) -> list[Shard]:
 
 def read_whole(file: ManifestFile, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Every row of a (small) manifest file, normalized; for in-memory plans (`jobs.planning.plan.manifest_work`)."""
-    fs, path = url_to_fs(file.uri, **(storage_options or {}))
+    fs, path = open_fs(file.uri, storage_options)
     table = _reading(
         f"read {file.uri}", lambda: pq.read_table(path, filesystem=fs), f"{file.uri}: cannot read as Parquet"
     )
@@ -247,7 +306,7 @@ class ShardReader:
     def _open(self, file: str) -> pq.ParquetFile:
         if file != self._file:
             self.close()
-            fs, path = url_to_fs(file, **self.storage_options)
+            fs, path = open_fs(file, self.storage_options)
             self._handle = fs.open(path, "rb")
             self._parquet = pq.ParquetFile(self._handle)
             rows = [self._parquet.metadata.row_group(i).num_rows for i in range(self._parquet.num_row_groups)]

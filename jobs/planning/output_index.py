@@ -1,7 +1,8 @@
 """What an output holds, read at start-up in O(shards): its pinned settings and its shards' completion markers.
 
-A run lists ``shards/`` and reads every marker (concurrently, a few hundred bytes to a few KB each);
-it never reads results rows to know what is done. `OutputIndex` keeps only what the run needs of
+A run lists ``shards/`` and reads every marker (concurrently, a few hundred bytes to a few KB each),
+and lists ``results/`` and the data files to check that every part a marker names is there as it was
+published; it never reads results rows to know what is done. `OutputIndex` keeps only what the run needs of
 them: which shards are done, their errors and fingerprints, the output's totals and the gallery's
 sample. Markers are written by `jobs.publishing.markers`, last for each shard.
 """
@@ -16,39 +17,106 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from actors.scores import empty_scores, merge_scores
-from actors.storage import Storage
-from schemas.results import RESULTS_SCHEMA, final_results
-from schemas.shards import DATASET_FILE, SHARDS_DIR, DatasetSettings, Fingerprint, Marker, Part, part_attempt
+from actors.storage import Storage, UnsafeObjectError
+from schemas.keys import IMAGES_DIR, RESULTS_DIR
+from schemas.results import RESULTS_SCHEMA, STATUS_ERROR, STATUS_OK, final_results
+from schemas.shards import (
+    DATA_DIR,
+    DATASET_FILE,
+    FORMAT_FILES,
+    SHARDS_DIR,
+    DatasetSettings,
+    Fingerprint,
+    Marker,
+    Part,
+    is_own_key,
+    marker_key,
+    part_attempt,
+)
 from schemas.summary import Counts, FailedImages, ImageKey, Sample
+from schemas.text import one_line
 
 logger = logging.getLogger(__name__)
 
 READ_CHUNK = 256  # markers fetched per concurrent request batch
 
 
+# Caps on what is read of the output's own JSON files: a marker or the settings are a few KB.
+MAX_MARKER_BYTES = 16 << 20
+
+
 def read_settings(storage: Storage) -> DatasetSettings | None:
-    """The output's pinned settings, or None for a new output."""
+    """The output's pinned settings, or None for a new output (or a path that is a file, not a folder).
+
+    ValueError naming the file when ``_dataset.json`` is there but is not the settings the job writes.
+    """
     try:
-        return DatasetSettings.from_json(storage.read_bytes(DATASET_FILE))
-    except FileNotFoundError:
+        data = storage.read_bytes(DATASET_FILE, max_bytes=MAX_MARKER_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except UnsafeObjectError as exc:
+        raise ValueError(f"{exc}; move it away, or choose another --output") from None
+    try:
+        return DatasetSettings.from_json(data)
+    except ValueError as exc:
+        raise ValueError(
+            f"{storage.uri(DATASET_FILE)}: {exc}. This is not a kandinsky-render output as written: restore the "
+            "file, or choose another --output"
+        ) from None
 
 
 def read_markers(storage: Storage) -> Iterator[Marker]:
-    """Every marker under ``shards/`` (listed once, fetched ``READ_CHUNK`` at a time); unreadable ones are skipped."""
-    keys = storage.list_files(SHARDS_DIR, suffix=".json")
+    """Every marker under ``shards/`` (listed once, fetched ``READ_CHUNK`` at a time); unreadable ones are skipped
+    with a warning (their shard is rendered again), files that are not the job's markers ignored."""
+    keys = [key for key in storage.list_files(SHARDS_DIR, suffix=".json") if is_own_key(key)]
     for start in range(0, len(keys), READ_CHUNK):
         chunk = keys[start : start + READ_CHUNK]
-        for key, data in zip(chunk, storage.read_many(chunk)):
+        for key, data in zip(chunk, storage.read_many(chunk, max_bytes=MAX_MARKER_BYTES)):
             if data is None:
                 continue
             try:
-                yield Marker.from_json(data)
+                if isinstance(data, Exception):
+                    raise data
+                marker = Marker.from_json(data)
+                if marker_key(marker.shard) != key:
+                    raise ValueError(f"it is the marker of shard {marker.shard}")
+                yield marker
             except ValueError as exc:
-                logger.warning("ignoring %s: %s (its shard will be rendered again)", key, exc)
+                logger.warning("ignoring %s: %s (its shard will be rendered again)", key, one_line(str(exc), 300))
+
+
+@dataclass(frozen=True)
+class PartListing:
+    """The sizes of the objects an output's parts may name (results, data files), from one listing per folder."""
+
+    sizes: dict[str, int]
+
+    @classmethod
+    def read(cls, storage: Storage, output_format: str | None) -> PartListing:
+        """List ``results/`` and the format's data files (``data/``, or for the files format each part's
+        ``metadata.parquet`` under ``images/``): O(parts / 1000) requests on object stores."""
+        folders = [RESULTS_DIR, IMAGES_DIR if output_format == FORMAT_FILES else DATA_DIR]
+        sizes: dict[str, int] = {}
+        for folder in folders:
+            sizes.update(storage.list_sizes(folder))
+        return cls(sizes)
+
+    def problem(self, marker: Marker) -> str | None:
+        """Why ``marker``'s parts are not all there as published (a file missing, or of another size), or None."""
+        for part in marker.parts:
+            for key, size in ((part.results, part.results_size), (part.data, part.data_size)):
+                if key is None:
+                    continue
+                found = self.sizes.get(key)
+                if found is None:
+                    return f"{key} is missing"
+                if size is not None and found != size:
+                    return f"{key} holds {found} bytes, {size} were published"
+        return None
 
 
 @dataclass(kw_only=True)
@@ -59,7 +127,8 @@ class OutputIndex:
     ``--retry-errors`` needs), so memory stays small per shard.
     """
 
-    done: set[str] = field(default_factory=set)  # names of the shards with a marker
+    done: set[str] = field(default_factory=set)  # names of the shards with a marker whose parts are all there
+    damaged: dict[str, str] = field(default_factory=dict)  # shards whose marker names a missing part -> what is wrong
     files: dict[str, Fingerprint] = field(default_factory=dict)  # relative path -> fingerprint when rendered
     with_errors: dict[str, Marker] = field(default_factory=dict)  # shards with error images (without samples)
     totals: Counts = field(default_factory=Counts)
@@ -68,11 +137,20 @@ class OutputIndex:
     failed: FailedImages = field(default_factory=FailedImages)  # the first failed images per error kind
 
     @classmethod
-    def read(cls, storage: Storage) -> OutputIndex:
-        """From every marker of the output."""
+    def read(cls, storage: Storage, *, output_format: str | None = None) -> OutputIndex:
+        """From every marker of the output, each checked against the listing of the files it names: a shard whose
+        part is missing (or has another size than published) is `damaged`, not done (``output_format``: the
+        output's, to know where its data files are; None: markers are not checked)."""
         index = cls()
+        listing = None if output_format is None else PartListing.read(storage, output_format)
         for marker in read_markers(storage):
-            index.record(marker)
+            problem = None if listing is None else listing.problem(marker)
+            if problem is None:
+                index.record(marker)
+            else:
+                index.damaged[marker.shard] = problem
+        for shard, problem in list(index.damaged.items())[:5]:
+            logger.warning("shard %s is damaged (%s): it will be rendered again", shard, problem)
         return index
 
     def record(
@@ -100,6 +178,13 @@ class OutputIndex:
             self.with_errors[marker.shard] = Marker(**{**marker.__dict__, "sample": ()})
 
 
+STATUSES = (STATUS_OK, STATUS_ERROR)
+
+
+class UnreadablePartError(ValueError):
+    """A part's results file is there but is not what the job wrote (another schema, not Parquet)."""
+
+
 SHARD_RESULT_COLUMNS = ("id", "image_index", "status", "error", "error_kind", "mode", "attempt", "finished_at")
 
 
@@ -109,19 +194,39 @@ def read_part_results(storage: Storage, part: Part, *, columns: Sequence[str] | 
     Columns a part written by an earlier version lacks read as nulls (``attempt``: the part's own).
     """
     names = list(columns or RESULTS_SCHEMA.names)
-    parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(part.results)))
-    present = [name for name in names if name in parquet.schema_arrow.names]
-    table = parquet.read(columns=present)
+    data = storage.read_bytes(part.results)
+    try:
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        present = [name for name in names if name in parquet.schema_arrow.names]
+        table = parquet.read(columns=present)
+        columns = {name: table.column(name).cast(RESULTS_SCHEMA.field(name).type) for name in present}
+        problem = _results_problem(parquet.schema_arrow.names, columns)
+    except (pa.ArrowException, OSError) as exc:
+        problem = f"{type(exc).__name__}: {one_line(str(exc), 200)}"
+    if problem:
+        raise UnreadablePartError(f"{storage.uri(part.results)}: not the results the job wrote ({problem})")
     arrays = []
     for name in names:
         field = RESULTS_SCHEMA.field(name)
         if name in present:
-            arrays.append(table.column(name).cast(field.type))
+            arrays.append(columns[name])
         elif name == "attempt":
             arrays.append(pa.array(np.full(table.num_rows, part_attempt(part.name)), field.type))
         else:
             arrays.append(pa.nulls(table.num_rows, field.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema([RESULTS_SCHEMA.field(name) for name in names]))
+
+
+def _results_problem(names: list[str], columns: dict[str, pa.ChunkedArray]) -> str | None:
+    """What makes a results table impossible for the job to have written: no id, index or status, or a status that
+    is neither ok nor error."""
+    missing = [name for name in ("id", "image_index", "status") if name not in names]
+    if missing:
+        return f"no column {', '.join(missing)}"
+    status = columns.get("status")
+    if status is not None and pc.all(pc.is_in(status, value_set=pa.array(STATUSES))).as_py() not in (True, None):
+        return "a status other than ok or error"
+    return None
 
 
 def read_shard_results(storage: Storage, marker: Marker, *, columns: Sequence[str] = SHARD_RESULT_COLUMNS) -> pa.Table:

@@ -32,7 +32,9 @@ from jobs.planning.manifests import (
     manifest_location,
     read_footer,
     read_whole,
+    with_content_digest,
 )
+from jobs.planning.output_guard import check_output
 from jobs.planning.output_index import OutputIndex, read_settings, read_shard_results
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan, scan_pending
 from jobs.planning.work import PLAN_CHUNK_ROWS, Work, shard_work
@@ -40,8 +42,18 @@ from schemas.config import JobConfig
 from schemas.manifest import ManifestError
 from schemas.modes import MODES
 from schemas.results import REFUSAL_KINDS, STATUS_OK
-from schemas.shards import DEFAULT_SHARD_ROWS, FORMAT_FILES, DatasetSettings, Marker, Shard, marker_key, part_name
+from schemas.shards import (
+    DEFAULT_SHARD_ROWS,
+    FORMAT_FILES,
+    DatasetSettings,
+    Fingerprint,
+    Marker,
+    Shard,
+    marker_key,
+    part_name,
+)
 from schemas.summary import Counts, FailedImages, ImageKey
+from schemas.text import public_uri
 from schemas.work import WORK_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -224,12 +236,15 @@ def read_manifest_files(config: JobConfig) -> list[ManifestFile]:
     return [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
 
 
-def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> DatasetSettings:
-    """This run's output settings: the flags, else what the output pinned, else the defaults.
+def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> tuple[DatasetSettings, str]:
+    """This run's output settings (the flags, else what the output pinned, else the defaults) and the URI of the
+    manifest it reads.
 
     The manifest is pinned as `manifest_location` gives it, so the same files named from another working
-    directory, or by an absolute path, are the same manifest. Raises ValueError when a flag contradicts
-    what the output pinned (naming both), or when a new output is given no manifest.
+    directory, or by an absolute path, are the same manifest, and without user, password, query or fragment
+    (`schemas.text.public_uri`): what an output records never holds a credential. The URI read is the one
+    given, credentials included, else the pinned one. Raises ValueError when a flag contradicts what the
+    output pinned (naming both), or when a new output is given no manifest.
     """
     options = config.storage_options
     if pinned is not None:
@@ -239,9 +254,9 @@ def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> DatasetSe
             f"{option_at(JobConfig, 'manifest').flag} is required: {config.output} has no manifest pinned yet "
             "(a later run on an output may leave it out)"
         )
-    manifest = pinned.manifest if config.manifest is None and pinned is not None else config.manifest
+    given = None if config.manifest is None else manifest_location(config.manifest, storage_options=options)
     wanted = DatasetSettings(
-        manifest=manifest_location(manifest, storage_options=options),
+        manifest=public_uri(given) if given is not None else pinned.manifest,
         output_format=config.output_format or (pinned.output_format if pinned else FORMAT_FILES),
         shard_rows=config.shard_rows or (pinned.shard_rows if pinned else DEFAULT_SHARD_ROWS),
         ids_checked=pinned.ids_checked if pinned else "",
@@ -253,27 +268,24 @@ def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> DatasetSe
                 f"{config.output} was rendered with other settings ({'; '.join(conflicts)}): its shards would be cut "
                 "or written differently. Use the output's settings, another --output, or --overwrite to start over."
             )
-    return wanted
+    return wanted, given or wanted.manifest
 
 
 def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     """The plan of a run as the output is now (with ``--overwrite``: as if it were empty).
 
-    The plan's config names the manifest the run reads (the pinned one when ``config`` gives none).
+    Checks first that the run may write into the output (`jobs.planning.output_guard`). The plan's config
+    names the manifest the run reads (the pinned one when ``config`` gives none).
     """
-    pinned = None if config.overwrite else read_settings(storage)
-    settings = run_settings(config, pinned)
-    config = dataclasses.replace(config, manifest=settings.manifest)
+    existing = read_settings(storage)
+    check_output(storage, config, pinned=existing)
+    pinned = None if config.overwrite else existing
+    settings, manifest = run_settings(config, pinned)
+    config = dataclasses.replace(config, manifest=manifest)
     files = read_manifest_files(config)
-    index = OutputIndex() if config.overwrite else OutputIndex.read(storage)
-    for file in files:
-        rendered = index.files.get(file.relpath)
-        change = rendered.differs(file.fingerprint) if rendered is not None else None
-        if change:
-            raise ManifestError(
-                f"{file.uri}: changed since its shards were rendered ({change}); rendered manifest files are "
-                "immutable: add new rows as a new file, or start over with --overwrite"
-            )
+    index = OutputIndex() if config.overwrite else OutputIndex.read(storage, output_format=settings.output_format)
+    files = [with_content_digest(file, known=index.files.get(file.relpath)) for file in files]
+    check_unchanged(files, index)
     digest = files_digest(files)
     ids_checked = digest != settings.ids_checked
     if ids_checked:
@@ -298,6 +310,32 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
         num_shards=num_shards,
         ids_checked=ids_checked,
     )
+
+
+def check_unchanged(files: list[ManifestFile], index: OutputIndex) -> None:
+    """`ManifestError` for a manifest file whose content changed since its shards were rendered, or for a file
+    that holds the very bytes of a rendered file no longer listed (a rename: its shards would be new names)."""
+    listed = {file.relpath for file in files}
+    gone: dict[tuple[int, str], list[tuple[str, Fingerprint]]] = {}
+    for relpath, fingerprint in index.files.items():
+        if relpath not in listed:
+            gone.setdefault((fingerprint.size, fingerprint.footer), []).append((relpath, fingerprint))
+    for file in files:
+        rendered = index.files.get(file.relpath)
+        change = rendered.differs(file.fingerprint) if rendered is not None else None
+        if change:
+            raise ManifestError(
+                f"{public_uri(file.uri)}: changed since its shards were rendered ({change}); rendered manifest files "
+                "are immutable: add new rows as a new file, or start over with --overwrite"
+            )
+        if rendered is None:
+            for relpath, fingerprint in gone.get((file.fingerprint.size, file.fingerprint.footer), []):
+                if fingerprint.same_bytes(file.fingerprint):
+                    raise ManifestError(
+                        f"{public_uri(file.uri)} holds the same bytes as {relpath}, which this output rendered and "
+                        f"which is no longer in the manifest: a renamed file. Rename it back to {relpath} (shards are "
+                        "named after their file), or render it into a new --output"
+                    )
 
 
 def manifest_work(config: JobConfig, *, movq_scales: Mapping[str, int] | None = None) -> Work:

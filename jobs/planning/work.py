@@ -18,11 +18,13 @@ import pyarrow.compute as pc
 
 from jobs.planning.batches import Batches, batch
 from jobs.planning.checkpoints import CheckpointScales
+from jobs.planning.manifests import inside_test
 from schemas.config import JobConfig
 from schemas.keys import MAX_SEED, default_seed
 from schemas.manifest import IMAGE_COLUMNS, IMAGE_REF, INTERPOLATE_TYPE, Limits, RenderDefaults, fill_defaults
 from schemas.modes import MODES, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE
+from schemas.text import public_uri, quoted
 from schemas.validation import embedding_problems, row_problems, size_problems
 from schemas.work import WORK_SCHEMA
 
@@ -97,6 +99,7 @@ def expand(
     limits: Limits,
     movq_scales: Mapping[str, int],
     embedding_dim: Callable[[], int] | None = None,
+    inside_output: Callable[[str], bool] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Expand manifest rows into `WORK_SCHEMA` rows, one per output image.
 
@@ -105,9 +108,13 @@ def expand(
     ``invalid_row`` for values outside the contract, ``unsupported_size`` for sizes the mode's
     decoder would change (checked with ``movq_scales``, checkpoint name -> MoVQ scale). Given
     embeddings are checked against ``embedding_dim()`` (the prior checkpoint's size, read on demand).
+    ``inside_output``: a test of whether an input URI lies inside the job's output, where a run may rewrite
+    or clean up files (such rows are refused).
     """
     filled = resolve_relative_uris(fill_defaults(table, defaults), base=file)
     problems = row_problems(filled, limits=limits, manifest=file)
+    if inside_output is not None:
+        problems = [p or q for p, q in zip(problems, _inputs_inside(filled, inside_output))]
     if embedding_dim is not None and filled.column("image_embeds").null_count < filled.num_rows:
         given = embedding_problems(filled, dim=embedding_dim())
         problems = [p or g for p, g in zip(problems, given)]
@@ -139,7 +146,7 @@ def expand(
         "prompt": rows.column("prompt"),
         "negative_prompt": negative,
         "has_negative_prompt": negative.is_valid(),
-        "manifest_file": pa.array(np.full(len(positions), file, dtype=object), pa.string()),
+        "manifest_file": pa.array(np.full(len(positions), public_uri(file), dtype=object), pa.string()),
         "error": pa.array(errors, pa.string()),
         "error_kind": pa.array(error_kinds, pa.string()),
         "image_embeds_given": rows.column("image_embeds"),
@@ -191,6 +198,30 @@ def _inputs_keys(rows: pa.Table) -> list[str]:
                 digest.update(repr(ref and (ref["uri"], ref["data"])).encode())
             keys[i] = digest.hexdigest()[:32]
     return keys
+
+
+def _inputs_inside(table: pa.Table, inside: Callable[[str], bool]) -> list[str | None]:
+    """Per row: the first input image URI that lies inside the job's output, as a problem, or None."""
+    problems: list[str | None] = [None] * table.num_rows
+
+    def check(name: str, uris: list[str | None]) -> None:
+        for i, uri in enumerate(uris):
+            if uri and problems[i] is None and inside(uri):
+                problems[i] = (
+                    f"{name} URI {quoted(public_uri(uri))} lies inside the job's output, which a run may rewrite or "
+                    "clean up; copy the input elsewhere"
+                )
+
+    for name in IMAGE_COLUMNS:
+        uris = pc.struct_field(table.column(name), "uri")
+        if uris.null_count < table.num_rows:
+            check(name, uris.to_pylist())
+    if table.column("interpolate").null_count < table.num_rows:
+        items = table.column("interpolate").to_pylist()
+        for k in range(max(len(row or ()) for row in items)):
+            uris = [((row[k]["image"] or {}).get("uri") if row and len(row) > k else None) for row in items]
+            check(f"interpolate[{k}].image", uris)
+    return problems
 
 
 def resolve_relative_uris(table: pa.Table, *, base: str) -> pa.Table:
@@ -247,6 +278,7 @@ def shard_work(
             "shard_work needs the machine's defaults chosen first (jobs.planning.machine.machine_defaults)"
         )
     works, refusals = [], []
+    inside = inside_test(config.output, storage_options=config.storage_options)
     for start in range(0, table.num_rows, PLAN_CHUNK_ROWS):
         work, refused = expand(
             table.slice(start, PLAN_CHUNK_ROWS),
@@ -256,6 +288,7 @@ def shard_work(
             limits=config.limits,
             movq_scales=movq_scales,
             embedding_dim=embedding_dim,
+            inside_output=inside,
         )
         works.append(work)
         refusals.append(refused)

@@ -19,10 +19,9 @@ from typing import Any
 
 from actors.retry import StorageUnavailableError
 from actors.storage import Storage
+from schemas.keys import LEASE_FILE
 
 logger = logging.getLogger(__name__)
-
-LEASE_FILE = "_LEASE.json"
 
 
 class LeaseHeldError(RuntimeError):

@@ -15,6 +15,7 @@ from actors.storage import Storage
 from jobs.planning.run_plan import Retried
 from schemas.shards import DATASET_FILE, DatasetSettings, Marker, Part, Shard, marker_key
 from schemas.summary import FailedImages, PartSummary, Sample
+from schemas.text import public_uri
 
 
 def write_settings(storage: Storage, settings: DatasetSettings) -> None:
@@ -36,6 +37,8 @@ def part_record(summary: PartSummary) -> Part:
         data=summary.data,
         num_images=summary.counts.num_images,
         by_status=summary.counts.as_dict()["by_status"],
+        results_size=summary.results_size,
+        data_size=summary.data_size,
     )
 
 
@@ -47,7 +50,7 @@ def new_marker(shard: Shard, summary: PartSummary, *, output_format: str) -> Mar
     """The marker of a shard whose first part ``summary`` describes."""
     return Marker(
         shard=shard.name,
-        file=shard.file,
+        file=public_uri(shard.file),
         relpath=shard.relpath,
         start=shard.start,
         stop=shard.stop,

@@ -26,6 +26,7 @@ from actors.storage import Storage
 from schemas.keys import CARD_FILE, IMAGES_DIR, RESULTS_DIR
 from schemas.results import RESULTS_SCHEMA, SAMPLE_SCHEMA
 from schemas.shards import DATA_DIR, FORMAT_FILES, FORMAT_PARQUET, FORMAT_WEBDATASET, IMAGES_METADATA, DatasetSettings
+from schemas.text import markdown_code, public_uri
 
 IMAGE = "image"  # a `datasets.Image` feature
 _DTYPES = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64", pa.bool_(): "bool"}
@@ -119,7 +120,7 @@ def card(output_format: str, embeddings: tuple[str, int] | None, *, manifest: st
 
 # Images rendered with Kandinsky 2.2 (kandinsky-render)
 
-Rendered from the manifest `{manifest}` by kandinsky-render: {where}.
+Rendered from the manifest {markdown_code(public_uri(manifest))} by kandinsky-render: {where}.
 Every image carries what its manifest row asked for (prompt, caption, inputs, seed, sizes, steps,
 guidance) and, with `--score clip`, its CLIP score. `results/` holds one row per image and rendering
 attempt (status, error, where the image is); `stats.json` and `index.html` summarise the output.

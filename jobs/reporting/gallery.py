@@ -18,14 +18,12 @@ import pyarrow.parquet as pq
 
 from actors.storage import Storage
 from jobs.reporting.scores import HISTOGRAM_FILE, extremes_html, histogram_png
-from schemas.keys import IMAGES_DIR, STATS_FILE
+from schemas.keys import CONTACT_SHEET_FILE, GALLERY_FILE, IMAGES_DIR, STATS_FILE
 from schemas.results import STATUS_OK, THUMBNAIL_SIDE
 from schemas.text import MAX_QUOTED_CHARS, clip, stored_entry, stored_id
 
 logger = logging.getLogger(__name__)
 
-GALLERY_FILE = "index.html"
-CONTACT_SHEET_FILE = "contact_sheet.png"
 CELL = THUMBNAIL_SIDE  # contact sheet cell side, pixels: one preview each
 COLUMNS = 8
 _CONTENT_TYPE_KWARG = {"s3": "ContentType", "s3a": "ContentType", "gs": "content_type", "gcs": "content_type"}

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from jobs.options.run_options import LOG_FORMATS
+from schemas.text import printable
 
 logger = logging.getLogger("kandinsky_render.progress")
 
@@ -241,8 +242,16 @@ def configure_logging(*, level: str, log_format: str) -> None:
     if root.handlers:  # like logging.basicConfig: an embedding program (or pytest) already decided
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else PrintableFormatter(TEXT_LOG_FORMAT))
     root.addHandler(handler)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Text log lines with control characters (terminal escape sequences a row id or a file may hold) escaped;
+    the line breaks of tracebacks stay."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
 
 
 # Moments of stats.json's timeline the summary shows (seconds since the job started).

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from actors.storage import Storage
 from schemas.keys import RESULTS_DIR
 from schemas.results import RESULTS_SCHEMA
+from schemas.shards import is_own_key
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def read_results(storage: Storage, *, columns: list[str] | None = None, absolute
 
     ``absolute_uris``: ``uri`` joined to the output's location, ready to open (``False``: relative, as stored).
     """
-    keys = storage.list_files(RESULTS_DIR, suffix=".parquet")
+    keys = [key for key in storage.list_files(RESULTS_DIR, suffix=".parquet") if is_own_key(key)]
     names = columns or RESULTS_SCHEMA.names
     schema = pa.schema([RESULTS_SCHEMA.field(name) for name in names])
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(key)), columns=names).cast(schema) for key in keys]

@@ -7,10 +7,9 @@ import html
 import io
 from typing import Any
 
+from schemas.keys import HISTOGRAM_FILE
 from schemas.results import SCORE_BIN_WIDTH, SCORE_BINS
 from schemas.text import stored_entry
-
-HISTOGRAM_FILE = "score_histogram.png"
 
 
 def score_stats(scores: dict[str, Any], *, min_clip_score: float | None) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from schemas.keys import STATS_FILE
 from schemas.results import REFUSAL_KINDS, STATUS_OK
 from schemas.stages import PRIOR, SCORE, TIMED_STAGES
 from schemas.summary import Counts, FailedImages, PartSummary
+from schemas.text import public_uri
 from schemas.versions import installed_versions, version_mismatches
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def run_stats(
     return {
         "run_id": run_id,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "manifest_files": [file.uri for file in plan.files],
+        "manifest_files": [public_uri(file.uri) for file in plan.files],
         "num_rows": plan.num_rows,
         "num_shards": plan.num_shards,
         "num_shards_rendered": len(parts),

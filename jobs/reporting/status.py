@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from actors.storage import Storage
-from jobs.planning.output_index import OutputIndex, read_markers, read_settings, read_shard_results
-from jobs.publishing.lease import LEASE_FILE
+from actors.storage import Storage, UnsafeObjectError
+from jobs.options.flags import plain
+from jobs.planning.manifests import overlap
+from jobs.planning.output_index import OutputIndex, PartListing, read_markers, read_settings, read_shard_results
 from jobs.reporting.results import with_absolute_uris
-from schemas.keys import SUCCESS_FILE
+from schemas.keys import LEASE_FILE, SUCCESS_FILE
 from schemas.results import RESULTS_SCHEMA, STATUS_OK, with_pandas_metadata
+from schemas.shards import DatasetSettings
+from schemas.text import exception_text, printable, public_uri, uri_secrets
+
+logger = logging.getLogger(__name__)
 
 # Columns of the final view: everything but the previews (read the results files for those).
 VIEW_COLUMNS = tuple(name for name in RESULTS_SCHEMA.names if name not in ("thumbnail", "input_thumbnails"))
@@ -39,6 +47,7 @@ def iter_final(
     columns: Sequence[str] = VIEW_COLUMNS,
     errors_only: bool = False,
     absolute_uris: bool = True,
+    on_damaged: Callable[[str, str], None] | None = None,
 ) -> Iterator[pa.Table]:
     """The final view of ``output``, one table per shard (in shard order; rows sorted by id, image_index).
 
@@ -46,13 +55,26 @@ def iter_final(
 
     ``errors_only``: only images whose final status is an error (shards without errors are not read).
     ``absolute_uris``: ``uri`` joined to the output's location (``False``: relative, as stored).
+    A shard whose marker names a part that is missing or unreadable is left out: ``on_damaged(shard, problem)``
+    is told (default: a warning logged); the next run renders it again.
     """
     storage = Storage(output, storage_options=storage_options)
+    settings = _settings(storage)
+    listing = PartListing.read(storage, settings.output_format)
+    report = on_damaged or (lambda shard, problem: logger.warning("shard %s left out: %s", shard, problem))
     wanted = list(dict.fromkeys(["id", "image_index", "status", "attempt", "finished_at", *columns]))
     for marker in read_markers(storage):  # listed in key order, fetched a chunk at a time
         if errors_only and not marker.num_errors:
             continue
-        table = read_shard_results(storage, marker, columns=wanted)
+        problem = listing.problem(marker)
+        if problem is None:
+            try:
+                table = read_shard_results(storage, marker, columns=wanted)
+            except (ValueError, FileNotFoundError) as exc:
+                problem = str(exc)
+        if problem is not None:
+            report(marker.shard, f"{problem}; the next run renders it again")
+            continue
         if errors_only:
             table = table.filter(pc.not_equal(table.column("status"), STATUS_OK))
         table = table.select(list(columns))
@@ -69,42 +91,72 @@ def read_final(output: str, **options: Any) -> pa.Table:
 
 def summary(output: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the output holds, from its markers (O(shards)): counts by status, mode and error kind, the first
-    failed images per kind, shards, pinned settings, the last finished run and whether a run holds it now."""
+    failed images per kind, shards (and damaged ones: a part missing), pinned settings, the last finished run and
+    whether a run holds it now."""
     storage = Storage(output, storage_options=storage_options)
-    settings = read_settings(storage)
-    if settings is None:
-        raise ValueError(f"{output}: not a kandinsky-render output (no _dataset.json)")
-    index = OutputIndex.read(storage)
+    settings = _settings(storage)
+    index = OutputIndex.read(storage, output_format=settings.output_format)
     return {
-        "output": output,
+        "output": public_uri(output),
         "settings": {"manifest": settings.manifest, "output_format": settings.output_format},
         "num_shards_done": len(index.done),
         "num_shards_with_errors": len(index.with_errors),
+        "num_shards_damaged": len(index.damaged),
+        "damaged": dict(sorted(index.damaged.items())[:FIRST_DAMAGED]),
         **index.totals.as_dict(),
         "first_failed": index.failed.as_dict(),
-        "last_success": _text(storage, SUCCESS_FILE),
+        "last_success": _last_success(storage),
         "lease": _lease(storage),
     }
 
 
+FIRST_DAMAGED = 5  # damaged shards named by `summary`
+_RUN_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
+_SMALL_FILE = 64 << 10  # the most read of _SUCCESS or _LEASE.json
+
+
+def _settings(storage: Storage) -> DatasetSettings:
+    settings = read_settings(storage)
+    if settings is None:
+        raise ValueError(f"{public_uri(storage.url)}: not a kandinsky-render output (no _dataset.json)")
+    return settings
+
+
+def _last_success(storage: Storage) -> str | None:
+    """The run id ``_SUCCESS`` names, or what is wrong with it."""
+    text = _small_text(storage, SUCCESS_FILE)
+    if text is None or _RUN_ID.fullmatch(text):
+        return text
+    return f"<{SUCCESS_FILE} does not hold a run id>"
+
+
 def _lease(storage: Storage) -> dict[str, Any] | None:
-    """Who holds the output now (its lease record), or None."""
-    text = _text(storage, LEASE_FILE)
+    """Who holds the output now (its lease record: run id, host, pid, times), or None."""
+    text = _small_text(storage, LEASE_FILE)
+    if text is None:
+        return None
     try:
-        return None if text is None else json.loads(text)
-    except ValueError:
-        return {"unreadable": text}
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        return {"run_id": f"<{LEASE_FILE} is not a lease record>"}
+    kept = {key: record.get(key) for key in ("run_id", "host", "pid", "renewed_at", "expires_at")}
+    return {key: value for key, value in kept.items() if isinstance(value, (str, int, float)) and len(str(value)) < 300}
 
 
-def _text(storage: Storage, key: str) -> str | None:
+def _small_text(storage: Storage, key: str) -> str | None:
+    """A small file of the output as text (read as a regular file inside the output, at most 64 KiB), or None."""
     try:
-        return storage.read_bytes(key).decode("utf-8", "replace").strip()
+        return storage.read_bytes(key, max_bytes=_SMALL_FILE).decode("utf-8", "replace").strip()
     except FileNotFoundError:
         return None
+    except UnsafeObjectError as exc:
+        return f"<unreadable: {exc}>"
 
 
 def summary_text(found: dict[str, Any]) -> str:
-    """`summary` for people."""
+    """`summary` for people (safe for a terminal: `schemas.text.printable`)."""
     by_status = found["by_status"]
     lines = [
         f"output {found['output']} ({found['settings']['output_format']}), manifest {found['settings']['manifest']}",
@@ -116,53 +168,68 @@ def summary_text(found: dict[str, Any]) -> str:
     for kind, count in found["errors_by_kind"].items():
         named = ", ".join(f"{row_id} #{index}" for row_id, index in found["first_failed"].get(kind, []))
         lines.append(f"  error {kind}: {count}" + (f" (first: {named})" if named else ""))
+    if found["num_shards_damaged"]:
+        lines.append(
+            f"damaged shards: {found['num_shards_damaged']} (a part is missing; their images are not counted above "
+            "and the next run renders them again)"
+        )
+        lines += [f"  {shard}: {problem}" for shard, problem in found["damaged"].items()]
     lines.append(f"last finished run: {found['last_success'] or '-'}")
     lease = found["lease"]
     lines.append(f"held now by run {lease.get('run_id', '?')}" if lease else "no run holds the output now")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: exit 2 when OUTPUT is not an output."""
-    parser = argparse.ArgumentParser(prog="kandinsky-render status", description=__doc__.split("\n")[0])
+    """The command line: exit 2 when OUTPUT is not an output (or PATH is refused), 1 when storage fails."""
+    parser = argparse.ArgumentParser(prog="kandinsky-render status", description=plain(__doc__.split("\n")[0]))
     parser.add_argument("output", help="output prefix of a render job (fsspec URI)")
     parser.add_argument("--errors", action="store_true", help="list the images whose final status is an error")
     parser.add_argument("--all", action="store_true", help="list every image's final row")
     parser.add_argument("--json", action="store_true", help="JSON: one object (summary) or one per line (lists)")
-    parser.add_argument("--parquet", metavar="PATH", help="write the final view (or with --errors, its errors) to PATH")
+    parser.add_argument(
+        "--parquet", metavar="PATH", help="write the final view (or with --errors, its errors) to PATH, replaced whole"
+    )
     args = parser.parse_args(argv)
     from jobs.options.storage import redact, resolve, secret_env_values
 
-    options = resolve(environ=os.environ, uris=[args.output, args.parquet or args.output])
+    secrets = secret_env_values(os.environ) + [s for uri in (args.output, args.parquet) for s in uri_secrets(uri)]
     try:
+        options = resolve(environ=os.environ, uris=[args.output, args.parquet or args.output])
         if args.parquet:
             count = write_final(args.output, args.parquet, storage_options=options, errors_only=args.errors)
-            print(f"{count} row(s) of the final view -> {args.parquet}")
+            print(printable(f"{count} row(s) of the final view -> {public_uri(args.parquet)}"))
         elif args.errors or args.all:
             _list(args.output, storage_options=options, errors_only=args.errors, as_json=args.json)
         else:
             found = summary(args.output, storage_options=options)
             print(json.dumps(found, indent=2, sort_keys=True) if args.json else summary_text(found))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {redact(str(exc), secret_env_values(os.environ))}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `status --all | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"error: {printable(redact(str(exc), secrets))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the store kept failing, a full disk: not a traceback
+        print(f"error: {printable(redact(exception_text(exc), secrets))}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _list(output: str, *, storage_options: dict[str, Any], errors_only: bool, as_json: bool) -> None:
-    if read_settings(Storage(output, storage_options=storage_options)) is None:
-        raise ValueError(f"{output}: not a kandinsky-render output (no _dataset.json)")
     shown = 0
-    for table in iter_final(output, storage_options=storage_options, errors_only=errors_only):
+
+    def damaged(shard: str, problem: str) -> None:
+        print(printable(f"shard {shard} left out: {problem}"), file=sys.stderr)
+
+    for table in iter_final(output, storage_options=storage_options, errors_only=errors_only, on_damaged=damaged):
         for row in table.to_pylist():
             if as_json:
                 print(json.dumps(row, default=str, sort_keys=True))
             else:
                 where = row["uri"] if row["status"] == STATUS_OK else f"{row['error_kind']}: {row['error']}"
                 member = f" [{row['member']}]" if row["member"] and row["status"] == STATUS_OK else ""
-                print(f"{row['id']}\t{row['image_index']}\t{row['status']}\t{where}{member}")
+                fields = (row["id"], row["image_index"], row["status"], f"{where}{member}")
+                print("\t".join(printable(field) for field in fields))
             shown += 1
     if not as_json:
         print(f"{shown} image(s)", file=sys.stderr)
@@ -171,14 +238,21 @@ def _list(output: str, *, storage_options: dict[str, Any], errors_only: bool, as
 def write_final(
     output: str, path: str, *, storage_options: dict[str, Any] | None = None, errors_only: bool = False
 ) -> int:
-    """Write the final view to the Parquet file ``path`` (any fsspec URI), shard by shard; rows written."""
-    from fsspec.core import url_to_fs
-
+    """Write the final view to the Parquet file ``path`` (any fsspec URI, outside the output), shard by shard, and
+    return the rows written. The file is built aside and replaces ``path`` whole: a failure leaves it as it was."""
+    if overlap(output, path, storage_options=storage_options):
+        raise ValueError(
+            f"--parquet {public_uri(path)} lies inside the output {public_uri(output)}: write it elsewhere"
+        )
     schema = with_pandas_metadata(pa.schema([RESULTS_SCHEMA.field(name) for name in VIEW_COLUMNS]))
-    fs, target = url_to_fs(path, **(storage_options or {}))
+    folder, _, name = path.rstrip("/").rpartition("/")
+    target = Storage(folder or ".", storage_options=storage_options)
     count = 0
-    with fs.open(target, "wb") as handle, pq.ParquetWriter(handle, schema, compression="zstd") as writer:
-        for table in iter_final(output, storage_options=storage_options, errors_only=errors_only):
-            writer.write_table(table.cast(schema))
-            count += table.num_rows
+    with tempfile.TemporaryDirectory(prefix="kandinsky-status-") as scratch:
+        local = os.path.join(scratch, "final.parquet")
+        with pq.ParquetWriter(local, schema, compression="zstd") as writer:
+            for table in iter_final(output, storage_options=storage_options, errors_only=errors_only):
+                writer.write_table(table.cast(schema))
+                count += table.num_rows
+        target.put_file(name, local)
     return count

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: rows and configs, renders, environments, clusters, asserts."""
