@@ -159,6 +159,11 @@ class PromptEncodings:
         self.hits = 0
         self.misses = 0
 
+    def clear(self) -> None:
+        """Forget every encoding (and the counts)."""
+        self._entries.clear()
+        self.hits = self.misses = 0
+
     def one(self, text: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(text_embeds, hidden_states, mask) of ``text``, each with a leading batch dimension of 1."""
         key = (text, str(device))

@@ -152,6 +152,11 @@ class ModelStage(Stage):
         """On CUDA, stages that `overlaps_host_work` hold the device lock only around `run`."""
         return self.overlaps_host_work and self.device.type == "cuda"
 
+    def reset(self) -> None:
+        """`Stage.reset`, and the input images cached by URI are forgotten (the objects may have changed since)."""
+        super().reset()
+        self.loader.clear()
+
     def release_memory(self) -> None:
         """Collect what the failed call left (reference cycles) and give CUDA's cached blocks back."""
         gc.collect()

@@ -63,6 +63,10 @@ class ImageLoader:
         self.max_bytes = max_bytes
         self._cache: collections.OrderedDict[str, Image.Image] = collections.OrderedDict()
 
+    def clear(self) -> None:
+        """Forget the cached images."""
+        self._cache.clear()
+
     def fetch(self, ref: dict, *, column: str) -> bytes:
         """Raw bytes of ``ref``, at most ``max_bytes`` of them.
 

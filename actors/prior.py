@@ -55,6 +55,13 @@ class PriorActor(ModelStage):
         self.emb2emb.set_progress_bar_config(disable=True)
         self.embedding_dim = int(self.pipe.prior.config.embedding_dim)
 
+    def reset(self) -> None:
+        """`ModelStage.reset`, and the prompt encodings cached on the pipeline are forgotten."""
+        super().reset()
+        encodings = vars(self.pipe).get("_encode_prompt")
+        if hasattr(encodings, "clear"):
+            encodings.clear()
+
     def wants(self, row: dict[str, Any]) -> bool:
         """Rows that give their own embeddings skip the prior (`finish` passes them on)."""
         return row["prior_kind"] != PRIOR_EMBEDS.name

@@ -136,6 +136,7 @@ class Stage:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
+        self._configured_batch_size = max_batch_size  # what `reset` goes back to after out-of-memory splits
         self.worker = worker
         self._device_lock = threading.Lock()
         # Two calls' inputs load one call at a time (the loaders' caches are not thread-safe); either
@@ -189,6 +190,11 @@ class Stage:
 
     def release_memory(self) -> None:
         """After an out-of-memory failure, once the failed call is gone: give cached memory back (GPU stages)."""
+
+    def reset(self) -> None:
+        """Forget what earlier calls left (an actor kept for the next run must render as a fresh one): the batch
+        size goes back to the configured one; stages with caches empty them."""
+        self.max_batch_size = self._configured_batch_size
 
     def recover(self, exc: BaseException) -> bool:
         """Whether the stage changed itself so that the call that raised ``exc`` may now succeed

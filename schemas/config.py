@@ -122,6 +122,15 @@ class JobConfig:
             "group": "execution",
         },
     )
+    keep_actors: bool = field(
+        default=False,
+        metadata={
+            "help": "when the run ends, keep its model actors (models loaded) for the next run in this process that "
+            "asks for the same stages, models and resources: for notebooks and schedulers that call run_job again "
+            "on one Ray; a kept actor is reset before use and renders as a fresh one would",
+            "group": "execution",
+        },
+    )
     idle_timeout_s: float = field(
         default=60.0,
         metadata={

@@ -96,7 +96,9 @@ def test_failed_write_is_an_error_row_and_others_render(tmp_path: Path, tiny_mod
     blocked = image_key(shard_name("m.parquet", 0, len(rows)), "r2", 0)  # where r2's PNG must go
     (output / blocked).mkdir(parents=True)  # a folder in the way
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    run_job(config_for(manifest, str(output), tiny_models, runner="local"))
+    run_job(
+        config_for(manifest, str(output), tiny_models, runner="local", allow_other_files=True)
+    )  # the folder in the way
     results = {r["id"]: r for r in final_results(read_results(Storage(str(output)))).to_pylist()}
     assert results["r2"]["status"] == "error" and results["r2"]["error_kind"] == "write_failed"
     others = [r for key, r in results.items() if key != "r2"]

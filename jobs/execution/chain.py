@@ -259,6 +259,7 @@ def execute(
             deadlines=deadlines,
             elasticity=Elasticity(idle_timeout_s=config.idle_timeout_s, autoscaler=machine.autoscaler),
             max_tasks=config.shards_in_flight,
+            keep_actors=config.keep_actors,
             **(runner_options or {}),
         )
     finally:

@@ -10,6 +10,7 @@ often takes minutes. Only an actor whose constructor raised (``actor_init_failed
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -38,6 +39,7 @@ class Actor:
     reprobe_at: float | None = None
     open_tasks: int = 0  # sink actors: tasks assigned to this actor and not yet published
     node_id: str = ""  # the node it last answered from
+    kept: bool = False  # an actor an earlier run in this process kept (`--keep-actors`): reset before use
     draining: bool = False  # its node is being drained: no new calls
     answered: bool = False  # it has been up once
     ready_since: float = 0.0
@@ -82,16 +84,27 @@ class Pool:
         return self.specs[0].resources
 
     def start(self) -> list[Actor]:
-        """Start the group's actors; the new actors (not yet probed)."""
+        """Start the group's actors (taking kept ones first, `claim_kept`); the new actors (not yet probed)."""
         self.started = True
-        self.actors = [start_actor(self) for _ in range(self.resources.num_actors)]
+        self.actors = [claim_kept(self) or start_actor(self) for _ in range(self.resources.num_actors)]
         return list(self.actors)
 
     def add_actor(self) -> Actor:
         """Start one more actor (an elastic pool growing); it is not yet probed."""
-        actor = start_actor(self)
+        actor = claim_kept(self) or start_actor(self)
         self.actors.append(actor)
         return actor
+
+    @property
+    def key(self) -> str:
+        """What makes two pools' actors interchangeable: the stages they build (class, arguments, batch size) and
+        what each actor reserves. A kept actor serves a later pool only when the keys are equal."""
+        specs = [
+            (spec.name, f"{spec.cls.__module__}.{spec.cls.__qualname__}", getattr(spec, "batch_size", None))
+            + (json.dumps(spec.kwargs, sort_keys=True, default=repr),)
+            for spec in self.specs
+        ]
+        return json.dumps([self.name, specs, repr(self.resources)], default=repr)
 
     def free_actor(self, calls_per_actor: int) -> Actor | None:
         """The least busy ready actor (not on a draining node) with room for another call, or None."""
@@ -102,6 +115,61 @@ class Pool:
     def any_ready(self) -> bool:
         """Whether some actor is up."""
         return any(actor.ready for actor in self.actors)
+
+
+# Model actors a run left alive for the next run in this process (``--keep-actors``), by the Ray job they belong
+# to and their pool's key. Sinks are never kept: their arguments name the run.
+_KEPT: dict[tuple[str, str], list[Any]] = {}
+
+
+def _ray_job() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_job_id()
+
+
+def claim_kept(pool: Pool) -> Actor | None:
+    """A kept actor interchangeable with ``pool``'s (`Pool.key`), taken out of the keep, or None."""
+    if pool.sink:
+        return None
+    handles = _KEPT.get((_ray_job(), pool.key))
+    if not handles:
+        return None
+    logger.info("stage %s: reusing an actor kept by an earlier run (reset before its first call)", pool.label)
+    return Actor(pool=pool.index, handle=handles.pop(), kept=True)
+
+
+def keep_actors(pools: list[Pool]) -> int:
+    """Keep the ready actors of the model ``pools`` for a later run in this process; kill the rest. The number kept."""
+    import ray
+
+    job, kept = _ray_job(), 0
+    for pool in pools:
+        for actor in pool.actors:
+            if pool.sink or not actor.ready or actor.draining or actor.inflight:
+                ray.kill(actor.handle)
+                continue
+            _KEPT.setdefault((job, pool.key), []).append(actor.handle)
+            kept += 1
+    return kept
+
+
+def release_kept(*, keep: set[str] = frozenset()) -> int:
+    """Kill the kept actors whose pool key is not in ``keep`` (they hold GPUs and CPUs a run may need), and
+    forget those of other Ray jobs (gone with them); the number killed."""
+    import ray
+
+    killed = 0
+    job = _ray_job() if ray.is_initialized() else None
+    for (owner, key), handles in list(_KEPT.items()):
+        if owner == job and key in keep:
+            continue
+        del _KEPT[(owner, key)]
+        if owner == job:
+            for handle in handles:
+                ray.kill(handle)
+                killed += 1
+    return killed
 
 
 def start_actor(pool: Pool) -> Actor:

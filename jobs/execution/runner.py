@@ -29,7 +29,7 @@ import pyarrow as pa
 from jobs.execution.capacity import ask_for_capacity, withdraw_capacity
 from jobs.execution.completions import Completions
 from jobs.execution.contract import Event, SinkSpec, StageSpec, Task, check_split
-from jobs.execution.pool import Actor, Pool
+from jobs.execution.pool import Actor, Pool, keep_actors, release_kept
 from jobs.execution.scaling import ActorPools, Elasticity
 from jobs.execution.watchdog import Deadlines, Watchdog
 from jobs.execution.work_state import Call, Group, Item, RunnerMeasures, TaskState
@@ -58,8 +58,10 @@ class RayStagePipeline(Completions):
         measures: RunnerMeasures | None = None,
         stall_warning_s: float = 120.0,
         elasticity: Elasticity | None = None,
+        keep_actors: bool = False,
     ) -> None:
         check_split(stages, split_after)
+        self.keep_actors = keep_actors
         self.stages, self.sink = list(stages), sink
         self.specs = [*self.stages, sink]
         self.split_after = split_after
@@ -78,6 +80,8 @@ class RayStagePipeline(Completions):
             self.specs, deadlines or Deadlines(), started=self.measures.started, stall_warning_s=stall_warning_s
         )
         self.calls: dict[Any, Call] = {}
+        # Actors kept by an earlier run that this run's pools cannot use would hold GPUs and CPUs it needs.
+        release_kept(keep={pool.key for pool in self.pools.model_pools})
         self._start_pool(self.pools.sink)  # model stages start with the first task that has batches
         self.ready: list[collections.deque[Any]] = [collections.deque() for _ in self.stages]
         self.reopen: collections.deque[TaskState] = collections.deque()  # tasks to (re)start, first
@@ -147,12 +151,18 @@ class RayStagePipeline(Completions):
         ray.kill(actor.handle, no_restart=True)
 
     def close(self) -> None:
-        """Kill every actor (frees their GPUs for the next job in this Ray session) and withdraw capacity asks."""
+        """Kill every actor (frees their GPUs for the next job in this Ray session), or with ``keep_actors`` keep the
+        model actors that are up for the next run in this process (`jobs.execution.pool.keep_actors`), and withdraw
+        capacity asks."""
         import ray
 
-        for pool in self.pools:
-            for actor in pool.actors:
-                ray.kill(actor.handle)
+        if self.keep_actors:
+            kept = keep_actors(list(self.pools))
+            logger.info("kept %d model actor(s) for the next run in this process", kept)
+        else:
+            for pool in self.pools:
+                for actor in pool.actors:
+                    ray.kill(actor.handle)
         self.measures.pools = self.pools.stats()
         withdraw_capacity(self.pools)
         self.calls = {}
@@ -293,7 +303,7 @@ class RayStagePipeline(Completions):
 
     def _probe(self, actor: Actor) -> None:
         actor.reprobe_at = None
-        self.calls[actor.handle.ready.remote()] = Call(actor=actor, kind="probe")
+        self.calls[actor.handle.ready.remote(reset=actor.kept)] = Call(actor=actor, kind="probe")
 
 
 def run_ray(

@@ -23,11 +23,17 @@ class _Worker:
 
     name = ""
 
-    def ready(self) -> dict[str, str]:
-        """Answers once the constructor (model loading) is done: what it runs and on which node."""
+    def ready(self, *, reset: bool = False) -> dict[str, str]:
+        """Answers once the constructor (model loading) is done: what it runs and on which node. ``reset``: an
+        actor kept from an earlier run first forgets what that run left (`reset`)."""
         import ray
 
+        if reset:
+            self.reset()
         return {"name": self.name, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def reset(self) -> None:
+        """Make the actor as a fresh one would be (its models stay loaded)."""
 
     def pid(self) -> int:
         """The actor's process id (tests, diagnostics)."""
@@ -42,6 +48,11 @@ class StageWorker(_Worker):
         tag = ray_worker_tag()
         self.name = specs[0].group_name
         self.instances = {spec.name: spec.build(worker=tag) for spec in specs}
+
+    def reset(self) -> None:
+        """Each stage as just built: caches emptied, batch sizes as configured (`actors.stage.Stage.reset`)."""
+        for instance in self.instances.values():
+            instance.reset()
 
     def run(self, stage: str, payload: bytes, sizes: list[int]) -> tuple[Any, ...]:
         """Map one payload through ``stage``; one payload per entry of ``sizes``, then a small info dict."""
