@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from jobs.dev.tiny_models import build_tiny_models
-from schemas.resources import StageResources
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.places import free_port
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +20,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_models(str(root))
     return str(root)
-
-
-# One CLIP and one decoder actor unless a test asks for more: each model actor imports torch and diffusers
-# (~7 CPU-seconds here), and 2 cores start 4 of them in ~15 s. Tests of the defaults and of actor counts
-# build their configs themselves.
-FEW_ACTORS = {"prior": StageResources(num_actors=1), "decoder": StageResources(num_actors=1)}
 
 
 @pytest.fixture(scope="session")
@@ -45,12 +33,6 @@ def ray_two_gpus() -> Iterator[None]:
     ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -79,13 +61,3 @@ def s3_options(s3_endpoint: str) -> dict:
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir(bucket)
     return {"bucket": bucket, "options": options}
-
-
-def write_manifest(path: Path | str, rows: list[dict], schema: pa.Schema | None = None) -> str:
-    """Write ``rows`` as a Parquet manifest; returns the path as a string."""
-    if schema is None:  # from_pylist would take the columns of the first row only
-        names = list(dict.fromkeys(name for row in rows for name in row))
-        rows = [{name: row.get(name) for name in names} for row in rows]
-    table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, str(path))
-    return str(path)

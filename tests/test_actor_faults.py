@@ -20,10 +20,9 @@ import pytest
 
 from jobs.execution import chain
 from jobs.job import JobSummary, run_job
-from tests.conftest import write_manifest
-from tests.fault_timing import baseline, report
-from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of
-from tests.slow_stages import SlowRestartDecoder, starts, with_decoder
+from tests.helpers.fault_timing import baseline, report
+from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
+from tests.helpers.slow_stages import SlowRestartDecoder, starts, with_decoder
 
 
 @pytest.fixture()
@@ -203,10 +202,18 @@ def test_a_sink_that_was_only_unreachable_drops_what_it_held_of_a_task_run_again
     from jobs.execution.local import run_local
     from jobs.execution.runner import RayStagePipeline, run_ray
     from jobs.planning.batches import batch
-    from tests.test_runners import MIXED, _ids, _rows, _sink, _stages, _tasks, work_rows
+    from tests.helpers.runners import (
+        MIXED,
+        task_ids,
+        task_rows,
+        toy_sink,
+        toy_stages,
+        toy_tasks,
+        work_rows,
+    )
 
     batches = list(batch(work_rows(MIXED), batch_size=2))
-    expected = _ids(_rows(list(run_local(_stages(), _sink(), _tasks(batches, max_rows=4)))))
+    expected = task_ids(task_rows(list(run_local(toy_stages(), toy_sink(), toy_tasks(batches, max_rows=4)))))
     complete, lost = RayStagePipeline._complete, []
 
     def answer_lost_once(self: RayStagePipeline, ref: Any) -> Iterator[Any]:
@@ -222,5 +229,5 @@ def test_a_sink_that_was_only_unreachable_drops_what_it_held_of_a_task_run_again
         yield from complete(self, ref)
 
     monkeypatch.setattr(RayStagePipeline, "_complete", answer_lost_once)
-    got = _ids(_rows(list(run_ray(_stages(), _sink(), _tasks(batches, max_rows=4)))))
+    got = task_ids(task_rows(list(run_ray(toy_stages(), toy_sink(), toy_tasks(batches, max_rows=4)))))
     assert lost and got == expected  # no row twice

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cluster.resources import StageLayout, StagePlacement, fit_cpus
 from jobs.dev.real_size import build_real_size_modules
-from tests.conftest import REPO
+from tests.helpers.cli import clean_env, command
+from tests.helpers.places import REPO
 
 
 def last_json(text: str) -> dict:
@@ -20,11 +20,10 @@ def last_json(text: str) -> dict:
 
 def benchmark_process(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     """``kandinsky-render benchmark ARGS`` in a fresh process, as a user runs it (tests import no benchmark code)."""
-    import os
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = clean_env()
     return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "benchmark", *args],
+        [*command(), "benchmark", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -229,9 +228,7 @@ def test_cpu_reservations_fit_the_cluster() -> None:
 
 
 def test_help_lists_every_mode() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "benchmark", "--help"], cwd=REPO, capture_output=True, text=True
-    )
+    proc = subprocess.run([*command(), "benchmark", "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0
     for mode in (
         "cpu",

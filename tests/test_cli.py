@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +17,14 @@ from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.results import final_results
-from tests.conftest import REPO, write_manifest
-from tests.reference import assert_close_to_reference, load_png, text2img_reference
+from tests.helpers.cli import clean_env
+from tests.helpers.places import REPO
+from tests.helpers.reference import assert_close_to_reference, load_png, text2img_reference
+from tests.helpers.rows import write_manifest
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env = clean_env()
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout

@@ -21,10 +21,9 @@ from jobs.options.config_file import parse_args
 from jobs.options.flags import build_parser
 from jobs.options.job_config import config_from_args
 from schemas.config import JobConfig
-from tests.conftest import REPO
+from tests.helpers.cluster_files import CLUSTER, KUBE_FILES, by_kind, load_docs, ray_job_spec
+from tests.helpers.places import REPO
 
-CLUSTER = REPO / "cluster"
-KUBE_FILES = ("rayjob.yaml", "raycronjob.yaml")
 # Files a `ray job submit --working-dir .` entrypoint reads by relative path.
 CHECKOUT_FILES = {"cluster/job.yaml": (CLUSTER / "job.yaml").read_text()}
 # Fields of KubeRay's RayJobSpec (ray-operator/apis/ray/v1/rayjob_types.go) and RayCronJobSpec
@@ -51,25 +50,6 @@ class NodeGroup:
     gpus_per_node: float
     min_nodes: int
     max_nodes: int
-
-
-def load_docs(name: str) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all((CLUSTER / name).read_text()) if doc]
-
-
-def by_kind(docs: list[dict], kind: str) -> dict:
-    (found,) = [doc for doc in docs if doc.get("kind") == kind]
-    return found
-
-
-def ray_job_spec(docs: list[dict]) -> dict:
-    """The RayJob spec of a RayJob or of a RayCronJob's template."""
-    for doc in docs:
-        if doc.get("kind") == "RayJob":
-            return doc["spec"]
-        if doc.get("kind") == "RayCronJob":
-            return doc["spec"]["jobTemplate"]
-    raise AssertionError("no RayJob or RayCronJob")
 
 
 def kube_groups(spec: dict) -> list[NodeGroup]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +16,9 @@ from jobs.options.flags import OPTIONS, build_parser, option_at, option_table
 from jobs.options.job_config import config_from_args, instantiate, values_of
 from schemas.config import JobConfig
 from schemas.resources import StageResources
-from tests.conftest import REPO, write_manifest
+from tests.helpers.cli import clean_env, command
+from tests.helpers.places import REPO
+from tests.helpers.rows import write_manifest
 
 
 def parse(argv: list[str], environ: dict[str, str] | None = None):
@@ -251,8 +251,8 @@ def test_cli_config_file_with_dry_run(tmp_path: Path, tiny_models: str) -> None:
     # The models a run needs must be there for a dry run too (it checks them, tests/test_model_sources.py).
     values = {"manifest": manifest, "output": str(tmp_path / "out"), "batch-size": 2, "models": tiny_models}
     config_file = write_yaml(tmp_path / "job.yaml", values)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run = [sys.executable, "-m", "jobs.render", "--config", config_file, "--dry-run"]
+    env = clean_env()
+    run = [*command(module="jobs.render"), "--config", config_file, "--dry-run"]
     first = subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr
     # on CPU a prior call serves two decoder batches: 5 rows -> decoder batches 2+2+1, prior calls 4+1
@@ -262,7 +262,7 @@ def test_cli_config_file_with_dry_run(tmp_path: Path, tiny_models: str) -> None:
 
     bad = write_yaml(tmp_path / "bad.yaml", {"batch-sise": 2})
     refused = subprocess.run(
-        [sys.executable, "-m", "jobs.render", "--config", bad], cwd=REPO, capture_output=True, text=True, env=env
+        [*command(module="jobs.render"), "--config", bad], cwd=REPO, capture_output=True, text=True, env=env
     )
     assert refused.returncode == 2 and "unknown option 'batch-sise'" in refused.stderr
     assert not (tmp_path / "out").exists()

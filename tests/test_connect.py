@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from jobs.execution.connect import RayUnreachableError, check_reachable, host_port, resolve_address
-from tests.conftest import REPO, free_port, write_manifest
-from tests.fault_timing import baseline, report
-from tests.helpers.rows import rows_of
+from tests.helpers.cli import clean_env, command
+from tests.helpers.fault_timing import baseline, report
+from tests.helpers.places import REPO, free_port
+from tests.helpers.rows import rows_of, write_manifest
 
 
 @pytest.fixture()
@@ -32,13 +31,13 @@ def ray_tmpdir() -> Iterator[Path]:
 
 
 def render(manifest: str, output: Path, models: str, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", str(output), "--models", models,
+    argv = [*command(module="jobs.render"), "--manifest", manifest, "--output", str(output), "--models", models,
                "--progress", "off", *extra]  # fmt: skip
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def job_env(ray_tmpdir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = clean_env()
     return env | {"RAY_TMPDIR": str(ray_tmpdir)}
 
 

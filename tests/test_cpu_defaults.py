@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,10 @@ from PIL import Image
 from actors.storage import Storage
 from jobs.reporting.results import read_results
 from schemas.results import final_results
-from tests.conftest import REPO, write_manifest
-from tests.reference import load_png, max_level_difference, mode_reference
+from tests.helpers.cli import clean_env, command
+from tests.helpers.places import REPO
+from tests.helpers.reference import load_png, max_level_difference, mode_reference
+from tests.helpers.rows import write_manifest
 
 
 def test_a_cpu_run_with_no_flag_but_the_models_matches_diffusers(tmp_path: Path, tiny_models: str) -> None:
@@ -37,10 +37,10 @@ def test_a_cpu_run_with_no_flag_but_the_models_matches_diffusers(tmp_path: Path,
     ]  # fmt: skip
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", str(output),
+    env = clean_env()
+    argv = [*command(module="jobs.render"), "--manifest", manifest, "--output", str(output),
                "--models", tiny_models, "--progress", "off"]  # fmt: skip
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     stats = json.loads((output / "stats.json").read_text())
     assert stats["defaults"]["machine"]["gpus"] == 0, stats["defaults"]  # the CPU defaults were the ones chosen

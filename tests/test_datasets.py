@@ -25,8 +25,9 @@ from jobs.reporting.status import read_final
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.results import RESULTS_SCHEMA, SAMPLE_SCHEMA
-from tests.conftest import REPO, write_manifest
-from tests.reference import load_result
+from tests.helpers.places import REPO
+from tests.helpers.reference import load_result
+from tests.helpers.rows import write_manifest
 
 FORMATS = ("webdataset", "parquet", "files")
 SIDE = 32  # tiny: the tiny MoVQ (scale 2) renders multiples of 4

@@ -24,7 +24,7 @@ from schemas.models import ModelPaths
 from schemas.modes import MODES
 from schemas.results import ERROR_NON_FINITE
 from schemas.work import embeds_array, embeds_numpy
-from tests.conftest import write_manifest
+from tests.helpers.rows import write_manifest
 
 STEPS = {"num_inference_steps": 2, "prior_num_inference_steps": 2}
 

@@ -21,9 +21,8 @@ import pytest
 
 from cluster.defaults import Machine
 from jobs.execution.capacity import await_gpus
-from tests.conftest import write_manifest
-from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of
-from tests.ray_cluster import Cluster, Job
+from tests.helpers.clusters import Cluster, Job
+from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of, write_manifest
 
 
 def _cluster(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> tuple[Cluster, Path]:
@@ -65,7 +64,7 @@ def wait_until(condition, timeout: float, job: Job) -> bool:
     return False
 
 
-PACE_S = 4.0  # seconds each decoder call sleeps while a test holds the gate (`tests.gated_render`)
+PACE_S = 4.0  # seconds each decoder call sleeps while a test holds the gate (`tests.helpers.gated_render`)
 AFTER_S = 10.0  # seconds after a joined node's first image over which the rate is measured
 
 
@@ -124,7 +123,7 @@ def test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back(
     gate = tmp_path / "gate"
     gate.touch()
     job = Job(cpu_head, manifest, output, tiny_models, "--idle-timeout", "600",
-              entry=("tests.gated_render", str(gate), str(PACE_S)))  # fmt: skip
+              entry=("tests.helpers.gated_render", str(gate), str(PACE_S)))  # fmt: skip
     assert job.wait_for_markers(3), job.finish(10)[1][-3000:]  # a few batches: a rate before the join
     first_pids = cpu_head.pids(first)  # now: the job's actors are gone once it ends
     joined_at = time.time()

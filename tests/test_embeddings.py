@@ -22,9 +22,8 @@ from schemas.config import JobConfig
 from schemas.manifest import RenderDefaults
 from schemas.models import ModelPaths
 from schemas.results import final_results
-from tests.conftest import write_manifest
-from tests.reference import load_result, max_level_difference, pipeline
-from tests.test_scorer import reference_cosines
+from tests.helpers.reference import load_result, max_level_difference, pipeline, reference_cosines
+from tests.helpers.rows import write_manifest
 
 SIZE = {"height": 64, "width": 64, "num_inference_steps": 3, "prior_num_inference_steps": 2}
 EMBEDS = pa.list_(pa.float32())

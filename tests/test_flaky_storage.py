@@ -1,26 +1,21 @@
 """Flaky object storage costs retries, never an image; a store that stays down fails the job, naming the object.
 
-Faults (503 SlowDown, 500s, dropped connections, cut bodies) come from `tests.faulty_proxy` in front of moto.
+Faults (503 SlowDown, 500s, dropped connections, cut bodies) come from `tests.helpers.faulty_proxy` in front of moto.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import io
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from actors.inputs import ImageLoader
 from actors.retry import (
@@ -34,10 +29,12 @@ from actors.retry import (
 )
 from actors.storage import Storage
 from jobs.job import run_job
-from tests.conftest import REPO, write_manifest
-from tests.fault_timing import baseline, report
-from tests.faulty_proxy import KINDS, Faults, FaultyProxy
-from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results
+from tests.helpers.cli import clean_env
+from tests.helpers.fault_timing import baseline, report
+from tests.helpers.faulty_proxy import KINDS, Faults, FaultyProxy
+from tests.helpers.images import png
+from tests.helpers.places import REPO
+from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, write_manifest
 
 
 @pytest.fixture()
@@ -148,13 +145,6 @@ def test_retry_bounds_come_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(ATTEMPTS_ENV, "0")
     with pytest.raises(ValueError, match=ATTEMPTS_ENV):
         RetryPolicy.from_env()
-
-
-def png(seed: int, side: int = 64) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 EVERY_KIND = dict.fromkeys(KINDS, 1.0)
@@ -334,11 +324,11 @@ def test_a_store_that_stays_down_fails_the_job_naming_the_object(
     results_uploads = lambda method, path: method == "PUT" and "/results/" in path  # noqa: E731
     proxy.set(Faults(rate=1.0, weights={"internal": 1.0}, applies=results_uploads))
     flaky = via(options, proxy)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = clean_env()
     env.update({ATTEMPTS_ENV: "3", SECONDS_ENV: "4"})
 
     def command(output: str) -> list[str]:
-        return [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", output, "--models",
+        return [*command(module="jobs.render"), "--manifest", manifest, "--output", output, "--models",
                 tiny_models, "--batch-size", "2", "--shard-rows", "2", "--storage-option", "key=testing",
                 "--storage-option", "secret=testing", "--storage-option",
                 "client_kwargs=" + json.dumps(flaky["client_kwargs"]),

@@ -20,8 +20,8 @@ from schemas.config import JobConfig
 from schemas.keys import sample_key
 from schemas.models import ModelPaths
 from schemas.results import final_results
-from tests.conftest import FEW_ACTORS, write_manifest
-from tests.reference import result_png
+from tests.helpers.reference import result_png
+from tests.helpers.rows import FEW_ACTORS, write_manifest
 
 STEPS = {"num_inference_steps": 3, "prior_num_inference_steps": 2, "height": 64, "width": 64}
 ROWS = [{"id": f"row-{i}", "prompt": f"a picture of thing {i}", "seed": i, "num_images": 1 + i % 2, **STEPS}

@@ -23,10 +23,9 @@ from jobs.planning.run_plan import manifest_work
 from jobs.reporting.results import read_results
 from schemas.manifest import Limits
 from schemas.results import final_results
-from tests.conftest import write_manifest
-from tests.faulty_proxy import Faults, FaultyProxy
-from tests.helpers.rows import STEPS, config_for
-from tests.test_flaky_storage import png  # a noise PNG: it does not compress, so its size follows its side
+from tests.helpers.faulty_proxy import Faults, FaultyProxy
+from tests.helpers.images import png
+from tests.helpers.rows import STEPS, config_for, write_manifest
 
 I2I = {"mode": "img2img", "prompt": "p", "strength": 0.7, **STEPS}
 

@@ -4,22 +4,21 @@ nothing half-published counts as done, and a rerun renders the rest."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from schemas.keys import LEASE_FILE
-from tests.conftest import REPO, write_manifest
-from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of
+from tests.helpers.cli import clean_env, command
+from tests.helpers.places import REPO
+from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of, write_manifest
 
-ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+ENV = clean_env()
 
 
 def render(manifest: str, output: Path, models: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", str(output), "--models", models,
+    return [*command(module="jobs.render"), "--manifest", manifest, "--output", str(output), "--models", models,
             "--shard-rows", "1", "--batch-size", "1", "--progress", "off", *extra]  # fmt: skip
 
 
@@ -64,7 +63,8 @@ def test_ctrl_c_ends_with_one_line_and_status_130_then_a_rerun_finishes(tmp_path
     rerun = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     results = raw_results(str(output))
-    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows}) and len(results) == 8
+    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
+    assert len(results) == 8
 
 
 def test_sigterm_on_ray_exits_143_releasing_the_lease(tmp_path: Path, tiny_models: str) -> None:
@@ -78,9 +78,9 @@ def test_sigterm_on_ray_exits_143_releasing_the_lease(tmp_path: Path, tiny_model
 def test_a_storage_option_the_store_refuses_exits_2_with_a_message(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.parquet", rows_of(1))
     for option in ("client_kwargs=notjson", "foo=1"):
-        command = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", "s3://bucket/out",
+        argv = [*command(module="jobs.render"), "--manifest", manifest, "--output", "s3://bucket/out",
                    "--storage-option", option, "--dry-run"]  # fmt: skip
-        run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+        run = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2, run.stderr[-3000:]
         assert run.stderr.startswith("error: cannot open s3://bucket/out with the storage options given"), run.stderr
         assert "Traceback" not in run.stderr and "notjson" not in run.stderr

@@ -10,8 +10,7 @@ import pytest
 
 from jobs.execution import pool
 from jobs.job import run_job
-from tests.conftest import write_manifest
-from tests.helpers.rows import config_for, raw_results, rows_of
+from tests.helpers.rows import config_for, raw_results, rows_of, write_manifest
 
 
 def _workers(output: str) -> set[str]:

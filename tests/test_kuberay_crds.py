@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.test_cluster_files import CLUSTER, KUBE_FILES, by_kind, load_docs, ray_job_spec
+from tests.helpers.cluster_files import CLUSTER, KUBE_FILES, by_kind, load_docs, ray_job_spec
+from tests.helpers.places import REPO
 
 # The KubeRay CRDs (v1.7.0's rayjobs.yaml and raycronjobs.yaml, as the operator installs them) live outside the
 # repository: $KANDINSKY_RENDER_KUBERAY_CRDS, else ../shared/kuberay-crds/v1.7.0 beside the checkout.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.places import REPO
 
 PROJECT = ("schemas", "actors", "cluster", "jobs", "tests")
 # Which project packages each package may import (every import statement, top level or inside a function).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -12,7 +11,8 @@ from cluster.layout import CLIP_SHARE, StageCosts, choose, co_located, dedicated
 from cluster.resources import resolve_groups
 from schemas.config import JobConfig
 from schemas.resources import StageResources
-from tests.conftest import REPO
+from tests.helpers.cli import command
+from tests.helpers.places import REPO
 
 # ~4% (a 768x768, 50-step decoder image against a 25-step prior, both guided): the real models' ratio
 REAL = StageCosts(prior=0.0215, decoder=0.517, source="H100 estimate")
@@ -85,7 +85,7 @@ def test_groups_follow_the_layout() -> None:
 
 def _dry_run(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "render", "--example", "--dry-run", *flags],
+        [*command(), "render", "--example", "--dry-run", *flags],
         cwd=REPO,
         capture_output=True,
         text=True,

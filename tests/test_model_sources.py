@@ -4,11 +4,9 @@ the Hugging Face cache serves a machine without hub access."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,9 @@ from jobs.job import run_job
 from jobs.planning.run_plan import plan_run
 from schemas.config import JobConfig
 from schemas.models import HUB_MODELS, ModelPaths
-from tests.conftest import REPO, free_port, write_manifest
+from tests.helpers.cli import clean_env, command
+from tests.helpers.places import REPO, free_port
+from tests.helpers.rows import write_manifest
 
 STEPS = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "height": 64, "width": 64}
 HINT = str(Path(EXAMPLE_DIR) / "depth.png")
@@ -62,10 +62,10 @@ def ray_tmpdir() -> Iterator[Path]:
 
 
 def run_cli(args: list[str], *, env: dict[str, str], drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *drop)}
+    full = clean_env(drop=drop)
     full.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "jobs.render", *args], cwd=REPO, capture_output=True, text=True, env=full, timeout=300
+        [*command(module="jobs.render"), *args], cwd=REPO, capture_output=True, text=True, env=full, timeout=300
     )
 
 
@@ -196,7 +196,7 @@ def test_the_hub_cache_serves_a_machine_without_hub_access(tiny_models: str, tmp
 @pytest.fixture()
 def counted_s3(s3_options: dict) -> Iterator[tuple[dict, list[tuple[str, str]]]]:
     """Storage options reaching moto through a proxy that records every request (method, path)."""
-    from tests.faulty_proxy import Faults, FaultyProxy
+    from tests.helpers.faulty_proxy import Faults, FaultyProxy
 
     requests: list[tuple[str, str]] = []
     upstream = s3_options["options"]["client_kwargs"]["endpoint_url"]

@@ -17,8 +17,14 @@ from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.results import final_results
 from schemas.shards import OUTPUT_FORMATS
-from tests.conftest import write_manifest
-from tests.reference import assert_close_to_reference, load_png, load_result, max_level_difference, mode_reference
+from tests.helpers.reference import (
+    assert_close_to_reference,
+    load_png,
+    load_result,
+    max_level_difference,
+    mode_reference,
+)
+from tests.helpers.rows import write_manifest
 
 STEPS = {"num_inference_steps": 4, "prior_num_inference_steps": 3}
 
@@ -158,7 +164,7 @@ def mixed(
 def estimated_hint(models: str, image_path: str, height: int, width: int) -> bytes:
     from transformers import pipeline as hf_pipeline
 
-    from tests.reference import load_rgb
+    from tests.helpers.reference import load_rgb
 
     estimator = hf_pipeline("depth-estimation", model=f"{models}/depth")
     depth = estimator(load_rgb(image_path).resize((width, height), Image.BICUBIC))["depth"]

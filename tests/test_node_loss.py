@@ -1,6 +1,6 @@
 """Node loss on a real two-node Ray cluster on this machine: the worker node is SIGKILLed mid-run.
 
-A head and worker nodes (`tests.ray_cluster`: `ray start`, logical GPUs, own ports and token) are started
+A head and worker nodes (`tests.helpers.clusters`: `ray start`, logical GPUs, own ports and token) are started
 and stopped by the test by their own process ids; a kill sends SIGKILL to every process of the node, by pid.
 """
 
@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_manifest
-from tests.fault_timing import baseline, report
-from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of
-from tests.ray_cluster import Cluster
-from tests.ray_cluster import Job as RenderJob
+from tests.helpers.clusters import Cluster
+from tests.helpers.clusters import Job as RenderJob
+from tests.helpers.fault_timing import baseline, report
+from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of, write_manifest
 
 PRIOR_LABEL = "kandinsky-render/stage=prior"
 DECODER_LABEL = "kandinsky-render/stage=decoder"
@@ -74,7 +73,8 @@ def test_a_lost_worker_node_costs_its_batches_not_its_images(
     """Prior pinned to the head; 3 decoders on 3 GPUs: one on the head, two on the worker. The worker node dies
     mid-run with its actors and objects; the job finishes on the head's decoder, each image exactly once.
 
-    Decoder calls sleep 2 s until the kill (`tests.gated_render`): the worker's decoders hold calls when it dies."""
+    Decoder calls sleep 2 s until the kill (`tests.helpers.gated_render`): the worker's decoders hold calls when it
+    dies."""
     worker = cluster.add_worker(labels=DECODER_LABEL)
     rows = rows_of(24)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
@@ -84,7 +84,7 @@ def test_a_lost_worker_node_costs_its_batches_not_its_images(
     started = time.monotonic()
     gate = tmp_path / "gate"
     gate.touch()
-    job = Job(cluster, manifest, output, tiny_models, *decoders, entry=("tests.gated_render", str(gate), "2"))
+    job = Job(cluster, manifest, output, tiny_models, *decoders, entry=("tests.helpers.gated_render", str(gate), "2"))
     # kill it once it is busy: a shard it decoded is published (so more of its calls are in flight)
     busy = job.wait_for_markers(1, decoded_on=lambda: cluster.pids(worker))
     assert busy, job.finish(10)[1][-3000:]

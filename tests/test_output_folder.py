@@ -20,8 +20,7 @@ from actors.retry import StorageFullError
 from jobs.job import run_job
 from jobs.planning.manifests import list_manifest_paths
 from schemas.manifest import ManifestError
-from tests.conftest import write_manifest
-from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of
+from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
 
 
 def test_the_output_is_never_listed_as_manifest_however_spelled(
@@ -80,7 +79,8 @@ def test_an_output_inside_the_manifest_prefix_renders_once_then_skips(tmp_path: 
     again = run_job(config)
     assert again.stats["num_rendered"] == 0 and again.stats["num_skipped_already_final"] == 3
     results = raw_results(output)
-    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows}) and len(results) == 3
+    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
+    assert len(results) == 3
 
 
 @contextlib.contextmanager

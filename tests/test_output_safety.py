@@ -22,9 +22,8 @@ from jobs.render import main as render_main
 from jobs.reporting.status import main as status_main
 from jobs.reporting.status import read_final, summary
 from schemas.shards import DATASET_FILE, Marker
-from tests.conftest import write_manifest
 from tests.helpers.http_files import serving
-from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of
+from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -15,8 +15,8 @@ from jobs.reporting.progress import JsonFormatter, Progress, summary_table
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.resources import StageResources
-from tests.conftest import write_manifest
-from tests.slow_stages import SlowLoadDecoder, with_decoder
+from tests.helpers.rows import write_manifest
+from tests.helpers.slow_stages import SlowLoadDecoder, with_decoder
 
 STEPS = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "height": 64, "width": 64}
 

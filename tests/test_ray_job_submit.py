@@ -21,7 +21,8 @@ import yaml
 from PIL import Image
 
 from jobs.dev.example import example_table
-from tests.conftest import REPO, free_port
+from tests.helpers.cli import clean_env
+from tests.helpers.places import REPO, free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -39,7 +40,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     # drivers that look for "the local cluster" (ray.init() without an address) away from it.
     temp_dir = tempfile.mkdtemp(prefix="krh-", dir="/tmp")
     dashboard_port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = clean_env()
     # Ray 2.60 turns token auth on when ~/.ray/auth_token exists; an explicit token makes the head and
     # every client agree whatever the home directory holds.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,9 @@ from jobs.reporting.gallery import CELL, write_report
 from schemas.keys import sample_rank
 from schemas.results import SAMPLE_ERRORS, SAMPLE_SIZE, THUMBNAIL_SIDE, result_from_work, results_table
 from schemas.summary import Sample
-from tests.conftest import REPO, write_manifest
+from tests.helpers.cli import clean_env
+from tests.helpers.places import REPO
+from tests.helpers.rows import write_manifest
 
 
 def work_row(row_id: str, image_index: int = 0, **overrides: object) -> dict:
@@ -216,7 +217,7 @@ def test_dry_run_plans_without_models_or_writes(tmp_path: Path) -> None:
         "loaded = sorted({'torch', 'diffusers', 'transformers'} & {m.split('.')[0] for m in sys.modules}); "
         "print('LOADED', loaded); sys.exit(code)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = clean_env()
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, env=env)
     # The plan is printed; the run would stop before any model, for lack of them: exit 2, naming them.
     assert proc.returncode == 2 and "/does/not/exist/prior does not exist" in proc.stderr, proc.stderr

@@ -26,9 +26,10 @@ from jobs.reporting.results import read_results
 from schemas.keys import LEASE_FILE
 from schemas.results import final_results
 from schemas.shards import image_key, shard_name
-from tests.conftest import REPO, write_manifest
-from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, rows_of
-from tests.reference import load_png, max_level_difference
+from tests.helpers.cli import clean_env, command
+from tests.helpers.places import REPO
+from tests.helpers.reference import load_png, max_level_difference
+from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -172,12 +173,12 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
     rows = rows_of(16, num_images=2)
     fs.put(write_manifest(tmp_path / "m.parquet", rows), f"{bucket}/in/m.parquet")
     output = f"s3://{bucket}/out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "jobs.render", "--manifest", f"s3://{bucket}/in/", "--output", output,
+    env = clean_env()
+    argv = [*command(module="jobs.render"), "--manifest", f"s3://{bucket}/in/", "--output", output,
                "--models", tiny_models, "--batch-size", "2", "--shard-rows", "2", "--output-format", "webdataset",
                "--lease-ttl", "30", "--storage-option", "key=testing", "--storage-option", "secret=testing",
                "--storage-option", "client_kwargs=" + json.dumps(options["client_kwargs"])]  # fmt: skip
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     markers = []
     target = random.Random().randint(1, 6)  # a random moment: after 1 to 6 of the 8 shards
@@ -201,7 +202,7 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
         with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{bucket}/out/{part['data']}"))) as tar:
             assert len(tar.getnames()) == 3 * part["num_images"]  # <key>.json, .png and .txt per image
     first_done = sum(m["num_images"] for m in done)
-    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     everything = {(r["id"], i) for r in rows for i in range(2)}
     results = raw_results(output, **options)
@@ -291,7 +292,7 @@ def test_lease_blocks_a_second_run_and_is_taken_over_when_stale(tmp_path: Path, 
         with pytest.raises(LeaseHeldError, match="someone-else"):
             run_job(config)
         proc = subprocess.run(
-            [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", str(output), "--models",
+            [*command(module="jobs.render"), "--manifest", manifest, "--output", str(output), "--models",
              tiny_models, "--runner", "local"], cwd=REPO, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert proc.returncode == 75 and "another run is rendering" in proc.stderr
@@ -319,7 +320,7 @@ def test_retry_errors_overwrite_and_exit_status_policy(tmp_path: Path, tiny_mode
                           "strength": 0.7, **STEPS}]  # fmt: skip
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = str(tmp_path / "out")
-    base = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", output, "--models", tiny_models,
+    base = [*command(module="jobs.render"), "--manifest", manifest, "--output", output, "--models", tiny_models,
             "--runner", "local"]  # fmt: skip
 
     def cli(*extra: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,66 +10,27 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.stage import Call, Outcome, Stage
 from cluster.resources import StageLayout
-from jobs.execution.contract import BatchDone, SinkSpec, StageSpec, Task, TaskDone
+from jobs.execution.contract import BatchDone, StageSpec, Task, TaskDone
 from jobs.execution.local import run_local
 from jobs.execution.runner import Deadlines, RayStagePipeline, RunnerMeasures, run_ray
 from jobs.planning.batches import batch, group_batches
-from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
 from schemas.work import CALL_KEY, PRIOR_CALL_KEY
-from tests.conftest import write_manifest
-
-
-class Tag(Stage):
-    """A stage that records the size of every model call it makes in a column named after the stage."""
-
-    def __init__(self, *, column: str, crash_marker: str | None = None, crash_on: str | None = None, **base) -> None:
-        super().__init__(**base)
-        self.column = column
-        self.crash_marker = crash_marker
-        self.crash_on = crash_on
-
-    def run(self, call: Call, arrays: dict) -> list[int]:
-        ids = [row["id"] for row in call.rows]
-        if self.crash_marker and self.crash_on in ids and not os.path.exists(self.crash_marker):
-            Path(self.crash_marker).touch()
-            os._exit(1)  # the process dies mid-call: an infrastructure failure, not an exception
-        return [len(call.rows)] * len(call.rows)
-
-    def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
-        return table.append_column(self.column, pa.array(outcome.outputs, pa.int64()))
-
-
-class Broken(Stage):
-    """A stage with a bug (outside any model call)."""
-
-    def finish(self, table: pa.Table, outcome: Outcome) -> pa.Table:
-        raise ValueError("bug in the stage")
-
-
-class CannotStart(Stage):
-    """A stage whose model cannot load."""
-
-    def __init__(self, **base) -> None:
-        raise FileNotFoundError("no checkpoint at /nowhere")
-
-
-def work_rows(rows: list[dict]) -> pa.Table:
-    """Planned work for manifest ``rows`` (through the real planner)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = write_manifest(Path(tmp) / "m.parquet", rows)
-        config = JobConfig(manifest=manifest, output=f"{tmp}/out", batch_size=1000)
-        return manifest_work(config).batches.work
-
-
-MIXED = [
-    {"id": f"r{i:02d}", "prompt": f"p{i}", "height": (64, 128)[i % 2], "num_images": 1 + i % 3, "seed": i}
-    for i in range(12)
-] + [{"id": "neg", "prompt": "x", "negative_prompt": "y", "num_images": 2, "seed": 1}]
+from tests.helpers.runners import (
+    MIXED,
+    NONE,
+    Broken,
+    CannotStart,
+    Tag,
+    row_key,
+    task_ids,
+    task_rows,
+    toy_sink,
+    toy_stages,
+    toy_tasks,
+    work_rows,
+)
 
 
 def test_batches_are_uniform_full_and_independent_of_row_order() -> None:
@@ -118,86 +78,23 @@ def test_rows_that_differ_only_in_prior_settings_share_a_decoder_batch() -> None
     assert keys == sorted(keys)  # each prior kind together within the batch
 
 
-class Collector:
-    """A sink that keeps each task's rows in memory and returns them when the task is finalized."""
-
-    def __init__(self, *, crash_marker: str | None = None, crash_on: str | None = None, worker: str = "") -> None:
-        self.rows: dict[str, list[dict]] = {}
-        self.crash_marker, self.crash_on = crash_marker, crash_on
-
-    def add(self, tag: str, table: pa.Table) -> dict:
-        ids = table.column("id").to_pylist()
-        if self.crash_marker and self.crash_on in ids and not os.path.exists(self.crash_marker):
-            Path(self.crash_marker).touch()
-            os._exit(1)  # the sink's process dies with the task half added
-        self.rows.setdefault(tag, []).extend(table.to_pylist())
-        return {"rows": table.num_rows, "errors": 0}
-
-    def finalize(self, tag: str, args: object) -> dict:
-        return {"tag": tag, "rows": self.rows.pop(tag, []), "args": args}
-
-    def abandon(self, tag: str) -> None:
-        self.rows.pop(tag, None)
-
-
-NONE = StageLayout(num_actors=1, num_gpus=0.0, num_cpus=0.0)
-
-
-def _stages(*, first_batch: int | None = None, **last: object) -> list[StageSpec]:
-    return [
-        StageSpec(name="first", cls=Tag, kwargs={"column": "first_rows"}, resources=NONE, batch_size=first_batch),
-        StageSpec(
-            name="last",
-            cls=Tag,
-            kwargs={"column": "last_rows", **last},
-            resources=StageLayout(num_actors=2, num_gpus=0.0, num_cpus=0.0),
-        ),
-    ]
-
-
-def _sink(num_actors: int = 1, **kwargs: object) -> SinkSpec:
-    resources = StageLayout(num_actors=num_actors, num_gpus=0.0, num_cpus=0.0)
-    return SinkSpec(name="sink", cls=Collector, kwargs=kwargs, resources=resources)
-
-
-def _tasks(batches: list[pa.Table], *, max_rows: int, num_tasks: int = 3) -> list[Task]:
-    groups = list(group_batches(batches, max_rows=max_rows))
-    size = -(-len(groups) // num_tasks)
-    return [Task(tag=f"t{k}", groups=groups[k * size : (k + 1) * size], args=k) for k in range(num_tasks)]
-
-
-def _key(row: dict) -> tuple:
-    return (row["id"], row["image_index"])
-
-
-def _rows(events: list) -> dict[str, list[dict]]:
-    """Rows per finished task, sorted; every task finished exactly once."""
-    done = [e for e in events if isinstance(e, TaskDone)]
-    assert len({e.tag for e in done}) == len(done)
-    return {e.tag: sorted(e.result["rows"], key=_key) for e in done}
-
-
-def _ids(rows: dict[str, list[dict]]) -> dict[str, list[tuple]]:
-    return {tag: [_key(r) for r in task_rows] for tag, task_rows in rows.items()}
-
-
 def test_local_runner_calls_first_stage_per_group_and_later_stages_per_batch() -> None:
     batches = list(batch(work_rows(MIXED), batch_size=3))
-    tasks = _tasks(batches, max_rows=9)
-    events = list(run_local(_stages(first_batch=5), _sink(), tasks))
+    tasks = toy_tasks(batches, max_rows=9)
+    events = list(run_local(toy_stages(first_batch=5), toy_sink(), tasks))
     assert [e.tag for e in events if isinstance(e, TaskDone)] == ["t0", "t1", "t2"]
     assert sum(e.info["rows"] for e in events if isinstance(e, BatchDone)) == sum(b.num_rows for b in batches)
-    rows = _rows(events)
+    rows = task_rows(events)
     assert {e.tag: e.result["args"] for e in events if isinstance(e, TaskDone)} == {"t0": 0, "t1": 1, "t2": 2}
     for task in tasks:
-        got = {_key(r): r for r in rows[task.tag]}
+        got = {row_key(r): r for r in rows[task.tag]}
         expected = [r for group in task.groups for table in group for r in table.to_pylist()]
-        assert [{k: v for k, v in got[_key(r)].items() if not k.endswith("_rows")} for r in expected] == expected
+        assert [{k: v for k, v in got[row_key(r)].items() if not k.endswith("_rows")} for r in expected] == expected
         for group in task.groups:
             size = sum(table.num_rows for table in group)
             for table in group:
                 for key in table.select(["id", "image_index"]).to_pylist():
-                    row = got[_key(key)]
+                    row = got[row_key(key)]
                     assert row["last_rows"] == table.num_rows  # later stages: one call per batch
                     assert row["first_rows"] <= min(5, size)  # the group cut into calls of at most 5 rows
 
@@ -205,10 +102,10 @@ def test_local_runner_calls_first_stage_per_group_and_later_stages_per_batch() -
 @pytest.mark.usefixtures("ray_two_gpus")
 def test_ray_runner_equals_local_and_records_a_timeline() -> None:
     batches = list(batch(work_rows(MIXED), batch_size=3))
-    expected = _rows(list(run_local(_stages(), _sink(), _tasks(batches, max_rows=6))))
+    expected = task_rows(list(run_local(toy_stages(), toy_sink(), toy_tasks(batches, max_rows=6))))
     measures = RunnerMeasures(names=["first", "last", "sink"])
-    events = list(run_ray(_stages(), _sink(2), _tasks(batches, max_rows=6), measures=measures))
-    assert _rows(events) == expected
+    events = list(run_ray(toy_stages(), toy_sink(2), toy_tasks(batches, max_rows=6), measures=measures))
+    assert task_rows(events) == expected
     assert measures.started <= measures.moments["first_dispatch"] <= measures.moments["first_result"]
     calls = measures.per_stage()["calls"]
     assert calls["last"] == len(batches) and calls["first"] < len(batches)
@@ -219,20 +116,20 @@ def test_ray_runner_equals_local_and_records_a_timeline() -> None:
 def test_stages_before_the_split_see_whole_groups() -> None:
     """[depth] -> prior -> decoder: the split comes after the prior, the second of three stages."""
     batches = list(batch(work_rows(MIXED), batch_size=2))
-    stages = [StageSpec(name="zero", cls=Tag, kwargs={"column": "zero_rows"}, resources=NONE), *_stages()]
-    local = _rows(list(run_local(stages, _sink(), _tasks(batches, max_rows=6), split_after=1)))
-    remote = _rows(list(run_ray(stages, _sink(), _tasks(batches, max_rows=6), split_after=1)))
+    stages = [StageSpec(name="zero", cls=Tag, kwargs={"column": "zero_rows"}, resources=NONE), *toy_stages()]
+    local = task_rows(list(run_local(stages, toy_sink(), toy_tasks(batches, max_rows=6), split_after=1)))
+    remote = task_rows(list(run_ray(stages, toy_sink(), toy_tasks(batches, max_rows=6), split_after=1)))
     assert remote == local
-    for task in _tasks(batches, max_rows=6):
-        rows = {_key(r): r for r in local[task.tag]}
+    for task in toy_tasks(batches, max_rows=6):
+        rows = {row_key(r): r for r in local[task.tag]}
         for group in task.groups:
             size = sum(t.num_rows for t in group)
             for table in group:
                 for key in table.select(["id", "image_index"]).to_pylist():
-                    row = rows[_key(key)]
+                    row = rows[row_key(key)]
                     assert row["zero_rows"] == row["first_rows"] == size and row["last_rows"] == table.num_rows
     with pytest.raises(ValueError, match="split_after"):
-        list(run_local(stages, _sink(), [], split_after=3))
+        list(run_local(stages, toy_sink(), [], split_after=3))
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
@@ -245,7 +142,7 @@ def test_ray_runner_opens_tasks_lazily() -> None:
             pulled.append(k)
             yield Task(tag=f"t{k}", groups=[[table]])
 
-    pipeline = RayStagePipeline(_stages(), _sink(), max_tasks=2)
+    pipeline = RayStagePipeline(toy_stages(), toy_sink(), max_tasks=2)
     try:
         events = pipeline.run(tasks())
         next(e for e in events if isinstance(e, TaskDone))
@@ -267,22 +164,30 @@ def test_ray_runner_survives_a_dying_actor(tmp_path: Path, stage: str) -> None:
             kwargs={**spec.kwargs, **(crash if spec.name == stage else {})},
             resources=spec.resources,
         )
-        for spec in _stages()
+        for spec in toy_stages()
     ]
-    sink = _sink(**(crash if stage == "sink" else {}))
-    expected = _rows(list(run_local(_stages(), _sink(), _tasks(batches, max_rows=4))))
-    got = _rows(list(run_ray(stages, sink, _tasks(batches, max_rows=4))))
+    sink = toy_sink(**(crash if stage == "sink" else {}))
+    expected = task_rows(list(run_local(toy_stages(), toy_sink(), toy_tasks(batches, max_rows=4))))
+    got = task_rows(list(run_ray(stages, sink, toy_tasks(batches, max_rows=4))))
     assert (tmp_path / "crashed").exists()
-    assert _ids(got) == _ids(expected)  # every row of every task exactly once, after the re-runs
+    assert task_ids(got) == task_ids(expected)  # every row of every task exactly once, after the re-runs
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
 def test_ray_runner_raises_stage_bugs_and_start_failures() -> None:
     batches = list(batch(work_rows(MIXED[:2]), batch_size=2))
     with pytest.raises(ValueError, match="bug in the stage"):
-        list(run_ray([StageSpec(name="broken", cls=Broken, resources=NONE)], _sink(), _tasks(batches, max_rows=2)))
+        list(
+            run_ray([StageSpec(name="broken", cls=Broken, resources=NONE)], toy_sink(), toy_tasks(batches, max_rows=2))
+        )
     with pytest.raises(RuntimeError, match="(?s)no actor could start.*no checkpoint"):
-        list(run_ray([StageSpec(name="model", cls=CannotStart, resources=NONE)], _sink(), _tasks(batches, max_rows=2)))
+        list(
+            run_ray(
+                [StageSpec(name="model", cls=CannotStart, resources=NONE)],
+                toy_sink(),
+                toy_tasks(batches, max_rows=2),
+            )
+        )
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
@@ -293,7 +198,7 @@ def test_a_stage_no_node_can_hold_is_refused_at_once_naming_the_node_shapes() ->
     )
     started = time.monotonic()
     with pytest.raises(ValueError, match=r"stage greedy: each actor needs 3 GPU and 0 CPU on one node.*GPU: 2"):
-        list(run_ray([greedy], _sink(), _tasks(batches, max_rows=2), deadlines=Deadlines(stage_wait_s=600.0)))
+        list(run_ray([greedy], toy_sink(), toy_tasks(batches, max_rows=2), deadlines=Deadlines(stage_wait_s=600.0)))
     assert time.monotonic() - started < 60  # not the stage wait
 
 

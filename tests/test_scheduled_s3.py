@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import uuid
 from collections import Counter
 from html.parser import HTMLParser
@@ -17,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO, write_manifest
+from tests.helpers.cli import clean_env, command
+from tests.helpers.places import REPO
+from tests.helpers.rows import write_manifest
 
 KEY = "AKIAKANDINSKYTEST0001"
 SECRET = "kandinsky-Secret-Do-Not-Print-42"
@@ -74,12 +74,12 @@ def test_two_scheduled_runs_over_a_growing_prefix_render_every_row_once(
             }
         )
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = clean_env()
     env.update(HF_HUB_OFFLINE="1", KANDINSKY_RENDER_STORAGE_OPTIONS=json.dumps({"key": KEY, "secret": SECRET}))
 
     def run(*extra: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "jobs.render", "--config", str(job_file), *extra]
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        argv = [*command(module="jobs.render"), "--config", str(job_file), *extra]
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
@@ -134,10 +134,10 @@ def test_two_scheduled_runs_over_a_growing_prefix_render_every_row_once(
 
 def test_errors_never_print_credentials(tmp_path: Path, s3_endpoint: str) -> None:
     """A refused job (here: a manifest prefix that does not exist) names the problem, not the secret."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = clean_env()
     env["KANDINSKY_RENDER_STORAGE_OPTIONS"] = json.dumps({"key": KEY, "secret": SECRET})
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.render", "--manifest", f"s3://no-such-bucket-{SECRET}/m/"]
+        [*command(module="jobs.render"), "--manifest", f"s3://no-such-bucket-{SECRET}/m/"]
         + ["--output", str(tmp_path / "out"), "--storage-endpoint-url", s3_endpoint, "--dry-run"],
         cwd=REPO,
         capture_output=True,

@@ -16,7 +16,7 @@ from schemas.manifest import MANIFEST_COLUMNS, ManifestError, RenderDefaults
 from schemas.models import ModelPaths
 from schemas.results import RESULTS_SCHEMA, ResultRow
 from schemas.shards import image_key, shard_name
-from tests.conftest import write_manifest
+from tests.helpers.rows import write_manifest
 
 
 def test_result_row_matches_results_schema() -> None:

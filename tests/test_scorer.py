@@ -6,11 +6,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-import torch
 
 from actors.scorer import ScoreActor
 from actors.stage import with_errors
@@ -18,7 +16,8 @@ from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.work import SCORE_FIELDS
-from tests.conftest import write_manifest
+from tests.helpers.reference import reference_cosines
+from tests.helpers.rows import write_manifest
 
 LONG_PROMPT = "a misty lighthouse on a cliff above a stormy sea at dusk, " * 12  # about 170 tokens
 STEPS = {"num_inference_steps": 2, "prior_num_inference_steps": 2}
@@ -58,30 +57,6 @@ def scorer(tiny_models: str) -> ScoreActor:
 
 def by_id(table: pa.Table) -> dict[str, dict[str, Any]]:
     return {row["id"]: row for row in table.to_pylist()}
-
-
-def reference_cosines(prior: str, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Per row, the cosine of its CLIP image and text embeddings: transformers called directly, one row at a time."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-        CLIPVisionModelWithProjection,
-    )
-
-    tokenizer = CLIPTokenizer.from_pretrained(prior, subfolder="tokenizer")
-    processor = CLIPImageProcessor.from_pretrained(prior, subfolder="image_processor")
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(prior, subfolder="text_encoder").eval()
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(prior, subfolder="image_encoder").eval()
-    cosines = {}
-    with torch.no_grad():
-        for row in rows:
-            image = np.frombuffer(row["pixels"], np.uint8).reshape(row["pixel_height"], row["pixel_width"], 3)
-            tokens = tokenizer(row["prompt"], truncation=True, max_length=77, return_tensors="pt")
-            text_embeds = text_encoder(**tokens).text_embeds
-            image_embeds = image_encoder(**processor(images=image, return_tensors="pt")).image_embeds
-            cosines[row["id"]] = torch.nn.functional.cosine_similarity(image_embeds, text_embeds).item()
-    return cosines
 
 
 def test_scores_equal_the_transformers_computation(tiny_models: str, decoded: pa.Table, scorer: ScoreActor) -> None:

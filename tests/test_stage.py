@@ -18,7 +18,7 @@ from schemas.config import JobConfig
 from schemas.models import HUB_MODELS, ModelPaths
 from schemas.modes import DECODER_INPUT_KWARGS, MODES, PRIOR_KINDS
 from schemas.work import binary_views, embeds_array, embeds_numpy
-from tests.conftest import write_manifest
+from tests.helpers.rows import write_manifest
 
 
 def cuda_out_of_memory() -> BaseException:
@@ -326,7 +326,7 @@ def test_decoder_out_of_memory_split_keeps_the_images(tmp_path: Path, tiny_model
     this machine has no GPU) renders the same images as an unsplit run, in calls of at most 2 rows."""
     from actors.decoder import DecoderActor
     from actors.prior import PriorActor
-    from tests.reference import max_level_difference
+    from tests.helpers.reference import max_level_difference
 
     rows = [{"id": f"r{i}", "prompt": f"a picture {i}", "seed": i, "height": 64, "width": 64,
              "num_inference_steps": 3, "prior_num_inference_steps": 2} for i in range(5)]  # fmt: skip

@@ -14,8 +14,8 @@ from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.resources import StageResources
 from schemas.results import final_results
-from tests.conftest import write_manifest
-from tests.reference import assert_close_to_reference, load_png, max_level_difference, text2img_reference
+from tests.helpers.reference import assert_close_to_reference, load_png, max_level_difference, text2img_reference
+from tests.helpers.rows import write_manifest
 
 STEPS = {"num_inference_steps": 4, "prior_num_inference_steps": 3}
 ROWS = [

@@ -15,7 +15,8 @@ from packaging.utils import canonicalize_name
 from schemas.config import JobConfig
 from schemas.models import HUB_MODELS, HUB_REVISIONS, ModelPaths
 from schemas.versions import TESTED_VERSIONS, version_mismatches
-from tests.conftest import REPO, write_manifest
+from tests.helpers.places import REPO
+from tests.helpers.rows import write_manifest
 
 
 def constraints() -> dict[str, str]:

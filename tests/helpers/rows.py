@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from actors.storage import Storage
 from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
-from tests.conftest import FEW_ACTORS
+from schemas.resources import StageResources
+
+# One CLIP and one decoder actor unless a test asks for more: each model actor imports torch and diffusers
+# (~7 CPU-seconds here), and 2 cores start 4 of them in ~15 s. Tests of the defaults and of actor counts
+# build their configs themselves.
+FEW_ACTORS = {"prior": StageResources(num_actors=1), "decoder": StageResources(num_actors=1)}
+
+
+def write_manifest(path: Path | str, rows: list[dict], schema: pa.Schema | None = None) -> str:
+    """Write ``rows`` as a Parquet manifest; returns the path as a string."""
+    if schema is None:  # from_pylist would take the columns of the first row only
+        names = list(dict.fromkeys(name for row in rows for name in row))
+        rows = [{name: row.get(name) for name in names} for row in rows]
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, str(path))
+    return str(path)
+
 
 STEPS = {"num_inference_steps": 3, "prior_num_inference_steps": 2, "height": 64, "width": 64}
 
@@ -16,7 +37,10 @@ def rows_of(n: int, prefix: str = "r", **extra: object) -> list[dict]:
 
 
 def config_for(manifest: str, output: str, models: str, **kwargs: object) -> JobConfig:
-    kwargs = {**FEW_ACTORS, **kwargs}
+    """A job over ``manifest`` into ``output`` with the tiny ``models``: one model actor per group, kept for the next
+    render on the shared Ray (``--keep-actors``: a kept actor renders as a fresh one; the tests' renders mostly ask
+    for the same stages), unless ``kwargs`` say otherwise."""
+    kwargs = {**FEW_ACTORS, "keep_actors": True, **kwargs}
     return JobConfig(manifest=manifest, output=output, models=ModelPaths.resolve(models_dir=models), **kwargs)
 
 

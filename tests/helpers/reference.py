@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+from typing import Any
 
 import numpy as np
 import torch
@@ -199,3 +200,27 @@ def load_result(result: dict, *, storage_options: dict | None = None) -> np.ndar
     """Pixels of an ok results row, in any output format (`result_png`)."""
     with Image.open(io.BytesIO(result_png(result, storage_options=storage_options))) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def reference_cosines(prior: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per row, the cosine of its CLIP image and text embeddings: transformers called directly, one row at a time."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
+
+    tokenizer = CLIPTokenizer.from_pretrained(prior, subfolder="tokenizer")
+    processor = CLIPImageProcessor.from_pretrained(prior, subfolder="image_processor")
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(prior, subfolder="text_encoder").eval()
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(prior, subfolder="image_encoder").eval()
+    cosines = {}
+    with torch.no_grad():
+        for row in rows:
+            image = np.frombuffer(row["pixels"], np.uint8).reshape(row["pixel_height"], row["pixel_width"], 3)
+            tokens = tokenizer(row["prompt"], truncation=True, max_length=77, return_tensors="pt")
+            text_embeds = text_encoder(**tokens).text_embeds
+            image_embeds = image_encoder(**processor(images=image, return_tensors="pt")).image_embeds
+            cosines[row["id"]] = torch.nn.functional.cosine_similarity(image_embeds, text_embeds).item()
+    return cosines

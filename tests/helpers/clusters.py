@@ -22,7 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.helpers.cli import clean_env
+from tests.helpers.places import REPO, free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TEST_NODE_LABEL = "kandinsky-render-test/node"  # each worker a value of its own: found alive by it
@@ -35,7 +36,7 @@ class Cluster:
 
     def __init__(self, root: Path, logs: Path) -> None:
         self.root, self.logs = root, logs
-        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env = clean_env()
         # Its own temp root (RAY_TMPDIR): `--address auto` finds this head's record there and nowhere else.
         self.env.update(RAY_TMPDIR=str(root), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
         self.env.update(RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
@@ -198,7 +199,7 @@ class Job:
     def __init__(
         self, cluster: Cluster, manifest: str, output: Path, models: str, *extra: str, entry: tuple[str, ...] = ()
     ) -> None:
-        """``entry``: the module and its own arguments, when not ``jobs.render`` (e.g. `tests.gated_render`)."""
+        """``entry``: the module and its own arguments, when not ``jobs.render`` (e.g. `tests.helpers.gated_render`)."""
         command = [sys.executable, "-m", *(entry or ("jobs.render",)), "--manifest", manifest, "--output",
                    str(output), "--models", models, "--address", "auto", "--batch-size", "2", "--shard-rows", "2",
                    "--progress", "log", "--progress-every", "5", *extra]  # fmt: skip
