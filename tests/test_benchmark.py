@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from cluster.resources import StageLayout, StagePlacement, fit_cpus
 from jobs.dev.real_size import build_real_size_modules
-from tests.helpers.cli import clean_env, command
-from tests.helpers.places import REPO
+from tests.helpers.cli import run
 
 
 def last_json(text: str) -> dict:
@@ -19,24 +19,38 @@ def last_json(text: str) -> dict:
 
 
 def benchmark_process(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    """``kandinsky-render benchmark ARGS`` in a fresh process, as a user runs it (tests import no benchmark code)."""
-
-    env = clean_env()
-    return subprocess.run(
-        [*command(), "benchmark", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+    """``kandinsky-render benchmark ARGS`` in a process of its own: for modes that start a Ray of their own."""
+    return run("benchmark", *args, timeout=timeout)
 
 
 def run_benchmark(*args: str, timeout: int = 300) -> dict:
-    """``kandinsky-render benchmark ARGS`` in a fresh process, as a user runs it; its last line as JSON."""
+    """`benchmark_process`, checked to succeed; its last line as JSON."""
     proc = benchmark_process(*args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return last_json(proc.stdout)
+
+
+@pytest.fixture()
+def in_process(capsys: pytest.CaptureFixture) -> Iterator[Callable[..., tuple[int, str, str]]]:
+    """``kandinsky-render benchmark ARGS`` in this process, for modes that start no Ray: (exit status, stdout,
+    stderr). torch's thread count, which ``--threads`` sets, is put back after."""
+    import torch
+
+    from jobs.benchmarks.cli import main
+
+    threads = torch.get_num_threads()
+
+    def call(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield call
+    torch.set_num_threads(threads)
 
 
 def test_simulated_runs_the_whole_job_and_prints_efficiency_json(tmp_path: Path) -> None:
@@ -52,20 +66,23 @@ def test_simulated_runs_the_whole_job_and_prints_efficiency_json(tmp_path: Path)
     assert result["num_shards"] == 3 and result["objects_per_shard"] == 3  # webdataset: tar, results, marker
 
 
-def test_heartbeat_prints_the_gaps_between_progress_lines(tmp_path: Path) -> None:
-    proc = benchmark_process("heartbeat", "--load-seconds", "1", "--progress-every", "1", "--rows", "2",
-                             "--work-dir", str(tmp_path))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = last_json(proc.stdout)
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_heartbeat_prints_the_gaps_between_progress_lines(tmp_path: Path, in_process: Callable) -> None:
+    """On the shared Ray (the mode starts one only when none is connected)."""
+    code, out, err = in_process(
+        "heartbeat", "--load-seconds", "1", "--progress-every", "1", "--rows", "2", "--work-dir", str(tmp_path)
+    )
+    assert code == 0, err[-3000:]
+    result = last_json(out)
     assert result["images_ok"] == 2 and result["num_lines"] > result["num_phase_lines"] >= 8
-    assert isinstance(result["max_gap_s"], float) and "stage decoder: ready" in proc.stdout
+    assert isinstance(result["max_gap_s"], float) and "stage decoder: ready" in out
 
 
 def test_objects_per_format(tmp_path: Path) -> None:
-    result = run_benchmark("objects", "--rows", "40", "--shard-rows", "20", "--work-dir", str(tmp_path))
+    result = run_benchmark("objects", "--rows", "8", "--shard-rows", "4", "--work-dir", str(tmp_path))
     formats = result["formats"]
     assert formats["webdataset"]["objects_per_shard"] == formats["parquet"]["objects_per_shard"] == 3
-    assert formats["files"]["objects_per_shard"] == 23  # 20 PNGs, their metadata.parquet, results, marker
+    assert formats["files"]["objects_per_shard"] == 7  # 4 PNGs, their metadata.parquet, results, marker
 
 
 def test_plan_and_startup_print_memory_and_time(tmp_path: Path) -> None:
@@ -100,15 +117,15 @@ def test_cpu_runs_job_loop_and_ray_data_peer_with_equal_images(tmp_path: Path) -
     assert stats["suggested_stages"]["decoder_seconds_per_image"] > 0  # measured; on CPU there is nothing to split
 
 
-def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str) -> None:
-    proc = benchmark_process(
+def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str, in_process: Callable) -> None:
+    code, out, err = in_process(
         "gpu", "--tiny", "--device", "cpu", "--models", tiny_models, "--dtype", "float32", "--size", "64",
         "--steps", "2", "--prior-steps", "2", "--batch-sizes", "1", "2", "--matrix-batch", "2",
         "--timed-batches", "1", "--combined-rows", "1", "--check-rows", "2", "--check-steps", "2",
         "--budget-s", "3600", "--threads", "1", "--work-dir", str(tmp_path),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = last_json(proc.stdout)
+    assert code == 0, err[-3000:]
+    result = last_json(out)
     assert [b["batch_size"] for b in result["batches"]] == [1, 2]
     assert all(b["calls_with_errors"] == 0 and b["timed_calls"] == 1 for b in result["batches"])
     assert result["combined_images_per_s"] > 0 and result["speedup_vs_combined"] > 0
@@ -121,41 +138,43 @@ def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str) -
     assert flops["decoder"] == pytest.approx(2 * flops["unet_step"] + flops["movq"]) and flops["prior"] > 0
     assert result["prior_seconds_per_image"] > 0 and result["decoder_seconds_per_image"] > 0
     assert "--num-decoder-actors" in result["eight_gpus"]["flags"]
-    summary = [line for line in proc.stdout.splitlines() if line.startswith("summary: ")]
+    summary = [line for line in out.splitlines() if line.startswith("summary: ")]
     assert len(summary) == 8 and "fraction of peak: unknown for cpu" in summary[1]
 
 
-def test_gpu_trims_timed_calls_to_its_budget(tmp_path: Path, tiny_models: str) -> None:
+def test_gpu_trims_timed_calls_to_its_budget(tmp_path: Path, tiny_models: str, in_process: Callable) -> None:
     """With no budget left every figure comes from its warm-up call and later batch sizes are skipped."""
-    proc = benchmark_process(
+    code, out, err = in_process(
         "gpu", "--tiny", "--device", "cpu", "--models", tiny_models, "--dtype", "float32", "--size", "32",
         "--steps", "2", "--prior-steps", "2", "--batch-sizes", "1", "2", "--matrix-batch", "1",
         "--check-rows", "0", "--budget-s", "0", "--threads", "1", "--work-dir", str(tmp_path),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = last_json(proc.stdout)
+    assert code == 0, err[-3000:]
+    result = last_json(out)
     assert [(b["batch_size"], b["timed_calls"]) for b in result["batches"]] == [(1, 0)]
-    assert "decoder batch 2: skipped, the budget is spent" in proc.stdout
+    assert "decoder batch 2: skipped, the budget is spent" in out
     assert [m["channels_last"] for m in result["matrix"]] == [False]  # the channels-last run is skipped too
     assert result["combined_images_per_s"] > 0 and "vs_combined_float32" not in result
 
 
 @pytest.mark.parametrize("args", [(), ("--device", "cpu")])
-def test_gpu_refuses_without_a_gpu(args: tuple[str, ...]) -> None:
+def test_gpu_refuses_without_a_gpu(args: tuple[str, ...], in_process: Callable) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = benchmark_process("gpu", *args)
-    assert proc.returncode == 2
-    assert "needs a CUDA device" in proc.stderr and "--device cpu --tiny" in proc.stderr
+    code, _, err = in_process("gpu", *args)
+    assert code == 2
+    assert "needs a CUDA device" in err and "--device cpu --tiny" in err
 
 
-def test_host_times_the_decoder_around_a_stub_pipeline(tmp_path: Path, tiny_models: str) -> None:
-    result = run_benchmark(
+def test_host_times_the_decoder_around_a_stub_pipeline(tmp_path: Path, tiny_models: str, in_process: Callable) -> None:
+    code, out, err = in_process(
         "host", "--models", tiny_models, "--size", "64", "--batch-size", "4", "--calls", "2",
         "--work-dir", str(tmp_path),
     )  # fmt: skip
+    assert code == 0, err[-3000:]
+    result = last_json(out)
     assert result["mode"] == "host" and result["path"] == "uint8 on the device" and result["machine"]["device"] == "cpu"
     assert (result["size"], result["batch_size"], result["calls"], result["threads"]) == (64, 4, 2, 1)
     for name in ("stage", "ipc", "device"):
@@ -175,11 +194,13 @@ def test_flop_count_of_the_real_architectures() -> None:
     assert flops.decoder / 1e12 == pytest.approx(204.1, abs=0.1) and flops.prior / 1e12 == pytest.approx(8.23, abs=0.01)
 
 
-def test_score_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str) -> None:
-    result = run_benchmark(
+def test_score_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str, in_process: Callable) -> None:
+    code, out, err = in_process(
         "score", "--tiny", "--device", "cpu", "--models", tiny_models, "--size", "64", "--steps", "2",
         "--batch-size", "2", "--timed-batches", "2", "--threads", "1", "--work-dir", str(tmp_path),
     )  # fmt: skip
+    assert code == 0, err[-3000:]
+    result = last_json(out)
     assert result["mode"] == "score" and result["device"] == "cpu" and result["dtype"] == "float32"
     assert (result["size"], result["steps"], result["batch_size"], result["threads"]) == (64, 2, 2, 1)
     assert result["timed_images"] == result["scored"] == 4 and result["errors"] == 0
@@ -193,14 +214,14 @@ def test_score_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str)
 
 
 @pytest.mark.parametrize("args", [(), ("--tiny",), ("--device", "cpu")])
-def test_score_refuses_without_a_gpu_unless_tiny_on_cpu(args: tuple[str, ...]) -> None:
+def test_score_refuses_without_a_gpu_unless_tiny_on_cpu(args: tuple[str, ...], in_process: Callable) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = benchmark_process("score", *args)
-    assert proc.returncode == 2
-    assert "needs a CUDA device" in proc.stderr and "--tiny --device cpu" in proc.stderr
+    code, _, err = in_process("score", *args)
+    assert code == 2
+    assert "needs a CUDA device" in err and "--tiny --device cpu" in err
 
 
 def test_real_size_architectures_have_the_documented_sizes() -> None:
@@ -227,9 +248,9 @@ def test_cpu_reservations_fit_the_cluster() -> None:
     assert fit_cpus(placed, cluster_cpus=1)[0].placement.accelerator_type == "L4"  # only CPUs change
 
 
-def test_help_lists_every_mode() -> None:
-    proc = subprocess.run([*command(), "benchmark", "--help"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0
+def test_help_lists_every_mode(in_process: Callable) -> None:
+    code, out, _ = in_process("--help")
+    assert code == 0
     for mode in (
         "cpu",
         "simulated",
@@ -244,4 +265,4 @@ def test_help_lists_every_mode() -> None:
         "score",
         "heartbeat",
     ):
-        assert mode in proc.stdout
+        assert mode in out

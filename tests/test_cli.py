@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,18 +16,15 @@ from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.results import final_results
-from tests.helpers.cli import clean_env
-from tests.helpers.places import REPO
+from tests.helpers.cli import in_process, run
 from tests.helpers.reference import assert_close_to_reference, load_png, text2img_reference
 from tests.helpers.rows import write_manifest
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = clean_env()
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout
-    )
+    """The README's command as a user types it: a process of its own (a fresh interpreter, a private local Ray)."""
+    module, *rest = args
+    return run(*rest, module=module, env=env, timeout=timeout)
 
 
 def test_bundled_example_is_up_to_date_and_covers_every_mode() -> None:
@@ -78,29 +74,27 @@ def test_example_on_local_ray(tmp_path: Path) -> None:
     assert stats["num_rendered"] == 0 and stats["num_skipped_already_final"] == expected
 
 
-def test_malformed_manifest_exits_2_before_model_work(tmp_path: Path) -> None:
+def test_malformed_manifest_exits_2_before_model_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x", "mode": "paint"}])
-    proc = run_cli(
-        "jobs.render", "--manifest", manifest, "--output", str(tmp_path / "out"), "--models", "/does/not/exist"
+    result = in_process(
+        capsys, "render", "--manifest", manifest, "--output", str(tmp_path / "out"), "--models", "/does/not/exist"
     )
-    assert proc.returncode == 2
-    assert "m.parquet" in proc.stderr and "'mode'" in proc.stderr and "paint" in proc.stderr
+    assert result.code == 2
+    assert "m.parquet" in result.err and "'mode'" in result.err and "paint" in result.err
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 
-def test_help_documents_defaults() -> None:
-    proc = run_cli("jobs.cli", "render", "--help")
-    assert proc.returncode == 0
+def test_help_documents_defaults(capsys: pytest.CaptureFixture) -> None:
+    result = in_process(capsys, "render", "--help")
+    assert result.code == 0
     for flag in ("--manifest", "--output", "--models", "--num-decoder-actors", "--prior-gpus", "--batch-size"):
-        assert flag in proc.stdout
-    assert (
-        "kandinsky-community/kandinsky-2-2-prior" in proc.stdout and "(default: chosen for the machine" in proc.stdout
-    )
+        assert flag in result.out
+    assert "kandinsky-community/kandinsky-2-2-prior" in result.out and "(default: chosen for the machine" in result.out
 
 
-def test_tiny_models_command(tmp_path: Path) -> None:
-    proc = run_cli("jobs.cli", "tiny-models", str(tmp_path / "m"))
-    assert proc.returncode == 0, proc.stderr
+def test_tiny_models_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    result = in_process(capsys, "tiny-models", str(tmp_path / "m"))
+    assert result.code == 0, result.err
     for name in ("prior", "decoder", "decoder-inpaint", "controlnet-depth"):
         assert (tmp_path / "m" / name / "model_index.json").exists()
 

@@ -65,7 +65,6 @@ def wait_until(condition, timeout: float, job: Job) -> bool:
 
 
 PACE_S = 4.0  # seconds each decoder call sleeps while a test holds the gate (`tests.helpers.gated_render`)
-AFTER_S = 10.0  # seconds after a joined node's first image over which the rate is measured
 
 
 def check_once(output: Path, rows: list[dict]) -> None:
@@ -117,7 +116,7 @@ def test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back(
     Decoder calls sleep ``PACE_S`` (a stand-in for GPU time: logical GPUs add no compute here) until the new
     worker's decoder has rendered; then the gate opens and the rest renders at full speed."""
     first = cpu_head.add_worker(num_cpus=2, num_gpus=1)
-    rows = rows_of(112)
+    rows = rows_of(64)  # at 2 images per PACE_S per decoder until the gate opens: more than the phases take
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
     gate = tmp_path / "gate"
@@ -131,8 +130,6 @@ def test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back(
     on = lambda node: lambda: {pid for _, pid in decoded(output)} & cpu_head.pids(node)  # noqa: E731
     assert wait_until(on(second), 240, job), job.finish(10)[1][-4000:]
     first_on_join = min(at for at, pid in decoded(output) if pid in cpu_head.pids(second))
-    time.sleep(max(0.0, first_on_join + AFTER_S - time.time()))  # a rate with the joined node's decoders
-    after = [at for at, _ in decoded(output) if first_on_join <= at <= first_on_join + AFTER_S]
     cpu_head.kill(second)
     third = cpu_head.add_worker(num_cpus=2, num_gpus=1)
     assert wait_until(on(third), 240, job), job.finish(10)[1][-4000:]
@@ -148,13 +145,9 @@ def test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back(
     assert decoders["lost"] >= 1 and max(sizes[low:]) > sizes[low], decoders  # shrank with the node, grew back
     pids = {pid for _, pid in decoded(output)}
     assert pids & first_pids, "the first worker's decoder rendered"
-    before = [at for at, _ in decoded(output) if at < joined_at]
-    rate_before = (len(before) - 1) / (joined_at - before[0]) if len(before) > 1 else 0.0  # first image to join
     print(
-        f"ELASTIC growth: node joined -> its first decoded image {first_on_join - joined_at:.1f} s; images/s at "
-        f"{PACE_S:g} s per decoder call: {rate_before:.2f} before the join, {len(after) / AFTER_S:.2f} in the "
-        f"{AFTER_S:g} s after "
-        f"its first image; decoder pool {decoders['history']}; lost 0, duplicated 0"
+        f"ELASTIC growth: node joined -> its first decoded image {first_on_join - joined_at:.1f} s; decoder pool "
+        f"{decoders['history']}; lost 0, duplicated 0"
     )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,11 +28,10 @@ from actors.retry import (
 )
 from actors.storage import Storage
 from jobs.job import run_job
-from tests.helpers.cli import clean_env
+from tests.helpers.cli import Outcome, in_process
 from tests.helpers.fault_timing import baseline, report
 from tests.helpers.faulty_proxy import KINDS, Faults, FaultyProxy
 from tests.helpers.images import png
-from tests.helpers.places import REPO
 from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, write_manifest
 
 
@@ -311,12 +309,19 @@ def test_job_through_a_flaky_store_renders_every_image_once(
     baseline("flaky-store", lambda: run_job(dataclasses.replace(config, output=f"s3://{bucket}/clean")))
 
 
-@pytest.mark.slow
 def test_a_store_that_stays_down_fails_the_job_naming_the_object(
-    proxy: FaultyProxy, s3_options: dict, tiny_models: str, tmp_path: Path
+    proxy: FaultyProxy,
+    s3_options: dict,
+    tiny_models: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     """Every upload of a results file fails: the job exits 1 within a bounded time naming that object, publishes
-    no marker for it, and a rerun once the store is back renders only what is missing, each image once."""
+    no marker for it, and a rerun once the store is back renders only what is missing, each image once.
+
+    The command in this process with the local runner: its writer reads the retry bounds set here (the writers of
+    a Ray run are processes of their own, with the environment of that Ray)."""
     bucket, options = s3_options["bucket"], s3_options["options"]
     rows = flaky_rows(4, bucket)
     manifest = put_inputs(bucket, options, tmp_path, rows)
@@ -324,23 +329,25 @@ def test_a_store_that_stays_down_fails_the_job_naming_the_object(
     results_uploads = lambda method, path: method == "PUT" and "/results/" in path  # noqa: E731
     proxy.set(Faults(rate=1.0, weights={"internal": 1.0}, applies=results_uploads))
     flaky = via(options, proxy)
-    env = clean_env()
-    env.update({ATTEMPTS_ENV: "3", SECONDS_ENV: "4"})
+    monkeypatch.setenv(ATTEMPTS_ENV, "3")
+    monkeypatch.setenv(SECONDS_ENV, "4")
 
-    def command(output: str) -> list[str]:
-        return [*command(module="jobs.render"), "--manifest", manifest, "--output", output, "--models",
-                tiny_models, "--batch-size", "2", "--shard-rows", "2", "--storage-option", "key=testing",
-                "--storage-option", "secret=testing", "--storage-option",
-                "client_kwargs=" + json.dumps(flaky["client_kwargs"]),
-                # botocore's own attempts per request down from 5 to 1: the job's bound shows sooner
-                "--storage-option", "config_kwargs=" + json.dumps({"retries": {"max_attempts": 1}})]  # fmt: skip
+    def render(output: str) -> Outcome:
+        return in_process(
+            capsys, "render", "--manifest", manifest, "--output", output, "--models", tiny_models, "--runner",
+            "local", "--batch-size", "2", "--shard-rows", "2", "--progress", "off", "--storage-option",
+            "key=testing", "--storage-option", "secret=testing", "--storage-option",
+            "client_kwargs=" + json.dumps(flaky["client_kwargs"]),
+            # botocore's own attempts per request down from 5 to 1: the job's bound shows sooner
+            "--storage-option", "config_kwargs=" + json.dumps({"retries": {"max_attempts": 1}}),
+        )  # fmt: skip
 
     started = time.monotonic()
-    failed = subprocess.run(command(output), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    failed = render(output)
     seconds = time.monotonic() - started
-    message = next((line for line in failed.stderr.splitlines() if line.startswith("error:")), "")
-    report("store-down", seconds, f"to exit {failed.returncode} (faults {dict(proxy.counts)}): {message[:400]}")
-    assert failed.returncode == 1, failed.stderr[-3000:]
+    message = next((line for line in failed.err.splitlines() if line.startswith("error:")), "")
+    report("store-down", seconds, f"to exit {failed.code} (faults {dict(proxy.counts)}): {message[:400]}")
+    assert failed.code == 1, failed.err[-3000:]
     assert message.startswith(f"error: StorageUnavailableError: write s3://{bucket}/out/results/"), message
     assert "the storage kept failing" in message
     assert seconds < 180
@@ -348,14 +355,13 @@ def test_a_store_that_stays_down_fails_the_job_naming_the_object(
 
     proxy.set(Faults())
     started = time.monotonic()
-    rerun = subprocess.run(command(output), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    rerun = render(output)
     report("store-down rerun", time.monotonic() - started)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.code == 0, rerun.err[-3000:]
     results = raw_results(output, **options)
     assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
     assert len(results) == len(rows)
-    clean = f"s3://{bucket}/clean"
-    baseline("store-down", lambda: subprocess.run(command(clean), cwd=REPO, env=env, capture_output=True, timeout=300))
+    baseline("store-down", lambda: render(f"s3://{bucket}/clean"))
 
 
 def test_a_store_that_refuses_every_write_fails_before_rendering(

@@ -148,14 +148,15 @@ def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_ro
     from actors.scores import empty_scores
     from actors.storage import Storage
     from jobs.planning.ids import files_digest
-    from jobs.planning.manifests import cut_shards, list_manifest_paths, read_footer
+    from jobs.planning.manifests import cut_shards, list_manifest_paths, read_footer, with_content_digest
     from jobs.publishing.markers import new_marker, write_marker, write_settings
     from schemas.keys import sample_rank
     from schemas.shards import DatasetSettings, data_key, results_key
     from schemas.summary import Counts, PartSummary
 
     storage = Storage(str(root / "out"))
-    files = [read_footer(uri, rel) for uri, rel in list_manifest_paths(str(root / "manifests"))]
+    listed = list_manifest_paths(str(root / "manifests"))
+    files = [with_content_digest(read_footer(uri, rel), known=None) for uri, rel in listed]
     settings = DatasetSettings(
         manifest=str(root / "manifests"),
         output_format="webdataset",

@@ -191,6 +191,20 @@ def start_actor(pool: Pool) -> Actor:
     return Actor(pool=pool.index, handle=handle)
 
 
+def constructing(actor: Actor) -> bool:
+    """Whether ``actor`` runs its constructor now: placed on a node (it has a process) and not yet created. Such an
+    actor is loading (or compiling) its models, not waiting for room. From the GCS's actor table (Ray's
+    ``ray._private.state``: the public state API needs the dashboard, which private Rays do not start); when the
+    table cannot be read, False (the actor counts as waiting)."""
+    try:
+        from ray._private import state
+
+        info = state.actors(actor_id=actor.handle._actor_id.hex())
+    except Exception:  # noqa: BLE001 - an internal table: no answer means no evidence of progress
+        return False
+    return isinstance(info, dict) and info.get("State") == "PENDING_CREATION" and bool(info.get("Pid"))
+
+
 def max_concurrency(pool: Pool) -> int:
     """Calls one actor of ``pool`` runs at once: the most any of its stages asks for on the pool's device
     (`actors.stage.Stage.concurrency`: 2 for a GPU decoder, whose host work overlaps the other call's

@@ -8,7 +8,10 @@
   ``call_timeout_warm_floor_s`` (60 s): a wedged GPU then costs a minute or two, not ten. Writer
   calls (batches, or publishing a whole shard) keep the long floor.
 - A stage with no actor up for ``stage_wait_s`` (a lost node took them and nothing else can hold
-  them) stops the job with a message naming the stage and the resources it lacks.
+  them) stops the job with a message naming the stage and the resources it lacks. Time an actor spends
+  in its constructor on a node (loading or compiling its models: `jobs.execution.pool.constructing`) is
+  progress, not waiting: it does not count, up to ``max_load_s`` (a constructor that hangs longer gets
+  its actor killed and restarted, as a call past its deadline).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from jobs.execution.contract import SinkSpec, StageSpec
-from jobs.execution.pool import Actor, Pool, describe_resources
+from jobs.execution.pool import Actor, Pool, constructing, describe_resources
 
 logger = logging.getLogger("jobs.execution.runner")  # its warnings are the runner's
+LOOK_EVERY_S = 2.0  # how often a waiting pool's actors are looked up in the actor table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +38,12 @@ class Deadlines:
     call_timeout_warm_floor_s: float = 60.0
     call_timeout_factor: float = 5.0
     stage_wait_s: float = 600.0
+
+    @property
+    def max_load_s(self) -> float:
+        """The longest a model actor's constructor (loading, compiling) may run before it is restarted: 3 x the
+        first-call floor (30 minutes by default)."""
+        return 3 * self.call_timeout_floor_s
 
 
 class Watchdog:
@@ -51,6 +61,8 @@ class Watchdog:
         self.stall_warning_s = stall_warning_s
         self.slowest = [0.0] * len(specs)
         self.up_since: dict[int, float] = {}  # pool index -> when it last had an actor up
+        self._loading_since: dict[Actor, float] = {}  # actors seen in their constructor -> since when
+        self._next_look = 0.0  # when the actor table may be read again (it is a GCS request per actor)
         self._last_warning = time.monotonic()
         # Per actor: (its failure count, its last call's end) when it was last seen down or failing; a call
         # finished since then (and no failure) means it is past its first call: warm.
@@ -73,6 +85,31 @@ class Watchdog:
             self._cold_at[actor] = seen = (actor.failures, actor.last_done)
         return actor.last_done > seen[1]
 
+    def _loading(self, pool: Pool, now: float) -> bool:
+        """Whether some actor of ``pool`` (none up) is in its constructor on a node, within `Deadlines.max_load_s`; an
+        actor whose constructor ran longer is killed (Ray restarts it) and does not count."""
+        import ray
+
+        loading = False
+        for actor in pool.actors:
+            if not constructing(actor):
+                self._loading_since.pop(actor, None)
+                continue
+            since = self._loading_since.setdefault(actor, now)
+            if now - since <= self.deadlines.max_load_s:
+                loading = True
+                continue
+            logger.warning(
+                "stage %s: an actor has been loading for %.0f s, past %.0f s (3 x --call-timeout-floor): "
+                "killing it (Ray restarts it)",
+                pool.label,
+                now - since,
+                self.deadlines.max_load_s,
+            )
+            del self._loading_since[actor]
+            ray.kill(actor.handle, no_restart=False)
+        return loading
+
     def deadline(self, stage: int, actor: Actor | None = None) -> float:
         """Seconds a call of ``stage`` (on ``actor``, when given) may run."""
         if self.deadlines.call_timeout_s:
@@ -93,8 +130,13 @@ class Watchdog:
         now = time.monotonic()
         demand = demand or {}
         pools = list(pools)
+        look = now >= self._next_look
+        if look:
+            self._next_look = now + LOOK_EVERY_S
         for pool in pools:
             if pool.any_ready or not (pool.actors or demand.get(pool.index)):  # not started: nothing to wait for
+                self.up_since[pool.index] = now
+            elif look and self._loading(pool, now):  # a constructor running is progress, not a wait
                 self.up_since[pool.index] = now
             elif now - self.up_since.setdefault(pool.index, now) > self.deadlines.stage_wait_s:
                 waited = now - self.up_since[pool.index]

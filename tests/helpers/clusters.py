@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -27,6 +28,22 @@ from tests.helpers.places import REPO, free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TEST_NODE_LABEL = "kandinsky-render-test/node"  # each worker a value of its own: found alive by it
+# The probe: a driver joined to the cluster (``address='auto'`` finds it through RAY_TMPDIR) answering one question
+# per line of stdin: ``alive`` (each live node's test label, "head" for the head) or ``busy`` (CPUs and GPUs held).
+# Ray may print its own lines on stdout: answers start with ANSWER.
+PROBE = """
+import json, sys
+import ray
+ray.init(address="auto", logging_level="ERROR")
+label = sys.argv[1]
+for line in sys.stdin:
+    if line.strip() == "alive":
+        answer = [n["Labels"].get(label, "head") for n in ray.nodes() if n["Alive"]]
+    else:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        answer = sum(total.get(k, 0) - free.get(k, 0) for k in ("CPU", "GPU"))
+    print("ANSWER " + json.dumps(answer), flush=True)
+"""
 NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port")  # fmt: skip
 
@@ -46,6 +63,7 @@ class Cluster:
         self.gcs = f"127.0.0.1:{free_port()}"
         self.nodes: list[subprocess.Popen] = []
         self.workers = 0
+        self._probe: subprocess.Popen | None = None
 
     def _start(self, name: str, args: list[str], temp_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         ports = [item for flag in NODE_PORTS for item in (flag, str(free_port()))]
@@ -106,33 +124,44 @@ class Cluster:
         return node
 
     def alive(self) -> list[str]:
-        """One entry per live node: its test label ``key=value`` (the head: ``head``)."""
-        code = (
-            "import ray; ray.init(address='auto'); "
-            f"[print('ALIVE', n['Labels'].get({TEST_NODE_LABEL!r}, 'head')) for n in ray.nodes() if n['Alive']]"
-        )
-        probe = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
-        # Ray may print its own lines (e.g. about lagging heartbeats) on stdout: read only ours
-        names = [line.split()[1] for line in probe.stdout.splitlines() if line.startswith("ALIVE ")]
-        return (
-            [name if name == "head" else f"{TEST_NODE_LABEL}={name}" for name in names] if probe.returncode == 0 else []
-        )
+        """One entry per live node: its test label ``key=value`` (the head: ``head``); [] when the head is not up."""
+        names = self._ask("alive")
+        return [] if names is None else [name if name == "head" else f"{TEST_NODE_LABEL}={name}" for name in names]
 
     def wait_idle(self, timeout: float = 60) -> None:
         """Until no actor holds a GPU or CPU: a job that just ended frees its actors' resources asynchronously."""
-        code = (
-            "import ray; ray.init(address='auto'); total, free = ray.cluster_resources(), ray.available_resources(); "
-            "print('BUSY', sum(total.get(k, 0) - free.get(k, 0) for k in ('CPU', 'GPU')))"
-        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            probe = subprocess.run(
-                [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120
-            )
-            busy = [float(line.split()[1]) for line in probe.stdout.splitlines() if line.startswith("BUSY ")]
-            if busy and busy[-1] < 1e-6:
+            busy = self._ask("busy")
+            if busy is not None and busy < 1e-6:
                 return
-            time.sleep(1)
+            time.sleep(0.5)
+
+    def _ask(self, question: str) -> Any:
+        """The answer of this cluster's probe (a driver process kept connected: one interpreter and Ray import for
+        the test, not one per question), or None when it cannot answer (restarted for the next question)."""
+        for _ in range(2):
+            if self._probe is None or self._probe.poll() is not None:
+                self._probe = subprocess.Popen(
+                    [sys.executable, "-c", PROBE, TEST_NODE_LABEL], env=self.env, stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                )  # fmt: skip
+            try:
+                self._probe.stdin.write(question + "\n")
+                self._probe.stdin.flush()
+                line = self._probe.stdout.readline()
+            except (BrokenPipeError, OSError):
+                line = ""
+            if line.startswith("ANSWER "):
+                return json.loads(line[7:])
+            self._close_probe()
+        return None
+
+    def _close_probe(self) -> None:
+        if self._probe is not None and self._probe.poll() is None:
+            self._probe.kill()
+            self._probe.wait(timeout=30)
+        self._probe = None
 
     def wait_nodes(self, reached: Callable[[list[str]], bool], *, what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -140,7 +169,7 @@ class Cluster:
             if time.monotonic() > deadline or self.nodes[-1].poll() is not None:
                 logs = "\n".join(p.read_text()[-1500:] for p in sorted(self.logs.glob("*.log")))
                 pytest.fail(f"the cluster did not reach {what}:\n{logs}")
-            time.sleep(1)
+            time.sleep(0.5)
 
     def pids(self, node: subprocess.Popen) -> set[int]:
         """Every process of ``node`` now."""
@@ -165,6 +194,7 @@ class Cluster:
     def stop(self) -> None:
         """Worker nodes first, then the head: SIGTERM to each `ray start --block` (it stops its own processes);
         then what is left of their process trees (nodes an autoscaler launched), by the pids collected first."""
+        self._close_probe()
         left = set()
         for node in self.nodes:
             left |= self.pids(node) - {node.pid}
