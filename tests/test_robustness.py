@@ -26,7 +26,7 @@ from jobs.reporting.results import read_results
 from schemas.keys import LEASE_FILE
 from schemas.results import final_results
 from schemas.shards import image_key, shard_name
-from tests.helpers.cli import clean_env, command
+from tests.helpers.cli import Outcome, clean_env, command, in_process
 from tests.helpers.places import REPO
 from tests.helpers.reference import load_png, max_level_difference
 from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
@@ -281,7 +281,9 @@ def test_killed_decoder_actor_is_replaced_and_nothing_is_lost(tmp_path: Path, ti
     assert summary.stats["num_rendered"] == 12
 
 
-def test_lease_blocks_a_second_run_and_is_taken_over_when_stale(tmp_path: Path, tiny_models: str) -> None:
+def test_lease_blocks_a_second_run_and_is_taken_over_when_stale(
+    tmp_path: Path, tiny_models: str, capsys: pytest.CaptureFixture
+) -> None:
     output = tmp_path / "out"
     storage = Storage(str(output))
     manifest = write_manifest(tmp_path / "m.parquet", rows_of(2))
@@ -291,11 +293,9 @@ def test_lease_blocks_a_second_run_and_is_taken_over_when_stale(tmp_path: Path, 
     try:
         with pytest.raises(LeaseHeldError, match="someone-else"):
             run_job(config)
-        proc = subprocess.run(
-            [*command(module="jobs.render"), "--manifest", manifest, "--output", str(output), "--models",
-             tiny_models, "--runner", "local"], cwd=REPO, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert proc.returncode == 75 and "another run is rendering" in proc.stderr
+        busy = in_process(capsys, "render", "--manifest", manifest, "--output", str(output), "--models", tiny_models,
+                          "--runner", "local")  # fmt: skip
+        assert busy.code == 75 and "another run is rendering" in busy.err
         assert not (output / "results").exists()
         threading.Timer(1.5, holder.release).start()
         waited = run_job(config_for(manifest, str(output), tiny_models, runner="local", lease_wait_s=60))
@@ -314,32 +314,33 @@ def test_lease_blocks_a_second_run_and_is_taken_over_when_stale(tmp_path: Path, 
         assert summary.stats["num_rendered"] == 2 and not (output / LEASE_FILE).exists()
 
 
-def test_retry_errors_overwrite_and_exit_status_policy(tmp_path: Path, tiny_models: str) -> None:
+def test_retry_errors_overwrite_and_exit_status_policy(
+    tmp_path: Path, tiny_models: str, capsys: pytest.CaptureFixture
+) -> None:
     photo = tmp_path / "late.png"
     rows = rows_of(2) + [{"id": "late-input", "mode": "img2img", "prompt": "p", "image": str(photo), "seed": 1,
                           "strength": 0.7, **STEPS}]  # fmt: skip
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = str(tmp_path / "out")
-    base = [*command(module="jobs.render"), "--manifest", manifest, "--output", output, "--models", tiny_models,
-            "--runner", "local"]  # fmt: skip
+    base = ["render", "--manifest", manifest, "--output", output, "--models", tiny_models, "--runner", "local"]
 
-    def cli(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*base, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+    def cli(*extra: str) -> Outcome:
+        return in_process(capsys, *base, *extra)
 
     strict = cli("--max-error-fraction", "0.2")
-    assert strict.returncode == 3 and "above --max-error-fraction" in strict.stderr
+    assert strict.code == 3 and "above --max-error-fraction" in strict.err
     assert (tmp_path / "out" / "_SUCCESS").exists()  # the run completed; the policy decides the status
 
     photo.write_bytes(_png(np.full((64, 64, 3), 200, np.uint8)))
-    assert cli().returncode == 0
+    assert cli().code == 0
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["num_rendered"] == 0  # error rows are final unless --retry-errors
-    assert cli("--retry-errors").returncode == 0
+    assert cli("--retry-errors").code == 0
     final = {r["id"]: r for r in final_results(read_results(Storage(output))).to_pylist()}
     assert final["late-input"]["status"] == "ok"
     assert len(raw_results(output)) == 4  # 3 first results + the retried one; earlier rows kept
 
-    assert cli("--overwrite").returncode == 0
+    assert cli("--overwrite").code == 0
     results = raw_results(output)
     assert len(results) == 3 and len({r["run_id"] for r in results}) == 1
     assert pq.read_table(tmp_path / "m.parquet").num_rows == 3
@@ -365,8 +366,8 @@ def test_a_rerun_with_nothing_pending_stops_before_starting_ray(
 
     # A shell that runs something first and then execs the command keeps its process (and its start time):
     # the summary's times count from the command's own start, not the shell's (before: 6 s more).
-    command = f"sleep 6 && exec {sys.executable} -m jobs.render --manifest {config.manifest} --output {config.output}"
-    shell = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300)
+    line = f"sleep 3 && exec {sys.executable} -m jobs.render --manifest {config.manifest} --output {config.output}"
+    shell = subprocess.run(["bash", "-c", line], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert shell.returncode == 0, shell.stderr[-2000:]
     timeline = json.loads((tmp_path / "out" / "stats.json").read_text())["timeline"]
-    assert timeline["run_started"] < 6 and timeline["gallery_written"] < 6, timeline
+    assert timeline["run_started"] < 3 and timeline["gallery_written"] < 3, timeline

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.helpers.cli import clean_env, command
+from tests.helpers.cli import Outcome, clean_env, command, in_process, run
 from tests.helpers.places import REPO
 from tests.helpers.rows import write_manifest
 
@@ -51,8 +51,10 @@ class ImageSources(HTMLParser):
 
 @pytest.mark.slow
 def test_two_scheduled_runs_over_a_growing_prefix_render_every_row_once(
-    tmp_path: Path, tiny_models: str, s3_endpoint: str
+    tmp_path: Path, tiny_models: str, s3_endpoint: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The first run and the dry run in this process, the second as the schedule starts it (a process of its own,
+    whose stderr carries the JSON log lines)."""
     import s3fs
 
     fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_endpoint})
@@ -74,23 +76,27 @@ def test_two_scheduled_runs_over_a_growing_prefix_render_every_row_once(
             }
         )
     )
-    env = clean_env()
-    env.update(HF_HUB_OFFLINE="1", KANDINSKY_RENDER_STORAGE_OPTIONS=json.dumps({"key": KEY, "secret": SECRET}))
+    environment = {
+        "HF_HUB_OFFLINE": "1",
+        "KANDINSKY_RENDER_STORAGE_OPTIONS": json.dumps({"key": KEY, "secret": SECRET}),
+    }
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
 
-    def run(*extra: str) -> subprocess.CompletedProcess:
-        argv = [*command(module="jobs.render"), "--config", str(job_file), *extra]
-        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
+    def here(*extra: str) -> Outcome:
+        outcome = in_process(capsys, "render", "--config", str(job_file), *extra)
+        assert outcome.code == 0, outcome.err[-3000:]
+        return outcome
 
     day1, day2 = day_rows(1, ["fox", "owl", "elk"]), day_rows(2, ["cat", "bee"])
     fs.put(write_manifest(tmp_path / "d1.parquet", day1), f"{bucket}/manifests/day=1/part-0.parquet")
-    first = run()
+    first = here()
     fs.put(write_manifest(tmp_path / "d2.parquet", day2), f"{bucket}/manifests/day=2/part-0.parquet")
-    plan = run("--dry-run")
-    assert "1 shard(s) done, 4 image(s) already final; 1 shard(s) to render" in plan.stdout
-    assert " to render " in plan.stdout and plan.stdout.count("\n  text2img") == 1
-    second = run()
+    plan = here("--dry-run")
+    assert "1 shard(s) done, 4 image(s) already final; 1 shard(s) to render" in plan.out
+    assert " to render " in plan.out and plan.out.count("\n  text2img") == 1
+    second = run("--config", str(job_file), module="jobs.render", env=environment)
+    assert second.returncode == 0, second.stderr[-3000:]
 
     # Every (id, image_index) has exactly one results row across both runs' parts: nothing rendered twice.
     parts = fs.glob(f"{bucket}/renders/nightly/results/*.parquet")
@@ -124,8 +130,8 @@ def test_two_scheduled_runs_over_a_growing_prefix_render_every_row_once(
         assert not source.startswith(("/", "s3:", "http")) and fs.exists(f"{bucket}/renders/nightly/{source}")
 
     # Credentials appear nowhere: not in what the runs printed, nor in any object they wrote.
-    for proc in (first, plan, second):
-        assert KEY not in proc.stdout + proc.stderr and SECRET not in proc.stdout + proc.stderr
+    for shown in (first.out + first.err, plan.out + plan.err, second.stdout + second.stderr):
+        assert KEY not in shown and SECRET not in shown
     for path in fs.find(f"{bucket}/renders"):
         data = fs.cat_file(path)
         assert KEY.encode() not in data and SECRET.encode() not in data, path
