@@ -153,9 +153,14 @@ class RayStagePipeline(Completions):
     def close(self) -> None:
         """Kill every actor (frees their GPUs for the next job in this Ray session), or with ``keep_actors`` keep the
         model actors that are up for the next run in this process (`jobs.execution.pool.keep_actors`), and withdraw
-        capacity asks."""
+        capacity asks. After Ray is shut down (a signal ended the run first) there is nothing left to kill, and any
+        Ray call would start a new local Ray (Ray's auto-init) only to fail."""
         import ray
 
+        if not ray.is_initialized():
+            self.measures.pools = self.pools.stats()
+            self.calls = {}
+            return
         if self.keep_actors:
             kept = keep_actors(list(self.pools))
             logger.info("kept %d model actor(s) for the next run in this process", kept)
