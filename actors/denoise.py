@@ -118,7 +118,7 @@ class PlannedScheduler(DDPMScheduler):
         """How many steps of a call of ``num_inference_steps`` run from ``begin`` draw variance noise (t > 0)."""
         key = (num_inference_steps, begin)
         if key not in self._noisy:
-            probe = DDPMScheduler(**{key: value for key, value in self.config.items() if not key.startswith("_")})
+            probe = DDPMScheduler.from_config(self.config)
             probe.set_timesteps(num_inference_steps)
             self._noisy[key] = sum(1 for t in probe.timesteps.tolist()[begin:] if t > 0)
         return self._noisy[key]

@@ -177,7 +177,7 @@ def test_a_run_prints_and_records_its_choices(tmp_path: Path, tiny_models: str, 
 
     from jobs.job import run_job
     from schemas.models import ModelPaths
-    from tests.conftest import write_manifest
+    from tests.helpers.rows import write_manifest
 
     rows = [{"id": f"r{i}", "prompt": "a fox", "seed": i, "height": 64, "width": 64, "num_inference_steps": 2,
              "prior_num_inference_steps": 2} for i in range(2)]  # fmt: skip

@@ -180,7 +180,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 def test_a_submitted_job_exports_its_metrics_to_prometheus(ray_head: dict, tiny_models: str, tmp_path: Path) -> None:
     """A job submitted to a head started with --metrics-export-port: its pool sizes and queues are on the port
     while it runs; its images, shards, stage calls and seconds per image after it ends (read as Prometheus does)."""
-    from tests.conftest import write_manifest
+    from tests.helpers.rows import write_manifest
 
     rows = [{"id": f"r{i}", "prompt": f"p{i}", "seed": i, "num_inference_steps": 2, "prior_num_inference_steps": 2,
              "height": 64, "width": 64} for i in range(4)]  # fmt: skip

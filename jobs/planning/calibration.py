@@ -12,7 +12,7 @@ A profile holds three numbers, each the busy seconds of one GPU (one actor) per 
 - the floors, what a call costs whatever its images' size (kernel launches, host work), shared by the
   images of the call: ``decoder_fixed_step_seconds`` per denoising step of a call, ``decoder_call_seconds``
   per call (MoVQ decode set-up, copies), ``prior_fixed_step_seconds`` and ``prior_call_seconds``. At
-  768x768 they are a few percent of a decoder call; at 64-256 px they are most of it (a step is
+  768x768 they are under a tenth of a decoder call; at 64-256 px they are most of it (a step is
   launch-bound), so plans at small sizes stay physical. Estimated (`ESTIMATED_FLOORS`) until
   ``calibrate`` fits them from a run.
 
