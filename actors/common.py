@@ -69,6 +69,13 @@ def shared_model(key: tuple, load: Callable[[], T] | None = None) -> T | None:
     return _SHARED.get(key)
 
 
+def release_shared_models() -> int:
+    """Forget every model `shared_model` holds (their memory is freed once no actor holds them); returns how many."""
+    count = len(_SHARED)
+    _SHARED.clear()
+    return count
+
+
 def prior_pipeline_key(model: str, *, dtype: torch.dtype, device: torch.device) -> tuple:
     """`shared_model` key of a prior checkpoint's pipeline on a device."""
     return ("prior-pipeline", model, str(dtype), str(device))
