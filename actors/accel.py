@@ -4,39 +4,28 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from actors.compiled import compile_pipeline, pipeline_modules
 from schemas.config import AccelOptions
 
 logger = logging.getLogger(__name__)
-
-# The components that do nearly all the work of each pipeline: what torch.compile wraps, each with
-# torch.compile's ``dynamic``: False for the decoder UNet, whose calls have static shapes per call
-# key (`actors.decoder` pads partial batches); None (dynamo's choice) for the prior transformer.
-_DENOISERS = {"unet": False, "prior": None}
-CACHE_ENV = "KANDINSKY_RENDER_CACHE"  # per-node cache folder (default ~/.cache/kandinsky-render)
-# Shapes one compiled module may be compiled for before dynamo gives up and runs it eagerly: the
-# run's image sizes x guidance on/off, plus the halved batch sizes out-of-memory splits make.
-RECOMPILE_LIMIT = 64
 
 
 def prepare_pipeline(pipe: Any, *, device: torch.device, options: AccelOptions | None = None) -> Any:
     """Put a diffusers pipeline on ``device`` with ``options`` applied; returns ``pipe`` (changed in place).
 
     Every option keeps fp32 outputs within float noise of the plain pipeline (tests/test_accel.py).
-    ``compile`` wraps the denoiser (`compiled_modules` lists it), its caches in `compile_cache_dir`;
-    it compiles at the first call of each shape (the decoder warms up at start). On a prior
+    ``compile``: `actors.compiled.compile_pipeline` (the decoder warms every shape up at start). On a prior
     pipeline (one with ``_encode_prompt`` and ``get_zero_embed``) it also installs the per-actor
     caches of `cache_prior_encodings`. ``cpu_offload`` is ignored (with a warning) on CPU.
     """
     options = options or AccelOptions()
     set_attention(pipe, options.attention)
     if options.channels_last:
-        for module in _modules(pipe).values():
+        for module in pipeline_modules(pipe).values():
             if any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
                 module.to(memory_format=torch.channels_last)
     if options.cpu_offload and device.type != "cpu":
@@ -46,69 +35,10 @@ def prepare_pipeline(pipe: Any, *, device: torch.device, options: AccelOptions |
             logger.warning("cpu_offload ignored: the pipeline already runs on the CPU")
         pipe.to(device)
     if options.compile:
-        from torch import _dynamo
-
-        use_compile_cache()
-        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        for name, dynamic in _DENOISERS.items():
-            module = getattr(pipe, name, None)
-            if isinstance(module, torch.nn.Module):
-                # In place: pipelines keep reading .dtype / .config from the same module. Compiling
-                # happens at the first call of each shape (a warm-up, or the first real call).
-                module.compile(dynamic=dynamic)
+        compile_pipeline(pipe, cuda_graphs=options.cuda_graphs)
     if hasattr(pipe, "_encode_prompt") and hasattr(pipe, "get_zero_embed"):
         cache_prior_encodings(pipe, max_prompts=options.prompt_cache_size)
     return pipe
-
-
-def compiled_modules(pipe: Any) -> list[torch.nn.Module]:
-    """The modules of ``pipe`` that `prepare_pipeline` wrapped in torch.compile (and that still are)."""
-    return [module for module in _modules(pipe).values() if module._compiled_call_impl is not None]
-
-
-def run_eagerly(modules: list[torch.nn.Module]) -> None:
-    """Undo ``Module.compile`` on ``modules``: their next calls run the plain forward."""
-    for module in modules:
-        module._compiled_call_impl = None
-
-
-def is_compile_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from torch.compile itself (dynamo, inductor, Triton), not from the model.
-
-    (An out-of-memory error raised while compiled code runs is not one: it splits the call.)
-    """
-    return any(cls.__module__.startswith(("torch._dynamo", "torch._inductor", "triton")) for cls in type(exc).__mro__)
-
-
-def compile_cache_dir() -> Path:
-    """Where this node keeps torch.compile's caches: ``$KANDINSKY_RENDER_CACHE/inductor``, else
-    ``~/.cache/kandinsky-render/inductor``."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "kandinsky-render")
-    return Path(root) / "inductor"
-
-
-def use_compile_cache() -> str | None:
-    """Point inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels, autotuning) at
-    `compile_cache_dir`, so an actor that restarts, or the next run on this node, loads compiled
-    code instead of compiling again. A ``TORCHINDUCTOR_CACHE_DIR`` already set wins. Returns the
-    folder, or None (with a warning; inductor's default under /tmp is used) if it cannot be written.
-    """
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    path = compile_cache_dir()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK):
-            raise PermissionError(f"{path} is not writable")
-    except OSError as exc:
-        logger.warning("compile cache %s unusable (%s); using inductor's default", path, exc)
-        return None
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    return str(path)
-
-
-def _modules(pipe: Any) -> dict[str, torch.nn.Module]:
-    return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 
 
 def set_attention(pipe: Any, attention: str) -> None:
@@ -134,7 +64,7 @@ def set_attention(pipe: Any, attention: str) -> None:
         if sdpa
         else {AttnProcessor2_0: AttnProcessor, AttnAddedKVProcessor2_0: AttnAddedKVProcessor}
     )
-    for module in _modules(pipe).values():
+    for module in pipeline_modules(pipe).values():
         if hasattr(module, "set_attn_implementation"):  # transformers PreTrainedModel
             module.set_attn_implementation("sdpa" if sdpa else "eager")
             continue

@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from actors.accel import is_compile_failure, run_eagerly
+from actors.compiled import is_compile_failure, run_eagerly
 from actors.inputs import ImageLoader
 from actors.stage import Stage, describe_exception, worker_name
 from actors.weights import local_checkpoint
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
+from schemas.resources import co_located_memory_fraction
 from schemas.versions import version_mismatches
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,13 @@ def shared_model(key: tuple, load: Callable[[], T] | None = None) -> T | None:
     return _SHARED.get(key)
 
 
+def release_shared_models() -> int:
+    """Forget every model `shared_model` holds (their memory is freed once no actor holds them); returns how many."""
+    count = len(_SHARED)
+    _SHARED.clear()
+    return count
+
+
 def prior_pipeline_key(model: str, *, dtype: torch.dtype, device: torch.device) -> tuple:
     """`shared_model` key of a prior checkpoint's pipeline on a device."""
     return ("prior-pipeline", model, str(dtype), str(device))
@@ -107,6 +115,8 @@ class ModelStage(Stage):
     ``allowed_protocols``, ``max_input_pixels``, ``max_input_bytes``). Subclasses load their model after
     ``super().__init__``, from `checkpoint` (a checkpoint on object storage is synced into ``model_cache``
     with ``storage_options``), and list the modules `actors.accel.prepare_pipeline` compiled in ``compiled``.
+    ``memory_role`` (``clip`` or ``decoder``, for actors that share a GPU): the process may allocate only its share
+    of the GPU's memory (`schemas.resources.co_located_memory_fraction`).
 
     On CUDA: cuDNN picks the fastest convolution algorithm for each shape it meets
     (``cudnn.benchmark``); after an out-of-memory failure the CUDA cache is emptied before the
@@ -124,6 +134,7 @@ class ModelStage(Stage):
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
         model_cache: str | None = None,
+        memory_role: str | None = None,
         max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
@@ -146,6 +157,9 @@ class ModelStage(Stage):
             # GPUs and runs, as they already do between GPU kinds.
             torch.backends.cudnn.benchmark = True
             self.memory_name = "GPU memory"
+            if memory_role is not None:  # an actor sharing its GPU (co-located) stays within its share
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                torch.cuda.set_per_process_memory_fraction(co_located_memory_fraction(memory_role, total), self.device)
 
     @property
     def overlapping(self) -> bool:

@@ -5,21 +5,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
+from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2 import downscale_height_and_width
+from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import prepare_mask_and_masked_image
 from PIL import Image
 
-from actors.accel import compiled_modules, prepare_pipeline
+from actors.accel import prepare_pipeline
 from actors.common import ModelStage, generator_state, restore_generator, seeded_generator
+from actors.compiled import compiled_modules, guards
+from actors.denoise import PlannedScheduler, call_start, draw_noise, plannable, use_vectorized_prepare_mask
 from actors.inputs import hint_array
 from actors.pixels import DENORMALIZED_PIPELINES, PixelCopy, Pixels, pixels_column, start_copy
 from actors.stage import Call, InputError, Outcome, is_out_of_memory, with_errors
+from actors.transfers import Uploaded, Uploader
 from schemas.config import AccelOptions
 from schemas.models import movq_scale
-from schemas.modes import DECODER_INPUT_KWARGS, MODES
+from schemas.modes import DECODER_INPUT_KWARGS, MODES, Mode
 from schemas.results import ERROR_NON_FINITE
 from schemas.stages import DECODER
 from schemas.work import CALL_KEY, DECODED_FIELDS, DECODER_DROPS
@@ -86,15 +92,21 @@ class DecoderActor(ModelStage):
 
         self.pipes: dict[str, Any] = {}
         loaded: dict[str, Any] = {}
+        if "inpaint" in models:
+            use_vectorized_prepare_mask()
         for mode, path in sorted(models.items()):
             cls = getattr(diffusers, MODES[mode].pipeline)
             if path not in loaded:
                 pipe = cls.from_pretrained(self.checkpoint(path), dtype=self.dtype)
+                if plannable(pipe.scheduler):  # before the checkpoint's other pipelines share its components
+                    pipe.scheduler = PlannedScheduler.from_config(pipe.scheduler.config)
                 loaded[path] = prepare_pipeline(pipe, device=self.device, options=accel)
                 pipe = loaded[path]
             else:
                 pipe = cls(**loaded[path].components)
             pipe.set_progress_bar_config(disable=True)
+            if hasattr(pipe, "image_processor"):  # img2img variants: images arrive preprocessed by `load`
+                pipe.image_processor = PreparedImages(pipe.image_processor)
             expected = (movq_scales or {}).get(MODES[mode].checkpoint)
             scale = movq_scale(pipe.movq.config.block_out_channels)  # not every pipeline sets its own
             if expected is not None and scale != expected:
@@ -104,33 +116,53 @@ class DecoderActor(ModelStage):
                 )
             self.pipes[mode] = pipe
         self.compiled = list({id(m): m for pipe in loaded.values() for m in compiled_modules(pipe)}.values())
+        self.uploader = Uploader(self.device)
         if self.compiled and warmup:
             self._warm_up(warmup)
 
+    @classmethod
+    def concurrency(cls, device: str, **kwargs: Any) -> int:
+        """`Stage.concurrency`; one call at a time when the decoder replays CUDA graphs (one device thread)."""
+        accel = kwargs.get("accel")
+        return 1 if accel is not None and accel.cuda_graphs else super().concurrency(device)
+
     def _warm_up(self, warmup: Sequence[Warmup]) -> None:
-        """Compile for each (mode, height, width, batch_size) by rendering blank inputs; stops if compiling fails."""
+        """Compile every shape the run will call before the actor is ready: each (mode, height, width) at its batch
+        size and each smaller size out-of-memory splits make, each with and without guidance (the UNet batch is
+        doubled or not), by rendering blank inputs; then shapes not compiled run eagerly (`ShapeGuard`). Stops,
+        eager, if compiling fails."""
         started = time.perf_counter()
+        shapes = []
         for mode, height, width, batch_size in dict.fromkeys(warmup):
-            batch_size = min(batch_size, self.max_batch_size or batch_size)  # run() pads to max_batch_size
-            call, arrays = self._blank_call(mode, height=height, width=width, batch_size=batch_size)
+            size = min(batch_size, self.max_batch_size or batch_size)  # run() pads to max_batch_size
+            while size >= 1:
+                shapes += [(mode, height, width, size, guidance) for guidance in (4.0, 1.0)]
+                size = size // 2 if size > 1 else 0
+        for mode, height, width, batch_size, guidance in dict.fromkeys(shapes):
+            call, arrays = self._blank_call(mode, height=height, width=width, batch_size=batch_size, guidance=guidance)
             try:
-                self.collect(call, self.run(call, arrays))
+                self.collect(call, self.run(call, arrays, pad=False))
             except Exception as exc:
                 if self.recover(exc):  # logged: the actor runs eagerly, nothing left to warm up
                     return
                 if is_out_of_memory(exc):
                     self.release_memory()
                 logger.warning(
-                    "decoder warm-up at %s %dx%d, batch %d failed (%s); its first real call compiles instead",
+                    "decoder warm-up at %s %dx%d, batch %d, guidance %g failed (%s); that shape runs eagerly",
                     mode,
                     height,
                     width,
                     batch_size,
+                    guidance,
                     " ".join(str(exc).split())[:300],
                 )
-        logger.info("decoder: compiled for %d call shape(s) in %.1f s", len(set(warmup)), time.perf_counter() - started)
+        for guard in guards(self.compiled):
+            guard.seal()
+        logger.info("decoder: compiled %d call shape(s) in %.1f s", len(set(shapes)), time.perf_counter() - started)
 
-    def _blank_call(self, mode_name: str, *, height: int, width: int, batch_size: int) -> tuple[Call, dict]:
+    def _blank_call(
+        self, mode_name: str, *, height: int, width: int, batch_size: int, guidance: float = 4.0
+    ) -> tuple[Call, dict]:
         """A call of ``batch_size`` rows of ``mode_name`` with zero embeddings and blank input images."""
         mode, pipe = MODES[mode_name], self.pipes[mode_name]
         row = {
@@ -138,7 +170,7 @@ class DecoderActor(ModelStage):
             "height": height,
             "width": width,
             "num_inference_steps": WARMUP_STEPS,
-            "guidance_scale": 4.0,
+            "guidance_scale": guidance,
             "strength": 1.0,
             "generator_state": generator_state(seeded_generator(0)),
         }
@@ -150,11 +182,17 @@ class DecoderActor(ModelStage):
         if "hint" in mode.reads:
             inputs["hint"] = hint_array(Image.new("RGB", (width, height)))
         zeros = np.zeros((batch_size, int(pipe.unet.config.encoder_hid_dim)), np.float32)
-        call = Call(positions=list(range(batch_size)), rows=[row] * batch_size, inputs=[inputs] * batch_size)
+        prepared = [self.prepare(row, inputs)] * batch_size
+        call = Call(positions=list(range(batch_size)), rows=[row] * batch_size, inputs=prepared)
         return call, {"image_embeds": zeros, "negative_image_embeds": zeros}
 
-    def load(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Load and check the images ``row``'s mode reads (`schemas.modes.Mode.reads`); raises `InputError`."""
+    def load(self, row: dict[str, Any]) -> Prepared:
+        """Load and check the images ``row``'s mode reads (`schemas.modes.Mode.reads`; `InputError`), then prepare
+        them and the row's noise as tensors on their way to the device (`prepare`): outside the device lock."""
+        return self.prepare(row, self._images(row))
+
+    def _images(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The images ``row``'s mode reads, checked (PIL images; the hint as a (3, H, W) float32 array)."""
         mode, height, width = MODES[row["mode"]], row["height"], row["width"]
         inputs: dict[str, Any] = {}
         if "image" in mode.required:
@@ -180,8 +218,44 @@ class DecoderActor(ModelStage):
         return inputs
 
     @torch.inference_mode()
-    def run(self, call: Call, arrays: dict[str, np.ndarray]) -> PixelCopy:
-        """One pipeline call for rows that share `CALL_KEY`; returns the images on their way to the host."""
+    def prepare(self, row: dict[str, Any], images: dict[str, Any]) -> Prepared:
+        """``row``'s inputs as its pipeline will use them, converted the pipeline's own way, and (planned scheduler)
+        the noise its call draws, drawn now from its generator: copies to the device started (`actors.transfers`)."""
+        mode, pipe = MODES[row["mode"]], self.pipes[row["mode"]]
+        dtype = pipe.unet.dtype
+        tensors: dict[str, Any] = {}
+        if mode.partial_schedule:  # img2img variants: the pipeline's own preprocessing, then the device
+            image = pipe.image_processor.preprocess(images["image"], row["width"], row["height"])
+            tensors["image"] = self.uploader.put(image, dtype=dtype)
+            tensors["image"].value._kandinsky_prepared = True
+        elif "mask" in images:  # inpaint: the pipeline's own conversion; it checks and moves the tensors itself
+            mask, image = prepare_mask_and_masked_image(images["image"], images["mask"], row["height"], row["width"])
+            # given tensors, the pipeline converts them again, which is the identity but for the mask's final
+            # inversion (``1 - mask``): it gets the mask as it was before that
+            tensors["image"], tensors["mask"] = image, 1 - mask
+        if "hint" in images:
+            tensors["hint"] = self.uploader.put(torch.from_numpy(images["hint"][None]), dtype=dtype)
+        noise = None
+        if isinstance(pipe.scheduler, PlannedScheduler):
+            begin = call_start(
+                num_inference_steps=row["num_inference_steps"],
+                strength=row["strength"] if mode.partial_schedule else None,
+            )
+            steps = pipe.scheduler.noisy_steps(num_inference_steps=row["num_inference_steps"], begin=begin)
+            first, draws = draw_noise(
+                restore_generator(row["generator_state"]),
+                shape=latent_shape(pipe, mode, row, tensors.get("image")),
+                dtype=dtype,
+                steps=steps,
+            )
+            noise = Noise(begin=begin, first=self.uploader.put(first), steps=self.uploader.put(draws))
+        return Prepared(tensors=tensors, noise=noise)
+
+    @torch.inference_mode()
+    def run(self, call: Call, arrays: dict[str, np.ndarray], *, pad: bool = True) -> PixelCopy:
+        """One pipeline call for rows that share `CALL_KEY`; returns the images on their way to the host.
+        ``pad``: a compiled actor pads a partial batch to ``max_batch_size`` (not its warm-up calls: their size is
+        the shape being compiled)."""
         first = call.rows[0]
         mode = MODES[first["mode"]]
         pipe = self.pipes[mode.name]
@@ -189,33 +263,51 @@ class DecoderActor(ModelStage):
         count = len(call.positions)
         # A compiled UNet keeps one shape per call key: a partial batch is padded with copies of its
         # last row (each with a generator of its own, so the real rows draw what they would alone).
-        padding = max(0, (self.max_batch_size or 0) - count) if self.compiled else 0
+        padding = max(0, (self.max_batch_size or 0) - count) if self.compiled and pad else 0
         positions = call.positions + call.positions[-1:] * padding
         rows = call.rows + call.rows[-1:] * padding
         inputs = call.inputs + call.inputs[-1:] * padding
 
-        def tensor(values: np.ndarray) -> torch.Tensor:
-            # Decoders only cast embeddings and hints to the UNet dtype when guidance > 1 (diffusers 0.42.1).
-            return torch.from_numpy(np.ascontiguousarray(values)).to(device=self.device, dtype=dtype)
+        def embeds(name: str) -> torch.Tensor:
+            # Decoders only cast embeddings to the UNet dtype when guidance > 1 (diffusers 0.42.1): cast here.
+            values = torch.from_numpy(np.ascontiguousarray(arrays[name][positions])).to(dtype)
+            return values.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else values
 
         kwargs: dict[str, Any] = {
-            "image_embeds": tensor(arrays["image_embeds"][positions]),
-            "negative_image_embeds": tensor(arrays["negative_image_embeds"][positions]),
+            "image_embeds": embeds("image_embeds"),
+            "negative_image_embeds": embeds("negative_image_embeds"),
             "height": first["height"],
             "width": first["width"],
             "num_inference_steps": first["num_inference_steps"],
             "guidance_scale": first["guidance_scale"],
             "num_images_per_prompt": 1,
-            "generator": [restore_generator(row["generator_state"]) for row in rows],
             "output_type": "pt",  # uint8 is made on the device (actors.pixels), as "np" + to_uint8 would
             "return_dict": False,
         }
-        for column in sorted(inputs[0]):
-            values = [item[column] for item in inputs]
-            kwargs[DECODER_INPUT_KWARGS[column]] = tensor(np.stack(values)) if column == "hint" else values
+        for column in sorted(inputs[0].tensors):
+            values = [item.tensors[column] for item in inputs]
+            if column == "image" and mode.partial_schedule:  # each one passes the pipeline's preprocessing as is
+                kwargs["image"] = [value.get() for value in values]
+            else:
+                kwargs[DECODER_INPUT_KWARGS[column]] = torch.cat([_tensor(value) for value in values])
         if mode.partial_schedule:
             kwargs["strength"] = first["strength"]
-        images = pipe(**kwargs)[0]
+        scheduler = pipe.scheduler
+        planned = isinstance(scheduler, PlannedScheduler) and inputs[0].noise is not None
+        if planned:
+            noise = [item.noise for item in inputs]
+            draws = torch.cat([item.steps.get() for item in noise], dim=1)  # (steps, batch, C, h, w)
+            scheduler.plan(begin=noise[0].begin, noise=list(draws))
+            if not mode.partial_schedule:  # the pipeline takes the initial noise as ``latents``
+                kwargs["latents"] = torch.cat([item.first.get() for item in noise])
+        # img2img variants draw their initial noise themselves (from the generators); the rest draw nothing then
+        if not planned or mode.partial_schedule:
+            kwargs["generator"] = [restore_generator(row["generator_state"]) for row in rows]
+        try:
+            images = pipe(**kwargs)[0]
+        finally:
+            if planned:
+                scheduler.clear()
         return start_copy(images[:count], denormalized=mode.pipeline in DENORMALIZED_PIPELINES)
 
     def collect(self, call: Call, produced: PixelCopy) -> list[Pixels]:
@@ -243,3 +335,51 @@ class DecoderActor(ModelStage):
         for field, column in zip(DECODED_FIELDS, columns):
             kept = kept.append_column(field, column)
         return kept
+
+
+@dataclass(frozen=True, kw_only=True)
+class Noise:
+    """A row's noise for its call (`actors.denoise.draw_noise`), on its way to the device."""
+
+    begin: int  # the index of the call's first step
+    first: Uploaded  # the initial noise, (1, C, h, w)
+    steps: Uploaded  # each noisy step's, (steps, 1, C, h, w)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prepared:
+    """What `DecoderActor.load` made of a row: its input tensors (by input column) and its noise (None: unplanned)."""
+
+    tensors: dict[str, Any]
+    noise: Noise | None
+
+
+class PreparedImages:
+    """A pipeline's image processor that passes images `DecoderActor.prepare` already preprocessed (with this very
+    processor) through, and hands anything else to it."""
+
+    def __init__(self, processor: Any) -> None:
+        self._processor = processor
+
+    def preprocess(self, image: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(image, "_kandinsky_prepared", False):
+            return image
+        return self._processor.preprocess(image, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._processor, name)
+
+
+def latent_shape(pipe: Any, mode: Mode, row: dict[str, Any], image: Uploaded | None) -> tuple[int, int, int]:
+    """(channels, height, width) of a row's latents, as its pipeline makes them: encoded from its preprocessed image
+    (img2img variants), else ``downscale_height_and_width`` of its size."""
+    channels, scale = int(pipe.movq.config.latent_channels), movq_scale(pipe.movq.config.block_out_channels)
+    if image is not None and mode.partial_schedule:
+        height, width = image.value.shape[-2:]
+        return channels, int(height) // scale, int(width) // scale
+    height, width = downscale_height_and_width(row["height"], row["width"], scale)
+    return channels, height, width
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    return value.get() if isinstance(value, Uploaded) else value

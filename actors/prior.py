@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.accel import compiled_modules, prepare_pipeline, share_prior_caches
+from actors.accel import prepare_pipeline, share_prior_caches
 from actors.common import ModelStage, generator_state, prior_pipeline_key, seeded_generator, shared_model
+from actors.compiled import compiled_modules
 from actors.stage import Call, Outcome, with_errors
 from schemas.config import AccelOptions
 from schemas.modes import PRIOR_EMBEDS, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_KINDS, PRIOR_TEXT

@@ -11,9 +11,11 @@ Everything else is written once, here:
   deterministic order, and cut into calls of at most ``max_batch_size`` rows;
 - an input that cannot be loaded makes that row an ``input_error``;
 - a call that runs out of memory (`is_out_of_memory`: every CUDA allocation failure torch, cuBLAS
-  and cuDNN report) is dropped first (its exception and frames released, then `release_memory`),
-  then split in halves and retried; the smaller size is kept for the rest of the run. A row that
-  runs out of memory alone becomes ``render_failed`` saying so; the job goes on;
+  and cuDNN report) is dropped first (its exception and frames released, then `release_memory`) and
+  retried once at the same size (a spike beside it may have passed); if it runs out again it is split
+  in halves and retried, and calls keep the smaller size until `GROW_AFTER` calls in a row succeed,
+  then the size doubles back, up to the configured one. A row that runs out of memory alone becomes
+  ``render_failed`` saying so; the job goes on;
 - a failure the stage can recover from by changing itself (`recover`: a failed ``torch.compile``
   falls back to eager) is retried once as it was;
 - any other failing call is retried row by row, so only the bad row becomes ``failure_kind``;
@@ -54,6 +56,7 @@ from schemas.text import exception_text
 from schemas.work import binary_views, embeds_numpy
 
 logger = logging.getLogger(__name__)
+GROW_AFTER = 20  # good calls in a row before a batch size cut by out-of-memory splits doubles back
 
 # How each library reports a failed device (or host) allocation, as torch raises it. torch's caching
 # allocator raises torch.OutOfMemoryError ("CUDA out of memory. Tried to allocate ..."; ROCm: "HIP
@@ -137,6 +140,7 @@ class Stage:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self._configured_batch_size = max_batch_size  # what `reset` goes back to after out-of-memory splits
+        self._good_calls = 0  # calls in a row that succeeded since the batch size was last cut
         self.worker = worker
         self._device_lock = threading.Lock()
         # Two calls' inputs load one call at a time (the loaders' caches are not thread-safe); either
@@ -144,8 +148,9 @@ class Stage:
         self._load_lock = threading.Lock()
 
     @classmethod
-    def concurrency(cls, device: str) -> int:
-        """How many calls one actor of this stage should run at once on a ``device`` ("cuda", "cpu"...).
+    def concurrency(cls, device: str, **kwargs: Any) -> int:
+        """How many calls one actor of this stage should run at once on a ``device`` ("cuda", "cpu"...), built with
+        ``kwargs``.
 
         2 for a stage that `overlaps_host_work` on an accelerator (the actor's ``max_concurrency``:
         one call on the device while the other does host work), else 1. Safe to over-ask: an
@@ -195,11 +200,24 @@ class Stage:
         """Forget what earlier calls left (an actor kept for the next run must render as a fresh one): the batch
         size goes back to the configured one; stages with caches empty them."""
         self.max_batch_size = self._configured_batch_size
+        self._good_calls = 0
 
     def recover(self, exc: BaseException) -> bool:
         """Whether the stage changed itself so that the call that raised ``exc`` may now succeed
         (e.g. a failed compile -> eager); such a call is retried once as it was. Logs what it did."""
         return False
+
+    def _grow_back(self) -> None:
+        """After `GROW_AFTER` good calls in a row at a size cut by out-of-memory splits, double it back (up to the
+        configured size)."""
+        configured, current = self._configured_batch_size, self.max_batch_size
+        if configured is None or current is None or current >= configured:
+            return
+        self._good_calls += 1
+        if self._good_calls >= GROW_AFTER:
+            self.max_batch_size, self._good_calls = min(configured, 2 * current), 0
+            logger.info("stage %s: %d good calls in a row; batch size %d again", self.name, GROW_AFTER,
+                        self.max_batch_size)  # fmt: skip
 
     # ------------------------------------------------------------------ the contract
 
@@ -279,6 +297,7 @@ class Stage:
             share = busy / len(call.positions)
             for i, output in zip(call.positions, outputs):
                 outcome.outputs[i], outcome.seconds[i] = output, share
+            self._grow_back()
             return
         failure, size = result, len(call.positions)
         if failure.recovered and not retried:
@@ -286,6 +305,12 @@ class Stage:
             return
         if failure.out_of_memory:
             self.release_memory()
+            self._good_calls = 0
+            if not retried:  # once more at the same size: the memory may have been another's passing spike
+                logger.warning("stage %s: a call of %d rows ran out of %s; trying it once more", self.name, size,
+                               self.memory_name)  # fmt: skip
+                self._serve(call, arrays, outcome, retried=True)
+                return
             if size > 1:
                 half = (size + 1) // 2
                 if self.max_batch_size is None or self.max_batch_size > half:

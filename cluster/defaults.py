@@ -80,9 +80,35 @@ ACCELERATORS = {
     "A100": Accelerator(memory_bytes=40e9, peak_tflops=312),  # the smaller of the two A100s
     "A100-40G": Accelerator(memory_bytes=40e9, peak_tflops=312),
     "A100-80G": Accelerator(memory_bytes=80e9, peak_tflops=312),
-    "H100": Accelerator(memory_bytes=80e9, peak_tflops=989),
-    "H200": Accelerator(memory_bytes=141e9, peak_tflops=989),
+    "H100": Accelerator(memory_bytes=80e9, peak_tflops=989),  # SXM
+    "H100-PCIE": Accelerator(memory_bytes=80e9, peak_tflops=756),
+    "H100-NVL": Accelerator(memory_bytes=94e9, peak_tflops=835),
+    "H200": Accelerator(memory_bytes=141e9, peak_tflops=989),  # SXM
+    "H200-NVL": Accelerator(memory_bytes=141e9, peak_tflops=835),
+    "GH200": Accelerator(memory_bytes=96e9, peak_tflops=989),  # the 96 GB HBM3 part (144 GB HBM3e: same peak)
+    "B200": Accelerator(memory_bytes=180e9, peak_tflops=2250),
 }
+
+
+def canonical_accelerator(name: str) -> str:
+    """The `ACCELERATORS` key ``name`` names, whatever its case and separators (``h200 nvl`` -> ``H200-NVL``), else
+    ``name`` as given."""
+    wanted = "-".join(name.upper().replace("_", "-").split())
+    return next((key for key in ACCELERATORS if key.upper() == wanted), name)
+
+
+def accelerator_spec(name: str) -> Accelerator | None:
+    """What `ACCELERATORS` knows of the type ``name`` (`canonical_accelerator`), or None."""
+    return ACCELERATORS.get(canonical_accelerator(name))
+
+
+def accelerator_from_device_name(device_name: str) -> str | None:
+    """The `ACCELERATORS` key of a device as torch names it (``NVIDIA H200 NVL`` -> ``H200-NVL``, ``NVIDIA GH200
+    480GB`` -> ``GH200``): the longest key whose parts appear in the name, in order; None when none does."""
+    parts = device_name.upper().replace("_", " ").replace("-", " ").split()
+    joined = " " + " ".join(parts) + " "
+    found = [key for key in ACCELERATORS if " " + " ".join(key.upper().split("-")) + " " in joined]
+    return max(found, key=len) if found else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,8 +126,9 @@ class Machine:
 
     def gpu_memory(self) -> tuple[float, str]:
         """(bytes, whose) of one GPU, from the accelerator type; (0, "unknown") for logical or unlisted GPUs."""
-        if self.accelerator_type in ACCELERATORS:
-            return ACCELERATORS[self.accelerator_type].memory_bytes, f"a {self.accelerator_type}'s"
+        spec = accelerator_spec(self.accelerator_type) if self.accelerator_type else None
+        if spec is not None:
+            return spec.memory_bytes, f"a {canonical_accelerator(self.accelerator_type)}'s"
         return 0.0, "unknown"
 
     def describe(self) -> dict[str, Any]:

@@ -44,9 +44,10 @@ class AccelOptions:
     ``attention``: ``sdpa`` makes every attention layer use torch's scaled_dot_product_attention
     (diffusers' and transformers' default with torch 2); ``default`` is the plain matmul-softmax
     path. ``channels_last`` stores conv weights NHWC (faster convolutions on recent GPUs).
-    ``compile`` wraps the decoder UNet and the prior transformer in ``torch.compile`` (slow first
-    calls; pays off on long runs). ``cpu_offload`` keeps weights in CPU memory and moves each model
-    to the GPU only while it runs (diffusers' model CPU offload, for GPUs too small for a stage).
+    ``compile`` wraps the decoder UNet (and MoVQ decode) and the prior transformer in ``torch.compile``
+    (`actors.compiled`; pays off on long runs); ``cuda_graphs`` makes the compiled decoder replay CUDA
+    graphs. ``cpu_offload`` keeps weights in CPU memory and moves each model to the GPU only while it
+    runs (diffusers' model CPU offload, for GPUs too small for a stage).
     ``prompt_cache_size``: text encodings kept per prior actor (0 disables the cache).
     """
 
@@ -56,7 +57,20 @@ class AccelOptions:
     channels_last: bool | None = field(
         default=None, metadata={"help": "NHWC conv weights", "default_help": MACHINE_DEFAULT}
     )
-    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet and prior (slow first calls)"})
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the decoder's UNet and MoVQ decode (every shape compiled before an actor is ready; "
+            "compile time counts against no wait or deadline) and the prior transformer"
+        },
+    )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={
+            "help": "with --compile: replay each decoder step as a CUDA graph (one call at a time per decoder actor; "
+            "off until measured on your GPUs: kandinsky-render benchmark gpu)"
+        },
+    )
     cpu_offload: bool = field(
         default=False, metadata={"help": "keep weights in CPU memory, each model on the GPU only while it runs"}
     )
@@ -66,6 +80,8 @@ class AccelOptions:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         check_range("prompt_cache_size", self.prompt_cache_size, low=0, high=1_000_000)
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("cuda_graphs needs compile (--compile --cuda-graphs)")
 
 
 @dataclass(frozen=True, kw_only=True)

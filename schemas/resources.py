@@ -12,6 +12,10 @@ from schemas.numbers import check_range
 MACHINE_DEFAULT = "chosen for the machine when the job starts, printed with its reason"
 
 UNBOUNDED = 1_000_000  # an actor pool's upper bound when none is given ("MIN:")
+# GPU memory the CLIP group takes when it shares a GPU with a decoder: its fp16 weights (prior 7.1 GB with its
+# encoders; the depth estimator ~1.3 GB) and activations. The decoder gets the rest.
+CLIP_MEMORY_BYTES = 10e9
+MEMORY_ROLES = ("clip", "decoder")
 MAX_RESOURCES_PER_ACTOR = 1024  # GPUs or CPUs one actor may ask for
 
 
@@ -96,3 +100,13 @@ class StageResources:
             return None
         low, _, high = self.num_actors.partition(":")
         return int(low) if ":" not in self.num_actors else (int(high) if high else UNBOUNDED)
+
+
+def co_located_memory_fraction(role: str, total_bytes: float) -> float:
+    """The share of a GPU's memory (``total_bytes``) an actor that shares the GPU may allocate (torch's
+    ``set_per_process_memory_fraction``): the CLIP group what its models need (`CLIP_MEMORY_BYTES`, at least 10%,
+    at most half), the decoder the rest, so a spike of one never takes the other's memory."""
+    if role not in MEMORY_ROLES:
+        raise ValueError(f"memory role must be one of {MEMORY_ROLES}, got {role!r}")
+    clip = min(0.5, max(0.1, CLIP_MEMORY_BYTES / total_bytes)) if total_bytes > 0 else 0.5
+    return clip if role == "clip" else 1.0 - clip

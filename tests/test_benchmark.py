@@ -117,57 +117,6 @@ def test_cpu_runs_job_loop_and_ray_data_peer_with_equal_images(tmp_path: Path) -
     assert stats["suggested_stages"]["decoder_seconds_per_image"] > 0  # measured; on CPU there is nothing to split
 
 
-def test_gpu_dry_run_on_cpu_with_tiny_models(tmp_path: Path, tiny_models: str, in_process: Callable) -> None:
-    code, out, err = in_process(
-        "gpu", "--tiny", "--device", "cpu", "--models", tiny_models, "--dtype", "float32", "--size", "64",
-        "--steps", "2", "--prior-steps", "2", "--batch-sizes", "1", "2", "--matrix-batch", "2",
-        "--timed-batches", "1", "--combined-rows", "1", "--check-rows", "2", "--check-steps", "2",
-        "--budget-s", "3600", "--threads", "1", "--work-dir", str(tmp_path),
-    )  # fmt: skip
-    assert code == 0, err[-3000:]
-    result = last_json(out)
-    assert [b["batch_size"] for b in result["batches"]] == [1, 2]
-    assert all(b["calls_with_errors"] == 0 and b["timed_calls"] == 1 for b in result["batches"])
-    assert result["combined_images_per_s"] > 0 and result["speedup_vs_combined"] > 0
-    # equal batch composition (one row per call on both sides): the same images
-    assert result["vs_combined_float32"]["float32"]["max_level_difference"] <= 1
-    # channels-last at the matrix batch next to the eager channels-first run (no compile on the CPU)
-    assert [(m["channels_last"], m["compile"]) for m in result["matrix"]] == [(False, False), (True, False)]
-    assert result["matrix"][0]["speedup_vs_eager"] == 1.0 and result["matrix"][1]["max_level_difference_vs_eager"] <= 1
-    flops = result["flops_per_image"]
-    assert flops["decoder"] == pytest.approx(2 * flops["unet_step"] + flops["movq"]) and flops["prior"] > 0
-    assert result["prior_seconds_per_image"] > 0 and result["decoder_seconds_per_image"] > 0
-    assert "--num-decoder-actors" in result["eight_gpus"]["flags"]
-    summary = [line for line in out.splitlines() if line.startswith("summary: ")]
-    assert len(summary) == 8 and "fraction of peak: unknown for cpu" in summary[1]
-
-
-def test_gpu_trims_timed_calls_to_its_budget(tmp_path: Path, tiny_models: str, in_process: Callable) -> None:
-    """With no budget left every figure comes from its warm-up call and later batch sizes are skipped."""
-    code, out, err = in_process(
-        "gpu", "--tiny", "--device", "cpu", "--models", tiny_models, "--dtype", "float32", "--size", "32",
-        "--steps", "2", "--prior-steps", "2", "--batch-sizes", "1", "2", "--matrix-batch", "1",
-        "--check-rows", "0", "--budget-s", "0", "--threads", "1", "--work-dir", str(tmp_path),
-    )  # fmt: skip
-    assert code == 0, err[-3000:]
-    result = last_json(out)
-    assert [(b["batch_size"], b["timed_calls"]) for b in result["batches"]] == [(1, 0)]
-    assert "decoder batch 2: skipped, the budget is spent" in out
-    assert [m["channels_last"] for m in result["matrix"]] == [False]  # the channels-last run is skipped too
-    assert result["combined_images_per_s"] > 0 and "vs_combined_float32" not in result
-
-
-@pytest.mark.parametrize("args", [(), ("--device", "cpu")])
-def test_gpu_refuses_without_a_gpu(args: tuple[str, ...], in_process: Callable) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    code, _, err = in_process("gpu", *args)
-    assert code == 2
-    assert "needs a CUDA device" in err and "--device cpu --tiny" in err
-
-
 def test_host_times_the_decoder_around_a_stub_pipeline(tmp_path: Path, tiny_models: str, in_process: Callable) -> None:
     code, out, err = in_process(
         "host", "--models", tiny_models, "--size", "64", "--batch-size", "4", "--calls", "2",

@@ -8,12 +8,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 
+from actors.common import restore_generator
 from actors.decoder import DecoderActor
 from actors.images import to_uint8
 from actors.pixels import Pixels, pixels_column
@@ -21,7 +24,7 @@ from actors.prior import PriorActor
 from jobs.planning.run_plan import manifest_work
 from schemas.config import AccelOptions, JobConfig
 from schemas.models import ModelPaths
-from schemas.modes import MODES
+from schemas.modes import DECODER_INPUT_KWARGS, MODES
 from schemas.results import ERROR_NON_FINITE
 from schemas.work import embeds_array, embeds_numpy
 from tests.helpers.rows import write_manifest
@@ -47,29 +50,61 @@ def text_rows(tmp_path_factory: pytest.TempPathFactory, tiny_models: str) -> pa.
 
 
 class Spy:
-    """Wraps a decoder pipeline: calls it as the actor asks, then again with the same inputs and
-    ``output_type="np"`` (today's path); keeps that reference per generator state, and each call's size."""
+    """Wraps a decoder actor's ``run``: first renders the call's rows the way the decoder rendered them before its
+    scheduler was planned (diffusers' own scheduler drawing each step's noise from the rows' CPU generators, PIL
+    inputs, ``output_type="np"``, the same batch composition, padding included): today's pixels, kept per
+    generator state; and each call's size."""
 
-    def __init__(self, pipe: Any) -> None:
-        self.pipe, self.unet = pipe, pipe.unet
+    def __init__(self, actor: DecoderActor) -> None:
+        self.actor = actor
         self.references: dict[bytes, np.ndarray] = {}
         self.sizes: list[int] = []
+        run = actor.run
 
-    def __call__(self, **kwargs: Any) -> Any:
-        states = [generator.get_state() for generator in kwargs["generator"]]
-        self.sizes.append(len(states))
-        produced = self.pipe(**kwargs)
-        again = [torch.Generator().set_state(state) for state in states]
-        images = self.pipe(**{**kwargs, "output_type": "np", "generator": again})[0]
-        for state, image in zip(states, images):
-            self.references.setdefault(state.numpy().tobytes(), image)
-        return produced
+        def spied(call: Any, arrays: dict) -> Any:
+            self.record(call, arrays)
+            return run(call, arrays)
+
+        actor.run = spied
+
+    def stock(self, mode: str) -> Any:
+        """The mode's pipeline on the actor's modules, with diffusers' own scheduler and image processor."""
+        pipe = self.actor.pipes[mode]
+        components = {**pipe.components, "scheduler": DDPMScheduler.from_config(pipe.scheduler.config)}
+        stock = getattr(diffusers, MODES[mode].pipeline)(**components)
+        stock.set_progress_bar_config(disable=True)
+        return stock
+
+    def record(self, call: Any, arrays: dict) -> None:
+        actor = self.actor
+        padding = max(0, (actor.max_batch_size or 0) - len(call.positions)) if actor.compiled else 0
+        positions, rows = call.positions + call.positions[-1:] * padding, call.rows + call.rows[-1:] * padding
+        self.sizes.append(len(rows))
+        mode = MODES[rows[0]["mode"]]
+        pipe = self.stock(mode.name)
+
+        def tensor(values: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(values)).to(dtype=pipe.unet.dtype)
+
+        kwargs: dict[str, Any] = {
+            "image_embeds": tensor(arrays["image_embeds"][positions]),
+            "negative_image_embeds": tensor(arrays["negative_image_embeds"][positions]),
+            **{name: rows[0][name] for name in ("height", "width", "num_inference_steps", "guidance_scale")},
+            "generator": [restore_generator(row["generator_state"]) for row in rows],
+            "output_type": "np",
+        }
+        images = [actor._images(row) for row in rows]
+        for column in sorted(images[0]):
+            values = [item[column] for item in images]
+            kwargs[DECODER_INPUT_KWARGS[column]] = tensor(np.stack(values)) if column == "hint" else values
+        if mode.partial_schedule:
+            kwargs["strength"] = rows[0]["strength"]
+        for row, image in zip(rows, pipe(**kwargs).images):
+            self.references.setdefault(row["generator_state"], image)
 
 
-def spy_on(actor: DecoderActor) -> dict[str, Spy]:
-    spies = {mode: Spy(pipe) for mode, pipe in actor.pipes.items()}
-    actor.pipes.update(spies)
-    return spies
+def spy_on(actor: DecoderActor) -> Spy:
+    return Spy(actor)
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -122,13 +157,13 @@ def test_every_mode_gives_todays_pixels_bit_for_bit(tmp_path: Path, tiny_models:
     embeds = with_nan_embedding(embeddings(tmp_path, tiny_models, rows), "nan")
     models = {mode: f"{tiny_models}/{MODES[mode].checkpoint}" for mode in inputs}
     actor = DecoderActor(models, device="cpu", max_batch_size=4)
-    spies = spy_on(actor)
+    spy = spy_on(actor)
     results = {row["id"]: row for row in actor(embeds).to_pylist()}
     states = dict(zip(embeds.column("id").to_pylist(), embeds.column("generator_state").to_pylist()))
     # one call per mode, each as planned (eager: a partial batch is not padded to max_batch_size)
-    assert all(spies[mode].sizes == [3 if mode == "text2img" else 2] for mode in inputs)
+    assert sorted(spy.sizes) == [2, 2, 2, 2, 3]
     for row_id, result in results.items():
-        reference = spies[result["mode"]].references[states[row_id]]
+        reference = spy.references[states[row_id]]
         if row_id == "nan":
             assert not np.isfinite(reference).all()
             assert result["error_kind"] == ERROR_NON_FINITE and result["pixels"] is None
@@ -182,7 +217,18 @@ def fake_compile(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, A
         state["dynamic"] = kwargs.get("dynamic")
         self._compiled_call_impl = compiled
 
+    def compile_function(function: Any, **kwargs: Any) -> Any:  # torch.compile of the MoVQ's decode
+        def compiled(*inputs: Any, **named: Any) -> Any:
+            if state["failure"] is not None:
+                raise state["failure"]()
+            state["decodes"].append(tuple(inputs[0].shape))
+            return function(*inputs, **named)
+
+        return compiled
+
+    state["decodes"] = []
     monkeypatch.setattr(torch.nn.Module, "compile", compile)
+    monkeypatch.setattr(torch, "compile", compile_function)
     return state
 
 
@@ -193,7 +239,7 @@ def test_compiled_runs_pad_partial_batches_and_drop_the_padding(
     models = {"text2img": f"{tiny_models}/decoder"}
     compiled = DecoderActor(models, device="cpu", max_batch_size=4, accel=AccelOptions(compile=True))
     assert fake_compile["dynamic"] is False and (tmp_path / "cache" / "inductor").is_dir()
-    spy = spy_on(compiled)["text2img"]
+    spy = spy_on(compiled)
     padded = compiled(text_rows).to_pylist()
     assert spy.sizes == [4] and len(padded) == 3  # padded to the batch size; the padding row dropped
     for state, row in zip(text_rows.column("generator_state").to_pylist(), padded):
@@ -205,9 +251,18 @@ def test_warm_up_compiles_each_shape_before_the_actor_is_ready(tiny_models: str,
     with pytest.raises(ValueError, match="warmup entry"):
         DecoderActor(models, device="cpu", warmup=[("inpaint", 64, 64, 1)])
     warmup = [("text2img", 64, 64, 1), ("img2img", 32, 32, 3), ("text2img", 64, 64, 1)]
-    DecoderActor(models, device="cpu", max_batch_size=2, accel=AccelOptions(compile=True), warmup=warmup)
-    # guidance doubles the UNet batch; the tiny MoVQ's scale is 2; a warm-up runs at max_batch_size
-    assert sorted(set(fake_compile["shapes"])) == [(4, 4, 16, 16), (4, 4, 32, 32)]
+    actor = DecoderActor(models, device="cpu", max_batch_size=2, accel=AccelOptions(compile=True), warmup=warmup)
+    # each (mode, size) at max_batch_size and the sizes out-of-memory splits make (2 -> 1), with guidance (the UNet
+    # batch doubled) and without; the tiny MoVQ's scale is 2
+    unet = {(1, 4, 32, 32), (2, 4, 32, 32), (2, 4, 16, 16), (4, 4, 16, 16), (1, 4, 16, 16)}
+    assert set(fake_compile["shapes"]) == unet
+    assert set(fake_compile["decodes"]) == {(1, 4, 32, 32), (2, 4, 16, 16), (1, 4, 16, 16)}
+    # after the warm-up a shape nobody compiled runs eagerly, with one warning
+    calls = len(fake_compile["shapes"])
+    actor.pipes["text2img"].unet(
+        torch.zeros(3, 4, 8, 8), 1, None, added_cond_kwargs={"image_embeds": torch.zeros(3, 32)}
+    )
+    assert len(fake_compile["shapes"]) == calls
 
 
 @pytest.mark.parametrize("warm_up", [True, False], ids=["at-start", "first-call"])
@@ -221,7 +276,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(
     warmup = [("text2img", 64, 64, 1)] if warm_up else []
     with caplog.at_level(logging.WARNING):
         actor = DecoderActor(models, device="cpu", accel=AccelOptions(compile=True), warmup=warmup)
-        spy = spy_on(actor)["text2img"]
+        spy = spy_on(actor)
         results = actor(text_rows).to_pylist()
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "torch.compile failed, running eagerly from now on" in warnings[0]

@@ -16,7 +16,14 @@ from PIL import Image
 
 from actors.storage import Storage
 from actors.writer import ShardWriter
-from jobs.planning.calibration import DEFAULT_CALIBRATION, Profile, estimate, load_calibration, unit_totals
+from jobs.planning.calibration import (
+    DEFAULT_CALIBRATION,
+    ESTIMATED_FLOORS,
+    Profile,
+    estimate,
+    load_calibration,
+    unit_totals,
+)
 from jobs.reporting.calibrate import fit_profile
 from jobs.reporting.gallery import CELL, write_report
 from schemas.keys import sample_rank
@@ -161,6 +168,7 @@ def test_calibration_fit_recovers_known_costs_and_estimates_plans() -> None:
         decoder_image_seconds=0.2,
         measured=True,
         source="",
+        **dict.fromkeys(ESTIMATED_FLOORS, 0.0),  # the FLOP terms alone; the floors' fit is the next test
     )
     rows = []
     for i, (steps, side, guidance) in enumerate([(10, 512, 4.0), (50, 512, 4.0), (20, 1024, 1.0), (30, 768, 6.0)]):
@@ -187,6 +195,26 @@ def test_calibration_fit_recovers_known_costs_and_estimates_plans() -> None:
     )  # 30 of 100 steps run
     with pytest.raises(ValueError, match="no ok results rows"):
         fit_profile(results_table([]), name="x", source="")
+
+
+def test_calibration_fits_the_floors_of_a_run_whose_rows_vary_in_size_and_steps() -> None:
+    """Each row's decoder seconds: its FLOP terms plus its share of its call's floors (per step and per call, shared
+    by the run's batch of 8): with rows that vary in size and steps the fit recovers all four."""
+    batch, step, image, fixed_step, call = 8, 0.05, 0.2, 0.016, 0.024
+    rows = []
+    for i, (steps, side) in enumerate([(10, 512), (50, 256), (20, 1024), (30, 768), (40, 128), (25, 640)]):
+        scale = side * side / 512**2
+        decoder = (steps * step + image) * scale + (steps * fixed_step + call) / batch
+        row = work_row(f"r{i}", num_inference_steps=steps, height=side, width=side)
+        row["prior_seconds"] = 0.1
+        rows.append(result_from_work(row, run_id="r", uri="x", width=side, height=side, decoder_seconds=decoder))
+    fitted = fit_profile(results_table(rows), name="fit", source="synthetic", batch_size=batch)
+    assert fitted.floors_measured
+    assert (fitted.decoder_step_seconds, fitted.decoder_image_seconds) == (pytest.approx(step), pytest.approx(image))
+    assert fitted.decoder_fixed_step_seconds == pytest.approx(fixed_step)
+    assert fitted.decoder_call_seconds == pytest.approx(call)
+    unknown = fit_profile(results_table(rows), name="fit", source="synthetic")  # no batch size: floors estimated
+    assert not unknown.floors_measured and unknown.decoder_call_seconds == ESTIMATED_FLOORS["decoder_call_seconds"]
 
 
 def test_stored_calibration_loads_and_says_what_was_measured(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actors.stage import Call, Outcome, Stage, is_out_of_memory
+from actors.stage import GROW_AFTER, Call, Outcome, Stage, is_out_of_memory
 from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
 from schemas.models import HUB_MODELS, ModelPaths
@@ -116,13 +116,41 @@ def test_out_of_memory_splits_in_halves_and_keeps_the_smaller_size() -> None:
     stage = Recorder(memory=2)
     out = stage(table_of(["a"] * 7))
     assert stage.calls == [["r0", "r1"], ["r2", "r3"], ["r4", "r5"], ["r6"]]  # 7 -> 4 + 3 -> 2 + 2 + 2 + 1
-    assert stage.max_batch_size == 2  # kept for the rest of the run
+    assert stage.max_batch_size == 2  # kept for the next calls
     assert out.column("error_kind").null_count == 7
     stage(table_of(["a"] * 4))
     assert stage.calls[-2:] == [["r0", "r1"], ["r2", "r3"]]  # later calls start at the smaller size
     single = Recorder(memory=0)
     message = single(table_of(["a"])).column("error").to_pylist()[0]
     assert message.startswith("recorder ran out of memory rendering this row alone: OutOfMemoryError")
+
+
+def test_a_passing_spike_costs_one_retry_and_a_cut_size_grows_back_after_good_calls() -> None:
+    """Out of memory once (another process's spike): the same call once more, at the same size. Out of memory
+    for good at 4 rows: halves, then after `GROW_AFTER` good calls in a row the size doubles back."""
+    stage = Recorder(max_batch_size=4)
+    spikes = iter([True])
+    run = stage.run
+
+    def spiky(call: Call, arrays: dict) -> list[float]:
+        if next(spikes, False):
+            raise cuda_out_of_memory()
+        return run(call, arrays)
+
+    stage.run = spiky
+    stage(table_of(["a"] * 4))
+    assert stage.calls == [["r0", "r1", "r2", "r3"]] and stage.max_batch_size == 4  # retried whole, not halved
+    stage.memory = 2
+    stage(table_of(["a"] * 4))
+    assert stage.max_batch_size == 2
+    stage.memory = None  # the pressure is gone
+    for _ in range(GROW_AFTER // 2 - 2):  # with the two halves above: GROW_AFTER - 2 good calls in a row
+        stage(table_of(["a"] * 4))  # two good calls each
+    assert stage.max_batch_size == 2
+    stage(table_of(["a"] * 4))
+    assert stage.max_batch_size == 4  # GROW_AFTER good calls in a row: doubled back, never above the configured
+    stage(table_of(["a"] * 8))
+    assert stage.calls[-2:] == [["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"]]
 
 
 # Allocation failures as torch 2.13 raises them (texts from torch's and the libraries' own checks).
@@ -147,7 +175,8 @@ def test_every_allocation_failure_frees_the_call_then_splits(kind: str) -> None:
     out = stage(table_of(["a"] * 4))
     assert stage.calls == [["r0", "r1"], ["r2", "r3"]] and stage.max_batch_size == 2
     assert out.column("error").null_count == 4
-    assert stage.events == ["release", "freed", "freed"]  # released once, then both halves ran with it freed
+    # released, tried once more at 4 rows with it freed, released again, then both halves ran with it freed
+    assert stage.events == ["release", "freed", "release", "freed", "freed"]
 
 
 @pytest.mark.parametrize(
@@ -338,17 +367,24 @@ def test_decoder_out_of_memory_split_keeps_the_images(tmp_path: Path, tiny_model
     plain = DecoderActor(models)(embeds).to_pylist()
 
     split = DecoderActor(models, max_batch_size=8)
-    real_call, sizes = split.pipes["text2img"].__call__, []
+    real, sizes = split.pipes["text2img"], []
 
-    def call(**kwargs: object) -> object:
-        sizes.append(len(kwargs["generator"]))
-        if sizes[-1] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
-        return real_call(**kwargs)
+    class Pipe:
+        """The real pipeline, whose calls above 2 rows raise CUDA out-of-memory."""
 
-    split.pipes["text2img"] = type("Pipe", (), {"__call__": staticmethod(call), "unet": split.pipes["text2img"].unet})()
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def __call__(self, **kwargs: object) -> object:
+            sizes.append(len(kwargs["image_embeds"]))
+            if sizes[-1] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+            return real(**kwargs)
+
+    split.pipes["text2img"] = Pipe()
     results = split(embeds).to_pylist()
-    assert sizes == [5, 3, 2, 1, 2] and split.max_batch_size == 2
+    # 5 (and once more) -> 3 (and once more) + 2 -> 2 + 1 + 2
+    assert sizes == [5, 5, 3, 3, 2, 1, 2] and split.max_batch_size == 2
     assert [r["error"] for r in results] == [None] * 5
 
     def pixels(row: dict) -> np.ndarray:

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jobs.benchmarks import cpu, gpu, heartbeat, host, layout, plan, score, simulated
+from jobs.benchmarks import cpu, gpu, heartbeat, host, layout, plan, score, simulated, step
 from jobs.benchmarks.common import Mode
 from jobs.options.flags import DefaultsHelpFormatter
 
@@ -25,6 +25,7 @@ MODES: dict[str, Mode] = {
             *host.MODES,
             *score.MODES,
             *heartbeat.MODES,
+            *step.MODES,
         ),
         key=lambda mode: mode.help is None,
     )

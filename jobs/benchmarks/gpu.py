@@ -1,30 +1,26 @@
-"""Mode ``gpu``: one unattended run on a GPU machine: decoder images/s, fraction of peak, compile and
-channels-last, the Combined baseline, equality, and the figures the layout planner needs (BENCHMARKS.md e)."""
+"""Mode ``gpu``: one unattended run on a GPU machine (BENCHMARKS.md e): decoder images/s and fraction of peak eager,
+compiled and channels-last, diffusers' Combined loop as the baseline, the prior, equality, small batches and a CLIP
+actor beside a decoder; one JSON line per phase, the summary last, all within ``--budget-s``."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
+from cluster.layout import COLOCATION_EFFICIENCY, StageCosts, choose
+from jobs.benchmarks.common import Mode, machine
+from jobs.benchmarks.gpu_checks import Budget, Deadline, FakeClock, peak_tflops, preflight
+from jobs.benchmarks.gpu_colocated import co_located_phase
+from jobs.benchmarks.gpu_equality import equality_check
+from jobs.benchmarks.gpu_phases import OK, Bench, PhaseRunner
 
-from cluster.layout import StageCosts, choose
-from jobs.benchmarks.common import Mode, machine, write_manifest
-from jobs.benchmarks.gpu_checks import (
-    GIB,
-    Budget,
-    equality_check,
-    peak_tflops,
-    pixels_of,
-    preflight,
-    release,
-    synchronize,
-    time_calls,
-)
-from jobs.dev.real_size import build_real_size_models
-from jobs.dev.reference import combined_pipeline
+GOAL_FRACTION_OF_PEAK = 0.5
+GOAL_SPEEDUP = 2.5
+RESERVE_S = 15.0  # kept for the summary and removing the scratch weights (at most 5% of a small budget)
+DEADLINE_MARGIN_S = 5.0  # the hard deadline: this long before the budget ends
+DECODER_PHASES = ("eager", "compiled", "compiled_channels_last", "channels_last")
 
 
 def layout_for(num_gpus: int, *, prior_seconds: float, decoder_seconds: float) -> dict[str, Any]:
@@ -35,246 +31,268 @@ def layout_for(num_gpus: int, *, prior_seconds: float, decoder_seconds: float) -
 
 
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
-    """Mode ``gpu`` (see BENCHMARKS.md e): finishes within ``--budget-s``, trimming timed calls to fit."""
+    """Mode ``gpu`` (see BENCHMARKS.md e). Refuses (ValueError) without CUDA unless ``--device cpu --tiny``; the
+    scratch folder it makes (weights included) is removed at the end, whatever happened."""
     import torch
 
-    from actors.prior import PriorActor
-    from jobs.dev.flops import image_flops
-    from jobs.dev.tiny_models import build_tiny_models
-    from jobs.planning.run_plan import manifest_work
-    from schemas.config import AccelOptions, JobConfig
-    from schemas.models import ModelPaths
-
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, clock=FakeClock(args.clock_step) if args.clock_step else time.monotonic)
     device = args.device or "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
     checks = preflight(args, device=device)
-    for line in checks.lines:
-        print(f"pre-flight: {line}", flush=True)
-    work_dir = checks.work_dir
+    try:
+        for line in checks.lines:
+            print(f"pre-flight: {line}", flush=True)
+        result = _run(args, budget=budget, device=device, work_dir=checks.work_dir)
+    finally:
+        if checks.created:
+            shutil.rmtree(checks.work_dir, ignore_errors=True)
+    result["work_dir"], result["work_dir_removed"] = str(checks.work_dir), not checks.work_dir.exists()
+    return result
+
+
+def _run(args: argparse.Namespace, *, budget: Budget, device: str, work_dir: Any) -> dict[str, Any]:
+    import torch
+
+    cuda = device.startswith("cuda")
+    if cuda:  # for every phase, the Combined baseline included (each actor would set it; diffusers does not)
+        torch.backends.cudnn.benchmark = True
+    name = args.device_name or (torch.cuda.get_device_name(torch.device(device)) if cuda else device)
+    peak, accelerator = peak_tflops(name, args.peak_tflops)
+    reserve = min(RESERVE_S, 0.05 * args.budget_s)
+    deadline = Deadline(budget.left() - DEADLINE_MARGIN_S) if cuda and not args.clock_step else None
+    runner = PhaseRunner(budget, device=device, reserve_s=reserve, deadline=deadline)
+    bench = Bench(args=args, device=device, work_dir=work_dir, budget=budget, reserve_s=reserve, peak=peak)
+    bench.records = runner.records
+    try:
+        for phase, run, estimate, skip in _plan(bench, runner):
+            try:
+                reason = skip()
+                runner.run(phase, run, estimate_s=0.0 if reason else estimate(), skip=reason)
+            except KeyboardInterrupt:  # between phases: the rest are skipped, the summary still comes
+                runner.stop()
+                if phase not in runner.records:
+                    runner.run(phase, run, skip=f"the run was stopped ({runner.stopped})")
+    finally:
+        if deadline is not None:
+            deadline.cancel()
+    result = _summary(bench, runner, device_name=name, accelerator=accelerator)
+    _print_summary(result)
+    return result
+
+
+def _plan(bench: Bench, runner: PhaseRunner) -> list[tuple]:
+    """(name, phase, estimate, skip reason) of every phase, in order. Estimates (seconds: loading, warm-up and one
+    timed call) and skip reasons are read when the phase's turn comes, from what the phases before it measured.
+
+    The order puts first what the goals need: the eager batch (the decoder's images/s), then diffusers' Combined
+    loop and the prior (the speed-up and the layout's input: cheap and predictable, so they come before the one
+    phase that can take minutes), then compiling (its cold compile may use most of what is left)."""
+    args, ok = bench.args, runner.ok
+    batch = args.batch_size
+
+    def eager(key: str, default: float = 0.0) -> float:
+        return (ok("eager") or {}).get(key, default)
+
+    def ready(phase: str, key: str = "ready_s") -> float:
+        return (ok(phase) or {}).get(key, 3 * eager("ready_s"))
+
+    per_image = lambda: eager("decoder_seconds_per_image")  # noqa: E731
+    call = lambda: batch * per_image()  # noqa: E731
+
+    def compile_s() -> float:
+        compiled = ok("compiled")
+        measured = compiled and compiled.get("compiled") and compiled["compile_s"]
+        return 1.2 * measured if measured else args.compile_estimate_s  # channels-last compiles its own graphs
+
+    no_models = lambda: None if ok("models") else "no models: the models phase did not finish"  # noqa: E731
+    compile_on = bench.cuda if args.compile == "auto" else args.compile == "on"
+    no_compile = "--compile off" if args.compile == "off" else "compile runs on CUDA only (--compile on forces it)"
+
+    def compile_skip() -> str | None:
+        return no_models() or (None if compile_on else no_compile)
+
+    plan = [
+        ("models", lambda: _models_phase(bench), lambda: 0.0, lambda: None),
+        (
+            "eager",
+            lambda: bench.decoder_phase("eager", batch=batch, channels_last=False, compile=False),
+            lambda: 0.0,
+            no_models,
+        ),
+        ("combined", bench.combined_phase, lambda: 4 * eager("ready_s") + 3 * 2 * per_image(), no_models),
+        ("prior", bench.prior_phase, lambda: 3 * eager("ready_s") + 2 * 0.2 * call(), no_models),
+        (
+            "compiled",
+            lambda: bench.decoder_phase("compiled", batch=batch, channels_last=False, compile=True),
+            lambda: eager("ready_s") + args.compile_estimate_s + 2 * call(),
+            compile_skip,
+        ),
+        (
+            "compiled_channels_last",
+            lambda: bench.decoder_phase("compiled_channels_last", batch=batch, channels_last=True, compile=True),
+            lambda: eager("ready_s") + compile_s() + 2 * call(),
+            compile_skip,
+        ),
+        (
+            "channels_last",
+            lambda: bench.decoder_phase("channels_last", batch=batch, channels_last=True, compile=False),
+            lambda: eager("ready_s") + 2 * call(),
+            no_models,
+        ),
+        (
+            "equality",
+            lambda: equality_check(args, models=bench.models, device=bench.device, work_dir=bench.work_dir),
+            lambda: 2 * ready("combined", "load_s") + 2 * ready("prior") + args.check_rows * 20 * per_image(),
+            lambda: no_models() or ("--check-rows 0" if args.check_rows <= 0 else None),
+        ),
+    ]
+    for small in args.small_batches:
+        plan.append(
+            (
+                f"eager_batch_{small}",
+                lambda small=small: bench.decoder_phase(
+                    f"eager_batch_{small}", batch=small, channels_last=False, compile=False
+                ),
+                lambda small=small: eager("ready_s") + 4 * small * per_image(),
+                no_models,
+            )
+        )
+    plan.append(
+        (
+            "co_located",
+            lambda: co_located_phase(bench),
+            lambda: ready("prior") + eager("ready_s") + (2 * args.colocated_calls + 2) * 1.2 * call(),
+            no_models,
+        )
+    )
+    return plan
+
+
+def _models_phase(bench: Bench) -> dict[str, Any]:
+    """The checkpoints (``--models``, the tiny models, or real-size random weights written in fp16), their FLOPs per
+    image, and the rows every phase takes its calls from."""
+    from jobs.dev.flops import image_flops
+    from jobs.dev.real_size import build_real_size_models
+    from jobs.dev.tiny_models import build_tiny_models
+
+    args = bench.args
     if args.models:
-        models = args.models
+        models, kind = args.models, args.models
     elif args.tiny:
-        models = str(work_dir / "models")
+        models, kind = str(bench.work_dir / "models"), "tiny"
         build_tiny_models(models)
     else:
-        models = build_real_size_models(work_dir / "models", device=device)
-    kind = args.models or ("tiny" if args.tiny else "real-size, random weights")
-    print(f"models ready in {budget.used():.1f} s ({kind})", flush=True)
+        models, kind = (
+            build_real_size_models(bench.work_dir / "models", device=bench.device),
+            "real-size, random weights",
+        )
     flops = image_flops(models, height=args.size, width=args.size, steps=args.steps, prior_steps=args.prior_steps)
-    cuda = device.startswith("cuda")
-    name = torch.cuda.get_device_name(torch.device(device)) if cuda else device
-    peak = peak_tflops(name, args.peak_tflops)
-    dtype, size, sync = getattr(torch, args.dtype), args.size, (lambda: synchronize(device))
-    steps = {"num_inference_steps": args.steps, "prior_num_inference_steps": args.prior_steps}
-
-    # diffusers' Combined pipeline, one row per call as a user would loop over a manifest (PIL out, no PNG)
-    started = time.perf_counter()
-    pipe = combined_pipeline(models, dtype=dtype, device=device)
-    load_s = time.perf_counter() - started
-    rows = [{"prompt": f"a red fox number {k}", "seed": k} for k in range(args.combined_rows + 1)]
-
-    def combined(k: int) -> Any:
-        generator = torch.Generator("cpu").manual_seed(rows[k]["seed"])
-        return pipe(prompt=rows[k]["prompt"], generator=generator, height=size, width=size, **steps).images[0]
-
-    # Kept for the equality check (three loads and a few short rows) and the variants' minimum.
-    reserve = 4 * load_s + 30 if args.check_rows else 10
-    combined_timing = time_calls(combined, max_calls=args.combined_rows, budget=budget, keep=reserve, sync=sync)
-    combined_rate = 1 / combined_timing.per_call()
-    print(f"diffusers Combined, 1 row per call: {combined_rate:.3f} images/s per GPU", flush=True)
-    pipe = None  # frees the Combined pipeline's GPU memory
-    release(device)
-
-    # Ours: the prior and decoder stage classes, as each actor runs them
-    batch_sizes = sorted(set(args.batch_sizes))
-    largest = max(batch_sizes + [args.matrix_batch])
-    manifest = write_manifest(
-        work_dir / "manifest.parquet",
-        num_rows=largest * (args.timed_batches + 1),
-        size=size,
-        steps=args.steps,
-        prior_steps=args.prior_steps,
-    )
-    paths = ModelPaths.resolve(models_dir=models)
-    config = JobConfig(manifest=manifest, output=str(work_dir / "ours"), models=paths, batch_size=largest)
-    work = manifest_work(config).batches.work
-    prior = PriorActor(
-        f"{models}/prior",
-        dtype=args.dtype,
-        device=device,
-        accel=AccelOptions(channels_last=False),
-        max_batch_size=largest,
-    )
-    parts: list[pa.Table] = []
-    prior_timing = time_calls(
-        lambda k: parts.append(prior(work.slice(largest * k, largest))),
-        max_calls=args.timed_batches,
-        budget=budget,
-        keep=reserve,
-        sync=sync,
-    )
-    embeds = pa.concat_tables(parts)
-    prior_seconds = prior_timing.per_call() / largest
-    print(f"prior stage (batch {largest}): {prior_seconds * 1000:.1f} ms per image", flush=True)
-    prior = None
-    release(device)
-
-    def decoder_run(*, batch: int, channels_last: bool, compile: bool) -> dict[str, Any]:
-        from actors.decoder import DecoderActor
-
-        started = time.perf_counter()
-        warmup = [("text2img", size, size, batch)] if compile else []
-        accel = AccelOptions(channels_last=channels_last, compile=compile)
-        decoder = DecoderActor(
-            {"text2img": f"{models}/decoder"},
-            dtype=args.dtype,
-            device=device,
-            accel=accel,
-            max_batch_size=batch,
-            warmup=warmup,
-        )
-        ready_s = time.perf_counter() - started
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        calls = embeds.num_rows // batch
-
-        def call(k: int) -> pa.Table:
-            return decoder(embeds.slice(batch * (k % calls), batch))
-
-        timing = time_calls(call, max_calls=args.timed_batches, budget=budget, keep=reserve, sync=sync)
-        errors = sum(t.column("error").null_count != t.num_rows for t in timing.outputs)
-        figure = {
-            "batch_size": batch,
-            "channels_last": channels_last,
-            "compile": compile,
-            "ready_s": round(ready_s, 1),
-            "warm_up_s": round(timing.warm_up_s, 2),
-            "timed_calls": len(timing.seconds),
-            "decoder_images_per_s": round(batch / timing.per_call(), 4),
-            "calls_with_errors": errors,
-            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else None,
-            "first_call": [pixels_of(r) if r["error"] is None else None for r in timing.outputs[0].to_pylist()]
-            if timing.outputs
-            else None,
-        }
-        if compile:
-            figure["compiled"] = bool(decoder.compiled)  # False: compiling failed, the run was eager
-        if peak:
-            figure["fraction_of_peak"] = round(figure["decoder_images_per_s"] * flops.decoder / (peak * 1e12), 4)
-        what = f"decoder batch {batch}{', channels-last' if channels_last else ''}{', compiled' if compile else ''}"
-        print(
-            f"{what}: {figure['decoder_images_per_s']:.3f} images/s per decoder GPU "
-            f"({len(timing.seconds)} timed calls, ready in {ready_s:.1f} s)",
-            flush=True,
-        )
-        decoder = None
-        release(device)
-        return figure
-
-    per_batch = []
-    for batch in batch_sizes:
-        if per_batch and not budget.afford(batch / per_batch[-1]["decoder_images_per_s"] * 2, keep=reserve):
-            print(f"decoder batch {batch}: skipped, the budget is spent", flush=True)
-            continue
-        per_batch.append(decoder_run(batch=batch, channels_last=False, compile=False))
-    equality = equality_check(args, models=models, device=device, work_dir=work_dir)
-    reserve = 10.0  # the check is done: the matrix runs may use what is left
-    # channels-last x compile at --matrix-batch, against the eager channels-first run of the same rows
-    baseline = next((r for r in per_batch if r["batch_size"] == args.matrix_batch), None)
-    if baseline is None:
-        baseline = decoder_run(batch=args.matrix_batch, channels_last=False, compile=False)
-    matrix = [baseline]
-    compile_on = cuda if args.compile == "auto" else args.compile == "on"
-    compile_s = 150.0  # a guess until the first compiled run measures it
-    for channels_last, compile in ((True, False), (False, True), (True, True)):
-        if compile and not compile_on:
-            continue
-        need = (compile_s if compile else 5.0) + 3 * args.matrix_batch / baseline["decoder_images_per_s"]
-        if not budget.afford(need):
-            print(f"batch {args.matrix_batch} channels_last={channels_last} compile={compile}: skipped (budget)")
-            continue
-        matrix.append(decoder_run(batch=args.matrix_batch, channels_last=channels_last, compile=compile))
-        compile_s = matrix[-1]["ready_s"] if compile else compile_s
-    matrix = [_versus(figure, baseline) for figure in matrix]
-    best = max(per_batch + matrix, key=lambda r: r["decoder_images_per_s"])
-    decoder_seconds = 1 / best["decoder_images_per_s"]
-    shared_rate = 1 / (decoder_seconds + prior_seconds)
-    result = {
-        "mode": "gpu",
-        "machine": {**machine(), "device": name},
+    bench.models, bench.decoder_flops = models, flops.decoder
+    bench.rows()
+    print(f"models: {kind}, {flops.decoder / 1e12:.4g} TFLOP per image in the decoder", flush=True)
+    return {
         "models": kind,
-        "size": size,
-        "steps": args.steps,
-        "prior_steps": args.prior_steps,
-        "dtype": args.dtype,
-        "budget_s": args.budget_s,
         "flops_per_image": {
             "decoder": flops.decoder,
             "unet_step": flops.unet_step,
             "movq": flops.movq,
             "prior": flops.prior,
         },
-        "peak_tflops": peak,
-        "combined_images_per_s": round(combined_rate, 4),
-        "prior_seconds_per_image": round(prior_seconds, 5),
-        "decoder_seconds_per_image": round(decoder_seconds, 5),
-        "batches": [_public(r) for r in per_batch],
-        "matrix": [_public(r) for r in matrix],
-        "best": {k: best[k] for k in ("batch_size", "channels_last", "compile", "decoder_images_per_s")},
-        "images_per_s_per_gpu": round(shared_rate, 4),
-        "speedup_vs_combined": round(shared_rate / combined_rate, 3),
-        "decoder_only_speedup_vs_combined": round(best["decoder_images_per_s"] / combined_rate, 3),
-        "eight_gpus": layout_for(8, prior_seconds=prior_seconds, decoder_seconds=decoder_seconds),
-        **equality,
-        "seconds": round(budget.used(), 1),
     }
-    _summary(result, best=best, flops_tflop=flops.decoder / 1e12, prior_tflop=flops.prior / 1e12)
+
+
+def _summary(bench: Bench, runner: PhaseRunner, *, device_name: str, accelerator: str | None) -> dict[str, Any]:
+    """Every phase's status and the figures the goals are judged by, from the phases that ran."""
+    args, ok, records = bench.args, runner.ok, runner.records
+    runs = {name: r for name, r in records.items() if r["status"] == OK and "decoder_images_per_s" in r}
+    best_name = max(runs, key=lambda name: runs[name]["decoder_images_per_s"]) if runs else None
+    best = runs.get(best_name, {})
+    combined = (ok("combined") or {}).get("combined_images_per_s")
+    prior_s = (ok("prior") or {}).get("prior_seconds_per_image")
+    measured = (ok("co_located") or {}).get("efficiency")
+    efficiency = min(measured or COLOCATION_EFFICIENCY, 1.0)  # overlap beyond 1 is not counted on
+    decoder_s = 1 / best["decoder_images_per_s"] if best else None
+    per_gpu = efficiency / (decoder_s + prior_s) if decoder_s and prior_s is not None else None
+    speedup = round(per_gpu / combined, 3) if per_gpu and combined else None
+    fraction = best.get("fraction_of_peak")
+    result: dict[str, Any] = {
+        "phase": "summary",
+        "mode": "gpu",
+        "machine": {**machine(), "device": device_name},
+        "accelerator": accelerator,
+        "peak_tflops": bench.peak,
+        "models": (ok("models") or {}).get("models"),
+        "size": args.size,
+        "steps": args.steps,
+        "prior_steps": args.prior_steps,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "budget_s": args.budget_s,
+        "seconds": round(bench.budget.used(), 1),
+        "cudnn_benchmark": bench.cuda,
+        "phases": [[name, r["status"]] for name, r in records.items()],
+        "stopped": runner.stopped,
+        "flops_per_image": (ok("models") or {}).get("flops_per_image"),
+        "combined_images_per_s": combined,
+        "best": {k: best.get(k) for k in ("batch_size", "channels_last", "compile", "compiled", "decoder_images_per_s")}
+        | {"phase": best_name, "fraction_of_peak": fraction},
+        "decoder_seconds_per_image": round(decoder_s, 5) if decoder_s else None,
+        "prior_seconds_per_image": prior_s,
+        "decoder_only_speedup_vs_combined": round(best["decoder_images_per_s"] / combined, 3)
+        if best and combined
+        else None,
+        "co_location_efficiency": {"measured": measured, "layout_constant": COLOCATION_EFFICIENCY},
+        "images_per_s_per_gpu": round(per_gpu, 4) if per_gpu else None,
+        "speedup_vs_combined": speedup,
+        "speedup_note": "prior and decoder on one GPU: co-location efficiency / (decoder + prior seconds per image), "
+        "the efficiency measured by the co_located phase (at most 1), else the layout's constant",
+        "syncs_per_step": {name: r.get("syncs_per_step") for name, r in runs.items()},
+        "peak_gpu_memory_gib": {
+            name: r["peak_gpu_memory_gib"] for name, r in records.items() if r.get("peak_gpu_memory_gib") is not None
+        },
+        "speedup_vs_eager": {
+            name: round(r["decoder_images_per_s"] / runs["eager"]["decoder_images_per_s"], 3)
+            for name, r in runs.items()
+            if "eager" in runs and name in DECODER_PHASES
+        },
+        "equality": {k: v for k, v in (ok("equality") or {}).items() if k.startswith(("check_", "vs_"))},
+        "goals": {
+            "fraction_of_peak": {
+                "target": GOAL_FRACTION_OF_PEAK,
+                "measured": fraction,
+                "met": None if fraction is None else fraction >= GOAL_FRACTION_OF_PEAK,
+            },
+            "speedup_vs_combined": {
+                "target": GOAL_SPEEDUP,
+                "measured": speedup,
+                "met": None if speedup is None else speedup >= GOAL_SPEEDUP,
+            },
+        },
+    }
+    if decoder_s and prior_s is not None:
+        result["eight_gpus"] = layout_for(8, prior_seconds=prior_s, decoder_seconds=decoder_s)
     return result
 
 
-def _versus(figure: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
-    """``figure`` with its speed and its pixels relative to the eager, channels-first run of the same rows."""
-    figure = dict(figure, speedup_vs_eager=round(figure["decoder_images_per_s"] / baseline["decoder_images_per_s"], 3))
-    if figure["first_call"] and baseline["first_call"]:
-        pairs = [
-            (a, b) for a, b in zip(figure["first_call"], baseline["first_call"]) if a is not None and b is not None
-        ]
-        if pairs:
-            figure["max_level_difference_vs_eager"] = max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in pairs)
-    return figure
-
-
-def _public(figure: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in figure.items() if k != "first_call"}
-
-
-def _summary(result: dict[str, Any], *, best: dict[str, Any], flops_tflop: float, prior_tflop: float) -> None:
+def _print_summary(result: dict[str, Any]) -> None:
     """One line per figure, for the note that quotes this run."""
+    best, goals = result["best"], result["goals"]
     lines = [
-        f"decoder images/s per decoder GPU: {best['decoder_images_per_s']:.3f} (batch {best['batch_size']}, "
-        f"channels-last {best['channels_last']}, compile {best['compile']})",
-        f"fraction of peak: {best['fraction_of_peak']:.1%} of {result['peak_tflops']:g} TFLOP/s"
-        if "fraction_of_peak" in best
-        else f"fraction of peak: unknown for {result['machine']['device']} (pass --peak-tflops)",
-        f"FLOPs per image: {flops_tflop:.4g} TFLOP decoder ({result['size']}x{result['size']}, "
-        f"{result['steps']} guided steps), {prior_tflop:.4g} TFLOP prior ({result['prior_steps']} steps)",
-        "peak GPU memory: "
-        + ", ".join(f"batch {r['batch_size']} {r['peak_gpu_memory_gib'] or 'n/a'} GiB" for r in result["batches"]),
-        f"speedup over Combined: {result['decoder_only_speedup_vs_combined']:.2f}x decoder GPU alone, "
-        f"{result['speedup_vs_combined']:.2f}x with the prior's seconds added "
-        f"(Combined {result['combined_images_per_s']:.3f} images/s)",
-        f"prior seconds per image: {result['prior_seconds_per_image']:.4f}; decoder seconds per image: "
-        f"{result['decoder_seconds_per_image']:.4f} (what the layout planner needs)",
-        "channels-last x compile at batch "
-        + ", ".join(
-            f"{'cl' if r['channels_last'] else 'nchw'}/{'compiled' if r['compile'] else 'eager'} "
-            f"{r['speedup_vs_eager']:.2f}x (ready {r['ready_s']} s, "
-            f"max diff {r.get('max_level_difference_vs_eager', '?')} levels)"
-            for r in result["matrix"]
-        ),
-        f"layout for 8 GPUs: {result['eight_gpus']['flags']} -> {result['eight_gpus']['images_per_s']} images/s",
+        "phases: " + ", ".join(f"{name} {status}" for name, status in result["phases"]),
+        f"decoder images/s per GPU: {best['decoder_images_per_s']} ({best['phase']}, batch {best['batch_size']})",
+        f"fraction of peak: {goals['fraction_of_peak']['measured']} of {result['peak_tflops']} TFLOP/s "
+        f"({result['accelerator'] or 'type unknown: pass --peak-tflops'}; target {GOAL_FRACTION_OF_PEAK})",
+        f"speed-up over Combined ({result['combined_images_per_s']} images/s): {result['speedup_vs_combined']} "
+        f"with the prior on the same GPU, {result['decoder_only_speedup_vs_combined']} decoder alone "
+        f"(target {GOAL_SPEEDUP})",
+        f"prior / decoder seconds per image: {result['prior_seconds_per_image']} / "
+        f"{result['decoder_seconds_per_image']}",
+        f"host syncs per decoder step: {result['syncs_per_step']} (target 0)",
+        f"co-location efficiency: {result['co_location_efficiency']['measured']} measured, "
+        f"{COLOCATION_EFFICIENCY} assumed by cluster/layout.py",
+        f"peak GPU memory per phase, GiB above what was allocated before it: {result['peak_gpu_memory_gib']}",
+        f"seconds: {result['seconds']} of {result['budget_s']:g}",
     ]
     for line in lines:
         print(f"summary: {line}", flush=True)
@@ -289,30 +307,55 @@ def add_arguments(gpu: argparse.ArgumentParser) -> None:
     gpu.add_argument("--size", type=int, default=768, help="height and width")
     gpu.add_argument("--steps", type=int, default=50, help="decoder steps")
     gpu.add_argument("--prior-steps", type=int, default=25, help="prior steps")
-    gpu.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="decoder batch sizes (eager)")
-    gpu.add_argument("--matrix-batch", type=int, default=16, help="batch size of the channels-last x compile runs")
-    gpu.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="compiled runs (auto: on CUDA)")
-    gpu.add_argument("--timed-batches", type=int, default=3, help="most timed decoder calls per run")
+    gpu.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="rows per call of the eager, compiled, channels-last, prior and co-located phases",
+    )
+    gpu.add_argument(
+        "--small-batches", type=int, nargs="*", default=[1, 4], help="batch sizes of the late eager phases"
+    )
+    gpu.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="compiled phases (auto: on CUDA)")
+    gpu.add_argument(
+        "--compile-estimate-s",
+        type=float,
+        default=240,
+        help="a cold compile's expected seconds: a compiled phase starts only if it fits the budget",
+    )
+    gpu.add_argument("--timed-batches", type=int, default=2, help="most timed calls per phase, after its warm-up")
     gpu.add_argument("--combined-rows", type=int, default=3, help="most timed Combined pipeline rows")
     gpu.add_argument("--check-rows", type=int, default=2, help="rows rendered for the float32/float16 check")
     gpu.add_argument("--check-steps", type=int, default=10, help="prior and decoder steps of the check")
+    gpu.add_argument("--colocated-calls", type=int, default=2, help="decoder calls per co-located measurement")
     gpu.add_argument(
-        "--budget-s", type=float, default=450, help="wall seconds for the whole run; timed calls are trimmed to fit"
+        "--budget-s",
+        type=float,
+        default=480,
+        help="wall seconds for the whole run: phases that do not "
+        "fit are skipped, timed calls trimmed, and a phase still running 5 s before the end is stopped",
     )
     gpu.add_argument(
-        "--peak-tflops", type=float, help="the device's dense fp16 peak (default: known for H100/H200/A100)"
+        "--peak-tflops",
+        type=float,
+        help="the device's dense fp16 peak (default: cluster/defaults.py's for the device's type)",
     )
+    gpu.add_argument("--device-name", help="read the peak for this device name instead of torch's (dry runs)")
     gpu.add_argument("--min-free-gpu-gib", type=float, default=40, help="refuse with less free GPU memory")
     gpu.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     gpu.add_argument(
-        "--work-dir", help="where checkpoints go (default: /dev/shm, else the temporary folder, with room)"
+        "--work-dir",
+        help="where checkpoints go, kept (default: a scratch folder in /dev/shm, else the "
+        "temporary folder, with room; removed at the end)",
     )
+    gpu.add_argument("--clock-step", type=float, help=argparse.SUPPRESS)  # tests: a fake clock, this many s per reading
 
 
 MODES = (
     Mode(
         name="gpu",
-        help="decoder images/s per GPU, fraction of peak, compile x channels-last, vs the Combined pipeline",
+        help="decoder images/s per GPU, fraction of peak, compiled and channels-last, vs the Combined pipeline; "
+        "one JSON line per phase",
         add_arguments=add_arguments,
         run=run_gpu,
         quiet_libraries=True,

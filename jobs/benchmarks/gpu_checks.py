@@ -1,47 +1,64 @@
-"""Parts of ``benchmark gpu``: pre-flight checks, the time budget, timed calls, the equality check, peak FLOP/s."""
+"""Parts of ``benchmark gpu``: pre-flight checks, the time budget and its deadline, timed calls, host syncs counted,
+peak FLOP/s, memory release."""
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jobs.benchmarks.common import write_manifest
-from jobs.dev.reference import combined_pipeline
-
 GIB = 2**30
 # fp16 bytes of the real-size random checkpoints (jobs/dev/real_size.py): UNet 1.253 B + MoVQ 68 M +
 # prior 1.03 B + CLIP image 1.84 B + text 0.69 B parameters (tests/test_benchmark.py checks them).
 REAL_SIZE_BYTES = 2 * (1.253 + 0.068 + 1.03 + 1.84 + 0.69) * 1e9
-# Dense fp16/bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name (the first
-# match wins: the PCIe and NVL H100s before the SXM one).
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
-def peak_tflops(device_name: str, override: float | None) -> float | None:
-    """The device's dense fp16 peak in TFLOP/s: ``override`` if given, else `PEAK_TFLOPS`, else None."""
+def peak_tflops(device_name: str, override: float | None) -> tuple[float | None, str | None]:
+    """(the device's dense fp16 peak in TFLOP/s, its `cluster.defaults.ACCELERATORS` key): ``override`` if given,
+    else the peak `cluster.defaults` lists for the type torch's device name names (None: not listed)."""
+    from cluster.defaults import accelerator_from_device_name, accelerator_spec
+
+    accelerator = accelerator_from_device_name(device_name)
     if override:
-        return override
-    return next((tflops for name, tflops in PEAK_TFLOPS if name in device_name), None)
+        return override, accelerator
+    spec = accelerator_spec(accelerator) if accelerator else None
+    return (spec.peak_tflops if spec else None), accelerator
+
+
+class FakeClock:
+    """A clock for dry runs and tests: every reading is ``step`` seconds after the one before (the first is 0)."""
+
+    def __init__(self, step: float) -> None:
+        self.step, self.now = step, -step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
 
 
 class Budget:
-    """Wall seconds left of the benchmark's run; phases ask before each timed call."""
+    """Seconds left of the benchmark's run, read on ``clock`` (monotonic wall seconds unless a test gives another);
+    phases ask before they start and before each timed call."""
 
-    def __init__(self, seconds: float) -> None:
-        self.started = time.monotonic()
-        self.seconds = seconds
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock, self.seconds = clock, seconds
+        self.started = clock()
 
     def used(self) -> float:
-        return time.monotonic() - self.started
+        return self.clock() - self.started
 
     def left(self) -> float:
         return self.seconds - self.used()
@@ -51,13 +68,65 @@ class Budget:
         return self.left() - keep >= seconds
 
 
+class Deadline:
+    """Interrupts the main thread (KeyboardInterrupt) ``seconds`` from now unless cancelled: the phase running then
+    (a compile that takes longer than its estimate) stops, and the run goes straight to its summary."""
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self._main = threading.main_thread().ident
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        signal.pthread_kill(self._main, signal.SIGINT)  # wakes a blocking wait, unlike _thread.interrupt_main
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+@dataclass(kw_only=True)
+class SyncCount:
+    """Host syncs torch's sync debug mode saw (None: not counted, e.g. on the CPU), the top call sites."""
+
+    count: int | None = None
+    sites: list[tuple[str, int]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def counting_syncs(device: str) -> Iterator[SyncCount]:
+    """Count the synchronizing CUDA operations inside the block: ``torch.cuda.set_sync_debug_mode("warn")`` makes
+    each one a warning ("called a synchronizing CUDA operation"), recorded here. On the CPU nothing is counted."""
+    found = SyncCount()
+    if not device.startswith("cuda"):
+        yield found
+        return
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every sync, not once per call site
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    found.count = len(syncs)
+    found.sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs).most_common(5)
+
+
 @dataclass(kw_only=True)
 class Timing:
-    """A warm-up call, then as many timed calls as the budget allowed (``seconds``), with their outputs."""
+    """A warm-up call (its output: ``first``), then as many timed calls as the budget allowed (``seconds``)."""
 
     warm_up_s: float
+    first: Any = None
     seconds: list[float] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
+    syncs: SyncCount = field(default_factory=SyncCount)
 
     def per_call(self) -> float:
         """Seconds per call: the timed calls' mean, the warm-up's time if none fitted the budget."""
@@ -65,30 +134,47 @@ class Timing:
 
 
 def time_calls(
-    run: Callable[[int], Any], *, max_calls: int, budget: Budget, keep: float, sync: Callable[[], None]
+    run: Callable[[int], Any],
+    *,
+    max_calls: int,
+    budget: Budget,
+    keep: float,
+    sync: Callable[[], None],
+    estimate: float | None = None,
+    count_syncs: Callable[[], Any] | None = None,
 ) -> Timing:
     """``run(0)`` as a warm-up, then ``run(1)``, ``run(2)``... up to ``max_calls`` while the budget affords one more
-    (estimated by the last call, the warm-up for the first) and still keeps ``keep`` seconds."""
-    started = time.perf_counter()
-    run(0)
+    and still keeps ``keep`` seconds. A call's time is estimated by the last one; the first by ``estimate`` (a
+    compiling warm-up says nothing of the calls after it), else by the warm-up. ``count_syncs``: a context manager
+    (`counting_syncs`) wrapped around the first timed call; its count lands in ``syncs``. Times are read on the
+    budget's clock."""
+    clock = budget.clock
+    started = clock()
+    first = run(0)
     sync()
-    timing = Timing(warm_up_s=time.perf_counter() - started)
+    timing = Timing(warm_up_s=clock() - started, first=first)
     for k in range(1, max_calls + 1):
-        if not budget.afford(timing.seconds[-1] if timing.seconds else timing.warm_up_s, keep=keep):
+        expected = timing.seconds[-1] if timing.seconds else (timing.warm_up_s if estimate is None else estimate)
+        if not budget.afford(expected, keep=keep):
             break
-        started = time.perf_counter()
-        output = run(k)
+        counting = count_syncs() if k == 1 and count_syncs is not None else contextlib.nullcontext(timing.syncs)
+        with counting as syncs:  # the call only: the explicit sync after it is ours, not the call's
+            started = clock()
+            output = run(k)
         sync()
-        timing.seconds.append(time.perf_counter() - started)
+        timing.seconds.append(clock() - started)
+        timing.syncs = syncs
         timing.outputs.append(output)
     return timing
 
 
 @dataclass(frozen=True, kw_only=True)
 class Preflight:
-    """What the checks found: where the checkpoints go and the device's free memory."""
+    """What the checks found: where the checkpoints go (``created``: a scratch folder of this run, removed at its
+    end) and the device's free memory."""
 
     work_dir: Path
+    created: bool
     lines: list[str]
     free_gpu_gib: float | None
 
@@ -96,15 +182,16 @@ class Preflight:
 def preflight(args: argparse.Namespace, *, device: str) -> Preflight:
     """Refuse early (ValueError: exit status 2) what cannot finish: no CUDA, no room for the weights, a full GPU.
 
-    Real-size weights (``REAL_SIZE_BYTES``, fp16) go to ``--work-dir`` if given, else the first of
-    /dev/shm (RAM-backed; often 64 MB in containers) and the temporary folder with room for them.
+    Real-size weights (``REAL_SIZE_BYTES``, fp16) go to ``--work-dir`` if given, else to a new scratch folder in
+    the first of /dev/shm (RAM-backed; often 64 MB in containers) and the temporary folder with room for them.
     """
     import torch
 
     lines = []
+    refusal = "benchmark gpu needs a CUDA device (or --device cpu --tiny for a dry run)"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("benchmark gpu needs a CUDA device (or --device cpu --tiny for a dry run)")
+            raise ValueError(refusal)
         free, total = torch.cuda.mem_get_info(torch.device(device))
         lines.append(
             f"GPU {torch.cuda.get_device_name(torch.device(device))}: {free / GIB:.1f} of {total / GIB:.1f} GiB free"
@@ -116,7 +203,7 @@ def preflight(args: argparse.Namespace, *, device: str) -> Preflight:
             )
         free_gpu = free / GIB
     elif not args.tiny:
-        raise ValueError("benchmark gpu needs a CUDA device (or --device cpu --tiny for a dry run)")
+        raise ValueError(refusal)
     else:
         free_gpu = None
     needed = 0.0 if (args.models or args.tiny) else REAL_SIZE_BYTES * 1.05
@@ -126,11 +213,12 @@ def preflight(args: argparse.Namespace, *, device: str) -> Preflight:
         free_bytes = _free_bytes(folder)
         checked.append(f"{folder}: {free_bytes / 1e9:.2f} GB free")
         if free_bytes >= needed:
-            work_dir = (
-                Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="kandinsky-bench-", dir=folder))
-            )
-            lines.append(f"checkpoints and scratch in {work_dir} ({checked[-1]}; needs {needed / 1e9:.1f} GB)")
-            return Preflight(work_dir=work_dir, lines=lines, free_gpu_gib=free_gpu)
+            created = not args.work_dir
+            work_dir = Path(tempfile.mkdtemp(prefix="kandinsky-bench-", dir=folder)) if created else folder
+            work_dir.mkdir(parents=True, exist_ok=True)
+            kept = "removed at the end" if created else "kept"
+            lines.append(f"checkpoints and scratch in {work_dir} ({checked[-1]}; needs {needed / 1e9:.1f} GB; {kept})")
+            return Preflight(work_dir=work_dir, created=created, lines=lines, free_gpu_gib=free_gpu)
     raise ValueError(
         f"no folder has the {needed / 1e9:.1f} GB the real-size checkpoints need ({'; '.join(checked)}); "
         "pass --work-dir on a disk with room, or --models DIR"
@@ -143,76 +231,6 @@ def _free_bytes(folder: Path) -> float:
     if not probe.exists() or not os.access(probe, os.W_OK):
         return 0.0
     return float(shutil.disk_usage(probe).free)
-
-
-def equality_check(args: argparse.Namespace, *, models: str, device: str, work_dir: Path) -> dict[str, Any]:
-    """Render ``--check-rows`` rows at ``--check-steps``: ours vs Combined at equal batch composition.
-
-    Combined renders one row per call, so our prior and decoder do too (``max_batch_size=1``): in
-    float32 (TF32 off) the two must agree within 1 level; in ``--dtype`` the figure is the drift.
-    """
-    import torch
-
-    from actors.decoder import DecoderActor
-    from actors.prior import PriorActor
-    from jobs.planning.run_plan import manifest_work
-    from schemas.config import AccelOptions, JobConfig
-    from schemas.models import ModelPaths
-
-    if args.check_rows <= 0:
-        return {}
-    steps = args.check_steps
-    manifest = write_manifest(work_dir / "check.parquet", num_rows=args.check_rows, size=args.size, steps=steps)
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 on both sides
-    try:
-        pipe = combined_pipeline(models, dtype=torch.float32, device=device)
-        paths = ModelPaths.resolve(models_dir=models)
-        config = JobConfig(manifest=manifest, output=str(work_dir / "check"), models=paths, batch_size=1)
-        work = manifest_work(config).batches.work
-        reference = {}
-        for row in work.to_pylist():
-            generator = torch.Generator("cpu").manual_seed(row["seed"])
-            sizes = {"height": args.size, "width": args.size}
-            image = pipe(
-                prompt=row["prompt"],
-                generator=generator,
-                num_inference_steps=steps,
-                prior_num_inference_steps=steps,
-                **sizes,
-            ).images[0]
-            reference[row["id"]] = np.asarray(image, dtype=np.int16)
-        del pipe
-        release(device)
-        figures = {}
-        for dtype_name in dict.fromkeys(("float32", args.dtype)):
-            accel = AccelOptions(channels_last=False)
-            stage = {"dtype": dtype_name, "device": device, "accel": accel, "max_batch_size": 1}
-            embeds = PriorActor(f"{models}/prior", **stage)(work)
-            results = DecoderActor({"text2img": f"{models}/decoder"}, **stage)(embeds).to_pylist()
-            release(device)
-            figures[dtype_name] = _differences(results, reference)
-            print(
-                f"vs Combined float32, one row per call ({len(results)} rows, {steps} steps): "
-                f"ours {dtype_name} {figures[dtype_name]}"
-            )
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    return {"check_rows": args.check_rows, "check_steps": steps, "vs_combined_float32": figures}
-
-
-def _differences(results: list[dict], reference: dict[str, np.ndarray]) -> dict[str, Any]:
-    diffs = []
-    for result in results:
-        if result["error"] is not None:
-            return {"error": result["error"]}
-        diffs.append(np.abs(pixels_of(result).astype(np.int16) - reference[result["id"]]))
-    stacked = np.stack(diffs)
-    return {
-        "max_level_difference": int(stacked.max()),
-        "mean_level_difference": round(float(stacked.mean()), 4),
-        "share_over_1_level": round(float((stacked > 1).mean()), 6),
-    }
 
 
 def pixels_of(result: dict) -> np.ndarray:
@@ -228,10 +246,18 @@ def synchronize(device: str) -> None:
 
 
 def release(device: str) -> None:
+    """Free what the last phase left: the models actors of this process share (`actors.common.shared_model`),
+    compiled code, reference cycles, and on CUDA the allocator's cached blocks."""
     import gc
+    import sys
 
     import torch
 
+    from actors.common import release_shared_models
+
+    release_shared_models()
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()  # compiled graphs hold on to the modules they were compiled for
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cluster.defaults import Machine
+from cluster.layout import DECODER_GROUP
 from cluster.resources import fit_cpus, requested_gpus, resolve_groups
 from jobs.execution.capacity import await_gpus
 from jobs.execution.connect import connect_ray
@@ -92,6 +93,8 @@ def build_chain(
             cls, kwargs, batch_size = made[stage.name]
             # The scorer reads no input images; storage options still reach its checkpoint.
             kwargs = {**kwargs, "storage_options": config.storage_options} if stage is SCORE else {**kwargs, **inputs}
+            if 0 < group.resources.num_gpus < 1:  # sharing a GPU: each process within its share of the memory
+                kwargs["memory_role"] = "decoder" if group.name == DECODER_GROUP else "clip"
             spec = StageSpec(
                 name=stage.name,
                 cls=cls,

@@ -212,7 +212,7 @@ def max_concurrency(pool: Pool) -> int:
     if pool.sink:
         return 1
     device = "cuda" if pool.resources.num_gpus > 0 else "cpu"
-    return max(getattr(spec.cls, "concurrency", lambda _device: 1)(device) for spec in pool.specs)
+    return max(getattr(spec.cls, "concurrency", lambda _device, **_: 1)(device, **spec.kwargs) for spec in pool.specs)
 
 
 def probe_outcome(exc: BaseException | None) -> str:

@@ -8,7 +8,13 @@ A profile holds three numbers, each the busy seconds of one GPU (one actor) per 
 - ``decoder_image_seconds``: per 512x512 image, the rest of the decoder call (MoVQ decode), proportional
   to the pixel count (PNG encoding and upload run on the writers' CPUs, not on a GPU);
 - ``score_image_seconds`` (optional, 0 when absent): the scoring stage (``--score clip``) per image: the
-  CLIP image and text encoders at their fixed 224-pixel input, whatever the output size.
+  CLIP image and text encoders at their fixed 224-pixel input, whatever the output size;
+- the floors, what a call costs whatever its images' size (kernel launches, host work), shared by the
+  images of the call: ``decoder_fixed_step_seconds`` per denoising step of a call, ``decoder_call_seconds``
+  per call (MoVQ decode set-up, copies), ``prior_fixed_step_seconds`` and ``prior_call_seconds``. At
+  768x768 they are under a tenth of a decoder call; at 64-256 px they are most of it (a step is
+  launch-bound), so plans at small sizes stay physical. Estimated (`ESTIMATED_FLOORS`) until
+  ``calibrate`` fits them from a run.
 
 Guidance doubles the batch the model sees, hence the halving when it is off (``guidance_scale <= 1``);
 img2img-family modes run ``int(num_inference_steps * strength)`` decoder steps. A profile is fitted
@@ -26,7 +32,7 @@ import pyarrow.compute as pc
 import yaml
 
 import cluster
-from cluster.defaults import ACCELERATORS
+from cluster.defaults import ACCELERATORS, accelerator_spec, canonical_accelerator
 from cluster.layout import StageCosts
 from schemas.manifest import RenderDefaults
 from schemas.modes import DEFAULT_MODE, MODES
@@ -48,6 +54,17 @@ DEPTH_IMAGE_TFLOP = 0.5
 # Share of the dense fp16 peak estimated profiles assume: diffusers' own A100 table for SD 1.5 at batch 16 is
 # 25% eager and 39% compiled. A measured profile (`kandinsky-render calibrate`) replaces the estimate.
 ESTIMATE_EFFICIENCY = 0.4
+# Floors of estimated profiles, seconds (host-bound: the same on every GPU type): an eager UNet step launches
+# ~1,500 kernels (~15 ms at 64x64 whatever the batch), a call's set-up and MoVQ decode launches ~20 ms more; the
+# prior's transformer steps and encoders are smaller.
+ESTIMATED_FLOORS = {
+    "decoder_fixed_step_seconds": 0.015,
+    "decoder_call_seconds": 0.02,
+    "prior_fixed_step_seconds": 0.008,
+    "prior_call_seconds": 0.01,
+}
+# The batch sizes the floors are shared over when a plan has not chosen them yet (the GPU defaults' largest).
+NOMINAL_BATCH_SIZE = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,14 +79,20 @@ class Profile:
     source: str
     score_image_seconds: float = 0.0
     depth_image_seconds: float = 0.0
+    decoder_fixed_step_seconds: float = ESTIMATED_FLOORS["decoder_fixed_step_seconds"]
+    decoder_call_seconds: float = ESTIMATED_FLOORS["decoder_call_seconds"]
+    prior_fixed_step_seconds: float = ESTIMATED_FLOORS["prior_fixed_step_seconds"]
+    prior_call_seconds: float = ESTIMATED_FLOORS["prior_call_seconds"]
+    floors_measured: bool = False
 
 
 def estimated_profile(name: str) -> Profile | None:
     """A profile for accelerator type ``name`` from the FLOP counts at `ESTIMATE_EFFICIENCY` of its dense fp16
     peak (`cluster.defaults.ACCELERATORS`); None for a type that table does not know."""
-    accelerator = ACCELERATORS.get(name)
+    accelerator = accelerator_spec(name)
     if accelerator is None:
         return None
+    name = canonical_accelerator(name)
     rate = accelerator.peak_tflops * ESTIMATE_EFFICIENCY
     return Profile(
         name=name,
@@ -80,19 +103,22 @@ def estimated_profile(name: str) -> Profile | None:
         depth_image_seconds=DEPTH_IMAGE_TFLOP / rate,
         measured=False,
         source=f"estimate: FLOP counts at {ESTIMATE_EFFICIENCY:.0%} of the {name}'s {accelerator.peak_tflops:g} "
-        "TFLOP/s dense fp16 peak; replace with a profile measured by `kandinsky-render calibrate`",
+        "TFLOP/s dense fp16 peak, plus estimated per-call and per-step floors; replace with a profile measured by "
+        "`kandinsky-render calibrate`",
     )
 
 
 def profiles_with_estimates(profiles: list[Profile]) -> list[Profile]:
     """``profiles`` (a calibration file's), then an estimated profile of every known accelerator type they lack."""
     named = {profile.name for profile in profiles}
-    return [*profiles, *(p for name in ACCELERATORS if name not in named and (p := estimated_profile(name)))]
+    named = {name.upper() for name in named}
+    return [*profiles, *(p for name in ACCELERATORS if name.upper() not in named and (p := estimated_profile(name)))]
 
 
 def profile_for(accelerator: str, *, path: str = DEFAULT_CALIBRATION) -> Profile | None:
     """The calibration file's profile for ``accelerator`` (measured or not), else its estimate; None if unknown."""
-    return {p.name: p for p in profiles_with_estimates(load_calibration(path))}.get(accelerator)
+    found = {p.name.upper(): p for p in profiles_with_estimates(load_calibration(path))}
+    return found.get(canonical_accelerator(accelerator).upper())
 
 
 def load_calibration(path: str = DEFAULT_CALIBRATION) -> list[Profile]:
@@ -118,6 +144,8 @@ def load_calibration(path: str = DEFAULT_CALIBRATION) -> list[Profile]:
                     depth_image_seconds=float(values.get("depth_image_seconds", 0.0)),
                     measured=bool(values.get("measured", False)),
                     source=str(values.get("source", "")),
+                    **{key: float(values[key]) for key in ESTIMATED_FLOORS if key in values},
+                    floors_measured=all(key in values for key in ESTIMATED_FLOORS),
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -148,6 +176,10 @@ def work_units(table: pa.Table) -> dict[str, np.ndarray]:
         * _guidance_factor(numbers(table, "prior_guidance_scale")),
         "decoder_steps": steps * _guidance_factor(numbers(table, "guidance_scale")) * scale,
         "decoder_images": scale,
+        # what the floors count: images, and steps whatever the size or guidance (shared by a call's images)
+        "images": np.ones(table.num_rows),
+        "decoder_step_count": steps,
+        "prior_step_count": numbers(table, "prior_num_inference_steps"),
     }
 
 
@@ -156,11 +188,26 @@ def unit_totals(work: pa.Table) -> dict[str, float]:
     return {name: float(values.sum()) for name, values in work_units(work).items()}
 
 
-def estimate(totals: dict[str, float], profile: Profile) -> dict[str, float]:
-    """Estimated busy GPU-seconds per stage, on ``profile``, for work of these `unit_totals`."""
+def estimate(
+    totals: dict[str, float],
+    profile: Profile,
+    *,
+    batch_size: int = NOMINAL_BATCH_SIZE,
+    prior_batch_size: int = NOMINAL_BATCH_SIZE,
+) -> dict[str, float]:
+    """Estimated busy GPU-seconds per stage, on ``profile``, for work of these `unit_totals`, in calls of
+    ``batch_size`` images (decoder) and ``prior_batch_size`` (prior) that share the floors."""
+    images = totals.get("images", 0.0)
     prior = totals["prior_steps"] * profile.prior_step_seconds
+    prior += (
+        totals.get("prior_step_count", 0.0) * profile.prior_fixed_step_seconds + images * profile.prior_call_seconds
+    ) / max(prior_batch_size, 1)
     decoder = totals["decoder_steps"] * profile.decoder_step_seconds
     decoder += totals["decoder_images"] * profile.decoder_image_seconds
+    decoder += (
+        totals.get("decoder_step_count", 0.0) * profile.decoder_fixed_step_seconds
+        + images * profile.decoder_call_seconds
+    ) / max(batch_size, 1)
     score = totals.get("scored_images", 0.0) * profile.score_image_seconds
     return {"prior": prior, "decoder": decoder, "score": score, "total": prior + decoder + score}
 
@@ -174,10 +221,23 @@ def image_seconds(profile: Profile, *, defaults: RenderDefaults, pixels: int) ->
 
 
 def stage_costs(
-    profile: Profile, totals: dict[str, float], *, num_images: int, score: bool, depth_images: int = 0
+    profile: Profile,
+    totals: dict[str, float],
+    *,
+    num_images: int,
+    score: bool,
+    depth_images: int = 0,
+    batch_size: int | None = None,
+    prior_batch_size: int | None = None,
 ) -> StageCosts:
-    """Per-image stage costs (the layout planner's input) of work with these `unit_totals` on ``profile``."""
-    seconds = estimate(totals, profile)
+    """Per-image stage costs (the layout planner's input) of work with these `unit_totals` on ``profile``, in calls
+    of ``batch_size`` / ``prior_batch_size`` images (`NOMINAL_BATCH_SIZE` when not chosen yet)."""
+    seconds = estimate(
+        totals,
+        profile,
+        batch_size=batch_size or NOMINAL_BATCH_SIZE,
+        prior_batch_size=prior_batch_size or batch_size or NOMINAL_BATCH_SIZE,
+    )
     per = max(num_images, 1)
     kind = "measured" if profile.measured else "estimated"
     return StageCosts(

@@ -76,8 +76,7 @@ class Census:
 
     def totals(self, *, score: bool) -> dict[str, float]:
         """The `unit_totals` of everything to render (scored images only with ``score``)."""
-        names = ("prior_steps", "decoder_steps", "decoder_images", "scored_images")
-        return {name: float(self.units[name]) if name != "scored_images" or score else 0.0 for name in names}
+        return {name: float(value) if name != "scored_images" or score else 0.0 for name, value in self.units.items()}
 
     def as_dict(self) -> dict[str, Any]:
         """The counts as ``--dry-run --json`` writes them."""
@@ -178,7 +177,8 @@ def dry_run(
     ``as_json``: one JSON object instead of text. ValueError for an unknown GPU type or a cluster too
     small for the flags, before anything is read. Raises `jobs.planning.availability.ModelUnavailableError`
     when the run would lack a model it needs (its ``report`` holds the plan: a dry run on a machine without
-    the models still shows it).
+    the models still shows it). A dry run with ``plan_for`` plans for another cluster: missing models are said,
+    not raised.
     """
     path = calibration or DEFAULT_CALIBRATION
     file_profiles = load_calibration(path)
@@ -220,11 +220,12 @@ def dry_run(
                 },
                 "plans": forecasts,
                 "duplicates": repeats.as_dict(),
+                "models_unavailable_here": missing or None,
             },
             indent=2,
             default=str,
         )
-        if missing:
+        if missing and not clusters:
             raise ModelUnavailableError(missing, report=text)
         return text
     text = describe(plan.config, plan, counts, profiles=profiles, calibration=path)
@@ -238,6 +239,11 @@ def dry_run(
             f"\n\ndefaults chosen for this machine ({machine.cpus:g} CPUs, no GPU seen without Ray); a job on "
             f"a cluster chooses for the cluster it finds (--plan-for NxTYPE shows a GPU cluster's):\n{chosen}"
         )
-    if missing:  # the run would stop before starting any model: say so, after the plan
+    if missing and not clusters:  # the run would stop before starting any model: say so, after the plan
         raise ModelUnavailableError(missing, report=text)
+    if missing:  # a plan for another cluster: this machine need not have the weights
+        text += (
+            "\n\nthe models are not reachable from this machine (a run here would stop, exit 2, until they are); "
+            f"the plans above assume the checkpoints' published sizes:\n{missing}"
+        )
     return text

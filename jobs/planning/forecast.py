@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.defaults import Machine
+from cluster.defaults import Machine, canonical_accelerator
 from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, co_located, dedicated, sweep
 from cluster.resources import StageGroup, resolve_groups
 from jobs.planning.calibration import Profile, load_calibration, profiles_with_estimates, stage_costs
@@ -39,7 +39,8 @@ class Hypothetical:
 
 
 def parse_clusters(values: tuple[str, ...], *, profiles: list[Profile]) -> list[Hypothetical]:
-    """``--plan-for`` values -> clusters; ValueError naming the value and the known GPU types."""
+    """``--plan-for`` values -> clusters (GPU types in any case: ``8xh100``); ValueError naming the value and the known
+    GPU types."""
     known = {p.name for p in profiles_with_estimates(profiles)}
     gpu_types = sorted(name for name in known if not name.startswith("cpu"))  # CPU profiles are not GPU types
     clusters = []
@@ -49,9 +50,10 @@ def parse_clusters(values: tuple[str, ...], *, profiles: list[Profile]) -> list[
             raise ValueError(
                 f"--plan-for {value!r}: expected NxTYPE, e.g. 8xH100 (known types: {', '.join(gpu_types)})"
             )
-        count, kind = int(match.group(1)), match.group(2)
-        if kind not in known:
-            raise ValueError(f"--plan-for {value!r}: unknown GPU type {kind!r}; known types: {', '.join(gpu_types)}")
+        count, given = int(match.group(1)), match.group(2)
+        kind = next((name for name in known if name.upper() == canonical_accelerator(given).upper()), None)
+        if kind is None:
+            raise ValueError(f"--plan-for {value!r}: unknown GPU type {given!r}; known types: {', '.join(gpu_types)}")
         if count < 1:
             raise ValueError(f"--plan-for {value!r}: a cluster needs at least 1 GPU")
         clusters.append(Hypothetical(num_gpus=count, accelerator_type=kind))
@@ -85,7 +87,6 @@ def forecast(
     config asks for more GPUs than the cluster has (naming them).
     """
     profile = {p.name: p for p in profiles_with_estimates(profiles)}[cluster.accelerator_type]
-    costs = stage_costs(profile, totals, num_images=num_images, score=bool(config.score), depth_images=depth_images)
     machine = Machine(
         cpus=float(CPUS_PER_GPU * cluster.num_gpus),
         gpus=float(cluster.num_gpus),
@@ -101,6 +102,15 @@ def forecast(
         num_images=num_images,
         units=totals,
         depth_images=depth_images,
+    )
+    costs = stage_costs(
+        profile,
+        totals,
+        num_images=num_images,
+        score=bool(config.score),
+        depth_images=depth_images,
+        batch_size=chosen_config.batch_size,
+        prior_batch_size=chosen_config.prior_batch_size,
     )
     try:
         groups, writers = resolve_groups(chosen_config, cluster_gpus=machine.gpus, needs_depth=depth_images > 0)

@@ -222,7 +222,15 @@ def machine_costs(
         profile = estimated_profile(REFERENCE_ACCELERATOR)
         note = f"; GPU type {machine.accelerator_type or 'unknown'}: {REFERENCE_ACCELERATOR} ratios"
     if units and num_images:
-        costs = stage_costs(profile, units, num_images=num_images, score=bool(config.score), depth_images=depth_images)
+        costs = stage_costs(
+            profile,
+            units,
+            num_images=num_images,
+            score=bool(config.score),
+            depth_images=depth_images,
+            batch_size=config.batch_size,
+            prior_batch_size=config.prior_batch_size,
+        )
         return StageCosts(**{**costs.__dict__, "source": costs.source + note})
     seconds = image_seconds(profile, defaults=config.defaults, pixels=pixels)
     kind = "measured" if profile.measured else "estimated"
