@@ -123,7 +123,8 @@ def test_other_checkpoints_any_valid_directory(tmp_path: Path) -> None:
 def ray_results(tmp_path_factory: pytest.TempPathFactory, tiny_models: str, ray_two_gpus: None) -> tuple[Path, dict]:
     """The rows rendered on Ray (2 logical GPUs): the output folder and the results."""
     tmp = tmp_path_factory.mktemp("ray")
-    return tmp, render(tmp, tiny_models, ROWS, runner="ray", batch_size=4)
+    # dedicated: the prior's GPU apart from the decoders' (the layout a large cluster gets; small ones co-locate)
+    return tmp, render(tmp, tiny_models, ROWS, runner="ray", batch_size=4, layout="dedicated")
 
 
 def test_ray_two_gpus_pins_stages_and_equals_in_process(ray_results: tuple[Path, dict], local_results: dict) -> None:
