@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import collections
-import logging
 from typing import Any
 
 import torch
 
 from actors.compiled import compile_pipeline, pipeline_modules
 from schemas.config import AccelOptions
+from schemas.logs import logger_for
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 def prepare_pipeline(pipe: Any, *, device: torch.device, options: AccelOptions | None = None) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,11 +13,12 @@ from actors.compiled import is_compile_failure, run_eagerly
 from actors.inputs import ImageLoader
 from actors.stage import Stage, describe_exception, worker_name
 from actors.weights import local_checkpoint
+from schemas.logs import logger_for
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
 from schemas.resources import co_located_memory_fraction
 from schemas.versions import version_mismatches
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 T = TypeVar("T")
 _warned_versions: set[str] = set()  # mismatch lines this process has logged already
 

@@ -11,14 +11,15 @@ node (`compile_cache_dir`), so a restarted actor, or the next run, loads it inst
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from schemas.logs import logger_for
+
+logger = logger_for(__name__)
 
 CACHE_ENV = "KANDINSKY_RENDER_CACHE"  # per-node cache folder (default ~/.cache/kandinsky-render)
 # Shapes one compiled module may be compiled for: the run's image sizes x both guidance shapes x the batch sizes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,13 +23,14 @@ from actors.pixels import DENORMALIZED_PIPELINES, PixelCopy, Pixels, pixels_colu
 from actors.stage import Call, InputError, Outcome, is_out_of_memory, with_errors
 from actors.transfers import Uploaded, Uploader
 from schemas.config import AccelOptions
+from schemas.logs import logger_for
 from schemas.models import movq_scale
 from schemas.modes import DECODER_INPUT_KWARGS, MODES, Mode
 from schemas.results import ERROR_NON_FINITE
 from schemas.stages import DECODER
 from schemas.work import CALL_KEY, DECODED_FIELDS, DECODER_DROPS
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 Warmup = tuple[str, int, int, int]  # (mode, height, width, batch_size) of calls to compile for at start
 WARMUP_STEPS = 2  # denoising steps of a warm-up call: the UNet's graph does not depend on them

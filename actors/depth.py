@@ -9,7 +9,6 @@ Note: transformers 5.x min-max normalises the depth map; 4.x scaled it by its ma
 from __future__ import annotations
 
 import io
-import logging
 from typing import Any
 
 import numpy as np
@@ -18,11 +17,12 @@ from PIL import Image
 
 from actors.common import ModelStage
 from actors.stage import Call, Outcome, with_errors
+from schemas.logs import logger_for
 from schemas.manifest import IMAGE_REF
 from schemas.modes import needs_depth
 from schemas.stages import DEPTH
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 class DepthActor(ModelStage):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
-import logging
 import os
 import stat
 import threading
@@ -24,6 +23,7 @@ from PIL import Image, ImageOps
 
 from actors.retry import StorageUnavailableError, TruncatedReadError, retry
 from actors.stage import InputError
+from schemas.logs import logger_for
 from schemas.manifest import (
     DEFAULT_ALLOWED_PROTOCOLS,
     DEFAULT_MAX_INPUT_BYTES,
@@ -33,7 +33,7 @@ from schemas.manifest import (
 )
 from schemas.text import first_line, public_uri, quoted, uri_secrets
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 _CACHE_ENTRIES = 64
 # Pillow's own decompression-bomb guard is a process-wide setting; it is set to our limit while we decode.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -14,12 +13,13 @@ from actors.common import ModelStage, generator_state, prior_pipeline_key, seede
 from actors.compiled import compiled_modules
 from actors.stage import Call, Outcome, with_errors
 from schemas.config import AccelOptions
+from schemas.logs import logger_for
 from schemas.modes import PRIOR_EMBEDS, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW
 from schemas.stages import PRIOR
 from schemas.work import PRIOR_CALL_KEY, embed_fields, embed_schema, embeds_array
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 class PriorActor(ModelStage):

@@ -16,7 +16,6 @@ start of the last one (so an operation gives up at most one attempt's duration a
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import random
 import time
@@ -24,9 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from schemas.logs import logger_for
 from schemas.text import first_line
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 T = TypeVar("T")
 

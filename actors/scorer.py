@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import types
 from typing import Any
 
@@ -15,11 +14,12 @@ from actors.accel import set_attention
 from actors.common import ModelStage, prior_pipeline_key, shared_model
 from actors.stage import Call, InputError, Outcome, with_errors
 from schemas.config import AccelOptions
+from schemas.logs import logger_for
 from schemas.results import ERROR_SCORE
 from schemas.stages import SCORE
 from schemas.work import SCORE_FIELDS
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 # The decoded columns a failed row loses, so that rows with ``error`` set carry no pixels (schemas.work).
 _PIXEL_COLUMNS = ("pixels", "pixel_height", "pixel_width")

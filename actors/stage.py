@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import os
 import socket
 import threading
@@ -50,12 +49,13 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
+from schemas.logs import logger_for
 from schemas.manifest import EMBEDDING_TYPE
 from schemas.results import ERROR_INPUT, ERROR_RENDER
 from schemas.text import exception_text
 from schemas.work import binary_views, embeds_numpy
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 GROW_AFTER = 20  # good calls in a row before a batch size cut by out-of-memory splits doubles back
 
 # How each library reports a failed device (or host) allocation, as torch raises it. torch's caching

@@ -20,7 +20,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import posixpath
 import re
@@ -33,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from actors.retry import is_transient, retry
+from schemas.logs import logger_for
 from schemas.models import CACHE_ENV, cache_root, is_remote, local_path
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 SYNC_RECORD = ".kandinsky-render-sync.json"  # in a whole copy: the listing it was made from
 LOCK_LOG_S = 30.0  # how often a process waiting for another's download says so

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from actors.scores import ScoreStats
 from actors.stage import describe_exception, worker_name
 from actors.storage import Storage
 from schemas.keys import sample_key, sample_rank
+from schemas.logs import logger_for
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
 from schemas.results import (
     ERROR_WRITE,
@@ -46,7 +46,7 @@ from schemas.summary import Counts, FailedImages, PartSummary, Sample, zero_seco
 from schemas.text import stored_entry
 from schemas.work import binary_views, embeds_array, embeds_numpy, from_ipc
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 _CANDIDATE_FIELDS = ("id", "image_index", "status", "error", "error_kind", "seed", "width", "height", "mode")
 _CANDIDATE_FIELDS += ("prompt", "caption")

@@ -144,9 +144,13 @@ class Choice:
     value: Any
     reason: str
 
+    def setting(self) -> str:
+        """``--batch-size 16``."""
+        return f"{self.flag} {_shown(self.value)}"
+
     def line(self) -> str:
         """``--batch-size 16: why``."""
-        return f"{self.flag} {_shown(self.value)}: {self.reason}"
+        return f"{self.setting()}: {self.reason}"
 
     def as_dict(self) -> dict[str, Any]:
         """The choice as stats.json records it."""

@@ -9,7 +9,6 @@ done); `jobs.reporting` adds it to the run's stats. At the end: stats.json, the 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import os
 import time
 import uuid
@@ -37,9 +36,10 @@ from jobs.publishing.orphans import delete_orphans, delete_output
 from jobs.reporting.card import write_card
 from jobs.reporting.gallery import write_report
 from jobs.reporting.progress import Progress
-from jobs.reporting.stats import run_stats, write_stats
+from jobs.reporting.stats import last_render, run_stats, write_stats
 from schemas.config import JobConfig
 from schemas.keys import SUCCESS_FILE
+from schemas.logs import logger_for
 from schemas.modes import MODES
 from schemas.shards import FORMAT_FILES
 from schemas.summary import Counts, PartSummary
@@ -47,7 +47,7 @@ from schemas.text import public_uri
 from schemas.versions import version_mismatches
 from schemas.work import to_ipc
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +182,7 @@ def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunP
 def _report(plan: RunPlan, storage: Storage, stats: dict[str, Any], *, run_id: str, timeline: Timeline) -> None:
     """The end of a run: the gallery, stats.json, then ``_SUCCESS``."""
     stats["timeline"] = timeline.seconds()
+    stats["last_render"] = last_render(storage, stats)
     chosen = plan.index.sample.chosen()
     stats["report"] = write_report(storage, chosen, stats=stats, scores_summary=plan.index.scores)
     timeline.mark("gallery_written")
@@ -204,9 +205,7 @@ def _nothing_pending(
         plan.index.totals.num_images,
     )
     write_settings(storage, plan.settings)
-    progress.start(run_id=run_id, num_images=0)
-    progress.finish()
-    timeline.mark("rendered")
+    timeline.mark("rendered")  # no progress lines: the line above says it all (not "started: 0/0 images (100%)")
     stats = run_stats(
         run_id=run_id,
         config=plan.config,

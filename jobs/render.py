@@ -7,7 +7,6 @@ runs the job and turns its outcome into an exit status and a summary.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import sys
@@ -21,10 +20,11 @@ from jobs.options.flags import PROG, build_parser
 from jobs.options.job_config import ExampleInputs, config_from_args, run_options
 from jobs.reporting.progress import configure_logging
 from schemas.config import JobConfig
+from schemas.logs import logger_for
 from schemas.manifest import ManifestError
 from schemas.text import one_line, printable, public_uri, uri_secrets
 
-logger = logging.getLogger("kandinsky_render")
+logger = logger_for("kandinsky_render")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -142,7 +142,7 @@ def _main(argv: list[str] | None, *, prog: str) -> int:
         _error(str(exc), secrets)
         return EXIT_BAD_INPUT
     except Exception as exc:  # anything else still must not print a credential
-        logging.getLogger("kandinsky_render").error("job failed", exc_info=exc)
+        logger_for("kandinsky_render").error("job failed", exc_info=exc)
         cause = getattr(exc, "cause", None)  # a Ray task error: say what the actor raised, not where
         shown = cause if isinstance(cause, Exception) else exc
         _error(f"{type(shown).__name__}: {one_line(str(shown), limit=4000)}", secrets)

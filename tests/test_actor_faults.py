@@ -123,7 +123,7 @@ def test_a_frozen_decoder_is_killed_at_its_deadline_and_its_work_rerun(
     output = tmp_path / "out"
     config = config_for(manifest, str(output), tiny_models, batch_size=2, shard_rows=2, call_timeout_warm_floor_s=5.0)
     assert config.call_timeout_s is None and config.call_timeout_floor_s == 600
-    caplog.set_level(logging.WARNING, logger="jobs.execution.runner")
+    caplog.set_level(logging.WARNING, logger="kandinsky_render.jobs.execution.runner")
     started = time.monotonic()
     job, outcome = in_thread(config)
     frozen = None

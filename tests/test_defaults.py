@@ -184,7 +184,7 @@ def test_a_run_prints_and_records_its_choices(tmp_path: Path, tiny_models: str, 
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     job = JobConfig(manifest=manifest, output=str(tmp_path / "out"), runner="local", prior_batch_size=2,
                     models=ModelPaths.resolve(models_dir=tiny_models))  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="jobs.planning.machine"):
+    with caplog.at_level(logging.INFO, logger="kandinsky_render.jobs.planning.machine"):
         summary = run_job(job)
     assert "defaults for this machine" in caplog.text and "--batch-size 16" in caplog.text
     recorded = json.loads((tmp_path / "out" / "stats.json").read_text())

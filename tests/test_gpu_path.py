@@ -130,7 +130,7 @@ def test_a_shape_guard_compiles_warmed_shapes_and_runs_others_eagerly(caplog: py
     guard(torch.zeros(4, 4))
     guard.seal()
     guard(torch.zeros(2, 4))
-    with caplog.at_level(logging.WARNING, logger="actors.compiled"):
+    with caplog.at_level(logging.WARNING, logger="kandinsky_render.actors.compiled"):
         guard(torch.zeros(3, 4))
         guard(torch.zeros(3, 4))
     assert calls == ["compiled", "compiled", "compiled", "eager", "eager"]

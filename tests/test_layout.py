@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -96,8 +97,12 @@ def _dry_run(*flags: str) -> subprocess.CompletedProcess:
 def test_dry_run_plans_for_hypothetical_clusters_as_text_and_json() -> None:
     text = _dry_run("--plan-for", "8xH100", "--plan-for", "2xL4")
     assert text.returncode == 0, text.stderr
-    assert "plan for 8xH100 (H100 profile, estimated)" in text.stdout and "plan for 2xL4" in text.stdout
-    assert "GPU-hours" in text.stdout and "best of the layouts swept" in text.stdout
+    assert "plan for 8xH100 (H100 profile, estimated: FLOP counts at 40% of the GPU's peak" in text.stdout
+    assert "plan for 2xL4" in text.stdout and "GPU-hours" in text.stdout and "best of the layouts swept" in text.stdout
+    assert re.search(r"15 image\(s\) in \d+:\d\d:\d\d \(h:mm:ss\)", text.stdout), text.stdout
+    # only the planned clusters: not this machine's defaults, actors or its calibration-file (cpu-tiny) profile
+    for local in ("defaults chosen for this machine", "model calls per stage", "cpu-tiny"):
+        assert local not in text.stdout, local
     proc = _dry_run("--plan-for", "4xH200", "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)["plans"][0]

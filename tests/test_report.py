@@ -112,11 +112,13 @@ def test_gallery_and_contact_sheet_work_from_the_output_folder(tmp_path: Path) -
         assert "://" not in src and not src.startswith("/"), src  # relative: opens from any prefix
     for src in links.images:
         assert (tmp_path / src).is_file()
-    assert set(links.links) == {"contact_sheet.png", "stats.json"}
+    assert set(links.links) == {"contact_sheet.png", "stats.json", *links.images}  # each image opens full size
     assert "<script>alert" not in page and "&lt;b&gt;not bold&lt;/b&gt; &amp; co" in page
     assert "height=7 is too small" in page and "invalid_row" in page
     for text in ("prompt of fox", "seed 7", "seed 8", "128x64", "text2img", "status-ok", "status-error"):
         assert text in page, text
+    assert "steps " in page and "guidance " in page  # the parameters that decided each image, from its results
+    assert "No run has rendered an image yet." in page  # these stats name no run that rendered (no last_render)
 
     sheet = Image.open(tmp_path / "contact_sheet.png")
     assert sheet.format == "PNG" and sheet.width == 5 * CELL  # 5 sampled images, one row
@@ -259,7 +261,7 @@ def test_dry_run_plans_without_models_or_writes(tmp_path: Path) -> None:
     assert table["refused (invalid_row)"] == (2, 2)
     assert table["to render"] == (3, 5)
     assert "model calls per stage (decoder batch size 2, prior batch size 4): prior 2, decoder 3" in proc.stdout
-    assert re.search(r"^\s+H100\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+NOT measured$", proc.stdout, re.M)
+    assert re.search(r"^\s+H100\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+estimated \(40% of peak\)$", proc.stdout, re.M)
     assert not output.exists()
 
 

@@ -356,7 +356,7 @@ def test_a_rerun_with_nothing_pending_stops_before_starting_ray(
 
     config = config_for(write_manifest(tmp_path / "m.parquet", rows_of(2)), str(tmp_path / "out"), tiny_models)
     first = run_job(dataclasses.replace(config, runner="local"))
-    with caplog.at_level(logging.INFO, logger="jobs.job"):
+    with caplog.at_level(logging.INFO, logger="kandinsky_render.jobs.job"):
         again = run_job(config)
     assert "nothing to render: all 1 shard(s)" in caplog.text and "Ray not started" in caplog.text
     assert "ray_connected" not in again.stats["timeline"] and not again.stats["stages"]["runner"].startswith("ray")

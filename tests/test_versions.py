@@ -86,7 +86,7 @@ def test_actors_log_each_mismatch_once_per_process(
 
     monkeypatch.setattr(actors.common, "version_mismatches", lambda: ["torch 9.0 is installed but ..."])
     monkeypatch.setattr(actors.common, "_warned_versions", set())
-    with caplog.at_level(logging.WARNING, logger="actors.common"):
+    with caplog.at_level(logging.WARNING, logger="kandinsky_render.actors.common"):
         assert actors.common.warn_untested_versions("prior") == ["torch 9.0 is installed but ..."]
         actors.common.warn_untested_versions("decoder")
 
@@ -100,7 +100,7 @@ def test_run_job_warns_about_untested_versions_and_records_them(
     monkeypatch.setattr(jobs.job, "version_mismatches", lambda: ["diffusers 0.43.0 is installed but ..."])
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "no-prompt", "prompt": None}])
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), runner="local", models=ModelPaths())
-    with caplog.at_level(logging.WARNING, logger="jobs.job"):
+    with caplog.at_level(logging.WARNING, logger="kandinsky_render.jobs.job"):
         summary = run_job(config)  # its one row is refused: no model loads
     assert summary.stats["num_refused"] == 1 and summary.stats["num_rendered"] == 0
     assert "untested package version: diffusers 0.43.0 is installed but ..." in caplog.messages

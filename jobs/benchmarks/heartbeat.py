@@ -17,6 +17,7 @@ from typing import Any
 
 from jobs.benchmarks.common import Mode, machine, write_manifest
 from jobs.benchmarks.stand_ins import SimulatedDecoder, simulated_chain
+from schemas.logs import logger_for
 
 
 class SlowLoadingDecoder(SimulatedDecoder):
@@ -75,7 +76,7 @@ def run_heartbeat(args: argparse.Namespace) -> dict[str, Any]:
     if not ray.is_initialized():  # logical GPUs for the stand-ins, as `simulated` does
         ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     handler = _Records()
-    progress_logger = logging.getLogger("kandinsky_render.progress")
+    progress_logger = logger_for("progress")
     progress_logger.addHandler(handler)
     progress_logger.setLevel(logging.INFO)
     started = time.monotonic()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
@@ -14,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from jobs.dev.tokenizer import write_clip_tokenizer
+from schemas.logs import logger_for
 from schemas.models import cache_root
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 if TYPE_CHECKING:
     import torch

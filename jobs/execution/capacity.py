@@ -10,7 +10,6 @@ and waits, within ``--stage-wait``, saying what it asked for and what the cluste
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -18,9 +17,10 @@ from cluster.defaults import Machine
 from cluster.resources import ACCELERATOR_LABEL
 from jobs.execution.pool import Pool
 from jobs.execution.scaling import ActorPools
+from schemas.logs import logger_for
 from schemas.resources import UNBOUNDED
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 def _bundle(pool: Pool) -> dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -25,11 +24,12 @@ from jobs.planning.batches import prior_batch_size
 from jobs.planning.forecast import planned_cluster
 from jobs.planning.machine import local_machine, ray_machine
 from schemas.config import JobConfig
+from schemas.logs import logger_for
 from schemas.manifest import input_protocols
 from schemas.modes import MODES
 from schemas.stages import DECODER, DEPTH, MODEL_STAGES, PRIOR, SCORE, SPLIT_AFTER, WRITER
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 ChainBuilder = Callable[..., tuple[list[StageSpec], SinkSpec]]

@@ -3,7 +3,6 @@ mark actors up, and re-run the work of calls that failed for infrastructure reas
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,8 +10,9 @@ from typing import Any
 from jobs.execution.contract import BatchDone, Event, TaskDone
 from jobs.execution.pool import Actor, ray_result
 from jobs.execution.work_state import Call, Item
+from schemas.logs import logger_for
 
-logger = logging.getLogger("jobs.execution.runner")  # its lines are the runner's
+logger = logger_for("jobs.execution.runner")  # its lines are the runner's
 
 
 class Completions:

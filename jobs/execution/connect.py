@@ -11,8 +11,9 @@ import time
 from urllib.parse import urlsplit
 
 from schemas.config import JobConfig
+from schemas.logs import logger_for
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 CONNECT_WAIT_S = JobConfig.__dataclass_fields__["connect_wait_s"].default  # --connect-wait's default
 DEFAULT_GCS_PORT = 6379

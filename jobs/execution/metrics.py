@@ -15,11 +15,12 @@ connected (``--runner local``, a run with nothing pending).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from schemas.logs import logger_for
+
+logger = logger_for(__name__)
 
 PREFIX = "kandinsky_render_"
 # Seconds per image, from a tiny CPU model's milliseconds to a large image on a slow GPU.

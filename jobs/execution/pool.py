@@ -11,7 +11,6 @@ often takes minutes. Only an actor whose constructor raised (``actor_init_failed
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,8 +19,9 @@ from typing import Any
 from cluster.resources import StageLayout
 from jobs.execution.contract import SinkSpec, StageSpec
 from jobs.execution.workers import SinkWorker, StageWorker
+from schemas.logs import logger_for
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 MAX_PROBE_BACKOFF_S = 30.0
 

@@ -19,7 +19,6 @@ Call deadlines (a hung actor is killed: its calls fail as above) and stage waits
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -34,9 +33,10 @@ from jobs.execution.scaling import ActorPools, Elasticity
 from jobs.execution.watchdog import Deadlines, Watchdog
 from jobs.execution.work_state import Call, Group, Item, RunnerMeasures, TaskState
 from jobs.planning.machine import ray_nodes
+from schemas.logs import logger_for
 from schemas.work import to_ipc
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 __all__ = ["Deadlines", "RayStagePipeline", "RunnerMeasures", "run_ray"]
 
 

@@ -8,12 +8,12 @@ stays idle for ``idle_timeout_s`` while nothing waits. An actor on a node being 
 drain notice: idle termination, spot preemption) gets no new calls; once its calls are done it is
 retired, and its pool may grow again elsewhere. An actor that dies with its node is restarted by
 Ray wherever there is room (`jobs.execution.pool`); the pool counts it lost until it answers again.
-Every change of a pool's size is logged and kept (`history`) for stats.json.
+Every change of a pool's size is kept (`history`) for stats.json, and logged once the pool has been whole (its
+coming up is one phase line).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +23,9 @@ from cluster.nodes import NodeShape, fits, unplaceable
 from cluster.resources import StageGroup
 from jobs.execution.contract import SinkSpec, StageSpec, stage_groups
 from jobs.execution.pool import Actor, Pool, record_probe
+from schemas.logs import logger_for
 
-logger = logging.getLogger("jobs.execution.runner")  # its lines are the runner's
+logger = logger_for("jobs.execution.runner")  # its lines are the runner's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +45,7 @@ class PoolRecord:
     min_actors: int
     max_actors: int
     history: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, actors up)
+    whole: bool = False  # every actor of the pool has been up at once
     grown: int = 0
     shrunk: int = 0
     joined: int = 0  # actors that came up (again) after the pool's start
@@ -174,8 +176,11 @@ class ActorPools:
         if record.history and record.history[-1][1] == size:
             return
         record.history.append((time.monotonic() - self.started, size))
-        if len(record.history) > 1:
+        # Coming up is the phase line's (`jobs.execution.watch`); from the first time the pool is whole, each change
+        # (a lost node, growth onto a new one) is a line of its own.
+        if record.whole:
             logger.info("stage %s: %d actor(s) up (of %d)", pool.label, size, len(pool.actors))
+        record.whole = record.whole or size >= len(pool.actors)
 
     # ------------------------------------------------------------------ elasticity
 

@@ -68,22 +68,18 @@ class PipelineWatch:
             self.watcher.status(f"{', '.join(parts)}; {running} call(s) running, {queued} waiting")
 
     def _transitions(self, pool: Any, *, now: float) -> None:
+        """One phase line per stage coming up (when all its actors are), or, when none is up after
+        `CAPACITY_WAIT_S`, one saying what it waits for; the status line shows the counts meanwhile."""
         number, name, actors = pool.index, pool.label, pool.actors
-        if number not in self.started_at:
-            self.started_at[number] = now
-            loading = "" if pool.sink else ", each loading its model"
-            self._say(number, "starting", f"stage {name}: starting {len(actors)} actor(s){loading}")
+        self.started_at.setdefault(number, now)
         ready = [actor for actor in actors if actor.ready]
         waited = now - self.started_at[number]
-        if ready:
-            self._say(
-                number, "ready", f"stage {name}: ready, {len(ready)} of {len(actors)} actor(s) up after {waited:.1f} s"
-            )
         if len(ready) == len(actors):
-            self._say(number, "all", f"stage {name}: all {len(actors)} actor(s) up")
-        elif not ready and waited > CAPACITY_WAIT_S:
+            self._say(number, "up", f"stage {name}: {len(actors)} actor(s) up after {waited:.1f} s")
+        elif waited > CAPACITY_WAIT_S:
             lacks = self._lacks(pool, now)
-            self._say(number, "waiting", f"stage {name}: no actor up after {CAPACITY_WAIT_S:.0f} s: {lacks}")
+            up = f"{len(ready)} of {len(actors)} actor(s) up" if ready else "no actor up"
+            self._say(number, "waiting", f"stage {name}: {up} after {CAPACITY_WAIT_S:.0f} s: {lacks}")
         for actor in actors:
             was = self.ready_actors.get(id(actor))
             if was and not actor.ready and self.metrics is not None:  # died or killed: Ray restarts it

@@ -16,15 +16,15 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from jobs.execution.contract import SinkSpec, StageSpec
 from jobs.execution.pool import Actor, Pool, constructing, describe_resources
+from schemas.logs import logger_for
 
-logger = logging.getLogger("jobs.execution.runner")  # its warnings are the runner's
+logger = logger_for("jobs.execution.runner")  # its warnings are the runner's
 LOOK_EVERY_S = 2.0  # how often a waiting pool's actors are looked up in the actor table
 
 

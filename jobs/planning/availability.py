@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +23,11 @@ from jobs.options.run_options import RunOptions
 from jobs.planning.run_plan import RunPlan
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan
 from schemas.config import JobConfig
+from schemas.logs import logger_for
 from schemas.models import HUB_MODELS, INDEX_FILES, is_hub_id, is_remote, local_path
 from schemas.modes import MODES
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 HUB_TIMEOUT_S = 10.0  # one HEAD request to the hub; no retries (the libraries' own retries take minutes)
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import posixpath
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from schemas.config import JobConfig
+from schemas.logs import logger_for
 from schemas.models import is_hub_id, movq_scale
 from schemas.modes import MODES
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 # The MoVQ of every public Kandinsky 2.2 decoder checkpoint downsamples by 8.
 PUBLIC_MOVQ_SCALE = 8

@@ -17,6 +17,7 @@ from jobs.planning.availability import ModelUnavailableError, needed_models
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.calibration import (
     DEFAULT_CALIBRATION,
+    ESTIMATE_EFFICIENCY,
     Profile,
     estimate,
     load_calibration,
@@ -120,8 +121,11 @@ def _table(rows: list[tuple[str, ...]], aligns: str) -> list[str]:
     return ["  " + "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, aligns, widths)).rstrip() for row in rows]
 
 
-def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list[Profile], calibration: str) -> str:
-    """The text ``--dry-run`` prints."""
+def describe(
+    config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list[Profile], calibration: str, local: bool = True
+) -> str:
+    """The text ``--dry-run`` prints; ``local``: with the actors this machine's defaults give (not for a plan for
+    other clusters, whose own actors their plans show)."""
     done = plan.num_shards - len(plan.pending)
     retried = sum(1 for _, previous in plan.pending if previous is not None)
     retries = f", {retried} of them retries" if retried else ""
@@ -139,10 +143,12 @@ def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list
         body.append((f"refused ({kind})", "", str(counts.refused_rows[kind]), str(counts.refused_images[kind])))
     body.append(("to render", "", str(sum(counts.rows.values())), str(counts.num_to_render)))
     lines += _table(body, "<<>>")
-    sizes = f"decoder batch size {config.batch_size}, prior batch size {prior_batch_size(config)}"
     stages = [stage.name for stage in MODEL_STAGES if stage.present == ALWAYS or counts.calls[stage.name]]
-    lines += ["", f"model calls per stage ({sizes}): " + ", ".join(f"{name} {counts.calls[name]}" for name in stages)]
-    if config.layout is not None:  # the actors this machine's defaults give (a cluster's: --plan-for)
+    if local:
+        sizes = f"decoder batch size {config.batch_size}, prior batch size {prior_batch_size(config)}"
+        calls = ", ".join(f"{name} {counts.calls[name]}" for name in stages)
+        lines += ["", f"model calls per stage ({sizes}): {calls}"]
+    if local and config.layout is not None:  # the actors this machine's defaults give (a cluster's: --plan-for)
         groups, writers = resolve_groups(config, cluster_gpus=0.0, needs_depth=counts.depth_images > 0)
         for group in groups:
             lines.append(f"  {group.name} ({', '.join(group.stages)}): {_resources(group.resources)}")
@@ -154,7 +160,7 @@ def describe(config: JobConfig, plan: RunPlan, counts: Census, *, profiles: list
     totals = counts.totals(score=scoring)
     for profile in profiles:
         seconds = estimate(totals, profile)
-        basis = "measured" if profile.measured else "NOT measured"
+        basis = "measured" if profile.measured else f"estimated ({ESTIMATE_EFFICIENCY:.0%} of peak)"
         columns = ("prior", "decoder", *(["score"] if scoring else []), "total")
         basis += "" if not scoring or profile.score_image_seconds else " (no score cost in it)"
         rows.append((profile.name, *(f"{seconds[k]:.1f}" for k in columns), basis))
@@ -184,7 +190,10 @@ def dry_run(
     file_profiles = load_calibration(path)
     clusters = parse_clusters(plan_for, profiles=file_profiles)
     wanted = [c.accelerator_type for c in clusters] or list(SHOWN_ESTIMATES)
-    profiles = [p for p in profiles_with_estimates(file_profiles) if p in file_profiles or p.name in wanted]
+    # A plan for clusters shows their GPU types only; a plain dry run also the calibration file's own profiles.
+    profiles = [
+        p for p in profiles_with_estimates(file_profiles) if p.name in wanted or (not clusters and p in file_profiles)
+    ]
     plan = plan_run(config, Storage(config.output, storage_options=config.storage_options))
     scan, missing = needed_models(plan, plan.scan())
     machine = local_machine()
@@ -228,12 +237,12 @@ def dry_run(
         if missing and not clusters:
             raise ModelUnavailableError(missing, report=text)
         return text
-    text = describe(plan.config, plan, counts, profiles=profiles, calibration=path)
+    text = describe(plan.config, plan, counts, profiles=profiles, calibration=path, local=not clusters)
     if repeats.num_repeated:
         text += f"\n\nduplicate images (the same prompt inputs, settings and seed): {repeats.line()}"
     for item in forecasts:
         text += "\n\n" + "\n".join(describe_forecast(item, num_images=counts.num_to_render))
-    if choices:
+    if choices and not clusters:  # a plan for clusters: each chooses its own (its plan above)
         chosen = "\n".join(f"  {choice.line()}" for choice in choices)
         text += (
             f"\n\ndefaults chosen for this machine ({machine.cpus:g} CPUs, no GPU seen without Ray); a job on "

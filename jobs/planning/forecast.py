@@ -16,7 +16,13 @@ from typing import Any
 from cluster.defaults import Machine, canonical_accelerator
 from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, co_located, dedicated, sweep
 from cluster.resources import StageGroup, resolve_groups
-from jobs.planning.calibration import Profile, load_calibration, profiles_with_estimates, stage_costs
+from jobs.planning.calibration import (
+    ESTIMATE_EFFICIENCY,
+    Profile,
+    load_calibration,
+    profiles_with_estimates,
+    stage_costs,
+)
 from jobs.planning.machine import machine_defaults
 from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, PLAN_FOR, JobConfig
 from schemas.resources import UNBOUNDED
@@ -167,6 +173,12 @@ def predict(kind: str, groups: list[StageGroup], *, costs: StageCosts, num_gpus:
     return co_located(num_gpus=num_gpus, num_clip_actors=clip.resources.num_actors, costs=costs, clip_stages=stages)
 
 
+def clock(seconds: float) -> str:
+    """``seconds`` as h:mm:ss (``1:02:03``), rounded to the second."""
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
 def describe_forecast(plan: dict[str, Any], *, num_images: int) -> list[str]:
     """The dry run's lines for one hypothetical cluster."""
     groups = ", ".join(
@@ -175,13 +187,17 @@ def describe_forecast(plan: dict[str, Any], *, num_images: int) -> list[str]:
     layout = next((c["reason"] for c in plan["choices"] if c["flag"] == "--layout"), "as the flags ask")
     idle = ", ".join(f"{name} GPUs {share:.0%}" for name, share in plan["idle"].items())
     bounds = ", ".join(f"{name} {low}:{'' if high is None else high}" for name, (low, high) in plan["bounds"].items())
+    basis = plan["costs"]["source"]
+    if "estimated" in basis:
+        basis += f": FLOP counts at {ESTIMATE_EFFICIENCY:.0%} of the GPU's peak plus per-call floors, not measured"
     return [
-        f"plan for {plan['cluster']} ({plan['costs']['source']}):",
+        f"plan for {plan['cluster']} ({basis}):",
         f"  layout {plan['layout']}: {groups or 'every stage in each actor'}; {plan['writers']} writer(s)",
         f"    pools MIN:MAX (no MAX: they grow as GPU nodes join): {bounds}",
         f"    why: {layout}",
         f"  predicted {plan['images_per_s']:.3g} images/s ({plan['images_per_s_per_gpu']:.3g} per GPU): "
-        f"{num_images} image(s) in {plan['wall_seconds']:.0f} s, {plan['gpu_hours']:.3g} GPU-hours; idle: {idle}",
+        f"{num_images} image(s) in {clock(plan['wall_seconds'])} (h:mm:ss), {plan['gpu_hours']:.3g} GPU-hours; "
+        f"idle: {idle}",
         f"  best of the layouts swept: {plan['best']['layout']} ({plan['best']['images_per_s']:.3g} images/s); "
         f"the chosen one gives {plan['of_best']:.1%} of it",
     ]

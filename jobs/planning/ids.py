@@ -11,7 +11,6 @@ duplicates are refused naming the id and its files.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -25,11 +24,12 @@ import pyarrow.parquet as pq
 from actors.retry import Retrier
 from actors.storage import open_fs
 from jobs.planning.manifests import ManifestFile
+from schemas.logs import logger_for
 from schemas.manifest import ManifestError
 from schemas.modes import MODE_NAMES
 from schemas.text import quoted
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 BATCH_ROWS = 131_072
 _ROWS_PER_PARTITION = 1 << 20  # 8 MB of hashes per partition

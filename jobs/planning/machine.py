@@ -7,7 +7,6 @@ machine-dependent options from either.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -15,10 +14,11 @@ from cluster.defaults import REAL_DECODER_PARAMETERS, Choice, Machine, Workload,
 from cluster.layout import StageCosts
 from cluster.nodes import NodeShape
 from schemas.config import JobConfig
+from schemas.logs import logger_for
 from schemas.models import is_hub_id, is_remote, local_path
 from schemas.modes import DEFAULT_MODE, MODES
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's resource naming each GPU node's type
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -244,7 +244,8 @@ def machine_costs(
 
 
 def log_choices(machine: Machine, choices: list[Choice]) -> None:
-    """Say at start-up what the job found and chose (INFO: part of the default output)."""
+    """Say at start-up what the job found and chose: one INFO line with the values, each value's reason at DEBUG
+    (``--log-level DEBUG``; stats.json's ``defaults`` keeps them too)."""
     if not choices:
         return
     found = f"{machine.cpus:g} CPU(s), " + (
@@ -252,8 +253,10 @@ def log_choices(machine: Machine, choices: list[Choice]) -> None:
         if machine.gpus
         else "no GPU"
     )
+    values = " ".join(choice.setting() for choice in choices)
+    logger.info("defaults for %s (%s): %s (reasons: --log-level DEBUG or stats.json)", machine.source, found, values)
     lines = "".join(f"\n  {choice.line()}" for choice in choices)
-    logger.info("defaults for %s (%s; every flag overrides):%s", machine.source, found, lines)
+    logger.debug("why each default (every flag overrides):%s", lines)
 
 
 def stats_record(machine: Machine, choices: list[Choice]) -> dict[str, Any]:

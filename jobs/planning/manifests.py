@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import glob as globlib
 import hashlib
-import logging
 import os
 import posixpath
 from collections.abc import Callable
@@ -22,11 +21,12 @@ import pyarrow.parquet as pq
 
 from actors.retry import StorageUnavailableError, retry
 from actors.storage import open_fs
+from schemas.logs import logger_for
 from schemas.manifest import ManifestError, check_schema, normalize
 from schemas.shards import Fingerprint, Shard
 from schemas.text import public_uri
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)

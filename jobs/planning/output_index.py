@@ -10,7 +10,6 @@ sample. Markers are written by `jobs.publishing.markers`, last for each shard.
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 from actors.scores import empty_scores, merge_scores
 from actors.storage import Storage, UnsafeObjectError
 from schemas.keys import IMAGES_DIR, RESULTS_DIR
+from schemas.logs import logger_for
 from schemas.results import RESULTS_SCHEMA, STATUS_ERROR, STATUS_OK, final_results
 from schemas.shards import (
     DATA_DIR,
@@ -40,7 +40,7 @@ from schemas.shards import (
 from schemas.summary import Counts, FailedImages, ImageKey, Sample
 from schemas.text import one_line
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 READ_CHUNK = 256  # markers fetched per concurrent request batch
 

@@ -8,7 +8,6 @@ memory follows the shards in flight, not the manifest.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from jobs.planning.output_index import OutputIndex, read_settings, read_shard_re
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan, scan_pending
 from jobs.planning.work import PLAN_CHUNK_ROWS, Work, shard_work
 from schemas.config import JobConfig
+from schemas.logs import logger_for
 from schemas.manifest import ManifestError
 from schemas.modes import MODES
 from schemas.results import REFUSAL_KINDS, STATUS_OK
@@ -56,7 +56,7 @@ from schemas.summary import Counts, FailedImages, ImageKey
 from schemas.text import public_uri
 from schemas.work import WORK_SCHEMA
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 # Rows `RunPlan.confirm` may plan before it counts every model not yet confirmed as needed (bounds start-up).
 CONFIRM_ROWS = 100_000

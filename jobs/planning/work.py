@@ -7,7 +7,6 @@ works on one shard (or one small in-memory manifest) at a time, so memory follow
 from __future__ import annotations
 
 import hashlib
-import logging
 import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from jobs.planning.checkpoints import CheckpointScales
 from jobs.planning.manifests import inside_test
 from schemas.config import JobConfig
 from schemas.keys import MAX_SEED, default_seed
+from schemas.logs import logger_for
 from schemas.manifest import IMAGE_COLUMNS, IMAGE_REF, INTERPOLATE_TYPE, Limits, RenderDefaults, fill_defaults
 from schemas.modes import MODES, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE
@@ -28,7 +28,7 @@ from schemas.text import public_uri, quoted
 from schemas.validation import embedding_problems, row_problems, size_problems
 from schemas.work import WORK_SCHEMA
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 # Manifest rows expanded at a time: bounds the Python objects alive while planning huge manifests.

@@ -10,7 +10,6 @@ every acquisition and renewal the holder reads the lease back, so a lost race is
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import threading
@@ -20,8 +19,9 @@ from typing import Any
 from actors.retry import StorageUnavailableError
 from actors.storage import Storage
 from schemas.keys import LEASE_FILE
+from schemas.logs import logger_for
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 class LeaseHeldError(RuntimeError):

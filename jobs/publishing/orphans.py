@@ -7,11 +7,10 @@ stays, whatever folder it is in. Markers go first, so nothing half-deleted count
 
 from __future__ import annotations
 
-import logging
-
 from actors.storage import Storage
 from jobs.planning.output_index import OutputIndex
 from schemas.keys import IMAGES_DIR, LEASE_FILE, RESULTS_DIR, SUCCESS_FILE
+from schemas.logs import logger_for
 from schemas.shards import (
     DATA_DIR,
     DATASET_FILE,
@@ -25,7 +24,7 @@ from schemas.shards import (
     part_shard,
 )
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 def delete_output(storage: Storage) -> int:

@@ -10,7 +10,6 @@ import base64
 import datetime as dt
 import html
 import io
-import logging
 import math
 from typing import Any
 
@@ -19,10 +18,11 @@ import pyarrow.parquet as pq
 from actors.storage import Storage
 from jobs.reporting.scores import HISTOGRAM_FILE, extremes_html, histogram_png
 from schemas.keys import CONTACT_SHEET_FILE, GALLERY_FILE, IMAGES_DIR, STATS_FILE
+from schemas.logs import logger_for
 from schemas.results import STATUS_OK, THUMBNAIL_SIDE
 from schemas.text import MAX_QUOTED_CHARS, clip, stored_entry, stored_id
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 CELL = THUMBNAIL_SIDE  # contact sheet cell side, pixels: one preview each
 COLUMNS = 8
@@ -32,8 +32,24 @@ _CONTENT_TYPE_KWARG = {"s3": "ContentType", "s3a": "ContentType", "gs": "content
 ImagePreviews = dict[tuple[str, int], Any]
 
 
-def read_previews(storage: Storage, rows: list[dict[str, Any]]) -> tuple[ImagePreviews, ImagePreviews]:
-    """(image previews, input previews) of the chosen images, read from the results part that holds each one.
+# The parameters that decided an image, as the card lists them: (results column, label).
+CARD_PARAMETERS = (
+    ("num_inference_steps", "steps"),
+    ("guidance_scale", "guidance"),
+    ("strength", "strength"),
+    ("prior_num_inference_steps", "prior steps"),
+    ("prior_guidance_scale", "prior guidance"),
+    ("prior_strength", "prior strength"),
+)
+
+
+# Results columns a card shows beside the sample entry's own (markers keep a few fields per candidate).
+CARD_COLUMNS = ("negative_prompt", "manifest_file", *(name for name, _ in CARD_PARAMETERS))
+
+
+def read_previews(storage: Storage, rows: list[dict[str, Any]]) -> tuple[ImagePreviews, ImagePreviews, ImagePreviews]:
+    """(image previews, input previews, `CARD_COLUMNS` values) of the chosen images, read from the results part
+    that holds each one.
 
     Image previews exist for ok images; input previews (lists of ``name``, ``label``, ``png``) for
     every image a part kept as a gallery candidate (results written before they existed have none). Keyed
@@ -44,12 +60,14 @@ def read_previews(storage: Storage, rows: list[dict[str, Any]]) -> tuple[ImagePr
         wanted.setdefault(row["results"], set()).add((stored_id(row["id"]), row["image_index"]))
     images: ImagePreviews = {}
     inputs: ImagePreviews = {}
+    details: ImagePreviews = {}
     for key, chosen in wanted.items():
         try:
             parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(key)))
         except FileNotFoundError:
             continue
-        columns = [c for c in ("id", "image_index", "thumbnail", "input_thumbnails") if c in parquet.schema_arrow.names]
+        names = ("id", "image_index", "thumbnail", "input_thumbnails", *CARD_COLUMNS)
+        columns = [c for c in names if c in parquet.schema_arrow.names]
         table = parquet.read(columns=columns)
         for entry in table.to_pylist():
             image = (stored_id(entry["id"]), entry["image_index"])
@@ -58,7 +76,8 @@ def read_previews(storage: Storage, rows: list[dict[str, Any]]) -> tuple[ImagePr
                     images[image] = entry["thumbnail"]
                 if entry.get("input_thumbnails") is not None:
                     inputs[image] = entry["input_thumbnails"]
-    return images, inputs
+                details[image] = {name: entry.get(name) for name in CARD_COLUMNS}
+    return images, inputs, details
 
 
 def read_thumbnails(storage: Storage, rows: list[dict[str, Any]]) -> ImagePreviews:
@@ -85,6 +104,15 @@ def gallery_html(
         for row in rows
     )
     title = f"kandinsky-render: {num_images} image(s), {by_status.get('ok', 0)} ok, {by_status.get('error', 0)} error"
+    last = stats.get("last_render") or {}
+    if last:
+        heading = (
+            f"Last run that rendered: <code>{html.escape(str(last.get('run_id', '')))}</code>, finished "
+            f"{html.escape(_when(last.get('finished_at')))}: {last.get('num_rendered', 0)} rendered, "
+            f"{last.get('images_per_s', 0)} images/s."
+        )
+    else:
+        heading = "No run has rendered an image yet."
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -100,7 +128,7 @@ figure .placeholder {{ aspect-ratio: 1; background: #f3d6d6; display: flex; alig
   justify-content: center; color: #8a1c1c; font-weight: bold; }}
 figure.missing img {{ display: none; }}
 figure.missing figcaption::before {{ content: "image missing"; color: #8a1c1c; font-weight: bold; display: block; }}
-figcaption {{ font-size: .8rem; line-height: 1.3; margin-top: .4rem; overflow-wrap: anywhere; }}
+figcaption {{ font-size: .8rem; line-height: 1.3; margin-top: .4rem; overflow-wrap: break-word; }}
 .inputs {{ display: flex; flex-wrap: wrap; gap: .3rem; margin-bottom: .4rem; }}
 .inputs figure {{ border: none; padding: 0; width: 4.5rem; font-size: .65rem; }}
 .inputs figcaption {{ font-size: .65rem; margin-top: .1rem; }}
@@ -111,10 +139,8 @@ figcaption {{ font-size: .8rem; line-height: 1.3; margin-top: .4rem; overflow-wr
 <body>
 <header>
 <h1>{html.escape(title)}</h1>
-<p>Showing {len(rows)} of {num_images} image(s), a stable sample (errors first).
-Last run <code>{html.escape(str(stats.get("run_id", "")))}</code>,
-finished {html.escape(_when(stats.get("finished_at")))}:
-{stats.get("num_rendered", 0)} rendered, {stats.get("images_per_s", 0)} images/s.</p>
+<p>Showing {len(rows)} of {num_images} image(s), a stable sample (errors first); click an image for its full size.
+{heading}</p>
 <p><a href="{CONTACT_SHEET_FILE}">contact sheet</a> · <a href="{STATS_FILE}">stats.json</a> ·
 results in <code>results/*.parquet</code>, shards in <code>shards/*.json</code></p>
 </header>
@@ -136,8 +162,9 @@ def _when(timestamp: Any) -> str:
         return text
 
 
-def _inputs(previews: list[dict[str, Any]] | None) -> str:
-    """The row's inputs, small, above its image: each with its picture (when it has one) and label."""
+def _inputs(previews: list[dict[str, Any]] | None, manifest: str | None = None) -> str:
+    """The row's inputs, small, above its image: each with its picture (when it has one) and its label (a path
+    relative to the row's manifest file when inside its folder, breakable at separators)."""
     if not previews:
         return ""
     items = []
@@ -145,9 +172,33 @@ def _inputs(previews: list[dict[str, Any]] | None) -> str:
         picture = ""
         if entry.get("png"):
             picture = f'<img src="data:image/png;base64,{base64.b64encode(entry["png"]).decode()}" alt="">'
-        label = f"{html.escape(entry['name'])}: {html.escape(clip(entry.get('label') or '', MAX_QUOTED_CHARS))}"
-        items.append(f"<figure>{picture}<figcaption>{label}</figcaption></figure>")
+        label = _breakable(clip(relative_to_manifest(entry.get("label") or "", manifest), MAX_QUOTED_CHARS))
+        items.append(f"<figure>{picture}<figcaption>{html.escape(entry['name'])}: {label}</figcaption></figure>")
     return f'<div class="inputs">{"".join(items)}</div>'
+
+
+def relative_to_manifest(path: str, manifest: str | None) -> str:
+    """``path`` relative to the folder of ``manifest`` when it lies inside it (``images/cat.png``), else as given."""
+    if not manifest or "/" not in manifest:
+        return path
+    folder = manifest.rsplit("/", 1)[0] + "/"
+    return path[len(folder) :] if path.startswith(folder) and len(path) > len(folder) else path
+
+
+def _breakable(text: str) -> str:
+    """``text`` escaped for HTML, with a line-break opportunity after each path separator."""
+    return "".join(html.escape(part) + ("<wbr>" if part in "/_-." else "") for part in _separated(text))
+
+
+def _separated(text: str) -> list[str]:
+    parts, current = [], ""
+    for char in text:
+        if char in "/_-.":
+            parts += [current, char] if current else [char]
+            current = ""
+        else:
+            current += char
+    return [*parts, current] if current else parts
 
 
 def _card(row: dict[str, Any], thumbnail: bytes | None, inputs: list[dict[str, Any]] | None = None) -> str:
@@ -156,28 +207,35 @@ def _card(row: dict[str, Any], thumbnail: bytes | None, inputs: list[dict[str, A
         # The files format links the PNG itself (relative: opens from any prefix); other formats keep
         # images inside shard files, so the card shows the preview inline. onerror marks a card whose
         # image is gone (e.g. deleted objects) instead of a broken icon.
+        alt = f"{html.escape(row['id'])} #{row['image_index']}"
+        missing = "onerror=\"this.closest('figure').classList.add('missing')\""
         if row.get("member") is None:
             source = html.escape(_image_path(row))
+            visual = f'<a href="{source}"><img src="{source}" alt="{alt}" {missing}></a>'
         else:
             source = "data:image/png;base64," + base64.b64encode(thumbnail or b"").decode()
-        visual = (
-            f'<img src="{source}" alt="{html.escape(row["id"])} #{row["image_index"]}" '
-            f"onerror=\"this.closest('figure').classList.add('missing')\">"
-        )
+            shard = html.escape(row["uri"].rsplit("/", 1)[-1])
+            visual = f'<img src="{source}" alt="{alt}" title="full size: {shard}, member {html.escape(row["member"])}">'
     else:
         visual = f'<div class="placeholder">{html.escape(row["error_kind"] or "error")}</div>'
-    size = f"{row['width']}x{row['height']}" if row["width"] else ""
+    size = f"{row['width']}x{row['height']}" if row.get("width") else ""
+    parameters = [f"{label} {row[name]:g}" for name, label in CARD_PARAMETERS if row.get(name) is not None]
     details = [
         f"<b>{html.escape(row['id'])}</b> #{row['image_index']}",
         f'<span class="prompt">{html.escape(row.get("caption") or row["prompt"] or "")}</span>',
         f"{html.escape(row['mode'] or '')} · seed {row['seed']} {size}",
-        f'<span class="status-{html.escape(row["status"])}">{html.escape(row["status"])}</span>',
     ]
+    if row.get("negative_prompt"):
+        details.append(f'negative: <span class="prompt">{html.escape(row["negative_prompt"])}</span>')
+    if parameters:
+        details.append(html.escape(" · ".join(parameters)))
+    details.append(f'<span class="status-{html.escape(row["status"])}">{html.escape(row["status"])}</span>')
     if not ok:
         details.append(html.escape(row["error"] or ""))
     elif row.get("member") is not None:
         details.append(f"<code>{html.escape(row['uri'].rsplit('/', 1)[-1])}</code>: {html.escape(row['member'])}")
-    return f'<figure class="card">{_inputs(inputs)}{visual}<figcaption>{"<br>".join(details)}</figcaption></figure>'
+    caption, above = "<br>".join(details), _inputs(inputs, row.get("manifest_file"))
+    return f'<figure class="card">{above}{visual}<figcaption>{caption}</figcaption></figure>'
 
 
 def _image_path(row: dict[str, Any]) -> str:
@@ -235,7 +293,8 @@ def write_report(
     from the results parts that hold them. On object stores the objects get their content type, so
     a browser shows them instead of downloading them.
     """
-    thumbnails, inputs = read_previews(storage, rows)
+    thumbnails, inputs, details = read_previews(storage, rows)
+    rows = [{**details.get((stored_id(row["id"]), row["image_index"]), {}), **row} for row in rows]
     _write(storage, CONTACT_SHEET_FILE, contact_sheet(rows, thumbnails), content_type="image/png")
     num_images = stats.get("output", {}).get("num_images", len(rows))
     extra, keys = "", {"gallery": GALLERY_FILE, "contact_sheet": CONTACT_SHEET_FILE}

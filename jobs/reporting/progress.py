@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from jobs.options.run_options import LOG_FORMATS
+from schemas.logs import logger_for
 from schemas.text import printable
 
-logger = logging.getLogger("kandinsky_render.progress")
+logger = logger_for("progress")
 
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

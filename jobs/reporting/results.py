@@ -9,17 +9,17 @@ them all (it reads markers). This serves ``kandinsky-render calibrate``, tests a
 from __future__ import annotations
 
 import io
-import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.storage import Storage
 from schemas.keys import RESULTS_DIR
+from schemas.logs import logger_for
 from schemas.results import RESULTS_SCHEMA
 from schemas.shards import is_own_key
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 def read_results(storage: Storage, *, columns: list[str] | None = None, absolute_uris: bool = True) -> pa.Table:

@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
-import logging
 import math
 import platform
 from typing import Any
@@ -20,13 +19,14 @@ from jobs.planning.run_plan import RunPlan
 from jobs.reporting.scores import score_stats
 from schemas.config import JobConfig
 from schemas.keys import STATS_FILE
+from schemas.logs import logger_for
 from schemas.results import REFUSAL_KINDS, STATUS_OK
 from schemas.stages import PRIOR, SCORE, TIMED_STAGES
 from schemas.summary import Counts, FailedImages, PartSummary
 from schemas.text import public_uri
 from schemas.versions import installed_versions, version_mismatches
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 
 def versions() -> dict[str, Any]:
@@ -130,6 +130,26 @@ def suggest(parts: list[PartSummary], *, cluster_gpus: float) -> dict[str, Any] 
         "note": layout.note,
         "flags": layout.flags(),
     }
+
+
+LAST_RENDER_KEYS = ("run_id", "finished_at", "num_rendered", "images_per_s")
+
+
+def last_render(storage: Storage, stats: dict[str, Any]) -> dict[str, Any] | None:
+    """The last run that rendered something (the gallery's heading): this run (``stats``) if it did, else what the
+    output's stats.json says (a no-op rerun keeps the run before it); None when no run has rendered."""
+    if stats.get("num_rendered"):
+        return {key: stats.get(key) for key in LAST_RENDER_KEYS}
+    try:
+        previous = json.loads(storage.read_bytes(STATS_FILE, max_bytes=64 << 20))
+    except (OSError, ValueError):  # none yet, unreadable or not JSON: nothing to carry over
+        return None
+    if not isinstance(previous, dict):
+        return None
+    last = previous.get("last_render")
+    if isinstance(last, dict):
+        return {key: last.get(key) for key in LAST_RENDER_KEYS}
+    return {key: previous.get(key) for key in LAST_RENDER_KEYS} if previous.get("num_rendered") else None
 
 
 def write_stats(storage: Storage, stats: dict[str, Any]) -> None:

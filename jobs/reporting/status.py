@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
@@ -29,11 +28,12 @@ from jobs.planning.manifests import overlap
 from jobs.planning.output_index import OutputIndex, PartListing, read_markers, read_settings, read_shard_results
 from jobs.reporting.results import with_absolute_uris
 from schemas.keys import LEASE_FILE, SUCCESS_FILE
+from schemas.logs import logger_for
 from schemas.results import RESULTS_SCHEMA, STATUS_OK, with_pandas_metadata
 from schemas.shards import DatasetSettings
 from schemas.text import exception_text, printable, public_uri, uri_secrets
 
-logger = logging.getLogger(__name__)
+logger = logger_for(__name__)
 
 # Columns of the final view: everything but the previews (read the results files for those).
 VIEW_COLUMNS = tuple(name for name in RESULTS_SCHEMA.names if name not in ("thumbnail", "input_thumbnails"))
