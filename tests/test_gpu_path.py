@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 
 from actors.compiled import ShapeGuard
 from actors.denoise import DIFFUSERS_PREPARE_MASK, PlannedScheduler, call_start, draw_noise, prepare_mask
-from cluster.defaults import accelerator_from_device_name, accelerator_spec, canonical_accelerator
+from cluster.accelerators import accelerator_from_device_name, accelerator_spec, canonical_accelerator
 from cluster.layout import choose, sweep
 from jobs.planning.calibration import estimate, estimated_profile, profile_for, stage_costs, unit_totals
 from schemas.resources import CLIP_MEMORY_BYTES, co_located_memory_fraction

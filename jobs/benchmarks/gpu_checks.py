@@ -29,7 +29,7 @@ REAL_SIZE_BYTES = 2 * (1.253 + 0.068 + 1.03 + 1.84 + 0.69) * 1e9
 def peak_tflops(device_name: str, override: float | None) -> tuple[float | None, str | None]:
     """(the device's dense fp16 peak in TFLOP/s, its `cluster.defaults.ACCELERATORS` key): ``override`` if given,
     else the peak `cluster.defaults` lists for the type torch's device name names (None: not listed)."""
-    from cluster.defaults import accelerator_from_device_name, accelerator_spec
+    from cluster.accelerators import accelerator_from_device_name, accelerator_spec
 
     accelerator = accelerator_from_device_name(device_name)
     if override:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import yaml
 
 import cluster
-from cluster.defaults import ACCELERATORS, accelerator_spec, canonical_accelerator
+from cluster.accelerators import ACCELERATORS, accelerator_spec, canonical_accelerator
 from cluster.layout import StageCosts
 from schemas.manifest import RenderDefaults
 from schemas.modes import DEFAULT_MODE, MODES

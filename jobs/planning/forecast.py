@@ -13,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.defaults import Machine, canonical_accelerator
+from cluster.accelerators import canonical_accelerator
+from cluster.defaults import Machine
 from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, co_located, dedicated, sweep
 from cluster.resources import StageGroup, resolve_groups
 from jobs.planning.calibration import (
