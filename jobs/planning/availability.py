@@ -21,6 +21,7 @@ from typing import Any
 
 from jobs.options.flags import option_at
 from jobs.options.run_options import RunOptions
+from jobs.planning.checkpoints import PUBLIC_MOVQ_SCALE
 from jobs.planning.run_plan import RunPlan
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan
 from schemas.config import JobConfig
@@ -75,7 +76,36 @@ def needed_models(plan: RunPlan, scan: PendingScan) -> tuple[PendingScan, str | 
         logger.info("model %s cannot be loaded (%s) but no row that renders needs it", name, problems[name])
     modes = [mode for mode in scan.modes if MODES[mode].checkpoint not in set(problems) - confirmed]
     scan = dataclasses.replace(scan, modes=modes, needs_depth=DEPTH_MODEL in confirmed)
+    warn_public_sizes(plan, scan)
     return scan, describe_missing(config, scan, missing) if missing else None
+
+
+def warn_public_sizes(plan: RunPlan, scan: PendingScan) -> None:
+    """One warning when the models in use render sizes the public checkpoints refuse (the tiny models' MoVQ scales
+    by 2, the public ones' by 8): a manifest tried with them would be refused with the real ones."""
+    accepted = {}
+    for (mode, height, width), images in scan.public_refusals.items():
+        checkpoint = MODES[mode].checkpoint
+        if checkpoint in plan.scales:  # a loadable checkpoint: its own scale decides what this run renders
+            if MODES[mode].size_problem(height=height, width=width, scale=plan.scales[checkpoint]) is None:
+                accepted[(mode, height, width)] = images
+    if not accepted:
+        return
+    shown = sorted(accepted.items(), key=lambda item: -item[1])
+    sizes = ", ".join(f"{mode} {height}x{width} ({images} image(s))" for (mode, height, width), images in shown[:5])
+    checkpoints = sorted({MODES[mode].checkpoint for mode, _, _ in accepted})
+    scales = ", ".join(f"{name} {plan.scales[name]}" for name in checkpoints)
+    logger.warning(
+        "%d image(s) ask for sizes that these models render (MoVQ scale: %s) but the public Kandinsky 2.2 "
+        "checkpoints (MoVQ scale %d) refuse as unsupported_size: %s%s. Rows that pass with these models fail with the "
+        "real ones; tiny models built with --movq-scale-factor %d check sizes as the real ones do",
+        sum(accepted.values()),
+        scales,
+        PUBLIC_MOVQ_SCALE,
+        sizes,
+        f" and {len(shown) - 5} more size(s)" if len(shown) > 5 else "",
+        PUBLIC_MOVQ_SCALE,
+    )
 
 
 def checkpoint_problems(config: JobConfig, names: list[str]) -> dict[str, str]:
