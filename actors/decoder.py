@@ -89,7 +89,7 @@ class DecoderActor(ModelStage):
         for mode, path in sorted(models.items()):
             cls = getattr(diffusers, MODES[mode].pipeline)
             if path not in loaded:
-                pipe = cls.from_pretrained(self.checkpoint(path), dtype=self.dtype)
+                pipe = cls.from_pretrained(self.checkpoint(path), revision=self.revision(path), dtype=self.dtype)
                 loaded[path] = prepare_pipeline(pipe, device=self.device, options=accel)
                 pipe = loaded[path]
             else:

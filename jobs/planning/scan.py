@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actors.pins import Pin
 from jobs.planning.calibration import work_units
 from jobs.planning.checkpoints import PUBLIC_MOVQ_SCALE
 from jobs.planning.manifests import ShardReader
@@ -53,6 +54,8 @@ class PendingScan:
     # (mode, height, width) -> images of first renderings whose size the public checkpoints refuse (their MoVQ scale
     # `PUBLIC_MOVQ_SCALE`): models of another scale (the tiny ones) may render them (`jobs.planning.availability`)
     public_refusals: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    # checkpoint path -> the version every actor of the run loads (`jobs.planning.availability.check_models` sets it)
+    pins: dict[str, Pin] = field(default_factory=dict)
 
 
 def scan_pending(pending: list[tuple[Shard, Marker | None]], *, config: JobConfig) -> PendingScan:
