@@ -112,6 +112,21 @@ def test_a_pinned_version_gone_from_a_store_without_versions_fails_the_sync_nami
     assert not [path for path in (tmp_path / "fresh").rglob("*") if path.is_file() and path.name != ".lock"]
 
 
+def test_a_pinned_version_deleted_from_a_versioned_bucket_fails_the_sync_naming_the_file(
+    tiny_models: str, s3_options: dict, tmp_path: Path
+) -> None:
+    fs, models = upload(s3_options, tiny_models, "decoder", versioned=True)
+    uri, options, bucket = f"{models}/decoder", s3_options["options"], s3_options["bucket"]
+    pin = pin_checkpoint(uri, options)
+    (pinned,) = [file for file in pin.files if file.path == SCHEDULER]
+    assert pinned.version_id
+    fs.pipe(f"{bucket}/models/decoder/{SCHEDULER}", b"{}")
+    fs.call_s3("delete_object", Bucket=bucket, Key=f"models/decoder/{SCHEDULER}", VersionId=pinned.version_id)
+    with pytest.raises(CheckpointChangedError, match=f"{uri}/{SCHEDULER} changed on the store after this run pinned "
+                       r"it \(its pinned version is gone\), so this node cannot load"):  # fmt: skip
+        sync_checkpoint(uri, storage_options=options, cache=str(tmp_path / "cache"), pin=pin)
+
+
 def test_a_cached_file_that_no_longer_matches_its_record_is_fetched_again(
     tiny_models: str, s3_options: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
