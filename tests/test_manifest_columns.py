@@ -91,7 +91,7 @@ def test_a_misspelled_column_is_named_once_with_what_it_likely_means(
     caplog.set_level(logging.WARNING)
     config = JobConfig(manifest=str(tmp_path), output=str(tmp_path / "out"), models=ModelPaths.resolve(models_dir="/"))
     manifest_work(config, movq_scales={"decoder": 8})
-    warnings = [record.getMessage() for record in caplog.records if "not manifest columns" in record.getMessage()]
+    warnings = [record.getMessage() for record in caplog.records if "not in the contract" in record.getMessage()]
     assert len(warnings) == 1, caplog.text
     (warning,) = warnings
     assert "'steps' (did you mean 'num_inference_steps'?)" in warning

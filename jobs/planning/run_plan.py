@@ -246,8 +246,8 @@ def warn_unknown_columns(files: list[ManifestFile]) -> None:
     if unknown:
         holding = [public_uri(file.uri) for file in files if set(file.schema.names) & set(unknown)]
         logger.warning(
-            "manifest column(s) %s are not manifest columns and are ignored (in %d file(s), first %s); "
-            "README.md, Manifest columns, lists the columns",
+            "ignoring manifest column(s) that are not in the contract: %s (in %d file(s), first %s); README.md, "
+            "Manifest columns, lists the known ones",
             describe_unknown(unknown),
             len(holding),
             holding[0],
