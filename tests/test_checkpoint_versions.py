@@ -239,3 +239,32 @@ def test_the_pins_reach_every_model_stage(tiny_models: str, tmp_path: Path) -> N
         "decoder": {"s3://b/models/decoder": pins["s3://b/models/decoder"]},
         "score": {"s3://b/models/prior": pins["s3://b/models/prior"]},
     }
+
+
+def test_a_hub_id_is_pinned_to_the_commit_its_revision_resolves_to(
+    tiny_models: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, the hub cache's ``refs/main`` names the commit; every actor loads the pinned one (``revision=``)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from jobs.planning.availability import checkpoint_state
+
+    repo = tmp_path / "hub" / "models--kandinsky-community--kandinsky-2-2-decoder"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (repo / "refs").mkdir(parents=True)
+    for commit in ("1" * 40, "2" * 40):
+        shutil.copytree(Path(tiny_models) / "decoder", repo / "snapshots" / commit)
+        (repo / "refs" / "main").write_text(commit)
+        state = checkpoint_state("kandinsky-community/kandinsky-2-2-decoder", index_file="model_index.json")
+        assert state == (None, Pin(uri="kandinsky-community/kandinsky-2-2-decoder", revision=commit))
+
+
+def test_a_failed_sync_names_the_setting_that_chose_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from schemas.models import CACHE_ENV, cache_setting
+
+    monkeypatch.setenv(CACHE_ENV, "/mnt/cache")
+    assert (cache_setting("/given"), cache_setting(None)) == ("--model-cache", f"${CACHE_ENV}")
+    monkeypatch.delenv(CACHE_ENV)
+    assert cache_setting(None) == f"the default; --model-cache DIR or ${CACHE_ENV} chooses another"
