@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -11,11 +12,14 @@ import torch
 
 from actors.compiled import is_compile_failure, run_eagerly
 from actors.inputs import ImageLoader
+from actors.pins import Pin
 from actors.stage import Stage, describe_exception, worker_name
-from actors.weights import local_checkpoint
+from actors.weights import CheckpointSyncError, local_checkpoint, models_cache
 from schemas.logs import logger_for
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
+from schemas.models import cache_setting
 from schemas.resources import co_located_memory_fraction
+from schemas.text import exception_text
 from schemas.versions import version_mismatches
 
 logger = logger_for(__name__)
@@ -135,6 +139,7 @@ class ModelStage(Stage):
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
         model_cache: str | None = None,
         memory_role: str | None = None,
+        pins: dict[str, Pin] | None = None,
         max_batch_size: int | None = None,
         worker: str = "",
     ) -> None:
@@ -143,7 +148,7 @@ class ModelStage(Stage):
         warn_untested_versions(self.name)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.storage_options, self.model_cache = storage_options, model_cache
+        self.storage_options, self.model_cache, self.pins = storage_options, model_cache, pins or {}
         self.loader = ImageLoader(
             storage_options=storage_options,
             allowed_protocols=allowed_protocols,
@@ -192,5 +197,21 @@ class ModelStage(Stage):
         return True
 
     def checkpoint(self, path: str) -> str:
-        """What ``from_pretrained`` loads ``path`` from: a checkpoint on object storage is synced to this node first."""
-        return local_checkpoint(path, storage_options=self.storage_options, cache=self.model_cache)
+        """What ``from_pretrained`` loads ``path`` from: a checkpoint on object storage is synced to this node first,
+        at the version the run pinned (`actors.weights`). A failed sync is one `CheckpointSyncError` line naming the
+        checkpoint, the cache folder and the setting that chose it (the actor does not start)."""
+        try:
+            return local_checkpoint(
+                path, storage_options=self.storage_options, cache=self.model_cache, pin=self.pins.get(path)
+            )
+        except Exception as exc:
+            cache = self.model_cache or models_cache()
+            raise CheckpointSyncError(
+                f"{path}: cannot sync it into the model cache {cache} ({cache_setting(self.model_cache)}) on "
+                f"node {socket.gethostname()}: {exception_text(exc)}"
+            ) from exc
+
+    def revision(self, path: str, default: str | None = None) -> str | None:
+        """The hub revision to load ``path`` at: the commit the run pinned for a hub id, else ``default``."""
+        pin = self.pins.get(path)
+        return pin.revision if pin is not None and pin.revision else default

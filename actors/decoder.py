@@ -97,7 +97,7 @@ class DecoderActor(ModelStage):
         for mode, path in sorted(models.items()):
             cls = getattr(diffusers, MODES[mode].pipeline)
             if path not in loaded:
-                pipe = cls.from_pretrained(self.checkpoint(path), dtype=self.dtype)
+                pipe = cls.from_pretrained(self.checkpoint(path), revision=self.revision(path), dtype=self.dtype)
                 if plannable(pipe.scheduler):  # before the checkpoint's other pipelines share its components
                     pipe.scheduler = PlannedScheduler.from_config(pipe.scheduler.config)
                 loaded[path] = prepare_pipeline(pipe, device=self.device, options=accel)

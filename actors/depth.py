@@ -41,7 +41,10 @@ class DepthActor(ModelStage):
         from transformers import pipeline
 
         self.estimator = pipeline(
-            "depth-estimation", model=self.checkpoint(model), revision=revision, device=self.device
+            "depth-estimation",
+            model=self.checkpoint(model),
+            revision=self.revision(model, revision),
+            device=self.device,
         )
 
     def wants(self, row: dict[str, Any]) -> bool:

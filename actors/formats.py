@@ -7,9 +7,10 @@ output's dataset card (`jobs.reporting.card`), each image with its metadata (`sc
   `close` writes the part's ``images/<part>/metadata.parquet`` (column ``png_file_name``, which
   `datasets`' imagefolder reads as the image column ``png``, then the metadata).
 - `WebDatasetFormat`: samples are spooled to a local file; `close` writes one tar with ``<key>.json``
-  (the metadata), ``<key>.png``, ``<key>.txt`` (the caption) and, with ``--save-embeddings``,
-  ``<key>.npy`` (a (2, D) array: ``image_embeds`` then ``negative_image_embeds``) per sample, in key
-  order: the same samples give the same bytes.
+  (the metadata without nulls, `schemas.results.webdataset_json`: its types never depend on which samples
+  come first, so `datasets` loads the tars alone), ``<key>.png``, ``<key>.txt`` (the caption) and,
+  with ``--save-embeddings``, ``<key>.npy`` (a (2, D) array: ``image_embeds`` then
+  ``negative_image_embeds``) per sample, in key order: the same samples give the same bytes.
 - `ParquetFormat`: the same, as one Parquet file: the metadata columns and the PNG bytes in ``png``
   (and ``image_embeds`` / ``negative_image_embeds`` fixed-size list columns with embeddings).
 
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 
 from actors.retry import StorageFullError, no_space
 from actors.storage import Storage
-from schemas.results import SAMPLE_SCHEMA, with_pandas_metadata
+from schemas.results import SAMPLE_SCHEMA, webdataset_json, with_pandas_metadata
 from schemas.shards import FORMAT_FILES, FORMAT_PARQUET, FORMAT_WEBDATASET, data_key, image_key
 from schemas.work import embeds_array
 
@@ -124,13 +125,13 @@ class WebDatasetFormat(_Spooled):
     def _write(self, path: str) -> None:
         with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
             for key, png, meta, embeddings in self._samples():
-                caption = json.loads(meta).get("caption") or ""
-                members = [(f"{key}.json", meta)]
+                values = webdataset_json(json.loads(meta))  # no null: types that do not depend on sample order
+                members = [(f"{key}.json", json.dumps(values, sort_keys=True).encode())]
                 if embeddings is not None:
                     buffer = io.BytesIO()
                     np.save(buffer, embeddings, allow_pickle=False)
                     members.append((f"{key}.npy", buffer.getvalue()))
-                members += [(f"{key}.png", png), (f"{key}.txt", caption.encode())]
+                members += [(f"{key}.png", png), (f"{key}.txt", values["caption"].encode())]
                 for name, data in members:
                     info = tarfile.TarInfo(name)
                     info.size, info.mtime, info.mode = len(data), 0, 0o644

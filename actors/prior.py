@@ -46,7 +46,9 @@ class PriorActor(ModelStage):
         from diffusers import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline
 
         def load() -> Any:
-            pipe = KandinskyV22PriorPipeline.from_pretrained(self.checkpoint(model), dtype=self.dtype)
+            pipe = KandinskyV22PriorPipeline.from_pretrained(
+                self.checkpoint(model), revision=self.revision(model), dtype=self.dtype
+            )
             return prepare_pipeline(pipe, device=self.device, options=accel)
 
         self.pipe = shared_model(prior_pipeline_key(model, dtype=self.dtype, device=self.device), load)

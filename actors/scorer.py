@@ -82,15 +82,15 @@ class ScoreActor(ModelStage):
             self.text_encoder, self.image_encoder = prior.text_encoder, prior.image_encoder
             self.tokenizer, self.processor = prior.tokenizer, prior.image_processor
         else:
-            model = self.checkpoint(model)
+            revision, model = self.revision(model), self.checkpoint(model)
             self.text_encoder = CLIPTextModelWithProjection.from_pretrained(
-                model, subfolder="text_encoder", dtype=self.dtype
+                model, subfolder="text_encoder", revision=revision, dtype=self.dtype
             )
             self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-                model, subfolder="image_encoder", dtype=self.dtype
+                model, subfolder="image_encoder", revision=revision, dtype=self.dtype
             )
-            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-            self.processor = CLIPImageProcessor.from_pretrained(model, subfolder="image_processor")
+            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", revision=revision)
+            self.processor = CLIPImageProcessor.from_pretrained(model, subfolder="image_processor", revision=revision)
         encoders = {"text_encoder": self.text_encoder, "image_encoder": self.image_encoder}
         set_attention(types.SimpleNamespace(components=encoders), (accel or AccelOptions()).attention)
         for encoder in encoders.values():

@@ -24,7 +24,7 @@ from jobs.execution.connect import check_address
 from jobs.execution.contract import BatchDone, Task, TaskDone
 from jobs.execution.metrics import MetricsRecorder
 from jobs.execution.timeline import Timeline
-from jobs.planning.availability import check_models
+from jobs.planning.availability import check_models, note_changed_checkpoints
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.machine import log_choices, stats_record
@@ -160,6 +160,7 @@ def _run(
                 started=started,
             )
             stats["defaults"] = stats_record(machine, choices)
+            note_changed_checkpoints(scan.pins, storage_options=config.storage_options)
             progress.phase("every shard published; writing the gallery, stats.json and _SUCCESS")
             _report(plan, storage, stats, run_id=run_id, timeline=timeline)  # before Ray shuts down: no wait for it
         stats["timeline"] = timeline.seconds()  # with Ray's shutdown, for the caller (stats.json has it without)
@@ -272,6 +273,7 @@ def _render(
         needs_depth=scan.needs_depth,
         call_shapes=scan.call_shapes,
         movq_scales={MODES[mode].checkpoint: plan.scales[MODES[mode].checkpoint] for mode in scan.modes},
+        pins=scan.pins,
         output_format=plan.settings.output_format,
         run_id=run_id,
         watcher=progress,

@@ -98,6 +98,7 @@ def _main(argv: list[str] | None, *, prog: str) -> int:
         return EXIT_BAD_INPUT
     configure_logging(level=run.log_level, log_format=run.log_format)
     redactor = storage_options.install_redaction(secrets)
+    from actors.weights import CheckpointSyncError
     from jobs.job import run_job
     from jobs.planning.availability import ModelUnavailableError
     from jobs.publishing.lease import LeaseHeldError
@@ -133,6 +134,9 @@ def _main(argv: list[str] | None, *, prog: str) -> int:
     except ManifestError as exc:
         _error(f"manifest refused: {exc}", secrets)
         return EXIT_BAD_INPUT
+    except CheckpointSyncError as exc:  # one line naming the checkpoint, the cache and the setting that chose it
+        _error(str(exc), secrets)
+        return EXIT_FAILED
     except ModelUnavailableError as exc:
         if exc.report:  # a dry run: the plan, then why the run would stop
             print(printable(storage_options.redact(exc.report, secrets), keep_newlines=True))

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas.columns import float_integers
 from schemas.modes import DEFAULT_MODE, MODE_NAMES
 from schemas.numbers import check_range
 from schemas.text import quoted
@@ -87,6 +88,8 @@ IMAGE_COLUMNS = tuple(c.name for c in MANIFEST_COLUMNS if c.kind == "image")
 DECODER_IMAGE_COLUMNS = ("image", "mask", "hint")
 
 EMBEDDING_TYPE = pa.list_(pa.float32())  # given embeddings, normalized; checked against the prior's size per row
+# The column `normalize` adds: per row, why one of its values could not take its column's type (else null).
+VALUE_PROBLEM = "__value_problem__"
 _CANONICAL_TYPES = {
     "string": pa.string(),
     "int": pa.int64(),
@@ -200,8 +203,8 @@ def _accepts(kind: str, arrow_type: pa.DataType) -> bool:
         return True
     if kind == "string":
         return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
-    if kind == "int":
-        return pa.types.is_integer(arrow_type)
+    if kind == "int":  # floats too: pandas writes an integer column with gaps as float64 (`as_int64`)
+        return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
     if kind == "float":
         return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
     if kind == "image":
@@ -230,7 +233,7 @@ def _accepts(kind: str, arrow_type: pa.DataType) -> bool:
 
 _KIND_WORDS = {
     "string": "string",
-    "int": "integer",
+    "int": "integer (or integer-valued float)",
     "float": "float or integer",
     "image": "string URI or binary image bytes",
     "interpolate": "list<struct<prompt: string, image: string|binary, weight: float>>",
@@ -253,18 +256,24 @@ def check_schema(schema: pa.Schema, *, file: str) -> None:
 
 
 def normalize(table: pa.Table, *, file: str) -> pa.Table:
-    """Return the manifest table with every known column present in its canonical type.
+    """Return the manifest table with every known column present in its canonical type, plus `VALUE_PROBLEM`.
 
     Unknown columns are dropped. Image columns keep string or binary type; every other column is
-    cast to string, int64 or float64. Raises `ManifestError` for what `check_schema` refuses, for
-    null or empty ids and for unknown modes.
+    cast to string, int64 or float64. A float in an integer column becomes that integer (NaN: null, the
+    default); one that is no exact integer becomes null and its row's `VALUE_PROBLEM` says why (the row
+    is refused as ``invalid_row``, `schemas.validation.row_problems`). Raises `ManifestError` for what
+    `check_schema` refuses, for null or empty ids and for unknown modes.
     """
     check_schema(table.schema, file=file)
     arrays: dict[str, pa.Array] = {}
+    value_problems: list[str | None] = [None] * table.num_rows
     for column in MANIFEST_COLUMNS:
         if column.name in table.column_names:
             array = table.column(column.name).combine_chunks()
-            if column.kind in ("string", "int", "float"):
+            if column.kind == "int" and pa.types.is_floating(array.type):
+                array, problems = float_integers(array, name=column.name)
+                value_problems = [old or new for old, new in zip(value_problems, problems)]
+            elif column.kind in ("string", "int", "float"):
                 array = _cast(array, _CANONICAL_TYPES[column.kind], file=file, name=column.name, table=table)
             elif column.kind == "image":
                 array = image_refs(array)
@@ -282,6 +291,7 @@ def normalize(table: pa.Table, *, file: str) -> pa.Table:
         else:
             array = pa.nulls(table.num_rows, _CANONICAL_TYPES[column.kind])
         arrays[column.name] = array
+    arrays[VALUE_PROBLEM] = pa.array(value_problems, pa.string())
     normalized = pa.table(arrays)
     _check_ids(normalized, file=file)
     _check_modes(normalized, file=file)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 HUB_MODELS = {
     "prior": "kandinsky-community/kandinsky-2-2-prior",
@@ -143,6 +143,17 @@ def local_path(path: str) -> str:
 def cache_root() -> str:
     """The job's local cache folder on this node: ``$KANDINSKY_RENDER_CACHE``, default ``~/.cache/kandinsky-render``."""
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "kandinsky-render")
+
+
+def cache_setting(cache: str | None) -> str:
+    """Which setting chose the model cache folder (``cache``: the ``--model-cache`` value, if given), for messages that
+    must name what to change: the flag, else the variable when set, else both as the way to move the default."""
+    flag = next(item.metadata["flag"] for item in fields(ModelPaths) if item.name == "cache")
+    if cache:
+        return flag
+    if os.environ.get(CACHE_ENV):
+        return f"${CACHE_ENV}"
+    return f"the default; {flag} DIR or ${CACHE_ENV} chooses another"
 
 
 def movq_scale(block_out_channels: list[int] | tuple[int, ...]) -> int:

@@ -82,6 +82,37 @@ SAMPLE_FIELDS = (
 SAMPLE_META = tuple(f.name for f in SAMPLE_FIELDS)
 # The per-image metadata of the sharded formats: the sample key, then `SAMPLE_FIELDS`.
 SAMPLE_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), *SAMPLE_FIELDS])
+# The webdataset format's ``<key>.json``: the sample's metadata with one JSON type per field and no null. JSON has
+# no typed null and `datasets` types a tar's members from its first five samples, so a null there (a text2img row's
+# ``strength``, any row's ``interpolate``) made every later sample that has the value fail to load. A value the row
+# does not have is "" for text and inputs, -1 for numbers (every real one is >= 0) and false for ``filtered``;
+# ``interpolate`` is its items as JSON text; ``has_negative_prompt`` tells a given "" (a real negative prompt) from
+# none.
+WEBDATASET_JSON_SCHEMA = pa.schema(
+    [pa.field(f.name, pa.string()) if f.name == "interpolate" else f for f in SAMPLE_SCHEMA]
+    + [pa.field("has_negative_prompt", pa.bool_(), nullable=False)]
+)
+
+
+def webdataset_json(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A sample's metadata (`SAMPLE_SCHEMA`) as its ``<key>.json`` holds it (`WEBDATASET_JSON_SCHEMA`)."""
+    encoded: dict[str, Any] = {}
+    for field in SAMPLE_SCHEMA:
+        value, kind = meta.get(field.name), field.type
+        if field.name == "interpolate":
+            encoded[field.name] = "" if value is None else json.dumps(value, sort_keys=True)
+        elif pa.types.is_floating(kind):
+            encoded[field.name] = -1.0 if value is None else float(value)  # a float stays a float: "4.0", not "4"
+        elif pa.types.is_integer(kind):
+            encoded[field.name] = -1 if value is None else int(value)
+        elif pa.types.is_boolean(kind):
+            encoded[field.name] = bool(value)
+        else:
+            encoded[field.name] = "" if value is None else value
+    encoded["has_negative_prompt"] = meta.get("negative_prompt") is not None
+    return encoded
+
+
 # Manifest image columns recorded as strings (see `HINT_ESTIMATED`).
 RECORDED_IMAGES = ("prior_image", "image", "mask", "hint")
 

@@ -18,6 +18,7 @@ from schemas.manifest import (
     DECODER_IMAGE_COLUMNS,
     IMAGE_COLUMNS,
     LOCAL_PROTOCOLS,
+    VALUE_PROBLEM,
     Limits,
     input_protocols,
     uri_protocol,
@@ -67,6 +68,22 @@ def embedding_problems(table: pa.Table, *, dim: int) -> list[str | None]:
     return problems
 
 
+# Edges of the pipelines' schedulers, found by trying them (tests/test_schedules.py tries each again): the prior's
+# UnCLIPScheduler divides by steps - 1, and the decoders' DDPMScheduler (1000 training steps, steps_offset 1,
+# "leading" spacing, as in the public checkpoints and the tiny ones) refuses more steps than it has training steps
+# and indexes past its last timestep when a schedule of 1000 steps starts at its first.
+PRIOR_MIN_STEPS = 2
+DECODER_TRAIN_STEPS = 1000
+DECODER_STEPS_OFFSET = 1
+
+
+def first_decoder_timestep(steps: np.ndarray, skipped: np.ndarray) -> np.ndarray:
+    """The timestep the decoders' DDPMScheduler starts at for ``steps`` steps when a partial schedule (img2img)
+    skips the first ``skipped`` of them: ``steps_offset + (steps - 1 - skipped) * (1000 // steps)``."""
+    steps = np.clip(np.asarray(steps, dtype=np.int64), 1, None)
+    return DECODER_STEPS_OFFSET + (steps - 1 - np.asarray(skipped, dtype=np.int64)) * (DECODER_TRAIN_STEPS // steps)
+
+
 def value_bounds(limits: Limits) -> dict[str, tuple[int | float, int | float]]:
     """Each numeric manifest column (and job default) -> its inclusive bounds: what a row may ask for."""
     return {
@@ -106,6 +123,9 @@ def row_problems(table: pa.Table, *, limits: Limits, manifest: str) -> list[str 
     def is_set(name: str) -> np.ndarray:
         return np.asarray(table.column(name).is_valid().to_numpy(zero_copy_only=False), dtype=bool)
 
+    if VALUE_PROBLEM in table.column_names:  # a value that could not take its column's type (`normalize`)
+        for i, problem in enumerate(table.column(VALUE_PROBLEM).to_pylist()):
+            problems[i] = problem
     modes = np.asarray(table.column("mode").to_numpy(zero_copy_only=False), dtype=object)
     prompt_len = pc.fill_null(pc.utf8_length(table.column("prompt")), 0).to_numpy(zero_copy_only=False)
     has_interpolate = is_set("interpolate")
@@ -162,6 +182,28 @@ def row_problems(table: pa.Table, *, limits: Limits, manifest: str) -> list[str 
                 is_set(kind.reads) & (prior_steps_run < 1),
                 f"prior_num_inference_steps * prior_strength < 1: the {kind.description} would run no step",
             )
+    prior_steps = np_col("prior_num_inference_steps")
+    flag(
+        ~has_embeds & (prior_steps < PRIOR_MIN_STEPS),
+        column="prior_num_inference_steps",
+        fmt=f"{{column}}={{value}}: the prior's UnCLIPScheduler needs at least {PRIOR_MIN_STEPS} steps "
+        "(it divides by steps - 1: ZeroDivisionError)",
+    )
+    steps = np_col("num_inference_steps")
+    skipped = np.where(np.isin(modes, partial), steps - np.minimum(steps_run, steps), 0)  # a partial schedule's
+    flag(
+        steps > DECODER_TRAIN_STEPS,
+        column="num_inference_steps",
+        fmt=f"{{column}}={{value}} is more than the {DECODER_TRAIN_STEPS} training steps of the decoder's "
+        "DDPMScheduler (diffusers refuses it)",
+    )
+    flag(
+        first_decoder_timestep(steps, skipped) >= DECODER_TRAIN_STEPS,
+        column="num_inference_steps",
+        fmt=f"{{column}}={{value}} makes the decoder's DDPMScheduler start at timestep {DECODER_TRAIN_STEPS}, past "
+        f"its last ({DECODER_TRAIN_STEPS - 1}; diffusers fails with IndexError): ask for at most "
+        f"{DECODER_TRAIN_STEPS - 1} steps (img2img modes: or a strength below 1)",
+    )
     flag(is_set("prior_image") & has_interpolate, "set either 'prior_image' or 'interpolate', not both")
     flag(
         has_embeds & (is_set("prior_image") | has_interpolate),

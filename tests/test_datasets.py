@@ -111,7 +111,16 @@ def expected_images(found: dict) -> dict[tuple[str, int], np.ndarray]:
 
 
 def metadata(sample: dict) -> dict:
-    return sample["json"] if "json" in sample else sample  # webdataset: the sample's json; else columns
+    """The sample's metadata with its nulls: other formats' columns, or webdataset's json decoded (it has no null:
+    "" for no text, -1 for an unused number, `interpolate` as JSON text, `has_negative_prompt`)."""
+    if "json" not in sample:
+        return sample
+    meta = dict(sample["json"])
+    meta["negative_prompt"] = meta["negative_prompt"] if meta.pop("has_negative_prompt") else None
+    meta["interpolate"] = json.loads(meta["interpolate"]) if meta["interpolate"] else None
+    for name in ("strength", "prior_strength", "prior_guidance_scale", "prior_num_inference_steps", "clip_score"):
+        meta[name] = None if meta[name] == -1 else meta[name]
+    return meta
 
 
 def check_sample(sample: dict, images: dict[tuple[str, int], np.ndarray]) -> tuple[str, int]:
@@ -123,11 +132,12 @@ def check_sample(sample: dict, images: dict[tuple[str, int], np.ndarray]) -> tup
     assert meta["seed"] == row["seed"] + key[1]
     assert meta["caption"] == (INTERP_CAPTION if key[0] == "d-interp" else row["prompt"])
     assert meta["negative_prompt"] == row.get("negative_prompt")
-    assert isinstance(meta["clip_score"], float) or key[0] == "d-interp"  # no prompt to score an interpolation by
+    assert isinstance(meta["clip_score"], float) != (key[0] == "d-interp")  # no prompt to score an interpolation by
     assert meta["strength"] == (0.5 if key[0] == "e-img2img" else None)
     np.testing.assert_array_equal(np.asarray(sample["png"].convert("RGB")), images[key])
     if "json" in sample:
         assert sample["txt"] == meta["caption"] and np.asarray(sample["npy"]).shape == (2, 32)
+        assert (meta["interpolate"] is None) == (key[0] != "d-interp")
     else:
         assert len(sample["image_embeds"]) == 32
     return key
@@ -205,6 +215,7 @@ def test_readme_reader_examples_read_every_format(rendered: dict) -> None:
         pd.testing.assert_frame_equal(final[columns], library[columns], check_dtype=False)
     found = run_example(with_webdataset, rendered["webdataset"]["output"])
     assert found["image"].size == (SIDE, SIDE) and found["caption"] == found["meta"]["caption"]
+    assert found["images"].num_rows == len(OK_IMAGES)  # the tars alone, with datasets
 
 
 def test_webdataset_members_follow_the_conventions(rendered: dict) -> None:
@@ -222,6 +233,52 @@ def test_webdataset_members_follow_the_conventions(rendered: dict) -> None:
         assert (
             sample["png"].size == (SIDE, SIDE) and sample["npy"].shape == (2, 32) and sample["npy"].dtype == np.float16
         )
+
+
+def test_the_tars_load_with_datasets_alone(rendered: dict) -> None:
+    """`load_dataset("webdataset", data_files=<the tars>)`, as webdataset users stream them: no card, types inferred."""
+    import datasets
+
+    tars = sorted(str(path) for path in (rendered["webdataset"]["output"] / "data").glob("*.tar"))
+    loaded = datasets.load_dataset("webdataset", data_files=tars, split="train")
+    images = expected_images(rendered["webdataset"])
+    assert {check_sample(sample, images) for sample in loaded} == OK_IMAGES
+
+
+def test_webdataset_member_types_do_not_depend_on_which_samples_come_first(tmp_path: Path) -> None:
+    """`datasets` types a tar's members from its first five samples: a null there (no strength, no interpolate, no
+    negative prompt) made every later sample with that value fail ("Couldn't cast array of type list<item: struct<
+    image: null, prompt: string, weight: double>> to null"); the json holds no null now."""
+    import datasets
+
+    from actors.formats import WebDatasetFormat
+    from actors.storage import Storage
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    base = {name: None for name in SAMPLE_SCHEMA.names} | {"image_index": 0, "run_id": "r", "mode": "text2img"}
+    items = [{"prompt": "a fox", "image": None, "weight": 0.5}, {"prompt": None, "image": "a.png", "weight": 0.5}]
+    later = {
+        "k6": {"mode": "img2img", "image": "a.png", "strength": 0.5, "negative_prompt": "", "clip_score": 20.0},
+        "k7": {"interpolate": items, "caption": "a fox (0.5) + [image a.png] (0.5)", "filtered": True},
+        "k8": {"prior_strength": 0.3, "prior_image": "a.png", "prior_num_inference_steps": 2},
+    }
+    metas = {f"k{i}": {"prompt": "x", "caption": "x", "seed": i} for i in range(6)} | later
+    writer = WebDatasetFormat(Storage(str(tmp_path / "out")), part="p", spool_dir=str(tmp_path))
+    for key, meta in metas.items():
+        writer.add(key, png.getvalue(), base | {"key": key, "id": key} | meta)
+    tar = writer.close()
+    loaded = {row["__key__"]: row["json"] for row in datasets.load_dataset("webdataset", data_files=[tar])["train"]}
+    assert list(loaded) == list(metas)
+    assert json.loads(loaded["k7"]["interpolate"]) == items and loaded["k7"]["filtered"] is True
+    assert (loaded["k6"]["strength"], loaded["k0"]["strength"], loaded["k6"]["clip_score"]) == (0.5, -1.0, 20.0)
+    assert (loaded["k6"]["negative_prompt"], loaded["k6"]["has_negative_prompt"]) == ("", True)
+    assert (loaded["k0"]["negative_prompt"], loaded["k0"]["has_negative_prompt"]) == ("", False)
+    assert (loaded["k8"]["prior_image"], loaded["k8"]["prior_num_inference_steps"], loaded["k0"]["image"]) == (
+        "a.png",
+        2,
+        "",
+    )
 
 
 def test_readme_embeddings_round_trip(rendered: dict, tmp_path: Path) -> None:

@@ -249,9 +249,9 @@ def test_checkpoints_on_s3_are_synced_once_per_node(
     for name in ("prior", "decoder"):  # each weight file fetched once, whatever the number of actors
         files = [path for path in fs.find(f"{s3['bucket']}/models/{name}") if path.endswith(".safetensors")]
         assert weight_gets(requests, name) == len(files) > 0, name
-    (copy,) = Path(cache).glob("decoder-*[0-9a-f]")
+    (copy,) = Path(cache).glob("decoder@*/[0-9a-f]*")  # <name>@<hash of the URI>/<version>
     assert (copy / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    assert not list(Path(cache).glob("*.tmp-*"))
+    assert not list(Path(cache).glob("*/.tmp-*"))
 
     requests.clear()
     again = sync_checkpoint(f"{models}/decoder", storage_options=s3["options"], cache=cache)
@@ -259,7 +259,12 @@ def test_checkpoints_on_s3_are_synced_once_per_node(
     fs.pipe(f"{s3['bucket']}/models/decoder/scheduler/scheduler_config.json", b'{"_class_name": "DDPMScheduler"}')
     changed = sync_checkpoint(f"{models}/decoder", storage_options=s3["options"], cache=cache)
     assert changed.downloaded and weight_gets(requests, "decoder") == 0  # only the changed file is fetched
-    assert (copy / "scheduler" / "scheduler_config.json").read_bytes() == b'{"_class_name": "DDPMScheduler"}'
+    new = Path(changed.path)
+    assert new.parent == copy.parent and new != copy  # a new version beside the one a loading process may read
+    assert (new / "scheduler" / "scheduler_config.json").read_bytes() == b'{"_class_name": "DDPMScheduler"}'
+    assert (new / "unet" / "diffusion_pytorch_model.safetensors").stat().st_ino == (
+        copy / "unet" / "diffusion_pytorch_model.safetensors"
+    ).stat().st_ino  # linked, not copied
 
 
 def test_a_sync_that_cannot_fit_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,4 +281,5 @@ def test_a_sync_that_cannot_fit_leaves_nothing_behind(tmp_path: Path, monkeypatc
     with pytest.raises(OSError, match="needs 1.0 kB but .* has 500 B free") as raised:
         weights.sync_checkpoint("memory://ckpt", cache=str(tmp_path))
     assert raised.value.errno == errno.ENOSPC
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    key = weights.cache_key("memory://ckpt")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [key, f"{key}/{weights.LOCK}"]

@@ -12,7 +12,7 @@ from jobs.planning.manifests import list_manifest_paths, read_footer, read_whole
 from jobs.planning.run_plan import manifest_work
 from schemas.config import JobConfig
 from schemas.keys import image_seed
-from schemas.manifest import MANIFEST_COLUMNS, ManifestError, RenderDefaults
+from schemas.manifest import MANIFEST_COLUMNS, VALUE_PROBLEM, ManifestError, RenderDefaults
 from schemas.models import ModelPaths
 from schemas.results import RESULTS_SCHEMA, ResultRow
 from schemas.shards import image_key, shard_name
@@ -150,7 +150,7 @@ def test_every_documented_column_is_accepted(tmp_path: Path) -> None:
     names = [column.name for column in MANIFEST_COLUMNS]
     path = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x"}])
     table = read_whole(read_footer(path, "m.parquet"))
-    assert table.column_names == names
+    assert table.column_names == [*names, VALUE_PROBLEM]
 
 
 @pytest.mark.parametrize(

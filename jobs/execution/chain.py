@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from actors.pins import Pin
 from cluster.defaults import Machine
 from cluster.layout import DECODER_GROUP
 from cluster.resources import fit_cpus, requested_gpus, resolve_groups
@@ -45,13 +46,16 @@ def build_chain(
     run_id: str,
     cluster_gpus: float,
     call_shapes: Iterable[tuple[str, int, int]] = (),
+    pins: Mapping[str, Pin] | None = None,
 ) -> tuple[list[StageSpec], SinkSpec]:
     """The model stages the run needs and its writer pool, in actor groups resolved for ``cluster_gpus``.
 
     [depth] -> prior -> decoder -> [score] -> writers, grouped into processes by the config's layout
     (`cluster.resources.resolve_groups`). Decoder actors load the checkpoints of ``modes`` only; the
     depth stage exists when ``needs_depth``, the scoring stage with ``--score``. With ``--compile`` a decoder
-    actor compiles at start for each of ``call_shapes`` (mode, height, width) at the run's batch size.
+    actor compiles at start for each of ``call_shapes`` (mode, height, width) at the run's batch size. ``pins``
+    (checkpoint path -> `actors.pins.Pin`, what the driver resolved) reach every actor that loads the checkpoint, so
+    each loads that version, restarted or added late.
     """
     from actors.decoder import DecoderActor
     from actors.depth import DepthActor
@@ -67,6 +71,12 @@ def build_chain(
         "max_input_pixels": config.limits.max_input_pixels,
         "max_input_bytes": config.limits.max_input_bytes,
     }
+    pins = pins or {}
+
+    def pinned(*paths: str) -> dict[str, dict[str, Pin]]:
+        """The ``pins`` argument of a stage loading ``paths`` (only theirs: a kept actor's key holds its arguments)."""
+        return {"pins": {path: pins[path] for path in paths if path in pins}}
+
     model = {"dtype": config.dtype, "accel": config.accel, "model_cache": config.models.cache}
     decoders = {mode: config.models.for_checkpoint(MODES[mode].checkpoint) for mode in modes}
     warmup = [(mode, h, w, config.batch_size) for mode, h, w in call_shapes if mode in decoders]
@@ -79,12 +89,21 @@ def build_chain(
                 "model": config.models.depth,
                 "revision": config.models.depth_hub_revision(),
                 "model_cache": config.models.cache,
+                **pinned(config.models.depth),
             },
             None,
         ),
-        PRIOR.name: (PriorActor, {"model": config.models.prior, **model}, prior_batch_size(config)),
-        DECODER.name: (DecoderActor, {**decoder, **model}, config.batch_size),
-        SCORE.name: (ScoreActor, {"model": config.models.prior, **model}, config.batch_size),
+        PRIOR.name: (
+            PriorActor,
+            {"model": config.models.prior, **model, **pinned(config.models.prior)},
+            prior_batch_size(config),
+        ),
+        DECODER.name: (DecoderActor, {**decoder, **model, **pinned(*decoders.values())}, config.batch_size),
+        SCORE.name: (
+            ScoreActor,
+            {"model": config.models.prior, **model, **pinned(config.models.prior)},
+            config.batch_size,
+        ),
     }
     stages = []
     for stage in MODEL_STAGES:

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.weights import CheckpointSyncError
 from cluster.resources import StageLayout
 from jobs.execution.contract import SinkSpec, StageSpec
 from jobs.execution.workers import SinkWorker, StageWorker
@@ -216,12 +217,18 @@ def max_concurrency(pool: Pool) -> int:
 
 
 def probe_outcome(exc: BaseException | None) -> str:
-    """``ready``, ``failed`` (its constructor raised: it will never serve) or ``retry`` (restarting, dead, lost)."""
+    """``ready``, ``failed`` (its constructor raised, or could not sync a checkpoint: it will never serve) or
+    ``retry`` (restarting, dead, lost)."""
     if exc is None:
         return "ready"
-    if getattr(exc, "actor_init_failed", False):
+    if getattr(exc, "actor_init_failed", False) or isinstance(start_failure(exc), CheckpointSyncError):
         return "failed"
     return "retry"
+
+
+def start_failure(exc: BaseException) -> BaseException | None:
+    """What an actor's readiness probe raised itself (`jobs.execution.workers`), unwrapped from Ray's task error."""
+    return getattr(exc, "cause", None)
 
 
 def ray_result(ref: Any) -> tuple[Any, BaseException | None]:
@@ -251,6 +258,12 @@ def record_probe(actor: Actor, pool: Pool, error: BaseException | None) -> None:
     if outcome == "failed":
         pool.actors.remove(actor)
         ray.kill(actor.handle)
+        failure = start_failure(error)
+        if isinstance(failure, CheckpointSyncError):  # its own line, not Ray's traceback with terminal colours
+            logger.warning("stage %s: an actor failed to start: %s", name, failure)
+            if not pool.actors:
+                raise CheckpointSyncError(f"stage {name}: no actor could start: {failure}") from None
+            return
         logger.warning("stage %s: an actor failed to start: %s", name, error)
         if not pool.actors:
             raise RuntimeError(f"stage {name}: no actor could start: {error}") from error

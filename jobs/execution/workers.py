@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+from actors.weights import CheckpointSyncError
 from jobs.execution.contract import SinkSpec, StageSpec, split_rows
 from schemas.work import from_ipc, to_ipc
 
@@ -23,11 +24,17 @@ class _Worker:
 
     name = ""
 
+    start_failure: CheckpointSyncError | None = None  # why the constructor could not load the models
+
     def ready(self, *, reset: bool = False) -> dict[str, str]:
         """Answers once the constructor (model loading) is done: what it runs and on which node. ``reset``: an
-        actor kept from an earlier run first forgets what that run left (`reset`)."""
+        actor kept from an earlier run first forgets what that run left (`reset`). Raises the constructor's
+        `CheckpointSyncError`: the driver gets the exception itself, one line (`jobs.execution.pool.record_probe`),
+        not Ray's creation-task traceback."""
         import ray
 
+        if self.start_failure is not None:
+            raise self.start_failure
         if reset:
             self.reset()
         return {"name": self.name, "node_id": ray.get_runtime_context().get_node_id()}
@@ -47,7 +54,10 @@ class StageWorker(_Worker):
     def __init__(self, *, specs: list[StageSpec]) -> None:
         tag = ray_worker_tag()
         self.name = specs[0].group_name
-        self.instances = {spec.name: spec.build(worker=tag) for spec in specs}
+        try:
+            self.instances = {spec.name: spec.build(worker=tag) for spec in specs}
+        except CheckpointSyncError as exc:  # kept for `ready`: Ray would restart the actor into the same failure
+            self.instances, self.start_failure = {}, exc
 
     def reset(self) -> None:
         """Each stage as just built: caches emptied, batch sizes as configured (`actors.stage.Stage.reset`)."""

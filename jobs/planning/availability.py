@@ -18,8 +18,10 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from actors.pins import CheckpointKeyError, Pin, changed_on_store, pin_checkpoint
 from jobs.options.flags import option_at
 from jobs.options.run_options import RunOptions
+from jobs.planning.checkpoints import PUBLIC_MOVQ_SCALE
 from jobs.planning.run_plan import RunPlan
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan
 from schemas.config import JobConfig
@@ -66,7 +68,8 @@ def needed_models(plan: RunPlan, scan: PendingScan) -> tuple[PendingScan, str | 
     config = plan.config
     candidates = [PRIOR_MODEL, *sorted({MODES[mode].checkpoint for mode in scan.modes})]
     candidates += [DEPTH_MODEL] if scan.needs_depth else []
-    problems = checkpoint_problems(config, candidates)
+    states = checkpoint_states(config, candidates)
+    problems = {name: problem for name, (problem, _) in states.items() if problem is not None}
     plan.scales.exclude(set(problems))  # no size checks against a checkpoint nobody can load
     unsure = set(problems) | ({DEPTH_MODEL} if scan.needs_depth else set())
     confirmed = plan.confirm(scan, unsure) if unsure else set()
@@ -74,17 +77,63 @@ def needed_models(plan: RunPlan, scan: PendingScan) -> tuple[PendingScan, str | 
     for name in sorted(set(problems) - confirmed):
         logger.info("model %s cannot be loaded (%s) but no row that renders needs it", name, problems[name])
     modes = [mode for mode in scan.modes if MODES[mode].checkpoint not in set(problems) - confirmed]
-    scan = dataclasses.replace(scan, modes=modes, needs_depth=DEPTH_MODEL in confirmed)
+    needed = {PRIOR_MODEL, *(MODES[mode].checkpoint for mode in modes)} | ({DEPTH_MODEL} & confirmed)
+    pins = {pin.uri: pin for name, (_, pin) in states.items() if name in needed and pin is not None}
+    scan = dataclasses.replace(scan, modes=modes, needs_depth=DEPTH_MODEL in confirmed, pins=pins)
+    warn_public_sizes(plan, scan)
     return scan, describe_missing(config, scan, missing) if missing else None
 
 
-def checkpoint_problems(config: JobConfig, names: list[str]) -> dict[str, str]:
-    """Name -> why it cannot be loaded, for each of ``names`` (keys of `HUB_MODELS`) that cannot; in parallel."""
+def warn_public_sizes(plan: RunPlan, scan: PendingScan) -> None:
+    """One warning when the models in use render sizes the public checkpoints refuse (the tiny models' MoVQ scales
+    by 2, the public ones' by 8): a manifest tried with them would be refused with the real ones."""
+    accepted = {}
+    for (mode, height, width), images in scan.public_refusals.items():
+        checkpoint = MODES[mode].checkpoint
+        if checkpoint in plan.scales:  # a loadable checkpoint: its own scale decides what this run renders
+            if MODES[mode].size_problem(height=height, width=width, scale=plan.scales[checkpoint]) is None:
+                accepted[(mode, height, width)] = images
+    if not accepted:
+        return
+    shown = sorted(accepted.items(), key=lambda item: -item[1])
+    sizes = ", ".join(f"{mode} {height}x{width} ({images} image(s))" for (mode, height, width), images in shown[:5])
+    checkpoints = sorted({MODES[mode].checkpoint for mode, _, _ in accepted})
+    scales = ", ".join(f"{name} {plan.scales[name]}" for name in checkpoints)
+    logger.warning(
+        "%d image(s) ask for sizes that these models render (MoVQ scale: %s) but the public Kandinsky 2.2 "
+        "checkpoints (MoVQ scale %d) refuse as unsupported_size: %s%s. Rows that pass with these models fail with the "
+        "real ones; tiny models built with --movq-scale-factor %d check sizes as the real ones do",
+        sum(accepted.values()),
+        scales,
+        PUBLIC_MOVQ_SCALE,
+        sizes,
+        f" and {len(shown) - 5} more size(s)" if len(shown) > 5 else "",
+        PUBLIC_MOVQ_SCALE,
+    )
+
+
+def note_changed_checkpoints(pins: dict[str, Pin], *, storage_options: dict[str, Any] | None = None) -> None:
+    """A warning per checkpoint on object storage that changed during the run (one LIST each): the run loaded the
+    version it pinned when it started; the next run loads the new one."""
+    for uri, pin in sorted(pins.items()):
+        if pin.files and (change := changed_on_store(pin, storage_options)):
+            logger.warning(
+                "%s changed on the store during this run (%s): every actor of this run loaded the version pinned "
+                "at its start (%s); the next run loads the new one",
+                uri,
+                change,
+                pin.version,
+            )
+
+
+def checkpoint_states(config: JobConfig, names: list[str]) -> dict[str, tuple[str | None, Pin | None]]:
+    """Name -> (why it cannot be loaded or None, the version the run loads or None for a folder), for each of
+    ``names`` (keys of `HUB_MODELS`); in parallel."""
     revisions = {DEPTH_MODEL: config.models.depth_hub_revision()}
     with ThreadPoolExecutor(max_workers=max(1, len(names)), thread_name_prefix="model-check") as pool:
         found = {
             name: pool.submit(
-                checkpoint_problem,
+                checkpoint_state,
                 config.models.for_checkpoint(name),
                 index_file=INDEX_FILES[name],
                 revision=revisions.get(name),
@@ -92,22 +141,23 @@ def checkpoint_problems(config: JobConfig, names: list[str]) -> dict[str, str]:
             )
             for name in names
         }
-        return {name: problem for name, future in found.items() if (problem := future.result()) is not None}
+        return {name: future.result() for name, future in found.items()}
 
 
-def checkpoint_problem(
+def checkpoint_state(
     path: str, *, index_file: str, revision: str | None = None, storage_options: dict[str, Any] | None = None
-) -> str | None:
-    """Why the checkpoint at ``path`` cannot be loaded, or None when it can.
+) -> tuple[str | None, Pin | None]:
+    """Why the checkpoint at ``path`` cannot be loaded (None when it can), and the version every actor of the run
+    loads (`actors.pins`): a URI's files, a hub id's commit; None for a folder, read as it is.
 
     ``index_file`` is the file every such checkpoint holds (``model_index.json`` for a diffusers
     pipeline, whose components must then all be there; ``config.json`` for a transformers model).
     """
     if is_hub_id(path):
-        return _hub_problem(path, index_file=index_file, revision=revision)
+        return _hub_state(path, index_file=index_file, revision=revision)
     if is_remote(path):
-        return _remote_problem(path, index_file=index_file, storage_options=storage_options or {})
-    return _folder_problem(local_path(path), index_file=index_file)
+        return _remote_state(path, index_file=index_file, storage_options=storage_options or {})
+    return _folder_problem(local_path(path), index_file=index_file), None
 
 
 def _folder_problem(folder: str, *, index_file: str) -> str | None:
@@ -122,20 +172,22 @@ def _folder_problem(folder: str, *, index_file: str) -> str | None:
     return _components_problem(index, set(os.listdir(folder)), where=where, index_file=index_file)
 
 
-def _remote_problem(uri: str, *, index_file: str, storage_options: dict[str, Any]) -> str | None:
+def _remote_state(uri: str, *, index_file: str, storage_options: dict[str, Any]) -> tuple[str | None, Pin | None]:
     from actors.retry import retry
     from actors.storage import open_fs
 
     try:
+        pin = pin_checkpoint(uri, storage_options)
         fs, root = open_fs(uri, storage_options)
         index = retry(lambda: fs.cat_file(posixpath.join(root, index_file)), what=f"read {uri}/{index_file}")
-        names = retry(lambda: fs.ls(root, detail=False), what=f"list {uri}")
+    except CheckpointKeyError as exc:
+        return str(exc), None
     except FileNotFoundError:
-        return f"{uri} holds no {index_file}: no checkpoint there"
+        return f"{uri} holds no {index_file}: no checkpoint there", None
     except Exception as exc:  # noqa: BLE001 - any failure to read it means it cannot be loaded; say why
-        return f"{uri} cannot be read ({type(exc).__name__}: {_first_line(exc)})"
-    listed = {posixpath.basename(name.rstrip("/")) for name in names}
-    return _components_problem(index, listed, where=uri, index_file=index_file)
+        return f"{uri} cannot be read ({type(exc).__name__}: {_first_line(exc)})", None
+    listed = {file.path.split("/", 1)[0] for file in pin.files}
+    return _components_problem(index, listed, where=uri, index_file=index_file), pin
 
 
 def _components_problem(index: bytes, names: set[str], *, where: str, index_file: str) -> str | None:
@@ -153,25 +205,31 @@ def _components_problem(index: bytes, names: set[str], *, where: str, index_file
     return None
 
 
-def _hub_problem(repo_id: str, *, index_file: str, revision: str | None) -> str | None:
+def _hub_state(repo_id: str, *, index_file: str, revision: str | None) -> tuple[str | None, Pin | None]:
+    """Whether the hub id can be loaded, and the commit its revision resolves to now (one HEAD when online; the
+    hub cache's commit offline or when the hub does not answer but the cache holds it whole)."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, index_file, revision=revision)
+    cache = f"hub cache {constants.HF_HUB_CACHE}"
+    partial = None
     if isinstance(cached, str):
         snapshot = os.path.dirname(cached)
         with open(cached, "rb") as handle:
             partial = _components_problem(
                 handle.read(), set(os.listdir(snapshot)), where=snapshot, index_file=index_file
             )
-        if partial is None or not constants.is_offline_mode():
-            return None  # in the hub cache (what is missing there downloads when the hub is reachable)
-        return f"{repo_id} is a hub id, HF_HUB_OFFLINE is set and the hub cache holds it in part: {partial}"
-    cache = f"hub cache {constants.HF_HUB_CACHE}"
-    if constants.is_offline_mode():
-        return f"{repo_id} is a hub id, HF_HUB_OFFLINE is set and the {cache} does not hold it (whole)"
+        if constants.is_offline_mode():
+            if partial is None:
+                return None, Pin(uri=repo_id, revision=os.path.basename(snapshot))
+            return f"{repo_id} is a hub id, HF_HUB_OFFLINE is set and the hub cache holds it in part: {partial}", None
+    elif constants.is_offline_mode():
+        return f"{repo_id} is a hub id, HF_HUB_OFFLINE is set and the {cache} does not hold it (whole)", None
     try:
-        get_hf_file_metadata(hf_hub_url(repo_id, index_file, revision=revision), timeout=HUB_TIMEOUT_S)
+        metadata = get_hf_file_metadata(hf_hub_url(repo_id, index_file, revision=revision), timeout=HUB_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - not found, gated, unreachable: each means it cannot be loaded
+        if isinstance(cached, str):  # in the hub cache (what is missing there downloads when the hub answers)
+            return None, Pin(uri=repo_id, revision=os.path.basename(os.path.dirname(cached)))
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             reason = f"the hub refused access ({status}): a gated or private repository needs HF_TOKEN"
@@ -181,8 +239,8 @@ def _hub_problem(repo_id: str, *, index_file: str, revision: str | None) -> str 
             reason = f"the hub cannot be reached ({type(exc).__name__}: {_first_line(exc)})"
         # A path that is no folder here looks like a hub id too (e.g. --models models, run from the wrong folder).
         where = "" if repo_id in HUB_MODELS.values() else f"; there is no folder {os.path.abspath(repo_id)} either"
-        return f"{repo_id} is a hub id and {reason}, and the {cache} does not hold it{where}"
-    return None
+        return f"{repo_id} is a hub id and {reason}, and the {cache} does not hold it{where}", None
+    return None, Pin(uri=repo_id, revision=metadata.commit_hash or revision)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -37,9 +37,10 @@ from jobs.planning.output_guard import check_output
 from jobs.planning.output_index import OutputIndex, read_settings, read_shard_results
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan, scan_pending
 from jobs.planning.work import PLAN_CHUNK_ROWS, Work, shard_work
+from schemas.columns import describe_unknown, unknown_columns
 from schemas.config import JobConfig
 from schemas.logs import logger_for
-from schemas.manifest import ManifestError
+from schemas.manifest import COLUMNS_BY_NAME, ManifestError
 from schemas.modes import MODES
 from schemas.results import REFUSAL_KINDS, STATUS_OK
 from schemas.shards import (
@@ -233,7 +234,24 @@ def read_manifest_files(config: JobConfig) -> list[ManifestFile]:
         raise ValueError(f"{option_at(JobConfig, 'manifest').flag} is required")
     options = config.storage_options
     paths = list_manifest_paths(config.manifest, storage_options=options, exclude=config.output)
-    return [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
+    files = [read_footer(uri, relpath, storage_options=options) for uri, relpath in paths]
+    warn_unknown_columns(files)
+    return files
+
+
+def warn_unknown_columns(files: list[ManifestFile]) -> None:
+    """One warning naming the columns of ``files`` that the contract does not know (ignored: a misspelled
+    ``steps`` would render at the default), each with the column it most likely means."""
+    unknown = unknown_columns([name for file in files for name in file.schema.names], list(COLUMNS_BY_NAME))
+    if unknown:
+        holding = [public_uri(file.uri) for file in files if set(file.schema.names) & set(unknown)]
+        logger.warning(
+            "ignoring manifest column(s) that are not in the contract: %s (in %d file(s), first %s); README.md, "
+            "Manifest columns, lists the known ones",
+            describe_unknown(unknown),
+            len(holding),
+            holding[0],
+        )
 
 
 def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> tuple[DatasetSettings, str]:

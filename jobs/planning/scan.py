@@ -13,9 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actors.pins import Pin
 from jobs.planning.calibration import work_units
+from jobs.planning.checkpoints import PUBLIC_MOVQ_SCALE
 from jobs.planning.manifests import ShardReader
 from jobs.planning.work import images_per_row
+from schemas.columns import as_int64
 from schemas.config import JobConfig
 from schemas.manifest import Limits, RenderDefaults
 from schemas.models import HUB_MODELS
@@ -48,6 +51,11 @@ class PendingScan:
     call_shapes: list[tuple[str, int, int]] = field(default_factory=list)
     # HUB_MODELS name (checkpoint, "depth") -> positions in `RunPlan.pending` of the shards whose rows may need it
     shards_needing: dict[str, list[int]] = field(default_factory=dict)
+    # (mode, height, width) -> images of first renderings whose size the public checkpoints refuse (their MoVQ scale
+    # `PUBLIC_MOVQ_SCALE`): models of another scale (the tiny ones) may render them (`jobs.planning.availability`)
+    public_refusals: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    # checkpoint path -> the version every actor of the run loads (`jobs.planning.availability.check_models` sets it)
+    pins: dict[str, Pin] = field(default_factory=dict)
 
 
 def scan_pending(pending: list[tuple[Shard, Marker | None]], *, config: JobConfig) -> PendingScan:
@@ -74,7 +82,7 @@ def scan_pending(pending: list[tuple[Shard, Marker | None]], *, config: JobConfi
                 depth = bool(shard_modes & estimated)
             else:
                 counts = images_per_row(
-                    pc.fill_null(columns.column("num_images").cast(pa.int64()), defaults.num_images), limits=limits
+                    pc.fill_null(as_int64(columns.column("num_images")), defaults.num_images), limits=limits
                 )
                 num_images += int(counts.sum())
                 filled = _filled(columns, defaults=defaults)
@@ -97,6 +105,11 @@ def scan_pending(pending: list[tuple[Shard, Marker | None]], *, config: JobConfi
         depth_images=depth_images,
         call_shapes=[shape for shape, _ in shapes.most_common(MAX_CALL_SHAPES)],
         shards_needing=dict(needing),
+        public_refusals={
+            (mode, height, width): images
+            for (mode, height, width), images in shapes.items()
+            if MODES[mode].size_problem(height=height, width=width, scale=PUBLIC_MOVQ_SCALE)
+        },
     )
 
 
@@ -121,8 +134,9 @@ def _filled(columns: pa.Table, *, defaults: RenderDefaults) -> pa.Table:
     """The mode and `COST_COLUMNS` of scanned rows, nulls taking the job's defaults (as planning fills them)."""
     filled = {"mode": pc.fill_null(columns.column("mode").cast(pa.string()), DEFAULT_MODE)}
     for name in COST_COLUMNS:
-        kind = pa.int64() if isinstance(getattr(defaults, name), int) else pa.float64()
-        filled[name] = pc.fill_null(columns.column(name).cast(kind), getattr(defaults, name))
+        column = columns.column(name)
+        column = as_int64(column) if isinstance(getattr(defaults, name), int) else column.cast(pa.float64())
+        filled[name] = pc.fill_null(column, getattr(defaults, name))
     return pa.table(filled)
 
 
@@ -155,7 +169,7 @@ def _largest_pixels(columns: pa.Table, *, defaults: RenderDefaults, limits: Limi
     """The most pixels of one image among rows whose sizes are within ``limits`` (others are refused)."""
     sides = []
     for name, default in (("height", defaults.height), ("width", defaults.width)):
-        side = pc.fill_null(columns.column(name).cast(pa.int64()), default).to_numpy(zero_copy_only=False)
+        side = pc.fill_null(as_int64(columns.column(name)), default).to_numpy(zero_copy_only=False)
         sides.append(np.where((side >= 1) & (side <= limits.max_side), side, 0))
     pixels = sides[0] * sides[1]
     return int(pixels.max()) if len(pixels) else 0

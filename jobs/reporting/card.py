@@ -24,7 +24,7 @@ import yaml
 
 from actors.storage import Storage
 from schemas.keys import CARD_FILE, IMAGES_DIR, RESULTS_DIR
-from schemas.results import RESULTS_SCHEMA, SAMPLE_SCHEMA
+from schemas.results import RESULTS_SCHEMA, SAMPLE_SCHEMA, WEBDATASET_JSON_SCHEMA
 from schemas.shards import DATA_DIR, FORMAT_FILES, FORMAT_PARQUET, FORMAT_WEBDATASET, IMAGES_METADATA, DatasetSettings
 from schemas.text import markdown_code, public_uri
 
@@ -67,7 +67,7 @@ def image_features(output_format: str, embeddings: tuple[str, int] | None) -> li
     metadata = [feature(f.name, f.type) for f in SAMPLE_SCHEMA]
     extra = [feature(f.name, f.type) for f in embedding_fields(embeddings)]
     if output_format == FORMAT_WEBDATASET:
-        features = [{"name": "json", "struct": metadata}]
+        features = [{"name": "json", "struct": [feature(f.name, f.type) for f in WEBDATASET_JSON_SCHEMA]}]
         if embeddings is not None:  # <key>.npy: image_embeds and negative_image_embeds, (2, dim)
             dtype, dim = embeddings
             features.append({"name": "npy", "dtype": {"array2_d": {"shape": [2, dim], "dtype": dtype}}})
