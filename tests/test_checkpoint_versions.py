@@ -73,7 +73,7 @@ def test_a_version_pinned_by_the_driver_is_what_an_actor_loads_after_the_store_c
     manifest = write_manifest(tmp_path / "m.parquet", rows_of(2))
     config = config_for(manifest, str(tmp_path / "out"), models, runner="local", storage_options=s3_options["options"])
     config = dataclasses.replace(config, models=dataclasses.replace(config.models, cache=str(cache)))
-    caplog.set_level(logging.WARNING, logger="jobs.planning.availability")
+    caplog.set_level(logging.WARNING, logger="kandinsky_render.jobs.planning.availability")
     run_job(config, build=build)
     assert {row["status"] for row in raw_results(config.output)} == {"ok"}
     (copy,) = cache.glob("decoder@*/[0-9a-f]*")

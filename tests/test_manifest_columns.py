@@ -112,7 +112,7 @@ def test_sizes_the_models_render_but_the_public_checkpoints_refuse_are_warned_ab
     rows = [{"id": f"r{i}", "prompt": "x", "height": height, "width": 64} for i, height in enumerate((100, 100, 64))]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = config_for(manifest, str(tmp_path / "out"), tiny_models, batch_size=2)
-    caplog.set_level(logging.WARNING, logger="jobs.planning.availability")
+    caplog.set_level(logging.WARNING, logger="kandinsky_render.jobs.planning.availability")
     plan = plan_run(config, Storage(config.output))
     check_models(plan, plan.scan())
     (warning,) = [record.getMessage() for record in caplog.records]
