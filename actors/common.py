@@ -15,6 +15,7 @@ from actors.inputs import ImageLoader
 from actors.pins import Pin
 from actors.stage import Stage, describe_exception, worker_name
 from actors.weights import CheckpointSyncError, local_checkpoint, models_cache
+from schemas.config import dtype_name
 from schemas.logs import logger_for
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
 from schemas.models import cache_setting
@@ -37,9 +38,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float16 on CUDA and float32 elsewhere; other names map to torch dtypes."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+    """`schemas.config.dtype_name` (``auto``: float16 on CUDA, float32 elsewhere) as a torch dtype."""
+    dtype = dtype_name(dtype, cuda=device.type == "cuda")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]

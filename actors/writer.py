@@ -126,6 +126,8 @@ class ShardWriter:
         allowed_protocols: tuple[str, ...] = DEFAULT_ALLOWED_PROTOCOLS,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+        model_ids: dict[str, str] | None = None,
+        dtype: str | None = None,
         worker: str = "",
     ) -> None:
         if output_format not in FORMATS:
@@ -143,6 +145,8 @@ class ShardWriter:
         self.spool_dir = spool_dir
         self.embeddings_dtype = None if save_embeddings is None else np.dtype(save_embeddings)
         self.min_clip_score = min_clip_score
+        self.model_ids = dict(model_ids or {})  # checkpoint name -> "name@content id": each result row names them
+        self.dtype = dtype
         self.worker = worker_name(worker)
         self.parts: dict[str, _Part] = {}
 
@@ -172,6 +176,7 @@ class ShardWriter:
         self, part: _Part, row: dict[str, Any], buffer: np.ndarray | None, embeddings: np.ndarray | None = None
     ) -> ResultRow:
         common = {"run_id": self.run_id, "shard": part.shard, "attempt": part_attempt(part.name)}
+        common |= {"model_ids": self.model_ids, "dtype": self.dtype}
         if row["error"] is not None or buffer is None:
             result = result_from_work(row, error=row["error"], error_kind=row["error_kind"], **common)
             self._consider(part, result, row, None)

@@ -274,6 +274,7 @@ def _render(
         call_shapes=scan.call_shapes,
         movq_scales={MODES[mode].checkpoint: plan.scales[MODES[mode].checkpoint] for mode in scan.modes},
         pins=scan.pins,
+        model_ids={name: identity.short for name, identity in scan.model_ids.items()},
         output_format=plan.settings.output_format,
         run_id=run_id,
         watcher=progress,

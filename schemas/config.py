@@ -18,6 +18,16 @@ from schemas.text import public_uri
 from schemas.validation import value_bounds
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def dtype_name(dtype: str, *, cuda: bool) -> str:
+    """The dtype ``dtype`` (one of `DTYPES`) names on a CUDA device or not: ``auto`` is float16 on CUDA, float32
+    elsewhere."""
+    if dtype == "auto":
+        return "float16" if cuda else "float32"
+    return dtype
+
+
 SCORERS = ("clip",)
 EMBEDDING_DTYPES = ("float32", "float16")
 RUNNERS = ("ray", "local")

@@ -67,13 +67,17 @@ SAMPLE_FIELDS = (
     pa.field("image", pa.string()),
     pa.field("mask", pa.string()),
     pa.field("hint", pa.string()),
-    pa.field("width", pa.int32()),  # of the written image (null: no image)
+    pa.field("width", pa.int32()),  # the size the row asks for (the written image's)
     pa.field("height", pa.int32()),
     pa.field("num_inference_steps", pa.int32()),
     pa.field("guidance_scale", pa.float64()),
     pa.field("prior_num_inference_steps", pa.int32()),
     pa.field("prior_guidance_scale", pa.float64()),
     pa.field("strength", pa.float64()),
+    pa.field("prior_model", pa.string()),  # the checkpoints that made the image: name@content id
+    pa.field("decoder_model", pa.string()),
+    pa.field("depth_model", pa.string()),  # the depth estimator, for a ControlNet hint it estimated
+    pa.field("dtype", pa.string()),  # the model stages' dtype
     pa.field("manifest_file", pa.string()),
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("clip_score", pa.float64()),
@@ -157,6 +161,10 @@ class ResultRow:
     prior_num_inference_steps: int | None
     prior_guidance_scale: float | None
     strength: float | None
+    prior_model: str | None  # "prior@<content id>" (`jobs.planning.identity`); null when the prior did not run
+    decoder_model: str | None  # the mode's decoder checkpoint, "decoder@<content id>"
+    depth_model: str | None  # the depth estimator when it estimated the row's hint
+    dtype: str | None  # the model stages' dtype (float16, bfloat16, float32)
     manifest_file: str | None
     run_id: str
     clip_score: float | None  # --score clip: 100 x cos(image, prompt) of CLIP, clamped at 0
@@ -289,10 +297,24 @@ def recorded_parameters(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def model_columns(row: Mapping[str, Any], model_ids: Mapping[str, str]) -> dict[str, Any]:
+    """A work row's ``prior_model``, ``decoder_model`` and ``depth_model`` from the run's checkpoint ids (checkpoint
+    name -> ``name@content``): the prior's when it ran, its mode's decoder, the depth estimator for an estimated
+    hint."""
+    mode, kind = MODES.get(row.get("mode") or ""), PRIOR_KINDS.get(row.get("prior_kind") or "")
+    return {
+        "prior_model": model_ids.get("prior") if kind is None or kind.pipeline is not None else None,
+        "decoder_model": model_ids.get(mode.checkpoint) if mode is not None else None,
+        "depth_model": model_ids.get("depth") if row.get("hint_estimated") else None,
+    }
+
+
 def result_from_work(
     row: dict,
     *,
     run_id: str,
+    model_ids: Mapping[str, str] | None = None,
+    dtype: str | None = None,
     attempt: int = 0,
     error: str | None = None,
     error_kind: str | None = None,
@@ -309,6 +331,8 @@ def result_from_work(
     """The final result of one work row (a `schemas.work` row as a dict); ``error`` set means failed.
 
     The error is kept on one line, without memory addresses, at most `schemas.text.MAX_ERROR_CHARS` long.
+    ``width`` / ``height``: the written image's (default: the size the row asks for, also on error rows).
+    ``model_ids`` / ``dtype``: what made the image (`model_columns`; null on error rows).
     The row's input images, when it still has them (``image``, ``mask``, ``hint``, ``prior_image``,
     ``interpolate``), are recorded as `describe_input` strings.
     """
@@ -334,8 +358,8 @@ def result_from_work(
         negative_prompt=row.get("negative_prompt"),
         interpolate=items,
         **inputs,
-        width=width,
-        height=height,
+        width=width if width is not None else row.get("width"),
+        height=height if height is not None else row.get("height"),
         num_inference_steps=row.get("num_inference_steps"),
         guidance_scale=row.get("guidance_scale"),
         **recorded_parameters(row),
@@ -343,6 +367,8 @@ def result_from_work(
         run_id=run_id,
         clip_score=None if error else row.get("clip_score"),
         filtered=None if error else filtered,
+        **model_columns(row, {} if error else model_ids or {}),  # what made an image: none for an error
+        dtype=None if error else dtype,
         prior_worker=row.get("prior_worker"),
         decoder_worker=decoder_worker if decoder_worker is not None else row.get("decoder_worker"),
         prior_seconds=row.get("prior_seconds"),
@@ -353,6 +379,26 @@ def result_from_work(
         input_thumbnails=None,
         score_error=None if error else row.get("score_error"),
     )
+
+
+def conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` as ``schema``: its columns in that order and cast, a column it lacks (a part written before the
+    column existed) all null."""
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def read_conformed(source: Any, schema: pa.Schema) -> pa.Table:
+    """The Parquet file ``source`` (a path or file object) read as ``schema`` (`conformed`): only its columns that
+    ``schema`` names are read."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(source)
+    present = [name for name in schema.names if name in parquet.schema_arrow.names]
+    return conformed(parquet.read(columns=present), schema)
 
 
 def results_table(rows: list[ResultRow]) -> pa.Table:

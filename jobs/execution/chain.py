@@ -24,7 +24,7 @@ from jobs.execution.watch import Watcher
 from jobs.planning.batches import prior_batch_size
 from jobs.planning.forecast import planned_cluster
 from jobs.planning.machine import local_machine, ray_machine
-from schemas.config import JobConfig
+from schemas.config import JobConfig, dtype_name
 from schemas.logs import logger_for
 from schemas.manifest import input_protocols
 from schemas.modes import MODES
@@ -47,6 +47,7 @@ def build_chain(
     cluster_gpus: float,
     call_shapes: Iterable[tuple[str, int, int]] = (),
     pins: Mapping[str, Pin] | None = None,
+    model_ids: Mapping[str, str] | None = None,
 ) -> tuple[list[StageSpec], SinkSpec]:
     """The model stages the run needs and its writer pool, in actor groups resolved for ``cluster_gpus``.
 
@@ -55,7 +56,8 @@ def build_chain(
     depth stage exists when ``needs_depth``, the scoring stage with ``--score``. With ``--compile`` a decoder
     actor compiles at start for each of ``call_shapes`` (mode, height, width) at the run's batch size. ``pins``
     (checkpoint path -> `actors.pins.Pin`, what the driver resolved) reach every actor that loads the checkpoint, so
-    each loads that version, restarted or added late.
+    each loads that version, restarted or added late. ``model_ids`` (checkpoint name -> ``name@content id``) and
+    the decoders' dtype reach the writers, which record them in every results row.
     """
     from actors.decoder import DecoderActor
     from actors.depth import DepthActor
@@ -131,6 +133,10 @@ def build_chain(
         "spool_dir": config.spool_dir,
         "save_embeddings": config.save_embeddings,
         "min_clip_score": config.min_clip_score,
+        "model_ids": dict(model_ids or {}),
+        "dtype": dtype_name(
+            config.dtype, cuda=any(g.resources.num_gpus > 0 for g in groups if DECODER.name in g.stages)
+        ),
         # the gallery previews a few rows' inputs, read under the same limits
         **{name: value for name, value in inputs.items() if name != "storage_options"},
     }

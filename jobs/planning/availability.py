@@ -22,6 +22,7 @@ from actors.pins import CheckpointKeyError, Pin, changed_on_store, pin_checkpoin
 from jobs.options.flags import option_at
 from jobs.options.run_options import RunOptions
 from jobs.planning.checkpoints import PUBLIC_MOVQ_SCALE
+from jobs.planning.identity import checkpoint_id
 from jobs.planning.run_plan import RunPlan
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan
 from schemas.config import JobConfig
@@ -79,7 +80,12 @@ def needed_models(plan: RunPlan, scan: PendingScan) -> tuple[PendingScan, str | 
     modes = [mode for mode in scan.modes if MODES[mode].checkpoint not in set(problems) - confirmed]
     needed = {PRIOR_MODEL, *(MODES[mode].checkpoint for mode in modes)} | ({DEPTH_MODEL} & confirmed)
     pins = {pin.uri: pin for name, (_, pin) in states.items() if name in needed and pin is not None}
-    scan = dataclasses.replace(scan, modes=modes, needs_depth=DEPTH_MODEL in confirmed, pins=pins)
+    ids = {
+        name: checkpoint_id(name, config.models.for_checkpoint(name), pin)
+        for name, (problem, pin) in states.items()
+        if name in needed and problem is None
+    }
+    scan = dataclasses.replace(scan, modes=modes, needs_depth=DEPTH_MODEL in confirmed, pins=pins, model_ids=ids)
     warn_public_sizes(plan, scan)
     return scan, describe_missing(config, scan, missing) if missing else None
 

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from actors.pins import Pin
 from jobs.planning.calibration import work_units
 from jobs.planning.checkpoints import PUBLIC_MOVQ_SCALE
+from jobs.planning.identity import CheckpointId
 from jobs.planning.manifests import ShardReader
 from jobs.planning.work import images_per_row
 from schemas.columns import as_int64
@@ -56,6 +57,8 @@ class PendingScan:
     public_refusals: dict[tuple[str, int, int], int] = field(default_factory=dict)
     # checkpoint path -> the version every actor of the run loads (`jobs.planning.availability.check_models` sets it)
     pins: dict[str, Pin] = field(default_factory=dict)
+    # checkpoint name -> its identity (`jobs.planning.identity`), for each checkpoint the run needs
+    model_ids: dict[str, CheckpointId] = field(default_factory=dict)
 
 
 def scan_pending(pending: list[tuple[Shard, Marker | None]], *, config: JobConfig) -> PendingScan:

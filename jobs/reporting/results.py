@@ -11,12 +11,11 @@ from __future__ import annotations
 import io
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from actors.storage import Storage
 from schemas.keys import RESULTS_DIR
 from schemas.logs import logger_for
-from schemas.results import RESULTS_SCHEMA
+from schemas.results import RESULTS_SCHEMA, read_conformed
 from schemas.shards import is_own_key
 
 logger = logger_for(__name__)
@@ -30,7 +29,7 @@ def read_results(storage: Storage, *, columns: list[str] | None = None, absolute
     keys = [key for key in storage.list_files(RESULTS_DIR, suffix=".parquet") if is_own_key(key)]
     names = columns or RESULTS_SCHEMA.names
     schema = pa.schema([RESULTS_SCHEMA.field(name) for name in names])
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(key)), columns=names).cast(schema) for key in keys]
+    tables = [read_conformed(io.BytesIO(storage.read_bytes(key)), schema) for key in keys]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return with_absolute_uris(table, storage) if absolute_uris else table
 
