@@ -116,7 +116,7 @@ Last run <code>{html.escape(str(stats.get("run_id", "")))}</code>,
 finished {html.escape(_when(stats.get("finished_at")))}:
 {stats.get("num_rendered", 0)} rendered, {stats.get("images_per_s", 0)} images/s.</p>
 <p><a href="{CONTACT_SHEET_FILE}">contact sheet</a> · <a href="{STATS_FILE}">stats.json</a> ·
-results in <code>results/*.parquet</code>, shards in <code>shards/*.json</code></p>
+results in <code>results/*.parquet</code>, shards in <code>shards/*/*.json</code></p>
 </header>
 <main>
 {cards}
