@@ -192,7 +192,7 @@ class LogPointer:
         try:
             Counts.from_dict(self.totals)
             scores = from_mapping(ScoreSummary, self.scores, what="scores") if self.scores else None
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             return f"totals or scores: {exc}"
         if scores is not None and len(scores.histogram) != SCORE_BINS:
             return f"scores.histogram has {len(scores.histogram)} bins, not {SCORE_BINS}"

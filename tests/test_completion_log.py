@@ -13,6 +13,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.dev.counting_proxy import CountingProxy, fresh_filesystems
@@ -192,3 +194,20 @@ def test_overwrite_clears_the_log(tmp_path: Path, tiny_models: str) -> None:
         [Path(LAST_CHECKPOINT_FILE).name, Path(pointer(output).checkpoint).name]
     )
     assert json.loads(Path(output, LAST_CHECKPOINT_FILE).read_text())["totals"]["num_images"] == 3
+
+
+def test_checkpoint_rows_that_name_other_files_are_not_the_jobs(tmp_path: Path, tiny_models: str) -> None:
+    """Keys follow from a row's shard and segment names: a planted row naming ``../`` is refused, every marker read."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows_of(2))
+    output = str(tmp_path / "out")
+    run_job(config_for(manifest, output, tiny_models, runner="local", shard_rows=1))
+    found = pointer(output)
+    rows = pq.read_table(Path(output, found.checkpoint))
+    planted = rows.set_column(0, "shard", pa.array(["../../../secret-0123abcd-0000000000-0000000001", "x"]))
+    pq.write_table(planted.cast(rows.schema), Path(output, found.checkpoint))
+    raw = json.loads(Path(output, LAST_CHECKPOINT_FILE).read_text())
+    raw["checkpoint_size"] = Path(output, found.checkpoint).stat().st_size
+    Path(output, LAST_CHECKPOINT_FILE).write_text(json.dumps(raw))
+    status = summary(output)
+    assert "a shard name the job does not make" in status["log"]["read_every_marker"]
+    assert status["num_shards_done"] == 2

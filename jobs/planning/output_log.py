@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,13 +26,23 @@ import pyarrow.parquet as pq
 from actors.storage import Storage, UnsafeObjectError
 from schemas.keys import IMAGES_DIR, LAST_CHECKPOINT_FILE, RESULTS_DIR
 from schemas.log import CHECKPOINT_SCHEMA, SORT_KEYS, LogPointer, flat_digest
-from schemas.shards import DATA_DIR, FORMAT_FILES, SEGMENT_NAME, SHARDS_DIR, Marker, is_own_key, marker_key
+from schemas.shards import (
+    DATA_DIR,
+    FORMAT_FILES,
+    SEGMENT_NAME,
+    SHARD_NAME,
+    SHARDS_DIR,
+    Marker,
+    is_own_key,
+    marker_key,
+)
 from schemas.text import one_line
 
 logger = logging.getLogger(__name__)
 
 READ_CHUNK = 256  # markers fetched per concurrent request batch
 BATCH_ROWS = 65_536  # checkpoint rows per streamed batch
+COPY_CHUNK = 8 << 20  # bytes per read when a checkpoint is downloaded
 # Caps on what is read of the output's own JSON files: a marker is a few KB; the pointer grows with the manifest's
 # files (their fingerprints) and the segments it covers.
 MAX_MARKER_BYTES = 16 << 20
@@ -126,6 +137,19 @@ class RowsSource:
     key: str
     size: int
 
+    def copied_to(self, folder: str) -> RowsSource:
+        """This checkpoint downloaded whole into the local ``folder`` (one GET; streamed, never all in memory), so
+        the walks a run makes of it (planning, checks, compaction) read it once."""
+        name = self.key.rsplit("/", 1)[-1]
+        local = Storage(folder)
+        try:
+            with contextlib.closing(self.storage.open_input(self.key, size=self.size)) as remote:
+                with open(local.path(name), "wb") as copy:
+                    shutil.copyfileobj(remote, copy, COPY_CHUNK)
+        except (FileNotFoundError, UnsafeObjectError) as exc:
+            raise CheckpointError(f"checkpoint {self.key}: {one_line(str(exc), 300)}") from None
+        return RowsSource(local, name, size=self.size)
+
     def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
         """The rows, `BATCH_ROWS` at a time (``columns``: default all); `CheckpointError` when the object is not
         the checkpoint the pointer names."""
@@ -138,11 +162,24 @@ class RowsSource:
                 parquet = pq.ParquetFile(handle)
                 if parquet.schema_arrow.remove_metadata() != CHECKPOINT_SCHEMA:
                     raise CheckpointError(f"checkpoint {self.key}: not the schema the job writes")
-                yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(columns) if columns else None)
+                for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(columns) if columns else None):
+                    _check_names(batch, self.key)
+                    yield batch
             except (pa.ArrowException, OSError) as exc:
                 raise CheckpointError(
                     f"checkpoint {self.key}: {type(exc).__name__}: {one_line(str(exc), 200)}"
                 ) from None
+
+
+_NAMES = {"shard": f"^{SHARD_NAME.pattern}$", "segment": f"^({SEGMENT_NAME.pattern})?$"}
+
+
+def _check_names(batch: pa.RecordBatch, key: str) -> None:
+    """`CheckpointError` unless every shard and segment name in ``batch`` is one the job makes (keys follow from
+    them: a row must not name anything outside the output's own folders)."""
+    for name, pattern in _NAMES.items():
+        if name in batch.schema.names and not pc.all(pc.match_substring_regex(batch.column(name), pattern)).as_py():
+            raise CheckpointError(f"checkpoint {key}: a {name} name the job does not make")
 
 
 def merged_rows(
