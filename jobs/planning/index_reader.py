@@ -120,10 +120,11 @@ def _fast(storage: Storage, pointer: LogPointer, folders: MarkerFolders, output_
 def _earlier_rows(index: OutputIndex, shards: set[str]) -> dict[str, str]:
     """shard -> segment of the checkpoint rows of ``shards`` (one pass over the rows' names, when there are any)."""
     found: dict[str, str] = {}
-    if not shards or index.source is None:
+    source = index.rows() if shards else None
+    if source is None:
         return found
     wanted = pa.array(sorted(shards), pa.string())
-    for batch in index.source.batches(["shard", "segment"]):
+    for batch in source.batches(["shard", "segment"]):
         table = pa.Table.from_batches([batch])
         table = table.filter(pc.is_in(table.column("shard"), value_set=wanted))
         found.update(zip(table.column("shard").to_pylist(), table.column("segment").to_pylist()))

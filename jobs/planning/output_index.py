@@ -167,6 +167,15 @@ class OutputIndex:
             self.hidden.add(marker.shard)
         self.recent[marker.shard] = (segment, without_sample(marker))
 
+    def rows(self) -> RowsSource | None:
+        """The checkpoint's rows, downloaded into the index's spool folder the first time when on an object store (a
+        summary never needs them; a run walks them several times)."""
+        if self.source is not None and not self.source.storage.is_local:
+            if self.spool is None:
+                self.spool = tempfile.TemporaryDirectory(prefix="kandinsky-log-")
+            self.source = self.source.copied_to(self.spool.name)
+        return self.source
+
     def recent_rows(self) -> pa.Table:
         """The checkpoint rows of the recent markers, sorted."""
         return rows_table(shard_row(marker, segment) for segment, marker in self.recent.values())
@@ -174,7 +183,7 @@ class OutputIndex:
     def done_rows(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         """Every done shard's checkpoint row, sorted by (relpath, start), one batch at a time."""
         return merged_rows(
-            self.source, hidden=self.hidden | set(self.damaged) | set(self.recent), extra=self.recent_rows(),
+            self.rows(), hidden=self.hidden | set(self.damaged) | set(self.recent), extra=self.recent_rows(),
             columns=columns,
         )  # fmt: skip
 
