@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from schemas.keys import LOG_DIR
 from schemas.records import from_json, from_mapping
 from schemas.results import SCORE_BINS
 from schemas.shards import (
@@ -29,7 +30,6 @@ from schemas.shards import (
     Marker,
     Part,
     ScoreSummary,
-    checkpoint_key,
     data_key,
     entry_ok,
     part_name,
@@ -65,6 +65,24 @@ CHECKPOINT_SCHEMA = pa.schema(
 )
 SORT_KEYS = [("relpath", "ascending"), ("start", "ascending")]
 ROW_GROUP_ROWS = 65_536
+
+
+def segment_name(sequence: int, run_id: str) -> str:
+    """The name of a segment of markers: its sequence number (what orders segments), then the run that wrote it."""
+    name = f"{sequence:010d}-{run_id}"
+    if not SEGMENT_NAME.fullmatch(name):
+        raise ValueError(f"segment {name!r}: a run id holds at most 64 of [A-Za-z0-9_-]")
+    return name
+
+
+def segment_sequence(segment: str) -> int:
+    """The sequence number of a segment (-1: the flat markers of outputs written before the log)."""
+    return int(segment.split("-", 1)[0]) if segment else -1
+
+
+def checkpoint_key(number: int) -> str:
+    """Key of the completion log's checkpoint ``number`` (its rows, one per done shard)."""
+    return f"{LOG_DIR}/checkpoint-{number:010d}.parquet"
 
 
 def shard_row(marker: Marker, segment: str) -> dict[str, Any]:

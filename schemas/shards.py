@@ -78,9 +78,9 @@ SHARD_NAME = re.compile(r"[A-Za-z0-9_-]+-[0-9a-f]{8}-[0-9]{10}-[0-9]{10}")
 PART_NAME = re.compile(SHARD_NAME.pattern + r"(\.retry-[0-9]+)?")
 
 
-# A segment of markers: ``<sequence>-<run id>``, sequences growing under the lease (`segment_name`).
+# A segment of markers: ``<sequence>-<run id>``, sequences growing under the lease (`schemas.log.segment_name`).
 SEGMENT_NAME = re.compile(r"[0-9]{10}-[A-Za-z0-9_-]{1,64}")
-CHECKPOINT_NAME = re.compile(r"checkpoint-[0-9]{10}\.parquet")  # `checkpoint_key`, under LOG_DIR
+CHECKPOINT_NAME = re.compile(r"checkpoint-[0-9]{10}\.parquet")  # `schemas.log.checkpoint_key`, under LOG_DIR
 
 
 _OWN_KEYS = re.compile(
@@ -112,27 +112,9 @@ def part_attempt(part: str) -> int:
     return int(attempt) if separator else 0
 
 
-def segment_name(sequence: int, run_id: str) -> str:
-    """The name of a segment of markers: its sequence number (what orders segments), then the run that wrote it."""
-    name = f"{sequence:010d}-{run_id}"
-    if not SEGMENT_NAME.fullmatch(name):
-        raise ValueError(f"segment {name!r}: a run id holds at most 64 of [A-Za-z0-9_-]")
-    return name
-
-
-def segment_sequence(segment: str) -> int:
-    """The sequence number of a segment (-1: the flat markers of outputs written before the log)."""
-    return int(segment.split("-", 1)[0]) if segment else -1
-
-
 def marker_key(shard: str, segment: str) -> str:
     """Key of a shard's completion marker in ``segment`` (``""``: the flat layout of outputs before the log)."""
     return f"{SHARDS_DIR}/{segment}/{shard}.json" if segment else f"{SHARDS_DIR}/{shard}.json"
-
-
-def checkpoint_key(number: int) -> str:
-    """Key of the completion log's checkpoint ``number`` (its rows, one per done shard)."""
-    return f"{LOG_DIR}/checkpoint-{number:010d}.parquet"
 
 
 def results_key(part: str) -> str:

@@ -1,7 +1,7 @@
 """Publishing into the completion log: markers in segments, compacted into a checkpoint and its pointer.
 
 A run writes each shard's marker last, as before, into a segment of its own (``shards/<segment>/``,
-`schemas.shards.segment_name`: sequences grow under the output's lease, so segments sort in the order
+`schemas.log.segment_name`: sequences grow under the output's lease, so segments sort in the order
 they were written). Compaction (`CompletionLog.compact`) runs at the end of a run, every
 ``--compact-every`` markers of a long one, and first thing in a run whose index had to read every
 marker (an output written before the log, a checkpoint that disagreed, a damaged shard). It
@@ -32,16 +32,18 @@ from actors.storage import Storage
 from jobs.planning.output_index import OutputIndex
 from jobs.planning.output_log import RowsSource
 from schemas.keys import LAST_CHECKPOINT_FILE, LOG_DIR
-from schemas.log import CHECKPOINT_SCHEMA, COMPACT_EVERY, LOG_VERSION, ROW_GROUP_ROWS, LogPointer, flat_digest
-from schemas.shards import (
-    CHECKPOINT_NAME,
-    Marker,
+from schemas.log import (
+    CHECKPOINT_SCHEMA,
+    COMPACT_EVERY,
+    LOG_VERSION,
+    ROW_GROUP_ROWS,
+    LogPointer,
     checkpoint_key,
-    is_own_key,
-    marker_key,
+    flat_digest,
     segment_name,
     segment_sequence,
 )
+from schemas.shards import CHECKPOINT_NAME, Marker, is_own_key, marker_key
 from schemas.summary import ImageKey
 
 logger = logging.getLogger(__name__)
