@@ -9,7 +9,7 @@ import torch
 
 from actors.compiled import compile_pipeline, pipeline_modules
 from schemas.config import AccelOptions
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 
 logger = logger_for(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 
 logger = logger_for(__name__)
 

@@ -23,7 +23,7 @@ from actors.pixels import DENORMALIZED_PIPELINES, PixelCopy, Pixels, pixels_colu
 from actors.stage import Call, InputError, Outcome, is_out_of_memory, with_errors
 from actors.transfers import Uploaded, Uploader
 from schemas.config import AccelOptions
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.models import movq_scale
 from schemas.modes import DECODER_INPUT_KWARGS, MODES, Mode
 from schemas.results import ERROR_NON_FINITE

@@ -17,7 +17,7 @@ from PIL import Image
 
 from actors.common import ModelStage
 from actors.stage import Call, Outcome, with_errors
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import IMAGE_REF
 from schemas.modes import needs_depth
 from schemas.stages import DEPTH

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from actors.retry import StorageUnavailableError, TruncatedReadError, retry
 from actors.stage import InputError
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import (
     DEFAULT_ALLOWED_PROTOCOLS,
     DEFAULT_MAX_INPUT_BYTES,

@@ -13,7 +13,7 @@ from actors.common import ModelStage, generator_state, prior_pipeline_key, seede
 from actors.compiled import compiled_modules
 from actors.stage import Call, Outcome, with_errors
 from schemas.config import AccelOptions
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.modes import PRIOR_EMBEDS, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW
 from schemas.stages import PRIOR

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.text import first_line
 
 logger = logger_for(__name__)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.results import SCORE_BIN_WIDTH, SCORE_BINS, SCORE_EXTREMES, ResultRow
+from schemas.shards import part_shard
 from schemas.text import stored_entry
 
 ENTRY_FIELDS = ("id", "image_index", "seed", "width", "height", "mode", "prompt", "uri", "member", "clip_score")
@@ -105,3 +106,31 @@ def merge_scores(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "lowest": sorted(a["lowest"] + b["lowest"], key=lambda e: e["clip_score"])[:SCORE_EXTREMES],
         "highest": sorted(a["highest"] + b["highest"], key=lambda e: -e["clip_score"])[:SCORE_EXTREMES],
     }
+
+
+def replace_scores(total: dict[str, Any], shard: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``total`` with the summary ``old`` of ``shard`` replaced by its summary ``new`` (the shard's marker rewritten
+    by a retry: its images scored before are in ``new`` too, with the same scores). Counts are exact; the extremes
+    give up the shard's old entries for its new ones; min and max keep what no longer counts only when ``new`` has
+    no score."""
+    if not old.get("count"):
+        return merge_scores(total, new)
+
+    def others(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [entry for entry in entries if _entry_shard(entry) != shard]
+
+    rest = {
+        **total,
+        "count": total["count"] - old["count"],
+        "sum": total["sum"] - old["sum"],
+        "histogram": [a - b for a, b in zip(total["histogram"], old["histogram"])],
+        "num_filtered": total["num_filtered"] - old["num_filtered"],
+        "lowest": others(total["lowest"]),
+        "highest": others(total["highest"]),
+    }
+    return merge_scores(rest, new) if rest["count"] else new
+
+
+def _entry_shard(entry: dict[str, Any]) -> str:
+    """The shard whose part holds a score entry's image (from its ``results`` key, ``results/<part>.parquet``)."""
+    return part_shard(str(entry.get("results", "")).rsplit("/", 1)[-1].removesuffix(".parquet"))

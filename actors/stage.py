@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import EMBEDDING_TYPE
 from schemas.results import ERROR_INPUT, ERROR_RENDER
 from schemas.text import exception_text

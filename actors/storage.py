@@ -9,7 +9,7 @@ import shutil
 import stat
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -270,6 +270,50 @@ class Storage:
             return [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
 
         return sorted(retry(attempt, what=f"list {self.uri(prefix)}"))
+
+    def list_level(self, prefix: str) -> tuple[list[str], list[str]]:
+        """(sorted folder names, sorted file keys) directly under ``prefix``: one listing, not recursive (object
+        stores: one request per thousand entries, folders as common prefixes); ([], []) when it is absent."""
+        base = self.path(prefix)
+
+        def attempt() -> list[dict[str, Any]]:
+            self.fs.invalidate_cache(base)
+            try:
+                return self.fs.ls(base, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
+        folders, files = [], []
+        for entry in retry(attempt, what=f"list {self.uri(prefix)}"):
+            name = posixpath.basename(_strip(self.fs, entry["name"]).rstrip("/"))
+            if not name or TEMPORARY_MARK in name:
+                continue
+            if entry.get("type") == "directory":
+                folders.append(name)
+            else:
+                files.append(f"{prefix.rstrip('/')}/{name}")
+        return sorted(folders), sorted(files)
+
+    def open_input(self, key: str, *, size: int) -> IO[bytes]:
+        """``key`` opened for streamed reading (object stores fetch it in blocks as it is read); `UnsafeObjectError`
+        when it is not a regular file of exactly ``size`` bytes, FileNotFoundError when it is absent."""
+        path = self.path(key)
+
+        def attempt() -> IO[bytes]:
+            if self.is_local:
+                handle = open(path, "rb")  # noqa: SIM115 - the caller closes it
+                info = os.fstat(handle.fileno())
+                found = info.st_size if stat.S_ISREG(info.st_mode) else None
+            else:
+                self.fs.invalidate_cache(path)
+                handle = self.fs.open(path, "rb")
+                found = handle.size
+            if found != size:
+                handle.close()
+                raise UnsafeObjectError(f"{self.uri(key)} holds {found} bytes, not the {size} expected: refused")
+            return handle
+
+        return retry(attempt, what=f"open {self.uri(key)}")
 
     def list_top(self) -> list[str]:
         """Sorted names directly in the folder (files and folders, one listing); [] when it is absent or empty."""

@@ -42,7 +42,7 @@ from typing import Any
 
 from actors.pins import Pin, PinnedFile, pin_checkpoint, version_tag
 from actors.retry import is_transient, retry
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.models import cache_root, is_remote, local_path
 
 logger = logger_for(__name__)

@@ -28,7 +28,7 @@ from actors.scores import ScoreStats
 from actors.stage import describe_exception, worker_name
 from actors.storage import Storage
 from schemas.keys import sample_key, sample_rank
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
 from schemas.results import (
     ERROR_WRITE,

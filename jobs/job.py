@@ -31,7 +31,8 @@ from jobs.planning.machine import log_choices, stats_record
 from jobs.planning.run_plan import RunPlan, ShardWork, plan_run, with_machine_defaults
 from jobs.planning.scan import DEPTH_MODEL, PendingScan
 from jobs.publishing.lease import Lease
-from jobs.publishing.markers import new_marker, retried_marker, write_marker, write_settings
+from jobs.publishing.log import CompletionLog
+from jobs.publishing.markers import new_marker, retried_marker, write_settings
 from jobs.publishing.orphans import delete_orphans, delete_output
 from jobs.reporting.card import write_card
 from jobs.reporting.gallery import write_report
@@ -39,7 +40,7 @@ from jobs.reporting.progress import Progress
 from jobs.reporting.stats import last_render, run_stats, write_stats
 from schemas.config import JobConfig
 from schemas.keys import SUCCESS_FILE
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.modes import MODES
 from schemas.shards import FORMAT_FILES
 from schemas.summary import Counts, PartSummary
@@ -125,14 +126,22 @@ def _run(
         timeline.mark("lease_taken")
         # Planning and the model checks come first: a run with nothing pending, or one that lacks a model, stops
         # before Ray starts. The stage modules (torch, diffusers) import meanwhile once there is work.
-        progress.phase(f"planning: reading the manifest's footers and the markers of {public_uri(config.output)}")
+        progress.phase(
+            f"planning: reading the manifest's footers and the completion log of {public_uri(config.output)}"
+        )
         plan, scan, imports = _plan(config, storage, timeline)
+        log = CompletionLog(
+            storage, plan.index, run_id=run_id, compact_every=config.compact_every, spool_dir=config.spool_dir
+        )
         # Destructive steps last: every check has passed, and only the job's own files go.
         if config.overwrite:
             delete_output(storage)
         else:
+            if plan.index.rebuilt:  # every marker was read: a checkpoint without the damaged shards comes first
+                log.compact()
             delete_orphans(storage, plan.index)
         if not plan.pending:
+            log.compact()  # markers a stopped run left after the checkpoint
             stats = _nothing_pending(plan, storage, progress, run_id=run_id, timeline=timeline, started=started)
             return JobSummary(run_id=run_id, plan=plan, stats=stats)
         progress.phase(
@@ -150,6 +159,7 @@ def _run(
                 plan,
                 scan,
                 storage,
+                log,
                 lease,
                 progress,
                 run_id=run_id,
@@ -226,6 +236,7 @@ def _render(
     plan: RunPlan,
     scan: PendingScan,
     storage: Storage,
+    log: CompletionLog,
     lease: Lease,
     progress: Progress,
     *,
@@ -291,15 +302,15 @@ def _render(
         assert isinstance(event, TaskDone)
         shard, summary = open_works.pop(event.tag), event.result
         if shard.retried is None:
-            marker = new_marker(shard.shard, summary, output_format=plan.settings.output_format)
-            plan.index.record(marker)
+            log.publish(new_marker(shard.shard, summary, output_format=plan.settings.output_format))
         else:
             already_final -= len(shard.retried.keys)
-            marker = retried_marker(shard.retried, summary)
-            plan.index.record(
-                marker, previous=shard.retried.marker, added_scores=summary.scores, replaced=shard.retried.keys
+            log.publish(
+                retried_marker(shard.retried, summary),
+                previous=shard.retried.marker,
+                added_scores=summary.scores,
+                replaced=shard.retried.keys,
             )
-        write_marker(storage, marker)
         metrics.published(summary.counts)
         _first_image(timeline, progress)  # other formats: a shard's images are stored when it is published
         timeline.mark("first_shard_published")
@@ -309,6 +320,7 @@ def _render(
         if refused:
             _done(progress, metrics, num_done=refused, num_errors=refused)
     progress.finish()
+    log.compact()
     timeline.mark("rendered")
     repeats = duplicates.finish()
     if repeats.num_repeated:

@@ -20,7 +20,7 @@ from jobs.options.flags import PROG, build_parser
 from jobs.options.job_config import ExampleInputs, config_from_args, run_options
 from jobs.reporting.progress import configure_logging
 from schemas.config import JobConfig
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import ManifestError
 from schemas.text import one_line, printable, public_uri, uri_secrets
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.keys import MAX_SEED
+from schemas.log import COMPACT_EVERY, VERIFY_MAX_OBJECTS
 from schemas.manifest import Limits, RenderDefaults
 from schemas.models import ModelPaths
 from schemas.numbers import DAY_S, MAX_WAIT_S, check_range
@@ -362,6 +363,17 @@ class JobConfig:
     retry_errors: bool = field(
         default=False, metadata={"help": "render again images whose result is an error", "group": "io"}
     )
+    verify_parts: bool = field(
+        default=False,
+        metadata={
+            "help": "trust no checkpoint: read every marker and list every part (O(shards) requests). Parts are "
+            f"listed at every start-up anyway while each folder holds at most {VERIFY_MAX_OBJECTS:,} objects",
+            "group": "io",
+        },
+    )
+    compact_every: int = field(
+        default=COMPACT_EVERY, metadata={"help": "compact the completion log every N markers of a run", "group": "io"}
+    )
     # The output lease expires this long after its last renewal.
     lease_ttl_s: float = field(
         default=120.0,
@@ -404,6 +416,7 @@ class JobConfig:
             ("prior_batch_size", 1, MAX_BATCH_SIZE, False),
             ("shard_rows", 1, MAX_SHARD_ROWS, False),
             ("shards_in_flight", 1, MAX_SHARDS_IN_FLIGHT, False),
+            ("compact_every", 1, 1 << 40, False),
         ):
             check_range(name, getattr(self, name), low=low, high=high, low_open=low_open)
         if self.writer.min_actors == 0:

@@ -4,8 +4,11 @@ A shard is a contiguous row range ``[start, stop)`` of one manifest file, made o
 groups (a row group larger than the cap is cut into ranges). Its name is a pure function of the
 file's path relative to the manifest root and of the range, so reruns, increments and retries agree
 on it. A shard's outputs are published whole (its data file, if the format has one, and its results
-Parquet), then its marker ``shards/<name>.json``: the shard counts as done only once the marker
-exists, and a marker is never written before the data it describes is durable.
+Parquet), then its marker ``shards/<segment>/<name>.json``: the shard counts as done only once the
+marker exists, and a marker is never written before the data it describes is durable. Markers are
+grouped in segments (one per run, a new one after each compaction of the completion log,
+`schemas.log`), so a reader lists only the segments written after the log's checkpoint; outputs
+written before the log hold their markers flat, ``shards/<name>.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from schemas.keys import (
     GALLERY_FILE,
     HISTOGRAM_FILE,
     IMAGES_DIR,
+    LAST_CHECKPOINT_FILE,
     LEASE_FILE,
+    LOG_DIR,
     RESULTS_DIR,
     SAMPLE_KEY,
     STATS_FILE,
@@ -49,7 +54,7 @@ DEFAULT_SHARD_ROWS = 1_000
 OUTPUT_FILES = (
     DATASET_FILE, SUCCESS_FILE, LEASE_FILE, CARD_FILE, STATS_FILE, GALLERY_FILE, CONTACT_SHEET_FILE, HISTOGRAM_FILE
 )  # fmt: skip
-OUTPUT_FOLDERS = (SHARDS_DIR, RESULTS_DIR, DATA_DIR, IMAGES_DIR)
+OUTPUT_FOLDERS = (SHARDS_DIR, RESULTS_DIR, DATA_DIR, IMAGES_DIR, LOG_DIR)
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -73,10 +78,16 @@ SHARD_NAME = re.compile(r"[A-Za-z0-9_-]+-[0-9a-f]{8}-[0-9]{10}-[0-9]{10}")
 PART_NAME = re.compile(SHARD_NAME.pattern + r"(\.retry-[0-9]+)?")
 
 
+# A segment of markers: ``<sequence>-<run id>``, sequences growing under the lease (`schemas.log.segment_name`).
+SEGMENT_NAME = re.compile(r"[0-9]{10}-[A-Za-z0-9_-]{1,64}")
+CHECKPOINT_NAME = re.compile(r"checkpoint-[0-9]{10}\.parquet")  # `schemas.log.checkpoint_key`, under LOG_DIR
+
+
 _OWN_KEYS = re.compile(
-    rf"{SHARDS_DIR}/{SHARD_NAME.pattern}\.json|{RESULTS_DIR}/{PART_NAME.pattern}\.parquet"
+    rf"{SHARDS_DIR}/({SEGMENT_NAME.pattern}/)?{SHARD_NAME.pattern}\.json|{RESULTS_DIR}/{PART_NAME.pattern}\.parquet"
     rf"|{DATA_DIR}/{PART_NAME.pattern}\.(tar|parquet)"
     rf"|{IMAGES_DIR}/{PART_NAME.pattern}/({SAMPLE_KEY.pattern}\.png|{re.escape(IMAGES_METADATA)})"
+    rf"|{re.escape(LAST_CHECKPOINT_FILE)}|{LOG_DIR}/{CHECKPOINT_NAME.pattern}"
 )
 
 
@@ -101,9 +112,9 @@ def part_attempt(part: str) -> int:
     return int(attempt) if separator else 0
 
 
-def marker_key(shard: str) -> str:
-    """Key of a shard's completion marker."""
-    return f"{SHARDS_DIR}/{shard}.json"
+def marker_key(shard: str, segment: str) -> str:
+    """Key of a shard's completion marker in ``segment`` (``""``: the flat layout of outputs before the log)."""
+    return f"{SHARDS_DIR}/{segment}/{shard}.json" if segment else f"{SHARDS_DIR}/{shard}.json"
 
 
 def results_key(part: str) -> str:
@@ -222,7 +233,7 @@ class Part:
 
 @dataclass(frozen=True, kw_only=True)
 class Marker:
-    """``shards/<name>.json``: a shard is done. Counts are over the shard's final results (ok wins over error).
+    """``shards/<segment>/<name>.json``: a shard is done. Counts are over its final results (ok wins over error).
 
     ``sample`` holds the shard's gallery candidates (the lowest-ranked ok and error images, see
     `jobs.reporting.gallery`), so a report never reads every results row.
@@ -287,7 +298,7 @@ class Marker:
                 return f"part {part.name} names {part.results!r} and {part.data!r}, not its own files"
             results.add(part.results)
         for entry in (*self.sample, *self._score_entries()):
-            if not _entry_ok(entry, results):
+            if not entry_ok(entry, results):
                 return "a gallery entry does not name one of the shard's own images"
         for kind, keys in self.failed.items():
             if not all(len(key) == 2 and isinstance(key[0], str) and type(key[1]) is int for key in keys):
@@ -323,19 +334,24 @@ class ScoreSummary:
     highest: list[dict[str, Any]]
 
 
-def _entry_ok(entry: Any, results: set[str]) -> bool:
-    """Whether a gallery or score entry of a marker names an image of the shard: id, index, and its part's results."""
+def entry_ok(entry: Any, results: set[str] | None) -> bool:
+    """Whether a gallery or score entry names an image of the output: id, index, and its part's results (one of
+    ``results``; None: any part's results key)."""
+    found = entry.get("results") if isinstance(entry, dict) else None
+    if results is None:
+        results = {found} if isinstance(found, str) and _RESULTS_KEY.fullmatch(found) else set()
     return (
         isinstance(entry, dict)
         and isinstance(entry.get("id"), str)
         and type(entry.get("image_index")) is int
-        and entry.get("results") in results
+        and found in results
         and all(isinstance(entry.get(name), (str, type(None))) for name in ("uri", "member", "status", "rank"))
         and (entry.get("rank") is None or re.fullmatch(r"[0-9a-f]{1,64}", entry["rank"]) is not None)
         and (entry.get("uri") is None or _RELATIVE_KEY.fullmatch(entry["uri"]) is not None)
     )
 
 
+_RESULTS_KEY = re.compile(rf"{RESULTS_DIR}/{PART_NAME.pattern}\.parquet")
 # An image's location as results rows and markers record it: a key inside the output (no protocol, no ``..``).
 _RELATIVE_KEY = re.compile(r"(?!/)(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_.=/-]+")
 

@@ -21,7 +21,7 @@ import pytest
 from jobs.execution import chain
 from jobs.job import JobSummary, run_job
 from tests.helpers.fault_timing import baseline, report
-from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
+from tests.helpers.rows import MARKERS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
 from tests.helpers.slow_stages import SlowRestartDecoder, starts, with_decoder
 
 
@@ -66,7 +66,7 @@ def markers_ok(output: Path) -> int:
     """ok images the output's shard markers count."""
     import json
 
-    return sum(json.loads(p.read_text())["by_status"].get("ok", 0) for p in (output / "shards").glob("*.json"))
+    return sum(json.loads(p.read_text())["by_status"].get("ok", 0) for p in output.glob(MARKERS))
 
 
 def check_every_image_once(summary: JobSummary, output: Path, rows: list[dict]) -> None:
@@ -92,7 +92,7 @@ def test_the_only_decoder_killed_on_a_loaded_machine_with_a_slow_restart(
     config = config_for(manifest, str(output), tiny_models, batch_size=2, shard_rows=2)
     started = time.monotonic()
     job, outcome = in_thread(config)
-    first = wait_for(lambda: list((output / "shards").glob("*.json")) and starts(starts_file), timeout=240, thread=job)
+    first = wait_for(lambda: list(output.glob(MARKERS)) and starts(starts_file), timeout=240, thread=job)
     assert first, outcome.get("error") or "no shard finished while the decoder was up"
     killed_at = time.monotonic()
     os.kill(first[0], signal.SIGKILL)

@@ -95,6 +95,22 @@ def test_plan_and_startup_print_memory_and_time(tmp_path: Path) -> None:
     assert startup["ids_checked"] is False and startup["orphans_deleted"] == 0 and startup["seconds"] > 0
 
 
+def test_log_counts_requests_and_measures_reruns_over_done_shards(tmp_path: Path) -> None:
+    result = run_benchmark(
+        "log", "--done", "6", "--new", "2", "--local-shards", "3000", "--s3-shards", "400", "--files", "2",
+        "--compact-every", "1000", "--work-dir", str(tmp_path), timeout=600,
+    )  # fmt: skip
+    requests = result["requests"]
+    assert requests["rerun"]["result"] == 2 and requests["noop_rerun"]["result"] == 0
+    assert requests["status"]["result"] == requests["status_verify"]["result"] == 8
+    assert requests["status"]["GET"] < requests["status_verify"]["GET"]  # --verify reads every marker
+    for case, shards in (("local", 3000), ("s3", 400)):
+        found = result[case]
+        assert found["written"] == shards and found["rerun"]["summary"] == f"{shards:,} shards, 0 rendered"
+        assert found["status"]["summary"] == f"{shards:,} shards done, {shards:,} images"
+    assert result["s3"]["status"]["requests"]["total"] > 0 and result["local"]["rerun"]["peak_rss_mb"] > 0
+
+
 def test_cpu_runs_job_loop_and_ray_data_peer_with_equal_images(tmp_path: Path) -> None:
     result = run_benchmark(
         "cpu", "--rows", "4", "--size", "64", "--steps", "2", "--work-dir", str(tmp_path),
@@ -209,6 +225,7 @@ def test_help_lists_every_mode(in_process: Callable) -> None:
         "layout",
         "plan",
         "startup",
+        "log",
         "gpu",
         "host",
         "score",

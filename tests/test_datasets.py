@@ -467,7 +467,7 @@ def test_image_signatures_see_what_decides_pixels_and_only_that() -> None:
 
 def test_an_unpublished_files_part_leaves_no_metadata_for_datasets_to_read(tmp_path: Path) -> None:
     from actors.storage import Storage
-    from jobs.planning.output_index import OutputIndex
+    from jobs.planning.index_reader import read_index
     from jobs.publishing.orphans import delete_orphans
     from schemas.shards import data_key, image_key, shard_name
 
@@ -475,7 +475,8 @@ def test_an_unpublished_files_part_leaves_no_metadata_for_datasets_to_read(tmp_p
     for key in (data_key(part, "files"), image_key(part, "a", 0), "images/ab/legacy-layout.png"):
         (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / key).write_bytes(b"x")
-    assert delete_orphans(Storage(str(tmp_path)), OutputIndex()) == [data_key(part, "files")]
+    storage = Storage(str(tmp_path))
+    assert delete_orphans(storage, read_index(storage, output_format="files")) == [data_key(part, "files")]
     assert (tmp_path / image_key(part, "a", 0)).is_file() and (tmp_path / "images/ab/legacy-layout.png").is_file()
 
 

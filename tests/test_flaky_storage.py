@@ -32,7 +32,7 @@ from tests.helpers.cli import Outcome, in_process
 from tests.helpers.fault_timing import baseline, report
 from tests.helpers.faulty_proxy import KINDS, Faults, FaultyProxy
 from tests.helpers.images import png
-from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, write_manifest
+from tests.helpers.rows import MARKERS, STEPS, assert_exactly_one_ok, config_for, raw_results, write_manifest
 
 
 @pytest.fixture()
@@ -277,7 +277,7 @@ def markers(bucket: str, options: dict) -> list[dict]:
 
     fs = s3fs.S3FileSystem(**options)
     fs.invalidate_cache()
-    return [json.loads(fs.cat_file(path)) for path in fs.glob(f"{bucket}/out/shards/*.json")]
+    return [json.loads(fs.cat_file(path)) for path in fs.glob(f"{bucket}/out/{MARKERS}")]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from schemas.keys import sample_key
 from schemas.models import ModelPaths
 from schemas.results import final_results
 from tests.helpers.reference import result_png
-from tests.helpers.rows import FEW_ACTORS, write_manifest
+from tests.helpers.rows import FEW_ACTORS, MARKERS, write_manifest
 
 STEPS = {"num_inference_steps": 3, "prior_num_inference_steps": 2, "height": 64, "width": 64}
 ROWS = [{"id": f"row-{i}", "prompt": f"a picture of thing {i}", "seed": i, "num_images": 1 + i % 2, **STEPS}
@@ -109,20 +109,20 @@ def test_parquet_shards_read_with_pandas_and_datasets(outputs: dict) -> None:
     assert np.asarray(Image.open(io.BytesIO(first["png"]))).shape == (64, 64, 3)
     # results are readable as one table with pandas, as the README says
     results = pd.read_parquet(folder / "results")
-    assert len(results) == len(IMAGES) + 1 and set(results["shard"]) == {p.stem for p in (folder / "shards").glob("*")}
+    assert len(results) == len(IMAGES) + 1 and set(results["shard"]) == {p.stem for p in folder.glob(MARKERS)}
 
 
 def test_at_most_three_objects_per_shard_and_markers_describe_them(outputs: dict) -> None:
     for output_format in ("webdataset", "parquet"):
         folder: Path = outputs[output_format]["dir"]
-        markers = sorted((folder / "shards").glob("*.json"))
+        markers = sorted(folder.glob(MARKERS))
         assert len(markers) == 3
         for path in markers:
             marker = json.loads(path.read_text())
             (part,) = marker["parts"]
             shard_objects = [p for p in folder.rglob("*") if p.is_file() and marker["shard"] in p.name]
             assert sorted(p.relative_to(folder).as_posix() for p in shard_objects) == sorted(
-                [part["data"], part["results"], f"shards/{marker['shard']}.json"]
+                [part["data"], part["results"], path.relative_to(folder).as_posix()]
             )
             assert pq.read_table(folder / part["results"]).num_rows == marker["num_images"]
             assert marker["fingerprint"]["size"] > 0 and marker["run_id"] == outputs[output_format]["summary"].run_id

@@ -25,7 +25,7 @@ from schemas.manifest import Limits
 from schemas.results import final_results
 from tests.helpers.faulty_proxy import Faults, FaultyProxy
 from tests.helpers.images import png
-from tests.helpers.rows import STEPS, config_for, write_manifest
+from tests.helpers.rows import MARKERS, STEPS, config_for, write_manifest
 
 I2I = {"mode": "img2img", "prompt": "p", "strength": 0.7, **STEPS}
 
@@ -181,7 +181,7 @@ def test_huge_row_text_leaves_markers_and_the_gallery_small(tmp_path: Path, tiny
     ]
     output = tmp_path / "out"
     run_job(config_for(write_manifest(tmp_path / "m.parquet", rows), str(output), tiny_models, runner="local"))
-    markers = list((output / "shards").glob("*.json"))
+    markers = list(output.glob(MARKERS))
     assert markers and max(path.stat().st_size for path in markers) < 64_000
     page = (output / "index.html").read_text()
     assert len(page) < 200_000 and page.count('class="card"') == 4

@@ -12,7 +12,7 @@ from pathlib import Path
 from schemas.keys import LEASE_FILE
 from tests.helpers.cli import clean_env, command
 from tests.helpers.places import REPO
-from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of, write_manifest
+from tests.helpers.rows import MARKERS, assert_exactly_one_ok, raw_results, rows_of, write_manifest
 
 ENV = clean_env()
 
@@ -34,7 +34,7 @@ def stop_mid_run(command: list[str], output: Path, signum: int) -> tuple[int, st
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell's background job ignores it
     )
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and driver.poll() is None and not list(output.glob("shards/*.json")):
+    while time.monotonic() < deadline and driver.poll() is None and not list(output.glob(MARKERS)):
         time.sleep(0.1)
     assert driver.poll() is None, driver.communicate()[1][-3000:]
     driver.send_signal(signum)
@@ -48,7 +48,7 @@ def check_stopped(status: int, stderr: str, output: Path, *, expected: int, line
     assert last.startswith(line) and "a rerun renders the rest" in last, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert not (output / LEASE_FILE).exists()  # released: the next run need not wait for it to expire
-    markers = [json.loads(path.read_text()) for path in output.glob("shards/*.json")]
+    markers = [json.loads(path.read_text()) for path in output.glob(MARKERS)]
     assert 1 <= len(markers) < total  # stopped mid-run, after publishing some shards
     for marker in markers:  # a marker is written last: what it lists is whole
         assert all((output / part["results"]).is_file() for part in marker["parts"])

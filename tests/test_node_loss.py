@@ -19,7 +19,7 @@ import pytest
 from tests.helpers.clusters import Cluster
 from tests.helpers.clusters import Job as RenderJob
 from tests.helpers.fault_timing import baseline, report
-from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of, write_manifest
+from tests.helpers.rows import MARKERS, assert_exactly_one_ok, raw_results, rows_of, write_manifest
 
 PRIOR_LABEL = "kandinsky-render/stage=prior"
 DECODER_LABEL = "kandinsky-render/stage=decoder"
@@ -62,7 +62,7 @@ def check_every_image_once(output: Path, rows: list[dict]) -> None:
     results = raw_results(str(output))
     assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
     assert len(results) == len(rows)  # no error rows, no duplicate rows
-    counts = [json.loads(p.read_text())["by_status"] for p in (output / "shards").glob("*.json")]
+    counts = [json.loads(p.read_text())["by_status"] for p in output.glob(MARKERS)]
     assert sum(c.get("ok", 0) for c in counts) == len(rows) and not any(c.get("error") for c in counts)
 
 
@@ -131,7 +131,7 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     assert "stage decoder: no actor has been up for" in error and "--stage-wait 8" in error, error
     assert f"on nodes labelled {DECODER_LABEL}" in error and "a rerun finishes the work" in error, error
     assert 8 <= stopped < 120
-    done_before = len(list((output / "shards").glob("*.json")))
+    done_before = len(list(output.glob(MARKERS)))
     assert 2 <= done_before < 8
 
     cluster.add_worker(labels=DECODER_LABEL)

@@ -23,7 +23,7 @@ from jobs.reporting.status import main as status_main
 from jobs.reporting.status import read_final, summary
 from schemas.shards import DATASET_FILE, Marker
 from tests.helpers.http_files import serving
-from tests.helpers.rows import assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
+from tests.helpers.rows import MARKERS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -146,7 +146,7 @@ def test_a_done_shard_whose_part_is_gone_is_reported_and_rendered_again(
     tmp_path: Path, tiny_models: str, capsys: pytest.CaptureFixture
 ) -> None:
     manifest, output = rendered(tmp_path, tiny_models, n=3, output_format="webdataset")
-    markers = sorted(Path(output, "shards").glob("*.json"))
+    markers = sorted(Path(output).glob(MARKERS))
     first, second = (Marker.from_json(path.read_bytes()) for path in markers[:2])
     Path(output, first.parts[0].data).unlink()  # the tar of one shard, the results of another
     Path(output, second.parts[0].results).unlink()
@@ -237,18 +237,23 @@ def test_status_prints_no_file_it_should_not_read_and_no_terminal_escape(
 def test_markers_cannot_make_status_read_outside_the_output(
     tmp_path: Path, tiny_models: str, capsys: pytest.CaptureFixture
 ) -> None:
+    """A marker edited to name a file elsewhere is not one of the job's when read back (``status --verify`` reads
+    every marker), and listings never follow it: the completion log names a shard's parts by the shard's name."""
     _, output = rendered(tmp_path, tiny_models, n=1)
     secret = tmp_path / "secret"
     secret.mkdir()
-    (marker_path,) = Path(output, "shards").glob("*.json")
+    (marker_path,) = Path(output).glob(MARKERS)
     raw = json.loads(marker_path.read_text())
-    pq.write_table(pq.read_table(Path(output, raw["parts"][0]["results"])), secret / "other.parquet")
+    table = pq.read_table(Path(output, raw["parts"][0]["results"]))
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("id"), "id", pa.array(["planted-row"])), secret / "other.parquet"
+    )
     for planted in ("../secret/other.parquet", str(secret / "other.parquet"), "results"):
         raw["parts"][0]["results"] = planted
         marker_path.write_text(json.dumps(raw))
-        assert summary(output)["num_images"] == 0  # the marker is not one of the job's: its shard is not done
+        assert summary(output, verify=True)["num_images"] == 0  # the marker is not one of the job's: not done
         code, out, _ = status_cli(capsys, output, "--all")
-        assert code == 0 and out == ""
+        assert code == 0 and "planted-row" not in out and out.count("\tok\t") == 1  # the checkpoint's own part
 
 
 def test_markers_cannot_make_status_read_another_bucket(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
@@ -259,11 +264,11 @@ def test_markers_cannot_make_status_read_another_bucket(tmp_path: Path, tiny_mod
     output = f"s3://{bucket}/out"
     run_job(config_for(manifest, output, tiny_models, runner="local", storage_options=options))
     fs = s3fs.S3FileSystem(**options)
-    (key,) = fs.glob(f"{bucket}/out/shards/*.json")
+    (key,) = fs.glob(f"{bucket}/out/{MARKERS}")
     raw = json.loads(fs.cat_file(key))
     raw["parts"][0]["results"] = f"/{bucket}/victim/private/other.parquet"
     fs.pipe_file(key, json.dumps(raw).encode())
-    assert summary(output, storage_options=options)["num_images"] == 0
+    assert summary(output, storage_options=options, verify=True)["num_images"] == 0
 
 
 def test_corrupt_state_is_a_clear_error_or_skipped_never_a_crash_or_a_hang(
@@ -271,9 +276,9 @@ def test_corrupt_state_is_a_clear_error_or_skipped_never_a_crash_or_a_hang(
 ) -> None:
     _, output = rendered(tmp_path, tiny_models, n=2)
     out = Path(output)
-    markers = sorted((out / "shards").glob("*.json"))
+    markers = sorted(out.glob(MARKERS))
     markers[0].write_text("[" * 100_000)
-    assert summary(output)["num_shards_done"] == 1
+    assert summary(output, verify=True)["num_shards_done"] == 1
     raw = json.loads(markers[1].read_text())
     raw["parts"][0]["results_size"] = None  # as markers of earlier versions: no size to compare
     markers[1].write_text(json.dumps(raw))

@@ -29,7 +29,7 @@ from schemas.shards import image_key, shard_name
 from tests.helpers.cli import Outcome, clean_env, command, in_process
 from tests.helpers.places import REPO
 from tests.helpers.reference import load_png, max_level_difference
-from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
+from tests.helpers.rows import MARKERS, STEPS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -184,7 +184,7 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
     target = random.Random().randint(1, 6)  # a random moment: after 1 to 6 of the 8 shards
     while time.monotonic() < deadline and driver.poll() is None:
         fs.invalidate_cache()
-        markers = fs.glob(f"{bucket}/out/shards/*.json")
+        markers = fs.glob(f"{bucket}/out/{MARKERS}")
         if len(markers) >= target:
             break
         time.sleep(0.2)
@@ -196,7 +196,7 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
     assert markers, driver.stderr.read().decode()[-2000:] if driver.stderr else "no shard done before the deadline"
 
     fs.invalidate_cache()
-    done = [json.loads(fs.cat_file(m)) for m in fs.glob(f"{bucket}/out/shards/*.json")]
+    done = [json.loads(fs.cat_file(m)) for m in fs.glob(f"{bucket}/out/{MARKERS}")]
     for marker in done:  # a marker is written last: its tar and results are whole
         (part,) = marker["parts"]
         with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{bucket}/out/{part['data']}"))) as tar:

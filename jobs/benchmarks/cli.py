@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jobs.benchmarks import cpu, gpu, heartbeat, host, layout, plan, score, simulated, step
+from jobs.benchmarks import cpu, gpu, heartbeat, host, layout, log, plan, score, simulated, step
 from jobs.benchmarks.common import Mode
 from jobs.options.flags import DefaultsHelpFormatter
 
@@ -21,6 +21,7 @@ MODES: dict[str, Mode] = {
             *simulated.MODES,
             *layout.MODES,
             *plan.MODES,
+            *log.MODES,
             *gpu.MODES,
             *host.MODES,
             *score.MODES,

@@ -17,7 +17,7 @@ from typing import Any
 
 from jobs.benchmarks.common import Mode, machine, write_manifest
 from jobs.benchmarks.stand_ins import SimulatedDecoder, simulated_chain
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 
 
 class SlowLoadingDecoder(SimulatedDecoder):

@@ -149,7 +149,9 @@ def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_ro
     from actors.storage import Storage
     from jobs.planning.ids import files_digest
     from jobs.planning.manifests import cut_shards, list_manifest_paths, read_footer, with_content_digest
-    from jobs.publishing.markers import new_marker, write_marker, write_settings
+    from jobs.planning.output_index import OutputIndex
+    from jobs.publishing.log import CompletionLog
+    from jobs.publishing.markers import new_marker, write_settings
     from schemas.keys import sample_rank
     from schemas.shards import DatasetSettings, data_key, results_key
     from schemas.summary import Counts, PartSummary
@@ -164,6 +166,7 @@ def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_ro
         ids_checked=files_digest(files),
     )
     write_settings(storage, settings)
+    log = CompletionLog(storage, OutputIndex(output_format="webdataset"), run_id="previous")
     for file in files:
         for shard in cut_shards(file, shard_rows=shard_rows):
             ids = [f"m-{shard.start + k:010d}" for k in range(60)]
@@ -206,9 +209,10 @@ def write_finished_output(root: Path, *, num_rows: int, num_files: int, shard_ro
                 scores=empty_scores(),
                 sample=tuple(sample),
             )
-            write_marker(storage, new_marker(shard, summary, output_format="webdataset"))
             storage.write_bytes(results_key(shard.name), b"")
             storage.write_bytes(summary.data, b"")
+            log.publish(new_marker(shard, summary, output_format="webdataset"))
+    log.compact()
 
 
 def startup_worker(args: argparse.Namespace) -> dict[str, Any]:

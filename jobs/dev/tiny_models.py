@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from jobs.dev.tokenizer import write_clip_tokenizer
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.models import cache_root
 
 logger = logger_for(__name__)

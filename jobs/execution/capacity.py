@@ -17,7 +17,7 @@ from cluster.defaults import Machine
 from cluster.resources import ACCELERATOR_LABEL
 from jobs.execution.pool import Pool
 from jobs.execution.scaling import ActorPools
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.resources import UNBOUNDED
 
 logger = logger_for(__name__)

@@ -25,7 +25,7 @@ from jobs.planning.batches import prior_batch_size
 from jobs.planning.forecast import planned_cluster
 from jobs.planning.machine import local_machine, ray_machine
 from schemas.config import JobConfig, dtype_name
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import input_protocols
 from schemas.modes import MODES
 from schemas.stages import DECODER, DEPTH, MODEL_STAGES, PRIOR, SCORE, SPLIT_AFTER, WRITER

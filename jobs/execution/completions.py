@@ -10,7 +10,7 @@ from typing import Any
 from jobs.execution.contract import BatchDone, Event, TaskDone
 from jobs.execution.pool import Actor, ray_result
 from jobs.execution.work_state import Call, Item
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 
 logger = logger_for("jobs.execution.runner")  # its lines are the runner's
 

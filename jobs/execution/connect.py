@@ -11,7 +11,7 @@ import time
 from urllib.parse import urlsplit
 
 from schemas.config import JobConfig
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 
 logger = logger_for(__name__)
 

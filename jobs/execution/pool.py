@@ -20,7 +20,7 @@ from actors.weights import CheckpointSyncError
 from cluster.resources import StageLayout
 from jobs.execution.contract import SinkSpec, StageSpec
 from jobs.execution.workers import SinkWorker, StageWorker
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 
 logger = logger_for(__name__)
 

@@ -33,7 +33,7 @@ from jobs.execution.scaling import ActorPools, Elasticity
 from jobs.execution.watchdog import Deadlines, Watchdog
 from jobs.execution.work_state import Call, Group, Item, RunnerMeasures, TaskState
 from jobs.planning.machine import ray_nodes
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.work import to_ipc
 
 logger = logger_for(__name__)

@@ -23,7 +23,7 @@ from cluster.nodes import NodeShape, fits, unplaceable
 from cluster.resources import StageGroup
 from jobs.execution.contract import SinkSpec, StageSpec, stage_groups
 from jobs.execution.pool import Actor, Pool, record_probe
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 
 logger = logger_for("jobs.execution.runner")  # its lines are the runner's
 

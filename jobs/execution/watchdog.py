@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from jobs.execution.contract import SinkSpec, StageSpec
 from jobs.execution.pool import Actor, Pool, constructing, describe_resources
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 
 logger = logger_for("jobs.execution.runner")  # its warnings are the runner's
 LOOK_EVERY_S = 2.0  # how often a waiting pool's actors are looked up in the actor table

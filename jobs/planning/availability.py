@@ -26,7 +26,7 @@ from jobs.planning.identity import checkpoint_id
 from jobs.planning.run_plan import RunPlan
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan
 from schemas.config import JobConfig
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.models import HUB_MODELS, INDEX_FILES, is_hub_id, is_remote, local_path
 from schemas.modes import MODES
 

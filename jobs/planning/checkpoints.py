@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from schemas.config import JobConfig
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.models import is_hub_id, movq_scale
 from schemas.modes import MODES
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from actors.retry import Retrier
 from actors.storage import open_fs
 from jobs.planning.manifests import ManifestFile
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import ManifestError
 from schemas.modes import MODE_NAMES
 from schemas.text import quoted

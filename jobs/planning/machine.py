@@ -14,7 +14,7 @@ from cluster.defaults import REAL_DECODER_PARAMETERS, Choice, Machine, Workload,
 from cluster.layout import StageCosts
 from cluster.nodes import NodeShape
 from schemas.config import JobConfig
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.models import is_hub_id, is_remote, local_path
 from schemas.modes import DEFAULT_MODE, MODES
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from actors.retry import StorageUnavailableError, retry
 from actors.storage import open_fs
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import ManifestError, check_schema, normalize
 from schemas.shards import Fingerprint, Shard
 from schemas.text import public_uri

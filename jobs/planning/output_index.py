@@ -1,15 +1,16 @@
-"""What an output holds, read at start-up in O(shards): its pinned settings and its shards' completion markers.
+"""What an output holds, as a run or ``status`` knows it from the completion log: done shards, totals, the sample.
 
-A run lists ``shards/`` and reads every marker (concurrently, a few hundred bytes to a few KB each),
-and lists ``results/`` and the data files to check that every part a marker names is there as it was
-published; it never reads results rows to know what is done. `OutputIndex` keeps only what the run needs of
-them: which shards are done, their errors and fingerprints, the output's totals and the gallery's
-sample. Markers are written by `jobs.publishing.markers`, last for each shard.
+`OutputIndex` starts from the log's checkpoint (its pointer holds the output's totals, the gallery's
+sample, scores and first failures; its rows, streamed, say which shards are done) and adds the markers
+written after it; `jobs.planning.index_reader.read_index` builds it. A run records each marker it
+publishes here (`OutputIndex.record`), and the log's compaction writes it back (`jobs.publishing.log`).
+Nothing here reads results rows to know what is done.
 """
 
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,34 +20,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from actors.scores import empty_scores, merge_scores
+from actors.scores import empty_scores, merge_scores, replace_scores
 from actors.storage import Storage, UnsafeObjectError
-from schemas.keys import IMAGES_DIR, RESULTS_DIR
-from schemas.logs import logger_for
+from jobs.planning.output_log import MAX_MARKER_BYTES, MarkerFolders, PartListing, RowsSource, merged_rows
+from schemas.log import LogPointer, rows_table, shard_row
+from schemas.loggers import logger_for
 from schemas.results import RESULTS_SCHEMA, STATUS_ERROR, STATUS_OK, final_results
-from schemas.shards import (
-    DATA_DIR,
-    DATASET_FILE,
-    FORMAT_FILES,
-    SHARDS_DIR,
-    DatasetSettings,
-    Fingerprint,
-    Marker,
-    Part,
-    is_own_key,
-    marker_key,
-    part_attempt,
-)
+from schemas.shards import DATASET_FILE, DatasetSettings, Fingerprint, Marker, Part, part_attempt
 from schemas.summary import Counts, FailedImages, ImageKey, Sample
 from schemas.text import one_line
 
 logger = logger_for(__name__)
-
-READ_CHUNK = 256  # markers fetched per concurrent request batch
-
-
-# Caps on what is read of the output's own JSON files: a marker or the settings are a few KB.
-MAX_MARKER_BYTES = 16 << 20
 
 
 def read_settings(storage: Storage) -> DatasetSettings | None:
@@ -69,113 +53,139 @@ def read_settings(storage: Storage) -> DatasetSettings | None:
         ) from None
 
 
-def read_markers(storage: Storage) -> Iterator[Marker]:
-    """Every marker under ``shards/`` (listed once, fetched ``READ_CHUNK`` at a time); unreadable ones are skipped
-    with a warning (their shard is rendered again), files that are not the job's markers ignored."""
-    keys = [key for key in storage.list_files(SHARDS_DIR, suffix=".json") if is_own_key(key)]
-    for start in range(0, len(keys), READ_CHUNK):
-        chunk = keys[start : start + READ_CHUNK]
-        for key, data in zip(chunk, storage.read_many(chunk, max_bytes=MAX_MARKER_BYTES)):
-            if data is None:
-                continue
-            try:
-                if isinstance(data, Exception):
-                    raise data
-                marker = Marker.from_json(data)
-                if marker_key(marker.shard) != key:
-                    raise ValueError(f"it is the marker of shard {marker.shard}")
-                yield marker
-            except ValueError as exc:
-                logger.warning("ignoring %s: %s (its shard will be rendered again)", key, one_line(str(exc), 300))
-
-
-@dataclass(frozen=True)
-class PartListing:
-    """The sizes of the objects an output's parts may name (results, data files), from one listing per folder."""
-
-    sizes: dict[str, int]
-
-    @classmethod
-    def read(cls, storage: Storage, output_format: str | None) -> PartListing:
-        """List ``results/`` and the format's data files (``data/``, or for the files format each part's
-        ``metadata.parquet`` under ``images/``): O(parts / 1000) requests on object stores."""
-        folders = [RESULTS_DIR, IMAGES_DIR if output_format == FORMAT_FILES else DATA_DIR]
-        sizes: dict[str, int] = {}
-        for folder in folders:
-            sizes.update(storage.list_sizes(folder))
-        return cls(sizes)
-
-    def problem(self, marker: Marker) -> str | None:
-        """Why ``marker``'s parts are not all there as published (a file missing, or of another size), or None."""
-        for part in marker.parts:
-            for key, size in ((part.results, part.results_size), (part.data, part.data_size)):
-                if key is None:
-                    continue
-                found = self.sizes.get(key)
-                if found is None:
-                    return f"{key} is missing"
-                if size is not None and found != size:
-                    return f"{key} holds {found} bytes, {size} were published"
-        return None
+def without_sample(marker: Marker) -> Marker:
+    """``marker`` less what only the output's summary needs (gallery sample, score extremes, failures): what the
+    index keeps of a recent marker."""
+    return Marker(**{**marker.__dict__, "sample": (), "failed": {}, "extra": {}})
 
 
 @dataclass(kw_only=True)
 class OutputIndex:
-    """What a run knows about its output from the markers: done shards, totals, the gallery's sample.
+    """What a run knows of its output: the log's checkpoint, the markers after it, and what they add up to.
 
-    Per done shard it keeps only its fingerprint, or its whole marker when it has error images (what
-    ``--retry-errors`` needs), so memory stays small per shard.
+    The done shards are the checkpoint's rows (``source``, streamed) less ``hidden`` (rows a later marker
+    replaces, and damaged shards), plus ``recent``: the markers read or written since, kept without their
+    samples so memory follows the markers since the last compaction, not the done shards.
     """
 
-    done: set[str] = field(default_factory=set)  # names of the shards with a marker whose parts are all there
+    output_format: str | None = None
+    pointer: LogPointer | None = None  # the checkpoint trusted (None: none, or every marker was read)
+    number: int = 0  # the latest checkpoint's number (its successor is the next one's)
+    source: RowsSource | None = None  # rows of the shards done before `recent`
+    recent: dict[str, tuple[str, Marker]] = field(default_factory=dict)  # shard -> (segment, marker less its sample)
+    hidden: set[str] = field(default_factory=set)  # shards of `source` whose row does not count (replaced, damaged)
+    covered: list[str] = field(default_factory=list)  # marker segments whose every marker is counted here
+    flat: list[str] = field(default_factory=list)  # the flat markers counted here (outputs before the log)
+    folders: MarkerFolders | None = None  # shards/ as listed at start-up
+    listing: PartListing | None = None  # the parts' objects as listed at start-up (None: not listed)
+    rebuilt: str | None = None  # why every marker was read (None: the checkpoint was trusted, or there was none)
+    agrees: bool | None = None  # verified: whether the checkpoint held what every marker says (None: not verified)
     damaged: dict[str, str] = field(default_factory=dict)  # shards whose marker names a missing part -> what is wrong
+    damaged_keys: list[str] = field(default_factory=list)  # every marker of the damaged shards (deleted by a run)
     files: dict[str, Fingerprint] = field(default_factory=dict)  # relative path -> fingerprint when rendered
-    with_errors: dict[str, Marker] = field(default_factory=dict)  # shards with error images (without samples)
     totals: Counts = field(default_factory=Counts)
     sample: Sample = field(default_factory=Sample)
     scores: dict[str, Any] = field(default_factory=empty_scores)  # CLIP scores of the output's ok images
     failed: FailedImages = field(default_factory=FailedImages)  # the first failed images per error kind
+    num_done: int = 0
+    num_with_errors: int = 0
+    num_parts: int = 0
+    spool: tempfile.TemporaryDirectory | None = None  # holds rows a rebuild or a compaction wrote locally
 
     @classmethod
-    def read(cls, storage: Storage, *, output_format: str | None = None) -> OutputIndex:
-        """From every marker of the output, each checked against the listing of the files it names: a shard whose
-        part is missing (or has another size than published) is `damaged`, not done (``output_format``: the
-        output's, to know where its data files are; None: markers are not checked)."""
-        index = cls()
-        listing = None if output_format is None else PartListing.read(storage, output_format)
-        for marker in read_markers(storage):
-            problem = None if listing is None else listing.problem(marker)
-            if problem is None:
-                index.record(marker)
-            else:
-                index.damaged[marker.shard] = problem
-        for shard, problem in list(index.damaged.items())[:5]:
-            logger.warning("shard %s is damaged (%s): it will be rendered again", shard, problem)
-        return index
+    def from_pointer(cls, pointer: LogPointer, storage: Storage) -> OutputIndex:
+        """The index of ``pointer``'s checkpoint alone."""
+        return cls(
+            output_format=pointer.output_format,
+            pointer=pointer,
+            number=pointer.number,
+            source=RowsSource(storage, pointer.checkpoint, pointer.checkpoint_size),
+            covered=list(pointer.segments),
+            files=dict(pointer.files),
+            totals=Counts.from_dict(pointer.totals),
+            sample=Sample(pointer.sample),
+            scores=pointer.scores or empty_scores(),
+            failed=FailedImages(pointer.failed),
+            num_done=pointer.num_shards,
+            num_with_errors=pointer.num_with_errors,
+            num_parts=pointer.num_parts,
+        )
+
+    @property
+    def dirty(self) -> bool:
+        """Whether the checkpoint lags what this index knows (a compaction would write a new one)."""
+        return bool(self.rebuilt or self.recent or self.hidden or self.damaged)
+
+    def count(self, marker: Marker) -> None:
+        """Add a shard's marker to the totals, sample, scores, failures and counts (a shard not counted yet)."""
+        self.totals.add(marker.counts)
+        self.scores = merge_scores(self.scores, marker.extra.get("scores", {}))
+        self.sample.add_entries(marker.sample)
+        self.failed.merge(FailedImages(marker.failed))
+        self.files.setdefault(marker.relpath, marker.fingerprint)
+        self.num_done += 1
+        self.num_with_errors += bool(marker.num_errors)
+        self.num_parts += len(marker.parts)
+
+    def replace(self, old: Marker, new: Marker) -> None:
+        """Count ``new`` instead of ``old``, an earlier marker of its shard read back whole (a retry's marker found
+        at start-up). Counts and scores are exact; ``old``'s gallery entries and failures give way to ``new``'s."""
+        self.totals.add(old.counts, sign=-1)
+        self.totals.add(new.counts)
+        self.scores = replace_scores(self.scores, new.shard, old.extra.get("scores", {}), new.extra.get("scores", {}))
+        self.sample.drop({(entry["id"], entry["image_index"]) for entry in old.sample})
+        self.sample.add_entries(new.sample)
+        self.failed.drop({(row_id, index) for keys in old.failed.values() for row_id, index in keys})
+        self.failed.merge(FailedImages(new.failed))
+        self.num_with_errors += bool(new.num_errors) - bool(old.num_errors)
+        self.num_parts += len(new.parts) - len(old.parts)
 
     def record(
         self,
         marker: Marker,
+        segment: str,
         *,
         previous: Marker | None = None,
         added_scores: dict[str, Any] | None = None,
         replaced: Iterable[ImageKey] = (),
     ) -> None:
-        """Count a marker. A retried shard's marker replaces ``previous``: ``added_scores`` are its new part's
-        scores and ``replaced`` the images it rendered again (their earlier gallery entries go)."""
-        if previous is not None:
+        """Count a marker a run published in ``segment``. A retried shard's marker replaces ``previous``:
+        ``added_scores`` are its new part's scores and ``replaced`` the images it rendered again (their earlier
+        gallery entries go)."""
+        if previous is None:
+            self.count(marker)
+        else:
             self.totals.add(previous.counts, sign=-1)
-        self.totals.add(marker.counts)
-        self.scores = merge_scores(self.scores, marker.extra.get("scores", {}) if previous is None else added_scores)
-        self.sample.drop(set(replaced))
-        self.sample.add_entries(marker.sample)
-        self.failed.drop(set(replaced))
-        self.failed.merge(FailedImages(marker.failed))
-        self.done.add(marker.shard)
-        self.files.setdefault(marker.relpath, marker.fingerprint)
-        self.with_errors.pop(marker.shard, None)
-        if marker.num_errors:
-            self.with_errors[marker.shard] = Marker(**{**marker.__dict__, "sample": ()})
+            self.totals.add(marker.counts)
+            self.scores = merge_scores(self.scores, added_scores)
+            self.sample.drop(set(replaced))
+            self.sample.add_entries(marker.sample)
+            self.failed.drop(set(replaced))
+            self.failed.merge(FailedImages(marker.failed))
+            self.num_with_errors += bool(marker.num_errors) - bool(previous.num_errors)
+            self.num_parts += len(marker.parts) - len(previous.parts)
+            self.hidden.add(marker.shard)
+        self.recent[marker.shard] = (segment, without_sample(marker))
+
+    def rows(self) -> RowsSource | None:
+        """The checkpoint's rows, downloaded into the index's spool folder the first time when on an object store (a
+        summary never needs them; a run walks them several times)."""
+        if self.source is not None and not self.source.storage.is_local:
+            if self.spool is None:
+                self.spool = tempfile.TemporaryDirectory(prefix="kandinsky-log-")
+            self.source = self.source.copied_to(self.spool.name)
+        return self.source
+
+    def recent_rows(self) -> pa.Table:
+        """The checkpoint rows of the recent markers, sorted."""
+        return rows_table(shard_row(marker, segment) for segment, marker in self.recent.values())
+
+    def done_rows(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """Every done shard's checkpoint row, sorted by (relpath, start), one batch at a time."""
+        return merged_rows(
+            self.rows(), hidden=self.hidden | set(self.damaged) | set(self.recent), extra=self.recent_rows(),
+            columns=columns,
+        )  # fmt: skip
 
 
 STATUSES = (STATUS_OK, STATUS_ERROR)
@@ -229,6 +239,8 @@ def _results_problem(names: list[str], columns: dict[str, pa.ChunkedArray]) -> s
     return None
 
 
-def read_shard_results(storage: Storage, marker: Marker, *, columns: Sequence[str] = SHARD_RESULT_COLUMNS) -> pa.Table:
-    """The final results of one shard over every part (`schemas.results.final_results`), sorted by image."""
-    return final_results(pa.concat_tables([read_part_results(storage, part, columns=columns) for part in marker.parts]))
+def read_shard_results(
+    storage: Storage, parts: Sequence[Part], *, columns: Sequence[str] = SHARD_RESULT_COLUMNS
+) -> pa.Table:
+    """The final results of one shard over its ``parts`` (`schemas.results.final_results`), sorted by image."""
+    return final_results(pa.concat_tables([read_part_results(storage, part, columns=columns) for part in parts]))

@@ -22,6 +22,7 @@ from jobs.planning.batches import batch
 from jobs.planning.checkpoints import CheckpointScales
 from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.ids import check_ids, files_digest
+from jobs.planning.index_reader import read_index
 from jobs.planning.machine import local_machine, machine_defaults
 from jobs.planning.manifests import (
     ManifestFile,
@@ -34,12 +35,13 @@ from jobs.planning.manifests import (
     with_content_digest,
 )
 from jobs.planning.output_guard import check_output
-from jobs.planning.output_index import OutputIndex, read_settings, read_shard_results
+from jobs.planning.output_index import OutputIndex, read_settings, read_shard_results, without_sample
+from jobs.planning.output_log import CheckpointError, DoneLookup, read_markers
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan, scan_pending
 from jobs.planning.work import PLAN_CHUNK_ROWS, Work, shard_work
 from schemas.columns import describe_unknown, unknown_columns
 from schemas.config import JobConfig
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import COLUMNS_BY_NAME, ManifestError
 from schemas.modes import MODES
 from schemas.results import REFUSAL_KINDS, STATUS_OK
@@ -99,6 +101,7 @@ class RunPlan:
     pending: list[tuple[Shard, Marker | None]]  # shards to render, with the marker of a retried one
     num_shards: int
     ids_checked: bool  # whether this run checked ids (False: the files are those an earlier run checked)
+    marker_keys: dict[str, str] = field(default_factory=dict)  # retried shard -> key of its marker
     scales: CheckpointScales = field(init=False)
 
     def __post_init__(self) -> None:
@@ -182,8 +185,8 @@ class RunPlan:
 
     def _errors(self, previous: Marker) -> tuple[Marker, pa.Table]:
         """A finished shard's marker and its images whose final result is an error (what a retry renders again)."""
-        marker = Marker.from_json(self.storage.read_bytes(marker_key(previous.shard)))
-        final = read_shard_results(self.storage, marker)
+        marker = Marker.from_json(self.storage.read_bytes(self.marker_keys[previous.shard]))
+        final = read_shard_results(self.storage, marker.parts)
         return marker, final.filter(pc.not_equal(final.column("status"), STATUS_OK))
 
 
@@ -301,7 +304,10 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     settings, manifest = run_settings(config, pinned)
     config = dataclasses.replace(config, manifest=manifest)
     files = read_manifest_files(config)
-    index = OutputIndex() if config.overwrite else OutputIndex.read(storage, output_format=settings.output_format)
+    if config.overwrite:
+        index = OutputIndex(output_format=settings.output_format)
+    else:
+        index = read_index(storage, output_format=settings.output_format, verify=config.verify_parts)
     files = [with_content_digest(file, known=index.files.get(file.relpath)) for file in files]
     check_unchanged(files, index)
     digest = files_digest(files)
@@ -309,15 +315,11 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     if ids_checked:
         check_ids(files, storage_options=config.storage_options)
         settings = DatasetSettings(**{**settings.__dict__, "ids_checked": digest})
-    pending: list[tuple[Shard, Marker | None]] = []
-    num_shards = 0
-    for file in files:
-        for shard in cut_shards(file, shard_rows=settings.shard_rows):
-            num_shards += 1
-            if shard.name not in index.done:
-                pending.append((shard, None))
-            elif config.retry_errors and shard.name in index.with_errors:
-                pending.append((shard, index.with_errors[shard.name]))
+    try:
+        pending, num_shards, marker_keys = _pending(files, index, settings=settings, config=config, storage=storage)
+    except CheckpointError as exc:  # the checkpoint's rows turned out unreadable: every marker decides
+        index = read_index(storage, output_format=settings.output_format, distrust=str(exc))
+        pending, num_shards, marker_keys = _pending(files, index, settings=settings, config=config, storage=storage)
     return RunPlan(
         config=config,
         storage=storage,
@@ -327,7 +329,37 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
         pending=pending,
         num_shards=num_shards,
         ids_checked=ids_checked,
+        marker_keys=marker_keys,
     )
+
+
+def _pending(
+    files: list[ManifestFile], index: OutputIndex, *, settings: DatasetSettings, config: JobConfig, storage: Storage
+) -> tuple[list[tuple[Shard, Marker | None]], int, dict[str, str]]:
+    """(the shards to render, in the files' order, with the marker of a retried one; the number of shards; the
+    retried shards' marker keys). The files are walked in relative-path order beside the done shards' rows
+    (`DoneLookup`), so memory follows the pending shards, not the done ones."""
+    found: dict[str, list[tuple[Shard, str | None]]] = {}
+    num_shards = 0
+    lookup = DoneLookup(index.done_rows(DoneLookup.COLUMNS))
+    for file in sorted(files, key=lambda file: file.relpath):
+        shards = found.setdefault(file.relpath, [])
+        for shard in cut_shards(file, shard_rows=settings.shard_rows):
+            num_shards += 1
+            done = lookup.find(shard.relpath, shard.start, shard.name)
+            if done is None:
+                shards.append((shard, None))
+            elif config.retry_errors and done[1]:
+                shards.append((shard, marker_key(shard.name, done[0])))
+    keys = {shard.name: key for file in files for shard, key in found[file.relpath] if key is not None}
+    markers = {marker.shard: without_sample(marker) for _, marker in read_markers(storage, list(keys.values()))}
+    pending = [
+        (shard, None if key is None else markers[shard.name])
+        for file in files
+        for shard, key in found[file.relpath]
+        if key is None or shard.name in markers  # a marker that cannot be read back is not retried
+    ]
+    return pending, num_shards, keys
 
 
 def check_unchanged(files: list[ManifestFile], index: OutputIndex) -> None:

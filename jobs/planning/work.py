@@ -20,7 +20,7 @@ from jobs.planning.checkpoints import CheckpointScales
 from jobs.planning.manifests import inside_test
 from schemas.config import JobConfig
 from schemas.keys import MAX_SEED, default_seed
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.manifest import IMAGE_COLUMNS, IMAGE_REF, INTERPOLATE_TYPE, Limits, RenderDefaults, fill_defaults
 from schemas.modes import MODES, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW, ERROR_UNSUPPORTED_SIZE

@@ -19,7 +19,7 @@ from typing import Any
 from actors.retry import StorageUnavailableError
 from actors.storage import Storage
 from schemas.keys import LEASE_FILE
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 
 logger = logger_for(__name__)
 

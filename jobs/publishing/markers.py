@@ -1,7 +1,8 @@
 """Making a shard done: its completion marker, built from the writer's part summary and written last.
 
 A shard's marker (`schemas.shards.Marker`) is written only after its part's data and results are
-durable (the writer published them before returning its `schemas.summary.PartSummary`). A
+durable (the writer published them before returning its `schemas.summary.PartSummary`), by the
+completion log (`jobs.publishing.log`), into the run's segment. A
 ``--retry-errors`` part updates the shard's marker from the previous marker, the counts of the
 images it re-rendered and the new part's summary: no results are read again.
 """
@@ -13,7 +14,7 @@ import datetime as dt
 from actors.scores import merge_scores
 from actors.storage import Storage
 from jobs.planning.run_plan import Retried
-from schemas.shards import DATASET_FILE, DatasetSettings, Marker, Part, Shard, marker_key
+from schemas.shards import DATASET_FILE, DatasetSettings, Marker, Part, Shard
 from schemas.summary import FailedImages, PartSummary, Sample
 from schemas.text import public_uri
 
@@ -21,11 +22,6 @@ from schemas.text import public_uri
 def write_settings(storage: Storage, settings: DatasetSettings) -> None:
     """Pin ``settings`` in the output."""
     storage.write_bytes(DATASET_FILE, settings.to_json())
-
-
-def write_marker(storage: Storage, marker: Marker) -> None:
-    """Publish ``marker`` (after the data and results it describes are durable)."""
-    storage.write_bytes(marker_key(marker.shard), marker.to_json())
 
 
 def part_record(summary: PartSummary) -> Part:

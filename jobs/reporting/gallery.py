@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from actors.storage import Storage
 from jobs.reporting.scores import HISTOGRAM_FILE, extremes_html, histogram_png
 from schemas.keys import CONTACT_SHEET_FILE, GALLERY_FILE, IMAGES_DIR, STATS_FILE
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.results import STATUS_OK, THUMBNAIL_SIDE
 from schemas.text import MAX_QUOTED_CHARS, clip, stored_entry, stored_id
 
@@ -142,7 +142,7 @@ figcaption {{ font-size: .8rem; line-height: 1.3; margin-top: .4rem; overflow-wr
 <p>Showing {len(rows)} of {num_images} image(s), a stable sample (errors first); click an image for its full size.
 {heading}</p>
 <p><a href="{CONTACT_SHEET_FILE}">contact sheet</a> · <a href="{STATS_FILE}">stats.json</a> ·
-results in <code>results/*.parquet</code>, shards in <code>shards/*.json</code></p>
+results in <code>results/*.parquet</code>, shards in <code>shards/*/*.json</code></p>
 </header>
 <main>
 {cards}

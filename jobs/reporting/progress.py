@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from jobs.options.run_options import LOG_FORMATS
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.text import printable
 
 logger = logger_for("progress")

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from actors.storage import Storage
 from schemas.keys import RESULTS_DIR
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.results import RESULTS_SCHEMA, read_conformed
 from schemas.shards import is_own_key
 

@@ -19,7 +19,7 @@ from jobs.planning.run_plan import RunPlan
 from jobs.reporting.scores import score_stats
 from schemas.config import JobConfig
 from schemas.keys import STATS_FILE
-from schemas.logs import logger_for
+from schemas.loggers import logger_for
 from schemas.results import REFUSAL_KINDS, STATUS_OK
 from schemas.stages import PRIOR, SCORE, TIMED_STAGES
 from schemas.summary import Counts, FailedImages, PartSummary

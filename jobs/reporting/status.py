@@ -3,8 +3,10 @@
 ``results/`` keeps every part a shard got (its first rendering, then each ``--retry-errors`` part),
 so an image that failed and was rendered again has two rows there. The final view keeps, per image,
 its row of the highest ``attempt`` (`schemas.results.final_results`): it is computed shard by shard
-from the parts each marker lists (`iter_final`), so memory follows one shard whatever the output's
-size. `read_final` is the same table at once; the README's pandas read gives it too.
+from the parts the completion log lists for each done shard (`iter_final`), so memory follows one
+shard whatever the output's size. `read_final` is the same table at once; the README's pandas read
+gives it too. The summary (`summary`) reads the log's pointer and the markers written after its
+checkpoint: O(new markers), not O(shards).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ import pyarrow.parquet as pq
 
 from actors.storage import Storage, UnsafeObjectError
 from jobs.options.flags import plain
+from jobs.planning.index_reader import read_index
 from jobs.planning.manifests import overlap
-from jobs.planning.output_index import OutputIndex, PartListing, read_markers, read_settings, read_shard_results
+from jobs.planning.output_index import read_settings, read_shard_results
+from jobs.planning.output_log import PartListing
 from jobs.reporting.results import with_absolute_uris
 from schemas.keys import LEASE_FILE, SUCCESS_FILE
-from schemas.logs import logger_for
+from schemas.log import part_objects, row_parts
+from schemas.loggers import logger_for
 from schemas.results import RESULTS_SCHEMA, STATUS_OK, with_pandas_metadata
 from schemas.shards import DatasetSettings
 from schemas.text import exception_text, printable, public_uri, uri_secrets
@@ -60,25 +65,30 @@ def iter_final(
     """
     storage = Storage(output, storage_options=storage_options)
     settings = _settings(storage)
-    listing = PartListing.read(storage, settings.output_format)
+    index = read_index(storage, output_format=settings.output_format)
+    listing = index.listing or PartListing.read(storage, settings.output_format)  # every results file is read
     report = on_damaged or (lambda shard, problem: logger.warning("shard %s left out: %s", shard, problem))
+    for shard, problem in sorted(index.damaged.items()):
+        report(shard, f"{problem}; the next run renders it again")
     wanted = list(dict.fromkeys(["id", "image_index", "status", "attempt", "finished_at", *columns]))
-    for marker in read_markers(storage):  # listed in key order, fetched a chunk at a time
-        if errors_only and not marker.num_errors:
-            continue
-        problem = listing.problem(marker)
-        if problem is None:
-            try:
-                table = read_shard_results(storage, marker, columns=wanted)
-            except (ValueError, FileNotFoundError) as exc:
-                problem = str(exc)
-        if problem is not None:
-            report(marker.shard, f"{problem}; the next run renders it again")
-            continue
-        if errors_only:
-            table = table.filter(pc.not_equal(table.column("status"), STATUS_OK))
-        table = table.select(list(columns))
-        yield with_absolute_uris(table, storage) if absolute_uris else table
+    for rows in index.done_rows(["shard", "num_errors", "parts"]):  # in (manifest file, start) order
+        for row in rows.to_pylist():
+            if errors_only and not row["num_errors"]:
+                continue
+            parts = row_parts(row, settings.output_format)
+            problem = listing.problem(part_objects(parts))
+            if problem is None:
+                try:
+                    table = read_shard_results(storage, parts, columns=wanted)
+                except (ValueError, FileNotFoundError) as exc:
+                    problem = str(exc)
+            if problem is not None:
+                report(row["shard"], f"{problem}; the next run renders it again")
+                continue
+            if errors_only:
+                table = table.filter(pc.not_equal(table.column("status"), STATUS_OK))
+            table = table.select(list(columns))
+            yield with_absolute_uris(table, storage) if absolute_uris else table
 
 
 def read_final(output: str, **options: Any) -> pa.Table:
@@ -89,24 +99,32 @@ def read_final(output: str, **options: Any) -> pa.Table:
     return table.sort_by([("id", "ascending"), ("image_index", "ascending")])
 
 
-def summary(output: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the output holds, from its markers (O(shards)): counts by status, mode and error kind, the first
-    failed images per kind, shards (and damaged ones: a part missing), pinned settings, the last finished run and
-    whether a run holds it now."""
+def summary(output: str, *, storage_options: dict[str, Any] | None = None, verify: bool = False) -> dict[str, Any]:
+    """What the output holds, from its completion log (the pointer and the markers after its checkpoint): counts by
+    status, mode and error kind, the first failed images per kind, shards (and damaged ones: a part missing),
+    pinned settings, the last finished run, whether a run holds it now, and what was read of the log. ``verify``:
+    check every part and marker against listings of the output (O(shards / 1000) listing requests)."""
     storage = Storage(output, storage_options=storage_options)
     settings = _settings(storage)
-    index = OutputIndex.read(storage, output_format=settings.output_format)
+    index = read_index(storage, output_format=settings.output_format, verify=verify)
     return {
         "output": public_uri(output),
         "settings": {"manifest": settings.manifest, "output_format": settings.output_format},
-        "num_shards_done": len(index.done),
-        "num_shards_with_errors": len(index.with_errors),
+        "num_shards_done": index.num_done,
+        "num_shards_with_errors": index.num_with_errors,
         "num_shards_damaged": len(index.damaged),
         "damaged": dict(sorted(index.damaged.items())[:FIRST_DAMAGED]),
         **index.totals.as_dict(),
         "first_failed": index.failed.as_dict(),
         "last_success": _last_success(storage),
         "lease": _lease(storage),
+        "log": {
+            "checkpoint": index.pointer.number if index.pointer else None,
+            "markers_since": len(index.recent),
+            "parts_checked": index.listing is not None,
+            "read_every_marker": index.rebuilt,
+            "checkpoint_agrees": index.agrees,
+        },
     }
 
 
@@ -174,6 +192,18 @@ def summary_text(found: dict[str, Any]) -> str:
             "and the next run renders them again)"
         )
         lines += [f"  {shard}: {problem}" for shard, problem in found["damaged"].items()]
+    log = found["log"]
+    if log["checkpoint_agrees"] is not None:
+        agrees = "agrees with" if log["checkpoint_agrees"] else "differs from (the next run rewrites it)"
+        lines.append(f"completion log: every marker read and every part listed; the checkpoint {agrees} them")
+    elif log["read_every_marker"]:
+        lines.append(f"completion log: every marker read ({log['read_every_marker']}); the next run compacts them")
+    else:
+        checked = "checked against a listing" if log["parts_checked"] else "not listed (status --verify lists them)"
+        lines.append(
+            f"completion log: checkpoint {log['checkpoint'] or '-'} and {log['markers_since']} marker(s) after it; "
+            f"parts {checked}"
+        )
     lines.append(f"last finished run: {found['last_success'] or '-'}")
     lease = found["lease"]
     lines.append(f"held now by run {lease.get('run_id', '?')}" if lease else "no run holds the output now")
@@ -187,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--errors", action="store_true", help="list the images whose final status is an error")
     parser.add_argument("--all", action="store_true", help="list every image's final row")
     parser.add_argument("--json", action="store_true", help="JSON: one object (summary) or one per line (lists)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="trust no checkpoint: read every marker and list every part (O(shards) requests)",
+    )
     parser.add_argument(
         "--parquet", metavar="PATH", help="write the final view (or with --errors, its errors) to PATH, replaced whole"
     )
@@ -202,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.errors or args.all:
             _list(args.output, storage_options=options, errors_only=args.errors, as_json=args.json)
         else:
-            found = summary(args.output, storage_options=options)
+            found = summary(args.output, storage_options=options, verify=args.verify)
             print(json.dumps(found, indent=2, sort_keys=True) if args.json else summary_text(found))
     except BrokenPipeError:  # `status --all | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -25,6 +25,7 @@ import pytest
 
 from tests.helpers.cli import clean_env
 from tests.helpers.places import REPO, free_port
+from tests.helpers.rows import MARKERS
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TEST_NODE_LABEL = "kandinsky-render-test/node"  # each worker a value of its own: found alive by it
@@ -246,7 +247,7 @@ class Job:
         """Wait until ``count`` shards are done (and, if given, one was decoded by a pid of ``decoded_on()``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.process.poll() is None:
-            if len(list((self.output / "shards").glob("*.json"))) >= count and (
+            if len(list(self.output.glob(MARKERS))) >= count and (
                 decoded_on is None or decoder_pids(self.output) & decoded_on()
             ):
                 return True

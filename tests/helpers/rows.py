@@ -12,10 +12,13 @@ from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.resources import StageResources
+from schemas.shards import SHARDS_DIR
 
 # One CLIP and one decoder actor unless a test asks for more: each model actor imports torch and diffusers
 # (~7 CPU-seconds here), and 2 cores start 4 of them in ~15 s. Tests of the defaults and of actor counts
 # build their configs themselves.
+# Every marker of an output the job wrote: one folder per segment of the completion log (schemas.shards.marker_key).
+MARKERS = f"{SHARDS_DIR}/*/*.json"
 FEW_ACTORS = {"prior": StageResources(num_actors=1), "decoder": StageResources(num_actors=1)}
 
 
