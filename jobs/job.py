@@ -8,6 +8,7 @@ done); `jobs.reporting` adds it to the run's stats. At the end: stats.json, the 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import time
@@ -28,6 +29,7 @@ from jobs.planning.availability import check_models, note_changed_checkpoints
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.machine import log_choices, stats_record
+from jobs.planning.pinning import check_pinned, wanted
 from jobs.planning.run_plan import RunPlan, ShardWork, plan_run, with_machine_defaults
 from jobs.planning.scan import DEPTH_MODEL, PendingScan
 from jobs.publishing.lease import Lease
@@ -130,6 +132,16 @@ def _run(
             f"planning: reading the manifest's footers and the completion log of {public_uri(config.output)}"
         )
         plan, scan, imports = _plan(config, storage, timeline)
+        if plan.pixel_changes:  # --mixed-output: the new values are pinned, and this run recorded as changing them
+            logger.warning(
+                "run %s changes what %s pinned (--mixed-output): %s",
+                run_id,
+                public_uri(config.output),
+                "; ".join(plan.pixel_changes),
+            )
+            pixels = plan.settings.pixels
+            mixed = [*pixels.mixed, {"run_id": run_id, "changes": plan.pixel_changes}]
+            plan.settings = dataclasses.replace(plan.settings, pixels=dataclasses.replace(pixels, mixed=mixed))
         log = CompletionLog(
             storage, plan.index, run_id=run_id, compact_every=config.compact_every, spool_dir=config.spool_dir
         )
@@ -184,8 +196,12 @@ def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunP
     `jobs.planning.availability.ModelUnavailableError` when a needed model cannot be loaded.
     """
     plan = plan_run(config, storage)
-    imports = start_imports(config) if plan.pending else None
+    imports = start_imports(plan.config) if plan.pending else None
     scan = check_models(plan, plan.scan())
+    # The checkpoints' contents, resolved now, against what the output pinned (before any model loads).
+    plan.pixel_changes = check_pinned(plan.config, plan.pinned_pixels, scan.model_ids)
+    pixels = wanted(plan.config, plan.pinned_pixels, scan.model_ids)
+    plan.settings = dataclasses.replace(plan.settings, pixels=pixels)
     timeline.mark("planned")
     return plan, scan, imports
 

@@ -360,6 +360,18 @@ class JobConfig:
             "group": "io",
         },
     )
+    mixed_output: bool = field(
+        default=False,
+        metadata={
+            "help": "accept a run whose models (their content), dtype, row defaults or --seed differ from what the "
+            "output pinned: the new values are pinned and the run is recorded in _dataset.json (without it such a "
+            "run is refused before any model loads)",
+            "group": "io",
+        },
+    )
+    # The pinned fields (`schemas.pinned.PINNED_FIELDS`; "defaults.<name>" for one default) the caller set itself;
+    # None: all of them (a config built in code). A field left out takes the output's pinned value.
+    given: tuple[str, ...] | None = field(default=None, metadata={"derived": "the flags given on the command line"})
     retry_errors: bool = field(
         default=False, metadata={"help": "render again images whose result is an error", "group": "io"}
     )

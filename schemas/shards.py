@@ -35,6 +35,7 @@ from schemas.keys import (
     SUCCESS_FILE,
     sample_key,
 )
+from schemas.pinned import PixelSettings
 from schemas.records import from_json, from_mapping
 from schemas.results import SCORE_BINS
 from schemas.summary import Counts
@@ -361,13 +362,15 @@ class DatasetSettings:
     """``_dataset.json``: what defines the shards and their outputs, pinned by the first run on an output.
 
     A later run with other values would cut shards differently or write another format next to the
-    first, so it is refused (exit status 2) unless it starts over with ``--overwrite``.
+    first, so it is refused (exit status 2) unless it starts over with ``--overwrite``. ``pixels`` pins what
+    decides the images (`schemas.pinned`).
     """
 
     manifest: str
     output_format: str
     shard_rows: int
     ids_checked: str = ""  # digest of the manifest files whose ids were last checked for uniqueness
+    pixels: PixelSettings | None = None  # what decides the pixels (`schemas.pinned`); None: pinned before it existed
 
     def to_json(self) -> bytes:
         """The file's bytes."""

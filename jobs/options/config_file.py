@@ -141,15 +141,32 @@ def _suggest(key: str, options: Sequence[Option]) -> str:
     return f"did you mean {close[0]!r}? {listed}" if close else listed
 
 
+GIVEN = "given_dests"  # the parsed namespace's attribute naming the options the command line or the file set
+
+
+class _Unset(list):
+    """What an option holds until the command line sets it (a list, so that append actions can copy it)."""
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse ``argv`` with the values of ``--config FILE`` (if given) as defaults: flags override the file."""
+    """Parse ``argv`` with the values of ``--config FILE`` (if given) as defaults: flags override the file. The
+    namespace's `GIVEN` holds the destinations the command line or the file set (the others hold defaults)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument(CONFIG_FLAG)
     known, _ = pre.parse_known_args(argv)
+    from_file: set[str] = set()
     if known.config:
         values = read_config_file(known.config)
         try:
-            parser.set_defaults(**flag_defaults(values, source=known.config))
+            defaults = flag_defaults(values, source=known.config)
         except ValueError as exc:  # it may quote a value: never one stored under a credential-like name
             raise ValueError(redact(str(exc), secret_values(values))) from None
-    return parser.parse_args(argv)
+        parser.set_defaults(**defaults)
+        from_file = set(defaults)
+    args = parser.parse_args(argv)
+    # Again, each option holding a marker first: argparse sets only what the command line gives.
+    unset = _Unset()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=probe)
+    setattr(args, GIVEN, frozenset({dest for dest, value in vars(probe).items() if value is not unset} | from_file))
+    return args

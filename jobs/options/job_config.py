@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 
 from cluster.resources import parse_labels
 from jobs.options import storage as storage_options
+from jobs.options.config_file import GIVEN
 from jobs.options.flags import OPTIONS, Option, option_at
 from jobs.options.run_options import RunOptions, StagePlacementOptions
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
+from schemas.pinned import PINNED_FIELDS
 
 T = TypeVar("T")
 
@@ -57,6 +59,7 @@ def config_from_args(
         flag, example = option_at(JobConfig, "output").flag, option_at(RunOptions, "example").flag
         raise ValueError(f"{flag} is required (or use {example})")
     values.update(
+        given=given_fields(args, example=bool(run.example and example is not None)),
         manifest=manifest or None,
         output=output,
         models=ModelPaths.resolve(models_dir=models_dir, **overrides),
@@ -86,6 +89,23 @@ def stage_placement(run: RunOptions) -> dict[str, dict[str, Any]]:
         if stage.accelerator_type or labels:
             placement[item.name] = {"accelerator_type": stage.accelerator_type, "label_selector": labels}
     return placement
+
+
+def given_fields(args: argparse.Namespace, *, example: bool = False) -> tuple[str, ...] | None:
+    """The pinned fields (`schemas.pinned.PINNED_FIELDS`, ``defaults.<name>`` for one default) the command line or
+    its config file set; None when the namespace does not say (not parsed by `config_file.parse_args`)."""
+    dests = getattr(args, GIVEN, None)
+    if dests is None:
+        return None
+    given = {"models"} if example else set()
+    for option in OPTIONS:
+        if option.dest not in dests:
+            continue
+        if option.root is RunOptions and option.path == ("models",):  # --models DIR
+            given.add("models")
+        elif option.root is JobConfig and option.path[0] in PINNED_FIELDS:
+            given.add("defaults." + option.path[1] if option.path[0] == "defaults" else option.path[0])
+    return tuple(sorted(given))
 
 
 def values_of(root: type, args: argparse.Namespace, options: Sequence[Option] = OPTIONS) -> dict[str, Any]:

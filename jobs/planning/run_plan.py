@@ -37,6 +37,7 @@ from jobs.planning.manifests import (
 from jobs.planning.output_guard import check_output
 from jobs.planning.output_index import OutputIndex, read_settings, read_shard_results, without_sample
 from jobs.planning.output_log import CheckpointError, DoneLookup, read_markers
+from jobs.planning.pinning import check_pinned, wanted, with_pinned
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan, scan_pending
 from jobs.planning.work import PLAN_CHUNK_ROWS, Work, shard_work
 from schemas.columns import describe_unknown, unknown_columns
@@ -44,6 +45,7 @@ from schemas.config import JobConfig
 from schemas.loggers import logger_for
 from schemas.manifest import COLUMNS_BY_NAME, ManifestError
 from schemas.modes import MODES
+from schemas.pinned import PixelSettings
 from schemas.results import REFUSAL_KINDS, STATUS_OK
 from schemas.shards import (
     DEFAULT_SHARD_ROWS,
@@ -102,6 +104,8 @@ class RunPlan:
     num_shards: int
     ids_checked: bool  # whether this run checked ids (False: the files are those an earlier run checked)
     marker_keys: dict[str, str] = field(default_factory=dict)  # retried shard -> key of its marker
+    pinned_pixels: PixelSettings | None = None  # what the output pinned before this run (`schemas.pinned`)
+    pixel_changes: list[str] = field(default_factory=list)  # what this run changes of it (with --mixed-output)
     scales: CheckpointScales = field(init=False)
 
     def __post_init__(self) -> None:
@@ -302,7 +306,10 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     check_output(storage, config, pinned=existing)
     pinned = None if config.overwrite else existing
     settings, manifest = run_settings(config, pinned)
-    config = dataclasses.replace(config, manifest=manifest)
+    pinned_pixels = pinned.pixels if pinned is not None else None
+    config = with_pinned(dataclasses.replace(config, manifest=manifest), pinned_pixels)
+    check_pinned(config, pinned_pixels)  # the flags now; the checkpoints' contents once the model check resolves them
+    settings = dataclasses.replace(settings, pixels=wanted(config, pinned_pixels))
     files = read_manifest_files(config)
     if config.overwrite:
         index = OutputIndex(output_format=settings.output_format)
@@ -314,7 +321,7 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     ids_checked = digest != settings.ids_checked
     if ids_checked:
         check_ids(files, storage_options=config.storage_options)
-        settings = DatasetSettings(**{**settings.__dict__, "ids_checked": digest})
+        settings = dataclasses.replace(settings, ids_checked=digest)
     try:
         pending, num_shards, marker_keys = _pending(files, index, settings=settings, config=config, storage=storage)
     except CheckpointError as exc:  # the checkpoint's rows turned out unreadable: every marker decides
@@ -330,6 +337,7 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
         num_shards=num_shards,
         ids_checked=ids_checked,
         marker_keys=marker_keys,
+        pinned_pixels=pinned_pixels,
     )
 
 

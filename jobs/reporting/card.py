@@ -24,6 +24,7 @@ import yaml
 
 from actors.storage import Storage
 from schemas.keys import CARD_FILE, IMAGES_DIR, RESULTS_DIR
+from schemas.pinned import PixelSettings
 from schemas.results import RESULTS_SCHEMA, SAMPLE_SCHEMA, WEBDATASET_JSON_SCHEMA
 from schemas.shards import DATA_DIR, FORMAT_FILES, FORMAT_PARQUET, FORMAT_WEBDATASET, IMAGES_METADATA, DatasetSettings
 from schemas.text import markdown_code, public_uri
@@ -102,8 +103,36 @@ def card_metadata(output_format: str, embeddings: tuple[str, int] | None) -> dic
     return {"configs": configs, "dataset_info": infos}
 
 
-def card(output_format: str, embeddings: tuple[str, int] | None, *, manifest: str) -> str:
-    """The whole ``README.md``: YAML header, then how to read the output."""
+def models_section(pixels: PixelSettings | None) -> str:
+    """The card's "Models" section: each checkpoint pinned (source, content id), the dtype, row defaults and seed,
+    and the runs that changed them (``--mixed-output``)."""
+    if pixels is None:
+        return ""
+    rows = "\n".join(
+        f"| {name} | {markdown_code(c['source'])} | `{c['content']}` |"
+        for name, c in sorted(pixels.checkpoints.items())
+    )
+    defaults = ", ".join(f"{name} {value}" for name, value in sorted(pixels.defaults.items()))
+    mixed = "".join(
+        f"\n\nRun `{entry.get('run_id')}` changed them: {'; '.join(entry.get('changes') or [])}."
+        for entry in pixels.mixed
+    )
+    return f"""
+## Models
+
+| checkpoint | source | content id |
+| --- | --- | --- |
+{rows}
+
+dtype {pixels.dtype}; rows without their own value took: {defaults}; job seed {pixels.seed}. Each results row and
+sample names the checkpoints that made its image (`prior_model`, `decoder_model`, `depth_model`) and its dtype.{mixed}
+"""
+
+
+def card(
+    output_format: str, embeddings: tuple[str, int] | None, *, manifest: str, pixels: PixelSettings | None = None
+) -> str:
+    """The whole ``README.md``: YAML header, then how to read the output, then the models that made it."""
     header = yaml.safe_dump(card_metadata(output_format, embeddings), sort_keys=False, width=1000)
     results_call = (
         'load_dataset(OUTPUT, "results", split="train")'
@@ -135,11 +164,11 @@ results = {results_call}  # every results row
 The final status of each image (without the rows a `--retry-errors` run superseded):
 `kandinsky-render status OUTPUT --all --json`, or in pandas:
 `pandas.read_parquet(OUTPUT + "/results").sort_values("attempt").drop_duplicates(["id", "image_index"], keep="last")`.
-"""
+{models_section(pixels)}"""
 
 
 def write_card(storage: Storage, settings: DatasetSettings, *, embeddings: tuple[str, int] | None) -> str:
     """Write the output's ``README.md`` for its pinned ``settings``; its key. ``embeddings``: (dtype, dim) saved."""
-    text = card(settings.output_format, embeddings, manifest=settings.manifest)
+    text = card(settings.output_format, embeddings, manifest=settings.manifest, pixels=settings.pixels)
     storage.write_bytes(CARD_FILE, text.encode("utf-8"))
     return CARD_FILE

@@ -89,7 +89,7 @@ def run_stats(
         "suggested_stages": suggest(parts, cluster_gpus=stage_info.get("cluster_gpus", 0.0)),
         "clip_score": score_stats(plan.index.scores, min_clip_score=config.min_clip_score),
         "num_filtered": plan.index.scores.get("num_filtered", 0),
-        "settings": dataclasses.asdict(plan.settings),
+        "settings": dataclasses.asdict(plan.settings),  # "pixels": the checkpoints, dtype, defaults and seed
         "versions": versions(),
         "config": config.to_dict(),
     }

@@ -12,6 +12,7 @@ checkpoint: O(new markers), not O(shards).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -110,6 +111,7 @@ def summary(output: str, *, storage_options: dict[str, Any] | None = None, verif
     return {
         "output": public_uri(output),
         "settings": {"manifest": settings.manifest, "output_format": settings.output_format},
+        "pixels": dataclasses.asdict(settings.pixels) if settings.pixels is not None else None,
         "num_shards_done": index.num_done,
         "num_shards_with_errors": index.num_with_errors,
         "num_shards_damaged": len(index.damaged),
@@ -173,6 +175,19 @@ def _small_text(storage: Storage, key: str) -> str | None:
         return f"<unreadable: {exc}>"
 
 
+def pixels_lines(pixels: dict[str, Any] | None) -> list[str]:
+    """The pinned checkpoints and settings (`schemas.pinned`), for `summary_text`."""
+    if not pixels:
+        return ["models: not pinned (rendered by a version that did not record them)"]
+    lines = [f"models ({pixels['dtype']}, seed {pixels['seed']}):"]
+    lines += [f"  {name}@{c['content']}  {c['source']}" for name, c in sorted(pixels["checkpoints"].items())]
+    defaults = ", ".join(f"{name} {value}" for name, value in sorted(pixels["defaults"].items()))
+    lines.append(f"  row defaults: {defaults}")
+    for entry in pixels.get("mixed") or []:
+        lines.append(f"  mixed by run {entry.get('run_id')}: {'; '.join(entry.get('changes') or [])}")
+    return lines
+
+
 def summary_text(found: dict[str, Any]) -> str:
     """`summary` for people (safe for a terminal: `schemas.text.printable`)."""
     by_status = found["by_status"]
@@ -186,6 +201,7 @@ def summary_text(found: dict[str, Any]) -> str:
     for kind, count in found["errors_by_kind"].items():
         named = ", ".join(f"{row_id} #{index}" for row_id, index in found["first_failed"].get(kind, []))
         lines.append(f"  error {kind}: {count}" + (f" (first: {named})" if named else ""))
+    lines += pixels_lines(found.get("pixels"))
     if found["num_shards_damaged"]:
         lines.append(
             f"damaged shards: {found['num_shards_damaged']} (a part is missing; their images are not counted above "

@@ -1,0 +1,80 @@
+"""The output's pinned pixel settings (`schemas.pinned`) applied to a run: values it left out taken from the
+output, values it changed refused (exit status 2) unless ``--mixed-output``, checkpoint contents compared once the
+model check has resolved them (`jobs.planning.identity`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from jobs.planning.identity import CheckpointId
+from schemas.config import JobConfig
+from schemas.manifest import RenderDefaults
+from schemas.models import ModelPaths
+from schemas.pinned import PixelSettings, changes
+from schemas.text import public_uri
+
+# ModelPaths fields that say where a checkpoint loads from (not where nodes cache copies of it).
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelPaths) if f.name != "cache")
+
+
+class PinnedSettingsError(ValueError):
+    """A run that would change what the output pinned (its message lists each change and the ways forward)."""
+
+
+def with_pinned(config: JobConfig, pinned: PixelSettings | None) -> JobConfig:
+    """``config`` with the output's pinned values for each pinned field it did not set itself (``config.given``);
+    unchanged for a new output or a config built in code (``given`` None: it set them all)."""
+    if pinned is None or config.given is None:
+        return config
+    given = set(config.given)
+    updates: dict = {}
+    if "models" not in given:
+        updates["models"] = dataclasses.replace(
+            config.models, **{name: value for name, value in pinned.models.items() if name in MODEL_FIELDS}
+        )
+    if "dtype" not in given:
+        updates["dtype"] = pinned.dtype
+    if "seed" not in given:
+        updates["seed"] = pinned.seed
+    known = {f.name for f in dataclasses.fields(RenderDefaults)}
+    defaults = {k: v for k, v in pinned.defaults.items() if k in known and f"defaults.{k}" not in given}
+    if defaults:
+        updates["defaults"] = dataclasses.replace(config.defaults, **defaults)
+    return dataclasses.replace(config, **updates)
+
+
+def wanted(config: JobConfig, pinned: PixelSettings | None, ids: Mapping[str, CheckpointId] = {}) -> PixelSettings:
+    """What this run would pin: its model flags, dtype, defaults and seed; the checkpoints the output pinned with
+    those this run resolved (``ids``) in their place."""
+    checkpoints = dict(pinned.checkpoints) if pinned else {}
+    checkpoints.update({name: identity.as_dict() for name, identity in ids.items()})
+    return PixelSettings(
+        models={name: _public(getattr(config.models, name)) for name in MODEL_FIELDS},
+        checkpoints=checkpoints,
+        dtype=config.dtype,
+        defaults=dataclasses.asdict(config.defaults),
+        seed=config.seed,
+        mixed=list(pinned.mixed) if pinned else [],
+    )
+
+
+def check_pinned(config: JobConfig, pinned: PixelSettings | None, ids: Mapping[str, CheckpointId] = {}) -> list[str]:
+    """The pinned values this run changes (empty for a new output); `PinnedSettingsError` listing them and the ways
+    forward unless the run accepts a mixed output (``--mixed-output``)."""
+    if pinned is None:
+        return []
+    found = changes(pinned, wanted(config, None, ids))
+    if found and not config.mixed_output:
+        raise PinnedSettingsError(
+            f"{public_uri(config.output)} pinned other values of what decides its images:\n  - "
+            + "\n  - ".join(found)
+            + "\nLeave those flags out to render with the pinned values (a resume needs only --output), give another "
+            "--output for a new dataset, or pass --mixed-output to pin the new values and record this run as mixing "
+            "them (results rows name the checkpoints and settings of each image)."
+        )
+    return found
+
+
+def _public(value: object) -> object:
+    return public_uri(value) if isinstance(value, str) else value
