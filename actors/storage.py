@@ -291,7 +291,7 @@ class Storage:
             if entry.get("type") == "directory":
                 folders.append(name)
             else:
-                files.append(f"{prefix.rstrip('/')}/{name}")
+                files.append(f"{prefix.rstrip('/')}/{name}" if prefix.strip("/") else name)
         return sorted(folders), sorted(files)
 
     def open_input(self, key: str, *, size: int) -> IO[bytes]:

@@ -28,6 +28,7 @@ from actors.retry import (
 )
 from actors.storage import Storage
 from jobs.job import run_job
+from jobs.planning.output_log import RowsSource
 from tests.helpers.cli import Outcome, in_process
 from tests.helpers.fault_timing import baseline, report
 from tests.helpers.faulty_proxy import KINDS, Faults, FaultyProxy
@@ -168,6 +169,10 @@ def test_every_storage_operation_survives_a_flaky_store(
     assert all(storage.read_bytes(key) == data for key, data in blobs.items())
     assert storage.read_bytes("data/s0.tar") == local.read_bytes()
     assert storage.exists("data/s0.tar") and not storage.exists("data/s9.tar")
+    assert storage.list_level("") == (["data", "shards"], ["_LEASE.json"])
+    assert storage.list_level("shards") == ([], sorted(blobs))
+    copy = RowsSource(storage, "data/s0.tar", size=local.stat().st_size).copied_to(str(tmp_path))
+    assert (tmp_path / "s0.tar").read_bytes() == local.read_bytes() and copy.storage.is_local
     with pytest.raises(FileNotFoundError):
         storage.read_bytes("absent")
     storage.delete("shards")

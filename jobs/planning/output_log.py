@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from actors.retry import retry
 from actors.storage import Storage, UnsafeObjectError
 from schemas.keys import IMAGES_DIR, LAST_CHECKPOINT_FILE, RESULTS_DIR
 from schemas.log import CHECKPOINT_SCHEMA, SORT_KEYS, LogPointer, flat_digest
@@ -142,10 +143,14 @@ class RowsSource:
         the walks a run makes of it (planning, checks, compaction) read it once."""
         name = self.key.rsplit("/", 1)[-1]
         local = Storage(folder)
-        try:
+
+        def download() -> None:  # idempotent: a retry writes the local copy again from its start
             with contextlib.closing(self.storage.open_input(self.key, size=self.size)) as remote:
                 with open(local.path(name), "wb") as copy:
                     shutil.copyfileobj(remote, copy, COPY_CHUNK)
+
+        try:
+            retry(download, what=f"download {self.storage.uri(self.key)}")
         except (FileNotFoundError, UnsafeObjectError) as exc:
             raise CheckpointError(f"checkpoint {self.key}: {one_line(str(exc), 300)}") from None
         return RowsSource(local, name, size=self.size)
