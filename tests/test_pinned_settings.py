@@ -96,7 +96,9 @@ def test_a_checkpoint_whose_content_changed_is_refused_before_any_model_loads(
     assert again.code == 0, again.err[-2000:]
 
 
-def test_status_and_the_card_name_the_checkpoints(rendered: tuple[Path, Path, str], capsys: pytest.CaptureFixture) -> None:
+def test_status_and_the_card_name_the_checkpoints(
+    rendered: tuple[Path, Path, str], capsys: pytest.CaptureFixture
+) -> None:
     _, output, models = rendered
     pinned = json.loads((output / "_dataset.json").read_text())["pixels"]["checkpoints"]
     status = in_process(capsys, "status", str(output))
