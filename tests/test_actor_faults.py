@@ -24,6 +24,8 @@ from tests.helpers.fault_timing import baseline, report
 from tests.helpers.rows import MARKERS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
 from tests.helpers.slow_stages import SlowRestartDecoder, starts, with_decoder
 
+pytestmark = [pytest.mark.fault]
+
 
 @pytest.fixture()
 def cpu_hog() -> Iterator[subprocess.Popen]:

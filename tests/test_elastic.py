@@ -24,6 +24,8 @@ from jobs.execution.capacity import await_gpus
 from tests.helpers.clusters import Cluster, Job
 from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of, write_manifest
 
+pytestmark = [pytest.mark.cluster, pytest.mark.fault]
+
 
 def _cluster(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> tuple[Cluster, Path]:
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes

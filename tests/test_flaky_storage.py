@@ -35,6 +35,8 @@ from tests.helpers.faulty_proxy import KINDS, Faults, FaultyProxy
 from tests.helpers.images import png
 from tests.helpers.rows import MARKERS, STEPS, assert_exactly_one_ok, config_for, raw_results, write_manifest
 
+pytestmark = [pytest.mark.fault]
+
 
 @pytest.fixture()
 def proxy(s3_endpoint: str) -> Iterator[FaultyProxy]:

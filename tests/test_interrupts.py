@@ -9,10 +9,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from schemas.keys import LEASE_FILE
 from tests.helpers.cli import clean_env, command
 from tests.helpers.places import REPO
 from tests.helpers.rows import MARKERS, assert_exactly_one_ok, raw_results, rows_of, write_manifest
+
+pytestmark = [pytest.mark.fault]
 
 ENV = clean_env()
 

@@ -21,6 +21,8 @@ from tests.helpers.clusters import Job as RenderJob
 from tests.helpers.fault_timing import baseline, report
 from tests.helpers.rows import MARKERS, assert_exactly_one_ok, raw_results, rows_of, write_manifest
 
+pytestmark = [pytest.mark.cluster, pytest.mark.fault]
+
 PRIOR_LABEL = "kandinsky-render/stage=prior"
 DECODER_LABEL = "kandinsky-render/stage=decoder"
 # The layout these tests were written for: the CLIP stages on the head's labelled GPUs, decoders 1 GPU each.

@@ -24,6 +24,8 @@ from jobs.dev.example import example_table
 from tests.helpers.cli import clean_env
 from tests.helpers.places import REPO, free_port
 
+pytestmark = [pytest.mark.cluster]
+
 RAY = str(Path(sys.executable).with_name("ray"))
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 

@@ -164,6 +164,7 @@ def _kill_leftovers(pids: list[int]) -> None:
             pass
 
 
+@pytest.mark.fault
 def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
     """webdataset shards on S3: a SIGKILLed driver leaves only whole, marked shards; a rerun does the rest once."""
     import s3fs
@@ -243,6 +244,7 @@ def test_scheduled_increments_on_s3_render_each_row_once(tmp_path: Path, tiny_mo
 
 
 @pytest.mark.usefixtures("ray_two_gpus")
+@pytest.mark.fault
 def test_killed_decoder_actor_is_replaced_and_nothing_is_lost(tmp_path: Path, tiny_models: str) -> None:
     import ray
 
