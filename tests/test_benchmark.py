@@ -75,7 +75,7 @@ def test_heartbeat_prints_the_gaps_between_progress_lines(tmp_path: Path, in_pro
     assert code == 0, err[-3000:]
     result = last_json(out)
     assert result["images_ok"] == 2 and result["num_lines"] > result["num_phase_lines"] >= 8
-    assert isinstance(result["max_gap_s"], float) and "stage decoder: ready" in out
+    assert isinstance(result["max_gap_s"], float) and "stage decoder: 1 actor(s) up after" in out
 
 
 def test_objects_per_format(tmp_path: Path) -> None:

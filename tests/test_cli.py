@@ -62,7 +62,7 @@ def test_example_on_local_ray(tmp_path: Path) -> None:
     # the default output says what the job does: the defaults it chose, the summary with its timings, no
     # library notices a user cannot act on
     shown = proc.stdout + proc.stderr
-    assert "defaults for the Ray cluster" in shown and "--batch-size 16:" in shown
+    assert "defaults for the Ray cluster" in shown and " --batch-size 16 " in shown
     assert "seconds to first image stored" in proc.stdout and "seconds to gallery" in proc.stdout
     for noise in ("torchvision", "Token authentication", "Writing model shards", "CPU reservations scaled"):
         assert noise not in shown, noise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -148,7 +148,7 @@ def test_help_documents_every_option_with_its_default(monkeypatch: pytest.Monkey
 
 def test_flag_defaults_are_the_dataclass_defaults() -> None:
     """No flag or file key carries a default of its own: unset options give JobConfig's defaults."""
-    assert parse(["--manifest", "m", "--output", "o"]) == JobConfig(manifest="m", output="o")
+    assert parse(["--manifest", "m", "--output", "o"]) == JobConfig(manifest="m", output="o", given=())
 
 
 def test_a_file_of_every_default_changes_nothing(tmp_path: Path) -> None:
@@ -156,7 +156,9 @@ def test_a_file_of_every_default_changes_nothing(tmp_path: Path) -> None:
     content = {option.key: option.default for option in OPTIONS if option.in_file and option.default is not None}
     content = {key: list(value) if isinstance(value, tuple) else value for key, value in content.items()}
     config_file = write_yaml(tmp_path / "job.yaml", {**content, "manifest": "m", "output": "o"})
-    assert parse(["--config", config_file]) == JobConfig(manifest="m", output="o")
+    parsed = parse(["--config", config_file])
+    assert replace(parsed, given=None) == JobConfig(manifest="m", output="o")
+    assert {"seed", "dtype", "defaults.width"} <= set(parsed.given)  # a file's values pin an output as flags do
 
 
 @dataclass(frozen=True, kw_only=True)

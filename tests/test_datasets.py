@@ -183,7 +183,8 @@ def test_results_record_inputs_relative_uris_and_integer_sizes(rendered: dict) -
         assert rows[("f-guided", 0)]["prior_image"] == source and rows[("f-guided", 0)]["prior_strength"] == 0.5
         assert rows[("e-img2img", 0)]["image"] == source and rows[("e-img2img", 0)]["strength"] == 0.5
         assert pd.isna(rows[("c-negative", 0)]["strength"]) and pd.isna(rows[("c-negative", 0)]["prior_strength"])
-        assert pd.isna(rows[("h-no-prompt", 0)]["width"])  # no image: a null Int32, not NaN in a float column
+        # an error row records the size it asked for (an integer, as on ok rows), though no image was made
+        assert rows[("h-no-prompt", 0)]["status"] == "error" and rows[("h-no-prompt", 0)]["width"] == 32
 
 
 def readme_blocks(section: str, language: str) -> list[str]:
@@ -385,7 +386,7 @@ def test_gallery_shows_each_cards_inputs_and_captions(rendered: dict) -> None:
     assert "prior_image: " in cards["f-guided"] and "data:image/png;base64," in cards["f-guided"].split("<img")[1]
     assert "interpolate: 0.6 x &#x27;a red fox&#x27;" in cards["d-interp"] and INTERP_CAPTION in cards["d-interp"]
     assert 'class="inputs"' not in cards["c-negative"]  # nothing but text went in
-    finished = re.search(r"finished (.+):\n", page).group(1)
+    finished = re.search(r"finished (\S+): \d+ rendered", page).group(1)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", finished), finished
 
 

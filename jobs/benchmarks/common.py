@@ -15,6 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.validation import PRIOR_MIN_STEPS
+
 REPO = Path(__file__).resolve().parents[2]
 NOUNS = ("fox", "cat", "lighthouse", "city", "forest", "mountain", "boat", "tree", "robot", "castle", "river", "owl")
 ADJECTIVES = ("red", "misty", "ancient", "futuristic", "tiny", "giant", "golden", "frozen", "quiet", "stormy")
@@ -49,8 +51,11 @@ def write_manifest(
 ) -> str:
     """A text2img manifest: ``num_rows`` rows of distinct prompts, one image each, ``size`` square.
 
-    ``steps`` decoder steps, ``prior_steps`` prior steps (default: ``steps``).
+    ``steps`` decoder steps, ``prior_steps`` prior steps (default: ``steps``, at least the prior's
+    fewest valid steps, so a one-step decoder benchmark still passes validation).
     """
+    if prior_steps is None:
+        prior_steps = max(steps, PRIOR_MIN_STEPS)
     rows = {
         "id": [f"row-{i:06d}" for i in range(num_rows)],
         "prompt": [prompt(i) for i in range(num_rows)],
@@ -58,7 +63,7 @@ def write_manifest(
         "height": [size] * num_rows,
         "width": [size] * num_rows,
         "num_inference_steps": [steps] * num_rows,
-        "prior_num_inference_steps": [steps if prior_steps is None else prior_steps] * num_rows,
+        "prior_num_inference_steps": [prior_steps] * num_rows,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path)

@@ -47,10 +47,11 @@ class StubPipeline:
     """
 
     def __init__(self, pipe: Any, images: Any, *, device: Timed) -> None:
-        self.unet, self.movq, self.images, self.device = pipe.unet, pipe.movq, images, device
+        self.unet, self.movq, self.scheduler = pipe.unet, pipe.movq, pipe.scheduler
+        self.images, self.device = images, device
 
     def __call__(self, **kwargs: Any) -> tuple[Any]:
-        images = self.images[: len(kwargs["generator"])]
+        images = self.images[: len(kwargs["image_embeds"])]
         if kwargs.get("output_type") == "np":
             images = self.device(images).cpu().permute(0, 2, 3, 1).float().numpy()
         return (images,)

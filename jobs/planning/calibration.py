@@ -23,6 +23,7 @@ from a finished run's results by ``kandinsky-render calibrate`` (`jobs.reporting
 
 from __future__ import annotations
 
+import collections
 import os
 from dataclasses import dataclass
 
@@ -197,18 +198,18 @@ def estimate(
 ) -> dict[str, float]:
     """Estimated busy GPU-seconds per stage, on ``profile``, for work of these `unit_totals`, in calls of
     ``batch_size`` images (decoder) and ``prior_batch_size`` (prior) that share the floors."""
-    images = totals.get("images", 0.0)
+    totals = collections.defaultdict(float, totals)  # nothing to render: no totals at all
+    images = totals["images"]
     prior = totals["prior_steps"] * profile.prior_step_seconds
     prior += (
-        totals.get("prior_step_count", 0.0) * profile.prior_fixed_step_seconds + images * profile.prior_call_seconds
+        totals["prior_step_count"] * profile.prior_fixed_step_seconds + images * profile.prior_call_seconds
     ) / max(prior_batch_size, 1)
     decoder = totals["decoder_steps"] * profile.decoder_step_seconds
     decoder += totals["decoder_images"] * profile.decoder_image_seconds
     decoder += (
-        totals.get("decoder_step_count", 0.0) * profile.decoder_fixed_step_seconds
-        + images * profile.decoder_call_seconds
+        totals["decoder_step_count"] * profile.decoder_fixed_step_seconds + images * profile.decoder_call_seconds
     ) / max(batch_size, 1)
-    score = totals.get("scored_images", 0.0) * profile.score_image_seconds
+    score = totals["scored_images"] * profile.score_image_seconds
     return {"prior": prior, "decoder": decoder, "score": score, "total": prior + decoder + score}
 
 

@@ -11,6 +11,7 @@ import datetime as dt
 import html
 import io
 import math
+import re
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -185,9 +186,18 @@ def relative_to_manifest(path: str, manifest: str | None) -> str:
     return path[len(folder) :] if path.startswith(folder) and len(path) > len(folder) else path
 
 
+BREAKABLE_WORD = 24  # a word longer than this (a path, a URI) may break after its separators
+
+
 def _breakable(text: str) -> str:
-    """``text`` escaped for HTML, with a line-break opportunity after each path separator."""
-    return "".join(html.escape(part) + ("<wbr>" if part in "/_-." else "") for part in _separated(text))
+    """``text`` escaped for HTML, with a line-break opportunity after each path separator of its long words
+    (a weight such as ``0.6`` or a short file name stays whole)."""
+    return "".join(
+        "".join(html.escape(part) + ("<wbr>" if part in "/_-." else "") for part in _separated(word))
+        if len(word) > BREAKABLE_WORD
+        else html.escape(word)
+        for word in re.split(r"(\s+)", text)
+    )
 
 
 def _separated(text: str) -> list[str]:
