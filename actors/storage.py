@@ -5,16 +5,29 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import shutil
 import stat
-import uuid
-from collections.abc import Callable
 from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from actors.retry import StorageFullError, no_space, retry
+from actors.retry import retry
+from actors.storage_io import (
+    TEMPORARY_MARK,
+    UnsafeObjectError,
+    capped,
+    cat_capped,
+    copy_local,
+    exists,
+    find_local,
+    local_names,
+    precondition_failed,
+    protocols,
+    read_local,
+    read_remote,
+    strip,
+    write_local,
+)
 
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 # Filesystems that take no storage options: they hold no credentials, and options meant for an object store
@@ -22,14 +35,6 @@ _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 _PLAIN_PROTOCOLS = _LOCAL_PROTOCOLS | {"", "http", "https", "memory"}
 # The most bytes read of an object of the output unless the caller says: results Parquet files with previews.
 MAX_READ_BYTES = 1 << 30
-# Local writes go to ``.<name>.tmp-<random>`` beside their target and are renamed over it: readers that skip
-# hidden files (pyarrow datasets, so pandas.read_parquet of a folder) never see one.
-TEMPORARY_MARK = ".tmp-"
-
-
-class UnsafeObjectError(ValueError):
-    """An object the job refuses to touch: a key that leads outside the folder (absolute, ``..``, or through a
-    symlink), something other than a regular file, or a file above its size cap. The message names it."""
 
 
 def options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -67,7 +72,7 @@ class Storage:
         self.url = url.rstrip("/") or url
         self.fs, root = open_fs(self.url, storage_options)
         self.root = root.rstrip("/") if root not in ("/", "") else root
-        self.is_local = bool(set(_protocols(self.fs)) & _LOCAL_PROTOCOLS)
+        self.is_local = bool(set(protocols(self.fs)) & _LOCAL_PROTOCOLS)
         self._real_root: str | None = None
 
     def path(self, key: str) -> str:
@@ -94,7 +99,7 @@ class Storage:
         """Write ``data`` at ``key`` atomically (``kwargs`` go to the filesystem's ``pipe_file``); return its URI."""
         path = self.path(key)
         if self.is_local:
-            retry(lambda: _write_local(path, data), what=f"write {path}")
+            retry(lambda: write_local(path, data), what=f"write {path}")
         else:
             retry(lambda: self.fs.pipe_file(path, data, **kwargs), what=f"write {self.uri(key)}")
         return self.uri(key)
@@ -107,7 +112,7 @@ class Storage:
         """
         path = self.path(key)
         if self.is_local:
-            retry(lambda: _copy_local(local_path, path), what=f"write {path}")
+            retry(lambda: copy_local(local_path, path), what=f"write {path}")
         else:
             retry(lambda: self.fs.put_file(local_path, path), what=f"write {self.uri(key)}")
         return self.uri(key)
@@ -137,7 +142,7 @@ class Storage:
             except FileExistsError:
                 return False
             except OSError as exc:
-                if _precondition_failed(exc):  # s3fs names a 412 FileExistsError only when the store says why
+                if precondition_failed(exc):  # s3fs names a 412 FileExistsError only when the store says why
                     return False
                 raise
             except (TypeError, NotImplementedError):
@@ -153,12 +158,12 @@ class Storage:
         (locally: a FIFO, a device, a folder) or holds more than ``max_bytes``."""
         path = self.path(key)
         if self.is_local:
-            data = retry(lambda: _read_local(path, max_bytes), what=f"read {path}")
+            data = retry(lambda: read_local(path, max_bytes), what=f"read {path}")
             if data is None:
                 raise FileNotFoundError(path)
             return data
-        data = retry(lambda: _read_remote(self.fs, path, max_bytes), what=f"read {self.uri(key)}")
-        return _capped(data, max_bytes, self.uri(key))
+        data = retry(lambda: read_remote(self.fs, path, max_bytes), what=f"read {self.uri(key)}")
+        return capped(data, max_bytes, self.uri(key))
 
     def read_many(self, keys: list[str], *, max_bytes: int = MAX_READ_BYTES) -> list[bytes | None | UnsafeObjectError]:
         """Bytes of each key, fetched concurrently on object stores: None for a key that is absent, an
@@ -172,8 +177,8 @@ class Storage:
         found: dict[str, bytes | None] = {}
 
         def attempt() -> None:
-            todo = [_strip(self.fs, path) for path in paths if _strip(self.fs, path) not in found]
-            fetched = _cat_capped(self.fs, todo, max_bytes)
+            todo = [strip(self.fs, path) for path in paths if strip(self.fs, path) not in found]
+            fetched = cat_capped(self.fs, todo, max_bytes)
             failed = None
             for path in todo:
                 data = fetched.get(path, FileNotFoundError(path))
@@ -190,9 +195,9 @@ class Storage:
             retry(attempt, what=f"read {len(paths)} object(s) under {self.url}")
         results: list[bytes | None | UnsafeObjectError] = []
         for key, path in zip(keys, paths):
-            data = found[_strip(self.fs, path)]
+            data = found[strip(self.fs, path)]
             try:
-                results.append(None if data is None else _capped(data, max_bytes, self.uri(key)))
+                results.append(None if data is None else capped(data, max_bytes, self.uri(key)))
             except UnsafeObjectError as exc:
                 results.append(exc)
         return results
@@ -200,14 +205,14 @@ class Storage:
     def _read_one_local(self, key: str, max_bytes: int) -> bytes | None | UnsafeObjectError:
         try:
             path = self.path(key)
-            return retry(lambda: _read_local(path, max_bytes), what=f"read {path}")
+            return retry(lambda: read_local(path, max_bytes), what=f"read {path}")
         except UnsafeObjectError as exc:
             return exc
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists."""
         path = self.path(key)
-        return retry(lambda: self.fs.exists(path) if self.is_local else _exists(self.fs, path), what=f"stat {path}")
+        return retry(lambda: self.fs.exists(path) if self.is_local else exists(self.fs, path), what=f"stat {path}")
 
     def list_files(self, prefix: str, *, suffix: str = "") -> list[str]:
         """Sorted keys under ``prefix`` (recursive) ending with ``suffix``; [] when the prefix is absent."""
@@ -221,7 +226,7 @@ class Storage:
                 return []
 
         found = retry(attempt, what=f"list {self.uri(prefix)}")
-        keys = [posixpath.relpath(_strip(self.fs, p), self.root) for p in found]
+        keys = [posixpath.relpath(strip(self.fs, p), self.root) for p in found]
         return sorted(k for k in keys if k.endswith(suffix) and TEMPORARY_MARK not in k)
 
     def list_sizes(self, prefix: str) -> dict[str, int]:
@@ -238,7 +243,7 @@ class Storage:
         found = retry(attempt, what=f"list {self.uri(prefix)}")
         sizes = {}
         for path, info in found.items():
-            key = posixpath.relpath(_strip(self.fs, path), self.root)
+            key = posixpath.relpath(strip(self.fs, path), self.root)
             if TEMPORARY_MARK not in key and info.get("type", "file") == "file":
                 sizes[key] = int(info.get("size") or 0)
         return sizes
@@ -251,9 +256,9 @@ class Storage:
         """
         if not self.is_local:
             return []
-        found = [posixpath.join(self.root, name) for name in _local_names(self.root)]
+        found = [posixpath.join(self.root, name) for name in local_names(self.root)]
         for prefix in prefixes:
-            found += retry(lambda p=prefix: _find_local(self.fs, self.path(p)), what=f"list {self.path(prefix)}")
+            found += retry(lambda p=prefix: find_local(self.fs, self.path(p)), what=f"list {self.path(prefix)}")
         keys = [posixpath.relpath(path, self.root) for path in found]
         return sorted(k for k in keys if TEMPORARY_MARK in k.rsplit("/", 1)[-1])
 
@@ -285,7 +290,7 @@ class Storage:
 
         folders, files = [], []
         for entry in retry(attempt, what=f"list {self.uri(prefix)}"):
-            name = posixpath.basename(_strip(self.fs, entry["name"]).rstrip("/"))
+            name = posixpath.basename(strip(self.fs, entry["name"]).rstrip("/"))
             if not name or TEMPORARY_MARK in name:
                 continue
             if entry.get("type") == "directory":
@@ -325,8 +330,8 @@ class Storage:
                 entries = self.fs.ls(base, detail=True)
             except (FileNotFoundError, NotADirectoryError):
                 return []
-            names = [posixpath.basename(_strip(self.fs, e["name"]).rstrip("/")) for e in entries]
-            return [name for name in names if name and _strip(self.fs, base).rstrip("/") != name]
+            names = [posixpath.basename(strip(self.fs, e["name"]).rstrip("/")) for e in entries]
+            return [name for name in names if name and strip(self.fs, base).rstrip("/") != name]
 
         return sorted(retry(attempt, what=f"list {self.url}"))
 
@@ -356,153 +361,9 @@ class Storage:
         def attempt() -> None:
             self.fs.invalidate_cache(base)
             try:
-                if self.fs.exists(base) if self.is_local else _exists(self.fs, base):
+                if self.fs.exists(base) if self.is_local else exists(self.fs, base):
                     self.fs.rm(base, recursive=True)
             except FileNotFoundError:
                 pass  # gone already: a retry after a delete whose answer was lost
 
         retry(attempt, what=f"delete {self.uri(prefix)}")
-
-
-def _write_local(path: str, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    _replace_local(path, write)
-
-
-def _copy_local(local_path: str, path: str) -> None:
-    def copy(tmp: str) -> None:
-        shutil.copyfile(local_path, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-
-    _replace_local(path, copy)
-
-
-def _replace_local(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a hidden temporary name beside ``path``, then rename it over ``path``.
-
-    A failed write removes its temporary file; a full disk raises `StorageFullError` naming ``path``.
-    """
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}{TEMPORARY_MARK}{uuid.uuid4().hex}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError) and no_space(exc):
-            raise StorageFullError(
-                f"write {path}: no space left on the device ({exc.strerror or exc}); free some space (or write "
-                "elsewhere) and rerun: what was published is whole and a rerun finishes the work"
-            ) from exc
-        raise
-
-
-def _local_names(folder: str) -> list[str]:
-    try:
-        return os.listdir(folder)
-    except FileNotFoundError:
-        return []
-
-
-def _find_local(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
-    try:
-        return fs.find(base)
-    except FileNotFoundError:
-        return []
-
-
-def _read_local(path: str, max_bytes: int) -> bytes | None:
-    """A regular file's bytes (None when absent). Opened without blocking, so a FIFO is refused, not waited on."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except IsADirectoryError:
-        raise UnsafeObjectError(f"{path} is a folder, not a file: refused") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeObjectError(f"{path} is not a regular file (a FIFO, a device or a socket): refused")
-        if info.st_size > max_bytes:
-            raise UnsafeObjectError(f"{path} holds {info.st_size} bytes, more than the {max_bytes} expected: refused")
-        os.set_blocking(fd, True)
-        data = handle.read(max_bytes + 1)
-    return _capped(data, max_bytes, path)
-
-
-def _capped(data: bytes, max_bytes: int, where: str) -> bytes:
-    if len(data) > max_bytes:
-        raise UnsafeObjectError(f"{where} holds more than the {max_bytes} bytes expected: refused")
-    return data
-
-
-def _read_remote(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> bytes:
-    """At most ``max_bytes + 1`` bytes of an object, in one ranged request (no size lookup first)."""
-    try:
-        return fs.cat_file(path, start=0, end=max_bytes + 1)
-    except OSError as exc:
-        if not _range_refused(exc):
-            raise
-    return fs.cat_file(path)  # an empty object answers a range with 416: read it whole
-
-
-def _cat_capped(fs: fsspec.AbstractFileSystem, paths: list[str], max_bytes: int) -> dict[str, Any]:
-    """`_read_remote` of each path, concurrently: path -> bytes, or the exception its read raised."""
-    if not paths:
-        return {}
-    try:
-        fetched = fs.cat_ranges(paths, [0] * len(paths), [max_bytes + 1] * len(paths), on_error="return")
-    except (NotImplementedError, TypeError):
-        fetched = [fs.cat_file(path) for path in paths]
-    found = dict(zip(paths, fetched))
-    for path, data in found.items():
-        if isinstance(data, OSError) and _range_refused(data):
-            found[path] = fs.cat_file(path)
-    return found
-
-
-def _answered(exc: BaseException | None, codes: tuple[str, ...], status: int) -> bool:
-    """Whether ``exc`` (or what caused it) is an object store's answer with one of ``codes`` or HTTP ``status``."""
-    while exc is not None:
-        response = getattr(exc, "response", None)
-        if isinstance(response, dict):
-            code = (response.get("Error") or {}).get("Code")
-            return code in codes or (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == status
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _range_refused(exc: BaseException) -> bool:
-    """Whether ``exc`` is an HTTP 416 answer (a range request on an empty object)."""
-    return _answered(exc, ("InvalidRange", "416"), 416) or "InvalidRange" in str(exc)
-
-
-def _precondition_failed(exc: BaseException) -> bool:
-    """Whether ``exc`` is an HTTP 412 answer (a conditional write that found the object there)."""
-    return _answered(exc, ("PreconditionFailed", "412"), 412)
-
-
-def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    """Whether ``path`` exists (a file or a prefix), raising on errors that fsspec's ``exists`` would hide."""
-    try:
-        fs.info(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-def _strip(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return fs._strip_protocol(path)
