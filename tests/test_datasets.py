@@ -482,7 +482,7 @@ def test_an_unpublished_files_part_leaves_no_metadata_for_datasets_to_read(tmp_p
 
 
 def test_recorded_input_uris_carry_no_credentials() -> None:
-    from schemas.results import describe_input, interpolate_items
+    from schemas.recorded import describe_input, interpolate_items
 
     presigned = {"uri": "https://user:token@images.example:8443/a/b.png?X-Amz-Signature=abc#part", "data": None}
     assert describe_input(presigned) == "https://images.example:8443/a/b.png"

@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.modes import MODES, PRIOR_KINDS
-from schemas.results import describe_input, interpolate_items
+from schemas.recorded import describe_input, interpolate_items
 from schemas.summary import ImageKey
 
 # Work columns that decide an image's pixels (with the seed): parameters a row's mode or prior input
-# does not use are left out (`schemas.results.recorded_parameters` records them as null).
+# does not use are left out (`schemas.recorded.recorded_parameters` records them as null).
 TEXT_COLUMNS = ("mode", "prior_kind", "prompt", "negative_prompt")
 NUMBER_COLUMNS = ("seed", "height", "width", "num_inference_steps", "guidance_scale")
 IMAGE_COLUMNS = ("image", "mask", "hint", "prior_image")
