@@ -55,7 +55,7 @@ def config_from_args(
         output = output or example.output
         if not (models_dir or overrides["prior"] or overrides["decoder"]):
             models_dir = example.models
-    if not output:  # the manifest may be left out: the output's pinned one (jobs.planning.run_plan.run_settings)
+    if not output:  # the manifest may be left out: the output's pinned one (jobs.planning.run_settings.run_settings)
         flag, example = option_at(JobConfig, "output").flag, option_at(RunOptions, "example").flag
         raise ValueError(f"{flag} is required (or use {example})")
     values.update(
