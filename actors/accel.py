@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from actors.compiled import compile_pipeline, pipeline_modules
-from schemas.config import AccelOptions
+from schemas.accel import AccelOptions
 from schemas.loggers import logger_for
 
 logger = logger_for(__name__)

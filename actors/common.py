@@ -15,7 +15,7 @@ from actors.inputs import ImageLoader
 from actors.pins import Pin
 from actors.stage import Stage, describe_exception, worker_name
 from actors.weights import CheckpointSyncError, local_checkpoint, models_cache
-from schemas.config import dtype_name
+from schemas.accel import dtype_name
 from schemas.loggers import logger_for
 from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_INPUT_PIXELS
 from schemas.models import cache_setting

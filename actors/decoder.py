@@ -22,7 +22,7 @@ from actors.inputs import hint_array
 from actors.pixels import DENORMALIZED_PIPELINES, PixelCopy, Pixels, pixels_column, start_copy
 from actors.stage import Call, InputError, Outcome, is_out_of_memory, with_errors
 from actors.transfers import Uploaded, Uploader
-from schemas.config import AccelOptions
+from schemas.accel import AccelOptions
 from schemas.loggers import logger_for
 from schemas.models import movq_scale
 from schemas.modes import DECODER_INPUT_KWARGS, MODES, Mode

@@ -12,7 +12,7 @@ from actors.accel import prepare_pipeline, share_prior_caches
 from actors.common import ModelStage, generator_state, prior_pipeline_key, seeded_generator, shared_model
 from actors.compiled import compiled_modules
 from actors.stage import Call, Outcome, with_errors
-from schemas.config import AccelOptions
+from schemas.accel import AccelOptions
 from schemas.loggers import logger_for
 from schemas.modes import PRIOR_EMBEDS, PRIOR_IMAGE, PRIOR_INTERPOLATE, PRIOR_KINDS, PRIOR_TEXT
 from schemas.results import ERROR_INVALID_ROW

@@ -13,7 +13,7 @@ import torch
 from actors.accel import set_attention
 from actors.common import ModelStage, prior_pipeline_key, shared_model
 from actors.stage import Call, InputError, Outcome, with_errors
-from schemas.config import AccelOptions
+from schemas.accel import AccelOptions
 from schemas.loggers import logger_for
 from schemas.results import ERROR_SCORE
 from schemas.stages import SCORE

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.accel import DTYPES, AccelOptions
 from schemas.keys import MAX_SEED
 from schemas.log import COMPACT_EVERY, VERIFY_MAX_OBJECTS
 from schemas.manifest import Limits, RenderDefaults
@@ -18,21 +19,9 @@ from schemas.stages import SCORE
 from schemas.text import public_uri
 from schemas.validation import value_bounds
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-def dtype_name(dtype: str, *, cuda: bool) -> str:
-    """The dtype ``dtype`` (one of `DTYPES`) names on a CUDA device or not: ``auto`` is float16 on CUDA, float32
-    elsewhere."""
-    if dtype == "auto":
-        return "float16" if cuda else "float32"
-    return dtype
-
-
 SCORERS = ("clip",)
 EMBEDDING_DTYPES = ("float32", "float16")
 RUNNERS = ("ray", "local")
-ATTENTIONS = ("sdpa", "default")
 # How the model stages share processes and GPUs (cluster/layout.py): the CLIP stages (prior, scoring, depth) on
 # GPUs of their own, beside the decoders on the decoders' GPUs, or every stage in one process (CPU clusters).
 LAYOUT_DEDICATED = "dedicated"
@@ -46,53 +35,6 @@ MAX_SHARDS_IN_FLIGHT = 10_000
 MAX_PLANNED_GPUS = 100_000
 # ``--plan-for`` values: N GPUs of a type (``8xH100``); the type is checked against the calibration profiles.
 PLAN_FOR = re.compile(r"\s*(\d+)\s*[xX*]\s*([A-Za-z0-9_.-]+)\s*")
-
-
-@dataclass(frozen=True, kw_only=True)
-class AccelOptions:
-    """How each model actor runs its pipelines (actors/accel.py); none of these changes fp32 pixels by > 1 level.
-
-    ``attention``: ``sdpa`` makes every attention layer use torch's scaled_dot_product_attention
-    (diffusers' and transformers' default with torch 2); ``default`` is the plain matmul-softmax
-    path. ``channels_last`` stores conv weights NHWC (faster convolutions on recent GPUs).
-    ``compile`` wraps the decoder UNet (and MoVQ decode) and the prior transformer in ``torch.compile``
-    (`actors.compiled`; pays off on long runs); ``cuda_graphs`` makes the compiled decoder replay CUDA
-    graphs. ``cpu_offload`` keeps weights in CPU memory and moves each model to the GPU only while it
-    runs (diffusers' model CPU offload, for GPUs too small for a stage).
-    ``prompt_cache_size``: text encodings kept per prior actor (0 disables the cache).
-    """
-
-    attention: str = field(
-        default="sdpa", metadata={"choices": ATTENTIONS, "help": "sdpa: torch scaled_dot_product_attention kernels"}
-    )
-    channels_last: bool | None = field(
-        default=None, metadata={"help": "NHWC conv weights", "default_help": MACHINE_DEFAULT}
-    )
-    compile: bool = field(
-        default=False,
-        metadata={
-            "help": "torch.compile the decoder's UNet and MoVQ decode (every shape compiled before an actor is ready; "
-            "compile time counts against no wait or deadline) and the prior transformer"
-        },
-    )
-    cuda_graphs: bool = field(
-        default=False,
-        metadata={
-            "help": "with --compile: replay each decoder step as a CUDA graph (one call at a time per decoder actor; "
-            "off until measured on your GPUs: kandinsky-render benchmark gpu)"
-        },
-    )
-    cpu_offload: bool = field(
-        default=False, metadata={"help": "keep weights in CPU memory, each model on the GPU only while it runs"}
-    )
-    prompt_cache_size: int = field(default=1024, metadata={"help": "text encodings cached per prior actor (0: off)"})
-
-    def __post_init__(self) -> None:
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        check_range("prompt_cache_size", self.prompt_cache_size, low=0, high=1_000_000)
-        if self.cuda_graphs and not self.compile:
-            raise ValueError("cuda_graphs needs compile (--compile --cuda-graphs)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from actors.accel import PromptEncodings, prepare_pipeline
-from schemas.config import AccelOptions
+from schemas.accel import AccelOptions
 
 CPU = torch.device("cpu")
 

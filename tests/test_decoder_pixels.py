@@ -22,7 +22,8 @@ from actors.images import to_uint8
 from actors.pixels import Pixels, pixels_column
 from actors.prior import PriorActor
 from jobs.planning.run_plan import manifest_work
-from schemas.config import AccelOptions, JobConfig
+from schemas.accel import AccelOptions
+from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.modes import DECODER_INPUT_KWARGS, MODES
 from schemas.results import ERROR_NON_FINITE

@@ -39,7 +39,7 @@ def co_located_phase(bench: Bench) -> dict[str, Any]:
     from actors.decoder import DecoderActor
     from actors.prior import PriorActor
     from cluster.layout import COLOCATION_EFFICIENCY
-    from schemas.config import AccelOptions
+    from schemas.accel import AccelOptions
 
     args, batch, device = bench.args, bench.args.batch_size, bench.device
     stage = {"dtype": args.dtype, "device": device, "accel": AccelOptions(channels_last=False), "max_batch_size": batch}

@@ -25,7 +25,8 @@ def equality_check(args: argparse.Namespace, *, models: str, device: str, work_d
     from actors.decoder import DecoderActor
     from actors.prior import PriorActor
     from jobs.planning.run_plan import manifest_work
-    from schemas.config import AccelOptions, JobConfig
+    from schemas.accel import AccelOptions
+    from schemas.config import JobConfig
     from schemas.models import ModelPaths
 
     steps = args.check_steps

@@ -162,7 +162,7 @@ class Bench:
         """`DecoderActor` on the decoder checkpoint, ``batch`` rows of random embeddings per call: a warm-up call (a
         compiled actor compiles its one shape there: no warm-up list, so no other shapes), then timed calls."""
         from actors.decoder import DecoderActor
-        from schemas.config import AccelOptions
+        from schemas.accel import AccelOptions
 
         clock, args = self.budget.clock, self.args
         started = clock()
@@ -265,7 +265,7 @@ class Bench:
         """`PriorActor` at ``--batch-size`` rows per call: the prior's seconds per image (the layout planner's input)
         and its host syncs per call."""
         from actors.prior import PriorActor
-        from schemas.config import AccelOptions
+        from schemas.accel import AccelOptions
 
         clock, args, batch = self.budget.clock, self.args, self.args.batch_size
         started = clock()

@@ -163,7 +163,8 @@ def _measure(args: argparse.Namespace, *, device: str, models: str, kind: str, w
     from actors.decoder import DecoderActor
     from actors.scorer import ScoreActor
     from jobs.planning.run_plan import manifest_work
-    from schemas.config import AccelOptions, JobConfig
+    from schemas.accel import AccelOptions
+    from schemas.config import JobConfig
     from schemas.models import ModelPaths
 
     size, steps = args.size, args.steps

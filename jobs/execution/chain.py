@@ -24,7 +24,8 @@ from jobs.execution.watch import Watcher
 from jobs.planning.batches import prior_batch_size
 from jobs.planning.forecast import planned_cluster
 from jobs.planning.machine import local_machine, ray_machine
-from schemas.config import JobConfig, dtype_name
+from schemas.accel import dtype_name
+from schemas.config import JobConfig
 from schemas.loggers import logger_for
 from schemas.manifest import input_protocols
 from schemas.modes import MODES
