@@ -23,8 +23,11 @@ RAY_POINTERS = ("RAY_ADDRESS",)
 
 
 def clean_env(extra: Mapping[str, str] | None = None, *, drop: tuple[str, ...] = ()) -> dict[str, str]:
-    """This process's environment for a child: without `RAY_POINTERS` (and ``drop``), with ``extra`` set."""
+    """This process's environment for a child: without `RAY_POINTERS` (and ``drop``), with ``extra`` set, and this
+    interpreter's folder first on PATH (as an activated virtualenv has it), so ``python``, ``ray`` and
+    ``kandinsky-render`` in a child (a Ray job's entrypoint) are this environment's whether or not it was activated."""
     env = {key: value for key, value in os.environ.items() if key not in (*RAY_POINTERS, *drop)}
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), *filter(None, [env.get("PATH")])])
     env.update(extra or {})
     return env
 
