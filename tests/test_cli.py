@@ -135,7 +135,7 @@ def test_s3_manifest_and_output_on_loopback_endpoint(tmp_path: Path, tiny_models
 
 @pytest.mark.parametrize(
     "command",
-    [["render"], ["calibrate"], ["reuse-embeddings"], ["tiny-models"], ["benchmark"], ["benchmark", "cpu"],
+    [["render"], ["status"], ["calibrate"], ["reuse-embeddings"], ["tiny-models"], ["benchmark"], ["benchmark", "cpu"],
      ["benchmark", "plan"], ["benchmark", "gpu"], ["benchmark", "score"]],
     ids=" ".join,
 )  # fmt: skip
