@@ -90,7 +90,7 @@ def run_job(
     runner_options: dict[str, Any] | None = None,
     started_at: float | None = None,
 ) -> JobSummary:
-    """Render every image of the manifests whose shard is not done in the output yet; see README.md.
+    """Render every image of the manifests whose shard is not done in the output yet; see docs/reruns.md.
 
     Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests,
     ValueError for impossible settings and `jobs.publishing.lease.LeaseHeldError` when another run
