@@ -74,7 +74,10 @@ def test_example_on_local_ray(tmp_path: Path) -> None:
     stats = json.loads((output / "stats.json").read_text())
     assert stats["num_rendered"] == 0 and stats["num_skipped_already_final"] == expected
 
-    # README's recipe, as written but for the folder: the same render (the rerun above), then status.
+    # README's first command ends with this render; its recipe, as written but for the folder: the same render
+    # (the rerun above), then status.
+    first, _ = [b.code for b in page_blocks("README.md") if b.section == "The two commands"]
+    assert first.strip().endswith("&& kandinsky-render render --example --output ./kandinsky-example")
     (recipe,) = [b.code for b in page_blocks("README.md") if b.section == "Recipe: the bundled example"]
     assert recipe.splitlines()[0] == "kandinsky-render render --example --output ./kandinsky-example"
     status = recipe.splitlines()[1].replace("./kandinsky-example", str(output)).split()
