@@ -21,11 +21,10 @@ from schemas.manifest import DEFAULT_ALLOWED_PROTOCOLS, DEFAULT_MAX_INPUT_BYTES,
 from schemas.models import cache_setting
 from schemas.resources import co_located_memory_fraction
 from schemas.text import exception_text
-from schemas.versions import version_mismatches
+from schemas.versions import unreported, version_mismatches
 
 logger = logger_for(__name__)
 T = TypeVar("T")
-_warned_versions: set[str] = set()  # mismatch lines this process has logged already
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -100,13 +99,12 @@ def warn_untested_versions(stage: str) -> list[str]:
     """Log each pixel-relevant package whose version differs from the tested one; returns the mismatch lines.
 
     Each model actor calls it at start-up (cluster workers may run another image than the driver);
-    a process logs a given line once, so stages sharing a process (``--runner local``) do not repeat it.
+    a process logs a given line once (`schemas.versions.unreported`), so stages sharing a process with each other
+    or with the driver (``--runner local``) do not repeat it.
     """
     lines = version_mismatches()
-    for line in lines:
-        if line not in _warned_versions:
-            _warned_versions.add(line)
-            logger.warning("%s actor on %s: %s", stage, worker_name(), line)
+    for line in unreported(lines):
+        logger.warning("%s actor on %s: %s", stage, worker_name(), line)
     return lines
 
 

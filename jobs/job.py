@@ -47,7 +47,7 @@ from schemas.modes import MODES
 from schemas.shards import FORMAT_FILES
 from schemas.summary import Counts, PartSummary
 from schemas.text import public_uri
-from schemas.versions import version_mismatches
+from schemas.versions import unreported, version_mismatches
 from schemas.work import to_ipc
 
 logger = logger_for(__name__)
@@ -90,7 +90,7 @@ def run_job(
     runner_options: dict[str, Any] | None = None,
     started_at: float | None = None,
 ) -> JobSummary:
-    """Render every image of the manifests whose shard is not done in the output yet; see README.md.
+    """Render every image of the manifests whose shard is not done in the output yet; see docs/reruns.md.
 
     Raises `schemas.manifest.ManifestError` (before any model loads) for malformed manifests,
     ValueError for impossible settings and `jobs.publishing.lease.LeaseHeldError` when another run
@@ -100,7 +100,7 @@ def run_job(
     """
     timeline = Timeline(started=started_at)
     timeline.mark("run_started")
-    for line in version_mismatches():  # the actors log their own workers' mismatches at start-up
+    for line in unreported(version_mismatches()):  # actors log their own processes' mismatches at start-up
         logger.warning("untested package version: %s", line)
     progress = progress or Progress(live=False)
     progress.begin(started_at=timeline.started)  # log mode: a line at least every --progress-every seconds

@@ -57,7 +57,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    """Run a render job; exit 0 when it completed, 2 for bad input, 1 for any other failure (see README.md,
+    """Run a render job; exit 0 when it completed, 2 for bad input, 1 for any other failure (see docs/reruns.md,
     Exit status): 130 after Ctrl-C and 143 after SIGTERM, each with a one-line message."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # kept through Ray's start

@@ -17,6 +17,20 @@ TESTED_VERSIONS: dict[str, str] = {
 }
 
 
+_reported: set[str] = set()  # mismatch lines this process has warned about already
+
+
+def unreported(lines: list[str]) -> list[str]:
+    """The lines of ``lines`` this process has not warned about yet, now counted as warned about.
+
+    The driver and every model stage warn about untested versions at start-up; where they share a process
+    (``--runner local``, or several stages in one actor) each line is printed once per process, not once per caller.
+    """
+    fresh = [line for line in dict.fromkeys(lines) if line not in _reported]
+    _reported.update(fresh)
+    return fresh
+
+
 def installed_versions(packages: list[str] | None = None) -> dict[str, str | None]:
     """Installed version of each package (default: those of `TESTED_VERSIONS`); None when it is missing."""
     found: dict[str, str | None] = {}

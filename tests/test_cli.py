@@ -17,6 +17,7 @@ from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.results import final_results
 from tests.helpers.cli import in_process, run
+from tests.helpers.docs import page_blocks
 from tests.helpers.reference import assert_close_to_reference, load_png, text2img_reference
 from tests.helpers.rows import write_manifest
 
@@ -42,7 +43,7 @@ def test_bundled_example_is_up_to_date_and_covers_every_mode() -> None:
 
 
 def test_example_on_local_ray(tmp_path: Path) -> None:
-    """The README's first command: the bundled example, tiny models, a local Ray, a local folder."""
+    """README's first command and its example recipe: the bundled example, tiny models, a local Ray, a local folder."""
     output = tmp_path / "example-out"
     cache = tmp_path / "cache"
     env = {"KANDINSKY_RENDER_CACHE": str(cache)}
@@ -72,6 +73,18 @@ def test_example_on_local_ray(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     stats = json.loads((output / "stats.json").read_text())
     assert stats["num_rendered"] == 0 and stats["num_skipped_already_final"] == expected
+
+    # README's first command ends with this render; its recipe, as written but for the folder: the same render
+    # (the rerun above), then status.
+    first, _ = [b.code for b in page_blocks("README.md") if b.section == "The two commands"]
+    assert first.strip().endswith("&& kandinsky-render render --example --output ./kandinsky-example")
+    (recipe,) = [b.code for b in page_blocks("README.md") if b.section == "Recipe: the bundled example"]
+    assert recipe.splitlines()[0] == "kandinsky-render render --example --output ./kandinsky-example"
+    status = recipe.splitlines()[1].replace("./kandinsky-example", str(output)).split()
+    assert status[:2] == ["kandinsky-render", "status"]
+    shown = run_cli("jobs.cli", *status[1:], env=env)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert f"images: {expected} (ok {expected}, error 0)" in shown.stdout, shown.stdout
 
 
 def test_malformed_manifest_exits_2_before_model_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -135,7 +148,7 @@ def test_s3_manifest_and_output_on_loopback_endpoint(tmp_path: Path, tiny_models
 
 @pytest.mark.parametrize(
     "command",
-    [["render"], ["calibrate"], ["reuse-embeddings"], ["tiny-models"], ["benchmark"], ["benchmark", "cpu"],
+    [["render"], ["status"], ["calibrate"], ["reuse-embeddings"], ["tiny-models"], ["benchmark"], ["benchmark", "cpu"],
      ["benchmark", "plan"], ["benchmark", "gpu"], ["benchmark", "score"]],
     ids=" ".join,
 )  # fmt: skip

@@ -17,6 +17,7 @@ from jobs.options.job_config import config_from_args, instantiate, values_of
 from schemas.config import JobConfig
 from schemas.resources import StageResources
 from tests.helpers.cli import clean_env, command
+from tests.helpers.docs import doc_pages, page_blocks
 from tests.helpers.places import REPO
 from tests.helpers.rows import write_manifest
 
@@ -212,8 +213,9 @@ def test_fields_without_option_metadata_are_refused() -> None:
         option_table(Typo)
 
 
-def readme_defaults() -> list[tuple[str, str]]:
-    """(flag, default as written) for every row of the README tables that give a render option's default.
+def documented_defaults() -> list[tuple[str, str]]:
+    """(flag, default as written) for every row of the docs' tables that give a render option's default
+    (docs/configuration.md is generated from the options, so it is left out).
 
     Tables with a ``flag`` and a ``default`` column, and the manifest column table, whose defaults are
     those of the flag of the same name (``--height`` for ``height``; only `RenderDefaults` fields).
@@ -221,7 +223,8 @@ def readme_defaults() -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     table: list[list[str]] = []
     column_defaults = {option.dest: option.flag for option in OPTIONS if option.path[:1] == ("defaults",)}
-    for line in [*(REPO / "README.md").read_text().splitlines(), ""]:
+    pages = [page for page in doc_pages() if page.name != "configuration.md"]
+    for line in [line for page in pages for line in [*page.read_text().splitlines(), ""]]:
         if line.startswith("|"):
             table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
             continue
@@ -238,13 +241,13 @@ def readme_defaults() -> list[tuple[str, str]]:
     return rows
 
 
-def test_readme_default_tables_match_the_options() -> None:
+def test_documented_default_tables_match_the_options() -> None:
     by_flag = {option.flag: option for option in OPTIONS}
-    rows = readme_defaults()
+    rows = documented_defaults()
     assert {"--max-side", "--allowed-protocols", "--height", "--prior-strength"} <= {flag for flag, _ in rows}
     for flag, written in rows:
         option = by_flag[flag]
-        assert option.parse(written) == option.default, f"README.md says {flag} defaults to {written!r}"
+        assert option.parse(written) == option.default, f"the docs say {flag} defaults to {written!r}"
 
 
 def test_cli_config_file_with_dry_run(tmp_path: Path, tiny_models: str) -> None:
@@ -279,10 +282,10 @@ def test_storage_options_mapping_in_file_keeps_json_types(tmp_path: Path) -> Non
     assert config.storage_options == {"anon": True, "use_ssl": False, "default_block_size": 5}
 
 
-def test_readme_config_file_example_is_valid() -> None:
-    section = (REPO / "README.md").read_text().split("### Config file", 1)[1]
-    example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
-    defaults = flag_defaults(example, source="README.md")
+def test_docs_config_file_example_is_valid() -> None:
+    (text,) = [block.code for block in page_blocks("docs/config-file.md") if block.language == "yaml"]
+    example = yaml.safe_load(text)
+    defaults = flag_defaults(example, source="docs/config-file.md")
     assert defaults["storage_option"] == ["use_ssl=true"] and defaults["allowed_protocols"] == ("file", "s3")
 
 

@@ -1,5 +1,5 @@
 """Outputs the dataset ecosystem reads as they are: each format of one mixed manifest, rendered once, read with
-Hugging Face `datasets` (the output's card; streaming and not), `webdataset` and pandas, as README.md shows;
+Hugging Face `datasets` (the output's card; streaming and not), `webdataset` and pandas, as docs/output.md shows;
 the final view after ``--retry-errors`` (`kandinsky-render status`); duplicates; the pinned manifest."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from jobs.reporting.status import read_final
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
 from schemas.results import RESULTS_SCHEMA, SAMPLE_SCHEMA
+from tests.helpers.docs import blocks_in
 from tests.helpers.places import REPO
 from tests.helpers.reference import load_result
 from tests.helpers.rows import write_manifest
@@ -187,12 +188,6 @@ def test_results_record_inputs_relative_uris_and_integer_sizes(rendered: dict) -
         assert rows[("h-no-prompt", 0)]["status"] == "error" and rows[("h-no-prompt", 0)]["width"] == 32
 
 
-def readme_blocks(section: str, language: str) -> list[str]:
-    """The ``language`` code blocks of README.md's ``section`` (a heading), in order."""
-    text = (REPO / "README.md").read_text().split(section, 1)[1].split("\n## ", 1)[0]
-    return [re.sub(r"^  ", "", block, flags=re.M) for block in re.findall(rf"```{language}\n(.*?)```", text, re.S)]
-
-
 def run_example(code: str, output: Path) -> dict:
     assert 'OUTPUT = "kandinsky-example"' in code
     namespace: dict = {}
@@ -200,8 +195,9 @@ def run_example(code: str, output: Path) -> dict:
     return namespace
 
 
-def test_readme_reader_examples_read_every_format(rendered: dict) -> None:
-    with_datasets, with_webdataset, with_pandas = readme_blocks("## Reading the output", "python")
+def test_docs_reader_examples_read_every_format(rendered: dict) -> None:
+    """docs/output.md's three readers, as written, on an output of each format."""
+    with_datasets, with_webdataset, with_pandas = blocks_in("docs/output.md", "Reading the output", "python")
     for output_format in FORMATS:
         output = rendered[output_format]["output"]
         found = run_example(with_datasets, output)
@@ -282,8 +278,9 @@ def test_webdataset_member_types_do_not_depend_on_which_samples_come_first(tmp_p
     )
 
 
-def test_readme_embeddings_round_trip(rendered: dict, tmp_path: Path) -> None:
-    (block,) = readme_blocks("## Embeddings and scores in the same pass", "bash")
+def test_docs_embeddings_round_trip(rendered: dict, tmp_path: Path) -> None:
+    """docs/output.md's reuse-embeddings commands, with its placeholders replaced and the render made tiny."""
+    (block,) = blocks_in("docs/output.md", "Embeddings and scores in the same pass", "bash")
     commands = [line.split()[1:] for line in block.splitlines() if line.startswith("kandinsky-render ")]
     places = {
         "OUTPUT": str(rendered["webdataset"]["output"]),
@@ -291,7 +288,7 @@ def test_readme_embeddings_round_trip(rendered: dict, tmp_path: Path) -> None:
         "OUT2": str(tmp_path / "again"),
     }
     tiny = f"--models {rendered['models']} --runner local --progress off"
-    small = f"{tiny} --height 48 --width 48 --num-inference-steps 2".split()  # the README's size, made tiny
+    small = f"{tiny} --height 48 --width 48 --num-inference-steps 2".split()  # the documented size, made tiny
     for argv in commands:
         argv = [places.get(arg, arg) for arg in argv]
         assert cli(argv + (small if argv[0] == "render" else [])) == 0, argv
@@ -323,8 +320,8 @@ def test_status_after_retry_errors_gives_one_row_per_image(
     history = pd.read_parquet(output / "results")
     assert len(history) == len(OK_IMAGES) + len(ERRORS) + 1  # the superseded error stays in results/; refusals once
 
-    printed = {}  # README's status commands, as written, on this output: what each printed
-    (commands,) = readme_blocks("## Reading the output", "bash")
+    printed = {}  # docs/output.md's status commands, as written, on this output: what each printed
+    (commands,) = blocks_in("docs/output.md", "Reading the output", "bash")
     for line in commands.splitlines():
         argv = line.split(">")[0].split()[1:]
         argv = [
@@ -341,7 +338,7 @@ def test_status_after_retry_errors_gives_one_row_per_image(
     library = read_final(str(output)).to_pylist()
     listed = sorted(rows, key=lambda r: (r["id"], r["image_index"]))
     assert [(r["id"], r["status"], r["uri"]) for r in library] == [(r["id"], r["status"], r["uri"]) for r in listed]
-    (pandas_read,) = [b for b in readme_blocks("## Reading the output", "python") if "drop_duplicates" in b]
+    (pandas_read,) = [b for b in blocks_in("docs/output.md", "Reading the output", "python") if "drop_duplicates" in b]
     assert len(run_example(pandas_read, output)["final"]) == len(rows)
     assert pd.read_parquet(tmp_path / "final.parquet")["id"].tolist() == [r["id"] for r in library]
     assert "h-no-prompt\t0\terror\tinvalid_row" in printed["--errors"]

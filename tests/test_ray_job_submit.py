@@ -1,4 +1,4 @@
-"""The README's cluster path: `ray start --head`, `ray job submit` of the example, watch it, open the gallery."""
+"""docs/deploy.md's cluster path: `ray start --head`, `ray job submit` of the example, watch it, open the gallery."""
 
 from __future__ import annotations
 

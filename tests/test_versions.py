@@ -83,21 +83,47 @@ def test_actors_log_each_mismatch_once_per_process(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import actors.common
+    import schemas.versions
 
     monkeypatch.setattr(actors.common, "version_mismatches", lambda: ["torch 9.0 is installed but ..."])
-    monkeypatch.setattr(actors.common, "_warned_versions", set())
+    monkeypatch.setattr(schemas.versions, "_reported", set())
     with caplog.at_level(logging.WARNING, logger="kandinsky_render.actors.common"):
         assert actors.common.warn_untested_versions("prior") == ["torch 9.0 is installed but ..."]
-        actors.common.warn_untested_versions("decoder")
+        assert actors.common.warn_untested_versions("decoder") == ["torch 9.0 is installed but ..."]
+    assert [m for m in caplog.messages if "torch 9.0" in m] == [
+        f"prior actor on {actors.common.worker_name()}: torch 9.0 is installed but ..."
+    ]
+
+
+def test_the_driver_and_its_local_stages_warn_once_per_process(
+    tmp_path: Path, tiny_models: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--runner local`: the driver and the model stages share one process, and each mismatch is one line in it
+    (before: the driver's line, then the first stage's)."""
+    import schemas.versions
+    from jobs.job import run_job
+
+    monkeypatch.setitem(TESTED_VERSIONS, "numpy", "0.0.1")
+    monkeypatch.setattr(schemas.versions, "_reported", set())
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a fox", "height": 32, "width": 32}])
+    config = JobConfig(
+        manifest=manifest, output=str(tmp_path / "o"), runner="local", models=ModelPaths.resolve(models_dir=tiny_models)
+    )
+    with caplog.at_level(logging.WARNING, logger="kandinsky_render"):
+        summary = run_job(config)
+    assert summary.stats["num_rendered"] == 1
+    assert len([m for m in caplog.messages if "tested with numpy==0.0.1" in m]) == 1, caplog.messages
 
 
 def test_run_job_warns_about_untested_versions_and_records_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import jobs.job
+    import schemas.versions
     from jobs.job import run_job
 
     monkeypatch.setattr(jobs.job, "version_mismatches", lambda: ["diffusers 0.43.0 is installed but ..."])
+    monkeypatch.setattr(schemas.versions, "_reported", set())
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "no-prompt", "prompt": None}])
     config = JobConfig(manifest=manifest, output=str(tmp_path / "o"), runner="local", models=ModelPaths())
     with caplog.at_level(logging.WARNING, logger="kandinsky_render.jobs.job"):

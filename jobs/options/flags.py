@@ -24,7 +24,7 @@ DESCRIPTION = "Render every row of Parquet manifests with Kandinsky 2.2 on Ray."
 GROUPS = {
     "io": "input and output",
     "models": "models (hub ids or save_pretrained directories)",
-    "speed": "speed (see README.md, Performance)",
+    "speed": "speed (see docs/performance.md)",
     "execution": "execution",
     "defaults": "defaults for null manifest values (diffusers' defaults)",
     "limits": "limits (rows outside them become error rows)",
