@@ -19,6 +19,7 @@ import yaml
 
 from tests.helpers.cli import clean_env
 from tests.helpers.docs import Block, doc_pages, page_blocks
+from tests.helpers.gallery import check_example_render
 from tests.helpers.places import REPO
 
 BIN = str(Path(sys.executable).parent)  # the virtualenv's kandinsky-render, ray, mkdocs, ruff
@@ -158,7 +159,8 @@ def port_in_use(port: int) -> bool:
 @pytest.mark.slow
 def test_the_documented_ray_cluster_commands_run_as_written(tmp_path: Path) -> None:
     """docs/deploy.md's script: a head of its own (`ray start --block` in the background), `ray job submit` of the
-    example, the head stopped by SIGTERM to its pid. Only the output and log paths move into tmp_path."""
+    example (watched: progress, summary, gallery path; the gallery opens), the head stopped by SIGTERM to its pid.
+    Only the output and log paths move into tmp_path."""
     (block,) = [b for b in page_blocks("docs/deploy.md") if "ray start --head" in b.code]
     ports = ports_of(block.code)
     assert {"--port", "--dashboard-port", "--ray-client-server-port"} <= set(ports)
@@ -199,4 +201,4 @@ def test_the_documented_ray_cluster_commands_run_as_written(tmp_path: Path) -> N
     head_log = (tmp_path / "head.log").read_text() if (tmp_path / "head.log").exists() else ""
     assert script.returncode == 0, f"{block.where} exited {script.returncode}:\n{shown[-4000:]}\n{head_log[-2000:]}"
     assert "succeeded" in shown and (output / "_SUCCESS").is_file()
-    assert f"gallery: {output}/index.html" in shown
+    check_example_render(output, shown, tmp_path, cluster_gpus=2.0)  # and the gallery opens
