@@ -6,6 +6,7 @@ shards, and the corrected row ``a1`` shares its shard with ``a0``, which must su
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from schemas.config import JobConfig
 from schemas.keys import sample_key
 from schemas.manifest import ManifestError
 from schemas.shards import FORMAT_FILES, FORMAT_PARQUET, FORMAT_WEBDATASET
+from tests.helpers.images import png
 from tests.helpers.rows import config_for, write_manifest
 
 IDS = [f"a{i}" for i in range(4)]
@@ -96,6 +98,19 @@ def assert_corrected(output: str, old_png: bytes, prompt: str) -> None:
     assert status["log"]["checkpoint_agrees"] is True
 
 
+def loaded_prompts(output: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """id -> prompt of each image `datasets` loads from the output (with its dataset card), in a cache of the test's."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    found: dict[str, str] = {}
+    for sample in datasets.load_dataset(output, split="train"):
+        meta = sample.get("json", sample)
+        assert meta["id"] not in found, "an image loaded twice"
+        found[meta["id"]] = meta["prompt"]
+    return found
+
+
 def output_files(output: str) -> dict[str, int]:
     """The output's data, results and markers, with their modification times (what a no-op run must not touch)."""
     root = Path(output)
@@ -104,7 +119,9 @@ def output_files(output: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("output_format", [FORMAT_FILES, FORMAT_WEBDATASET, FORMAT_PARQUET])
-def test_a_corrected_row_replaces_its_image_exactly_once(tmp_path: Path, tiny_models: str, output_format: str) -> None:
+def test_a_corrected_row_replaces_its_image_exactly_once(
+    tmp_path: Path, tiny_models: str, output_format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config, folder = rendered(tmp_path, tiny_models, output_format)
     output = config.output
     old = images(output)[A1][0]
@@ -113,6 +130,9 @@ def test_a_corrected_row_replaces_its_image_exactly_once(tmp_path: Path, tiny_mo
     assert summary_.stats["num_rendered"] == 1  # only the correction's row renders
     assert_corrected(output, old, "a blue circle")
     assert images(output)[sample_key("a0", 0)] and (tmp_path / "m" / "part-0.parquet").exists()
+    assert loaded_prompts(output, tmp_path, monkeypatch) == {
+        i: "a blue circle" if i == "a1" else "a red square" for i in IDS
+    }
     before = output_files(output)
     again = run_job(config)  # nothing new: nothing renders, nothing is republished or deleted
     assert again.stats["num_rendered"] == 0 and output_files(output) == before
@@ -154,45 +174,59 @@ def test_a_correction_with_an_error_keeps_the_old_image_until_a_later_file_corre
     assert_corrected(output, old, "a green triangle")
 
 
-def test_a_crash_between_the_correction_and_the_republish_is_finished_by_the_rerun(
-    tmp_path: Path, tiny_models: str, monkeypatch: pytest.MonkeyPatch
+def dies(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("the driver died")
+
+
+@pytest.mark.parametrize("stop", ["before the switch", "after the switch"])
+def test_a_crash_while_applying_a_correction_is_finished_by_the_rerun(
+    tmp_path: Path, tiny_models: str, monkeypatch: pytest.MonkeyPatch, stop: str
 ) -> None:
     config, folder = rendered(tmp_path, tiny_models)
     output = config.output
     old = images(output)[A1][0]
     correct(folder, "fix-1.parquet", row("a1", 41, "a blue circle"))
-
-    def dying(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("the driver died")
-
-    monkeypatch.setattr(corrections_pass, "republish", dying)
+    if stop == "before the switch":  # the correction is published, its superseded shard not republished yet
+        monkeypatch.setattr(corrections_pass, "republish", dies)
+    else:  # the marker names the new part; the old parts are not deleted yet
+        monkeypatch.setattr(republish_module, "delete_parts", dies)
     with pytest.raises(RuntimeError, match="the driver died"):
         run_job(config)
     monkeypatch.undo()
-    assert old in images(output)[A1]  # the correction is durable, the old image still there: the window
-    prompts = sorted(r["prompt"] for r in read_results(Storage(output)).to_pylist() if r["id"] == "a1")
-    assert prompts == ["a blue circle", "a red square"]  # ... in which both rows are readable (docs/corrections.md)
-    assert summary(output)["num_images"] == 5
-    assert run_job(config).stats["num_rendered"] == 0  # nothing renders again: the switch is finished
+    assert old in images(output)[A1]  # the old image is still on storage either way
+    view = {r["id"]: r["prompt"] for r in read_final(output, columns=["id", "image_index", "prompt"]).to_pylist()}
+    if stop == "before the switch":  # the window: both rows readable, and counted (docs/corrections.md)
+        prompts = sorted(r["prompt"] for r in read_results(Storage(output)).to_pylist() if r["id"] == "a1")
+        assert prompts == ["a blue circle", "a red square"] and summary(output)["num_images"] == 5
+    else:  # the new state: the final view and the counts hold the corrected row only; the old files are left
+        assert view["a1"] == "a blue circle" and len(images(output)[A1]) == 2
+        assert (summary(output)["num_images"], summary(output)["by_status"]) == (4, {"ok": 4})
+    assert run_job(config).stats["num_rendered"] == 0  # nothing renders again: the rerun finishes the switch
     assert_corrected(output, old, "a blue circle")
 
 
-def test_a_crash_after_the_switch_leaves_old_parts_the_rerun_deletes(
-    tmp_path: Path, tiny_models: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config, folder = rendered(tmp_path, tiny_models)
-    output = config.output
-    old = images(output)[A1][0]
+def test_retry_errors_on_a_republished_shard_adds_a_part_after_its_last(tmp_path: Path, tiny_models: str) -> None:
+    folder = tmp_path / "m"
+    (folder / "corrections").mkdir(parents=True)
+    late = row("a0", 0, mode="img2img", image=str(tmp_path / "late.png"), strength=0.5)  # an error until it exists
+    write_manifest(folder / "part-0.parquet", [late, *(row(row_id, seed) for seed, row_id in enumerate(IDS) if seed)])
+    output = str(tmp_path / "out")
+    config = config_for(str(folder), output, tiny_models, runner="local", shard_rows=2)
+    run_job(config)
     correct(folder, "fix-1.parquet", row("a1", 41, "a blue circle"))
-    monkeypatch.setattr(republish_module, "delete_parts", lambda *args: (_ for _ in ()).throw(RuntimeError("died")))
-    with pytest.raises(RuntimeError, match="died"):
-        run_job(config)
-    monkeypatch.undo()
-    status = summary(output)  # the switch is done: readers see the new part only
-    assert (status["num_images"], status["by_status"]) == (4, {"ok": 4})
-    assert len(images(output)[A1]) == 2  # the old part's PNG is left over
-    assert run_job(config).stats["num_rendered"] == 0
-    assert_corrected(output, old, "a blue circle")
+    run_job(config)  # a0's shard is republished as <shard>.retry-1, holding a0's error only
+    (tmp_path / "late.png").write_bytes(png(7, side=32))
+    assert run_job(dataclasses.replace(config, retry_errors=True)).stats["num_rendered"] == 1
+    shard = next(p.stem for p in Path(output, "results").glob("part-0-*-0000000000-0000000002*.parquet"))
+    assert sorted(p.name for p in Path(output, "results").glob(f"{shard.split('.')[0]}*")) == [
+        f"{shard.split('.')[0]}.retry-1.parquet",
+        f"{shard.split('.')[0]}.retry-2.parquet",
+    ]
+    view = {r["id"]: r for r in read_final(output, columns=["id", "image_index", "status", "prompt"]).to_pylist()}
+    assert sorted(view) == IDS and {r["status"] for r in view.values()} == {"ok"}
+    assert view["a1"]["prompt"] == "a blue circle"
+    status = summary(output, verify=True)
+    assert (status["num_images"], status["by_status"], status["log"]["checkpoint_agrees"]) == (4, {"ok": 4}, True)
 
 
 def test_a_correction_of_an_id_not_in_the_manifest_is_refused_before_model_work(
