@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from jobs.job import run_job
 from jobs.reporting.results import read_results
 from jobs.reporting.status import read_final, summary
 from schemas.config import JobConfig
-from schemas.keys import sample_key
+from schemas.keys import LAST_CHECKPOINT_FILE, sample_key
 from schemas.manifest import ManifestError
 from schemas.shards import FORMAT_FILES, FORMAT_PARQUET, FORMAT_WEBDATASET
 from tests.helpers.images import png
@@ -96,6 +97,10 @@ def assert_corrected(output: str, old_png: bytes, prompt: str) -> None:
     status = summary(output, verify=True)
     assert (status["num_images"], status["by_status"]) == (4, {"ok": 4})
     assert status["log"]["checkpoint_agrees"] is True
+    pointer = json.loads(Path(output, LAST_CHECKPOINT_FILE).read_bytes())  # the gallery's sample: each image once
+    assert sorted((e["id"], e.get("prompt")) for e in pointer["sample"]) == [
+        (i, prompt if i == "a1" else "a red square") for i in IDS
+    ]
 
 
 def loaded_prompts(output: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
