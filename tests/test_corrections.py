@@ -36,13 +36,17 @@ def row(row_id: str, seed: int, prompt: str = "a red square", **extra: object) -
     return {"id": row_id, "prompt": prompt, "seed": seed, **small, **extra}
 
 
-def rendered(tmp_path: Path, tiny_models: str, output_format: str = FORMAT_FILES) -> tuple[JobConfig, Path]:
+def rendered(
+    tmp_path: Path, tiny_models: str, output_format: str = FORMAT_FILES, **options: object
+) -> tuple[JobConfig, Path]:
     """An output of 4 rows in 2 shards, rendered; the config renders it again (the manifest folder's files)."""
     folder = tmp_path / "m"
     (folder / "corrections").mkdir(parents=True)
     write_manifest(folder / "part-0.parquet", [row(row_id, seed) for seed, row_id in enumerate(IDS)])
     output = str(tmp_path / "out")
-    config = config_for(str(folder), output, tiny_models, runner="local", shard_rows=2, output_format=output_format)
+    config = config_for(
+        str(folder), output, tiny_models, runner="local", shard_rows=2, output_format=output_format, **options
+    )
     assert run_job(config).stats["num_rendered"] == 4
     return config, folder
 
@@ -127,13 +131,22 @@ def output_files(output: str) -> dict[str, int]:
 def test_a_corrected_row_replaces_its_image_exactly_once(
     tmp_path: Path, tiny_models: str, output_format: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config, folder = rendered(tmp_path, tiny_models, output_format)
+    extra = {"score": "clip", "save_embeddings": "float16"} if output_format == FORMAT_PARQUET else {}
+    config, folder = rendered(tmp_path, tiny_models, output_format, **extra)
     output = config.output
     old = images(output)[A1][0]
     correct(folder, "fix-1.parquet", row("a1", 41, "a blue circle"))
     summary_ = run_job(config)
     assert summary_.stats["num_rendered"] == 1  # only the correction's row renders
     assert_corrected(output, old, "a blue circle")
+    if extra:  # scores and saved embeddings follow the images into the republished part
+        scores = json.loads(Path(output, LAST_CHECKPOINT_FILE).read_bytes())["scores"]
+        assert scores["count"] == 4 and sum(scores["histogram"]) == 4
+        named = {e["results"] for e in scores["lowest"] + scores["highest"]}
+        assert named and all(Path(output, key).exists() for key in named)
+        data = [pq.read_table(p, columns=["id", "image_embeds"]) for p in Path(output, "data").glob("*.parquet")]
+        embeds = {r["id"]: r["image_embeds"] for t in data for r in t.to_pylist()}
+        assert sorted(embeds) == IDS and all(e is not None for e in embeds.values())
     assert images(output)[sample_key("a0", 0)] and (tmp_path / "m" / "part-0.parquet").exists()
     assert loaded_prompts(output, tmp_path, monkeypatch) == {
         i: "a blue circle" if i == "a1" else "a red square" for i in IDS
