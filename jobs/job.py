@@ -32,6 +32,7 @@ from jobs.planning.machine import log_choices, stats_record
 from jobs.planning.pinning import check_pinned, wanted
 from jobs.planning.run_plan import RunPlan, ShardWork, plan_run, with_machine_defaults
 from jobs.planning.scan import DEPTH_MODEL, PendingScan
+from jobs.publishing.corrections import apply_corrections
 from jobs.publishing.lease import Lease
 from jobs.publishing.log import CompletionLog
 from jobs.publishing.markers import new_marker, retried_marker, write_settings
@@ -153,6 +154,7 @@ def _run(
                 log.compact()
             delete_orphans(storage, plan.index)
         if not plan.pending:
+            apply_corrections(plan, log, run_id=run_id)  # those a stopped run left to apply (docs/corrections.md)
             log.compact()  # markers a stopped run left after the checkpoint
             stats = _nothing_pending(plan, storage, progress, run_id=run_id, timeline=timeline, started=started)
             return JobSummary(run_id=run_id, plan=plan, stats=stats)
@@ -336,6 +338,7 @@ def _render(
         if refused:
             _done(progress, metrics, num_done=refused, num_errors=refused)
     progress.finish()
+    apply_corrections(plan, log, run_id=run_id)  # each correction is durable now: the rows it supersedes go
     log.compact()
     timeline.mark("rendered")
     repeats = duplicates.finish()

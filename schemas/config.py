@@ -44,7 +44,8 @@ class JobConfig:
     manifest: str | None = field(
         default=None,
         metadata={
-            "help": "Parquet file, folder/prefix of Parquet files, or glob; any fsspec URI",
+            "help": "Parquet file, folder/prefix of Parquet files, or glob; any fsspec URI. A folder's corrections/ "
+            "files replace rendered rows by id: docs/corrections.md",
             "default_help": "the one the output pinned (required for a new output)",
             "group": "io",
         },

@@ -32,6 +32,7 @@ from schemas.shards import (
     ScoreSummary,
     data_key,
     entry_ok,
+    part_attempt,
     part_name,
     results_key,
 )
@@ -96,11 +97,24 @@ def shard_row(marker: Marker, segment: str) -> dict[str, Any]:
         "num_images": marker.num_images,
         "num_errors": marker.num_errors,
         "counts": json.dumps(marker.counts.as_dict(), sort_keys=True),
-        "parts": [
-            {"results_size": part.results_size, "has_data": part.data is not None, "data_size": part.data_size}
-            for part in marker.parts
-        ],
+        "parts": part_sizes(marker.parts),
     }
+
+
+# A checkpoint's entry for an attempt that a shard's parts no longer hold (a shard republished without the rows a
+# correction superseded starts its parts past attempt 0: `jobs.publishing.republish`): entry i stays attempt i.
+GONE_PART = {"results_size": -1, "has_data": False, "data_size": None}
+
+
+def part_sizes(parts: Iterable[Part]) -> list[dict[str, Any]]:
+    """The checkpoint's ``parts`` entries of a marker's parts: entry i is attempt i (`GONE_PART` where none is)."""
+    by_attempt = {part_attempt(part.name): part for part in parts}
+    return [
+        {"results_size": part.results_size, "has_data": part.data is not None, "data_size": part.data_size}
+        if (part := by_attempt.get(attempt)) is not None
+        else dict(GONE_PART)
+        for attempt in range(max(by_attempt, default=-1) + 1)
+    ]
 
 
 def rows_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -119,6 +133,8 @@ def row_parts(row: dict[str, Any], output_format: str) -> tuple[Part, ...]:
     marker's to tell: empty here)."""
     parts = []
     for attempt, sizes in enumerate(row["parts"]):
+        if sizes["results_size"] == GONE_PART["results_size"]:
+            continue
         name = part_name(row["shard"], attempt)
         parts.append(
             Part(

@@ -371,10 +371,12 @@ class DatasetSettings:
     shard_rows: int
     ids_checked: str = ""  # digest of the manifest files whose ids were last checked for uniqueness
     pixels: PixelSettings | None = None  # what decides the pixels (`schemas.pinned`); None: pinned before it existed
+    corrections_applied: str = ""  # digest of the manifest files whose corrections are all applied (corrections.md)
 
     def to_json(self) -> bytes:
-        """The file's bytes."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode()
+        """The file's bytes (``corrections_applied`` only once set: outputs without corrections read as before)."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "corrections_applied" or v}
+        return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> DatasetSettings:

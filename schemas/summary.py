@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,11 +119,11 @@ class Sample:
         elif item[:2] > heap[0][:2]:
             heapq.heapreplace(heap, item)
 
-    def drop(self, keys: set[ImageKey]) -> None:
-        """Forget the entries of these images."""
+    def drop(self, keys: set[ImageKey], *, only: Callable[[Any], bool] | None = None) -> None:
+        """Forget the entries of these images (``only``: those of them whose entry it accepts)."""
         keys = {(stored_id(row_id), index) for row_id, index in keys}
         for ok, heap in self._heaps.items():
-            kept = [item for item in heap if item[1] not in keys]
+            kept = [item for item in heap if item[1] not in keys or (only is not None and not only(item[2]))]
             if len(kept) != len(heap):
                 heapq.heapify(kept)
                 self._heaps[ok] = kept

@@ -26,7 +26,7 @@ from jobs.planning.output_log import MAX_MARKER_BYTES, MarkerFolders, PartListin
 from schemas.log import LogPointer, rows_table, shard_row
 from schemas.loggers import logger_for
 from schemas.results import RESULTS_SCHEMA, STATUS_ERROR, STATUS_OK, final_results
-from schemas.shards import DATASET_FILE, DatasetSettings, Fingerprint, Marker, Part, part_attempt
+from schemas.shards import DATASET_FILE, DatasetSettings, Fingerprint, Marker, Part, part_attempt, part_shard
 from schemas.summary import Counts, FailedImages, ImageKey, Sample
 from schemas.text import one_line
 
@@ -133,7 +133,11 @@ class OutputIndex:
         self.totals.add(old.counts, sign=-1)
         self.totals.add(new.counts)
         self.scores = replace_scores(self.scores, new.shard, old.extra.get("scores", {}), new.extra.get("scores", {}))
-        self.sample.drop({(entry["id"], entry["image_index"]) for entry in old.sample})
+        # only the shard's own entries: an image a correction moved to another shard keeps that shard's entry
+        self.sample.drop(
+            {(entry["id"], entry["image_index"]) for entry in old.sample},
+            only=lambda entry: _shard_of(entry) == new.shard,
+        )
         self.sample.add_entries(new.sample)
         self.failed.drop({(row_id, index) for keys in old.failed.values() for row_id, index in keys})
         self.failed.merge(FailedImages(new.failed))
@@ -196,6 +200,11 @@ class UnreadablePartError(ValueError):
 
 
 SHARD_RESULT_COLUMNS = ("id", "image_index", "status", "error", "error_kind", "mode", "attempt", "finished_at")
+
+
+def _shard_of(entry: Any) -> str:
+    """The shard whose part a gallery entry's image is in (its ``results`` key: ``results/<part>.parquet``)."""
+    return part_shard(str(entry.get("results", "")).rsplit("/", 1)[-1].removesuffix(".parquet"))
 
 
 def read_part_results(storage: Storage, part: Part, *, columns: Sequence[str] | None = None) -> pa.Table:

@@ -19,6 +19,7 @@ from actors.storage import Storage
 from cluster.defaults import Choice, Machine
 from jobs.planning.batches import batch
 from jobs.planning.checkpoints import CheckpointScales
+from jobs.planning.corrections import check_all_ids, ordered
 from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.ids import check_ids, files_digest
 from jobs.planning.index_reader import read_index
@@ -49,6 +50,7 @@ from schemas.shards import (
     Marker,
     Shard,
     marker_key,
+    part_attempt,
     part_name,
 )
 from schemas.summary import Counts, FailedImages, ImageKey
@@ -178,7 +180,8 @@ class RunPlan:
             work, retried = _without_repeated_refusals(work, marker, errors)
         if duplicates is not None:
             duplicates.add(work.batches.work)
-        attempt = len(previous.parts) if previous is not None else 0
+        # after every part so far (a corrected shard's parts start past 0: `jobs.publishing.corrections`)
+        attempt = max(part_attempt(part.name) for part in previous.parts) + 1 if previous is not None else 0
         return ShardWork(shard=shard, part=part_name(shard.name, attempt), work=work, retried=retried)
 
     def _errors(self, previous: Marker) -> tuple[Marker, pa.Table]:
@@ -242,7 +245,7 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     config = with_pinned(dataclasses.replace(config, manifest=manifest), pinned_pixels)
     check_pinned(config, pinned_pixels)  # the flags now; the checkpoints' contents once the model check resolves them
     settings = dataclasses.replace(settings, pixels=wanted(config, pinned_pixels))
-    files = read_manifest_files(config)
+    files = ordered(read_manifest_files(config))  # correction files last: they render after the rows they correct
     if config.overwrite:
         index = OutputIndex(output_format=settings.output_format)
     else:
@@ -252,7 +255,7 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     digest = files_digest(files)
     ids_checked = digest != settings.ids_checked
     if ids_checked:
-        check_ids(files, storage_options=config.storage_options)
+        check_all_ids(files, storage_options=config.storage_options)
         settings = dataclasses.replace(settings, ids_checked=digest)
     try:
         pending, num_shards, marker_keys = _pending(files, index, settings=settings, config=config, storage=storage)

@@ -68,6 +68,7 @@ def run_settings(config: JobConfig, pinned: DatasetSettings | None) -> tuple[Dat
         output_format=config.output_format or (pinned.output_format if pinned else FORMAT_FILES),
         shard_rows=config.shard_rows or (pinned.shard_rows if pinned else DEFAULT_SHARD_ROWS),
         ids_checked=pinned.ids_checked if pinned else "",
+        corrections_applied=pinned.corrections_applied if pinned else "",
     )
     if pinned is not None and not config.overwrite:
         conflicts = pinned.conflicts(wanted)

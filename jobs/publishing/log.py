@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from actors.storage import Storage
-from jobs.planning.output_index import OutputIndex
+from jobs.planning.output_index import OutputIndex, without_sample
 from jobs.planning.output_log import RowsSource
 from schemas.keys import LAST_CHECKPOINT_FILE, LOG_DIR
 from schemas.log import (
@@ -109,6 +109,16 @@ class CompletionLog:
         self.since += 1
         if self.since >= self.compact_every:
             self.compact()
+
+    def replace(self, marker: Marker, previous: Marker) -> str:
+        """Write ``marker`` in place of ``previous``, its shard's marker read back whole (a shard republished without
+        the rows a correction superseded: `jobs.publishing.republish`), and count it instead; returns its key."""
+        key = self.marker_key(marker.shard)
+        self.storage.write_bytes(key, marker.to_json())
+        self.index.replace(previous, marker)
+        self.index.hidden.add(marker.shard)
+        self.index.recent[marker.shard] = (self.segment, without_sample(marker))
+        return key
 
     def compact(self) -> LogPointer | None:
         """Write a new checkpoint and its pointer when the index knows more than the checkpoint (see the module
