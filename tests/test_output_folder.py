@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import actors.storage
+import actors.storage_io
 from actors.retry import StorageFullError
 from jobs.job import run_job
 from jobs.planning.manifests import list_manifest_paths
@@ -136,7 +136,7 @@ def test_a_full_disk_stops_the_job_naming_the_file_and_leaves_nothing_behind(
                     handle.write = counted
                 return handle
 
-            monkeypatch.setattr(actors.storage, "open", writes_until_full, raising=False)
+            monkeypatch.setattr(actors.storage_io, "open", writes_until_full, raising=False)
         config = config_for(manifest, str(output), tiny_models, runner="local", shard_rows=1)
         with pytest.raises(StorageFullError, match=rf"write {re.escape(str(output))}/\S+: no space left on the device"):
             run_job(config)
