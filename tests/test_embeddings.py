@@ -23,19 +23,10 @@ from schemas.manifest import RenderDefaults
 from schemas.models import ModelPaths
 from schemas.results import final_results
 from tests.helpers.reference import load_result, max_level_difference, pipeline, reference_cosines
-from tests.helpers.rows import write_manifest
+from tests.helpers.render import render
 
 SIZE = {"height": 64, "width": 64, "num_inference_steps": 3, "prior_num_inference_steps": 2}
 EMBEDS = pa.list_(pa.float32())
-
-
-def render(tmp: Path, models: str, rows: list[dict], schema: pa.Schema | None = None, **config: object) -> dict:
-    tmp.mkdir(parents=True, exist_ok=True)
-    manifest = write_manifest(tmp / "m.parquet", rows, schema=schema)
-    job = JobConfig(manifest=manifest, output=str(tmp / "out"), models=ModelPaths.resolve(models_dir=models), **config)
-    summary = run_job(job)
-    final = final_results(read_results(Storage(job.output))).to_pylist()
-    return {"summary": summary, "results": {(r["id"], r["image_index"]): r for r in final}, "output": job.output}
 
 
 def decoder_reference(models: str, positive: np.ndarray, negative: np.ndarray, seed: int) -> np.ndarray:
@@ -82,7 +73,7 @@ def test_rows_given_embeddings_skip_the_prior_and_equal_the_decoder_pipeline(tmp
                         ("num_images", pa.int64()), *((k, pa.int64()) for k in SIZE)])  # fmt: skip
     rows = [{name: row.get(name) for name in schema.names} for row in rows]
     found = render(tmp_path, tiny_models, rows, schema=schema, runner="local")
-    results = found["results"]
+    results = found.results
     expected = {
         ("given-both", 0): decoder_reference(tiny_models, positive, negative, 5),
         ("given-positive", 0): decoder_reference(tiny_models, positive, zero_embed(tiny_models), 6),
@@ -94,7 +85,7 @@ def test_rows_given_embeddings_skip_the_prior_and_equal_the_decoder_pipeline(tmp
         assert results[key]["prior_seconds"] == 0.0  # no prior call
     for key, (_, phrase) in bad.items():
         assert results[(key, 0)]["status"] == "error" and phrase in results[(key, 0)]["error"], results[(key, 0)]
-    assert found["summary"].stats["stages"]["stages"].keys() >= {"prior", "decoder", "writer"}
+    assert found.summary.stats["stages"]["stages"].keys() >= {"prior", "decoder", "writer"}
 
 
 @pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
@@ -104,11 +95,11 @@ def test_saved_embeddings_travel_with_the_images_and_render_again(
     rows = [{"id": f"r{i}", "prompt": f"picture {i}", "seed": i, **SIZE} for i in range(3)]
     first = render(tmp_path / "first", tiny_models, rows, runner="local", save_embeddings="float16",
                    output_format=output_format)  # fmt: skip
-    results = first["results"]
-    table = pq.read_table(next(Path(first["output"], "results").glob("*.parquet")))
+    results = first.results
+    table = pq.read_table(next(Path(first.output, "results").glob("*.parquet")))
     assert table.schema.field("image_embeds").type == pa.list_(pa.float16(), 32)
     saved = {(r["id"], r["image_index"]): r for r in table.to_pylist()}
-    data = next(Path(first["output"], "data").iterdir())
+    data = next(Path(first.output, "data").iterdir())
     if output_format == "webdataset":
         with tarfile.open(data) as tar:
             for key, result in results.items():
@@ -120,7 +111,7 @@ def test_saved_embeddings_travel_with_the_images_and_render_again(
         assert all(len(row["image_embeds"]) == 32 and len(row["negative_image_embeds"]) == 32 for row in frame)
 
     manifest = str(tmp_path / "again-manifest")
-    assert reuse_embeddings(first["output"], manifest) == 3
+    assert reuse_embeddings(first.output, manifest) == 3
     models = ModelPaths.resolve(models_dir=tiny_models)  # the saved rows carry no size: the flags decide
     again = JobConfig(manifest=manifest, output=str(tmp_path / "again"), models=models, runner="local",
                       defaults=RenderDefaults(**SIZE))  # fmt: skip
@@ -143,7 +134,7 @@ def test_clip_scores_on_ray_equal_transformers_and_filter_and_report(tmp_path: P
     ]
     rows.append({"id": "interp", "interpolate": [{"prompt": "a red fox", "image": None, "weight": 1.0}], **SIZE})
     found = render(tmp_path, tiny_models, rows, score="clip", min_clip_score=0.5, batch_size=2, shard_rows=3)
-    results = found["results"]
+    results = found.results
     decoded = []
     for row in rows[:-1]:
         pixels = load_result(results[(row["id"], 0)])
@@ -156,7 +147,7 @@ def test_clip_scores_on_ray_equal_transformers_and_filter_and_report(tmp_path: P
         assert result["clip_score"] == pytest.approx(expected, abs=1e-3), row["id"]
         assert result["filtered"] is (expected < 0.5) and result["score_seconds"] > 0
     assert results[("interp", 0)]["clip_score"] is None and results[("interp", 0)]["status"] == "ok"
-    stats = json.loads(Path(found["output"], "stats.json").read_text())
+    stats = json.loads(Path(found.output, "stats.json").read_text())
     score = stats["clip_score"]
     assert score["count"] == 5 and sum(score["histogram"].values()) == 5
     assert score["num_filtered"] == sum(r["filtered"] for r in results.values() if r["filtered"] is not None)
@@ -165,6 +156,6 @@ def test_clip_scores_on_ray_equal_transformers_and_filter_and_report(tmp_path: P
     assert stages["score"]["group"] == stages["prior"]["group"] == "clip" and stages["decoder"]["group"] == "decoder"
     assert stages["score"]["num_gpus"] + stages["decoder"]["num_gpus"] <= 1.0
     assert stats["suggested_stages"]["score_seconds_per_image"] > 0 and "--layout" in stats["suggested_stages"]["flags"]
-    page = Path(found["output"], "index.html").read_text()
+    page = Path(found.output, "index.html").read_text()
     assert "lowest scores" in page and "highest scores" in page and "score_histogram.png" in page
-    assert Image.open(Path(found["output"], "score_histogram.png")).size == (640, 260)
+    assert Image.open(Path(found.output, "score_histogram.png")).size == (640, 260)

@@ -46,7 +46,8 @@ def outputs(
         output = f"s3://formats/{output_format}"
         models = ModelPaths.resolve(models_dir=tiny_models)
         config = JobConfig(manifest="s3://formats/in/", output=output, models=models, storage_options=options,
-                           output_format=output_format, shard_rows=3, batch_size=2, **FEW_ACTORS)  # fmt: skip
+                           output_format=output_format, shard_rows=3, batch_size=2, keep_actors=True,
+                           **FEW_ACTORS)  # fmt: skip
         summary = run_job(config)
         fs.invalidate_cache()
         fs.get(f"formats/{output_format}", str(local / output_format), recursive=True)

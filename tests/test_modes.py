@@ -11,11 +11,8 @@ import pytest
 from PIL import Image
 
 from actors.storage import Storage
-from jobs.job import run_job
-from jobs.reporting.results import read_results
 from schemas.config import JobConfig
 from schemas.models import ModelPaths
-from schemas.results import final_results
 from schemas.shards import OUTPUT_FORMATS
 from tests.helpers.reference import (
     assert_close_to_reference,
@@ -24,6 +21,7 @@ from tests.helpers.reference import (
     max_level_difference,
     mode_reference,
 )
+from tests.helpers.render import render
 from tests.helpers.rows import write_manifest
 
 STEPS = {"num_inference_steps": 4, "prior_num_inference_steps": 3}
@@ -134,14 +132,6 @@ def absolute(rows: list[dict], folder: Path) -> list[dict]:
     return out
 
 
-def render(tmp: Path, models: str, rows: list[dict], **config: object) -> dict:
-    tmp.mkdir(parents=True, exist_ok=True)
-    manifest = write_manifest(tmp / "manifest.parquet", rows)
-    output = str(tmp / "out")
-    run_job(JobConfig(manifest=manifest, output=output, models=ModelPaths.resolve(models_dir=models), **config))
-    return {(r["id"], r["image_index"]): r for r in final_results(read_results(Storage(output))).to_pylist()}
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("inputs")
@@ -158,7 +148,7 @@ def mixed(
     rows = absolute(good_rows() + [row for row, _ in bad_rows()], inputs)
     random.Random(7).shuffle(rows)
     return render(tmp_path_factory.mktemp("mixed"), tiny_models, rows, runner="ray", batch_size=3, shard_rows=10,
-                  output_format=request.param)  # fmt: skip
+                  output_format=request.param).results  # fmt: skip
 
 
 def estimated_hint(models: str, image_path: str, height: int, width: int) -> bytes:
@@ -210,7 +200,6 @@ def test_inpaint_rows_with_different_masks_never_share_a_call(tmp_path: Path, ti
 
 
 def test_only_needed_decoders_load(tmp_path: Path, tiny_models: str) -> None:
-    from actors.storage import Storage
     from jobs.execution.chain import build_chain
     from jobs.planning.run_plan import plan_run
 
@@ -258,7 +247,7 @@ def test_inputs_from_s3_local_paths_and_bytes_give_the_same_images(
         return rows
 
     outputs = {
-        kind: render(tmp_path / kind, tiny_models, variant(kind), runner="local", storage_options=options)
+        kind: render(tmp_path / kind, tiny_models, variant(kind), runner="local", storage_options=options).results
         for kind in ("local", "bytes", "s3")
     }
     assert all(r["status"] == "ok" for r in outputs["s3"].values()), outputs["s3"]

@@ -8,14 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.storage import Storage
-from jobs.job import run_job
-from jobs.reporting.results import read_results
-from schemas.config import JobConfig
-from schemas.models import ModelPaths
 from schemas.resources import StageResources
-from schemas.results import final_results
 from tests.helpers.reference import assert_close_to_reference, load_png, max_level_difference, text2img_reference
-from tests.helpers.rows import write_manifest
+from tests.helpers.render import render
 
 STEPS = {"num_inference_steps": 4, "prior_num_inference_steps": 3}
 ROWS = [
@@ -59,21 +54,9 @@ ROWS = [
 ]
 
 
-def render(tmp: Path, models: str, rows: list[dict], **config: object) -> dict:
-    """Run a job on ``rows``; return {(id, image_index): results row}."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    manifest = write_manifest(tmp / "manifest.parquet", rows)
-    output = str(tmp / "out")
-    job = JobConfig(manifest=manifest, output=output, models=ModelPaths.resolve(models_dir=models), **config)
-    run_job(job)
-    final = final_results(read_results(Storage(output)))
-    assert final.num_rows == sum(row.get("num_images", 1) for row in rows)
-    return {(r["id"], r["image_index"]): r for r in final.to_pylist()}
-
-
 @pytest.fixture(scope="module")
 def local_results(tmp_path_factory: pytest.TempPathFactory, tiny_models: str) -> dict:
-    return render(tmp_path_factory.mktemp("local"), tiny_models, ROWS, runner="local", batch_size=4)
+    return render(tmp_path_factory.mktemp("local"), tiny_models, ROWS, runner="local", batch_size=4).results
 
 
 def test_every_image_matches_combined_pipeline(local_results: dict, tiny_models: str) -> None:
@@ -108,7 +91,7 @@ def test_other_checkpoints_any_valid_directory(tmp_path: Path) -> None:
         {"id": "b", "prompt": "a tree", "negative_prompt": "ugly", "height": 128, "width": 64, "seed": 4, **STEPS},
         {"id": "bad-size", "prompt": "a tree", "height": 96, "width": 64, "seed": 5, **STEPS},
     ]
-    results = render(tmp_path, models, rows, runner="local", batch_size=3)
+    results = render(tmp_path, models, rows, runner="local", batch_size=3).results
     for row in rows[:2]:
         for index in range(row.get("num_images", 1)):
             result = results[(row["id"], index)]
@@ -124,7 +107,7 @@ def ray_results(tmp_path_factory: pytest.TempPathFactory, tiny_models: str, ray_
     """The rows rendered on Ray (2 logical GPUs): the output folder and the results."""
     tmp = tmp_path_factory.mktemp("ray")
     # dedicated: the prior's GPU apart from the decoders' (the layout a large cluster gets; small ones co-locate)
-    return tmp, render(tmp, tiny_models, ROWS, runner="ray", batch_size=4, layout="dedicated")
+    return tmp, render(tmp, tiny_models, ROWS, runner="ray", batch_size=4, layout="dedicated").results
 
 
 def test_ray_two_gpus_pins_stages_and_equals_in_process(ray_results: tuple[Path, dict], local_results: dict) -> None:
@@ -152,7 +135,7 @@ def test_order_batch_size_and_actor_count_do_not_change_images(
         runner="ray",
         batch_size=3,
         decoder=StageResources(num_actors=2, num_gpus=0.5),
-    )
+    ).results
     workers = {r["decoder_worker"] for r in results.values()}
     assert len(workers) == 2, workers
     for key, result in results.items():
@@ -161,7 +144,7 @@ def test_order_batch_size_and_actor_count_do_not_change_images(
 
 def test_two_runs_give_byte_identical_pngs(tmp_path: Path, tiny_models: str, ray_results: tuple[Path, dict]) -> None:
     first = ray_results[1]
-    second = render(tmp_path, tiny_models, ROWS, runner="ray", batch_size=4)
+    second = render(tmp_path, tiny_models, ROWS, runner="ray", batch_size=4).results
     for key, result in first.items():
         assert Path(result["uri"]).read_bytes() == Path(second[key]["uri"]).read_bytes(), key
 

@@ -27,11 +27,14 @@ class Rendered:
 
 def render(folder: Path, models: str, rows: list[dict], *, schema: pa.Schema | None = None, **config: Any) -> Rendered:
     """Render ``rows`` into ``folder/out`` in this process (`config_for`: on the shared Ray unless ``runner``
-    says local, model actors kept for the next render); checks every image has a final row."""
+    says local, model actors kept for the next render); checks every image (``num_images`` per row, 1 when
+    null) has exactly one final row, ok or error."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest = write_manifest(folder / "manifest.parquet", rows, schema=schema)
     output = str(folder / "out")
     summary = run_job(config_for(manifest, output, models, **config))
     final = final_results(read_results(Storage(output, storage_options=config.get("storage_options"))))
     results = {(row["id"], row["image_index"]): row for row in final.to_pylist()}
+    expected = {(row["id"], k) for row in rows for k in range(row.get("num_images") or 1)}
+    assert set(results) == expected, f"final rows {sorted(set(results) ^ expected)} differ from the manifest's images"
     return Rendered(summary=summary, results=results, manifest=manifest, output=output)
