@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,23 +9,7 @@ import pytest
 
 from cluster.resources import StageLayout, StagePlacement, fit_cpus
 from jobs.dev.real_size import build_real_size_modules
-from tests.helpers.cli import run
-
-
-def last_json(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])
-
-
-def benchmark_process(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    """``kandinsky-render benchmark ARGS`` in a process of its own: for modes that start a Ray of their own."""
-    return run("benchmark", *args, timeout=timeout)
-
-
-def run_benchmark(*args: str, timeout: int = 300) -> dict:
-    """`benchmark_process`, checked to succeed; its last line as JSON."""
-    proc = benchmark_process(*args, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return last_json(proc.stdout)
+from tests.helpers.benchmarks import last_json, run_benchmark
 
 
 @pytest.fixture()
@@ -53,19 +35,6 @@ def in_process(capsys: pytest.CaptureFixture) -> Iterator[Callable[..., tuple[in
     torch.set_num_threads(threads)
 
 
-def test_simulated_runs_the_whole_job_and_prints_efficiency_json(tmp_path: Path) -> None:
-    result = run_benchmark(
-        "simulated", "--num-decoders", "2", "--rows", "24", "--prior-ms", "2", "--decoder-ms", "10",
-        "--shard-rows", "8", "--work-dir", str(tmp_path),
-    )  # fmt: skip
-    for key in ("images_per_s", "ideal_images_per_s", "efficiency", "decoder_busy", "first_image_s"):
-        assert isinstance(result[key], float), key
-    assert result["ideal_images_per_s"] == pytest.approx(200.0)
-    assert result["rows"] == 24 and result["num_decoders"] == 2 and len(result["runs"]) == 1
-    assert 0 < result["efficiency"] <= 1.05
-    assert result["num_shards"] == 3 and result["objects_per_shard"] == 3  # webdataset: tar, results, marker
-
-
 @pytest.mark.usefixtures("ray_two_gpus")
 def test_heartbeat_prints_the_gaps_between_progress_lines(tmp_path: Path, in_process: Callable) -> None:
     """On the shared Ray (the mode starts one only when none is connected)."""
@@ -78,13 +47,6 @@ def test_heartbeat_prints_the_gaps_between_progress_lines(tmp_path: Path, in_pro
     assert isinstance(result["max_gap_s"], float) and "stage decoder: 1 actor(s) up after" in out
 
 
-def test_objects_per_format(tmp_path: Path) -> None:
-    result = run_benchmark("objects", "--rows", "8", "--shard-rows", "4", "--work-dir", str(tmp_path))
-    formats = result["formats"]
-    assert formats["webdataset"]["objects_per_shard"] == formats["parquet"]["objects_per_shard"] == 3
-    assert formats["files"]["objects_per_shard"] == 7  # 4 PNGs, their metadata.parquet, results, marker
-
-
 def test_plan_and_startup_print_memory_and_time(tmp_path: Path) -> None:
     result = run_benchmark("plan", "--rows", "2000", "4000", "--files", "2", "--work-dir", str(tmp_path))
     assert [run["num_rows"] for run in result["runs"]] == [2000, 4000]
@@ -93,44 +55,6 @@ def test_plan_and_startup_print_memory_and_time(tmp_path: Path) -> None:
     startup = run_benchmark("startup", "--rows", "3000", "--files", "2", "--repeats", "1", "--work-dir", str(tmp_path))
     assert startup["num_images_final"] == 3000 and startup["num_pending"] == 0 and startup["num_shards"] == 4
     assert startup["ids_checked"] is False and startup["orphans_deleted"] == 0 and startup["seconds"] > 0
-
-
-def test_log_counts_requests_and_measures_reruns_over_done_shards(tmp_path: Path) -> None:
-    result = run_benchmark(
-        "log", "--done", "6", "--new", "2", "--local-shards", "3000", "--s3-shards", "400", "--files", "2",
-        "--compact-every", "1000", "--work-dir", str(tmp_path), timeout=600,
-    )  # fmt: skip
-    requests = result["requests"]
-    assert requests["rerun"]["result"] == 2 and requests["noop_rerun"]["result"] == 0
-    assert requests["status"]["result"] == requests["status_verify"]["result"] == 8
-    assert requests["status"]["GET"] < requests["status_verify"]["GET"]  # --verify reads every marker
-    for case, shards in (("local", 3000), ("s3", 400)):
-        found = result[case]
-        assert found["written"] == shards and found["rerun"]["summary"] == f"{shards:,} shards, 0 rendered"
-        assert found["status"]["summary"] == f"{shards:,} shards done, {shards:,} images"
-    assert result["s3"]["status"]["requests"]["total"] > 0 and result["local"]["rerun"]["peak_rss_mb"] > 0
-
-
-def test_cpu_runs_job_loop_and_ray_data_peer_with_equal_images(tmp_path: Path) -> None:
-    result = run_benchmark(
-        "cpu", "--rows", "4", "--size", "64", "--steps", "2", "--work-dir", str(tmp_path),
-        "--render-args", "--batch-size 2 --log-level WARNING",
-    )  # fmt: skip
-    assert result["ours_seconds"] > 0 and result["diffusers_loop_seconds"] > 0 and result["ray_data_peer_seconds"] > 0
-    assert result["ratio"] == pytest.approx(result["ours_seconds"] / result["diffusers_loop_seconds"], rel=1e-3)
-    assert result["ratio_vs_peer"] == pytest.approx(result["ours_seconds"] / result["ray_data_peer_seconds"], rel=1e-3)
-    assert result["max_level_difference"] <= 1
-    assert len(list((tmp_path / "peer").glob("*.png"))) == 4  # the peer script saved every row's image
-    timeline = result["timeline"]
-    assert (
-        0 < timeline["first_dispatch"] <= timeline["rendered"] and 0 < result["fixed_seconds"] < result["ours_seconds"]
-    )
-    chosen = {choice["flag"]: choice["value"] for choice in result["defaults_chosen"]}
-    assert chosen["--prior-batch-size"] == 4 and "--batch-size" not in chosen  # the machine's default; the flag's
-    stats = json.loads((tmp_path / "ours" / "stats.json").read_text())
-    calls = stats["stages"]["calls"]  # one prior call served both decoder batches; one add each, one finalize
-    assert calls == {"prior": 1, "decoder": 2, "writer": 3}
-    assert stats["suggested_stages"]["decoder_seconds_per_image"] > 0  # measured; on CPU there is nothing to split
 
 
 def test_host_times_the_decoder_around_a_stub_pipeline(tmp_path: Path, tiny_models: str, in_process: Callable) -> None:

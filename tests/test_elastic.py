@@ -1,5 +1,5 @@
-"""Elastic pools on real Ray clusters on this machine: nodes that join, leave and come back mid-run, and a cluster
-that starts with no GPU and gets one from its (fake) autoscaler.
+"""Elastic pools on real Ray clusters on this machine: nodes that join, leave and come back mid-run, and planned
+GPUs that never come (a cluster that gets its GPU from its autoscaler: tests/test_autoscaling.py).
 
 Each test prints ELASTIC lines with its figures (node join to its first decoded image, images/s before and
 after a join, start to the first image from zero); images lost and duplicated are checked to be 0 and 0.
@@ -10,51 +10,31 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from cluster.defaults import Machine
 from jobs.execution.capacity import await_gpus
 from tests.helpers.clusters import Cluster, Job
-from tests.helpers.rows import assert_exactly_one_ok, raw_results, rows_of, write_manifest
+from tests.helpers.elastic import check_once, decoded, new_cluster
+from tests.helpers.rows import rows_of, write_manifest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
-
-
-def _cluster(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> tuple[Cluster, Path]:
-    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
-    return Cluster(root, tmp_path_factory.mktemp(f"{prefix}logs")), root
 
 
 @pytest.fixture(scope="module")
 def cpu_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A head with CPUs only: every GPU comes with a worker node the test adds."""
-    cluster, root = _cluster(tmp_path_factory, "kre-")
+    cluster, root = new_cluster(tmp_path_factory, "kre-")
     try:
         cluster.start_head(num_cpus=3, num_gpus=0)
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def decoded(output: Path) -> list[tuple[float, int]]:
-    """(finished_at as epoch seconds, decoder pid) of every image in the published results, in time order."""
-    rows = []
-    for part in (output / "results").glob("*.parquet") if (output / "results").exists() else []:
-        table = pq.read_table(part, columns=["finished_at", "decoder_worker", "status"])
-        for at, worker, status in zip(*(table.column(i).to_pylist() for i in range(3))):
-            if status == "ok":
-                rows.append(
-                    (at.timestamp() if isinstance(at, datetime) else float(at), int(worker.split(":")[1].split()[0]))
-                )
-    return sorted(rows)
 
 
 def wait_until(condition, timeout: float, job: Job) -> bool:
@@ -67,12 +47,6 @@ def wait_until(condition, timeout: float, job: Job) -> bool:
 
 
 PACE_S = 4.0  # seconds each decoder call sleeps while a test holds the gate (`tests.helpers.gated_render`)
-
-
-def check_once(output: Path, rows: list[dict]) -> None:
-    results = raw_results(str(output))
-    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
-    assert len(results) == len(rows)  # nothing lost, nothing twice
 
 
 def test_a_run_planned_for_gpus_waits_exactly_the_stage_wait_then_takes_its_request_back(
@@ -151,36 +125,3 @@ def test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back(
         f"ELASTIC growth: node joined -> its first decoded image {first_on_join - joined_at:.1f} s; decoder pool "
         f"{decoders['history']}; lost 0, duplicated 0"
     )
-
-
-@pytest.fixture()
-def autoscaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A CPU head whose fake autoscaler adds, on demand, up to one node of 2 CPUs and 1 logical GPU."""
-    cluster, root = _cluster(tmp_path_factory, "kra-")
-    try:
-        cluster.start_autoscaling_head(
-            head_cpus=3, worker_types={"gpu": {"resources": {"CPU": 2, "GPU": 1}, "min_workers": 0, "max_workers": 1}}
-        )
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_from_zero_the_job_asks_the_autoscaler_and_renders_on_the_node_it_adds(
-    autoscaled: Cluster, tmp_path: Path, tiny_models: str
-) -> None:
-    rows = rows_of(6)
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
-    output = tmp_path / "out"
-    job = Job(autoscaled, manifest, output, tiny_models, "--plan-for", "1xL4", "--stage-wait", "300")
-    started = time.time()  # the job's process has just started
-    code, log = job.finish()
-    assert code == 0, log[-4000:]
-    assert "asked the autoscaler for 1 GPU(s)" in log and "GPU(s) up after" in log, log[-3000:]
-    check_once(output, rows)
-    first = decoded(output)[0][0]
-    stats = json.loads((output / "stats.json").read_text())
-    assert stats["defaults"]["machine"]["gpus"] == 1.0 and stats["stages"]["stages"]["decoder"]["num_gpus"] > 0
-    print(f"ELASTIC from zero: job start -> first image {first - started:.1f} s; lost 0, duplicated 0")

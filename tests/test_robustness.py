@@ -1,4 +1,5 @@
-"""Nothing lost: broken rows, failed writes, NaN models, killed drivers and actors, reruns, increments, leases."""
+"""Nothing lost: broken rows, failed writes, NaN models, hostile ids, reruns, increments, leases (killed drivers
+and actors: tests/test_kills.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import io
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -26,10 +25,10 @@ from jobs.reporting.results import read_results
 from schemas.keys import LEASE_FILE
 from schemas.results import final_results
 from schemas.shards import image_key, shard_name
-from tests.helpers.cli import Outcome, clean_env, command, in_process
+from tests.helpers.cli import Outcome, clean_env, in_process
 from tests.helpers.places import REPO
 from tests.helpers.reference import load_png, max_level_difference
-from tests.helpers.rows import MARKERS, STEPS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
+from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -146,84 +145,6 @@ def test_hostile_ids_never_write_outside_the_output(tmp_path: Path, tiny_models:
     assert all(Path(u).resolve().is_relative_to((output / "images").resolve()) for u in uris)
 
 
-def _descendants(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _kill_leftovers(pids: list[int]) -> None:
-    """Processes of a SIGKILLed driver's private Ray that outlive it, killed by their own pids."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-@pytest.mark.fault
-def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
-    """webdataset shards on S3: a SIGKILLed driver leaves only whole, marked shards; a rerun does the rest once."""
-    import s3fs
-
-    bucket, options = s3_options["bucket"], s3_options["options"]
-    fs = s3fs.S3FileSystem(**options)
-    rows = rows_of(16, num_images=2)
-    fs.put(write_manifest(tmp_path / "m.parquet", rows), f"{bucket}/in/m.parquet")
-    output = f"s3://{bucket}/out"
-    env = clean_env()
-    argv = [*command(module="jobs.render"), "--manifest", f"s3://{bucket}/in/", "--output", output,
-               "--models", tiny_models, "--batch-size", "2", "--shard-rows", "2", "--output-format", "webdataset",
-               "--lease-ttl", "30", "--storage-option", "key=testing", "--storage-option", "secret=testing",
-               "--storage-option", "client_kwargs=" + json.dumps(options["client_kwargs"])]  # fmt: skip
-    driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    markers = []
-    target = random.Random().randint(1, 6)  # a random moment: after 1 to 6 of the 8 shards
-    while time.monotonic() < deadline and driver.poll() is None:
-        fs.invalidate_cache()
-        markers = fs.glob(f"{bucket}/out/{MARKERS}")
-        if len(markers) >= target:
-            break
-        time.sleep(0.2)
-    children = _descendants(driver.pid)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    time.sleep(1)
-    _kill_leftovers(children)
-    assert markers, driver.stderr.read().decode()[-2000:] if driver.stderr else "no shard done before the deadline"
-
-    fs.invalidate_cache()
-    done = [json.loads(fs.cat_file(m)) for m in fs.glob(f"{bucket}/out/{MARKERS}")]
-    for marker in done:  # a marker is written last: its tar and results are whole
-        (part,) = marker["parts"]
-        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{bucket}/out/{part['data']}"))) as tar:
-            assert len(tar.getnames()) == 3 * part["num_images"]  # <key>.json, .png and .txt per image
-    first_done = sum(m["num_images"] for m in done)
-    rerun = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    everything = {(r["id"], i) for r in rows for i in range(2)}
-    results = raw_results(output, **options)
-    assert_exactly_one_ok(results, everything)
-    assert len(results) == len(everything)  # no results file of an unpublished shard is left behind
-    stats = json.loads(fs.cat_file(f"{bucket}/out/stats.json"))
-    assert stats["num_rendered"] == len(everything) - first_done  # only the shards the first run had not finished
-    assert stats["num_skipped_already_final"] == first_done
-    fs.invalidate_cache()
-    members = []
-    for tar_path in fs.glob(f"{bucket}/out/data/*.tar"):
-        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(tar_path))) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".png"):
-                    members.append(member.name)
-                    Image.open(tar.extractfile(member)).load()  # a whole PNG
-    assert len(members) == len(set(members)) == len(everything)  # every image exactly once across the tars
-    assert not fs.exists(f"{bucket}/out/{LEASE_FILE}")
-
-
 @pytest.mark.usefixtures("ray_two_gpus")
 def test_scheduled_increments_on_s3_render_each_row_once(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
     import s3fs
@@ -241,46 +162,6 @@ def test_scheduled_increments_on_s3_render_each_row_once(tmp_path: Path, tiny_mo
     results = raw_results(output, **options)
     assert_exactly_one_ok(results, {(f"day1-{i}", 0) for i in range(4)} | {(f"day2-{i}", 0) for i in range(3)})
     assert {r["run_id"] for r in results} == {first.run_id, second.run_id}
-
-
-@pytest.mark.usefixtures("ray_two_gpus")
-@pytest.mark.fault
-def test_killed_decoder_actor_is_replaced_and_nothing_is_lost(tmp_path: Path, tiny_models: str) -> None:
-    import ray
-
-    rows = rows_of(12, num_inference_steps=6)
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
-    calm = run_job(config_for(manifest, str(tmp_path / "calm"), tiny_models, batch_size=2))
-    assert calm.stats["num_rendered"] == 12
-
-    outcome: dict = {}
-    job = threading.Thread(
-        target=lambda: outcome.update(
-            summary=run_job(config_for(manifest, str(tmp_path / "hit"), tiny_models, batch_size=2, shard_rows=2))
-        ),  # fmt: skip
-    )
-    job.start()
-    killed = None
-    deadline = time.monotonic() + 180
-    while killed is None and time.monotonic() < deadline and job.is_alive():
-        parts = sorted((tmp_path / "hit" / "results").glob("*.parquet")) if (tmp_path / "hit").exists() else []
-        if parts:  # the decoder actor's pid is in every results row ("host:pid gpus=...")
-            worker = pq.read_table(parts[0], columns=["decoder_worker"]).column(0)[0].as_py()
-            killed = int(worker.split(":")[1].split()[0])
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.1)
-    job.join(timeout=300)
-    assert killed is not None, "the decoder actor was never seen alive mid-run"
-    assert ray.is_initialized()
-    summary = outcome["summary"]
-    results = raw_results(str(tmp_path / "hit"))
-    assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
-    assert len(results) == 12  # no duplicate results rows, no error rows
-    assert killed not in {int(r["decoder_worker"].split(":")[1].split()[0]) for r in results[-2:]}
-    calm_results = {r["id"]: r for r in raw_results(str(tmp_path / "calm"))}
-    for r in results:
-        assert max_level_difference(load_png(r["uri"]), load_png(calm_results[r["id"]]["uri"])) <= 1
-    assert summary.stats["num_rendered"] == 12
 
 
 def test_lease_blocks_a_second_run_and_is_taken_over_when_stale(
