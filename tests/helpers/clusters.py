@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ TEST_NODE_LABEL = "kandinsky-render-test/node"  # each worker a value of its own
 PROBE = """
 import json, sys
 import ray
-ray.init(address="auto", logging_level="ERROR")
+ray.init(address=sys.argv[2], logging_level="ERROR")
 label = sys.argv[1]
 for line in sys.stdin:
     if line.strip() == "alive":
@@ -45,6 +46,7 @@ for line in sys.stdin:
         answer = sum(total.get(k, 0) - free.get(k, 0) for k in ("CPU", "GPU"))
     print("ANSWER " + json.dumps(answer), flush=True)
 """
+PROBE_ANSWER_S = 60.0  # its first answer includes importing Ray and connecting
 NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port")  # fmt: skip
 
@@ -144,13 +146,15 @@ class Cluster:
         for _ in range(2):
             if self._probe is None or self._probe.poll() is not None:
                 self._probe = subprocess.Popen(
-                    [sys.executable, "-c", PROBE, TEST_NODE_LABEL], env=self.env, stdin=subprocess.PIPE,
+                    [sys.executable, "-c", PROBE, TEST_NODE_LABEL, self.gcs], env=self.env, stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
                 )  # fmt: skip
             try:
                 self._probe.stdin.write(question + "\n")
                 self._probe.stdin.flush()
-                line = self._probe.stdout.readline()
+                # an answer within PROBE_ANSWER_S (a probe stuck connecting is replaced, never waited on forever)
+                ready, _, _ = select.select([self._probe.stdout], [], [], PROBE_ANSWER_S)
+                line = self._probe.stdout.readline() if ready else ""
             except (BrokenPipeError, OSError):
                 line = ""
             if line.startswith("ANSWER "):
