@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.helpers.cli import clean_env
-from tests.helpers.docs import Block, doc_pages, page_blocks
+from tests.helpers.docs import Block, blocks_in, doc_pages, page_blocks
 from tests.helpers.gallery import check_example_render
 from tests.helpers.places import REPO
 
@@ -202,3 +202,14 @@ def test_the_documented_ray_cluster_commands_run_as_written(tmp_path: Path) -> N
     assert script.returncode == 0, f"{block.where} exited {script.returncode}:\n{shown[-4000:]}\n{head_log[-2000:]}"
     assert "succeeded" in shown and (output / "_SUCCESS").is_file()
     check_example_render(output, shown, tmp_path, cluster_gpus=2.0)  # and the gallery opens
+
+
+def test_ci_installs_and_tests_as_the_readme_says() -> None:
+    """`.ci/run` (what CI runs on a clean clone) runs README's test command and installs with README's lines."""
+    install, suite = blocks_in("README.md", "The two commands", "bash")
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert suite.strip().removeprefix(". .venv/bin/activate && ") in ci
+    steps = [step.strip() for step in install.split("&&")]
+    for step in steps[1:-1]:  # the venv, torch and the project (its activation and render aside)
+        if step.startswith("pip install"):
+            assert step in ci, step
