@@ -24,10 +24,10 @@ INTRO = """\
 `kandinsky-render render --help` lists the same options. Each option is declared once, as a field of the config
 dataclasses (`JobConfig` and the classes nested in it in `schemas/config.py`, `schemas/accel.py`,
 `schemas/resources.py` (each stage's actors, GPUs and CPUs), `schemas/models.py` and `schemas/manifest.py`;
-`RunOptions` in `jobs/options/run_options.py` for the options that are not part of a job's config) with its help text, flag name and
-choices in the field's metadata; `jobs/options/flags.py` derives the flags, the config-file keys and `--help` from
-them, and this page from the same table. Every option can also be given in a config file
-([Config files](config-file.md)) under its key (the flag without its dashes).
+`RunOptions` in `jobs/options/run_options.py` for the options that are not part of a job's config) with its help
+text, flag name and choices in the field's metadata; `jobs/options/flags.py` derives the flags, the config-file keys
+and `--help` from them, and this page from the same table. Every option can also be given in a config file ([Config
+files](config-file.md)) under its key (the flag without its dashes).
 """
 
 
