@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers.benchmarks import run_benchmark
 
+pytestmark = [pytest.mark.slow]  # each starts processes and a private Ray of its own
+
 
 def test_simulated_runs_the_whole_job_and_prints_efficiency_json(tmp_path: Path) -> None:
     result = run_benchmark(
