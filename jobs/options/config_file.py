@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from jobs.options.flags import OPTIONS, Option, file_keys, file_value, option_at
+from jobs.options.file_values import file_keys, file_value
+from jobs.options.flags import OPTIONS, Option, option_at
 from jobs.options.run_options import RunOptions
 from jobs.options.storage import redact, secret_values
 from schemas.text import first_line
