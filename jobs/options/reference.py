@@ -25,9 +25,9 @@ INTRO = """\
 dataclasses (`JobConfig` and the classes nested in it in `schemas/config.py`, `schemas/accel.py`,
 `schemas/resources.py` (each stage's actors, GPUs and CPUs), `schemas/models.py` and `schemas/manifest.py`;
 `RunOptions` in `jobs/options/run_options.py` for the options that are not part of a job's config) with its help
-text, flag name and choices in the field's metadata; `jobs/options/flags.py` derives the flags, the config-file keys
-and `--help` from them, and this page from the same table. Every option can also be given in a config file ([Config
-files](config-file.md)) under its key (the flag without its dashes).
+text, flag name and choices in the field's metadata; `jobs/options/flags.py` derives the flags and `--help` from
+them (`jobs/options/file_values.py` the config-file keys), and this page from the same table. Every option can also
+be given in a config file ([Config files](config-file.md)) under its key (the flag without its dashes).
 """
 
 
