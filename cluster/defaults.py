@@ -37,7 +37,8 @@ from typing import Any
 from cluster.accelerators import accelerator_spec, canonical_accelerator
 from cluster.layout import CLIP_GROUP, DECODER_GROUP, Layout, StageCosts, choose, sweep
 from cluster.nodes import NodeShape, cpus_per_gpu_actor
-from schemas.config import LAYOUT_CO_LOCATED, LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig
+from schemas.choices import LAYOUT_CO_LOCATED, LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS
+from schemas.config import JobConfig
 from schemas.resources import UNBOUNDED, StageResources
 from schemas.stages import DECODER, DEPTH, PRIOR, SCORE, STAGES, WRITER
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.layout import CLIP_GROUP, CLIP_SHARE, DECODER_GROUP, MODEL_GROUP
-from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, JobConfig
+from schemas.choices import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS
+from schemas.config import JobConfig
 from schemas.resources import StageResources
 from schemas.stages import DECODER, DEPTH, MODEL_STAGES, PRIOR, SCORE
 

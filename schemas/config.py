@@ -3,38 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.accel import DTYPES, AccelOptions
-from schemas.keys import MAX_SEED
+from schemas.choices import (
+    EMBEDDING_DTYPES,
+    LAYOUTS,
+    MAX_PLANNED_GPUS,
+    NUMBER_RANGES,
+    PLAN_FOR,
+    RUNNERS,
+    SCORERS,
+)
 from schemas.log import COMPACT_EVERY, VERIFY_MAX_OBJECTS
 from schemas.manifest import Limits, RenderDefaults
 from schemas.models import ModelPaths
-from schemas.numbers import DAY_S, MAX_WAIT_S, check_range
+from schemas.numbers import check_range
 from schemas.resources import MACHINE_DEFAULT, StageResources
 from schemas.shards import DEFAULT_SHARD_ROWS, OUTPUT_FORMATS
 from schemas.stages import SCORE
 from schemas.text import public_uri
 from schemas.validation import value_bounds
-
-SCORERS = ("clip",)
-EMBEDDING_DTYPES = ("float32", "float16")
-RUNNERS = ("ray", "local")
-# How the model stages share processes and GPUs (cluster/layout.py): the CLIP stages (prior, scoring, depth) on
-# GPUs of their own, beside the decoders on the decoders' GPUs, or every stage in one process (CPU clusters).
-LAYOUT_DEDICATED = "dedicated"
-LAYOUT_CO_LOCATED = "co-located"
-LAYOUT_ONE_PROCESS = "one-process"
-LAYOUTS = (LAYOUT_DEDICATED, LAYOUT_CO_LOCATED, LAYOUT_ONE_PROCESS)
-# Bounds that keep a mistyped number from exhausting memory (a batch, the shards held open, a planned cluster).
-MAX_BATCH_SIZE = 1 << 16  # also what planning uses to cut work without batching it
-MAX_SHARD_ROWS = 10_000_000
-MAX_SHARDS_IN_FLIGHT = 10_000
-MAX_PLANNED_GPUS = 100_000
-# ``--plan-for`` values: N GPUs of a type (``8xH100``); the type is checked against the calibration profiles.
-PLAN_FOR = re.compile(r"\s*(\d+)\s*[xX*]\s*([A-Za-z0-9_.-]+)\s*")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -355,24 +345,7 @@ class JobConfig:
     )
 
     def __post_init__(self) -> None:
-        for name, low, high, low_open in (
-            ("idle_timeout_s", 0.0, MAX_WAIT_S, False),
-            ("call_timeout_s", 0.0, MAX_WAIT_S, True),
-            ("call_timeout_floor_s", 0.0, MAX_WAIT_S, True),
-            ("call_timeout_warm_floor_s", 0.0, MAX_WAIT_S, True),
-            ("stage_wait_s", 0.0, MAX_WAIT_S, True),
-            ("connect_wait_s", 0.0, DAY_S, True),
-            ("lease_ttl_s", 0.0, DAY_S, True),
-            ("lease_wait_s", 0.0, MAX_WAIT_S, False),
-            ("max_error_fraction", 0.0, 1.0, False),
-            ("min_clip_score", 0.0, 100.0, False),
-            ("seed", 0, MAX_SEED, False),
-            ("batch_size", 1, MAX_BATCH_SIZE, False),
-            ("prior_batch_size", 1, MAX_BATCH_SIZE, False),
-            ("shard_rows", 1, MAX_SHARD_ROWS, False),
-            ("shards_in_flight", 1, MAX_SHARDS_IN_FLIGHT, False),
-            ("compact_every", 1, 1 << 40, False),
-        ):
+        for name, low, high, low_open in NUMBER_RANGES:
             check_range(name, getattr(self, name), low=low, high=high, low_open=low_open)
         if self.writer.min_actors == 0:
             raise ValueError("writer.num_actors must be N or MIN:MAX with MIN >= 1: writers cannot start from 0")

@@ -25,7 +25,8 @@ from jobs.planning.calibration import (
     stage_costs,
 )
 from jobs.planning.machine import machine_defaults
-from schemas.config import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, PLAN_FOR, JobConfig
+from schemas.choices import LAYOUT_DEDICATED, LAYOUT_ONE_PROCESS, PLAN_FOR
+from schemas.config import JobConfig
 from schemas.resources import UNBOUNDED
 from schemas.stages import DECODER
 
