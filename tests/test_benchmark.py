@@ -9,30 +9,13 @@ import pytest
 
 from cluster.resources import StageLayout, StagePlacement, fit_cpus
 from jobs.dev.real_size import build_real_size_modules
-from tests.helpers.benchmarks import last_json, run_benchmark
+from tests.helpers.benchmarks import benchmark_in_process, last_json, run_benchmark
 
 
 @pytest.fixture()
 def in_process(capsys: pytest.CaptureFixture) -> Iterator[Callable[..., tuple[int, str, str]]]:
-    """``kandinsky-render benchmark ARGS`` in this process, for modes that start no Ray: (exit status, stdout,
-    stderr). torch's thread count, which ``--threads`` sets, is put back after."""
-    import torch
-
-    from jobs.benchmarks.cli import main
-
-    threads = torch.get_num_threads()
-
-    def call(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield call
-    torch.set_num_threads(threads)
+    """``kandinsky-render benchmark ARGS`` in this process (`benchmark_in_process`)."""
+    yield from benchmark_in_process(capsys)
 
 
 @pytest.mark.usefixtures("ray_two_gpus")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.benchmarks import benchmark_in_process
+
 PHASES = [
     "models", "eager", "combined", "prior", "compiled", "compiled_channels_last", "channels_last", "equality",
     "eager_batch_1", "co_located",
@@ -24,25 +26,8 @@ SMALL = (
 
 @pytest.fixture()
 def in_process(capsys: pytest.CaptureFixture) -> Iterator[Callable[..., tuple[int, str, str]]]:
-    """``kandinsky-render benchmark gpu ARGS`` in this process: (exit status, stdout, stderr); torch's thread count,
-    which ``--threads`` sets, is put back after."""
-    import torch
-
-    from jobs.benchmarks.cli import main
-
-    threads = torch.get_num_threads()
-
-    def call(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            code = main(["gpu", *args])
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield call
-    torch.set_num_threads(threads)
+    """``kandinsky-render benchmark gpu ARGS`` in this process (`benchmark_in_process`)."""
+    yield from benchmark_in_process(capsys, "gpu")
 
 
 def json_lines(out: str) -> list[dict]:
