@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.planning.ids import _batches, check_ids
+from jobs.planning.ids import check_ids, id_batches
 from jobs.planning.manifests import ManifestFile, cut_shards
 from schemas.manifest import ManifestError
 from schemas.shards import Shard
@@ -54,7 +54,7 @@ def check_all_ids(files: Sequence[ManifestFile], *, storage_options: dict[str, A
 
 
 def _ids(file: ManifestFile, storage_options: dict[str, Any] | None) -> Iterable[tuple[int, pa.Array]]:
-    for first_row, batch in _batches(file, storage_options):
+    for first_row, batch in id_batches(file, storage_options):
         yield first_row, batch.column("id").cast(pa.string())
 
 

@@ -46,7 +46,7 @@ def files_digest(files: Sequence[ManifestFile]) -> str:
     return digest.hexdigest()
 
 
-def _batches(file: ManifestFile, storage_options: dict[str, Any] | None) -> Iterator[tuple[int, pa.RecordBatch]]:
+def id_batches(file: ManifestFile, storage_options: dict[str, Any] | None) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(first row number, batch of the ``id`` and ``mode`` columns) over the whole file.
 
     A transient storage error mid-file reopens it at the row group it was reading and skips the rows
@@ -111,7 +111,7 @@ def check_ids(files: Sequence[ManifestFile], *, storage_options: dict[str, Any] 
         handles = [open(path, "wb") for path in paths]
         try:
             for file in files:
-                for first_row, batch in _batches(file, storage_options):
+                for first_row, batch in id_batches(file, storage_options):
                     hashes = _hashes(_check_batch(file, first_row, batch))
                     if bits == 0:
                         hashes.tofile(handles[0])
@@ -139,7 +139,7 @@ def _confirm(files: Sequence[ManifestFile], suspects: np.ndarray, storage_option
     """Second pass: the real ids behind repeated hashes; raise for the first real duplicate."""
     first_file: dict[str, str] = {}
     for file in files:
-        for _, batch in _batches(file, storage_options):
+        for _, batch in id_batches(file, storage_options):
             ids = batch.column("id").cast(pa.string())
             for row_id in ids.filter(pa.array(np.isin(_hashes(ids), suspects))).to_pylist():
                 other = first_file.get(row_id)
