@@ -252,7 +252,7 @@ def test_the_id_pass_resumes_mid_file_counting_every_row_once(tmp_path: Path, mo
     monkeypatch.setattr(ids.pq, "ParquetFile", Dropping)
     monkeypatch.setattr(ids, "BATCH_ROWS", 30)
     monkeypatch.setenv(ATTEMPTS_ENV, "10")
-    seen = [row for first, batch in ids._batches(footer, None) for row in range(first, first + batch.num_rows)]
+    seen = [row for first, batch in ids.id_batches(footer, None) for row in range(first, first + batch.num_rows)]
     assert seen == list(range(n)) and len(opened) == 4  # every row once, in order, across the reopenings
     opened.clear()
     assert ids.check_ids([footer]) == n  # no row read twice: no false duplicate
