@@ -20,16 +20,16 @@ from typing import Any
 
 from actors.storage import Storage
 from cluster.defaults import Machine
-from jobs.execution.chain import ChainBuilder, execute, session, start_imports
+from jobs.execution.chain import ChainBuilder, decoder_dtype, execute, session, stage_gpus, start_imports
 from jobs.execution.connect import check_address
 from jobs.execution.contract import BatchDone, Task, TaskDone
 from jobs.execution.metrics import MetricsRecorder
 from jobs.execution.timeline import Timeline
-from jobs.planning.availability import check_models, note_changed_checkpoints
+from jobs.planning.availability import ModelUnavailableError, check_models, note_changed_checkpoints
 from jobs.planning.batches import group_batches, prior_batch_size
 from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.machine import log_choices, stats_record
-from jobs.planning.pinning import check_pinned, wanted
+from jobs.planning.pinning import check_pinned, settle
 from jobs.planning.run_plan import RunPlan, ShardWork, plan_run, with_machine_defaults
 from jobs.planning.scan import DEPTH_MODEL, PendingScan
 from jobs.publishing.corrections import apply_corrections
@@ -197,12 +197,15 @@ def _plan(config: JobConfig, storage: Storage, timeline: Timeline) -> tuple[RunP
     Also starts importing the stage modules (a thread, returned) once there is work. Raises
     `jobs.planning.availability.ModelUnavailableError` when a needed model cannot be loaded.
     """
-    plan = plan_run(config, storage)
+    plan = plan_run(config, storage, check_pins=False)
     imports = start_imports(plan.config) if plan.pending else None
-    scan = check_models(plan, plan.scan())
-    # The checkpoints' contents, resolved now, against what the output pinned (before any model loads).
-    plan.pixel_changes = check_pinned(plan.config, plan.pinned_pixels, scan.model_ids)
-    pixels = wanted(plan.config, plan.pinned_pixels, scan.model_ids)
+    try:
+        scan = check_models(plan, plan.scan())
+    except ModelUnavailableError:
+        check_pinned(plan.config, plan.pinned_pixels)  # a changed flag is named before a model that cannot load
+        raise
+    # The flags and the checkpoints' contents, resolved now, against what the output pinned (before any model loads).
+    pixels, plan.pixel_changes = settle(plan.config, plan.pinned_pixels, scan.model_ids, rendering=bool(plan.pending))
     plan.settings = dataclasses.replace(plan.settings, pixels=pixels)
     timeline.mark("planned")
     return plan, scan, imports
@@ -278,6 +281,10 @@ def _render(
         scan.num_images,
     )
     already_final = plan.index.totals.num_images  # less the images retries render again (known once planned)
+    pixels = plan.settings.pixels
+    if pixels.dtype == "auto":  # pinned as the dtype that makes the images (auto resolves to it on later runs)
+        dtype = decoder_dtype(config, cluster_gpus=stage_gpus(config, machine), needs_depth=scan.needs_depth)
+        plan.settings = dataclasses.replace(plan.settings, pixels=dataclasses.replace(pixels, dtype=dtype))
     write_settings(storage, plan.settings)
     write_card(storage, plan.settings, embeddings=saved_embeddings(plan))
     storage.delete(SUCCESS_FILE)

@@ -45,7 +45,12 @@ class JobConfig:
     )
     models: ModelPaths = field(default_factory=ModelPaths, metadata={"group": "models"})
     dtype: str = field(
-        default="auto", metadata={"choices": DTYPES, "help": "auto: float16 on CUDA, float32 on CPU", "group": "models"}
+        default="auto",
+        metadata={
+            "choices": DTYPES,
+            "help": "auto: the dtype the output's images were made in, else float16 on CUDA, float32 on CPU",
+            "group": "models",
+        },
     )
     accel: AccelOptions = field(default_factory=AccelOptions, metadata={"group": "speed"})
     runner: str = field(

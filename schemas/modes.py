@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 # How a decoder pipeline treats a size that is not a multiple of its rule (diffusers 0.42.1):
 ROUND_UP = "round_up"  # silently renders the next multiple (text2img, ControlNet)
-ROUND_DOWN = "round_down"  # silently crops to the previous multiple (img2img)
+ROUND_DOWN = "round_down"  # resizes the source to the previous multiple of the MoVQ scale (img2img): a crop, or a
+# latent the UNet cannot take (it halves it 3 times in the public checkpoints) and a crash
 CRASH = "crash"  # raises inside the pipeline (inpaint)
 
 # Pipeline keyword argument that carries each image column the decoder reads.
@@ -26,8 +27,9 @@ class Mode:
     ``reads``: image columns the decoder uses (a row setting another image column is refused).
     ``required``: image columns that must be set. ``hint_estimated``: a missing ``hint`` is
     estimated from ``image`` by the depth stage. ``partial_schedule``: the pipeline runs only
-    ``int(num_inference_steps * strength)`` steps (and crashes at 0). ``size_power``: sides must be
-    multiples of ``scale ** size_power`` (``scale`` = the checkpoint's MoVQ downsampling factor);
+    ``int(num_inference_steps * strength)`` steps (and crashes at 0). Sides must be
+    multiples of ``scale ** 2`` (``scale``: the checkpoint's MoVQ downsampling factor; its latent then
+    passes the UNet's downsampling, by 8 in the public checkpoints, as their MoVQ's scale);
     ``size_effect`` says what the pipeline does otherwise. ``square_only``: non-square sizes fail.
     ``batch_inputs``: image columns that must be identical across the rows of one call.
     """
@@ -40,7 +42,6 @@ class Mode:
     required: frozenset[str] = frozenset()
     hint_estimated: bool = False
     partial_schedule: bool = False
-    size_power: int = 2
     size_effect: str = ROUND_UP
     square_only: bool = False
     batch_inputs: tuple[str, ...] = ()
@@ -52,13 +53,13 @@ class Mode:
 
     def size_problem(self, *, height: int, width: int, scale: int) -> str | None:
         """Why this mode cannot render exactly ``height`` x ``width`` with a MoVQ of ``scale``; None if it can."""
-        multiple = scale**self.size_power
+        multiple = scale**2
         for name, value in (("height", height), ("width", width)):
             if value % multiple:
                 down, up = value // multiple * multiple, -(-value // multiple) * multiple
                 would = {
                     ROUND_UP: f"silently render {up}",
-                    ROUND_DOWN: f"silently crop it to {down}",
+                    ROUND_DOWN: f"silently crop it to {down}" if value - down < scale else "crash",
                     CRASH: "crash",
                 }[self.size_effect]
                 return (
@@ -89,7 +90,6 @@ MODES: dict[str, Mode] = {
             reads=frozenset({"image"}),
             required=frozenset({"image"}),
             partial_schedule=True,
-            size_power=1,
             size_effect=ROUND_DOWN,
         ),
         Mode(

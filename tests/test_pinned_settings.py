@@ -57,7 +57,7 @@ def test_a_resume_needs_only_the_output_and_uses_the_pinned_models(
     [
         (("--num-inference-steps", "3"), "--num-inference-steps: 2 (pinned) vs 3 (this run)"),
         (("--guidance-scale", "5"), "--guidance-scale: 4.0 (pinned) vs 5.0 (this run)"),
-        (("--dtype", "bfloat16"), "--dtype: auto (pinned) vs bfloat16 (this run)"),
+        (("--dtype", "bfloat16"), "--dtype: float32 (pinned) vs bfloat16 (this run)"),
         (("--seed", "7"), "--seed: 0 (pinned) vs 7 (this run)"),
     ],
 )
@@ -94,6 +94,60 @@ def test_a_checkpoint_whose_content_changed_is_refused_before_any_model_loads(
     shutil.copytree(models, moved)
     again = in_process(capsys, "render", "--output", str(output), "--runner", "local", "--models", str(moved))
     assert again.code == 0, again.err[-2000:]
+
+
+def test_a_pinned_folder_that_moved_is_named_as_the_pinned_one(
+    rendered: tuple[Path, Path, str], capsys: pytest.CaptureFixture
+) -> None:
+    folder, output, models = rendered
+    moved = Path(models).with_name("moved")
+    Path(models).rename(moved)
+    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
+    refused = in_process(capsys, "render", "--output", str(output), "--runner", "local")
+    assert refused.code == 2 and f"is the one {output} pinned" in refused.err, refused.err[-2000:]
+    assert "Hugging Face hub" not in refused.err  # the hub's weights would be another model
+    again = in_process(capsys, "render", "--output", str(output), "--runner", "local", "--models", str(moved))
+    assert again.code == 0, again.err[-2000:]
+
+
+def test_the_dtype_pinned_is_the_one_that_made_the_images_and_auto_keeps_it(
+    rendered: tuple[Path, Path, str], capsys: pytest.CaptureFixture
+) -> None:
+    folder, output, _ = rendered
+    assert json.loads((output / "_dataset.json").read_text())["pixels"]["dtype"] == "float32"  # auto, resolved
+    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
+    for dtype in ("float32", "auto"):  # the dtype its images were made in, by name or as auto's choice
+        again = in_process(capsys, "render", "--output", str(output), "--runner", "local", "--dtype", dtype)
+        assert again.code == 0, again.err[-2000:]
+    assert set(pq.read_table(output / "results").column("dtype").to_pylist()) == {"float32"}
+
+
+def test_every_change_is_listed_at_once_and_a_run_with_nothing_to_render_pins_nothing(
+    rendered: tuple[Path, Path, str], capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder, output, models = rendered
+    other = Path(models).with_name("other")
+    shutil.copytree(models, other)
+    config = other / "prior" / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"num_train_timesteps": 1000', '"num_train_timesteps": 999'))
+    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
+    changed = ("--prior", str(other / "prior"), "--num-inference-steps", "5", "--seed", "9")
+    refused = in_process(capsys, "render", "--output", str(output), "--runner", "local", *changed)
+    assert refused.code == 2, refused.err[-2000:]
+    for change in ("--num-inference-steps: 2 (pinned) vs 5", "--seed: 0 (pinned) vs 9", "checkpoint prior: "):
+        assert change in refused.err, refused.err[-2000:]
+    # Nothing to render: other model folders are not pinned (nothing compared them), and a resume still loads
+    # the pinned ones.
+    (folder / "b.parquet").unlink()
+    before = json.loads((output / "_dataset.json").read_text())["pixels"]
+    with caplog.at_level("WARNING", logger="kandinsky_render"):
+        noop = in_process(capsys, "render", "--output", str(output), "--runner", "local", "--models", str(other))
+    assert noop.code == 0, noop.err[-2000:]
+    assert json.loads((output / "_dataset.json").read_text())["pixels"] == before
+    assert f"--prior {other}/prior (pinned: {models}/prior)" in caplog.text
+    write_manifest(folder / "c.parquet", [{"id": "later", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
+    resumed = in_process(capsys, "render", "--output", str(output), "--runner", "local")
+    assert resumed.code == 0, resumed.err[-2000:]
 
 
 def test_status_and_the_card_name_the_checkpoints(

@@ -319,8 +319,9 @@ def test_mode_table_names_real_pipelines_checkpoints_and_inputs() -> None:
             assert kind.reads == "image_embeds"
         else:
             assert hasattr(diffusers, kind.pipeline.split(".")[0]) and kind.pipeline.startswith("KandinskyV22Prior")
-    assert MODES["img2img"].size_problem(height=68, width=64, scale=2) is None  # multiples of 2 suffice
+    assert MODES["img2img"].size_problem(height=68, width=64, scale=2) is None  # multiples of 2 ** 2 suffice
     assert "silently crop it to 64" in MODES["img2img"].size_problem(height=65, width=64, scale=8)
+    assert "would crash" in MODES["img2img"].size_problem(height=72, width=64, scale=8)  # a latent of 9
     assert "silently render 128" in MODES["text2img"].size_problem(height=96, width=64, scale=8)
     assert "would crash" in MODES["inpaint"].size_problem(height=96, width=64, scale=8)
     assert "square" in MODES["controlnet_img2img"].size_problem(height=128, width=64, scale=8)
@@ -392,3 +393,26 @@ def test_decoder_out_of_memory_split_keeps_the_images(tmp_path: Path, tiny_model
 
     for a, b in zip(plain, results):
         assert max_level_difference(pixels(a), pixels(b)) <= 1
+
+
+def test_the_img2img_size_rule_is_what_diffusers_does(tiny_models: str) -> None:
+    """The refusal says what the pipeline would do: a source cut to the MoVQ's multiple, or a latent the UNet's
+    downsampling cannot take (the tiny checkpoints: MoVQ scale 2, UNet halving once)."""
+    from diffusers import KandinskyV22Img2ImgPipeline
+    from PIL import Image
+
+    pipe = KandinskyV22Img2ImgPipeline.from_pretrained(f"{tiny_models}/decoder")
+    embeds = torch.zeros(1, pipe.unet.config.encoder_hid_dim)
+    image = Image.new("RGB", (64, 64), (120, 30, 200))
+
+    def render(height: int) -> tuple[int, ...]:
+        out = pipe(image=image, image_embeds=embeds, negative_image_embeds=embeds, height=height, width=64,
+                   num_inference_steps=2, strength=0.5, output_type="np")  # fmt: skip
+        return out.images.shape[1:3]
+
+    assert MODES["img2img"].size_problem(height=64, width=64, scale=2) is None and render(64) == (64, 64)
+    assert "silently crop it to 64" in MODES["img2img"].size_problem(height=65, width=64, scale=2)
+    assert render(65) == (64, 64)
+    assert "would crash" in MODES["img2img"].size_problem(height=66, width=64, scale=2)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        render(66)

@@ -42,13 +42,28 @@ def test_conveniences_are_spelled_for_each_store() -> None:
     [
         (["gs://b/x"], {"region": "eu"}, "s3:// only"),
         (["s3://b/x", "gs://c/y"], {"anon": True}, "several stores"),
-        (["/local/m", "/local/o"], {"endpoint_url": "http://x"}, "no object store URI"),
+        (
+            ["/local/m", "/local/o", "kandinsky-community/kandinsky-2-2-prior"],
+            {"endpoint_url": "http://x"},
+            "no object",
+        ),
         (["az://c/x"], {"anon": True}, "use --storage-option"),
     ],
 )
 def test_conveniences_refuse_what_does_not_apply(uris: list[str], kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         so.convenience_options(uris=uris, **kwargs)
+
+
+def test_conveniences_apply_to_models_on_an_object_store() -> None:
+    from jobs.options.config_file import parse_args
+    from jobs.options.flags import build_parser
+    from jobs.options.job_config import config_from_args
+
+    argv = ["--manifest", "/local/m", "--output", "/local/o", "--models", "s3://weights/k22"]
+    args = parse_args(build_parser(), [*argv, "--storage-endpoint-url", "http://127.0.0.1:9"])
+    config = config_from_args(args, environ={})
+    assert config.storage_options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
 
 
 def test_bad_inputs_are_refused_without_echoing_them() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from actors.pins import Pin
 from cluster.defaults import Machine
 from cluster.layout import DECODER_GROUP
-from cluster.resources import fit_cpus, requested_gpus, resolve_groups
+from cluster.resources import StageGroup, fit_cpus, requested_gpus, resolve_groups
 from jobs.execution.capacity import await_gpus
 from jobs.execution.connect import connect_ray
 from jobs.execution.contract import Event, SinkSpec, StageSpec, Task
@@ -135,13 +135,36 @@ def build_chain(
         "save_embeddings": config.save_embeddings,
         "min_clip_score": config.min_clip_score,
         "model_ids": dict(model_ids or {}),
-        "dtype": dtype_name(
-            config.dtype, cuda=any(g.resources.num_gpus > 0 for g in groups if DECODER.name in g.stages)
-        ),
+        "dtype": _decoder_dtype(config, groups),
         # the gallery previews a few rows' inputs, read under the same limits
         **{name: value for name, value in inputs.items() if name != "storage_options"},
     }
     return stages, SinkSpec(name=WRITER.name, cls=ShardWriter, kwargs=sink_kwargs, resources=writer)
+
+
+def stage_gpus(config: JobConfig, machine: Machine) -> float:
+    """The GPUs a run's stages are sized for on ``machine``: none with ``--runner local``; with an autoscaler,
+    those the flags or ``--plan-for`` ask for too (nodes may join)."""
+    if config.runner == "local":
+        return 0.0
+    if machine.autoscaler:
+        return max(machine.gpus, machine.planned_gpus, requested_gpus(config))
+    return machine.gpus
+
+
+def decoder_dtype(config: JobConfig, *, cluster_gpus: float, needs_depth: bool) -> str:
+    """The dtype the decoders of a run compute in (``--dtype auto`` resolved), as results rows and the output's
+    pinned settings record it."""
+    groups, _ = resolve_groups(config, cluster_gpus=cluster_gpus, needs_depth=needs_depth)
+    return _decoder_dtype(config, groups)
+
+
+def _decoder_dtype(config: JobConfig, groups: list[StageGroup]) -> str:
+    if config.runner == "local":  # the stages run in this process, on its GPU if it sees one
+        import torch
+
+        return dtype_name(config.dtype, cuda=torch.cuda.is_available())
+    return dtype_name(config.dtype, cuda=any(g.resources.num_gpus > 0 for g in groups if DECODER.name in g.stages))
 
 
 def split_index(stages: list[StageSpec]) -> int:
@@ -253,9 +276,7 @@ def execute(
         stage_info.update(runner="local", stages={spec.name: describe(spec) for spec in [*stages, sink]})
         yield from run_local(stages, sink, tasks, split_after=split_index(stages))
         return
-    cluster_gpus, cluster_cpus = machine.gpus, machine.cpus
-    if machine.autoscaler:  # nodes may join: GPUs the flags or --plan-for ask for are asked of it, not refused
-        cluster_gpus = max(cluster_gpus, machine.planned_gpus, requested_gpus(config))
+    cluster_gpus, cluster_cpus = stage_gpus(config, machine), machine.cpus  # with an autoscaler: asked, not refused
     stages, sink = build(config, cluster_gpus=cluster_gpus, **chain)
     # CPU reservations are fitted per actor group (the stages of a group share its actors); with an autoscaler
     # the nodes it adds bring their CPUs, so nothing is scaled down to what is up now.

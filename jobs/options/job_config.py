@@ -58,15 +58,17 @@ def config_from_args(
     if not output:  # the manifest may be left out: the output's pinned one (jobs.planning.run_settings.run_settings)
         flag, example = option_at(JobConfig, "output").flag, option_at(RunOptions, "example").flag
         raise ValueError(f"{flag} is required (or use {example})")
+    models = ModelPaths.resolve(models_dir=models_dir, **overrides)
+    checkpoints = [getattr(models, f.name) for f in dataclasses.fields(ModelPaths) if f.name != "cache"]
     values.update(
         given=given_fields(args, example=bool(run.example and example is not None)),
         manifest=manifest or None,
         output=output,
-        models=ModelPaths.resolve(models_dir=models_dir, **overrides),
+        models=models,
         storage_options=storage_options.resolve(
             environ=os.environ if environ is None else environ,
             pairs=run.storage_option,
-            uris=[uri for uri in (manifest, output) if uri],
+            uris=[uri for uri in (manifest, output, *checkpoints) if uri],
             endpoint_url=run.storage_endpoint_url,
             region=run.storage_region,
             anon=run.storage_anon,
@@ -92,8 +94,9 @@ def stage_placement(run: RunOptions) -> dict[str, dict[str, Any]]:
 
 
 def given_fields(args: argparse.Namespace, *, example: bool = False) -> tuple[str, ...] | None:
-    """The pinned fields (`schemas.pinned.PINNED_FIELDS`, ``defaults.<name>`` for one default) the command line or
-    its config file set; None when the namespace does not say (not parsed by `config_file.parse_args`)."""
+    """The pinned fields (`schemas.pinned.PINNED_FIELDS`; ``defaults.<name>`` for one default, ``models.<name>`` for
+    one checkpoint's flag, ``models`` for ``--models``) the command line or its config file set; None when the
+    namespace does not say (not parsed by `config_file.parse_args`)."""
     dests = getattr(args, GIVEN, None)
     if dests is None:
         return None
@@ -103,8 +106,8 @@ def given_fields(args: argparse.Namespace, *, example: bool = False) -> tuple[st
             continue
         if option.root is RunOptions and option.path == ("models",):  # --models DIR
             given.add("models")
-        elif option.root is JobConfig and option.path[0] in PINNED_FIELDS:
-            given.add("defaults." + option.path[1] if option.path[0] == "defaults" else option.path[0])
+        elif option.root is JobConfig and option.path[0] in PINNED_FIELDS:  # defaults.<name>, models.<name>, seed
+            given.add(".".join(option.path[:2]))
     return tuple(sorted(given))
 
 

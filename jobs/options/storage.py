@@ -81,7 +81,7 @@ def convenience_options(
     flags = ", ".join(f"--storage-{name.replace('_', '-')}" for name in wanted)
     if len(remote) != 1:
         where = "no object store URI" if not remote else f"several stores ({', '.join(remote)})"
-        raise ValueError(f"{flags}: the manifest and output name {where}; use --storage-option instead")
+        raise ValueError(f"{flags}: the manifest, output and models name {where}; use --storage-option instead")
     protocol = remote[0]
     if protocol in _S3:
         client_kwargs = {}

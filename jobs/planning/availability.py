@@ -29,6 +29,7 @@ from schemas.config import JobConfig
 from schemas.loggers import logger_for
 from schemas.models import HUB_MODELS, INDEX_FILES, is_hub_id, is_remote, local_path
 from schemas.modes import MODES
+from schemas.text import public_uri
 
 logger = logger_for(__name__)
 
@@ -87,7 +88,7 @@ def needed_models(plan: RunPlan, scan: PendingScan) -> tuple[PendingScan, str | 
     }
     scan = dataclasses.replace(scan, modes=modes, needs_depth=DEPTH_MODEL in confirmed, pins=pins, model_ids=ids)
     warn_public_sizes(plan, scan)
-    return scan, describe_missing(config, scan, missing) if missing else None
+    return scan, describe_missing(config, scan, missing, pinned=plan.pinned_pixels is not None) if missing else None
 
 
 def warn_public_sizes(plan: RunPlan, scan: PendingScan) -> None:
@@ -261,14 +262,25 @@ WHY = {
 }
 
 
-def describe_missing(config: JobConfig, scan: PendingScan, missing: dict[str, str]) -> str:
-    """The message of `ModelUnavailableError`: per missing model, why it is needed, the problem and how to fix it."""
+def describe_missing(config: JobConfig, scan: PendingScan, missing: dict[str, str], *, pinned: bool = False) -> str:
+    """The message of `ModelUnavailableError`: per missing model, why it is needed, the problem and how to fix it
+    (``pinned``: the output pinned model paths, which a run leaving the model flags out loads)."""
     models_flag = option_at(RunOptions, "models").flag
     lines = [f"{len(missing)} model(s) this run needs cannot be loaded (checked before starting any model):"]
     for name, problem in sorted(missing.items()):
         flag = option_at(JobConfig, "models", name.replace("-", "_")).flag
         modes = [mode for mode in scan.modes if MODES[mode].checkpoint == name]
         why = WHY.get(name) or f"{', '.join(modes)} rows"
+        field = name.replace("-", "_")
+        given = config.given or ()
+        if pinned and config.given is not None and "models" not in given and f"models.{field}" not in given:
+            # the output's pinned path (a resume): the flags point elsewhere, the hub would be another model
+            lines.append(
+                f"- {name}, needed by {why}: {problem}. That path is the one {public_uri(config.output)} pinned "
+                f"(its first run's). Give {flag} PATH or {models_flag} DIR where the same checkpoint is now (its "
+                "content is checked against the pinned one)."
+            )
+            continue
         lines.append(
             f"- {name}, needed by {why}: {problem}. Give {flag} PATH (a folder, an fsspec URI such as "
             f"s3://bucket/models/{name}, or a hub id), or {models_flag} DIR holding {name}/, or leave both out "

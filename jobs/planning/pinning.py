@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from jobs.planning.identity import CheckpointId
 from schemas.config import JobConfig
+from schemas.loggers import logger_for
 from schemas.manifest import RenderDefaults
 from schemas.models import ModelPaths
 from schemas.pinned import PixelSettings, changes
@@ -16,6 +17,9 @@ from schemas.text import public_uri
 
 # ModelPaths fields that say where a checkpoint loads from (not where nodes cache copies of it).
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelPaths) if f.name != "cache")
+MODEL_FLAGS = {f.name: f.metadata.get("flag", "--" + f.name.replace("_", "-")) for f in dataclasses.fields(ModelPaths)}
+
+logger = logger_for(__name__)
 
 
 class PinnedSettingsError(ValueError):
@@ -29,11 +33,10 @@ def with_pinned(config: JobConfig, pinned: PixelSettings | None) -> JobConfig:
         return config
     given = set(config.given)
     updates: dict = {}
-    if "models" not in given:
-        updates["models"] = dataclasses.replace(
-            config.models, **{name: value for name, value in pinned.models.items() if name in MODEL_FIELDS}
-        )
-    if "dtype" not in given:
+    if "models" not in given:  # --models DIR gives them all; a checkpoint's own flag gives that one
+        kept = {k: v for k, v in pinned.models.items() if k in MODEL_FIELDS and f"models.{k}" not in given}
+        updates["models"] = dataclasses.replace(config.models, **kept)
+    if "dtype" not in given or config.dtype == "auto":  # auto: the dtype that made the output's images
         updates["dtype"] = pinned.dtype
     if "seed" not in given:
         updates["seed"] = pinned.seed
@@ -74,6 +77,29 @@ def check_pinned(config: JobConfig, pinned: PixelSettings | None, ids: Mapping[s
             "them (results rows name the checkpoints and settings of each image)."
         )
     return found
+
+
+def settle(
+    config: JobConfig, pinned: PixelSettings | None, ids: Mapping[str, CheckpointId], *, rendering: bool
+) -> tuple[PixelSettings, list[str]]:
+    """(what the output pins after this run, what the run changes of it): `check_pinned` with the checkpoints the
+    model check resolved (``ids``), every change listed at once. A run that renders nothing resolves no checkpoint,
+    so it cannot compare model flags by content: the output keeps its pinned models, and flags naming others are
+    told so once (the next run with something to render checks them)."""
+    found = check_pinned(config, pinned, ids)
+    settled = wanted(config, pinned, ids)
+    if rendering or pinned is None:
+        return settled, found
+    other = {k: v for k, v in settled.models.items() if v is not None and v != pinned.models.get(k)}
+    if other:
+        logger.warning(
+            "nothing to render, so the model flags of this run were not checked and the output keeps its pinned "
+            "models: %s. A run with something to render compares their content with the pinned checkpoints",
+            "; ".join(
+                f"{MODEL_FLAGS[name]} {value} (pinned: {pinned.models.get(name)})" for name, value in other.items()
+            ),
+        )
+    return dataclasses.replace(settled, models=dict(pinned.models)), found
 
 
 def _public(value: object) -> object:

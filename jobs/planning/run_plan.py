@@ -231,11 +231,13 @@ def with_machine_defaults(plan: RunPlan, scan: PendingScan, machine: Machine) ->
     return filled, choices
 
 
-def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
+def plan_run(config: JobConfig, storage: Storage, *, check_pins: bool = True) -> RunPlan:
     """The plan of a run as the output is now (with ``--overwrite``: as if it were empty).
 
     Checks first that the run may write into the output (`jobs.planning.output_guard`). The plan's config
-    names the manifest the run reads (the pinned one when ``config`` gives none).
+    names the manifest the run reads (the pinned one when ``config`` gives none). ``check_pins``: refuse flags that
+    change what the output pinned now (`jobs.planning.pinning.check_pinned`); False for a caller that checks them
+    later with the checkpoints' contents, so every change is listed at once.
     """
     existing = read_settings(storage)
     check_output(storage, config, pinned=existing)
@@ -243,7 +245,8 @@ def plan_run(config: JobConfig, storage: Storage) -> RunPlan:
     settings, manifest = run_settings(config, pinned)
     pinned_pixels = pinned.pixels if pinned is not None else None
     config = with_pinned(dataclasses.replace(config, manifest=manifest), pinned_pixels)
-    check_pinned(config, pinned_pixels)  # the flags now; the checkpoints' contents once the model check resolves them
+    if check_pins:
+        check_pinned(config, pinned_pixels)
     settings = dataclasses.replace(settings, pixels=wanted(config, pinned_pixels))
     files = ordered(read_manifest_files(config))  # correction files last: they render after the rows they correct
     if config.overwrite:
