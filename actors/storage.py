@@ -6,6 +6,7 @@ import contextlib
 import os
 import posixpath
 import stat
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import fsspec
@@ -213,6 +214,37 @@ class Storage:
         """Whether ``key`` exists."""
         path = self.path(key)
         return retry(lambda: self.fs.exists(path) if self.is_local else exists(self.fs, path), what=f"stat {path}")
+
+    @contextlib.contextmanager
+    def folder_for_run(self) -> Iterator[None]:
+        """Local folders: a file where the folder should be is refused (`UnsafeObjectError`), and a folder that did
+        not exist before and is empty when the block raises (a refused run) is removed, so a refusal leaves
+        nothing behind. Object stores have no folders."""
+        if not self.is_local:
+            yield
+            return
+        if os.path.lexists(self.root) and not os.path.isdir(self.root):
+            raise UnsafeObjectError(f"{self.url} is a file, not a folder: give a folder for the output")
+        existed = os.path.lexists(self.root)
+        try:
+            yield
+        except BaseException:
+            if not existed:
+                with contextlib.suppress(OSError):  # not empty (something was written), or gone
+                    os.rmdir(self.root)
+            raise
+
+    def check_links(self, prefixes: Iterable[str]) -> None:
+        """Local folders: `UnsafeObjectError` naming the first symbolic link under ``prefixes`` (a file or a folder)
+        that resolves outside the folder, found before anything is deleted: a delete through it would reach files
+        that are not the output's. Object stores have no links."""
+        if not self.is_local:
+            return
+        for prefix in prefixes:
+            for top, dirs, files in os.walk(self.path(prefix)):  # a linked folder is seen, not entered
+                for name in (*dirs, *files):
+                    if os.path.islink(os.path.join(top, name)):
+                        self.path(posixpath.relpath(os.path.join(top, name), self.root))  # raises when outside
 
     def list_files(self, prefix: str, *, suffix: str = "") -> list[str]:
         """Sorted keys under ``prefix`` (recursive) ending with ``suffix``; [] when the prefix is absent."""

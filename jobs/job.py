@@ -125,7 +125,10 @@ def _run(
         check_address(config.address, wait_s=config.connect_wait_s)
     storage = Storage(config.output, storage_options=config.storage_options)
     run_id = new_run_id()
-    with Lease(storage, run_id=run_id, ttl_s=config.lease_ttl_s, wait_s=config.lease_wait_s) as lease:
+    with (
+        storage.folder_for_run(),  # a refused run leaves no empty folder behind
+        Lease(storage, run_id=run_id, ttl_s=config.lease_ttl_s, wait_s=config.lease_wait_s) as lease,
+    ):
         timeline.mark("lease_taken")
         # Planning and the model checks come first: a run with nothing pending, or one that lacks a model, stops
         # before Ray starts. The stage modules (torch, diffusers) import meanwhile once there is work.

@@ -140,6 +140,28 @@ def test_links_out_of_the_output_and_overlaps_with_the_models_are_refused(tmp_pa
         with pytest.raises(ValueError, match="overlap"):
             run_job(config_for(manifest, where, tiny_models, runner="local", allow_other_files=True))
     assert (Path(tiny_models) / "prior" / "model_index.json").exists()
+    # Links deeper down (a part file, a part's folder) are found before anything is deleted.
+    os.unlink(Path(output) / "data")
+    files = config_for(manifest, str(tmp_path / "files"), tiny_models, runner="local")
+    run_job(dataclasses.replace(files, output_format="files"))
+    part = next((tmp_path / "files" / "images").iterdir())
+    for link, target in (
+        (part / "linked.png", elsewhere / "keep.txt"),
+        (tmp_path / "files" / "images" / "x", elsewhere),
+    ):
+        os.symlink(target, link)
+        before = snapshot(tmp_path / "files")
+        with pytest.raises(ValueError, match="leads outside the folder"):
+            run_job(dataclasses.replace(files, output_format="files", overwrite=True))
+        assert snapshot(tmp_path / "files") == before and (elsewhere / "keep.txt").read_text() == "keep"
+        os.unlink(link)
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("mine")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        run_job(config_for(manifest, str(not_a_folder), tiny_models, runner="local"))
+    with pytest.raises(ValueError, match="no such manifest"):  # a refused first run leaves no folder behind
+        run_job(config_for(str(tmp_path / "none.parquet"), str(tmp_path / "new-out"), tiny_models, runner="local"))
+    assert not (tmp_path / "new-out").exists()
 
 
 def test_a_done_shard_whose_part_is_gone_is_reported_and_rendered_again(
@@ -179,6 +201,11 @@ def test_a_renamed_or_edited_manifest_file_is_refused_naming_it(tmp_path: Path, 
     assert (folder / "day-1.parquet").stat().st_size == size  # same size, same footer: only the bytes tell
     with pytest.raises(ValueError, match="changed since its shards were rendered .*content"):
         run_job(config)
+    # Renamed and edited: new bytes under a new name, the rendered ids again (the output would hold them twice).
+    os.rename(folder / "day-1.parquet", folder / "day-one.parquet")
+    with pytest.raises(ValueError, match="row 0: id 'r0' was rendered into this output from day-1.parquet"):
+        run_job(config)
+    assert_exactly_one_ok(raw_results(config.output), {("r0", 0), ("r1", 0)})
 
 
 def test_status_parquet_replaces_its_file_whole_or_not_at_all(

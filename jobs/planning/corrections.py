@@ -23,8 +23,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actors.storage import Storage
 from jobs.planning.ids import check_ids, id_batches
 from jobs.planning.manifests import ManifestFile, cut_shards
+from jobs.planning.output_index import OutputIndex, read_part_results
+from schemas.log import row_parts
 from schemas.manifest import ManifestError
 from schemas.shards import Shard
 from schemas.text import public_uri, quoted
@@ -79,6 +82,43 @@ def check_corrections(
             f"file (under {CORRECTIONS_DIR}/) replaces rows already in the manifest; put new rows in a new manifest "
             f"file outside {CORRECTIONS_DIR}/ ({len(wanted)} such id(s))"
         )
+
+
+def check_gone_ids(
+    files: Sequence[ManifestFile],
+    index: OutputIndex,
+    storage: Storage,
+    *,
+    output_format: str,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    """`ManifestError` for a row of a file not rendered yet whose id this output rendered from a file that is no
+    longer in the manifest (a file renamed and edited, or an id reused after its file left): the output would hold
+    the id twice. Reads the ids of the gone files' done shards only (nothing when no rendered file is gone)."""
+    listed = {file.relpath for file in files}
+    gone = {relpath for relpath in index.files if relpath not in listed}
+    new = [file for file in files if file.relpath not in index.files and not is_correction(file)]
+    if not gone or not new:
+        return
+    rendered: dict[str, str] = {}
+    for table in index.done_rows(["shard", "relpath", "parts"]):
+        for row in table.filter(pc.is_in(table.column("relpath"), pa.array(sorted(gone)))).to_pylist():
+            for part in row_parts(row, output_format):
+                ids = read_part_results(storage, part, columns=("id",)).column("id")
+                rendered.update(dict.fromkeys(ids.to_pylist(), row["relpath"]))
+    value_set = pa.array(sorted(rendered), pa.string())
+    for file in new:
+        for first_row, ids in _ids(file, storage_options):
+            hits = pc.is_in(ids, value_set=value_set)
+            if pc.any(hits).as_py():
+                offset = pc.index(hits, True).as_py()
+                row_id = ids[offset].as_py()
+                raise ManifestError(
+                    f"{public_uri(file.uri)}: column 'id', row {first_row + offset}: id {quoted(row_id)} was rendered "
+                    f"into this output from {rendered[row_id]}, which is no longer in the manifest: the output would "
+                    f"hold it twice. Put {rendered[row_id]} back (a new file adds new ids) and correct rows with a "
+                    f"file under {CORRECTIONS_DIR}/, or give the row a new id"
+                )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from actors.storage import Storage
 from cluster.defaults import Choice, Machine
 from jobs.planning.batches import batch
 from jobs.planning.checkpoints import CheckpointScales
-from jobs.planning.corrections import check_all_ids, ordered
+from jobs.planning.corrections import check_all_ids, check_gone_ids, ordered
 from jobs.planning.duplicates import DuplicateImages
 from jobs.planning.ids import check_ids, files_digest
 from jobs.planning.index_reader import read_index
@@ -259,6 +259,9 @@ def plan_run(config: JobConfig, storage: Storage, *, check_pins: bool = True) ->
     ids_checked = digest != settings.ids_checked
     if ids_checked:
         check_all_ids(files, storage_options=config.storage_options)
+        check_gone_ids(
+            files, index, storage, output_format=settings.output_format, storage_options=config.storage_options
+        )
         settings = dataclasses.replace(settings, ids_checked=digest)
     try:
         pending, num_shards, marker_keys = _pending(files, index, settings=settings, config=config, storage=storage)

@@ -35,6 +35,10 @@ def delete_output(storage: Storage) -> int:
     is interrupted leaves an output of the job, which the next run finishes cleaning. Returns the number
     of files deleted.
     """
+    # Every link checked before the first delete: a refusal halfway would leave a half-deleted output.
+    storage.check_links((SHARDS_DIR, LOG_DIR, RESULTS_DIR, DATA_DIR, IMAGES_DIR))
+    for name in (*OUTPUT_FILES, LAST_CHECKPOINT_FILE):
+        storage.path(name)
     storage.delete_keys([SUCCESS_FILE, LAST_CHECKPOINT_FILE])
     markers = [key for key in storage.list_files(SHARDS_DIR) if is_own_key(key)]
     storage.delete_keys(markers)
