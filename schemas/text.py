@@ -9,6 +9,7 @@ the rows hold and start-up, which reads every marker, stays fast.
 from __future__ import annotations
 
 import re
+import stat
 import unicodedata
 import urllib.parse
 
@@ -131,3 +132,29 @@ def markdown_code(text: str) -> str:
     fence = "`" * (longest + 1)
     pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` as a `markdown_code` span that stays in its Markdown table cell: GitHub and the Hub split table
+    rows on every ``|`` not escaped as ``\\|``, even inside a code span (a ``|`` in a path would start a new cell
+    and what follows it would be read as Markdown, HTML included)."""
+    return markdown_code(text).replace("|", "\\|")
+
+
+# What each kind of file other than a regular one is called in a message, by the ``stat`` test that finds it.
+_FILE_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` (an ``os.stat`` result's ``st_mode``) is, for a message: ``a regular file``,
+    ``a FIFO``, ``a character device``..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _FILE_KINDS if test(mode)), "an unknown kind of file")

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 
 from jobs.options.file_values import file_keys, file_value
 from jobs.options.flags import OPTIONS, Option, option_at
 from jobs.options.run_options import RunOptions
 from jobs.options.storage import redact, secret_values
-from schemas.text import first_line
+from schemas.text import file_kind, first_line
 
 CONFIG_FLAG = option_at(RunOptions, "config").flag
 
@@ -88,7 +91,10 @@ def read_config_file(path: str) -> dict[str, Any]:
 
     try:
         fs, local = open_fs(path)
-        raw = retry(lambda: fs.cat_file(local, start=0, end=MAX_CONFIG_BYTES + 1), what=f"read {path}")
+        if isinstance(fs, LocalFileSystem):
+            raw = _read_local(path, local)
+        else:
+            raw = retry(lambda: fs.cat_file(local, start=0, end=MAX_CONFIG_BYTES + 1), what=f"read {path}")
         if len(raw) > MAX_CONFIG_BYTES:
             raise ValueError(f"{CONFIG_FLAG} {path}: larger than {MAX_CONFIG_BYTES} bytes; a config file is small")
         data = yaml.load(raw.decode("utf-8"), Loader=ConfigLoader)  # noqa: S506 - a safe loader, bounded
@@ -107,6 +113,25 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ValueError(f"{CONFIG_FLAG} {path}: expected a mapping of flag names to values, got {type(data).__name__}")
     return dict(data)
+
+
+def _read_local(path: str, local: str) -> bytes:
+    """The bytes of a local config file, refused (ValueError naming it and what it is) unless it is a regular file:
+    a FIFO would block the read forever, a device stream forever. A symlink to a regular file is read."""
+    from actors.storage_io import UnsafeObjectError, read_local
+
+    info = os.stat(local)  # FileNotFoundError: "no such file"
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{CONFIG_FLAG} {path}: is {file_kind(info.st_mode)}, not a regular file")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{CONFIG_FLAG} {path}: larger than {MAX_CONFIG_BYTES} bytes; a config file is small")
+    try:  # opened without blocking and checked again: replaced by a FIFO since, it is still refused
+        data = read_local(local, MAX_CONFIG_BYTES)
+    except UnsafeObjectError as exc:
+        raise ValueError(f"{CONFIG_FLAG} {path}: {exc}") from None
+    if data is None:
+        raise FileNotFoundError(local)
+    return data
 
 
 def _where(exc: yaml.YAMLError) -> str:

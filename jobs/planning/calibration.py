@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,9 +38,11 @@ from cluster.accelerators import ACCELERATORS, accelerator_spec, canonical_accel
 from cluster.layout import StageCosts
 from schemas.manifest import RenderDefaults
 from schemas.modes import DEFAULT_MODE, MODES
+from schemas.text import file_kind
 
 REFERENCE_PIXELS = 512 * 512
 DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.abspath(cluster.__file__)), "calibration.yaml")
+MAX_CALIBRATION_BYTES = 1 << 20  # a few profiles: a larger file is not a calibration file
 
 
 # FLOPs per unit of work, counted with torch's FlopCounterMode on the real architectures built on the meta
@@ -123,12 +126,25 @@ def profile_for(accelerator: str, *, path: str = DEFAULT_CALIBRATION) -> Profile
 
 
 def load_calibration(path: str = DEFAULT_CALIBRATION) -> list[Profile]:
-    """Profiles of a calibration YAML file (``profiles: {name: {...}}``); ValueError when malformed."""
+    """Profiles of a calibration YAML file (``profiles: {name: {...}}``); ValueError when malformed, or when it is
+    not a regular file (a FIFO would block the read forever, a device stream forever) of `MAX_CALIBRATION_BYTES`."""
+    from actors.storage_io import UnsafeObjectError, read_local
+    from jobs.options.config_file import ConfigLoader
+
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"calibration file {path}: is {file_kind(info.st_mode)}, not a regular file")
+        raw = read_local(path, MAX_CALIBRATION_BYTES)  # opened without blocking: a FIFO put there since is refused
+        if raw is None:
+            raise FileNotFoundError(path)
+        data = yaml.load(raw.decode("utf-8"), Loader=ConfigLoader) or {}  # noqa: S506 - a safe loader, bounded
     except FileNotFoundError:
         raise ValueError(f"calibration file {path}: no such file") from None
+    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as exc:
+        raise ValueError(f"calibration file {path}: not valid YAML ({type(exc).__name__})") from None
+    except UnsafeObjectError as exc:
+        raise ValueError(f"calibration file {path}: {exc}") from None
     profiles = data.get("profiles") if isinstance(data, dict) else None
     if not isinstance(profiles, dict) or not profiles:
         raise ValueError(f"calibration file {path}: expected a non-empty 'profiles' mapping")

@@ -10,21 +10,26 @@ Parts are checked against a listing of ``results/`` and the data files when that
 (at most `VERIFY_MAX_OBJECTS` objects per folder, as the pointer counts them) and on every rebuild.
 A damaged shard found so makes the index a rebuild: the output's summary is then exact again. When
 asked (``verify``: ``render --verify-parts``, ``status --verify``) nothing is trusted: every marker is
-read and every part listed, O(shards) requests. docs/completion-log.md says why.
+read, every part listed and each results file's Parquet footer read (`results_footer_problem`: a file
+overwritten at its published size is found so), O(parts) requests. docs/completion-log.md says why.
 """
 
 from __future__ import annotations
 
+import itertools
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from actors.storage import Storage
-from jobs.planning.output_index import OutputIndex, without_sample
+from jobs.planning.output_index import OutputIndex, results_footer_problem, without_sample
 from jobs.planning.output_log import (
     MAX_MARKER_BYTES,
+    READ_CHUNK,
     CheckpointError,
     MarkerFolders,
     PartListing,
@@ -36,12 +41,13 @@ from jobs.planning.output_log import (
 )
 from schemas.log import CHECKPOINT_SCHEMA, SORT_KEYS, VERIFY_MAX_OBJECTS, LogPointer, part_objects, row_parts, shard_row
 from schemas.loggers import logger_for
-from schemas.shards import FORMAT_FILES, Marker, marker_key
+from schemas.shards import FORMAT_FILES, Marker, Part, marker_key
 
 logger = logger_for(__name__)
 
 ROWS_FILE = "rows.parquet"  # a rebuild's rows, in the index's spool folder
 _CHUNK_ROWS = 4_096
+FOOTER_THREADS = 16  # results footers read at once on object stores (verification)
 
 
 class RebuildNeeded(Exception):  # noqa: N818 - a signal, not an error: the caller reads every marker instead
@@ -71,7 +77,8 @@ def read_index(
         problem = "no checkpoint (an output written before the completion log)"
     if problem is not None:
         logger.info("reading every marker of %s: %s", storage.url, problem)
-    index = _rebuild(storage, folders, output_format, reason=problem, number=pointer.number if pointer else 0)
+    number = pointer.number if pointer else 0
+    index = _rebuild(storage, folders, output_format, reason=problem, number=number, verify=verify)
     if verify:
         index.agrees = pointer is not None and not folders.uncovered(pointer) and _same(pointer, index)
     return index
@@ -149,11 +156,67 @@ def _check_parts(index: OutputIndex) -> None:
                 raise RebuildNeeded(f"shard {row['shard']} is damaged ({problem})")
 
 
+def _with_footers(
+    storage: Storage, index: OutputIndex, markers: Iterator[tuple[str, Marker]], seen: set[str], *, verify: bool
+) -> Iterator[tuple[str, Marker, str | None]]:
+    """(key, marker, why a results file of its parts is damaged, or None) of each of ``markers``.
+
+    Only when ``verify``: the footers of the markers that count (the first of a shard not in ``seen``, the
+    caller's set as it grows, whose parts the listing shows as published) are read, `READ_CHUNK` markers at a
+    time, concurrently on object stores (`results_footer_problem`). Otherwise nothing more is read.
+    """
+    if not verify or index.listing is None:
+        yield from ((key, marker, None) for key, marker in markers)
+        return
+    while chunk := list(itertools.islice(markers, READ_CHUNK)):
+        problems = _footer_problems(storage, index.listing, chunk, seen)
+        yield from ((key, marker, problems.get(key)) for key, marker in chunk)
+
+
+def _footer_problems(
+    storage: Storage, listing: PartListing, chunk: list[tuple[str, Marker]], seen: set[str]
+) -> dict[str, str]:
+    """marker key -> the first problem `results_footer_problem` finds in its parts' results, over the markers of
+    ``chunk`` that count (see `_with_footers`)."""
+    first: dict[str, tuple[str, Marker]] = {}
+    for key, marker in chunk:
+        if marker.shard not in seen and marker.shard not in first:
+            first[marker.shard] = (key, marker)
+    checks = [
+        (key, part)
+        for key, marker in first.values()
+        if listing.problem(part_objects(marker.parts)) is None
+        for part in marker.parts
+    ]
+
+    def check(item: tuple[str, Part]) -> tuple[str, str | None]:
+        key, part = item
+        return key, results_footer_problem(storage, part, size=listing.sizes[part.results])
+
+    if storage.is_local or len(checks) < 2:
+        found = [check(item) for item in checks]
+    else:
+        with ThreadPoolExecutor(max_workers=FOOTER_THREADS, thread_name_prefix="footers") as pool:
+            found = list(pool.map(check, checks))
+    problems: dict[str, str] = {}
+    for key, problem in found:
+        if problem is not None:
+            problems.setdefault(key, problem)
+    return problems
+
+
 def _rebuild(
-    storage: Storage, folders: MarkerFolders, output_format: str | None, *, reason: str | None, number: int
+    storage: Storage,
+    folders: MarkerFolders,
+    output_format: str | None,
+    *,
+    reason: str | None,
+    number: int,
+    verify: bool = False,
 ) -> OutputIndex:
     """Every marker, newest first (a later marker of a shard replaces an earlier one), checked against a listing
-    of the parts; the rows go to a local file, sorted, that stands for the checkpoint."""
+    of the parts (``verify``: and against their results files' footers, `results_footer_problem`); the rows go to
+    a local file, sorted, that stands for the checkpoint."""
     index = OutputIndex(output_format=output_format, number=number, folders=folders, rebuilt=reason)
     if output_format is not None:
         index.listing = PartListing.read(storage, output_format)
@@ -164,13 +227,14 @@ def _rebuild(
     for segment in [*reversed(folders.segments), ""]:
         keys = segment_keys(storage, segment) if segment else folders.flat
         remaining[segment] = len(keys)
-        for key, marker in read_markers(storage, keys):
+        for key, marker, footer in _with_footers(storage, index, read_markers(storage, keys), seen, verify=verify):
             if marker.shard in seen:
                 if marker.shard in index.damaged:
                     index.damaged_keys.append(key)
                 continue
             seen.add(marker.shard)
             problem = index.listing.problem(part_objects(marker.parts)) if index.listing else None
+            problem = problem or footer
             if problem is not None:
                 index.damaged[marker.shard] = problem
                 index.damaged_keys.append(key)

@@ -12,6 +12,7 @@ import glob as globlib
 import hashlib
 import os
 import posixpath
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from actors.storage import open_fs
 from schemas.loggers import logger_for
 from schemas.manifest import ManifestError, check_schema, normalize
 from schemas.shards import Fingerprint, Shard
-from schemas.text import public_uri
+from schemas.text import file_kind, public_uri
 
 logger = logger_for(__name__)
 
@@ -153,10 +154,15 @@ def overlap(first: str, second: str, *, storage_options: dict[str, Any] | None =
 
 
 def _find_files(fs: Any, path: str, uri: str) -> tuple[str, list[str]]:
-    """(root, Parquet files) of a manifest ``path``: errors other than absence propagate (they may be retried)."""
+    """(root, Parquet files) of a manifest ``path``: errors other than absence propagate (they may be retried).
+
+    A local manifest file that is not a regular file (a FIFO, a device: reading one blocks or never ends) is
+    refused here, with the path and what it is, rather than skipped: it was named or put there as a manifest.
+    """
     if globlib.has_magic(path):
         matches = fs.glob(path, detail=True)
-        return _literal_prefix(path), [p for p, info in matches.items() if info.get("type") == "file"]
+        found = [p for p, info in matches.items() if _listed(fs, info.get("type"))]
+        return _literal_prefix(path), [_regular(fs, p) for p in found]
     try:
         kind = fs.info(path).get("type")
     except FileNotFoundError:
@@ -167,10 +173,29 @@ def _find_files(fs: Any, path: str, uri: str) -> tuple[str, list[str]]:
             for p in fs.find(path)
             if p.endswith(".parquet") and not any(part[:1] in "._" for part in p[len(path) :].split("/") if part)
         ]
-        return path, found
-    if kind == "file":
-        return posixpath.dirname(path), [path]
+        return path, [_regular(fs, p) for p in found]
+    if _listed(fs, kind):
+        return posixpath.dirname(path), [_regular(fs, path)]
     raise ManifestError(f"{uri}: no such manifest file, folder or prefix")
+
+
+def _listed(fs: Any, kind: str | None) -> bool:
+    """Whether an entry of fsspec type ``kind`` is taken as a manifest file: a file, or locally anything but a folder
+    (``other``: a FIFO, a device, a socket, which `_regular` then refuses by name)."""
+    return kind == "file" or (kind not in ("directory", None) and _is_local(fs))
+
+
+def _regular(fs: Any, path: str) -> str:
+    """``path`` when it is not local or is a regular file (symlinks followed); else a `ManifestError` naming it and
+    what it is. Checked before every local open: ``open`` of a FIFO waits for a writer that never comes."""
+    if _is_local(fs):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return path  # gone since it was listed: the read says so
+        if not stat.S_ISREG(mode):
+            raise ManifestError(f"{path}: is {file_kind(mode)}, not a regular file; a manifest file is a Parquet file")
+    return path
 
 
 def _reading(what: str, operation: Any, error: str) -> Any:
@@ -189,7 +214,7 @@ def read_footer(uri: str, relpath: str, *, storage_options: dict[str, Any] | Non
 
     def read() -> tuple[dict[str, Any], Any, pa.Schema, str]:
         info = fs.info(path)
-        with fs.open(path, "rb") as handle:
+        with fs.open(_regular(fs, path), "rb") as handle:
             parquet = pq.ParquetFile(handle)
             return info, parquet.metadata, parquet.schema_arrow, _footer_digest(handle, int(info.get("size") or 0))
 
@@ -221,7 +246,7 @@ def with_content_digest(file: ManifestFile, *, known: Fingerprint | None) -> Man
 
         def read() -> str:
             digest = hashlib.sha256()
-            with open(path, "rb") as handle:
+            with open(_regular(fs, path), "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 22), b""):
                     digest.update(block)
             return digest.hexdigest()
@@ -283,7 +308,9 @@ def read_whole(file: ManifestFile, *, storage_options: dict[str, Any] | None = N
     """Every row of a (small) manifest file, normalized; for in-memory plans (`jobs.planning.plan.manifest_work`)."""
     fs, path = open_fs(file.uri, storage_options)
     table = _reading(
-        f"read {file.uri}", lambda: pq.read_table(path, filesystem=fs), f"{file.uri}: cannot read as Parquet"
+        f"read {file.uri}",
+        lambda: pq.read_table(_regular(fs, path), filesystem=fs),
+        f"{file.uri}: cannot read as Parquet",
     )
     return normalize(table, file=file.uri)
 
@@ -307,7 +334,7 @@ class ShardReader:
         if file != self._file:
             self.close()
             fs, path = open_fs(file, self.storage_options)
-            self._handle = fs.open(path, "rb")
+            self._handle = fs.open(_regular(fs, path), "rb")
             self._parquet = pq.ParquetFile(self._handle)
             rows = [self._parquet.metadata.row_group(i).num_rows for i in range(self._parquet.num_row_groups)]
             self._offsets = [sum(rows[:i]) for i in range(len(rows))]

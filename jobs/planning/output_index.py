@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from actors.retry import StorageUnavailableError, retry
 from actors.scores import empty_scores, merge_scores, replace_scores
 from actors.storage import Storage, UnsafeObjectError
 from jobs.planning.output_log import MAX_MARKER_BYTES, MarkerFolders, PartListing, RowsSource, merged_rows
@@ -200,6 +201,7 @@ class UnreadablePartError(ValueError):
 
 
 SHARD_RESULT_COLUMNS = ("id", "image_index", "status", "error", "error_kind", "mode", "attempt", "finished_at")
+REQUIRED_RESULT_COLUMNS = ("id", "image_index", "status")  # what a results file the job wrote always has
 
 
 def _shard_of(entry: Any) -> str:
@@ -239,12 +241,43 @@ def read_part_results(storage: Storage, part: Part, *, columns: Sequence[str] | 
 def _results_problem(names: list[str], columns: dict[str, pa.ChunkedArray]) -> str | None:
     """What makes a results table impossible for the job to have written: no id, index or status, or a status that
     is neither ok nor error."""
-    missing = [name for name in ("id", "image_index", "status") if name not in names]
+    missing = [name for name in REQUIRED_RESULT_COLUMNS if name not in names]
     if missing:
         return f"no column {', '.join(missing)}"
     status = columns.get("status")
     if status is not None and pc.all(pc.is_in(status, value_set=pa.array(STATUSES))).as_py() not in (True, None):
         return "a status other than ok or error"
+    return None
+
+
+def results_footer_problem(storage: Storage, part: Part, *, size: int) -> str | None:
+    """Why ``part``'s results file (listed at ``size`` bytes) is not what its marker published, as its Parquet
+    footer tells: not Parquet (overwritten, truncated), no id, index or status column, or another row count than
+    the part's ``num_images``; None when the footer agrees.
+
+    Reads the footer only (a ranged read or two on object stores), for ``--verify-parts`` and ``status --verify``:
+    a file of the published size whose bytes changed is found so, which a listing cannot tell. Rows are not read,
+    so damage inside a row group that leaves the footer whole goes unseen. `StorageUnavailableError` (the store
+    kept failing) is raised, not reported: an outage must not make a done shard render again.
+    """
+    key = part.results
+    if size <= 0:  # never a Parquet file (and a FIFO or a device lists so: it is not opened)
+        return f"{key} is empty, not the results published"
+    try:
+        with storage.open_input(key, size=size) as handle:
+            metadata = retry(lambda: pq.read_metadata(handle), what=f"read the footer of {storage.uri(key)}")
+            names = metadata.schema.to_arrow_schema().names
+    except StorageUnavailableError:
+        raise
+    except FileNotFoundError:
+        return f"{key} is missing"
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: UnsafeObjectError, ArrowInvalid
+        return f"{key} is not the Parquet file published ({type(exc).__name__}: {one_line(str(exc), 200)})"
+    missing = [name for name in REQUIRED_RESULT_COLUMNS if name not in names]
+    if missing:
+        return f"{key} is not the results published (no column {', '.join(missing)})"
+    if metadata.num_rows != part.num_images:
+        return f"{key} holds {metadata.num_rows} results rows, {part.num_images} were published"
     return None
 
 

@@ -28,9 +28,12 @@ class PinnedSettingsError(ValueError):
 
 def with_pinned(config: JobConfig, pinned: PixelSettings | None) -> JobConfig:
     """``config`` with the output's pinned values for each pinned field it did not set itself (``config.given``);
-    unchanged for a new output or a config built in code (``given`` None: it set them all)."""
-    if pinned is None or config.given is None:
+    unchanged for a new output. A config built in code (``given`` None) set them all, but ``--dtype auto`` means
+    the dtype the output's images were made in whoever asks."""
+    if pinned is None:
         return config
+    if config.given is None:
+        return dataclasses.replace(config, dtype=pinned.dtype) if config.dtype == "auto" else config
     given = set(config.given)
     updates: dict = {}
     if "models" not in given:  # --models DIR gives them all; a checkpoint's own flag gives that one

@@ -82,7 +82,11 @@ def delete_orphans(storage: Storage, index: OutputIndex) -> list[str]:
     }
     orphans = [key for key in sorted(index.listing.sizes) if key not in published and _part_file(key)]
     for key in orphans:
-        logger.warning("deleting %s: written by a run that stopped before publishing its shard", key)
+        logger.warning(
+            "deleting %s: no done shard lists it (a run stopped before publishing its shard, or its shard was "
+            "found damaged and is rendered again)",
+            key,
+        )
     storage.delete_keys(orphans)
     return deleted + orphans
 

@@ -27,7 +27,7 @@ from schemas.keys import CARD_FILE, IMAGES_DIR, RESULTS_DIR
 from schemas.pinned import PixelSettings
 from schemas.results import RESULTS_SCHEMA, SAMPLE_SCHEMA, WEBDATASET_JSON_SCHEMA
 from schemas.shards import DATA_DIR, FORMAT_FILES, FORMAT_PARQUET, FORMAT_WEBDATASET, IMAGES_METADATA, DatasetSettings
-from schemas.text import markdown_code, public_uri
+from schemas.text import markdown_cell, markdown_code, public_uri
 
 IMAGE = "image"  # a `datasets.Image` feature
 _DTYPES = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64", pa.bool_(): "bool"}
@@ -105,16 +105,19 @@ def card_metadata(output_format: str, embeddings: tuple[str, int] | None) -> dic
 
 def models_section(pixels: PixelSettings | None) -> str:
     """The card's "Models" section: each checkpoint pinned (source, content id), the dtype, row defaults and seed,
-    and the runs that changed them (``--mixed-output``)."""
+    and the runs that changed them (``--mixed-output``). Each table cell is a `markdown_cell`: a source is any path
+    a user gave, and a ``|`` in it must not open a cell of its own. The changes quote sources too: each is a code
+    span, never read as Markdown or HTML."""
     if pixels is None:
         return ""
     rows = "\n".join(
-        f"| {name} | {markdown_code(c['source'])} | `{c['content']}` |"
+        f"| {markdown_cell(name)} | {markdown_cell(c['source'])} | {markdown_cell(c['content'])} |"
         for name, c in sorted(pixels.checkpoints.items())
     )
     defaults = ", ".join(f"{name} {value}" for name, value in sorted(pixels.defaults.items()))
     mixed = "".join(
-        f"\n\nRun `{entry.get('run_id')}` changed them: {'; '.join(entry.get('changes') or [])}."
+        f"\n\nRun {markdown_code(str(entry.get('run_id')))} changed them: "
+        f"{'; '.join(markdown_code(str(change)) for change in entry.get('changes') or [])}."
         for entry in pixels.mixed
     )
     return f"""

@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.storage import Storage
@@ -21,7 +22,7 @@ from jobs.reporting.scores import HISTOGRAM_FILE, extremes_html, histogram_png
 from schemas.keys import CONTACT_SHEET_FILE, GALLERY_FILE, IMAGES_DIR, STATS_FILE
 from schemas.loggers import logger_for
 from schemas.results import STATUS_OK, THUMBNAIL_SIDE
-from schemas.text import MAX_QUOTED_CHARS, clip, stored_entry, stored_id
+from schemas.text import MAX_QUOTED_CHARS, clip, one_line, stored_entry, stored_id
 
 logger = logger_for(__name__)
 
@@ -55,6 +56,10 @@ def read_previews(storage: Storage, rows: list[dict[str, Any]]) -> tuple[ImagePr
     Image previews exist for ok images; input previews (lists of ``name``, ``label``, ``png``) for
     every image a part kept as a gallery candidate (results written before they existed have none). Keyed
     by (`schemas.text.stored_id`, image_index): the ids gallery candidates keep.
+
+    A part that is gone, or that cannot be read as the results the job writes (overwritten, truncated, another
+    schema), gives no previews: its images' cards go without them, with one warning naming the file, so a
+    damaged part never stops a run's report (``render --verify-parts`` finds and renders such a shard again).
     """
     wanted: dict[str, set[tuple[str, int]]] = {}
     for row in rows:
@@ -64,20 +69,43 @@ def read_previews(storage: Storage, rows: list[dict[str, Any]]) -> tuple[ImagePr
     details: ImagePreviews = {}
     for key, chosen in wanted.items():
         try:
-            parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(key)))
+            found = _part_previews(storage, key, chosen)
         except FileNotFoundError:
             continue
-        names = ("id", "image_index", "thumbnail", "input_thumbnails", *CARD_COLUMNS)
-        columns = [c for c in names if c in parquet.schema_arrow.names]
-        table = parquet.read(columns=columns)
-        for entry in table.to_pylist():
-            image = (stored_id(entry["id"]), entry["image_index"])
-            if image in chosen:
-                if entry.get("thumbnail") is not None:
-                    images[image] = entry["thumbnail"]
-                if entry.get("input_thumbnails") is not None:
-                    inputs[image] = entry["input_thumbnails"]
-                details[image] = {name: entry.get(name) for name in CARD_COLUMNS}
+        except (pa.ArrowException, ValueError, TypeError, KeyError) as exc:  # ValueError: UnsafeObjectError too
+            logger.warning(
+                "gallery: %s cannot be read (%s: %s); its image(s) are shown without previews "
+                "(render --verify-parts renders a damaged shard again)",
+                key,
+                type(exc).__name__,
+                one_line(str(exc), 200),
+            )
+            continue
+        images.update(found[0])
+        inputs.update(found[1])
+        details.update(found[2])
+    return images, inputs, details
+
+
+def _part_previews(
+    storage: Storage, key: str, chosen: set[tuple[str, int]]
+) -> tuple[ImagePreviews, ImagePreviews, ImagePreviews]:
+    """`read_previews` of one results part ``key``, for its ``chosen`` images (raises what reading it raised)."""
+    images: ImagePreviews = {}
+    inputs: ImagePreviews = {}
+    details: ImagePreviews = {}
+    parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(key)))
+    names = ("id", "image_index", "thumbnail", "input_thumbnails", *CARD_COLUMNS)
+    columns = [c for c in names if c in parquet.schema_arrow.names]
+    table = parquet.read(columns=columns)
+    for entry in table.to_pylist():
+        image = (stored_id(entry["id"]), entry["image_index"])
+        if image in chosen:
+            if entry.get("thumbnail") is not None:
+                images[image] = entry["thumbnail"]
+            if entry.get("input_thumbnails") is not None:
+                inputs[image] = entry["input_thumbnails"]
+            details[image] = {name: entry.get(name) for name in CARD_COLUMNS}
     return images, inputs, details
 
 

@@ -272,10 +272,12 @@ def summary_table(stats: dict[str, Any]) -> str:
     modes = sorted(set(run.get("by_mode", {})) | set(output.get("by_mode", {})))
     for mode in modes:
         run_mode, out_mode = run.get("by_mode", {}).get(mode, {}), output.get("by_mode", {}).get(mode, {})
-        rows.append((f"  {mode}", _mode_cell(run_mode), _mode_cell(out_mode)))
+        rows.append((f"  {printable(mode)}", _mode_cell(run_mode), _mode_cell(out_mode)))
     kinds = sorted(set(run.get("errors_by_kind", {})) | set(output.get("errors_by_kind", {})))
     for kind in kinds:
-        rows.append((f"  error {kind}", _count(run, "errors_by_kind", kind), _count(output, "errors_by_kind", kind)))
+        rows.append(
+            (f"  error {printable(kind)}", _count(run, "errors_by_kind", kind), _count(output, "errors_by_kind", kind))
+        )
     scores = stats.get("clip_score")
     if scores:
         rows.append(
@@ -300,14 +302,24 @@ def summary_table(stats: dict[str, Any]) -> str:
 
 
 def _named(stats: dict[str, Any]) -> list[str]:
-    """Lines naming this run's first failed images per error kind and its duplicate images, if any."""
+    """Lines naming this run's first failed images per error kind and its duplicate images, if any.
+
+    Each id is `printable` here, newlines included: the CLI prints the summary keeping its own line breaks, so an
+    id's ``\\n`` would otherwise start a line of its own (a fake summary line).
+    """
     lines = []
     for kind, keys in stats.get("this_run", {}).get("first_failed", {}).items():
-        lines.append(f"  first failed ({kind}): " + ", ".join(f"{row_id} #{index}" for row_id, index in keys))
+        lines.append(f"  first failed ({printable(kind)}): " + ", ".join(_image(key) for key in keys))
     repeats = stats.get("duplicates") or {}
     for group in repeats.get("examples", []) if repeats.get("num_repeated") else []:
-        lines.append("  same inputs, settings and seed: " + " = ".join(f"{row_id} #{index}" for row_id, index in group))
+        lines.append("  same inputs, settings and seed: " + " = ".join(_image(key) for key in group))
     return lines
+
+
+def _image(key: Any) -> str:
+    """``id #index`` of one image, the id on one line (`printable`)."""
+    row_id, index = key
+    return f"{printable(row_id)} #{index}"
 
 
 def _count(section: dict[str, Any], group: str, key: str) -> str:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from actors.storage import Storage, UnsafeObjectError
+from actors.storage import Storage, UnsafeObjectError, open_fs
+from actors.storage_io import protocols
 from jobs.options.flags import plain
 from jobs.planning.index_reader import read_index
 from jobs.planning.manifests import overlap
@@ -37,7 +39,7 @@ from schemas.log import part_objects, row_parts
 from schemas.loggers import logger_for
 from schemas.results import RESULTS_SCHEMA, STATUS_OK, with_pandas_metadata
 from schemas.shards import DatasetSettings
-from schemas.text import exception_text, printable, public_uri, uri_secrets
+from schemas.text import exception_text, file_kind, printable, public_uri, uri_secrets
 
 logger = logger_for(__name__)
 
@@ -102,9 +104,10 @@ def read_final(output: str, **options: Any) -> pa.Table:
 
 def summary(output: str, *, storage_options: dict[str, Any] | None = None, verify: bool = False) -> dict[str, Any]:
     """What the output holds, from its completion log (the pointer and the markers after its checkpoint): counts by
-    status, mode and error kind, the first failed images per kind, shards (and damaged ones: a part missing),
-    pinned settings, the last finished run, whether a run holds it now, and what was read of the log. ``verify``:
-    check every part and marker against listings of the output (O(shards / 1000) listing requests)."""
+    status, mode and error kind, the first failed images per kind, shards (and damaged ones: a part missing, resized
+    or, verified, not the Parquet file published), pinned settings, the last finished run, whether a run holds it
+    now, and what was read of the log. ``verify``: check every part and marker against listings of the output
+    (O(shards / 1000) listing requests) and each results part's Parquet footer (one read per part)."""
     storage = Storage(output, storage_options=storage_options)
     settings = _settings(storage)
     index = read_index(storage, output_format=settings.output_format, verify=verify)
@@ -204,8 +207,9 @@ def summary_text(found: dict[str, Any]) -> str:
     lines += pixels_lines(found.get("pixels"))
     if found["num_shards_damaged"]:
         lines.append(
-            f"damaged shards: {found['num_shards_damaged']} (a part is missing; their images are not counted above "
-            "and the next run renders them again)"
+            f"damaged shards: {found['num_shards_damaged']} (a part is missing or not what was published; their "
+            "images are not counted above and the next run renders them again: with --verify-parts where only the "
+            "footer check found the damage)"
         )
         lines += [f"  {shard}: {problem}" for shard, problem in found["damaged"].items()]
     log = found["log"]
@@ -290,11 +294,13 @@ def write_final(
     output: str, path: str, *, storage_options: dict[str, Any] | None = None, errors_only: bool = False
 ) -> int:
     """Write the final view to the Parquet file ``path`` (any fsspec URI, outside the output), shard by shard, and
-    return the rows written. The file is built aside and replaces ``path`` whole: a failure leaves it as it was."""
+    return the rows written. The file is built aside and replaces ``path`` whole: a failure leaves it as it was.
+    Only a regular file is replaced (`refuse_special`), checked before and again just before the replace."""
     if overlap(output, path, storage_options=storage_options):
         raise ValueError(
             f"--parquet {public_uri(path)} lies inside the output {public_uri(output)}: write it elsewhere"
         )
+    refuse_special(path, storage_options=storage_options)
     schema = with_pandas_metadata(pa.schema([RESULTS_SCHEMA.field(name) for name in VIEW_COLUMNS]))
     folder, _, name = path.rstrip("/").rpartition("/")
     target = Storage(folder or ".", storage_options=storage_options)
@@ -305,5 +311,24 @@ def write_final(
             for table in iter_final(output, storage_options=storage_options, errors_only=errors_only):
                 writer.write_table(table.cast(schema))
                 count += table.num_rows
+        refuse_special(path, storage_options=storage_options)
         target.put_file(name, local)
     return count
+
+
+def refuse_special(path: str, *, storage_options: dict[str, Any] | None = None) -> None:
+    """ValueError naming ``--parquet PATH`` when a local ``path`` exists and is not a regular file (links not
+    followed). Replacing it would turn a device (``/dev/null`` when run as root), a FIFO or a symlink (and not the
+    file it points to) into a regular file."""
+    fs, local = open_fs(path, storage_options)
+    if not set(protocols(fs)) & {"file", "local"}:
+        return
+    try:
+        mode = os.lstat(local).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ValueError(
+            f"--parquet {public_uri(path)}: is {file_kind(mode)}, not a regular file; status writes a new file or "
+            "replaces a regular one: name another path"
+        )
