@@ -139,3 +139,22 @@ def test_on_an_object_store_verification_reads_the_footers_and_finds_the_damaged
     found = summary(output, storage_options=options, verify=True)
     assert found["num_shards_damaged"] == 1 and found["num_images"] == 2
     assert found["damaged"][marker.shard].startswith(f"{marker.parts[0].results} is not the Parquet file published")
+
+
+def test_a_deleted_png_of_the_files_format_is_found_by_verification_and_rendered_again(
+    tmp_path: Path, tiny_models: str, capsys: pytest.CaptureFixture
+) -> None:
+    from jobs.job import run_job
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows_of(3))
+    output = str(tmp_path / "out")
+    run_job(config_for(manifest, output, tiny_models, runner="local", shard_rows=1, output_format="files"))
+    png = sorted(Path(output, "images").glob("*/*.png"))[0]
+    png.unlink()
+    found = summary(output, verify=True)
+    assert found["num_shards_damaged"] == 1, found
+    assert "holds 0 PNG(s), 1 were published" in next(iter(found["damaged"].values()))
+    assert rerun(capsys, manifest, output, tiny_models, "--verify-parts").code == 0
+    assert png.exists() and summary(output, verify=True)["num_shards_damaged"] == 0
+    rows = ds.dataset(Path(output, "results")).to_table().to_pylist()
+    assert sorted(row["id"] for row in rows if row["status"] == "ok") == sorted(IDS)

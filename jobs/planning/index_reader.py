@@ -105,7 +105,7 @@ def _fast(storage: Storage, pointer: LogPointer, folders: MarkerFolders, output_
     found: list[tuple[str, Marker]] = []
     for segment in folders.uncovered(pointer):
         for _, marker in read_markers(storage, segment_keys(storage, segment)):
-            problem = index.listing.problem(part_objects(marker.parts)) if index.listing else None
+            problem = index.listing.marker_problem(marker.parts) if index.listing else None
             if problem is not None:
                 raise RebuildNeeded(f"shard {marker.shard} is damaged ({problem})")
             found.append((segment, marker))
@@ -185,7 +185,7 @@ def _footer_problems(
     checks = [
         (key, part)
         for key, marker in first.values()
-        if listing.problem(part_objects(marker.parts)) is None
+        if listing.marker_problem(marker.parts) is None
         for part in marker.parts
     ]
 
@@ -233,7 +233,7 @@ def _rebuild(
                     index.damaged_keys.append(key)
                 continue
             seen.add(marker.shard)
-            problem = index.listing.problem(part_objects(marker.parts)) if index.listing else None
+            problem = index.listing.marker_problem(marker.parts) if index.listing else None
             problem = problem or footer
             if problem is not None:
                 index.damaged[marker.shard] = problem

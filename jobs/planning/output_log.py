@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 from actors.retry import retry
 from actors.storage import Storage, UnsafeObjectError
 from schemas.keys import IMAGES_DIR, LAST_CHECKPOINT_FILE, RESULTS_DIR
-from schemas.log import CHECKPOINT_SCHEMA, SORT_KEYS, LogPointer, flat_digest
+from schemas.log import CHECKPOINT_SCHEMA, SORT_KEYS, LogPointer, flat_digest, part_objects
 from schemas.loggers import logger_for
+from schemas.results import STATUS_OK
 from schemas.shards import (
     DATA_DIR,
     FORMAT_FILES,
@@ -34,8 +35,10 @@ from schemas.shards import (
     SHARD_NAME,
     SHARDS_DIR,
     Marker,
+    Part,
     is_own_key,
     marker_key,
+    part_images_dir,
 )
 from schemas.text import one_line
 
@@ -251,9 +254,11 @@ class DoneLookup:
 
 @dataclass(frozen=True)
 class PartListing:
-    """The sizes of the objects an output's parts may name (results, data files), from one listing per folder."""
+    """The sizes of the objects an output's parts may name (results, data files), from one listing per folder; for
+    the files format also how many PNGs each part's folder holds."""
 
     sizes: dict[str, int]
+    pngs: dict[str, int] | None = None  # files format: part folder -> the PNGs it holds
 
     @classmethod
     def read(cls, storage: Storage, output_format: str) -> PartListing:
@@ -263,7 +268,24 @@ class PartListing:
         sizes: dict[str, int] = {}
         for folder in folders:
             sizes.update(storage.list_sizes(folder))
-        return cls(sizes)
+        if output_format != FORMAT_FILES:
+            return cls(sizes)
+        pngs: dict[str, int] = {}
+        for key in sizes:
+            if key.endswith(".png"):
+                folder = key.rsplit("/", 1)[0]
+                pngs[folder] = pngs.get(folder, 0) + 1
+        return cls(sizes, pngs)
+
+    def marker_problem(self, parts: Sequence[Part]) -> str | None:
+        """`problem` of a marker's ``parts``, and for the files format a part folder holding fewer PNGs than the
+        part's ok images (each is one PNG there, so one deleted is found)."""
+        problem = self.problem(part_objects(parts))
+        for part in parts if problem is None and self.pngs is not None else ():
+            folder, published = part_images_dir(part.name), part.by_status.get(STATUS_OK, 0)
+            if self.pngs.get(folder, 0) < published:
+                return f"{folder}/ holds {self.pngs.get(folder, 0)} PNG(s), {published} were published"
+        return problem
 
     def problem(self, objects: Sequence[tuple[str, int | None]]) -> str | None:
         """Why the (key, size published) ``objects`` of a shard's parts are not all there as published (a file
