@@ -75,8 +75,12 @@ def new_run_id() -> str:
 def tasks(
     plan: RunPlan, config: JobConfig, open_works: dict[str, ShardWork], duplicates: DuplicateImages | None = None
 ) -> Iterator[Task]:
-    """One task per pending shard (its part), planned only when the runner asks for it."""
+    """One task per pending shard (its part), planned only when the runner asks for it. A ``--retry-errors`` part
+    with nothing to write (every error a refusal it would make again word for word) is no task: no empty part, no
+    marker rewritten."""
     for shard in plan.works(duplicates):
+        if shard.retried is not None and not shard.work.num_to_render and not shard.work.refused.num_rows:
+            continue
         open_works[shard.part] = shard
         refused = to_ipc(shard.work.refused) if shard.work.refused.num_rows else None
         groups = list(group_batches(shard.work.batches, max_rows=prior_batch_size(config)))

@@ -316,7 +316,8 @@ class JobConfig:
     verify_parts: bool = field(
         default=False,
         metadata={
-            "help": "trust no checkpoint: read every marker and list every part (O(shards) requests). Parts are "
+            "help": "trust no checkpoint: read every marker, list every part, read each results file's footer and "
+            "count the files format's PNGs (O(shards) requests); a damaged shard is rendered again. Parts are "
             f"listed at every start-up anyway while each folder holds at most {VERIFY_MAX_OBJECTS:,} objects",
             "group": "io",
         },

@@ -4,6 +4,7 @@ Ray cluster commands run as written."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -99,12 +100,20 @@ def test_scratch_blocks_run_as_written(page: str, tmp_path: Path, monkeypatch: p
     if page == "README.md":  # the own-prompts recipe: 3 rows, 4 images, a webdataset output, status on it
         import pandas as pd
 
-        manifest = pd.read_parquet(tmp_path / "my-manifest.parquet")
+        manifest = pd.read_parquet(tmp_path / "my-manifest" / "day-1.parquet")
         assert str(manifest["seed"].dtype) == "Int64" and manifest["seed"].isna().sum() == 1
         assert (tmp_path / "my-renders" / "_SUCCESS").is_file() and list(
             (tmp_path / "my-renders" / "data").glob("*.tar")
         )
         assert "images: 4 (ok 4, error 0)" in printed[-1]
+        # "Add rows as new files in the folder and run the same command again": only the new row renders.
+        pd.DataFrame({"id": ["owl"], "prompt": ["an owl"], "height": [64], "width": [64]}).to_parquet(
+            tmp_path / "my-manifest" / "day-2.parquet"
+        )
+        block = next(b for b in page_blocks(page) if b.marker == "run" and b.language == "bash")
+        again = [line for line in block.code.splitlines() if not line.startswith("kandinsky-render tiny-models")]
+        printed.append(run_bash(dataclasses.replace(block, code="\n".join(again)), tmp_path, env))
+        assert "images: 5 (ok 5, error 0)" in printed[-1] and "rendered 1 image(s)" in printed[-1], printed[-1]
 
 
 def test_configuration_reference_equals_a_fresh_generation() -> None:

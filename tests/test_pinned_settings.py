@@ -185,3 +185,24 @@ def test_a_folder_digest_follows_configs_and_pieces_of_large_files(
     (folder / ".cache").mkdir()
     (folder / ".cache" / "x").write_text("hidden files are not the checkpoint")
     assert folder_digest(str(folder)) == folder_digest(str(folder))
+
+
+def test_relative_model_folders_are_pinned_absolute_so_a_resume_works_from_anywhere(
+    tmp_path: Path, tiny_models: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(tiny_models, tmp_path / "models")
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    write_manifest(folder / "a.parquet", ROWS)
+    monkeypatch.chdir(tmp_path)
+    first = in_process(capsys, "render", "--manifest", "manifests", "--output", "out", "--models", "models", *QUICK)
+    assert first.code == 0, first.err[-2000:]
+    assert json.loads((tmp_path / "out" / "_dataset.json").read_text())["pixels"]["models"]["prior"] == str(
+        tmp_path / "models" / "prior"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
+    again = in_process(capsys, "render", "--output", str(tmp_path / "out"), "--runner", "local")
+    assert again.code == 0, again.err[-2000:]

@@ -229,6 +229,22 @@ def test_retry_errors_overwrite_and_exit_status_policy(
     assert pq.read_table(tmp_path / "m.parquet").num_rows == 3
 
 
+def test_retry_errors_writes_nothing_for_a_refusal_it_would_repeat(
+    tmp_path: Path, tiny_models: str, capsys: pytest.CaptureFixture
+) -> None:
+    rows = rows_of(1) + [{"id": "odd", "prompt": "p", "seed": 1, **STEPS, "height": 66}]
+    output = tmp_path / "out"
+    base = ["render", "--manifest", write_manifest(tmp_path / "m.parquet", rows), "--output", str(output),
+            "--models", tiny_models, "--runner", "local"]  # fmt: skip
+    assert in_process(capsys, *base).code == 0
+    before = sorted(p.relative_to(output) for p in output.rglob("*") if p.parts[-2] in ("results", "shards"))
+    for _ in range(2):  # the same unsupported_size again: no new part, no marker rewritten
+        assert in_process(capsys, *base, "--retry-errors").code == 0
+        after = sorted(p.relative_to(output) for p in output.rglob("*") if p.parts[-2] in ("results", "shards"))
+        assert after == before
+    assert [r["error_kind"] for r in raw_results(str(output)) if r["id"] == "odd"] == ["unsupported_size"]
+
+
 def test_a_rerun_with_nothing_pending_stops_before_starting_ray(
     tmp_path: Path, tiny_models: str, caplog: pytest.LogCaptureFixture
 ) -> None:

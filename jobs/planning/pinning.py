@@ -5,13 +5,14 @@ model check has resolved them (`jobs.planning.identity`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 
 from jobs.planning.identity import CheckpointId
 from schemas.config import JobConfig
 from schemas.loggers import logger_for
 from schemas.manifest import RenderDefaults
-from schemas.models import ModelPaths
+from schemas.models import ModelPaths, is_hub_id, is_remote, local_path
 from schemas.pinned import PixelSettings, changes
 from schemas.text import public_uri
 
@@ -56,7 +57,7 @@ def wanted(config: JobConfig, pinned: PixelSettings | None, ids: Mapping[str, Ch
     checkpoints = dict(pinned.checkpoints) if pinned else {}
     checkpoints.update({name: identity.as_dict() for name, identity in ids.items()})
     return PixelSettings(
-        models={name: _public(getattr(config.models, name)) for name in MODEL_FIELDS},
+        models={name: _pinned_path(name, getattr(config.models, name)) for name in MODEL_FIELDS},
         checkpoints=checkpoints,
         dtype=config.dtype,
         defaults=dataclasses.asdict(config.defaults),
@@ -105,5 +106,11 @@ def settle(
     return dataclasses.replace(settled, models=dict(pinned.models)), found
 
 
-def _public(value: object) -> object:
-    return public_uri(value) if isinstance(value, str) else value
+def _pinned_path(name: str, value: object) -> object:
+    """A model flag as pinned: a URI without credentials, a hub id (or the depth model's revision) as given, a local
+    folder as an absolute path (so a resume from another working directory loads the same folder)."""
+    if not isinstance(value, str) or name == "depth_revision":
+        return value
+    if is_remote(value) or is_hub_id(value):
+        return public_uri(value)
+    return os.path.abspath(local_path(value))

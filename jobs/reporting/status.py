@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="trust no checkpoint: read every marker and list every part (O(shards) requests)",
+        help="trust no checkpoint: read every marker, list every part, read each results file's footer and count "
+        "the files format's PNGs (O(shards) requests)",
     )
     parser.add_argument(
         "--parquet", metavar="PATH", help="write the final view (or with --errors, its errors) to PATH, replaced whole"
