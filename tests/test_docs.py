@@ -4,9 +4,9 @@ Ray cluster commands run as written."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.cli import clean_env
+from tests.helpers.cli import clean_env, in_process
 from tests.helpers.docs import Block, blocks_in, doc_pages, page_blocks
 from tests.helpers.gallery import check_example_render
 from tests.helpers.places import REPO
@@ -87,7 +87,9 @@ def test_repo_blocks_run_as_written(block: Block) -> None:
 
 
 @pytest.mark.parametrize("page", sorted({b.page for b in BLOCKS if b.marker == "run" and b.value == "scratch"}))
-def test_scratch_blocks_run_as_written(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scratch_blocks_run_as_written(
+    page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """A page's scratch blocks in order, in one folder: python in this process, bash with `bash -euo pipefail`."""
     monkeypatch.chdir(tmp_path)
     env = shell_env(KANDINSKY_RENDER_CACHE=str(tmp_path / "cache"))
@@ -110,10 +112,15 @@ def test_scratch_blocks_run_as_written(page: str, tmp_path: Path, monkeypatch: p
         pd.DataFrame({"id": ["owl"], "prompt": ["an owl"], "height": [64], "width": [64]}).to_parquet(
             tmp_path / "my-manifest" / "day-2.parquet"
         )
+        # The block's render command again, in this process with the local runner (what renders is the job's call).
         block = next(b for b in page_blocks(page) if b.marker == "run" and b.language == "bash")
-        again = [line for line in block.code.splitlines() if not line.startswith("kandinsky-render tiny-models")]
-        printed.append(run_bash(dataclasses.replace(block, code="\n".join(again)), tmp_path, env))
-        assert "images: 5 (ok 5, error 0)" in printed[-1] and "rendered 1 image(s)" in printed[-1], printed[-1]
+        command = next(
+            c for c in block.code.replace("\\\n", " ").splitlines() if c.startswith("kandinsky-render render")
+        )
+        monkeypatch.setenv("KANDINSKY_RENDER_CACHE", str(tmp_path / "cache"))
+        again = in_process(capsys, *shlex.split(command)[1:], "--runner", "local")
+        assert again.code == 0 and "rendered 1 image(s)" in again.out, again.out + again.err[-2000:]
+        assert "images: 5 (ok 5, error 0)" in in_process(capsys, "status", "./my-renders").out
 
 
 def test_configuration_reference_equals_a_fresh_generation() -> None:
