@@ -6,7 +6,7 @@ import contextlib
 import os
 import posixpath
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import IO, Any
 
 import fsspec
@@ -214,25 +214,6 @@ class Storage:
         """Whether ``key`` exists."""
         path = self.path(key)
         return retry(lambda: self.fs.exists(path) if self.is_local else exists(self.fs, path), what=f"stat {path}")
-
-    @contextlib.contextmanager
-    def folder_for_run(self) -> Iterator[None]:
-        """Local folders: a file where the folder should be is refused (`UnsafeObjectError`), and a folder that did
-        not exist before and is empty when the block raises (a refused run) is removed, so a refusal leaves
-        nothing behind. Object stores have no folders."""
-        if not self.is_local:
-            yield
-            return
-        if os.path.lexists(self.root) and not os.path.isdir(self.root):
-            raise UnsafeObjectError(f"{self.url} is a file, not a folder: give a folder for the output")
-        existed = os.path.lexists(self.root)
-        try:
-            yield
-        except BaseException:
-            if not existed:
-                with contextlib.suppress(OSError):  # not empty (something was written), or gone
-                    os.rmdir(self.root)
-            raise
 
     def check_links(self, prefixes: Iterable[str]) -> None:
         """Local folders: `UnsafeObjectError` naming the first symbolic link under ``prefixes`` (a file or a folder)

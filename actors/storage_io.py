@@ -14,6 +14,7 @@ from typing import Any
 import fsspec
 
 from actors.retry import StorageFullError, no_space
+from schemas.text import file_kind
 
 # Local writes go to ``.<name>.tmp-<random>`` beside their target and are renamed over it: readers that skip
 # hidden files (pyarrow datasets, so pandas.read_parquet of a folder) never see one.
@@ -91,7 +92,7 @@ def read_local(path: str, max_bytes: int) -> bytes | None:
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise UnsafeObjectError(f"{path} is not a regular file (a FIFO, a device or a socket): refused")
+            raise UnsafeObjectError(f"{path}: is {file_kind(info.st_mode)}, not a regular file")
         if info.st_size > max_bytes:
             raise UnsafeObjectError(f"{path} holds {info.st_size} bytes, more than the {max_bytes} expected: refused")
         os.set_blocking(fd, True)

@@ -36,7 +36,7 @@ from jobs.publishing.corrections import apply_corrections
 from jobs.publishing.lease import Lease
 from jobs.publishing.log import CompletionLog
 from jobs.publishing.markers import new_marker, retried_marker, write_settings
-from jobs.publishing.orphans import delete_orphans, delete_output
+from jobs.publishing.orphans import delete_orphans, delete_output, nothing_left_if_refused
 from jobs.reporting.card import write_card
 from jobs.reporting.gallery import write_report
 from jobs.reporting.progress import Progress
@@ -130,7 +130,7 @@ def _run(
     storage = Storage(config.output, storage_options=config.storage_options)
     run_id = new_run_id()
     with (
-        storage.folder_for_run(),  # a refused run leaves no empty folder behind
+        nothing_left_if_refused(storage),
         Lease(storage, run_id=run_id, ttl_s=config.lease_ttl_s, wait_s=config.lease_wait_s) as lease,
     ):
         timeline.mark("lease_taken")

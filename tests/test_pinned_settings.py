@@ -13,11 +13,17 @@ import pytest
 
 from jobs.planning import identity
 from jobs.planning.identity import folder_digest
-from tests.helpers.cli import in_process
+from tests.helpers.cli import Outcome, in_process
 from tests.helpers.rows import write_manifest
 
 ROWS = [{"id": f"r{i}", "prompt": f"a fox {i}", "seed": i, "height": 64, "width": 64} for i in range(2)]
 QUICK = ("--num-inference-steps", "2", "--prior-num-inference-steps", "2", "--runner", "local")
+NEW = [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}]  # a row a later file adds
+
+
+def resume(capsys: pytest.CaptureFixture, output: Path, *flags: str) -> Outcome:
+    """``kandinsky-render render --output OUTPUT FLAGS`` with the local runner: what the output pinned does the rest."""
+    return in_process(capsys, "render", "--output", str(output), "--runner", "local", *flags)
 
 
 @pytest.fixture()
@@ -40,8 +46,8 @@ def test_a_resume_needs_only_the_output_and_uses_the_pinned_models(
 ) -> None:
     folder, output, models = rendered
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is never asked: the pinned folder is loaded
-    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
-    again = in_process(capsys, "render", "--output", str(output), "--runner", "local")
+    write_manifest(folder / "b.parquet", NEW)
+    again = resume(capsys, output)
     assert again.code == 0, again.err[-2000:]
     final = pq.read_table(output / "results").to_pylist()
     new = next(row for row in final if row["id"] == "new")
@@ -66,14 +72,14 @@ def test_a_changed_setting_is_refused_naming_it_unless_mixed(
 ) -> None:
     _, output, _ = rendered
     before = (output / "_dataset.json").read_bytes()
-    refused = in_process(capsys, "render", "--output", str(output), "--runner", "local", *flags)
+    refused = resume(capsys, output, *flags)
     assert refused.code == 2 and named in refused.err and "--mixed-output" in refused.err, refused.err[-2000:]
     assert (output / "_dataset.json").read_bytes() == before  # nothing written
-    mixed = in_process(capsys, "render", "--output", str(output), "--runner", "local", "--mixed-output", *flags)
+    mixed = resume(capsys, output, "--mixed-output", *flags)
     assert mixed.code == 0, mixed.err[-2000:]
     pinned = json.loads((output / "_dataset.json").read_text())["pixels"]
     assert pinned["mixed"][-1]["changes"] == [named] and pinned["mixed"][-1]["run_id"]
-    assert in_process(capsys, "render", "--output", str(output), "--runner", "local", *flags).code == 0  # new pins
+    assert resume(capsys, output, *flags).code == 0  # new pins
 
 
 def test_a_checkpoint_whose_content_changed_is_refused_before_any_model_loads(
@@ -82,8 +88,8 @@ def test_a_checkpoint_whose_content_changed_is_refused_before_any_model_loads(
     folder, output, models = rendered
     config = Path(models) / "decoder" / "scheduler" / "scheduler_config.json"
     config.write_text(config.read_text().replace('"beta_end": 0.012', '"beta_end": 0.013'))
-    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
-    refused = in_process(capsys, "render", "--output", str(output), "--runner", "local")
+    write_manifest(folder / "b.parquet", NEW)
+    refused = resume(capsys, output)
     assert refused.code == 2, refused.err[-2000:]
     assert "checkpoint decoder:" in refused.err and "(pinned) vs" in refused.err, refused.err[-2000:]
     assert not (output / "results").joinpath("new").exists()
@@ -92,7 +98,7 @@ def test_a_checkpoint_whose_content_changed_is_refused_before_any_model_loads(
     config.write_text(config.read_text().replace('"beta_end": 0.013', '"beta_end": 0.012'))
     moved = Path(models).with_name("moved")
     shutil.copytree(models, moved)
-    again = in_process(capsys, "render", "--output", str(output), "--runner", "local", "--models", str(moved))
+    again = resume(capsys, output, "--models", str(moved))
     assert again.code == 0, again.err[-2000:]
 
 
@@ -102,11 +108,11 @@ def test_a_pinned_folder_that_moved_is_named_as_the_pinned_one(
     folder, output, models = rendered
     moved = Path(models).with_name("moved")
     Path(models).rename(moved)
-    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
-    refused = in_process(capsys, "render", "--output", str(output), "--runner", "local")
+    write_manifest(folder / "b.parquet", NEW)
+    refused = resume(capsys, output)
     assert refused.code == 2 and f"is the one {output} pinned" in refused.err, refused.err[-2000:]
     assert "Hugging Face hub" not in refused.err  # the hub's weights would be another model
-    again = in_process(capsys, "render", "--output", str(output), "--runner", "local", "--models", str(moved))
+    again = resume(capsys, output, "--models", str(moved))
     assert again.code == 0, again.err[-2000:]
 
 
@@ -115,9 +121,9 @@ def test_the_dtype_pinned_is_the_one_that_made_the_images_and_auto_keeps_it(
 ) -> None:
     folder, output, _ = rendered
     assert json.loads((output / "_dataset.json").read_text())["pixels"]["dtype"] == "float32"  # auto, resolved
-    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
+    write_manifest(folder / "b.parquet", NEW)
     for dtype in ("float32", "auto"):  # the dtype its images were made in, by name or as auto's choice
-        again = in_process(capsys, "render", "--output", str(output), "--runner", "local", "--dtype", dtype)
+        again = resume(capsys, output, "--dtype", dtype)
         assert again.code == 0, again.err[-2000:]
     assert set(pq.read_table(output / "results").column("dtype").to_pylist()) == {"float32"}
 
@@ -130,9 +136,9 @@ def test_every_change_is_listed_at_once_and_a_run_with_nothing_to_render_pins_no
     shutil.copytree(models, other)
     config = other / "prior" / "scheduler" / "scheduler_config.json"
     config.write_text(config.read_text().replace('"num_train_timesteps": 1000', '"num_train_timesteps": 999'))
-    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
+    write_manifest(folder / "b.parquet", NEW)
     changed = ("--prior", str(other / "prior"), "--num-inference-steps", "5", "--seed", "9")
-    refused = in_process(capsys, "render", "--output", str(output), "--runner", "local", *changed)
+    refused = resume(capsys, output, *changed)
     assert refused.code == 2, refused.err[-2000:]
     for change in ("--num-inference-steps: 2 (pinned) vs 5", "--seed: 0 (pinned) vs 9", "checkpoint prior: "):
         assert change in refused.err, refused.err[-2000:]
@@ -141,12 +147,12 @@ def test_every_change_is_listed_at_once_and_a_run_with_nothing_to_render_pins_no
     (folder / "b.parquet").unlink()
     before = json.loads((output / "_dataset.json").read_text())["pixels"]
     with caplog.at_level("WARNING", logger="kandinsky_render"):
-        noop = in_process(capsys, "render", "--output", str(output), "--runner", "local", "--models", str(other))
+        noop = resume(capsys, output, "--models", str(other))
     assert noop.code == 0, noop.err[-2000:]
     assert json.loads((output / "_dataset.json").read_text())["pixels"] == before
     assert f"--prior {other}/prior (pinned: {models}/prior)" in caplog.text
-    write_manifest(folder / "c.parquet", [{"id": "later", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
-    resumed = in_process(capsys, "render", "--output", str(output), "--runner", "local")
+    write_manifest(folder / "c.parquet", [{**NEW[0], "id": "later"}])
+    resumed = resume(capsys, output)
     assert resumed.code == 0, resumed.err[-2000:]
 
 
@@ -203,6 +209,6 @@ def test_relative_model_folders_are_pinned_absolute_so_a_resume_works_from_anywh
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    write_manifest(folder / "b.parquet", [{"id": "new", "prompt": "a cat", "seed": 9, "height": 64, "width": 64}])
+    write_manifest(folder / "b.parquet", NEW)
     again = in_process(capsys, "render", "--output", str(tmp_path / "out"), "--runner", "local")
     assert again.code == 0, again.err[-2000:]

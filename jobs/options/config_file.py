@@ -6,7 +6,6 @@ import argparse
 import difflib
 import os
 import re
-import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ from jobs.options.file_values import file_keys, file_value
 from jobs.options.flags import OPTIONS, Option, option_at
 from jobs.options.run_options import RunOptions
 from jobs.options.storage import redact, secret_values
-from schemas.text import file_kind, first_line
+from schemas.text import first_line
 
 CONFIG_FLAG = option_at(RunOptions, "config").flag
 
@@ -120,15 +119,12 @@ def _read_local(path: str, local: str) -> bytes:
     a FIFO would block the read forever, a device stream forever. A symlink to a regular file is read."""
     from actors.storage_io import UnsafeObjectError, read_local
 
-    info = os.stat(local)  # FileNotFoundError: "no such file"
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{CONFIG_FLAG} {path}: is {file_kind(info.st_mode)}, not a regular file")
-    if info.st_size > MAX_CONFIG_BYTES:
+    if os.path.getsize(local) > MAX_CONFIG_BYTES:  # FileNotFoundError: "no such file"
         raise ValueError(f"{CONFIG_FLAG} {path}: larger than {MAX_CONFIG_BYTES} bytes; a config file is small")
-    try:  # opened without blocking and checked again: replaced by a FIFO since, it is still refused
+    try:  # opened without blocking: a FIFO or a device is refused, not waited on
         data = read_local(local, MAX_CONFIG_BYTES)
     except UnsafeObjectError as exc:
-        raise ValueError(f"{CONFIG_FLAG} {path}: {exc}") from None
+        raise ValueError(f"{CONFIG_FLAG} {exc}") from None
     if data is None:
         raise FileNotFoundError(local)
     return data

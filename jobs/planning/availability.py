@@ -23,6 +23,7 @@ from jobs.options.flags import option_at
 from jobs.options.run_options import RunOptions
 from jobs.planning.checkpoints import PUBLIC_MOVQ_SCALE
 from jobs.planning.identity import checkpoint_id
+from jobs.planning.pinning import model_from_pin
 from jobs.planning.run_plan import RunPlan
 from jobs.planning.scan import DEPTH_MODEL, PRIOR_MODEL, PendingScan
 from schemas.config import JobConfig
@@ -268,12 +269,11 @@ def describe_missing(config: JobConfig, scan: PendingScan, missing: dict[str, st
     models_flag = option_at(RunOptions, "models").flag
     lines = [f"{len(missing)} model(s) this run needs cannot be loaded (checked before starting any model):"]
     for name, problem in sorted(missing.items()):
-        flag = option_at(JobConfig, "models", name.replace("-", "_")).flag
+        field = name.replace("-", "_")
+        flag = option_at(JobConfig, "models", field).flag
         modes = [mode for mode in scan.modes if MODES[mode].checkpoint == name]
         why = WHY.get(name) or f"{', '.join(modes)} rows"
-        field = name.replace("-", "_")
-        given = config.given or ()
-        if pinned and config.given is not None and "models" not in given and f"models.{field}" not in given:
+        if pinned and model_from_pin(config, field):
             # the output's pinned path (a resume): the flags point elsewhere, the hub would be another model
             lines.append(
                 f"- {name}, needed by {why}: {problem}. That path is the one {public_uri(config.output)} pinned "

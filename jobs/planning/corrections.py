@@ -101,8 +101,9 @@ def check_gone_ids(
     if not gone or not new:
         return
     rendered: dict[str, str] = {}
+    gone_set = pa.array(sorted(gone), pa.string())
     for table in index.done_rows(["shard", "relpath", "parts"]):
-        for row in table.filter(pc.is_in(table.column("relpath"), pa.array(sorted(gone)))).to_pylist():
+        for row in table.filter(pc.is_in(table.column("relpath"), value_set=gone_set)).to_pylist():
             for part in row_parts(row, output_format):
                 ids = read_part_results(storage, part, columns=("id",)).column("id")
                 rendered.update(dict.fromkeys(ids.to_pylist(), row["relpath"]))

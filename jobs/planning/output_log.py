@@ -13,6 +13,7 @@ shard: planning (`DoneLookup`, a merge-join with the manifest's shards), compact
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import shutil
 from collections.abc import Iterator, Sequence
@@ -270,12 +271,7 @@ class PartListing:
             sizes.update(storage.list_sizes(folder))
         if output_format != FORMAT_FILES:
             return cls(sizes)
-        pngs: dict[str, int] = {}
-        for key in sizes:
-            if key.endswith(".png"):
-                folder = key.rsplit("/", 1)[0]
-                pngs[folder] = pngs.get(folder, 0) + 1
-        return cls(sizes, pngs)
+        return cls(sizes, dict(collections.Counter(key.rsplit("/", 1)[0] for key in sizes if key.endswith(".png"))))
 
     def marker_problem(self, parts: Sequence[Part]) -> str | None:
         """`problem` of a marker's ``parts``, and for the files format a part folder holding fewer PNGs than the

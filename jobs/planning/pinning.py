@@ -33,14 +33,14 @@ def with_pinned(config: JobConfig, pinned: PixelSettings | None) -> JobConfig:
     the dtype the output's images were made in whoever asks."""
     if pinned is None:
         return config
+    updates: dict = {"dtype": pinned.dtype} if config.dtype == "auto" else {}  # the dtype the images were made in
     if config.given is None:
-        return dataclasses.replace(config, dtype=pinned.dtype) if config.dtype == "auto" else config
+        return dataclasses.replace(config, **updates)
     given = set(config.given)
-    updates: dict = {}
-    if "models" not in given:  # --models DIR gives them all; a checkpoint's own flag gives that one
-        kept = {k: v for k, v in pinned.models.items() if k in MODEL_FIELDS and f"models.{k}" not in given}
+    kept = {k: v for k, v in pinned.models.items() if k in MODEL_FIELDS and model_from_pin(config, k)}
+    if kept:
         updates["models"] = dataclasses.replace(config.models, **kept)
-    if "dtype" not in given or config.dtype == "auto":  # auto: the dtype that made the output's images
+    if "dtype" not in given:
         updates["dtype"] = pinned.dtype
     if "seed" not in given:
         updates["seed"] = pinned.seed
@@ -49,6 +49,12 @@ def with_pinned(config: JobConfig, pinned: PixelSettings | None) -> JobConfig:
     if defaults:
         updates["defaults"] = dataclasses.replace(config.defaults, **defaults)
     return dataclasses.replace(config, **updates)
+
+
+def model_from_pin(config: JobConfig, name: str) -> bool:
+    """Whether checkpoint field ``name`` (a `ModelPaths` field) of a run on a pinned output comes from the pin: the
+    run gave neither ``--models DIR`` (all of them) nor that checkpoint's own flag."""
+    return config.given is not None and "models" not in config.given and f"models.{name}" not in config.given
 
 
 def wanted(config: JobConfig, pinned: PixelSettings | None, ids: Mapping[str, CheckpointId] = {}) -> PixelSettings:

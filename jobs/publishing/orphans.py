@@ -1,6 +1,7 @@
 """Keeping an output tidy: ``--overwrite`` deletes what runs wrote; each run deletes what failed runs left.
 
-Both run only after every check of the run has passed (`jobs.job`), hold the output's lease, and
+`nothing_left_if_refused` keeps a refused first run from leaving an empty folder. Both deletes run only after
+every check of the run has passed (`jobs.job`), hold the output's lease, and
 delete only names the job writes (`schemas.shards.is_own_key`): a file the user put in the folder
 stays, whatever folder it is in. The log's pointer goes first, then the markers, so nothing
 half-deleted counts as done.
@@ -8,7 +9,11 @@ half-deleted counts as done.
 
 from __future__ import annotations
 
-from actors.storage import Storage
+import contextlib
+import os
+from collections.abc import Iterator
+
+from actors.storage import Storage, UnsafeObjectError
 from jobs.planning.output_index import OutputIndex
 from schemas.keys import IMAGES_DIR, LAST_CHECKPOINT_FILE, LEASE_FILE, LOG_DIR, RESULTS_DIR, SUCCESS_FILE
 from schemas.log import part_objects, row_parts
@@ -25,6 +30,26 @@ from schemas.shards import (
 )
 
 logger = logger_for(__name__)
+
+
+@contextlib.contextmanager
+def nothing_left_if_refused(storage: Storage) -> Iterator[None]:
+    """Around a run: locally, a file where the output folder should be is refused (`UnsafeObjectError`), and a
+    folder that did not exist before and is empty when the run raises (a refused run) is removed. Object stores
+    have no folders."""
+    if not storage.is_local:
+        yield
+        return
+    if os.path.lexists(storage.root) and not os.path.isdir(storage.root):
+        raise UnsafeObjectError(f"{storage.url} is a file, not a folder: give a folder for the output")
+    existed = os.path.lexists(storage.root)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty (something was written), or gone
+                os.rmdir(storage.root)
+        raise
 
 
 def delete_output(storage: Storage) -> int:
