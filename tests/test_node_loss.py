@@ -76,7 +76,7 @@ def test_a_lost_worker_node_costs_its_batches_not_its_images(
     mid-run with its actors and objects; the job finishes on the head's decoder, each image exactly once.
 
     Decoder calls sleep 2 s until the kill (`tests.helpers.gated_render`): the worker's decoders hold calls when it
-    dies."""
+    dies; the head's decoder waits until then, so however long the worker's decoders take to load, they get work."""
     worker = cluster.add_worker(labels=DECODER_LABEL)
     rows = rows_of(24)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
@@ -84,14 +84,17 @@ def test_a_lost_worker_node_costs_its_batches_not_its_images(
     decoders = ("--num-decoder-actors", "3")
     baseline("worker-node-sigkill", lambda: Job(cluster, manifest, tmp_path / "clean", tiny_models, *decoders).finish())
     started = time.monotonic()
-    gate = tmp_path / "gate"
+    gate, hold = tmp_path / "gate", tmp_path / "hold"
     gate.touch()
-    job = Job(cluster, manifest, output, tiny_models, *decoders, entry=("tests.helpers.gated_render", str(gate), "2"))
+    hold.touch()
+    entry = ("tests.helpers.gated_render", str(gate), "2", "--hold", str(hold), DECODER_LABEL)
+    job = Job(cluster, manifest, output, tiny_models, *decoders, entry=entry)
     # kill it once it is busy: a shard it decoded is published (so more of its calls are in flight)
     busy = job.wait_for_markers(1, decoded_on=lambda: cluster.pids(worker))
     assert busy, job.finish(10)[1][-3000:]
     killed_at = time.monotonic()
     cluster.kill(worker)
+    hold.unlink()
     gate.unlink()
     code, log = job.finish()
     seconds = time.monotonic() - started
