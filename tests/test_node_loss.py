@@ -118,7 +118,7 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     rows = rows_of(16, num_inference_steps=4)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
-    pinned = ("--num-decoder-actors", "2", "--decoder-node-label", DECODER_LABEL)
+    pinned = ("--num-decoder-actors", "1", "--decoder-node-label", DECODER_LABEL)
     # The decoders' first load (30+ s seen on a busy machine) does not count: only time with no actor up or loading
     waiting = (*pinned, "--stage-wait", "8")
     baseline("decoder-node-lost", lambda: Job(cluster, manifest, tmp_path / "clean", tiny_models, *pinned).finish())

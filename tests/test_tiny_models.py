@@ -19,8 +19,9 @@ from jobs.dev.tiny_models import COMPONENTS, build_tiny_models, main
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return build_tiny_models(str(tmp_path_factory.mktemp("tiny") / "models"))
+def models(tiny_models: str) -> dict[str, str]:
+    """The session's tiny models (`tests/conftest.py`): a finished folder is reused, not built again."""
+    return build_tiny_models(tiny_models)
 
 
 @pytest.fixture(scope="session")
