@@ -92,7 +92,9 @@ def test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back(
     Decoder calls sleep ``PACE_S`` (a stand-in for GPU time: logical GPUs add no compute here) until the new
     worker's decoder has rendered; then the gate opens and the rest renders at full speed."""
     first = cpu_head.add_worker(num_cpus=2, num_gpus=1)
-    rows = rows_of(64)  # at 2 images per PACE_S per decoder until the gate opens: more than the phases take
+    # at 2 images per PACE_S per decoder until the gate opens: more than the phases take; 2 steps, as what is left
+    # when the gate opens renders at full speed and costs the CPUs that the other tests of the suite share
+    rows = rows_of(64, num_inference_steps=2)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
     gate = tmp_path / "gate"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from schemas.keys import LEASE_FILE
-from tests.helpers.cli import clean_env, command
+from tests.helpers.cli import clean_env, command, in_process
 from tests.helpers.places import REPO
 from tests.helpers.rows import MARKERS, assert_exactly_one_ok, raw_results, rows_of, write_manifest
 
@@ -21,9 +21,13 @@ pytestmark = [pytest.mark.fault]
 ENV = clean_env()
 
 
-def render(manifest: str, output: Path, models: str, *extra: str) -> list[str]:
-    return [*command(module="jobs.render"), "--manifest", manifest, "--output", str(output), "--models", models,
+def render_args(manifest: str, output: Path, models: str, *extra: str) -> list[str]:
+    return ["--manifest", manifest, "--output", str(output), "--models", models,
             "--shard-rows", "1", "--batch-size", "1", "--progress", "off", *extra]  # fmt: skip
+
+
+def render(manifest: str, output: Path, models: str, *extra: str) -> list[str]:
+    return [*command(module="jobs.render"), *render_args(manifest, output, models, *extra)]
 
 
 def stop_mid_run(command: list[str], output: Path, signum: int) -> tuple[int, str]:
@@ -58,14 +62,18 @@ def check_stopped(status: int, stderr: str, output: Path, *, expected: int, line
         assert all((output / part["results"]).is_file() for part in marker["parts"])
 
 
-def test_ctrl_c_ends_with_one_line_and_status_130_then_a_rerun_finishes(tmp_path: Path, tiny_models: str) -> None:
+def test_ctrl_c_ends_with_one_line_and_status_130_then_a_rerun_finishes(
+    tmp_path: Path, tiny_models: str, capsys: pytest.CaptureFixture
+) -> None:
+    """The interrupted run is the CLI in a process of its own (the signal is under test); the rerun, the same
+    command in this process."""
     rows = rows_of(8, num_inference_steps=6)
     manifest, output = write_manifest(tmp_path / "m.parquet", rows), tmp_path / "out"
-    command = render(manifest, output, tiny_models, "--runner", "local")
-    status, stderr = stop_mid_run(command, output, signal.SIGINT)
+    args = render_args(manifest, output, tiny_models, "--runner", "local")
+    status, stderr = stop_mid_run([*command(module="jobs.render"), *args], output, signal.SIGINT)
     check_stopped(status, stderr, output, expected=130, line="interrupted (Ctrl-C): the run stopped", total=8)
-    rerun = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = in_process(capsys, "render", *args)
+    assert rerun.code == 0, rerun.err[-3000:]
     results = raw_results(str(output))
     assert_exactly_one_ok(results, {(r["id"], 0) for r in rows})
     assert len(results) == 8

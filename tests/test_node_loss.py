@@ -115,7 +115,7 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     """Decoders may only run on nodes labelled `DECODER_LABEL`, and the only one dies: after --stage-wait the
     job stops naming the stage and what it lacks; with a new such node a rerun renders what is missing, once."""
     worker = cluster.add_worker(labels=DECODER_LABEL)
-    rows = rows_of(16, num_inference_steps=4)
+    rows = rows_of(12, num_inference_steps=2)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
     pinned = ("--num-decoder-actors", "1", "--decoder-node-label", DECODER_LABEL)
@@ -137,7 +137,7 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     assert f"on nodes labelled {DECODER_LABEL}" in error and "a rerun finishes the work" in error, error
     assert 8 <= stopped < 120
     done_before = len(list(output.glob(MARKERS)))
-    assert 2 <= done_before < 8
+    assert 2 <= done_before < 6
 
     cluster.add_worker(labels=DECODER_LABEL)
     rerun_started = time.monotonic()
@@ -146,4 +146,5 @@ def test_a_stage_whose_only_node_died_stops_the_job_and_a_rerun_finishes(
     assert code == 0, log[-4000:]
     check_every_image_once(output, rows)
     stats = json.loads((output / "stats.json").read_text())
-    assert stats["num_skipped_already_final"] == 2 * done_before and stats["num_rendered"] == 16 - 2 * done_before
+    assert stats["num_skipped_already_final"] == 2 * done_before
+    assert stats["num_rendered"] == len(rows) - 2 * done_before
