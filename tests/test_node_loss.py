@@ -1,4 +1,7 @@
-"""Node loss on a real two-node Ray cluster on this machine: the worker node is SIGKILLed mid-run.
+"""Node loss on a real two-node Ray cluster on this machine: the only node a stage may run on is SIGKILLed mid-run.
+
+(A lost node whose work other nodes can take, its calls re-run there and each image kept once, is
+`tests/test_elastic.py::test_pools_grow_onto_a_joining_node_shrink_with_a_lost_one_and_grow_back`.)
 
 A head and worker nodes (`tests.helpers.clusters`: `ray start`, logical GPUs, own ports and token) are started
 and stopped by the test by their own process ids; a kill sends SIGKILL to every process of the node, by pid.
@@ -44,7 +47,7 @@ PINNED = (
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One head (2 logical GPUs, the prior label) for the module's tests; each adds the worker node(s) it kills."""
+    """One head (2 logical GPUs, the prior label); the test adds the worker nodes it kills."""
     root = Path(tempfile.mkdtemp(prefix="krn-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
     cluster = Cluster(root, tmp_path_factory.mktemp("cluster-logs"))
     try:
@@ -66,46 +69,6 @@ def check_every_image_once(output: Path, rows: list[dict]) -> None:
     assert len(results) == len(rows)  # no error rows, no duplicate rows
     counts = [json.loads(p.read_text())["by_status"] for p in output.glob(MARKERS)]
     assert sum(c.get("ok", 0) for c in counts) == len(rows) and not any(c.get("error") for c in counts)
-
-
-@pytest.mark.slow
-def test_a_lost_worker_node_costs_its_batches_not_its_images(
-    cluster: Cluster, tmp_path: Path, tiny_models: str
-) -> None:
-    """Prior pinned to the head; 3 decoders on 3 GPUs: one on the head, two on the worker. The worker node dies
-    mid-run with its actors and objects; the job finishes on the head's decoder, each image exactly once.
-
-    Decoder calls sleep 2 s until the kill (`tests.helpers.gated_render`): the worker's decoders hold calls when it
-    dies; the head's decoder waits until then, so however long the worker's decoders take to load, they get work."""
-    worker = cluster.add_worker(labels=DECODER_LABEL)
-    rows = rows_of(24)
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
-    output = tmp_path / "out"
-    decoders = ("--num-decoder-actors", "3")
-    baseline("worker-node-sigkill", lambda: Job(cluster, manifest, tmp_path / "clean", tiny_models, *decoders).finish())
-    started = time.monotonic()
-    gate, hold = tmp_path / "gate", tmp_path / "hold"
-    gate.touch()
-    hold.touch()
-    entry = ("tests.helpers.gated_render", str(gate), "2", "--hold", str(hold), DECODER_LABEL)
-    job = Job(cluster, manifest, output, tiny_models, *decoders, entry=entry)
-    # kill it once it is busy: a shard it decoded is published (so more of its calls are in flight)
-    busy = job.wait_for_markers(1, decoded_on=lambda: cluster.pids(worker))
-    assert busy, job.finish(10)[1][-3000:]
-    killed_at = time.monotonic()
-    cluster.kill(worker)
-    hold.unlink()
-    gate.unlink()
-    code, log = job.finish()
-    seconds = time.monotonic() - started
-    after = time.monotonic() - killed_at
-    report("worker-node-sigkill", seconds, f"to exit {code} ({after:.1f} s after the kill)")
-    assert code == 0, log[-4000:]
-    print("\n".join(line[:300] for line in log.splitlines() if " WARNING " in line))
-    assert "re-running" in log  # the node took work with it
-    check_every_image_once(output, rows)
-    stats = json.loads((output / "stats.json").read_text())
-    assert stats["stages"]["cluster_gpus"] == 4.0 and stats["stages"]["stages"]["decoder"]["num_actors"] == 3
 
 
 @pytest.mark.slow

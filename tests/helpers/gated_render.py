@@ -3,9 +3,6 @@
 Every decoder call sleeps DELAY_S while GATE_FILE exists (`tests.helpers.slow_stages.GatedDecoder`): a test on a real
 cluster keeps work waiting for as long as it needs (nodes join and die meanwhile) without burning the CPUs
 the nodes start on, then removes the file and the rest renders at full speed.
-
-``python -m tests.helpers.gated_render GATE_FILE DELAY_S --hold HOLD_FILE LABEL <render args>`` also holds the
-calls of decoders on nodes without LABEL (``key=value``) while HOLD_FILE exists.
 """
 
 from __future__ import annotations
@@ -18,9 +15,5 @@ from tests.helpers.slow_stages import GatedDecoder, with_decoder
 
 if __name__ == "__main__":
     gate, delay_s, *arguments = sys.argv[1:]
-    hold: dict[str, str] = {}
-    if arguments[:1] == ["--hold"]:
-        hold = {"hold_file": arguments[1], "hold_unless_label": arguments[2]}
-        arguments = arguments[3:]
-    chain.build_chain = with_decoder(chain.build_chain, GatedDecoder, gate_file=gate, delay_s=float(delay_s), **hold)
+    chain.build_chain = with_decoder(chain.build_chain, GatedDecoder, gate_file=gate, delay_s=float(delay_s))
     sys.exit(render.main(arguments, prog="python -m tests.helpers.gated_render"))

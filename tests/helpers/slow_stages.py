@@ -58,27 +58,13 @@ class SlowLoadDecoder(DecoderActor):
 class GatedDecoder(DecoderActor):
     """`DecoderActor` whose every call first sleeps ``delay_s`` while ``gate_file`` exists: a test paces the
     run (the sleep stands in for GPU time and leaves the CPUs to Ray) and lets the rest run at full speed by
-    removing the file.
+    removing the file."""
 
-    With ``hold_file`` and ``hold_unless_label`` (``key=value``), a decoder on a node without that label waits
-    while ``hold_file`` exists: a test keeps the head's decoder from taking every call while the labelled
-    nodes' decoders still load (a load takes 30+ s on a busy 2-core machine), however long that is."""
-
-    def __init__(
-        self, *, gate_file: str, delay_s: float, hold_file: str = "", hold_unless_label: str = "", **kwargs: Any
-    ) -> None:
-        self.gate_file, self.delay_s, self.hold_file = gate_file, delay_s, hold_file
-        if hold_unless_label:
-            import ray
-
-            key, _, value = hold_unless_label.partition("=")
-            if ray.get_runtime_context().get_node_labels().get(key) == value:
-                self.hold_file = ""
+    def __init__(self, *, gate_file: str, delay_s: float, **kwargs: Any) -> None:
+        self.gate_file, self.delay_s = gate_file, delay_s
         super().__init__(**kwargs)
 
     def run(self, call: Any, arrays: Any) -> Any:
-        while self.hold_file and os.path.exists(self.hold_file):
-            time.sleep(0.1)
         if os.path.exists(self.gate_file):
             time.sleep(self.delay_s)
         return super().run(call, arrays)
