@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterator
 
@@ -69,26 +68,18 @@ def s3_options(s3_endpoint: str) -> dict:
     return {"bucket": bucket, "options": options}
 
 
-# Modules whose tests carry these marks run first, the rest after, each module kept whole: with `-n 2 --dist
-# loadfile` the longest modules (own clusters, kills and waits) start at once instead of last, so the workers
-# finish together instead of one waiting on the other's tail. The `cluster` modules spend much of their time
-# waiting (nodes joining and dying, gates, stage waits) and the others mostly computing: they alternate, so that
-# while one worker waits the other computes (both waiting at once left the two cores a fifth idle for minutes).
+# Modules whose tests carry these marks run first (in this order), the rest after, each module kept whole: with
+# `-n 2 --dist loadfile` the longest modules (own clusters, kills and waits) start at once instead of last,
+# so the workers finish together instead of one waiting on the other's tail.
 FIRST_MARKS = ("cluster", "fault", "slow")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run heavy modules first (`FIRST_MARKS`), the `cluster` ones alternating with the others, keeping the
-    collection order within each module and each group."""
+    """Run heavy modules first (`FIRST_MARKS`), keeping the collection order within each module and each rank."""
     rank: dict[str, int] = {}
     for item in items:
         marks = {mark.name for mark in item.iter_markers()}
         found = min((i for i, name in enumerate(FIRST_MARKS) if name in marks), default=len(FIRST_MARKS))
         rank[item.module.__name__] = min(rank.get(item.module.__name__, found), found)
-    modules = sorted(rank, key=lambda module: rank[module])  # stable: collection order within a rank
-    waiting = [module for module in modules if rank[module] == 0]
-    computing = [module for module in modules if 0 < rank[module] < len(FIRST_MARKS)]
-    alternating = [module for pair in itertools.zip_longest(waiting, computing) for module in pair if module]
-    position = {module: index for index, module in enumerate(alternating + modules[len(alternating) :])}
     order = {item.nodeid: index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (position[item.module.__name__], order[item.nodeid]))
+    items.sort(key=lambda item: (rank[item.module.__name__], order[item.nodeid]))

@@ -21,7 +21,7 @@ from PIL import Image
 
 from jobs.job import run_job
 from schemas.keys import LEASE_FILE
-from tests.helpers.cli import clean_env, command
+from tests.helpers.cli import clean_env, command, in_process
 from tests.helpers.places import REPO
 from tests.helpers.reference import load_png, max_level_difference
 from tests.helpers.rows import MARKERS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
@@ -46,8 +46,12 @@ def _kill_leftovers(pids: list[int]) -> None:
 
 
 @pytest.mark.fault
-def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
-    """webdataset shards on S3: a SIGKILLed driver leaves only whole, marked shards; a rerun does the rest once."""
+@pytest.mark.usefixtures("ray_two_gpus")
+def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(
+    tmp_path: Path, tiny_models: str, s3_options: dict, capsys: pytest.CaptureFixture
+) -> None:
+    """webdataset shards on S3: a SIGKILLed driver leaves only whole, marked shards; a rerun does the rest once.
+    The killed driver is the CLI in a process of its own; the rerun, the same command in this process."""
     import s3fs
 
     bucket, options = s3_options["bucket"], s3_options["options"]
@@ -56,11 +60,13 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
     fs.put(write_manifest(tmp_path / "m.parquet", rows), f"{bucket}/in/m.parquet")
     output = f"s3://{bucket}/out"
     env = clean_env()
-    argv = [*command(module="jobs.render"), "--manifest", f"s3://{bucket}/in/", "--output", output,
-               "--models", tiny_models, "--batch-size", "2", "--shard-rows", "2", "--output-format", "webdataset",
-               "--lease-ttl", "30", "--storage-option", "key=testing", "--storage-option", "secret=testing",
-               "--storage-option", "client_kwargs=" + json.dumps(options["client_kwargs"])]  # fmt: skip
-    driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = ["--manifest", f"s3://{bucket}/in/", "--output", output,
+            "--models", tiny_models, "--batch-size", "2", "--shard-rows", "2", "--output-format", "webdataset",
+            "--lease-ttl", "30", "--storage-option", "key=testing", "--storage-option", "secret=testing",
+            "--storage-option", "client_kwargs=" + json.dumps(options["client_kwargs"])]  # fmt: skip
+    driver = subprocess.Popen(
+        [*command(module="jobs.render"), *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 240
     markers = []
     target = random.Random().randint(1, 3)  # a random moment: after 1 to 3 of the 4 shards
@@ -84,8 +90,8 @@ def test_driver_sigkill_at_a_random_moment_then_rerun_on_s3(tmp_path: Path, tiny
         with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{bucket}/out/{part['data']}"))) as tar:
             assert len(tar.getnames()) == 3 * part["num_images"]  # <key>.json, .png and .txt per image
     first_done = sum(m["num_images"] for m in done)
-    rerun = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = in_process(capsys, "render", *args)
+    assert rerun.code == 0, rerun.err[-3000:]
     everything = {(r["id"], i) for r in rows for i in range(2)}
     results = raw_results(output, **options)
     assert_exactly_one_ok(results, everything)
