@@ -28,6 +28,15 @@ BLOCKS = [block for page in doc_pages() for block in page_blocks(page)]
 RUN_CONTEXTS = {"repo": {"bash"}, "scratch": {"bash", "python"}}
 
 
+def example_cache(tmp_path: Path, tiny_models: str) -> str:
+    """A ``KANDINSKY_RENDER_CACHE`` for a page's commands, its ``tiny-models/`` a copy of the session's (the same
+    seed and MoVQ scale as ``--example`` builds, so the example reuses them instead of building its own: 5.6
+    CPU-seconds each; building them is README's first command's test, `tests/test_cli.py`)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_models, cache / "tiny-models")
+    return str(cache)
+
+
 def shell_env(**extra: str) -> dict[str, str]:
     env = clean_env()
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -88,11 +97,12 @@ def test_repo_blocks_run_as_written(block: Block) -> None:
 
 @pytest.mark.parametrize("page", sorted({b.page for b in BLOCKS if b.marker == "run" and b.value == "scratch"}))
 def test_scratch_blocks_run_as_written(
-    page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tiny_models: str
 ) -> None:
     """A page's scratch blocks in order, in one folder: python in this process, bash with `bash -euo pipefail`."""
     monkeypatch.chdir(tmp_path)
-    env = shell_env(KANDINSKY_RENDER_CACHE=str(tmp_path / "cache"))
+    cache = example_cache(tmp_path, tiny_models)
+    env = shell_env(KANDINSKY_RENDER_CACHE=cache)
     printed = []
     for block in [b for b in page_blocks(page) if b.marker == "run" and b.value == "scratch"]:
         if block.language == "python":
@@ -117,7 +127,7 @@ def test_scratch_blocks_run_as_written(
         command = next(
             c for c in block.code.replace("\\\n", " ").splitlines() if c.startswith("kandinsky-render render")
         )
-        monkeypatch.setenv("KANDINSKY_RENDER_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("KANDINSKY_RENDER_CACHE", cache)
         again = in_process(capsys, *shlex.split(command)[1:], "--runner", "local")
         assert again.code == 0 and "rendered 1 image(s)" in again.out, again.out + again.err[-2000:]
         assert "images: 5 (ok 5, error 0)" in in_process(capsys, "status", "./my-renders").out
@@ -173,7 +183,7 @@ def port_in_use(port: int) -> bool:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_the_documented_ray_cluster_commands_run_as_written(tmp_path: Path) -> None:
+def test_the_documented_ray_cluster_commands_run_as_written(tmp_path: Path, tiny_models: str) -> None:
     """docs/deploy.md's script: a head of its own (`ray start --block` in the background), `ray job submit` of the
     example (watched: progress, summary, gallery path; the gallery opens), the head stopped by SIGTERM to its pid.
     Only the output and log paths move into tmp_path."""
@@ -188,7 +198,7 @@ def test_the_documented_ray_cluster_commands_run_as_written(tmp_path: Path) -> N
     output = tmp_path / "kandinsky-example"
     code = block.code.replace("/tmp/kandinsky-example", str(output))
     code = code.replace("/tmp/ray-kandinsky-head.log", str(tmp_path / "head.log"))
-    env = shell_env(KANDINSKY_RENDER_CACHE=str(tmp_path / "cache"), RAY_USAGE_STATS_ENABLED="0")
+    env = shell_env(KANDINSKY_RENDER_CACHE=example_cache(tmp_path, tiny_models), RAY_USAGE_STATS_ENABLED="0")
     script = subprocess.Popen(
         ["bash", "-euo", "pipefail", "-c", code],
         cwd=REPO,

@@ -28,7 +28,7 @@ from schemas.shards import image_key, shard_name
 from tests.helpers.cli import Outcome, clean_env, in_process
 from tests.helpers.places import REPO
 from tests.helpers.reference import load_png, max_level_difference
-from tests.helpers.rows import STEPS, assert_exactly_one_ok, config_for, raw_results, rows_of, write_manifest
+from tests.helpers.rows import STEPS, config_for, raw_results, rows_of, write_manifest
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -143,25 +143,6 @@ def test_hostile_ids_never_write_outside_the_output(tmp_path: Path, tiny_models:
     uris = [r["uri"] for r in results]
     assert len(set(uris)) == len(uris)
     assert all(Path(u).resolve().is_relative_to((output / "images").resolve()) for u in uris)
-
-
-@pytest.mark.usefixtures("ray_two_gpus")
-def test_scheduled_increments_on_s3_render_each_row_once(tmp_path: Path, tiny_models: str, s3_options: dict) -> None:
-    import s3fs
-
-    bucket, options = s3_options["bucket"], s3_options["options"]
-    fs = s3fs.S3FileSystem(**options)
-    output = f"s3://{bucket}/renders"
-    config = config_for(f"s3://{bucket}/incoming/", output, tiny_models, storage_options=options)
-    fs.put(write_manifest(tmp_path / "day1.parquet", rows_of(4, "day1-")), f"{bucket}/incoming/day1.parquet")
-    first = run_job(config)
-    fs.put(write_manifest(tmp_path / "day2.parquet", rows_of(3, "day2-")), f"{bucket}/incoming/day2.parquet")
-    second = run_job(config)
-    third = run_job(config)
-    assert (first.stats["num_rendered"], second.stats["num_rendered"], third.stats["num_rendered"]) == (4, 3, 0)
-    results = raw_results(output, **options)
-    assert_exactly_one_ok(results, {(f"day1-{i}", 0) for i in range(4)} | {(f"day2-{i}", 0) for i in range(3)})
-    assert {r["run_id"] for r in results} == {first.run_id, second.run_id}
 
 
 def test_lease_blocks_a_second_run_and_is_taken_over_when_stale(

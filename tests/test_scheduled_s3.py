@@ -1,5 +1,9 @@
 """Scheduled-style runs on a real S3 endpoint (moto on loopback): a growing manifest prefix, each row rendered once,
-credentials kept out of everything the job prints or writes, and a gallery that opens from the bucket."""
+credentials kept out of everything the job prints or writes, and a gallery that opens from the bucket.
+
+These runs use the local runner; the same on Ray (an S3 prefix and output, a rerun rendering only what the first run
+left, each image once) is `tests/test_kills.py::test_driver_sigkill_at_a_random_moment_then_rerun_on_s3`, and a
+no-op rerun on S3 is `benchmark log`'s (`tests/test_benchmark_jobs.py`)."""
 
 from __future__ import annotations
 
