@@ -81,6 +81,19 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def tracked_files(target: Path) -> Path:
+    """A copy of the repository's tracked files: the working dir a job is submitted with. Not the checkout itself,
+    which the suite's other worker writes meanwhile (caches, bytecode): `ray job submit` hashes the folder, then
+    zips and uploads it, and a file that changed between the two once left the job a package the head could not
+    download ("Failed to download runtime_env file package gcs://_ray_pkg_...", the job failed)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (REPO / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+    return target
+
+
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The Prometheus text of a node's metrics export port: (sample name, sorted labels) -> value (ours only)."""
     import urllib.request
@@ -128,7 +141,7 @@ def test_a_submitted_job_exports_its_metrics_to_prometheus(ray_head: dict, tiny_
     submit = subprocess.Popen(
         [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", ".", "--runtime-env-json"]
         + [json.dumps(runtime_env), "--", *job],
-        cwd=REPO,
+        cwd=tracked_files(tmp_path / "app"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
