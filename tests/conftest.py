@@ -9,8 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # One torch (OpenMP) thread per process: the suite runs two workers on two cores beside Ray's actors (one thread
 # each: Ray sets it from their one-CPU reservation), and threads that outnumber the cores spin-wait for each other
-# (8% of the CPU time of a two-module run here). Pixels do not depend on it: the equality tests compare renders
-# made with one thread in the actors and with this process's threads.
+# (8% of the CPU time of a two-module run here). The equality tests pass with it: renders made in this process
+# and in Ray's actors now both run one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
